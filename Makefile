@@ -1,0 +1,32 @@
+# Everything a new machine needs is installed here, into .venv in the repo.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-stamp
+# torch is pinned to the CPU build that lies on this machine's disk; any other
+# version or range pulls a multi-GB CUDA build.
+TORCH  := torch==2.13.0
+DATA   ?= ../shared/data
+
+.PHONY: setup test demo bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet $(TORCH)
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q tests
+
+demo: setup
+	$(BIN)/engine demo --data $(DATA)
+
+bench: setup
+	$(BIN)/python bench/query_latency.py --out runs/bench
+	$(BIN)/python -m pytest -q bench --benchmark-json=runs/bench/pytest-benchmark.json
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,50 @@
+"""Exceptions raised at engine's boundary.
+
+Each one subclasses the built-in a caller would guess (ValueError, KeyError), so
+``except ValueError`` keeps working, and ``except EngineError`` catches them all.
+"""
+
+from __future__ import annotations
+
+
+class EngineError(Exception):
+    """Base class of every error engine raises on purpose."""
+
+
+class DimensionError(EngineError, ValueError):
+    """Vectors or queries whose shape does not match the memory's dimension."""
+
+
+class InvalidValueError(EngineError, ValueError):
+    """NaN or inf values, bad weights, mismatched lengths, bad labels."""
+
+
+class DuplicateIdError(EngineError, ValueError):
+    """An ``add`` named ids that are already in the memory (and ``upsert`` was off)."""
+
+
+class UnknownIdError(EngineError, KeyError):
+    """Ids that are not in the memory. ``ids`` lists them."""
+
+    def __init__(self, message: str, ids: list[int]):
+        super().__init__(message)
+        self.ids = ids
+
+    def __str__(self) -> str:  # KeyError would print the message quoted
+        return str(self.args[0])
+
+
+class EmptyMemoryError(EngineError, ValueError):
+    """A query (or an operation that needs slots) on a memory with no slots."""
+
+
+class CorruptFileError(EngineError):
+    """A snapshot, write-ahead log or manifest that fails its checks."""
+
+
+class FormatVersionError(CorruptFileError):
+    """A memory directory written by an engine format this version cannot read."""
+
+
+class MemoryExistsError(EngineError, FileExistsError):
+    """Creating a durable memory in a directory that already holds one."""

@@ -1,0 +1,539 @@
+"""Memory: the associative memory of Matching Networks, backed by FAISS.
+
+Vinyals et al. (2016), "Matching Networks for One Shot Learning": a support set
+is written into an external memory of (embedding, label) slots, and a query is
+classified by softmax attention over it. Here the memory is a FAISS index plus a
+slot table; a query attends exactly over its top-k slots and reports a bound on
+the attention mass it left out (see :mod:`engine.attention`).
+
+Data flows one way:
+- writes: validation -> write-ahead log (durable) -> slot table -> index;
+- reads: index top-k -> attention -> :class:`~engine.results.QueryResult`.
+
+One writer at a time (a mutex); readers share an :class:`~engine.locks.RWLock`
+that a writer takes exclusively only to apply a validated, logged change, so a
+query sees the state before or after each write, never half of one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from . import store as store_mod
+from .attention import attend
+from .errors import (
+    CorruptFileError,
+    DimensionError,
+    DuplicateIdError,
+    EmptyMemoryError,
+    InvalidValueError,
+    UnknownIdError,
+)
+from .index import SearchSettings, VectorIndex, validate_spec
+from .locks import RWLock
+from .results import MemoryStats, QueryResult, Slots
+from .slots import SlotTable
+
+METRICS = ("cosine", "ip")
+# Rebuild (drop tombstones, renumber rows) once this fraction of rows is dead.
+MAX_DEAD_FRACTION = 0.25
+
+
+class Memory:
+    """An external memory of (id, label, weight, vector) slots with top-k attention.
+
+    Args:
+        dim: embedding dimension.
+        metric: "cosine" (vectors and queries L2-normalised) or "ip" (inner product).
+        index: "auto", or a FAISS factory string ("Flat", "HNSW32", "IVF1024,Flat", "IVF256,PQ16", ...).
+        temperature: softmax temperature T > 0 of the attention kernel.
+        path: a directory to make the memory durable: every add/remove is logged
+            and fsynced before it returns. None keeps it in process only.
+        nprobe: IVF lists visited per query (default: from the number of lists).
+        ef_search: HNSW search breadth (default 128).
+
+    Raises:
+        ValueError: a bad dim, metric, temperature or index string.
+        MemoryExistsError: ``path`` already holds a memory (use :meth:`open`).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        *,
+        metric: str = "cosine",
+        index: str = "auto",
+        temperature: float = 0.1,
+        path: str | os.PathLike | None = None,
+        nprobe: int | None = None,
+        ef_search: int | None = None,
+    ):
+        if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
+            raise InvalidValueError(f"dim must be a positive integer, got {dim!r}")
+        if metric not in METRICS:
+            raise InvalidValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        self.dim = int(dim)
+        self.metric = metric
+        self._temperature = _check_temperature(temperature)
+        self._settings = SearchSettings(nprobe=nprobe, ef_search=ef_search)
+        self._index = VectorIndex(self.dim, validate_spec(self.dim, index), self._settings)
+        self._table = SlotTable(self.dim)
+        self._labels: list = []  # label index -> label value (the memory's vocabulary)
+        self._label_pos: dict = {}
+        self._label_kind: str | None = None
+        self._next_id = 0
+        self._lock = RWLock()
+        self._write_mutex = threading.Lock()
+        self._store = store_mod.Store.create(path, self._config()) if path is not None else None
+
+    def _config(self) -> dict:
+        return {"dim": self.dim, "metric": self.metric, "temperature": self._temperature,
+                "index": self._index.spec, "nprobe": self._settings.nprobe,
+                "ef_search": self._settings.ef_search, "next_id": self._next_id}
+
+    # -- opening ----------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str | os.PathLike) -> "Memory":
+        """Open a durable memory: load its snapshot and replay its write-ahead log.
+
+        Args:
+            path: the memory's directory.
+
+        Returns:
+            The memory, durable at ``path``.
+
+        Raises:
+            FileNotFoundError: no memory at ``path``.
+            FormatVersionError: an unknown format version.
+            CorruptFileError: a file fails its checks (a torn final WAL record is ignored).
+        """
+        store, rec = store_mod.Store.open(path)
+        cfg = rec.config
+        try:
+            mem = cls(cfg["dim"], metric=cfg["metric"], index=cfg["index"], temperature=cfg["temperature"],
+                      nprobe=cfg.get("nprobe"), ef_search=cfg.get("ef_search"))
+        except InvalidValueError as exc:
+            raise CorruptFileError(f"{store.path / store_mod.MANIFEST}: invalid settings ({exc})") from exc
+        mem._label_kind = rec.label_kind
+        mem._next_id = int(cfg.get("next_id", 0))
+        if len(rec.ids):
+            mem._table.append(rec.ids, mem._intern(rec.labels), rec.weights, rec.vectors)
+            mem._next_id = max(mem._next_id, int(rec.ids.max()) + 1)
+        for r in rec.records:  # replay into the table only; the index is built once at the end
+            if r.op == store_mod.OP_REMOVE:
+                mem._table.kill(mem._table.rows_of(r.ids))
+            else:
+                old = mem._table.rows_of(r.ids)
+                mem._table.kill(old[old >= 0])
+                mem._table.append(r.ids, mem._intern(r.labels), r.weights, r.vectors)
+                mem._next_id = max(mem._next_id, int(r.ids.max()) + 1)
+        mem._table = mem._table.compacted()
+        mem._index = mem._index.build(mem._table.vectors)
+        store.begin()  # from here on, writes go to a new WAL segment
+        mem._store = store
+        return mem
+
+    # -- writing ----------------------------------------------------------------------
+    def add(
+        self,
+        vectors,
+        labels: Sequence,
+        *,
+        ids=None,
+        weights=None,
+        upsert: bool = False,
+    ) -> np.ndarray:
+        """Write slots into the memory.
+
+        Args:
+            vectors: (n, dim) or (dim,) finite floats.
+            labels: n labels, all int or all str (the memory keeps one kind).
+            ids: n unique non-negative int64 ids; None assigns fresh ones.
+            weights: n positive finite slot masses (default 1).
+            upsert: replace slots whose id exists instead of refusing them.
+
+        Returns:
+            (n,) int64 ids of the written slots.
+
+        Raises:
+            DimensionError, InvalidValueError, DuplicateIdError. On error the memory is unchanged.
+        """
+        with self._write_mutex:
+            v = self._check_vectors(vectors, "vectors")
+            n = len(v)
+            labels = self._check_labels(labels, n)
+            w = self._check_weights(weights, n)
+            ids = self._check_new_ids(ids, n, upsert)
+            if self._store is not None:
+                self._store.log_add(ids, labels, w, v, upsert=upsert)
+            self._apply_add(ids, labels, w, v)
+            return ids
+
+    def _apply_add(self, ids: np.ndarray, labels: list, w: np.ndarray, v: np.ndarray) -> None:
+        old_rows = self._table.rows_of(ids)
+        old_rows = old_rows[old_rows >= 0]
+        n_alive_after = self._table.n_alive - len(old_rows) + len(ids)
+        if self._label_kind is None:
+            self._label_kind = "str" if isinstance(labels[0], str) else "int"
+        if self._index.needs_rebuild(n_alive_after) or self._too_dead(len(old_rows)):
+            table = self._table.compacted(drop_rows=old_rows)
+            label_idx = self._intern(labels)
+            table.append(ids, label_idx, w, v)
+            index = self._index.build(table.vectors)  # built aside; readers go on meanwhile
+            with self._lock.write():
+                self._table, self._index = table, index
+        else:
+            label_idx = self._intern(labels)
+            with self._lock.write():
+                self._table.kill(old_rows)
+                self._table.append(ids, label_idx, w, v)
+                self._index.add(v)
+        self._next_id = max(self._next_id, int(ids.max()) + 1)
+
+    def remove(self, ids) -> int:
+        """Remove slots by id.
+
+        Args:
+            ids: an id or a sequence of ids, all present in the memory.
+
+        Returns:
+            The number of slots removed.
+
+        Raises:
+            UnknownIdError: some ids are not in the memory (listed in ``.ids``); nothing is removed.
+        """
+        with self._write_mutex:
+            ids = np.unique(_as_ids(ids))
+            rows = self._rows_or_raise(ids)
+            if self._store is not None:
+                self._store.log_remove(ids)
+            if self._too_dead(len(rows)):
+                table = self._table.compacted(drop_rows=rows)
+                index = self._index.build(table.vectors)
+                with self._lock.write():
+                    self._table, self._index = table, index
+            else:
+                with self._lock.write():
+                    self._table.kill(rows)
+            return len(rows)
+
+    def _too_dead(self, more_dead: int) -> bool:
+        dead = self._table.n_dead + more_dead
+        return dead > 1024 and dead > MAX_DEAD_FRACTION * self._table.n_rows
+
+    # -- reading ----------------------------------------------------------------------
+    def query(self, queries, *, k: int = 64, tail: float | None = None) -> QueryResult:
+        """Classify queries by exact softmax attention over their top-k slots.
+
+        Args:
+            queries: (n, dim) or (dim,) finite floats.
+            k: slots per query; clamped to the memory's size (``result.k_clamped`` says so).
+            tail: if set, k grows (doubling) per query until ``tail_bound <= tail``
+                or every slot is used.
+
+        Returns:
+            A :class:`~engine.results.QueryResult`.
+
+        Raises:
+            EmptyMemoryError: the memory holds no slots.
+            DimensionError, InvalidValueError: bad queries, k or tail.
+        """
+        q = self._check_vectors(queries, "queries")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise InvalidValueError(f"k must be a positive integer, got {k!r}")
+        if tail is not None and not (0 < tail < 1):
+            raise InvalidValueError(f"tail must be in (0, 1), got {tail!r}")
+        with self._lock.read():
+            n_alive = self._table.n_alive
+            if n_alive == 0:
+                raise EmptyMemoryError("the memory is empty: add slots before querying")
+            k_eff = min(int(k), n_alive)
+            scores, rows = self._search(q, k_eff)
+            att = self._attend(scores, rows)
+            if tail is not None:
+                scores, rows, att = self._grow_k(q, scores, rows, att, tail, k_eff, n_alive)
+            return self._result(scores, rows, att, int(k))
+
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        alive = self._table.alive if self._table.n_dead else None
+        scores, rows = self._index.search(q, k, alive)
+        if self._index.lossy:  # compressed codes: rescore with the stored vectors
+            valid = rows >= 0
+            exact = np.einsum("nd,nkd->nk", q, self._table.vectors[np.where(valid, rows, 0)])
+            scores = np.where(valid, exact, -np.inf).astype(np.float32)
+            order = np.argsort(-scores, axis=1, kind="stable")
+            scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+        return scores, rows
+
+    def _attend(self, scores: np.ndarray, rows: np.ndarray):
+        valid = rows >= 0
+        safe = np.where(valid, rows, 0)
+        weights = self._table.weights[safe]
+        class_idx = np.where(valid, self._table.label_idx[safe], -1)
+        used = np.where(valid, weights, 0.0).sum(axis=1)
+        n_used = valid.sum(axis=1)
+        omitted = np.where(n_used >= self._table.n_alive, 0.0, self._table.alive_weight() - used)
+        return attend(scores, weights, class_idx, n_classes=len(self._labels),
+                      temperature=self._temperature, omitted_weight=omitted)
+
+    def _grow_k(self, q, scores, rows, att, tail, k, n_alive):
+        """Re-run the queries whose tail bound is above ``tail`` with twice the k, until met."""
+        todo = np.flatnonzero(att.tail_bound > tail)
+        if len(todo) == 0:
+            return scores, rows, att
+        per_query = [(scores[i], rows[i], att.attention[i], att.probs[i], att.tail_bound[i]) for i in range(len(q))]
+        while len(todo) and k < n_alive:
+            k = min(2 * k, n_alive)
+            s2, r2 = self._search(q[todo], k)
+            a2 = self._attend(s2, r2)
+            for j, i in enumerate(todo):
+                per_query[i] = (s2[j], r2[j], a2.attention[j], a2.probs[j], a2.tail_bound[j])
+            todo = todo[a2.tail_bound > tail]
+        width = max(len(p[0]) for p in per_query)
+        pad = lambda x, fill: np.concatenate([x, np.full(width - len(x), fill, dtype=x.dtype)])  # noqa: E731
+        scores = np.stack([pad(p[0], -np.inf) for p in per_query])
+        rows = np.stack([pad(p[1], -1) for p in per_query])
+        attention = np.stack([pad(p[2], 0.0) for p in per_query])
+        probs = np.stack([p[3] for p in per_query])
+        bound = np.array([p[4] for p in per_query])
+        return scores, rows, type(att)(attention=attention, probs=probs, tail_bound=bound)
+
+    def _result(self, scores, rows, att, k_requested: int) -> QueryResult:
+        valid = rows >= 0
+        present = np.flatnonzero(self._table.class_counts > 0)
+        classes = self._label_array(present)
+        probs = att.probs[:, present]
+        return QueryResult(
+            classes=classes,
+            probs=probs,
+            labels=classes[np.argmax(probs, axis=1)],
+            ids=np.where(valid, self._table.ids[np.where(valid, rows, 0)], -1),
+            scores=np.where(valid, scores, np.nan).astype(np.float32),
+            attention=att.attention,
+            tail_bound=att.tail_bound,
+            exact_bound=self._index.exact,
+            k=int(valid.sum(axis=1).max()),
+            k_requested=k_requested,
+        )
+
+    def get(self, ids) -> Slots:
+        """Read slots back by id, in the order given.
+
+        Raises:
+            UnknownIdError: some ids are not in the memory (listed in ``.ids``).
+        """
+        ids = _as_ids(ids)
+        with self._lock.read():
+            rows = self._rows_or_raise(ids)
+            t = self._table
+            return Slots(ids=ids.copy(), labels=[self._labels[i] for i in t.label_idx[rows]],
+                         weights=t.weights[rows].copy(), vectors=t.vectors[rows].copy())
+
+    def __len__(self) -> int:
+        return self._table.n_alive
+
+    def __contains__(self, id_) -> bool:
+        if isinstance(id_, bool) or not isinstance(id_, (int, np.integer)):
+            return False
+        with self._lock.read():
+            return bool(self._table.rows_of(np.array([id_], np.int64))[0] >= 0)
+
+    def stats(self) -> MemoryStats:
+        """Slots, classes, and the bytes held for vectors, the index and ids."""
+        with self._lock.read():
+            t = self._table
+            return MemoryStats(
+                slots=t.n_alive, classes=int((t.class_counts > 0).sum()), dim=self.dim, metric=self.metric,
+                index=self._index.active_spec, exact=self._index.exact, tombstones=t.n_dead,
+                bytes_vectors=t.nbytes_vectors, bytes_index=self._index.nbytes, bytes_ids=t.nbytes_ids,
+            )
+
+    # -- settings and persistence -------------------------------------------------------
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature T (persisted with a durable memory)."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        value = _check_temperature(value)
+        with self._write_mutex:
+            if self._store is not None:
+                self._store.update(temperature=value)
+            self._temperature = value
+
+    @property
+    def path(self) -> Path | None:
+        """The directory of a durable memory, or None."""
+        return self._store.path if self._store is not None else None
+
+    def save(self, path: str | os.PathLike | None = None) -> Path:
+        """Write a snapshot.
+
+        With no ``path`` (or the memory's own), a durable memory checkpoints: a new
+        snapshot, a fresh write-ahead log, old files dropped. With another ``path``,
+        a copy of the memory is written there as a new memory directory.
+
+        Returns:
+            The directory written.
+
+        Raises:
+            ValueError: no path given for a memory that has none.
+            MemoryExistsError: ``path`` holds another memory already.
+        """
+        with self._write_mutex:
+            target = Path(path) if path is not None else self.path
+            if target is None:
+                raise InvalidValueError("this memory is not durable: give save() a path")
+            with self._lock.read():
+                t = self._table.compacted()
+            labels = [self._labels[i] for i in t.label_idx]
+            if self._store is not None and target.resolve() == self._store.path.resolve():
+                self._store.checkpoint(t.ids, labels, t.weights, t.vectors, {"next_id": self._next_id})
+            else:
+                out = store_mod.Store.create(target, self._config())
+                out.manifest["label_kind"] = self._label_kind
+                out.checkpoint(t.ids, labels, t.weights, t.vectors, {"next_id": self._next_id})
+                out.close()
+            return target
+
+    def close(self) -> None:
+        """Close the write-ahead log. Every acknowledged write is already on disk."""
+        with self._write_mutex:
+            if self._store is not None:
+                self._store.close()
+
+    def __enter__(self) -> "Memory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        where = f", path={str(self.path)!r}" if self.path else ""
+        return (f"Memory(dim={self.dim}, metric={self.metric!r}, index={self._index.spec!r}, "
+                f"slots={len(self)}, temperature={self._temperature}{where})")
+
+    # -- checks at the boundary ---------------------------------------------------------
+    def _check_vectors(self, x, what: str) -> np.ndarray:
+        try:
+            a = np.asarray(x, dtype=np.float32)
+        except (TypeError, ValueError) as exc:
+            raise InvalidValueError(f"{what} must be numeric: {exc}") from exc
+        if a.ndim == 1:
+            a = a[None, :]
+        if a.ndim != 2 or a.shape[1] != self.dim:
+            raise DimensionError(f"{what} must have shape (n, {self.dim}), got {np.shape(x)}")
+        if len(a) == 0:
+            raise InvalidValueError(f"{what} is empty")
+        bad = ~np.isfinite(a).all(axis=1)
+        if bad.any():
+            raise InvalidValueError(f"{what} contain NaN or inf (rows {np.flatnonzero(bad)[:10].tolist()})")
+        if self.metric == "cosine":
+            norms = np.linalg.norm(a, axis=1, keepdims=True)
+            if (norms == 0).any():
+                raise InvalidValueError(f"{what} contain zero vectors, which have no cosine similarity "
+                                        f"(rows {np.flatnonzero(norms[:, 0] == 0)[:10].tolist()})")
+            a = a / norms
+        return np.ascontiguousarray(a, dtype=np.float32)
+
+    def _check_labels(self, labels, n: int) -> list:
+        if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
+            raise InvalidValueError("labels must be a sequence with one label per vector")
+        if len(labels) != n:
+            raise InvalidValueError(f"{n} vectors but {len(labels)} labels")
+        arr = np.asarray(labels)
+        if arr.dtype.kind in "iu":
+            values, kind = arr.astype(np.int64).tolist(), "int"
+        elif arr.dtype.kind == "U":
+            values, kind = arr.tolist(), "str"
+        else:
+            values = list(labels)
+            if all(isinstance(x, str) for x in values):
+                kind = "str"
+            elif all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in values):
+                values, kind = [int(x) for x in values], "int"
+            else:
+                raise InvalidValueError("labels must be all int or all str")
+        if self._label_kind is not None and kind != self._label_kind:
+            raise InvalidValueError(f"this memory's labels are {self._label_kind}, got {kind} labels")
+        return values
+
+    @staticmethod
+    def _check_weights(weights, n: int) -> np.ndarray:
+        if weights is None:
+            return np.ones(n, np.float64)
+        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        if len(w) != n:
+            raise InvalidValueError(f"{n} vectors but {len(w)} weights")
+        if not np.isfinite(w).all() or (w <= 0).any():
+            raise InvalidValueError("weights must be finite and > 0")
+        return w
+
+    def _check_new_ids(self, ids, n: int, upsert: bool) -> np.ndarray:
+        if ids is None:
+            return np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+        ids = _as_ids(ids)
+        if len(ids) != n:
+            raise InvalidValueError(f"{n} vectors but {len(ids)} ids")
+        if len(np.unique(ids)) != n:
+            raise DuplicateIdError("ids repeat within the batch")
+        if not upsert:
+            existing = ids[self._table.rows_of(ids) >= 0]
+            if len(existing):
+                raise DuplicateIdError(f"ids already in the memory (pass upsert=True to replace): "
+                                       f"{existing[:10].tolist()}{' ...' if len(existing) > 10 else ''}")
+        return ids
+
+    def _rows_or_raise(self, ids: np.ndarray) -> np.ndarray:
+        rows = self._table.rows_of(ids)
+        if (rows < 0).any():
+            unknown = ids[rows < 0].tolist()
+            more = " ..." if len(unknown) > 10 else ""
+            raise UnknownIdError(f"unknown ids: {unknown[:10]}{more}", unknown)
+        return rows
+
+    def _intern(self, labels: list) -> np.ndarray:
+        """Label index of each label, extending the vocabulary with new ones."""
+        uniq, inverse = np.unique(np.asarray(labels, dtype=object if self._label_kind == "str" else None),
+                                  return_inverse=True)
+        codes = np.empty(len(uniq), np.int32)
+        for j, lab in enumerate(uniq.tolist()):
+            pos = self._label_pos.get(lab)
+            if pos is None:
+                pos = self._label_pos[lab] = len(self._labels)
+                self._labels.append(lab)
+            codes[j] = pos
+        return codes[inverse.reshape(-1)]
+
+    def _label_array(self, idx: np.ndarray) -> np.ndarray:
+        values = [self._labels[i] for i in idx]
+        return np.array(values, dtype=np.int64 if self._label_kind == "int" else object)
+
+
+def _as_ids(ids) -> np.ndarray:
+    a = np.asarray(ids)
+    if a.ndim == 0:
+        a = a[None]
+    if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
+        raise InvalidValueError(f"ids must be integers, got {a.dtype} of shape {a.shape}")
+    a = a.astype(np.int64)
+    if (a < 0).any():
+        raise InvalidValueError("ids must be non-negative")
+    return a
+
+
+def _check_temperature(t) -> float:
+    try:
+        t = float(t)
+    except (TypeError, ValueError):
+        raise InvalidValueError(f"temperature must be a number, got {t!r}") from None
+    if not math.isfinite(t) or t <= 0:
+        raise InvalidValueError(f"temperature must be finite and > 0, got {t}")
+    return t

@@ -1,0 +1,85 @@
+"""Typed results returned by :class:`engine.Memory`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """The answer to a batch of queries.
+
+    Attributes:
+        classes: (C,) the label of each column of ``probs`` (the memory's live classes).
+        probs: (n, C) class probabilities p(c) from top-k attention.
+        labels: (n,) the most probable label of each query.
+        ids: (n, k) ids of the retrieved slots, best first; -1 where fewer were used.
+        scores: (n, k) similarity of each retrieved slot (NaN on padding).
+        attention: (n, k) attention weight of each retrieved slot (0 on padding).
+        tail_bound: (n,) upper bound on the attention mass, and so on the
+            total-variation error of ``probs``, left out by top-k.
+        exact_bound: True when ``tail_bound`` is a certificate (exact Flat index);
+            False when it is an estimate (IVF, HNSW, PQ: the index may miss closer slots).
+        k: the largest number of slots any query used.
+        k_requested: the ``k`` asked for; ``k < k_requested`` means it was clamped
+            to the memory's size (or the index found fewer).
+    """
+
+    classes: np.ndarray
+    probs: np.ndarray
+    labels: np.ndarray
+    ids: np.ndarray
+    scores: np.ndarray
+    attention: np.ndarray
+    tail_bound: np.ndarray
+    exact_bound: bool
+    k: int
+    k_requested: int
+
+    @property
+    def k_clamped(self) -> bool:
+        """Whether fewer slots than requested were used."""
+        return self.k < self.k_requested
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Slots:
+    """Slots read back by :meth:`engine.Memory.get` (vectors as stored: L2-normalised for cosine)."""
+
+    ids: np.ndarray
+    labels: list
+    weights: np.ndarray
+    vectors: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True)
+class MemoryStats:
+    """Size and shape of a memory. Byte counts are what the process holds for it."""
+
+    slots: int
+    classes: int
+    dim: int
+    metric: str
+    index: str
+    exact: bool
+    tombstones: int
+    bytes_vectors: int
+    bytes_index: int
+    bytes_ids: int
+
+    @property
+    def bytes_total(self) -> int:
+        return self.bytes_vectors + self.bytes_index + self.bytes_ids
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return {**asdict(self), "bytes_total": self.bytes_total}

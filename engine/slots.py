@@ -1,0 +1,161 @@
+"""The slot table: columnar storage of (id, label, weight, vector) rows.
+
+Row r is FAISS position r. Rows are appended, tombstoned on removal and
+renumbered only by :meth:`SlotTable.compacted`, which the memory calls when it
+rebuilds its index. Ids map to rows through a sorted array (16 bytes a slot,
+vectorised lookups), not a Python dict.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class _Growable:
+    """A numpy array with amortised O(1) appends (capacity doubling)."""
+
+    def __init__(self, dtype, width: int | None = None):
+        self._shape = () if width is None else (width,)
+        self._buf = np.empty((16,) + self._shape, dtype=dtype)
+        self.n = 0
+
+    def extend(self, values: np.ndarray) -> None:
+        m = len(values)
+        if self.n + m > len(self._buf):
+            cap = max(2 * len(self._buf), self.n + m)
+            buf = np.empty((cap,) + self._shape, dtype=self._buf.dtype)
+            buf[: self.n] = self._buf[: self.n]
+            self._buf = buf
+        self._buf[self.n : self.n + m] = values
+        self.n += m
+
+    @property
+    def view(self) -> np.ndarray:
+        return self._buf[: self.n]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self._buf.nbytes)
+
+
+class SlotTable:
+    """Rows of slots, with tombstones and an id -> row map.
+
+    Args:
+        dim: vector dimension.
+    """
+
+    def __init__(self, dim: int):
+        self.dim = dim
+        self._ids = _Growable(np.int64)
+        self._label_idx = _Growable(np.int32)
+        self._weights = _Growable(np.float64)
+        self._vectors = _Growable(np.float32, dim)
+        self._alive = _Growable(np.bool_)
+        self._sorted_ids = np.empty(0, np.int64)  # ids of live rows, ascending
+        self._sorted_rows = np.empty(0, np.int64)
+        self.n_alive = 0
+        self.class_counts = np.zeros(0, np.int64)  # live slots per label index
+
+    # columns (views; valid until the next append)
+    @property
+    def n_rows(self) -> int:
+        return self._ids.n
+
+    @property
+    def ids(self) -> np.ndarray:
+        return self._ids.view
+
+    @property
+    def label_idx(self) -> np.ndarray:
+        return self._label_idx.view
+
+    @property
+    def weights(self) -> np.ndarray:
+        return self._weights.view
+
+    @property
+    def vectors(self) -> np.ndarray:
+        return self._vectors.view
+
+    @property
+    def alive(self) -> np.ndarray:
+        return self._alive.view
+
+    @property
+    def n_dead(self) -> int:
+        return self.n_rows - self.n_alive
+
+    def alive_weight(self) -> float:
+        """Total mass of the live slots (summed afresh, so it never drifts)."""
+        return float(self.weights[self.alive].sum()) if self.n_dead else float(self.weights.sum())
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id, -1 where the id is not live."""
+        out = np.full(len(ids), -1, np.int64)
+        if len(self._sorted_ids) == 0:
+            return out
+        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
+        found = self._sorted_ids[pos] == ids
+        out[found] = self._sorted_rows[pos[found]]
+        return out
+
+    def append(self, ids: np.ndarray, label_idx: np.ndarray, weights: np.ndarray, vectors: np.ndarray) -> None:
+        """Append live rows. The ids must not be live already."""
+        start = self.n_rows
+        self._ids.extend(ids)
+        self._label_idx.extend(label_idx)
+        self._weights.extend(weights)
+        self._vectors.extend(vectors)
+        self._alive.extend(np.ones(len(ids), bool))
+        rows = np.arange(start, start + len(ids), dtype=np.int64)
+        order = np.argsort(ids, kind="stable")
+        new_ids, new_rows = ids[order], rows[order]
+        if len(self._sorted_ids) == 0 or new_ids[0] > self._sorted_ids[-1]:
+            self._sorted_ids = np.concatenate([self._sorted_ids, new_ids])
+            self._sorted_rows = np.concatenate([self._sorted_rows, new_rows])
+        else:
+            all_ids = np.concatenate([self._sorted_ids, new_ids])
+            merge = np.argsort(all_ids, kind="stable")
+            self._sorted_ids = all_ids[merge]
+            self._sorted_rows = np.concatenate([self._sorted_rows, new_rows])[merge]
+        self.n_alive += len(ids)
+        self._count(label_idx, +1)
+
+    def kill(self, rows: np.ndarray) -> None:
+        """Tombstone live rows."""
+        if len(rows) == 0:
+            return
+        self.alive[rows] = False
+        drop = np.searchsorted(self._sorted_ids, self.ids[rows])
+        self._sorted_ids = np.delete(self._sorted_ids, drop)
+        self._sorted_rows = np.delete(self._sorted_rows, drop)
+        self.n_alive -= len(rows)
+        self._count(self.label_idx[rows], -1)
+
+    def _count(self, label_idx: np.ndarray, sign: int) -> None:
+        top = int(label_idx.max()) + 1 if len(label_idx) else 0
+        if top > len(self.class_counts):
+            self.class_counts = np.concatenate([self.class_counts, np.zeros(top - len(self.class_counts), np.int64)])
+        self.class_counts = self.class_counts + sign * np.bincount(label_idx, minlength=len(self.class_counts))
+
+    def compacted(self, drop_rows: np.ndarray | None = None) -> "SlotTable":
+        """A new table holding the live rows (less ``drop_rows``), renumbered from 0."""
+        keep = self.alive.copy()
+        if drop_rows is not None and len(drop_rows):
+            keep[drop_rows] = False
+        new = SlotTable(self.dim)
+        if keep.any():
+            new.append(self.ids[keep], self.label_idx[keep], self.weights[keep], self.vectors[keep])
+        new.class_counts = np.pad(new.class_counts, (0, max(0, len(self.class_counts) - len(new.class_counts))))
+        return new
+
+    @property
+    def nbytes_vectors(self) -> int:
+        return self._vectors.nbytes
+
+    @property
+    def nbytes_ids(self) -> int:
+        """Bytes of ids, the id map, labels, weights and tombstones."""
+        parts = (self._ids, self._label_idx, self._weights, self._alive)
+        return sum(p.nbytes for p in parts) + int(self._sorted_ids.nbytes + self._sorted_rows.nbytes)
