@@ -167,13 +167,13 @@ class VectorIndex:
         """
         bitmap = None if alive is None else np.packbits(alive, bitorder="little")
         sel = None if bitmap is None else faiss.IDSelectorBitmap(len(alive), faiss.swig_ptr(bitmap))
-        params = self._params(sel)
+        params = self._params(sel, k)
         if params is None:
             return self._index.search(queries, k)
         # `bitmap` and `sel` stay referenced here while FAISS reads them.
         return self._index.search(queries, k, params=params)
 
-    def _params(self, sel):
+    def _params(self, sel, k: int):
         ivf = _try_extract_ivf(self._index)
         hnsw = _find_hnsw(self._index)
         if ivf is not None:
@@ -181,7 +181,7 @@ class VectorIndex:
             params.nprobe = self.settings.nprobe or default_nprobe(ivf.nlist)
         elif hnsw is not None:
             params = faiss.SearchParametersHNSW()
-            params.efSearch = self.settings.ef_search or 128
+            params.efSearch = self.settings.ef_search or default_ef_search(k)
         elif sel is None:
             return None
         else:
@@ -189,6 +189,11 @@ class VectorIndex:
         if sel is not None:
             params.sel = sel
         return params
+
+
+def default_ef_search(k: int) -> int:
+    """HNSW efSearch for recall@k near 0.98 on clustered data: 8k, at least 256."""
+    return max(256, 8 * k)
 
 
 def default_nprobe(nlist: int) -> int:

@@ -56,7 +56,7 @@ class Memory:
         path: a directory to make the memory durable: every add/remove is logged
             and fsynced before it returns. None keeps it in process only.
         nprobe: IVF lists visited per query (default: from the number of lists).
-        ef_search: HNSW search breadth (default 128).
+        ef_search: HNSW search breadth (default max(256, 8k)).
 
     Raises:
         ValueError: a bad dim, metric, temperature or index string.

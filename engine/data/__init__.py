@@ -1,0 +1,7 @@
+"""Datasets: Fashion-MNIST, synthetic clustered embeddings, and where to find the data."""
+
+from .fashion_mnist import load_fashion_mnist
+from .paths import data_root
+from .synthetic import clustered
+
+__all__ = ["clustered", "data_root", "load_fashion_mnist"]

@@ -1,0 +1,106 @@
+"""Top-k attention against exact dense attention (float64, all slots)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from engine import Memory
+from engine.attention import attend, attend_torch
+
+from .reference import dense_reference
+
+
+def total_variation(p, q):
+    return 0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum(axis=1)
+
+
+def make_memory(rng, n, dim, n_classes, temperature, weighted):
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    # pull half the queries' neighbourhoods together so attention is not uniform
+    y = rng.integers(0, n_classes, n)
+    w = rng.uniform(0.5, 3.0, n) if weighted else np.ones(n)
+    mem = Memory(dim, index="Flat", temperature=temperature)
+    mem.add(x, y, weights=w)
+    q = x[rng.integers(0, n, 40)] + 0.3 * rng.standard_normal((40, dim)).astype(np.float32)
+    return mem, x, y, w, q
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.03, 0.1, 0.3, 1.0])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_topk_within_tail_bound_of_full_attention(rng, temperature, weighted):
+    mem, x, y, w, q = make_memory(rng, 3000, 24, 7, temperature, weighted)
+    res = mem.query(q, k=32)
+    assert res.exact_bound
+    _, p_full = dense_reference(x, y, w, q, res.classes, temperature)
+    tv = total_variation(res.probs, p_full)
+    assert (tv <= res.tail_bound + 1e-6).all(), (tv - res.tail_bound).max()
+    # the bound is also a bound on the attention mass left out
+    a_full, _ = dense_reference(x, y, w, q, res.classes, temperature)
+    kept = np.array([a_full[i, res.ids[i]].sum() for i in range(len(q))])
+    assert ((1 - kept) <= res.tail_bound + 1e-6).all()
+
+
+@pytest.mark.parametrize("temperature", [0.01, 0.1, 1.0])
+def test_adaptive_tail_meets_target(rng, temperature):
+    mem, x, y, w, q = make_memory(rng, 2000, 16, 5, temperature, weighted=True)
+    res = mem.query(q, k=8, tail=1e-4)
+    _, p_full = dense_reference(x, y, w, q, res.classes, temperature)
+    assert (res.tail_bound <= 1e-4).all()
+    assert (total_variation(res.probs, p_full) <= 1e-4).all()
+    # attention over the used slots matches the full attention restricted to them
+    a_full, _ = dense_reference(x, y, w, q, res.classes, temperature)
+    for i in range(len(q)):
+        used = res.ids[i] >= 0
+        ref = a_full[i, res.ids[i][used]]
+        # FAISS scores are float32: a relative error of ~1e-7 / T in the logits
+        np.testing.assert_allclose(res.attention[i][used], ref / ref.sum(), rtol=2e-5 / temperature, atol=1e-12)
+
+
+def test_all_slots_used_gives_zero_bound_and_exact_probs(rng):
+    mem, x, y, w, q = make_memory(rng, 200, 8, 4, 0.1, weighted=True)
+    res = mem.query(q, k=10_000)
+    assert res.k == 200 and res.k_clamped
+    assert (res.tail_bound == 0).all()
+    _, p_full = dense_reference(x, y, w, q, res.classes, 0.1)
+    np.testing.assert_allclose(res.probs, p_full, atol=1e-6)  # float32 scores
+
+
+def test_tiny_temperature_does_not_overflow(rng):
+    mem, x, y, w, q = make_memory(rng, 500, 8, 3, 1e-4, weighted=False)
+    res = mem.query(q, k=16)
+    assert np.isfinite(res.probs).all() and np.isfinite(res.tail_bound).all()
+    np.testing.assert_allclose(res.probs.sum(axis=1), 1.0, atol=1e-9)
+
+
+def test_numpy_kernel_handles_padding():
+    scores = np.array([[0.9, 0.5, 0.0]], np.float32)
+    out = attend(scores, np.ones((1, 3)), np.array([[0, 1, -1]]), n_classes=2, temperature=1.0,
+                 omitted_weight=np.zeros(1))
+    e = np.exp([0.9, 0.5])
+    np.testing.assert_allclose(out.attention[0], [e[0] / e.sum(), e[1] / e.sum(), 0.0])
+    assert out.tail_bound[0] == 0.0
+
+
+def test_torch_path_matches_numpy_and_has_gradients(rng):
+    n, k, c = 6, 12, 4
+    s = rng.uniform(-1, 1, (n, k))
+    w = rng.uniform(0.5, 2, (n, k))
+    cls = rng.integers(0, c, (n, k))
+    cls[0, -2:] = -1  # padding
+    ref = attend(s, w, cls, n_classes=c, temperature=0.2, omitted_weight=np.zeros(n)).probs
+    st = torch.tensor(s, requires_grad=True)
+    logp = attend_torch(st, torch.tensor(w), torch.tensor(cls), n_classes=c, temperature=0.2)
+    with np.errstate(divide="ignore"):
+        np.testing.assert_allclose(logp.detach().numpy(), np.log(ref), atol=1e-10)
+    # NLL on log-probabilities; gradients are finite even for classes with no slot
+    loss = -logp[torch.arange(n), torch.tensor(cls[:, 0])].mean()
+    loss.backward()
+    assert torch.isfinite(st.grad).all()
+    temp = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    present = torch.tensor(cls[:, :1])  # a class each row has a slot of, so log p is finite
+    assert torch.autograd.gradcheck(
+        lambda a, t: attend_torch(a, torch.tensor(w), torch.tensor(cls), n_classes=c, temperature=t).gather(1, present),
+        (torch.tensor(s, requires_grad=True), temp),
+    )

@@ -1,0 +1,104 @@
+"""Index backends: recall against brute force, masking of removed slots, training and retraining."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from engine import Memory
+from engine.data import clustered
+from engine.index import auto_spec, min_train_points
+
+from .reference import brute_force_topk
+
+
+def recall_at_k(found_ids, true_ids):
+    return np.mean([len(set(f[f >= 0]) & set(t)) / len(t) for f, t in zip(found_ids, true_ids)])
+
+
+@pytest.fixture(scope="module")
+def data_100k():
+    x, y, q, _ = clustered(100_000, 64, n_classes=1000, seed=3, queries=200)
+    _, true_rows = brute_force_topk(x, q, 64)
+    return x, y, q, true_rows
+
+
+@pytest.mark.parametrize("spec", ["IVF1024,Flat", "HNSW32"])
+def test_recall_at_64_on_100k_slots(data_100k, spec):
+    x, y, q, true_rows = data_100k
+    mem = Memory(64, index=spec)
+    ids = mem.add(x, y)
+    res = mem.query(q, k=64)
+    assert not res.exact_bound
+    assert mem.stats().index == spec
+    recall = recall_at_k(res.ids, ids[true_rows])
+    assert recall >= 0.95, f"{spec}: recall@64 = {recall:.3f}"
+
+
+@pytest.mark.parametrize("spec", ["Flat", "IVF64,Flat", "HNSW16", "IVF16,PQ8x4"])
+def test_removed_slots_are_never_returned(rng, spec):
+    x, y = clustered(4000, 32, n_classes=20, seed=5)
+    mem = Memory(32, index=spec)
+    ids = mem.add(x, y)
+    gone = rng.choice(ids, 600, replace=False)
+    mem.remove(gone)
+    res = mem.query(x[gone[:100]], k=50)
+    assert not np.isin(res.ids, gone).any()
+    assert (res.ids >= 0).all()
+    # removing more than a quarter rebuilds without tombstones; still never returned
+    gone2 = rng.choice(np.setdiff1d(ids, gone), 1500, replace=False)
+    mem.remove(gone2)
+    assert mem.stats().tombstones == 0
+    res = mem.query(x[gone2[:100]], k=50)
+    assert not np.isin(res.ids, np.concatenate([gone, gone2])).any()
+    assert len(mem) == 4000 - 2100
+
+
+def test_trainable_index_answers_exactly_until_trained():
+    x, y = clustered(3000, 16, n_classes=10, seed=1)
+    mem = Memory(16, index="IVF64,Flat")
+    need = min_train_points(faiss.index_factory(16, "IVF64,Flat"))
+    assert need == 64 * 39
+    mem.add(x[:1000], y[:1000])
+    assert mem.stats().index == "Flat" and mem.query(x[:5]).exact_bound
+    mem.add(x[1000:], y[1000:])  # crosses the threshold: trains IVF on everything
+    assert mem.stats().index == "IVF64,Flat"
+    res = mem.query(x[:5], k=1)
+    assert not res.exact_bound
+    np.testing.assert_array_equal(res.ids[:, 0], np.arange(5))
+
+
+def test_retrains_as_memory_grows():
+    x, y = clustered(12_000, 16, n_classes=10, seed=2)
+    mem = Memory(16, index="IVF32,Flat")
+    mem.add(x[:1500], y[:1500])
+    trained_on = mem._index._trained_on
+    assert trained_on == 1500
+    mem.add(x[1500:], y[1500:])
+    assert mem._index._trained_on == 12_000
+
+
+def test_lossy_index_scores_are_rescored_exactly():
+    x, y, q, _ = clustered(12_000, 32, n_classes=20, seed=4, queries=20)
+    mem = Memory(32, index="IVF16,PQ8x4")
+    ids = mem.add(x, y)
+    res = mem.query(q, k=10)
+    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
+    z = mem.get(res.ids.ravel()).vectors.reshape(20, 10, 32)
+    np.testing.assert_allclose(res.scores, np.einsum("nd,nkd->nk", qn, z), atol=1e-5)
+    assert (np.diff(res.scores, axis=1) <= 1e-6).all()  # best first
+    assert np.isin(res.ids, ids).all()
+
+
+def test_auto_is_flat_when_small_then_ivf():
+    assert auto_spec(10_000) == "Flat"
+    assert auto_spec(1_000_000).startswith("IVF")
+    mem = Memory(8)
+    mem.add(np.eye(8, dtype=np.float32), list(range(8)))
+    assert mem.stats().index == "Flat"
+
+
+def test_bad_index_string_is_refused():
+    with pytest.raises(ValueError, match="factory string"):
+        Memory(8, index="NotAnIndex42")
