@@ -13,7 +13,7 @@ in the batch's custom metadata, and is fsynced before the write returns.
 
 Recovery loads the snapshot (checked against its sha256), then replays the WAL
 segments in order. A segment may end in a torn record (the writer died while
-appending it): a short read at the end of a segment is ignored. Any other failure
+appending it): a message cut short by the end of a segment is ignored. Any other failure
 (a bad checksum, an unreadable header, a schema that does not match) is refused
 with :class:`~engine.errors.CorruptFileError`. Nothing is ever pickled.
 """
@@ -338,31 +338,45 @@ def _check_schema(file: Path, schema: pa.Schema, dim: int, *, with_op: bool) -> 
     raise CorruptFileError(f"{file}: unexpected schema {schema} for a memory of dim {dim}")
 
 
-def _is_short_read(exc: Exception) -> bool:
+CONTINUATION = b"\xff\xff\xff\xff"  # every Arrow IPC message starts with it
+
+
+def _is_torn(file: Path, offset: int, exc: Exception) -> bool:
+    """Whether a read that failed at ``offset`` is a message cut short by the end of the file.
+
+    A writer killed mid-append leaves a prefix of a well-formed message: it starts
+    with the continuation marker and the reader ran out of bytes. Anything else
+    (garbage where a message should start, a malformed header) is damage.
+    """
     text = str(exc)
-    return "Expected to be able to read" in text or ("Expected to read" in text and "only read" in text)
+    short = "Expected to be able to read" in text or "only read" in text or "bytes available" in text
+    with open(file, "rb") as f:
+        f.seek(offset)
+        head = f.read(4)
+    return short and CONTINUATION.startswith(head)
 
 
 def _read_segment(file: Path, dim: int) -> tuple[str | None, list[Record]]:
     """Replay one WAL segment; a torn final record is dropped, any other damage refused."""
     if not file.exists() or file.stat().st_size == 0:
-        return None, []  # listed but never written to, or torn before its schema
+        return None, []  # listed but never written to
     source = pa.OSFile(str(file))
     try:
         reader = pa.ipc.open_stream(source)
     except (pa.ArrowInvalid, OSError) as exc:
-        if _is_short_read(exc):
-            return None, []
+        if _is_torn(file, 0, exc):
+            return None, []  # torn while writing the schema: no record was acknowledged
         raise CorruptFileError(f"{file}: unreadable WAL header ({exc})") from exc
     kind = _check_schema(file, reader.schema, dim, with_op=True)
     records = []
     while True:
+        good_end = source.tell()
         try:
             batch, meta = reader.read_next_batch_with_custom_metadata()
         except StopIteration:
             break
         except (pa.ArrowInvalid, OSError) as exc:
-            if _is_short_read(exc):
+            if _is_torn(file, good_end, exc):
                 break  # torn final record: it was never acknowledged
             raise CorruptFileError(f"{file}: unreadable WAL record after {len(records)} good ones ({exc})") from exc
         records.append(_decode(file, batch, meta, dim, len(records)))

@@ -1,0 +1,187 @@
+"""Memory's public contract: ids, labels, upsert, get, remove, stats, and bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import engine
+from engine import Memory
+
+
+def state(mem: Memory, probes: np.ndarray):
+    """What a caller can observe: size, ids, labels and answers to fixed probes."""
+    if len(mem) == 0:
+        return (0,)
+    res = mem.query(probes, k=10)
+    return (len(mem), tuple(res.ids.ravel()), tuple(res.labels), res.probs.round(12).tobytes(), mem.stats())
+
+
+@pytest.fixture
+def mem(rng):
+    m = Memory(8, index="Flat")
+    m.add(rng.standard_normal((50, 8)), rng.integers(0, 4, 50))
+    return m
+
+
+@pytest.fixture
+def probes(rng):
+    return rng.standard_normal((5, 8))
+
+
+def test_ids_are_ours_stable_and_fresh(rng):
+    m = Memory(4, index="Flat")
+    a = m.add(rng.standard_normal((3, 4)), [1, 2, 3])
+    assert a.dtype == np.int64 and list(a) == [0, 1, 2]
+    m.remove([1])
+    b = m.add(rng.standard_normal((2, 4)), [1, 1])
+    assert list(b) == [3, 4]  # never reuses a removed id
+    c = m.add(rng.standard_normal((1, 4)), [2], ids=[100])
+    assert list(c) == [100] and 100 in m and 1 not in m and "x" not in m
+    assert list(m.add(rng.standard_normal((1, 4)), [2])) == [101]
+
+
+def test_query_returns_ids_not_positions(rng):
+    m = Memory(4, index="Flat")
+    x = rng.standard_normal((6, 4))
+    m.add(x, [0, 0, 1, 1, 2, 2], ids=[60, 50, 40, 30, 20, 10])
+    m.remove([50])
+    res = m.query(x[3], k=1)
+    assert res.ids[0, 0] == 30 and res.labels[0] == 1
+
+
+def test_string_labels_and_vocabulary(rng):
+    m = Memory(4, index="Flat")
+    m.add(rng.standard_normal((4, 4)), ["cat", "dog", "cat", "eel"])
+    res = m.query(rng.standard_normal((2, 4)), k=4)
+    assert sorted(res.classes.tolist()) == ["cat", "dog", "eel"]
+    assert set(res.labels) <= {"cat", "dog", "eel"}
+    with pytest.raises(ValueError, match="labels are str"):
+        m.add(rng.standard_normal((1, 4)), [3])
+
+
+def test_removed_class_leaves_the_columns(rng):
+    m = Memory(4, index="Flat")
+    ids = m.add(rng.standard_normal((3, 4)), [7, 8, 9])
+    m.remove(ids[1])
+    assert m.query(rng.standard_normal(4)).classes.tolist() == [7, 9]
+
+
+def test_upsert_replaces(rng):
+    m = Memory(4, index="Flat")
+    x = rng.standard_normal((2, 4))
+    m.add(x, [0, 1], ids=[5, 6])
+    new = np.array([[1.0, 0, 0, 0]])
+    m.add(new, [3], ids=[5], upsert=True)
+    got = m.get([5])
+    assert got.labels == [3] and len(m) == 2
+    np.testing.assert_allclose(got.vectors[0], new[0])  # stored L2-normalised (already unit here)
+
+
+def test_get_and_weights(rng):
+    m = Memory(4, metric="ip", index="Flat")
+    x = rng.standard_normal((3, 4)).astype(np.float32)
+    ids = m.add(x, [1, 2, 3], weights=[1.0, 2.5, 4.0])
+    got = m.get(ids[::-1])
+    assert got.labels == [3, 2, 1]
+    np.testing.assert_allclose(got.weights, [4.0, 2.5, 1.0])
+    np.testing.assert_allclose(got.vectors, x[::-1])  # ip metric stores vectors as given
+
+
+def test_stats_counts_bytes(mem):
+    s = mem.stats()
+    assert s.slots == 50 and s.classes <= 4 and s.dim == 8 and s.index == "Flat"
+    assert s.bytes_vectors >= 50 * 8 * 4 and s.bytes_index >= 50 * 8 * 4 and s.bytes_ids >= 50 * 8
+    assert s.as_dict()["bytes_total"] == s.bytes_vectors + s.bytes_index + s.bytes_ids
+
+
+def test_k_above_size_is_clamped_and_said(mem, probes):
+    res = mem.query(probes, k=1000)
+    assert res.k == 50 and res.k_requested == 1000 and res.k_clamped
+    assert res.ids.shape == (5, 50)
+
+
+def test_single_query_vector(mem, probes):
+    res = mem.query(probes[0], k=3)
+    assert res.probs.shape == (1, len(res.classes)) and len(res) == 1
+
+
+# -- bad input: a clear error, and the memory unchanged -------------------------------------
+BAD_ADDS = [
+    ("wrong dimension", lambda r: (r.standard_normal((2, 9)), [0, 1]), {}, engine.DimensionError),
+    ("NaN", lambda r: (np.array([[np.nan] * 8, [1.0] * 8]), [0, 1]), {}, ValueError),
+    ("inf", lambda r: (np.array([[np.inf] * 8]), [0]), {}, ValueError),
+    ("label count", lambda r: (r.standard_normal((3, 8)), [0, 1]), {}, ValueError),
+    ("mixed labels", lambda r: (r.standard_normal((2, 8)), [0, "a"]), {}, ValueError),
+    ("zero vector", lambda r: (np.zeros((1, 8)), [0]), {}, ValueError),
+    ("duplicate id", lambda r: (r.standard_normal((1, 8)), [0]), {"ids": [3]}, engine.DuplicateIdError),
+    ("repeated ids", lambda r: (r.standard_normal((2, 8)), [0, 0]), {"ids": [500, 500]}, engine.DuplicateIdError),
+    ("negative id", lambda r: (r.standard_normal((1, 8)), [0]), {"ids": [-4]}, ValueError),
+    ("bad weight", lambda r: (r.standard_normal((1, 8)), [0]), {"weights": [0.0]}, ValueError),
+    ("NaN weight", lambda r: (r.standard_normal((1, 8)), [0]), {"weights": [np.nan]}, ValueError),
+    ("weights count", lambda r: (r.standard_normal((2, 8)), [0, 1]), {"weights": [1.0]}, ValueError),
+    ("empty", lambda r: (np.zeros((0, 8)), []), {}, ValueError),
+]
+
+
+@pytest.mark.parametrize("case", BAD_ADDS, ids=[c[0] for c in BAD_ADDS])
+def test_bad_add_is_refused_and_changes_nothing(mem, probes, rng, case):
+    _, make, kwargs, exc = case
+    before = state(mem, probes)
+    x, y = make(rng)
+    with pytest.raises(exc):
+        mem.add(x, y, **kwargs)
+    assert state(mem, probes) == before
+
+
+def test_remove_unknown_lists_them_and_changes_nothing(mem, probes):
+    before = state(mem, probes)
+    with pytest.raises(engine.UnknownIdError) as info:
+        mem.remove([1, 2, 999, 1000])
+    assert info.value.ids == [999, 1000] and "999" in str(info.value)
+    assert isinstance(info.value, KeyError)
+    assert state(mem, probes) == before
+    with pytest.raises(KeyError):
+        mem.get([5, 12345])
+
+
+@pytest.mark.parametrize("kwargs,exc", [
+    ({"k": 0}, ValueError), ({"k": 2.5}, ValueError), ({"tail": 0.0}, ValueError), ({"tail": 2}, ValueError)])
+def test_bad_query_arguments(mem, probes, kwargs, exc):
+    with pytest.raises(exc):
+        mem.query(probes, **kwargs)
+
+
+def test_bad_queries(mem):
+    with pytest.raises(engine.DimensionError):
+        mem.query(np.ones((2, 7)))
+    with pytest.raises(ValueError, match="NaN"):
+        mem.query(np.full((1, 8), np.nan))
+
+
+def test_query_empty_memory():
+    m = Memory(4)
+    with pytest.raises(engine.EmptyMemoryError):
+        m.query(np.ones(4))
+    ids = m.add(np.ones((1, 4)), [0])
+    m.remove(ids)
+    with pytest.raises(engine.EmptyMemoryError):
+        m.query(np.ones(4))
+
+
+@pytest.mark.parametrize("kwargs", [{"metric": "l1"}, {"temperature": 0}, {"temperature": float("nan")}])
+def test_bad_construction(kwargs):
+    with pytest.raises(ValueError):
+        Memory(8, **kwargs)
+    with pytest.raises(ValueError):
+        Memory(0)
+
+
+def test_temperature_is_a_setting(mem, probes):
+    sharp = mem.query(probes).probs.max(axis=1)
+    mem.temperature = 10.0
+    flat = mem.query(probes).probs.max(axis=1)
+    assert (flat < sharp).all()
+    with pytest.raises(ValueError):
+        mem.temperature = -1
+    assert mem.temperature == 10.0

@@ -1,0 +1,179 @@
+"""Persistence: snapshots, write-ahead log, manifest, recovery and refusal of damaged files."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+import engine
+from engine import Memory
+
+
+def answers(mem, probes):
+    res = mem.query(probes, k=20)
+    return res.ids.tolist(), res.labels.tolist(), np.round(res.probs, 10).tolist()
+
+
+@pytest.fixture
+def data(rng):
+    return rng.standard_normal((300, 8)).astype(np.float32), rng.integers(0, 5, 300), rng.standard_normal((7, 8))
+
+
+def build(path, data, index="Flat"):
+    x, y, _ = data
+    mem = Memory(8, index=index, temperature=0.2, path=path)
+    mem.add(x[:200], y[:200])
+    mem.remove(np.arange(0, 200, 7))
+    mem.add(x[200:], y[200:], weights=np.full(100, 2.0))
+    mem.add(x[:1] * 3, [4], ids=[1], upsert=True)
+    return mem
+
+
+def wal_files(path):
+    return sorted(p for p in os.listdir(path) if p.startswith("wal-") and os.path.getsize(path / p) > 0)
+
+
+def test_wal_replay_reopens_identical(tmp_path, data):
+    mem = build(tmp_path / "m", data)
+    expected = answers(mem, data[2])
+    mem.close()
+    again = Memory.open(tmp_path / "m")
+    assert answers(again, data[2]) == expected
+    assert again.temperature == 0.2 and len(again) == len(mem)
+    assert list(again.add(data[0][:1], [0])) == [300]  # fresh ids continue after the replayed ones
+
+
+def test_snapshot_then_wal(tmp_path, data):
+    mem = build(tmp_path / "m", data)
+    mem.save()
+    assert any(p.startswith("snapshot-") for p in os.listdir(tmp_path / "m"))
+    mem.remove([250, 251])
+    mem.temperature = 0.05
+    expected = answers(mem, data[2])
+    again = Memory.open(tmp_path / "m")
+    assert answers(again, data[2]) == expected
+    assert again.temperature == 0.05
+    # the checkpoint dropped the files it replaced
+    names = os.listdir(tmp_path / "m")
+    assert sum(n.startswith("snapshot-") for n in names) == 1
+
+
+def test_save_copy_of_in_process_memory(tmp_path, data):
+    x, y, probes = data
+    mem = Memory(8, index="HNSW16")
+    mem.add(x, [f"c{v}" for v in y])
+    with pytest.raises(ValueError, match="not durable"):
+        mem.save()
+    mem.save(tmp_path / "copy")
+    again = Memory.open(tmp_path / "copy")
+    assert answers(again, probes) == answers(mem, probes)
+    with pytest.raises(engine.MemoryExistsError):
+        Memory(8, path=tmp_path / "copy")
+
+
+def test_torn_final_record_is_ignored(tmp_path, data):
+    x, y, probes = data
+    mem = Memory(8, index="Flat", path=tmp_path / "m")
+    mem.add(x[:100], y[:100])
+    expected = answers(mem, probes)
+    mem.add(x[100:150], y[100:150])
+    mem.close()
+    wal = tmp_path / "m" / wal_files(tmp_path / "m")[-1]
+    size = wal.stat().st_size
+    eos = 8  # close() ends the stream with an 8-byte end-of-stream marker
+    data_bytes = wal.read_bytes()
+    wal.write_bytes(data_bytes[: size - 3])  # only the marker torn: both records are whole
+    assert len(Memory.open(tmp_path / "m")) == 150
+    for cut in (size - eos - 1, size - eos - 300, size - eos - 1500):
+        data_bytes = wal.read_bytes()
+        wal.write_bytes(data_bytes[:cut])
+        again = Memory.open(tmp_path / "m")
+        assert len(again) == 100 and answers(again, probes) == expected
+        again.close()
+        wal.write_bytes(data_bytes)
+
+
+def test_corrupt_wal_record_is_refused(tmp_path, data):
+    x, y, _ = data
+    mem = Memory(8, index="Flat", path=tmp_path / "m")
+    for i in range(3):
+        mem.add(x[i * 10:(i + 1) * 10], y[i * 10:(i + 1) * 10])
+    mem.close()
+    wal = tmp_path / "m" / wal_files(tmp_path / "m")[-1]
+    raw = bytearray(wal.read_bytes())
+    # flip bytes inside the first record's vector payload: its checksum fails
+    at = raw.index(np.float32(x[0, 0] / np.linalg.norm(x[0])).tobytes())
+    raw[at:at + 4] = b"\x00\x00\xc0\x7f"
+    wal.write_bytes(bytes(raw))
+    manifest_before = (tmp_path / "m" / "manifest.json").read_bytes()
+    with pytest.raises(engine.CorruptFileError, match="checksum"):
+        Memory.open(tmp_path / "m")
+    assert (tmp_path / "m" / "manifest.json").read_bytes() == manifest_before  # opening changed nothing
+
+
+def test_garbage_wal_header_is_refused(tmp_path, data):
+    x, y, _ = data
+    mem = Memory(8, path=tmp_path / "m")
+    mem.add(x[:10], y[:10])
+    mem.close()
+    wal = tmp_path / "m" / wal_files(tmp_path / "m")[-1]
+    wal.write_bytes(b"this is not an arrow stream at all" * 10)
+    with pytest.raises(engine.CorruptFileError):
+        Memory.open(tmp_path / "m")
+
+
+def test_corrupt_or_truncated_snapshot_is_refused(tmp_path, data):
+    mem = build(tmp_path / "m", data)
+    mem.save()
+    mem.close()
+    snap = next((tmp_path / "m").glob("snapshot-*.arrow"))
+    good = snap.read_bytes()
+    snap.write_bytes(good[: len(good) // 2])
+    with pytest.raises(engine.CorruptFileError, match="checksum"):
+        Memory.open(tmp_path / "m")
+    bad = bytearray(good)
+    bad[len(bad) // 2] ^= 0xFF
+    snap.write_bytes(bytes(bad))
+    with pytest.raises(engine.CorruptFileError):
+        Memory.open(tmp_path / "m")
+    snap.unlink()
+    with pytest.raises(engine.CorruptFileError, match="missing"):
+        Memory.open(tmp_path / "m")
+
+
+def test_wrong_format_version_and_bad_manifest(tmp_path, data):
+    mem = build(tmp_path / "m", data)
+    mem.close()
+    manifest = tmp_path / "m" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    manifest.write_text(json.dumps({**doc, "format_version": 99}))
+    with pytest.raises(engine.FormatVersionError, match="99"):
+        Memory.open(tmp_path / "m")
+    manifest.write_text("{not json")
+    with pytest.raises(engine.CorruptFileError, match="JSON"):
+        Memory.open(tmp_path / "m")
+    manifest.write_text(json.dumps({**doc, "metric": "manhattan"}))
+    with pytest.raises(engine.CorruptFileError, match="metric"):
+        Memory.open(tmp_path / "m")
+    manifest.write_text(json.dumps({**doc, "dim": 9}))
+    with pytest.raises(engine.CorruptFileError, match="schema"):
+        Memory.open(tmp_path / "m")
+    with pytest.raises(FileNotFoundError):
+        Memory.open(tmp_path / "nowhere")
+
+
+def test_failed_write_is_not_logged(tmp_path, data):
+    x, y, probes = data
+    mem = Memory(8, index="Flat", path=tmp_path / "m")
+    mem.add(x[:10], y[:10])
+    with pytest.raises(ValueError):
+        mem.add(x[:2] * np.nan, y[:2])
+    with pytest.raises(KeyError):
+        mem.remove([12345])
+    expected = answers(mem, probes)
+    mem.close()
+    again = Memory.open(tmp_path / "m")
+    assert answers(again, probes) == expected and len(again) == 10
