@@ -12,7 +12,7 @@ import numpy as np
 
 
 class _Growable:
-    """A numpy array with amortised O(1) appends (capacity doubling)."""
+    """A numpy array with amortised O(1) appends (capacity grows by half)."""
 
     def __init__(self, dtype, width: int | None = None):
         self._shape = () if width is None else (width,)
@@ -22,7 +22,7 @@ class _Growable:
     def extend(self, values: np.ndarray) -> None:
         m = len(values)
         if self.n + m > len(self._buf):
-            cap = max(2 * len(self._buf), self.n + m)
+            cap = max(int(1.5 * len(self._buf)), self.n + m)
             buf = np.empty((cap,) + self._shape, dtype=self._buf.dtype)
             buf[: self.n] = self._buf[: self.n]
             self._buf = buf

@@ -1,0 +1,205 @@
+"""The ``engine`` command: create, fill, query and inspect memories; run the demo."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import EngineError
+from .io import read_batch
+from .memory import Memory
+
+app = typer.Typer(help="engine: a memory-retrieval engine for Matching Networks.", no_args_is_help=True)
+memory_app = typer.Typer(help="Create, fill, query and inspect durable memories.", no_args_is_help=True)
+app.add_typer(memory_app, name="memory")
+console = Console()
+
+PathArg = typer.Argument(..., help="The memory's directory.")
+
+
+def _fail(exc: BaseException) -> None:
+    typer.echo(f"error: {exc}", err=True)
+    raise typer.Exit(code=2)
+
+
+def _guard(fn):
+    """Turn the engine's input errors into a one-line message and exit code 2."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (EngineError, ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
+            _fail(exc)
+
+    return wrapper
+
+
+@memory_app.command("create")
+@_guard
+def create(
+    path: Path = PathArg,
+    dim: int = typer.Option(..., help="Embedding dimension."),
+    metric: str = typer.Option("cosine", help="cosine or ip."),
+    index: str = typer.Option("auto", help="auto or a FAISS factory string (Flat, HNSW32, IVF1024,Flat, ...)."),
+    temperature: float = typer.Option(0.1, help="Attention temperature."),
+) -> None:
+    """Create an empty durable memory."""
+    mem = Memory(dim, metric=metric, index=index, temperature=temperature, path=path)
+    mem.close()
+    typer.echo(f"created {mem!r}")
+
+
+@memory_app.command("add")
+@_guard
+def add(
+    path: Path = PathArg,
+    file: Path = typer.Argument(..., help="Vectors: .parquet/.arrow/.feather/.csv table or .npy array."),
+    labels: Optional[Path] = typer.Option(None, help="Labels for a .npy file: .npy or one label per line."),
+    label_column: str = typer.Option("label", help="Label column of a table."),
+    vector_column: str = typer.Option("vector", help="List column of a table (else numeric columns are features)."),
+    upsert: bool = typer.Option(False, help="Replace slots whose id exists."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Add slots from a file (ids, weights from 'id' and 'weight' columns when present)."""
+    batch = read_batch(file, labels_path=labels, label_column=label_column, vector_column=vector_column)
+    if batch.labels is None:
+        raise ValueError(f"{file}: no labels (a {label_column!r} column, or --labels FILE)")
+    with Memory.open(path) as mem:
+        ids = mem.add(batch.vectors, batch.labels, ids=batch.ids, weights=batch.weights, upsert=upsert)
+        size = len(mem)
+    if as_json:
+        typer.echo(json.dumps({"added": len(ids), "first_id": int(ids[0]), "last_id": int(ids[-1]), "slots": size}))
+    else:
+        typer.echo(f"added {len(ids)} slots (ids {ids[0]}..{ids[-1]}); memory holds {size}")
+
+
+@memory_app.command("query")
+@_guard
+def query(
+    path: Path = PathArg,
+    file: Path = typer.Argument(..., help="Query vectors: a table or .npy array."),
+    k: int = typer.Option(64, "-k", "--k", help="Slots per query."),
+    tail: Optional[float] = typer.Option(None, help="Grow k until the tail bound is below this."),
+    top: int = typer.Option(3, help="Neighbours shown per query in table output."),
+    vector_column: str = typer.Option("vector", help="List column of a table."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Classify query vectors by top-k attention."""
+    batch = read_batch(file, vector_column=vector_column)
+    with Memory.open(path) as mem:
+        res = mem.query(batch.vectors, k=k, tail=tail)
+    if as_json:
+        out = {
+            "classes": res.classes.tolist(), "k": res.k, "k_requested": res.k_requested,
+            "exact_bound": res.exact_bound,
+            "queries": [
+                {"label": _py(res.labels[i]), "probs": res.probs[i].round(6).tolist(),
+                 "tail_bound": float(res.tail_bound[i]), "ids": res.ids[i].tolist(),
+                 "scores": [None if np.isnan(s) else round(float(s), 6) for s in res.scores[i]]}
+                for i in range(len(res))
+            ],
+        }
+        typer.echo(json.dumps(out))
+        return
+    table = Table(title=f"k={res.k}" + (f" (clamped from {res.k_requested})" if res.k_clamped else "")
+                  + ("" if res.exact_bound else "; tail bound is an estimate (approximate index)"))
+    for col in ("query", "label", "p(label)", "tail bound", "nearest ids (score)"):
+        table.add_column(col)
+    for i in range(len(res)):
+        j = int(np.argmax(res.probs[i]))
+        near = ", ".join(f"{res.ids[i, c]} ({res.scores[i, c]:.3f})" for c in range(min(top, res.k)) if res.ids[i, c] >= 0)
+        table.add_row(str(i), str(res.labels[i]), f"{res.probs[i, j]:.3f}", f"{res.tail_bound[i]:.2e}", near)
+    console.print(table)
+
+
+@memory_app.command("info")
+@_guard
+def info(path: Path = PathArg, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+    """Show a memory's size, settings and bytes used."""
+    with Memory.open(path) as mem:
+        stats = {**mem.stats().as_dict(), "temperature": mem.temperature, "path": str(path)}
+    if as_json:
+        typer.echo(json.dumps(stats))
+        return
+    table = Table(show_header=False)
+    for key, value in stats.items():
+        table.add_row(key, f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else str(value))
+    console.print(table)
+
+
+@memory_app.command("remove")
+@_guard
+def remove(
+    path: Path = PathArg,
+    ids: Optional[list[int]] = typer.Argument(None, help="Ids to remove."),
+    ids_file: Optional[Path] = typer.Option(None, help="A file of ids, one per line (or .npy)."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Remove slots by id. Unknown ids are an error and nothing is removed."""
+    wanted = list(ids or [])
+    if ids_file is not None:
+        from .io import read_labels
+
+        wanted += [int(i) for i in read_labels(ids_file)]
+    if not wanted:
+        raise ValueError("no ids given")
+    with Memory.open(path) as mem:
+        n = mem.remove(wanted)
+        size = len(mem)
+    typer.echo(json.dumps({"removed": n, "slots": size}) if as_json else f"removed {n} slots; memory holds {size}")
+
+
+@app.command("demo")
+@_guard
+def demo(
+    data: Optional[Path] = typer.Option(None, help="Data directory (default: $ENGINE_DATA or ../shared/data)."),
+    k: int = typer.Option(64, "-k", "--k", help="Slots per query."),
+    limit: Optional[int] = typer.Option(None, help="Use only this many train and test images."),
+    out: Path = typer.Option(Path("runs/demo"), help="Where demo.json goes."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Fashion-MNIST in a memory: accuracy, tail bound, throughput and bytes."""
+    from .demo import run_demo
+
+    report = run_demo(data, k=k, limit=limit, out=out, progress=not as_json)
+    if as_json:
+        typer.echo(json.dumps(report))
+        return
+    table = Table(title="Fashion-MNIST, 64-d PCA pixels, top-k attention memory")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    rows = [
+        ("slots (train images)", f"{report['slots']:,}"),
+        ("queries (test images)", f"{report['queries']:,}"),
+        ("k / temperature", f"{report['k']} / {report['temperature']}"),
+        ("accuracy", f"{report['accuracy']:.4f}"),
+        ("median tail bound", f"{report['tail_bound_median']:.3g}"),
+        ("queries per second", f"{report['queries_per_s']:,.0f}"),
+        ("bytes used (per slot)", f"{report['bytes_total']:,} ({report['bytes_per_slot']:.0f})"),
+    ]
+    for row in rows:
+        table.add_row(*row)
+    console.print(table)
+    typer.echo(f"report written to {out / 'demo.json'}")
+
+
+def _py(x):
+    return x.item() if hasattr(x, "item") else x
+
+
+def main() -> None:
+    """Entry point of the ``engine`` console script."""
+    app(prog_name="engine")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

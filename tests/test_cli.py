@@ -1,0 +1,86 @@
+"""The ``engine`` command, driven in-process through typer's runner."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from engine.cli import app
+
+runner = CliRunner()
+
+
+def run(*args, ok=True):
+    result = runner.invoke(app, [str(a) for a in args])
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+@pytest.fixture
+def mem_dir(tmp_path):
+    run("memory", "create", tmp_path / "m", "--dim", 4, "--index", "Flat", "--temperature", 0.05)
+    return tmp_path / "m"
+
+
+def test_create_add_query_info_remove(tmp_path, mem_dir):
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "y.txt").write_text("\n".join(str(i % 3) for i in range(30)))
+    out = json.loads(run("memory", "add", mem_dir, tmp_path / "x.npy", "--labels", tmp_path / "y.txt", "--json").output)
+    assert out == {"added": 30, "first_id": 0, "last_id": 29, "slots": 30}
+
+    np.save(tmp_path / "q.npy", x[:2])
+    res = json.loads(run("memory", "query", mem_dir, tmp_path / "q.npy", "-k", 5, "--json").output)
+    assert res["classes"] == [0, 1, 2] and res["k"] == 5 and res["exact_bound"] is True
+    assert [q["ids"][0] for q in res["queries"]] == [0, 1]
+    assert [q["label"] for q in res["queries"]] == [0, 1]
+    assert "tail bound" in run("memory", "query", mem_dir, tmp_path / "q.npy").output
+
+    info = json.loads(run("memory", "info", mem_dir, "--json").output)
+    assert info["slots"] == 30 and info["classes"] == 3 and info["temperature"] == 0.05
+    assert "bytes_total" in run("memory", "info", mem_dir).output
+
+    assert json.loads(run("memory", "remove", mem_dir, 0, 1, 2, "--json").output) == {"removed": 3, "slots": 27}
+
+
+def test_add_from_parquet_csv_and_arrow(tmp_path, mem_dir):
+    x = np.arange(24, dtype=np.float32).reshape(6, 4) + 1
+    table = pa.table({"vector": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4),
+                      "label": ["a", "b", "a", "b", "c", "c"], "id": np.arange(100, 106)})
+    pq.write_table(table, tmp_path / "t.parquet")
+    run("memory", "add", mem_dir, tmp_path / "t.parquet")
+    import pyarrow.feather as feather
+
+    feather.write_feather(table.set_column(2, "id", pa.array(np.arange(200, 206))), tmp_path / "t.arrow")
+    run("memory", "add", mem_dir, tmp_path / "t.arrow")
+    (tmp_path / "t.csv").write_text("label,f0,f1,f2,f3\n" + "\n".join(f"d,{i},1,2,3" for i in range(1, 4)))
+    out = json.loads(run("memory", "add", mem_dir, tmp_path / "t.csv", "--json").output)
+    assert out["slots"] == 15 and out["first_id"] == 206
+
+
+def test_errors_are_one_line_and_exit_2(tmp_path, mem_dir):
+    np.save(tmp_path / "bad.npy", np.ones((2, 5), np.float32))
+    (tmp_path / "y.txt").write_text("0\n1\n")
+    r = run("memory", "add", mem_dir, tmp_path / "bad.npy", "--labels", tmp_path / "y.txt", ok=False)
+    assert r.exit_code == 2 and "shape (n, 4)" in r.output
+    r = run("memory", "query", mem_dir, tmp_path / "bad.npy", ok=False)
+    assert r.exit_code == 2
+    np.save(tmp_path / "q.npy", np.ones((1, 4), np.float32))
+    r = run("memory", "query", mem_dir, tmp_path / "q.npy", ok=False)
+    assert r.exit_code == 2 and "empty" in r.output
+    r = run("memory", "remove", mem_dir, 42, ok=False)
+    assert r.exit_code == 2 and "unknown ids" in r.output
+    r = run("memory", "info", tmp_path / "nothing", ok=False)
+    assert r.exit_code == 2 and "manifest.json" in r.output
+    (tmp_path / "x.txt").write_text("1 2 3")
+    r = run("memory", "add", mem_dir, tmp_path / "x.txt", ok=False)
+    assert r.exit_code == 2 and "unknown format" in r.output
+    r = run("memory", "create", mem_dir, "--dim", 4, ok=False)
+    assert r.exit_code == 2 and "already holds a memory" in r.output

@@ -1,0 +1,67 @@
+"""Readers in many threads while one thread adds and removes: no crash, no half-applied write.
+
+Each write adds or removes a whole group of GROUP slots that share one label;
+every query uses every slot (k above the size), so a reader that saw half of a
+write would find a label with fewer than GROUP slots.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from engine import Memory
+
+GROUP = 10
+
+
+@pytest.mark.parametrize("index", ["Flat", "HNSW16"])
+def test_queries_never_see_half_a_write(index):
+    rng = np.random.default_rng(0)
+    mem = Memory(16, index=index)
+    live: list[np.ndarray] = []
+    for g in range(20):
+        live.append(mem.add(rng.standard_normal((GROUP, 16)), [f"g{g}"] * GROUP))
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    seen = Counter()
+
+    def reader(seed):
+        r = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                res = mem.query(r.standard_normal((4, 16)), k=100_000)
+                for row in res.ids:
+                    used = row[row >= 0]
+                    labels = Counter(mem_label[i] for i in used)
+                    assert all(c == GROUP for c in labels.values()), labels
+                    assert len(used) == GROUP * len(labels)
+                seen["queries"] += 1
+        except BaseException as exc:  # noqa: BLE001 - report any failure to the main thread
+            errors.append(exc)
+
+    mem_label = {}
+    for g, ids in enumerate(live):
+        mem_label.update({int(i): f"g{g}" for i in ids})
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+    for t in threads:
+        t.start()
+    try:
+        for g in range(20, 400):
+            if g % 3 == 0 and len(live) > 5:
+                mem.remove(live.pop(int(rng.integers(0, len(live)))))
+            else:
+                ids = rng.integers(0, 2**40, GROUP)  # explicit, scattered ids
+                mem_label.update({int(i): f"g{g}" for i in ids})
+                mem.add(rng.standard_normal((GROUP, 16)), [f"g{g}"] * GROUP, ids=ids)
+                live.append(ids)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    assert seen["queries"] > 20
+    assert len(mem) == GROUP * len(live)
