@@ -12,6 +12,7 @@ from .errors import (
     FormatVersionError,
     InvalidValueError,
     MemoryExistsError,
+    MemoryLockedError,
     UnknownIdError,
 )
 from .memory import Memory
@@ -27,6 +28,7 @@ __all__ = [
     "InvalidValueError",
     "Memory",
     "MemoryExistsError",
+    "MemoryLockedError",
     "MemoryStats",
     "QueryResult",
     "Slots",

@@ -48,3 +48,7 @@ class FormatVersionError(CorruptFileError):
 
 class MemoryExistsError(EngineError, FileExistsError):
     """Creating a durable memory in a directory that already holds one."""
+
+
+class MemoryLockedError(EngineError):
+    """A durable memory's directory is already open for writing (one writer per directory)."""

@@ -135,9 +135,9 @@ class VectorIndex:
 
     @property
     def lossy(self) -> bool:
-        """True when the index's scores are approximations (compressed codes)."""
+        """True when the index's scores are approximations (compressed codes, projections)."""
         names = _class_names(self._index)
-        return any(tag in names for tag in ("PQ", "ScalarQuantizer", "LSH", "RaBitQ"))
+        return any(tag in names for tag in ("PQ", "ScalarQuantizer", "LSH", "RaBitQ", "PreTransform"))
 
     @property
     def nbytes(self) -> int:

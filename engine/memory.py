@@ -112,14 +112,27 @@ class Memory:
             FileNotFoundError: no memory at ``path``.
             FormatVersionError: an unknown format version.
             CorruptFileError: a file fails its checks (a torn final WAL record is ignored).
+            MemoryLockedError: the directory is open already (one writer per directory).
         """
         store, rec = store_mod.Store.open(path)
+        try:
+            mem = cls._recover(rec, store.path)
+        except BaseException:
+            store.close()  # release the directory's lock; nothing was written
+            raise
+        store.begin()  # from here on, writes go to a new WAL segment
+        mem._store = store
+        return mem
+
+    @classmethod
+    def _recover(cls, rec: "store_mod.Recovered", path: Path) -> "Memory":
+        """An in-process memory holding a snapshot plus replayed WAL records."""
         cfg = rec.config
         try:
             mem = cls(cfg["dim"], metric=cfg["metric"], index=cfg["index"], temperature=cfg["temperature"],
                       nprobe=cfg.get("nprobe"), ef_search=cfg.get("ef_search"))
         except InvalidValueError as exc:
-            raise CorruptFileError(f"{store.path / store_mod.MANIFEST}: invalid settings ({exc})") from exc
+            raise CorruptFileError(f"{path / store_mod.MANIFEST}: invalid settings ({exc})") from exc
         mem._label_kind = rec.label_kind
         mem._next_id = int(cfg.get("next_id", 0))
         if len(rec.ids):
@@ -127,7 +140,8 @@ class Memory:
             mem._next_id = max(mem._next_id, int(rec.ids.max()) + 1)
         for r in rec.records:  # replay into the table only; the index is built once at the end
             if r.op == store_mod.OP_REMOVE:
-                mem._table.kill(mem._table.rows_of(r.ids))
+                rows = mem._table.rows_of(r.ids)
+                mem._table.kill(rows[rows >= 0])
             else:
                 old = mem._table.rows_of(r.ids)
                 mem._table.kill(old[old >= 0])
@@ -135,8 +149,6 @@ class Memory:
                 mem._next_id = max(mem._next_id, int(r.ids.max()) + 1)
         mem._table = mem._table.compacted()
         mem._index = mem._index.build(mem._table.vectors)
-        store.begin()  # from here on, writes go to a new WAL segment
-        mem._store = store
         return mem
 
     # -- writing ----------------------------------------------------------------------

@@ -20,6 +20,7 @@ with :class:`~engine.errors.CorruptFileError`. Nothing is ever pickled.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -30,11 +31,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .errors import CorruptFileError, FormatVersionError, MemoryExistsError
+from .errors import CorruptFileError, FormatVersionError, MemoryExistsError, MemoryLockedError
 
 FORMAT = "engine-memory"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
+LOCK = "LOCK"  # flock'ed by the one Store that may write the directory
 
 OP_ADD, OP_UPSERT, OP_REMOVE = 0, 1, 2
 
@@ -142,12 +144,24 @@ def vectors_of(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
 class Store:
     """The files of one durable memory. Owned by a :class:`~engine.memory.Memory`."""
 
-    def __init__(self, path: Path, manifest: dict):
+    def __init__(self, path: Path, manifest: dict, lock_fd: int):
         self.path = path
         self.manifest = manifest
+        self._lock_fd = lock_fd
         self._wal_file = None
         self._wal_writer = None
         self._seq = 0
+
+    @staticmethod
+    def _lock(path: Path) -> int:
+        """Take the directory's write lock; the kernel drops it if the process dies."""
+        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise MemoryLockedError(f"{path} is already open (in this or another process); close it first") from None
+        return fd
 
     # -- create / open ------------------------------------------------------------
     @classmethod
@@ -159,7 +173,7 @@ class Store:
         path.mkdir(parents=True, exist_ok=True)
         manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **config,
                     "label_kind": None, "snapshot": None, "wal": [], "generation": 0}
-        store = cls(path, manifest)
+        store = cls(path, manifest, cls._lock(path))
         store._start_segment()
         return store
 
@@ -175,6 +189,16 @@ class Store:
             CorruptFileError: a file fails its checks.
         """
         path = Path(path)
+        _read_manifest(path)  # a clear error before anything is created
+        lock_fd = cls._lock(path)
+        try:
+            return cls._open_locked(path, lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+
+    @classmethod
+    def _open_locked(cls, path: Path, lock_fd: int) -> tuple["Store", Recovered]:
         manifest = _read_manifest(path)
         dim = manifest["dim"]
         kind = manifest.get("label_kind")
@@ -195,7 +219,7 @@ class Store:
                     raise CorruptFileError(f"{path / name}: labels are {seg_kind} but the memory's are {kind}")
                 kind = seg_kind
             records.extend(seg_records)
-        store = cls(path, manifest)
+        store = cls(path, manifest, lock_fd)
         store.manifest["label_kind"] = kind
         return store, Recovered(manifest, kind, ids, labels, weights, vectors, records)
 
@@ -278,7 +302,11 @@ class Store:
         _write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=2).encode())
 
     def close(self) -> None:
+        """Close the WAL and release the directory's lock."""
         self._close_segment()
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
 
 
 def write_snapshot(path: Path, dim: int, kind: str, ids, labels, weights, vectors) -> None:

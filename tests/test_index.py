@@ -79,9 +79,10 @@ def test_retrains_as_memory_grows():
     assert mem._index._trained_on == 12_000
 
 
-def test_lossy_index_scores_are_rescored_exactly():
+@pytest.mark.parametrize("spec", ["IVF16,PQ8x4", "PCA16,IVF16,Flat"])
+def test_lossy_index_scores_are_rescored_exactly(spec):
     x, y, q, _ = clustered(12_000, 32, n_classes=20, seed=4, queries=20)
-    mem = Memory(32, index="IVF16,PQ8x4")
+    mem = Memory(32, index=spec)
     ids = mem.add(x, y)
     res = mem.query(q, k=10)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)

@@ -53,6 +53,7 @@ def test_snapshot_then_wal(tmp_path, data):
     mem.remove([250, 251])
     mem.temperature = 0.05
     expected = answers(mem, data[2])
+    mem.close()
     again = Memory.open(tmp_path / "m")
     assert answers(again, data[2]) == expected
     assert again.temperature == 0.05
@@ -86,7 +87,8 @@ def test_torn_final_record_is_ignored(tmp_path, data):
     eos = 8  # close() ends the stream with an 8-byte end-of-stream marker
     data_bytes = wal.read_bytes()
     wal.write_bytes(data_bytes[: size - 3])  # only the marker torn: both records are whole
-    assert len(Memory.open(tmp_path / "m")) == 150
+    with Memory.open(tmp_path / "m") as again:
+        assert len(again) == 150
     for cut in (size - eos - 1, size - eos - 300, size - eos - 1500):
         data_bytes = wal.read_bytes()
         wal.write_bytes(data_bytes[:cut])
@@ -177,3 +179,23 @@ def test_failed_write_is_not_logged(tmp_path, data):
     mem.close()
     again = Memory.open(tmp_path / "m")
     assert answers(again, probes) == expected and len(again) == 10
+
+
+def test_one_writer_per_directory(tmp_path, data):
+    x, y, _ = data
+    mem = Memory(8, path=tmp_path / "m")
+    mem.add(x[:5], y[:5])
+    with pytest.raises(engine.MemoryLockedError, match="already open"):
+        Memory.open(tmp_path / "m")
+    mem.close()
+    with Memory.open(tmp_path / "m") as again:
+        assert len(again) == 5
+    # a failed open releases the lock
+    manifest = tmp_path / "m" / "manifest.json"
+    good = manifest.read_text()
+    manifest.write_text(json.dumps({**json.loads(good), "metric": "manhattan"}))
+    with pytest.raises(engine.CorruptFileError):
+        Memory.open(tmp_path / "m")
+    manifest.write_text(good)
+    with Memory.open(tmp_path / "m") as again:
+        assert len(again) == 5
