@@ -43,6 +43,8 @@ from .slots import SlotTable
 METRICS = ("cosine", "ip")
 # Rebuild (drop tombstones, renumber rows) once this fraction of rows is dead.
 MAX_DEAD_FRACTION = 0.25
+# Opening a memory whose log has more segments than this (one per open) checkpoints it.
+MAX_WAL_SEGMENTS = 8
 
 
 class Memory:
@@ -122,6 +124,8 @@ class Memory:
             raise
         store.begin()  # from here on, writes go to a new WAL segment
         mem._store = store
+        if store.segments > MAX_WAL_SEGMENTS:
+            mem.save()  # fold the log into a snapshot so recovery stays short
         return mem
 
     @classmethod

@@ -229,8 +229,17 @@ class Store:
         return f"{stem}-{self.manifest['generation']:06d}.{ext}"
 
     def begin(self) -> None:
-        """Start appending: list a fresh WAL segment (after a successful open)."""
+        """Start appending: list a fresh WAL segment (after a successful open).
+
+        Segments that were listed but never written to are dropped from the list.
+        """
+        self.manifest["wal"] = [n for n in self.manifest["wal"] if (self.path / n).exists()]
         self._start_segment()
+
+    @property
+    def segments(self) -> int:
+        """How many WAL segments recovery would replay."""
+        return len(self.manifest["wal"])
 
     def _start_segment(self) -> None:
         """List a new WAL segment in the manifest; its file is made at its first record."""

@@ -199,3 +199,17 @@ def test_one_writer_per_directory(tmp_path, data):
     manifest.write_text(good)
     with Memory.open(tmp_path / "m") as again:
         assert len(again) == 5
+
+
+def test_many_reopens_keep_the_log_short(tmp_path, data):
+    x, y, probes = data
+    Memory(8, index="Flat", path=tmp_path / "m").close()
+    for i in range(12):
+        with Memory.open(tmp_path / "m") as mem:
+            mem.add(x[i * 10:(i + 1) * 10], y[i * 10:(i + 1) * 10])
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert len(manifest["wal"]) <= 9
+    assert len(os.listdir(tmp_path / "m")) <= 12
+    with Memory.open(tmp_path / "m") as mem:
+        assert len(mem) == 120
+        assert sorted(mem.get(np.arange(120)).labels) == sorted(y[:120].tolist())
