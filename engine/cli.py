@@ -182,7 +182,11 @@ def demo(
         ("queries (test images)", f"{report['queries']:,}"),
         ("k / temperature", f"{report['k']} / {report['temperature']}"),
         ("accuracy", f"{report['accuracy']:.4f}"),
-        ("median tail bound", f"{report['tail_bound_median']:.3g}"),
+        ("median tail bound (worst case)", f"{report['tail_bound_median']:.3g}"),
+        (f"vs full attention, {report['full_attention_checked']:,} queries: argmax agreement",
+         f"{report['full_attention_argmax_agreement']:.4f}"),
+        ("vs full attention: median / max total variation",
+         f"{report['full_attention_tv_median']:.2e} / {report['full_attention_tv_max']:.2e}"),
         ("queries per second", f"{report['queries_per_s']:,.0f}"),
         ("bytes used (per slot)", f"{report['bytes_total']:,} ({report['bytes_per_slot']:.0f})"),
     ]
