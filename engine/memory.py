@@ -294,7 +294,7 @@ class Memory:
         class_idx = np.where(valid, self._table.label_idx[safe], -1)
         used = np.where(valid, weights, 0.0).sum(axis=1)
         n_used = valid.sum(axis=1)
-        omitted = np.where(n_used >= self._table.n_alive, 0.0, self._table.alive_weight() - used)
+        omitted = np.where(n_used >= self._table.n_alive, 0.0, self._table.total_weight - used)
         return attend(scores, weights, class_idx, n_classes=len(self._labels),
                       temperature=self._temperature, omitted_weight=omitted)
 

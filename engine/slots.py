@@ -55,6 +55,7 @@ class SlotTable:
         self._sorted_ids = np.empty(0, np.int64)  # ids of live rows, ascending
         self._sorted_rows = np.empty(0, np.int64)
         self.n_alive = 0
+        self.total_weight = 0.0  # mass of the live slots, kept up to date by append and kill
         self.class_counts = np.zeros(0, np.int64)  # live slots per label index
 
     # columns (views; valid until the next append)
@@ -86,10 +87,6 @@ class SlotTable:
     def n_dead(self) -> int:
         return self.n_rows - self.n_alive
 
-    def alive_weight(self) -> float:
-        """Total mass of the live slots (summed afresh, so it never drifts)."""
-        return float(self.weights[self.alive].sum()) if self.n_dead else float(self.weights.sum())
-
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Row of each id, -1 where the id is not live."""
         out = np.full(len(ids), -1, np.int64)
@@ -120,6 +117,7 @@ class SlotTable:
             self._sorted_ids = all_ids[merge]
             self._sorted_rows = np.concatenate([self._sorted_rows, new_rows])[merge]
         self.n_alive += len(ids)
+        self.total_weight += float(np.sum(weights))
         self._count(label_idx, +1)
 
     def kill(self, rows: np.ndarray) -> None:
@@ -131,6 +129,7 @@ class SlotTable:
         self._sorted_ids = np.delete(self._sorted_ids, drop)
         self._sorted_rows = np.delete(self._sorted_rows, drop)
         self.n_alive -= len(rows)
+        self.total_weight = max(0.0, self.total_weight - float(self.weights[rows].sum()))
         self._count(self.label_idx[rows], -1)
 
     def _count(self, label_idx: np.ndarray, sign: int) -> None:
