@@ -1,0 +1,183 @@
+"""Matching Networks (Vinyals, Blundell, Lillicrap, Kavukcuoglu and Wierstra, 2016,
+"Matching Networks for One Shot Learning", NeurIPS).
+
+    P(y | x, S) = sum_i a(x, x_i) y_i,   a(x, x_i) = softmax_i(cos(f(x), g(x_i)) / T)   (eq. 1-2)
+
+with g embedding the support set and f (here ``h``, as in the project's docs)
+embedding queries; with Full Context Embeddings both see the whole support set
+(:mod:`engine.nn.fce`). The temperature ``T`` is learned (the paper's kernel has
+none; a learned scale is what makes cosine attention sharp enough to train).
+The output is log-probabilities; train with NLL on them, never on probabilities.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import faiss
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..attention import attend_torch
+from .backbone import ConvEmbedding
+from .fce import AttentionLSTM, SupportBiLSTM
+
+
+class MatchingNetwork(nn.Module):
+    """A Matching Network: ``process_support_set(x, y)``, then ``forward(query)`` -> log p(c | query).
+
+    Args:
+        backbone: the embedding g' (and f' when shared); default the paper's 4-block conv net.
+        shared: use one backbone for g' and f' (True) or two copies.
+        fce: Full Context Embeddings (bidirectional LSTM g, attention LSTM f).
+        fce_steps: K, the attention LSTM's read steps.
+        temperature: initial softmax temperature T.
+        learn_temperature: learn T (as log T) with the rest.
+        in_channels: image channels of the default backbone.
+    """
+
+    def __init__(self, backbone: nn.Module | None = None, *, shared: bool = True, fce: bool = False,
+                 fce_steps: int = 5, temperature: float = 0.1, learn_temperature: bool = True,
+                 in_channels: int = 1):
+        super().__init__()
+        self.g_backbone = backbone if backbone is not None else ConvEmbedding(in_channels)
+        self.h_backbone = self.g_backbone if shared else copy.deepcopy(self.g_backbone)
+        self.dim = int(getattr(self.g_backbone, "out_dim", 64))
+        self.support_lstm = SupportBiLSTM(self.dim) if fce else None
+        self.query_lstm = AttentionLSTM(self.dim, fce_steps) if fce else None
+        self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
+        self.options = {"shared": shared, "fce": fce, "fce_steps": fce_steps, "temperature": temperature,
+                        "learn_temperature": learn_temperature, "in_channels": in_channels}
+        self._support: torch.Tensor | None = None
+        self._support_idx: torch.Tensor | None = None
+        self.classes: torch.Tensor | None = None
+
+    @property
+    def temperature(self) -> torch.Tensor:
+        return self.log_temperature.exp()
+
+    # -- embeddings --------------------------------------------------------------------
+    def embed_support(self, x: torch.Tensor) -> torch.Tensor:
+        """g(x_i, S): (m, ...) support images -> (m, d) embeddings (full context with FCE)."""
+        g = self.g_backbone(x)
+        return self.support_lstm(g) if self.support_lstm is not None else g
+
+    def embed_queries(self, x: torch.Tensor, support: torch.Tensor | None = None, reader=None) -> torch.Tensor:
+        """h(x, S): (n, ...) query images -> (n, d); with FCE, K read steps over ``support`` (or ``reader``)."""
+        h = self.h_backbone(x)
+        if self.query_lstm is not None:
+            if support is None and reader is None:
+                raise ValueError("FCE queries need the support embeddings: call process_support_set first")
+            h = self.query_lstm(h, support, reader=reader)
+        return h
+
+    # -- the easyfsl-style contract -------------------------------------------------------
+    def process_support_set(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        """Embed and keep a support set.
+
+        Args:
+            x: (m, ...) support images.
+            y: (m,) integer labels; the output's columns are ``self.classes`` (sorted).
+        """
+        y = torch.as_tensor(y)
+        self._support = self.embed_support(x)
+        self.classes, self._support_idx = torch.unique(y, sorted=True, return_inverse=True)
+
+    def forward(self, query: torch.Tensor) -> torch.Tensor:
+        """(n, C) log-probabilities over ``self.classes`` by attention over the whole support set."""
+        self._require_support()
+        h = self.embed_queries(query, self._support)
+        scores = F.normalize(h, dim=1) @ F.normalize(self._support, dim=1).T
+        return attend_torch(scores, torch.ones_like(scores), self._support_idx.expand_as(scores),
+                            n_classes=len(self.classes), temperature=self.temperature)
+
+    def forward_topk(self, query: torch.Tensor, k: int) -> torch.Tensor:
+        """Log-probabilities from attention over each query's top-k support slots only.
+
+        For supports too large for one softmax: FAISS retrieves the top-k slots
+        (no gradient), then their similarities are recomputed in torch, so
+        gradients flow through both the query and the retrieved support
+        embeddings. With k = the support size this equals :meth:`forward`.
+        """
+        self._require_support()
+        h = F.normalize(self.embed_queries(query, self._support), dim=1)
+        g = F.normalize(self._support, dim=1)
+        k = min(int(k), len(g))
+        index = faiss.IndexFlatIP(g.shape[1])
+        index.add(np.ascontiguousarray(g.detach().cpu().numpy(), dtype=np.float32))
+        _, top = index.search(np.ascontiguousarray(h.detach().cpu().numpy(), dtype=np.float32), k)
+        top = torch.as_tensor(top, device=h.device)
+        scores = torch.einsum("nd,nkd->nk", h, g[top])
+        return attend_torch(scores, torch.ones_like(scores), self._support_idx[top],
+                            n_classes=len(self.classes), temperature=self.temperature)
+
+    def _require_support(self) -> None:
+        if self._support is None:
+            raise RuntimeError("call process_support_set(x, y) before forward")
+
+    # -- memory-backed inference -------------------------------------------------------
+    @torch.no_grad()
+    def to_memory(self, x: torch.Tensor, y, **memory_options):
+        """Embed a support set with g and write it into an :class:`engine.Memory`.
+
+        The memory stores g(x_i, S) (full-context when FCE is on), cosine metric,
+        with this model's temperature unless ``temperature=`` is given.
+
+        Args:
+            x: (m, ...) support images.
+            y: m labels (ints or strings).
+            **memory_options: passed to ``Memory`` (index, path, ...).
+
+        Returns:
+            The memory.
+        """
+        from ..memory import Memory
+
+        was = self.training
+        self.eval()
+        g = self.embed_support(torch.as_tensor(x)).cpu().numpy()
+        self.train(was)
+        memory_options.setdefault("temperature", float(self.temperature))
+        memory_options.setdefault("index", "Flat")
+        memory = Memory(self.dim, metric="cosine", **memory_options)
+        memory.add(g, np.asarray(y).tolist() if not isinstance(y, list) else y)
+        return memory
+
+    @torch.no_grad()
+    def query_memory(self, memory, x: torch.Tensor, *, k: int = 64, **query_options):
+        """Embed queries with h and answer them by ``memory.query``.
+
+        With FCE, h's attention LSTM reads the memory through top-k retrieval:
+        each read step retrieves the k slots most similar to the current state
+        and attends over their stored (unit-norm) vectors. With k at least the
+        memory's size this is the in-batch FCE exactly.
+
+        Returns:
+            A :class:`engine.QueryResult`.
+        """
+        was = self.training
+        self.eval()
+        reader = None
+        if self.query_lstm is not None:
+            def reader(h: torch.Tensor) -> torch.Tensor:
+                res = memory.query(h.cpu().numpy(), k=k)
+                v = torch.as_tensor(memory.get(np.where(res.ids >= 0, res.ids, res.ids[:, :1]).ravel()).vectors)
+                v = v.reshape(len(h), -1, self.dim).to(h)
+                a = torch.softmax(torch.einsum("nd,nkd->nk", h, v).masked_fill(torch.as_tensor(res.ids < 0), -torch.inf), 1)
+                return torch.einsum("nk,nkd->nd", a, v)
+        h = self.embed_queries(torch.as_tensor(x), reader=reader)
+        self.train(was)
+        return memory.query(h.cpu().numpy(), k=k, **query_options)
+
+    # -- checkpoints -------------------------------------------------------------------
+    def config(self) -> dict:
+        """The constructor options, for a JSON checkpoint config (default backbone only)."""
+        return dict(self.options)
+
+    @classmethod
+    def from_config(cls, config: dict) -> "MatchingNetwork":
+        return cls(**{k: config[k] for k in ("shared", "fce", "fce_steps", "temperature", "learn_temperature",
+                                             "in_channels") if k in config})

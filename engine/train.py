@@ -1,0 +1,227 @@
+"""Episodic meta-training and evaluation of Matching Networks.
+
+Training follows Vinyals et al. (2016): each step samples an N-way K-shot
+episode, the support set goes through ``process_support_set``, and the loss is
+the NLL of the queries' log-probabilities. Checkpoints are plain state dicts
+(loadable with ``torch.load(..., weights_only=True)``) plus a JSON config.
+
+Default Omniglot recipe: train on the minimal split ``small1`` with rotations by
+90/180/270 degrees as extra classes, validate on the alphabets of ``small2`` that
+``small1`` lacks (Japanese (katakana), Sanskrit, Tagalog) with within-alphabet
+20-way 1-shot episodes.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from .data.episodes import Episode, EpisodeSampler
+from .nn import MatchingNetwork
+
+CHECKPOINT_FILES = ("config.json", "model.pt", "best.pt", "optimizer.pt", "state.pt", "state.json")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on (saved as config.json)."""
+
+    dataset: str = "omniglot"  # or "fashion-mnist"
+    data: str | None = None
+    n_way: int = 20
+    k_shot: int = 1
+    n_query: int = 5
+    within_alphabet: float = 0.5  # share of training episodes drawn within one alphabet
+    episodes: int = 6000
+    time_budget_s: float | None = None
+    lr: float = 1e-3
+    lr_min: float = 1e-5  # cosine decay to this
+    fce: bool = False
+    fce_steps: int = 5
+    temperature: float = 0.1
+    topk: int | None = None  # train with top-k attention (forward_topk) instead of the dense softmax
+    val_every: int = 500
+    val_episodes: int = 200
+    val_way: int = 20
+    seed: int = 0
+    threads: int | None = None
+    model: dict = field(default_factory=dict)
+
+
+def _tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
+
+
+def episode_loss(model: MatchingNetwork, ep: Episode, topk: int | None = None) -> tuple[torch.Tensor, float]:
+    """NLL on log-probabilities of one episode's queries, and their accuracy."""
+    model.process_support_set(_tensor(ep.support_x), torch.from_numpy(ep.support_y))
+    q = _tensor(ep.query_x)
+    logp = model.forward_topk(q, topk) if topk else model(q)
+    target = torch.as_tensor(np.searchsorted(model.classes.numpy(), ep.query_y))
+    loss = torch.nn.functional.nll_loss(logp, target)
+    return loss, float((logp.argmax(1) == target).float().mean())
+
+
+def load_sets(cfg: TrainConfig):
+    """(train images, train groups, validation images, validation groups) for the config's dataset."""
+    return _load_sets(cfg.dataset, cfg.data)
+
+
+@functools.lru_cache(maxsize=2)
+def _load_sets(dataset: str, data: str | None):
+    cfg = TrainConfig(dataset=dataset, data=data)
+    if cfg.dataset == "omniglot":
+        from .data.omniglot import VALIDATION_ALPHABETS, load_background
+
+        train = load_background("small1", cfg.data).with_rotations()
+        val = load_background("small2", cfg.data, alphabets=VALIDATION_ALPHABETS)
+        return train.images, train.alphabets, val.images, val.alphabets
+    if cfg.dataset == "fashion-mnist":
+        from .data.fashion_mnist import load_fashion_mnist
+
+        def by_class(split):
+            x, y = load_fashion_mnist(cfg.data, split)
+            n = np.bincount(y).min()
+            return np.stack([x[y == c][:n] for c in range(10)])
+
+        return by_class("train"), None, by_class("test"), None
+    raise ValueError(f"unknown dataset {cfg.dataset!r}: use 'omniglot' or 'fashion-mnist'")
+
+
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
+    """Meta-train a Matching Network episodically.
+
+    Args:
+        cfg: the recipe.
+        out: checkpoint folder (config.json, model.pt, best.pt, optimizer.pt, state.pt, log.jsonl).
+        resume: continue from the checkpoint in ``out``.
+        progress: show a progress bar.
+
+    Returns:
+        A summary: episodes run, final and best validation accuracy, seconds.
+    """
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train_x, train_groups, val_x, val_groups = load_sets(cfg)
+    within = cfg.within_alphabet if train_groups is not None else 0.0
+    sampler = EpisodeSampler(train_x, cfg.n_way, cfg.k_shot, cfg.n_query, groups=train_groups,
+                             within_group=within, seed=cfg.seed)
+    model = MatchingNetwork(fce=cfg.fce, fce_steps=cfg.fce_steps, temperature=cfg.temperature)
+    cfg.model = model.config()
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    state = {"episode": 0, "best_val": -1.0, "elapsed_s": 0.0}
+    if resume:
+        model.load_state_dict(torch.load(out / "model.pt", weights_only=True))
+        opt.load_state_dict(torch.load(out / "optimizer.pt", weights_only=True))
+        state = json.loads((out / "state.json").read_text())
+        sampler.rng.bit_generator.state = state.pop("sampler_rng")
+        torch.set_rng_state(torch.load(out / "state.pt", weights_only=True)["torch_rng"])
+    (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+
+    start = time.perf_counter() - state["elapsed_s"]
+    model.train()
+    bar = tqdm(total=cfg.episodes, initial=state["episode"], desc="meta-training", unit="ep", disable=not progress)
+    losses, accs = [], []
+    with open(out / "log.jsonl", "a") as log:
+        while state["episode"] < cfg.episodes:
+            if cfg.time_budget_s and time.perf_counter() - start > cfg.time_budget_s:
+                break
+            for group in opt.param_groups:  # cosine decay over the planned episodes
+                group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * state["episode"] / cfg.episodes))
+            loss, acc = episode_loss(model, sampler.sample(), cfg.topk)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+            accs.append(acc)
+            state["episode"] += 1
+            bar.update(1)
+            if state["episode"] % cfg.val_every == 0 or state["episode"] == cfg.episodes:
+                val = evaluate_episodes(model, val_x, val_groups, n_way=min(cfg.val_way, len(val_x)), k_shot=1,
+                                        episodes=cfg.val_episodes, within_group=1.0 if val_groups else 0.0,
+                                        seed=12345)
+                model.train()
+                row = {"episode": state["episode"], "train_loss": float(np.mean(losses)),
+                       "train_acc": float(np.mean(accs)), "val_acc": val["accuracy"], "val_ci95": val["ci95"],
+                       "temperature": model.temperature.item(), "elapsed_s": time.perf_counter() - start}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{val['accuracy']:.3f}")
+                losses, accs = [], []
+                if val["accuracy"] > state["best_val"]:
+                    state["best_val"] = val["accuracy"]
+                    torch.save(model.state_dict(), out / "best.pt")
+                state["elapsed_s"] = time.perf_counter() - start
+                _save(out, model, opt, state, sampler)
+    bar.close()
+    state["elapsed_s"] = time.perf_counter() - start
+    _save(out, model, opt, state, sampler)
+    if not (out / "best.pt").exists():
+        torch.save(model.state_dict(), out / "best.pt")
+    return {"episodes": state["episode"], "best_val_acc": state["best_val"], "seconds": state["elapsed_s"]}
+
+
+def _save(out: Path, model, opt, state: dict, sampler: EpisodeSampler) -> None:
+    torch.save(model.state_dict(), out / "model.pt")
+    torch.save(opt.state_dict(), out / "optimizer.pt")
+    torch.save({"torch_rng": torch.get_rng_state()}, out / "state.pt")
+    (out / "state.json").write_text(json.dumps({**state, "sampler_rng": sampler.rng.bit_generator.state}))
+
+
+def load_checkpoint(path: str | Path, *, which: str = "best") -> MatchingNetwork:
+    """Load a trained model from a checkpoint folder (``which``: "best" or "model", the last).
+
+    Raises:
+        FileNotFoundError: the folder lacks config.json or the weights.
+    """
+    path = Path(path)
+    for name in ("config.json", f"{which}.pt"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint: {name} is missing")
+    cfg = json.loads((path / "config.json").read_text())
+    model = MatchingNetwork.from_config(cfg["model"])
+    model.load_state_dict(torch.load(path / f"{which}.pt", weights_only=True))
+    model.eval()
+    return model
+
+
+@torch.no_grad()
+def evaluate_episodes(model: MatchingNetwork, images: np.ndarray, groups=None, *, n_way: int = 20, k_shot: int = 1,
+                      n_query: int = 5, episodes: int = 500, within_group: float = 0.0, seed: int = 0) -> dict:
+    """Mean query accuracy over random N-way K-shot episodes, with a 95% confidence interval."""
+    model.eval()
+    sampler = EpisodeSampler(images, n_way, k_shot, n_query, groups=groups, within_group=within_group, seed=seed)
+    accs = [episode_loss(model, sampler.sample())[1] for _ in range(episodes)]
+    mean, std = float(np.mean(accs)), float(np.std(accs))
+    return {"accuracy": mean, "ci95": 1.96 * std / math.sqrt(len(accs)), "episodes": episodes,
+            "n_way": n_way, "k_shot": k_shot, "within_alphabet": within_group == 1.0}
+
+
+@torch.no_grad()
+def eval_oneshot(model: MatchingNetwork, runs) -> dict:
+    """The official 20-way within-alphabet one-shot task, answered through ``engine.Memory``.
+
+    For each run, the 20 training images are embedded with g and written into a
+    memory; each test item is embedded with h and classified by ``Memory.query``.
+
+    Returns:
+        {"error_rate": mean over runs, "runs": count, "per_run": {name: error rate}}
+    """
+    model.eval()
+    per_run = {}
+    for run in runs:
+        memory = model.to_memory(_tensor(run.train.astype(np.float32) / 255.0), list(range(len(run.train))))
+        res = model.query_memory(memory, _tensor(run.test.astype(np.float32) / 255.0), k=len(run.train))
+        per_run[run.name] = float((np.asarray(res.labels) != run.answer).mean())
+    return {"error_rate": float(np.mean(list(per_run.values()))), "runs": len(per_run), "per_run": per_run}

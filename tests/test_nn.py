@@ -1,0 +1,147 @@
+"""Matching Networks in torch: shapes, FCE reductions, memory equivalence, top-k gradients."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine.nn import AttentionLSTM, ConvEmbedding, MatchingNetwork, SupportBiLSTM
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+def episode(n_way=5, k_shot=2, n_query=3, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    sx = torch.rand(n_way * k_shot, 1, 28, 28, generator=g)
+    sy = torch.arange(n_way).repeat_interleave(k_shot)
+    qx = torch.rand(n_way * n_query, 1, 28, 28, generator=g)
+    return sx, sy, qx
+
+
+def test_conv_embedding_shape():
+    assert ConvEmbedding()(torch.rand(7, 1, 28, 28)).shape == (7, 64)
+    assert ConvEmbedding()(torch.rand(2, 28, 28)).shape == (2, 64)
+
+
+@pytest.mark.parametrize("fce", [False, True])
+def test_forward_gives_log_probabilities(fce):
+    sx, sy, qx = episode()
+    model = MatchingNetwork(fce=fce, fce_steps=3).eval()
+    model.process_support_set(sx, sy * 10)  # any integer labels; columns are the sorted classes
+    logp = model(qx)
+    assert logp.shape == (15, 5) and model.classes.tolist() == [0, 10, 20, 30, 40]
+    assert (logp <= 0).all()
+    np.testing.assert_allclose(logp.exp().sum(1).detach().numpy(), 1.0, atol=1e-5)
+
+
+def test_forward_before_support_is_an_error():
+    with pytest.raises(RuntimeError, match="process_support_set"):
+        MatchingNetwork()(torch.rand(1, 1, 28, 28))
+
+
+def test_plain_kernel_matches_a_reference():
+    """Without FCE: softmax over cosine / T of the backbone embeddings (eq. 1), computed independently."""
+    sx, sy, qx = episode()
+    model = MatchingNetwork(temperature=0.3).eval()
+    model.process_support_set(sx, sy)
+    with torch.no_grad():
+        g = model.g_backbone(sx).double().numpy()
+        h = model.g_backbone(qx).double().numpy()
+        logp = model(qx).double().numpy()
+    g /= np.linalg.norm(g, axis=1, keepdims=True)
+    h /= np.linalg.norm(h, axis=1, keepdims=True)
+    a = np.exp(h @ g.T / 0.3)
+    a /= a.sum(1, keepdims=True)
+    ref = np.stack([a[:, sy.numpy() == c].sum(1) for c in range(5)], 1)
+    np.testing.assert_allclose(np.exp(logp), ref, atol=1e-5)
+
+
+def test_fce_with_no_steps_and_no_bilstm_is_the_plain_kernel():
+    sx, sy, qx = episode()
+    plain = MatchingNetwork().eval()
+    fce = MatchingNetwork(fce=True, fce_steps=0).eval()
+    fce.load_state_dict(plain.state_dict(), strict=False)
+    fce.support_lstm = None
+    for m in (plain, fce):
+        m.process_support_set(sx, sy)
+    torch.testing.assert_close(fce(qx), plain(qx))
+
+
+def test_attention_lstm_with_zero_steps_returns_f_prime():
+    f_prime = torch.rand(4, 8)
+    assert torch.equal(AttentionLSTM(8, steps=0)(f_prime, torch.rand(6, 8)), f_prime)
+
+
+def test_bilstm_states_add_to_the_skip_connection():
+    lstm = SupportBiLSTM(8)
+    with torch.no_grad():
+        for p in lstm.parameters():
+            p.zero_()  # zero weights: every LSTM state is 0, so g = g'
+    g_prime = torch.rand(5, 8)
+    torch.testing.assert_close(lstm(g_prime), g_prime)
+
+
+def test_full_context_sees_the_whole_support_set():
+    lstm = SupportBiLSTM(8)
+    g_prime = torch.rand(5, 8)
+    changed = g_prime.clone()
+    changed[4] += 1.0
+    out_a, out_b = lstm(g_prime), lstm(changed)
+    assert not torch.allclose(out_a[0], out_b[0])  # the first embedding depends on the last sample
+
+
+def test_attention_read_is_softmax_over_unit_support():
+    cell = AttentionLSTM(8, steps=1)
+    h, support = torch.rand(3, 8), torch.rand(6, 8)
+    unit = F.normalize(support, dim=1).double().numpy()
+    w = np.exp(h.double().numpy() @ unit.T)
+    w /= w.sum(1, keepdims=True)
+    np.testing.assert_allclose(cell.read(h, F.normalize(support, dim=1)).double().numpy(), w @ unit, atol=1e-6)
+
+
+@pytest.mark.parametrize("fce", [False, True])
+def test_memory_backed_inference_equals_in_batch(fce):
+    sx, sy, qx = episode(n_way=6, k_shot=3, n_query=4)
+    model = MatchingNetwork(fce=fce, fce_steps=2, temperature=0.2).eval()
+    model.process_support_set(sx, sy)
+    with torch.no_grad():
+        in_batch = model(qx).exp().numpy()
+    memory = model.to_memory(sx, sy.numpy())
+    res = model.query_memory(memory, qx, k=len(sx))
+    assert res.classes.tolist() == list(range(6))
+    assert abs(memory.temperature - 0.2) < 1e-6
+    np.testing.assert_allclose(res.probs, in_batch, atol=1e-4)
+    assert (res.tail_bound == 0).all()
+
+
+def test_topk_training_path_has_the_dense_gradients():
+    sx, sy, qx = episode(n_way=5, k_shot=4, n_query=3)
+    target = torch.arange(5).repeat_interleave(3)
+    weights = MatchingNetwork(temperature=0.2).state_dict()
+    grads = []
+    for topk in (None, len(sx)):
+        model = MatchingNetwork(temperature=0.2)
+        model.load_state_dict(weights)
+        model.eval()  # batch-norm statistics fixed, so both paths see the same embeddings
+        model.process_support_set(sx, sy)
+        logp = model.forward_topk(qx, topk) if topk else model(qx)
+        F.nll_loss(logp, target).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and "log_temperature" in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-4, atol=1e-6)
+
+
+def test_topk_path_with_small_k_still_trains():
+    sx, sy, qx = episode(n_way=5, k_shot=4, n_query=3)
+    model = MatchingNetwork()
+    model.process_support_set(sx, sy)
+    logp = model.forward_topk(qx, 3)
+    assert logp.shape == (15, 5)
+    F.nll_loss(logp.clamp_min(-1e4), torch.arange(5).repeat_interleave(3)).backward()
+    assert model.g_backbone.net[0][0].weight.grad is not None
