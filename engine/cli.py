@@ -158,6 +158,91 @@ def remove(
     typer.echo(json.dumps({"removed": n, "slots": size}) if as_json else f"removed {n} slots; memory holds {size}")
 
 
+@app.command("train")
+@_guard
+def train_cmd(
+    out: Path = typer.Option(Path("runs/omniglot"), help="Checkpoint folder."),
+    dataset: str = typer.Option("omniglot", help="omniglot or fashion-mnist."),
+    data: Optional[Path] = typer.Option(None, help="Data directory (default: $ENGINE_DATA or ../shared/data)."),
+    episodes: int = typer.Option(6000, help="Training episodes."),
+    time_budget: Optional[float] = typer.Option(None, help="Stop after this many seconds."),
+    n_way: int = typer.Option(20, help="Classes per training episode."),
+    k_shot: int = typer.Option(1, help="Support examples per class."),
+    n_query: int = typer.Option(5, help="Queries per class."),
+    fce: bool = typer.Option(False, help="Full Context Embeddings."),
+    fce_steps: int = typer.Option(5, help="Read steps K of the attention LSTM."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate (cosine decay)."),
+    topk: Optional[int] = typer.Option(None, help="Train with top-k attention over the support set."),
+    val_every: int = typer.Option(500, help="Validate every this many episodes."),
+    val_episodes: int = typer.Option(200, help="Validation episodes (within-alphabet 20-way 1-shot)."),
+    seed: int = typer.Option(0, help="Seed."),
+    resume: bool = typer.Option(False, help="Continue the run in --out."),
+) -> None:
+    """Episodic meta-training of a Matching Network (default: the Omniglot recipe)."""
+    from .train import TrainConfig, train
+
+    cfg = TrainConfig(dataset=dataset, data=str(data) if data else None, episodes=episodes, time_budget_s=time_budget,
+                      n_way=n_way, k_shot=k_shot, n_query=n_query, fce=fce, fce_steps=fce_steps, lr=lr,
+                      topk=topk, val_every=val_every, val_episodes=val_episodes, seed=seed)
+    summary = train(cfg, out, resume=resume)
+    typer.echo(json.dumps(summary))
+
+
+@app.command("eval-oneshot")
+@_guard
+def eval_oneshot_cmd(
+    checkpoint: Path = typer.Option(..., help="Checkpoint folder of engine train."),
+    runs: Path = typer.Option(..., help="A folder of runNN folders, one runNN folder, or all_runs.zip."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The official 20-way within-alphabet one-shot task, each run's memory an engine.Memory."""
+    from .data.omniglot import load_oneshot_runs
+    from .train import eval_oneshot, load_checkpoint
+
+    out = eval_oneshot(load_checkpoint(checkpoint), load_oneshot_runs(runs))
+    if as_json:
+        typer.echo(json.dumps(out))
+        return
+    for name, err in out["per_run"].items():
+        typer.echo(f"{name}: error {100 * err:.1f}%")
+    typer.echo(f"overall: error {100 * out['error_rate']:.2f}% over {out['runs']} runs")
+
+
+@app.command("eval-episodes")
+@_guard
+def eval_episodes_cmd(
+    checkpoint: Path = typer.Option(..., help="Checkpoint folder of engine train."),
+    data: Optional[Path] = typer.Option(None, help="Data directory."),
+    n_way: list[int] = typer.Option([5, 20], help="Ways to evaluate."),
+    k_shot: list[int] = typer.Option([1, 5], help="Shots to evaluate."),
+    episodes: int = typer.Option(1000, help="Episodes per setting."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Mean accuracy with a 95% CI over N-way K-shot episodes of the validation set (random and within-alphabet)."""
+    from .train import evaluate_episodes, load_checkpoint, load_sets, TrainConfig
+
+    model = load_checkpoint(checkpoint)
+    cfg = json.loads((checkpoint / "config.json").read_text())
+    _, _, val_x, val_groups = load_sets(TrainConfig(dataset=cfg.get("dataset", "omniglot"),
+                                                    data=str(data) if data else cfg.get("data")))
+    rows = []
+    for way in n_way:
+        for shot in k_shot:
+            for within in ([0.0, 1.0] if val_groups else [0.0]):
+                rows.append(evaluate_episodes(model, val_x, val_groups, n_way=min(way, len(val_x)), k_shot=shot,
+                                              episodes=episodes, within_group=within, seed=7))
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    table = Table(title=f"{checkpoint}: validation episodes")
+    for col in ("way", "shot", "episodes from", "accuracy", "95% CI", "episodes"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["n_way"]), str(r["k_shot"]), "one alphabet" if r["within_alphabet"] else "all classes",
+                      f"{100 * r['accuracy']:.2f}%", f"± {100 * r['ci95']:.2f}", str(r["episodes"]))
+    console.print(table)
+
+
 @app.command("demo")
 @_guard
 def demo(

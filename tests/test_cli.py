@@ -84,3 +84,23 @@ def test_errors_are_one_line_and_exit_2(tmp_path, mem_dir):
     assert r.exit_code == 2 and "unknown format" in r.output
     r = run("memory", "create", mem_dir, "--dim", 4, ok=False)
     assert r.exit_code == 2 and "already holds a memory" in r.output
+
+
+def test_train_and_evaluate_commands(tmp_path):
+    from engine.data import data_root
+
+    runs = data_root() / "omniglot" / "one-shot-sample"
+    out = tmp_path / "ckpt"
+    summary = json.loads(run("train", "--out", out, "--episodes", 2, "--n-way", 5, "--n-query", 1,
+                             "--val-every", 2, "--val-episodes", 2).stdout.strip().splitlines()[-1])
+    assert summary["episodes"] == 2
+    res = json.loads(run("eval-oneshot", "--checkpoint", out, "--runs", runs, "--json").output)
+    assert res["runs"] == 1 and 0 <= res["error_rate"] <= 1 and set(res["per_run"]) == {"run01"}
+    assert "overall: error" in run("eval-oneshot", "--checkpoint", out, "--runs", runs).output
+    rows = json.loads(run("eval-episodes", "--checkpoint", out, "--n-way", 5, "--k-shot", 1, "--episodes", 3,
+                          "--json").output)
+    assert [r["within_alphabet"] for r in rows] == [False, True]
+    r = run("eval-oneshot", "--checkpoint", tmp_path / "none", "--runs", runs, ok=False)
+    assert r.exit_code == 2 and "config.json" in r.output
+    r = run("eval-oneshot", "--checkpoint", out, "--runs", tmp_path, ok=False)
+    assert r.exit_code == 2 and "class_labels.txt" in r.output
