@@ -40,6 +40,7 @@ class TrainConfig:
     k_shot: int = 1
     n_query: int = 5
     within_alphabet: float = 0.5  # share of training episodes drawn within one alphabet
+    shift: int = 2  # augmentation: training images shifted by up to this many pixels each way
     episodes: int = 6000
     time_budget_s: float | None = None
     lr: float = 1e-3
@@ -68,6 +69,22 @@ def episode_loss(model: MatchingNetwork, ep: Episode, topk: int | None = None) -
     target = torch.as_tensor(np.searchsorted(model.classes.numpy(), ep.query_y))
     loss = torch.nn.functional.nll_loss(logp, target)
     return loss, float((logp.argmax(1) == target).float().mean())
+
+
+def augment(ep: Episode, shift: int, rng: np.random.Generator) -> Episode:
+    """Shift every image of an episode by a random offset in [-shift, shift] pixels (zeros fill in)."""
+    if shift <= 0:
+        return ep
+
+    def move(images: np.ndarray) -> np.ndarray:
+        n, h, w = images.shape
+        padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift)))
+        dy, dx = rng.integers(0, 2 * shift + 1, (2, n))
+        rows = dy[:, None] + np.arange(h)[None, :]
+        cols = dx[:, None] + np.arange(w)[None, :]
+        return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+
+    return Episode(move(ep.support_x), ep.support_y, move(ep.query_x), ep.query_y)
 
 
 def load_sets(cfg: TrainConfig):
@@ -139,7 +156,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
                 break
             for group in opt.param_groups:  # cosine decay over the planned episodes
                 group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * state["episode"] / cfg.episodes))
-            loss, acc = episode_loss(model, sampler.sample(), cfg.topk)
+            loss, acc = episode_loss(model, augment(sampler.sample(), cfg.shift, sampler.rng), cfg.topk)
             opt.zero_grad()
             loss.backward()
             opt.step()

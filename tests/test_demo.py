@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import json
 
-from engine.demo import run_demo
+from engine.demo import pca_memory_report, run_demo
 
 
-def test_demo_smoke(tmp_path):
-    report = run_demo(limit=3000, out=tmp_path, progress=False)
+def test_pca_memory_smoke(tmp_path):
+    report = pca_memory_report(limit=3000, out=tmp_path, progress=False)
     # raw-pixel k-NN reaches ~0.85 on the full set; 3k slots of 64-d PCA already beat chance by far
     assert report["accuracy"] > 0.75
     assert report["slots"] == 3000 and report["queries"] == 3000
@@ -16,4 +16,14 @@ def test_demo_smoke(tmp_path):
     # measured against dense float64 attention over all 3k slots, independently of the engine
     assert report["full_attention_argmax_agreement"] >= 0.95
     assert report["full_attention_tv_median"] <= report["tail_bound_median"] + 1e-6
-    assert json.loads((tmp_path / "demo.json").read_text())["accuracy"] == report["accuracy"]
+    assert json.loads((tmp_path / "pca.json").read_text())["accuracy"] == report["accuracy"]
+
+
+def test_whole_demo_quick(tmp_path):
+    report = run_demo(out=tmp_path, quick=True, progress=False)
+    assert report["oneshot"]["runs"] == 1 and 0 <= report["oneshot"]["error_rate"] <= 1
+    assert [r["n_way"] for r in report["omniglot_validation"]] == [20, 5, 20]
+    assert 0 <= report["fashion_learned"]["accuracy"] <= 1 and report["fashion_learned"]["slots"] == 2000
+    for name in ("report.md", "training.png", "oneshot.png", "fashion.png", "demo.json"):
+        assert (tmp_path / name).stat().st_size > 0
+    assert "one-shot" in (tmp_path / "report.md").read_text()

@@ -79,3 +79,18 @@ def test_evaluate_episodes_reports_a_confidence_interval():
     images = (rng.random((10, 4, 28, 28)) < 0.2).astype(np.uint8) * 255
     out = evaluate_episodes(MatchingNetwork(), images, n_way=5, k_shot=1, n_query=2, episodes=6)
     assert 0 <= out["accuracy"] <= 1 and out["ci95"] >= 0 and out["episodes"] == 6
+
+
+def test_shift_augmentation_moves_strokes_and_keeps_labels():
+    from engine.data.episodes import Episode
+    from engine.train import augment
+
+    x = np.zeros((50, 28, 28), np.float32)
+    x[:, 12:16, 12:16] = 1.0
+    y = np.arange(50)
+    ep = augment(Episode(x, y, x, y), 2, np.random.default_rng(0))
+    assert (ep.support_y == y).all() and (ep.query_y == y).all()
+    np.testing.assert_allclose(ep.support_x.sum(axis=(1, 2)), 16.0)  # strokes moved, none lost
+    offsets = {tuple(np.argwhere(img)[0] - 12) for img in ep.support_x}
+    assert len(offsets) > 5 and all(abs(a) <= 2 and abs(b) <= 2 for a, b in offsets)
+    assert augment(ep, 0, np.random.default_rng(0)) is ep

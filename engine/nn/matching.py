@@ -60,14 +60,18 @@ class MatchingNetwork(nn.Module):
         return self.log_temperature.exp()
 
     # -- embeddings --------------------------------------------------------------------
-    def embed_support(self, x: torch.Tensor) -> torch.Tensor:
-        """g(x_i, S): (m, ...) support images -> (m, d) embeddings (full context with FCE)."""
-        g = self.g_backbone(x)
+    def embed_support(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """g(x_i, S): (m, ...) support images -> (m, d) embeddings (full context with FCE).
+
+        ``batch_size`` runs the backbone in chunks (for large supports at inference).
+        """
+        g = _chunked(self.g_backbone, x, batch_size)
         return self.support_lstm(g) if self.support_lstm is not None else g
 
-    def embed_queries(self, x: torch.Tensor, support: torch.Tensor | None = None, reader=None) -> torch.Tensor:
+    def embed_queries(self, x: torch.Tensor, support: torch.Tensor | None = None, reader=None,
+                      batch_size: int | None = None) -> torch.Tensor:
         """h(x, S): (n, ...) query images -> (n, d); with FCE, K read steps over ``support`` (or ``reader``)."""
-        h = self.h_backbone(x)
+        h = _chunked(self.h_backbone, x, batch_size)
         if self.query_lstm is not None:
             if support is None and reader is None:
                 raise ValueError("FCE queries need the support embeddings: call process_support_set first")
@@ -120,7 +124,7 @@ class MatchingNetwork(nn.Module):
 
     # -- memory-backed inference -------------------------------------------------------
     @torch.no_grad()
-    def to_memory(self, x: torch.Tensor, y, **memory_options):
+    def to_memory(self, x: torch.Tensor, y, *, batch_size: int = 1024, **memory_options):
         """Embed a support set with g and write it into an :class:`engine.Memory`.
 
         The memory stores g(x_i, S) (full-context when FCE is on), cosine metric,
@@ -129,6 +133,7 @@ class MatchingNetwork(nn.Module):
         Args:
             x: (m, ...) support images.
             y: m labels (ints or strings).
+            batch_size: images per backbone call.
             **memory_options: passed to ``Memory`` (index, path, ...).
 
         Returns:
@@ -138,7 +143,7 @@ class MatchingNetwork(nn.Module):
 
         was = self.training
         self.eval()
-        g = self.embed_support(torch.as_tensor(x)).cpu().numpy()
+        g = self.embed_support(torch.as_tensor(x), batch_size).cpu().numpy()
         self.train(was)
         memory_options.setdefault("temperature", float(self.temperature))
         memory_options.setdefault("index", "Flat")
@@ -147,7 +152,7 @@ class MatchingNetwork(nn.Module):
         return memory
 
     @torch.no_grad()
-    def query_memory(self, memory, x: torch.Tensor, *, k: int = 64, **query_options):
+    def query_memory(self, memory, x: torch.Tensor, *, k: int = 64, batch_size: int = 1024, **query_options):
         """Embed queries with h and answer them by ``memory.query``.
 
         With FCE, h's attention LSTM reads the memory through top-k retrieval:
@@ -168,7 +173,7 @@ class MatchingNetwork(nn.Module):
                 v = v.reshape(len(h), -1, self.dim).to(h)
                 a = torch.softmax(torch.einsum("nd,nkd->nk", h, v).masked_fill(torch.as_tensor(res.ids < 0), -torch.inf), 1)
                 return torch.einsum("nk,nkd->nd", a, v)
-        h = self.embed_queries(torch.as_tensor(x), reader=reader)
+        h = self.embed_queries(torch.as_tensor(x), reader=reader, batch_size=batch_size)
         self.train(was)
         return memory.query(h.cpu().numpy(), k=k, **query_options)
 
@@ -181,3 +186,9 @@ class MatchingNetwork(nn.Module):
     def from_config(cls, config: dict) -> "MatchingNetwork":
         return cls(**{k: config[k] for k in ("shared", "fce", "fce_steps", "temperature", "learn_temperature",
                                              "in_channels") if k in config})
+
+
+def _chunked(net: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+    if batch_size is None or len(x) <= batch_size:
+        return net(x)
+    return torch.cat([net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
