@@ -14,11 +14,14 @@ from .errors import (
     MemoryExistsError,
     MemoryLockedError,
     UnknownIdError,
+    UnknownMemoryError,
 )
 from .memory import Memory
 from .results import MemoryStats, QueryResult, Slots
+from .serve.client import Client
 
 __all__ = [
+    "Client",
     "CorruptFileError",
     "DimensionError",
     "DuplicateIdError",
@@ -33,5 +36,6 @@ __all__ = [
     "QueryResult",
     "Slots",
     "UnknownIdError",
+    "UnknownMemoryError",
 ]
 __version__ = "0.1.0"

@@ -158,6 +158,42 @@ def remove(
     typer.echo(json.dumps({"removed": n, "slots": size}) if as_json else f"removed {n} slots; memory holds {size}")
 
 
+@app.command("serve")
+@_guard
+def serve(
+    memory: list[str] = typer.Option(..., help="A memory directory, or NAME=DIR; repeat for several."),
+    host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
+    port: int = typer.Option(8815, help="Port (0 picks a free one)."),
+    token_file: Optional[Path] = typer.Option(None, help="File holding the bearer token writes need."),
+    open_reads: bool = typer.Option(False, help="Let reads through without the token."),
+    max_rows: int = typer.Option(1_000_000, help="Most rows in one add request or one query batch."),
+    tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate (with --tls-key) to serve over TLS."),
+    tls_key: Optional[Path] = typer.Option(None, help="PEM private key."),
+) -> None:
+    """Serve durable memories over Arrow Flight until SIGTERM or SIGINT."""
+    from .serve.server import MemoryServer
+
+    if (tls_cert is None) != (tls_key is None):
+        raise ValueError("--tls-cert and --tls-key go together")
+    token = token_file.read_text().strip() if token_file else None
+    if token_file and not token:
+        raise ValueError(f"{token_file} is empty")
+    memories = {}
+    for spec in memory:
+        name, _, folder = spec.rpartition("=") if "=" in spec else (Path(spec).resolve().name, "", spec)
+        if name in memories:
+            raise ValueError(f"two memories named {name!r}; use NAME=DIR")
+        memories[name] = Memory.open(folder)
+    scheme = "grpc+tls" if tls_cert else "grpc"
+    tls = [(tls_cert.read_bytes(), tls_key.read_bytes())] if tls_cert else None
+    server = MemoryServer(memories, f"{scheme}://{host}:{port}", token=token, open_reads=open_reads,
+                          max_rows=max_rows, tls_certificates=tls)
+    typer.echo(f"serving {', '.join(sorted(memories))} on {scheme}://{host}:{server.port}", err=False)
+    sys.stdout.flush()
+    server.serve_until_signalled()
+    typer.echo("stopped; every memory closed")
+
+
 @app.command("train")
 @_guard
 def train_cmd(

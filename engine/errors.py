@@ -52,3 +52,10 @@ class MemoryExistsError(EngineError, FileExistsError):
 
 class MemoryLockedError(EngineError):
     """A durable memory's directory is already open for writing (one writer per directory)."""
+
+
+class UnknownMemoryError(EngineError, KeyError):
+    """A served memory name that the server does not have."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])

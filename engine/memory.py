@@ -239,6 +239,25 @@ class Memory:
                     self._table.kill(rows)
             return len(rows)
 
+    def compact(self) -> dict:
+        """Drop removed slots from the table and index, and snapshot a durable memory.
+
+        The new table and index are built aside; readers are blocked only for the swap.
+
+        Returns:
+            {"slots": live slots, "dropped": tombstones removed}.
+        """
+        with self._write_mutex:
+            dropped = self._table.n_dead
+            if dropped:
+                table = self._table.compacted()
+                index = self._index.build(table.vectors)
+                with self._lock.write():
+                    self._table, self._index = table, index
+        if self._store is not None:
+            self.save()
+        return {"slots": len(self), "dropped": dropped}
+
     def _too_dead(self, more_dead: int) -> bool:
         dead = self._table.n_dead + more_dead
         return dead > 1024 and dead > MAX_DEAD_FRACTION * self._table.n_rows

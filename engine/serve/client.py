@@ -1,0 +1,194 @@
+"""engine.Client: the verbs of :class:`engine.Memory`, served over Arrow Flight.
+
+    mem = Memory.open("my-memory")                                   # embedded
+    mem = Client("grpc://127.0.0.1:8815", memory="my-memory")        # served
+
+Both answer ``add``, ``query``, ``remove``, ``get``, ``compact``, ``stats``,
+``save`` and ``len()`` the same way and raise the same exception types.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as fl
+
+from .. import errors
+from ..results import MemoryStats, QueryResult, Slots
+from . import wire
+
+
+class Client:
+    """A connection to one memory of an engine server.
+
+    Args:
+        location: "grpc://host:port" (or "grpc+tls://..." with ``tls_root_certs``).
+        memory: the memory's name on the server (its directory name by default).
+        token: bearer token, if the server wants one.
+        tls_root_certs: PEM bytes of the CA to trust for TLS.
+        chunk_rows: rows per batch sent (large inputs stream in chunks).
+        timeout: seconds per call (None: no limit).
+    """
+
+    def __init__(self, location: str, memory: str, *, token: str | None = None, tls_root_certs: bytes | None = None,
+                 chunk_rows: int = 8192, timeout: float | None = None):
+        kwargs = {"tls_root_certs": tls_root_certs} if tls_root_certs else {}
+        self._flight = fl.connect(location, **kwargs)
+        self.memory = memory
+        self.chunk_rows = chunk_rows
+        headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
+        self._options = fl.FlightCallOptions(headers=headers, timeout=timeout)
+
+    # -- writes ----------------------------------------------------------------------------
+    def add(self, vectors, labels, *, ids=None, weights=None, upsert: bool = False) -> np.ndarray:
+        """Write slots (see :meth:`engine.Memory.add`). Returns their ids."""
+        v = np.asarray(vectors, dtype=np.float32)
+        if v.ndim == 1:
+            v = v[None, :]
+        if v.ndim != 2:
+            raise errors.DimensionError(f"vectors must be 2-d, got shape {v.shape}")
+        labels = list(np.asarray(labels).tolist()) if not isinstance(labels, list) else labels
+        if len(labels) != len(v):
+            raise errors.InvalidValueError(f"{len(v)} vectors but {len(labels)} labels")
+        label_type = pa.string() if labels and isinstance(labels[0], str) else pa.int64()
+        columns = {"vector": wire.vector_array(v), "label": pa.array(labels, type=label_type)}
+        if ids is not None:
+            columns["id"] = pa.array(np.asarray(ids, dtype=np.int64).reshape(-1))
+        if weights is not None:
+            columns["weight"] = pa.array(np.asarray(weights, dtype=np.float64).reshape(-1))
+        try:
+            table = pa.table(columns)
+        except pa.ArrowInvalid as exc:
+            raise errors.InvalidValueError(f"ids/weights must have one value per vector ({exc})") from None
+        descriptor = fl.FlightDescriptor.for_command(wire.command(memory=self.memory, op="add", upsert=upsert))
+        with _errors():
+            writer, reader = self._flight.do_put(descriptor, table.schema, self._options)
+            for batch in table.to_batches(max_chunksize=self.chunk_rows):
+                writer.write_batch(batch)
+            writer.done_writing()
+            answer = reader.read()
+            writer.close()
+        return np.frombuffer(answer.to_pybytes(), dtype="<i8").astype(np.int64)
+
+    def remove(self, ids) -> int:
+        """Remove slots by id (see :meth:`engine.Memory.remove`)."""
+        ids = np.atleast_1d(np.asarray(ids, dtype=np.int64)).tolist()
+        return self._action("remove", ids=ids)["removed"]
+
+    def compact(self, **options) -> dict:
+        """Compact the served memory (see :meth:`engine.Memory.compact`)."""
+        return self._action("compact", **options)
+
+    def save(self) -> None:
+        """Checkpoint the served memory (snapshot + fresh WAL)."""
+        self._action("snapshot")
+
+    # -- reads -----------------------------------------------------------------------------
+    def query(self, queries, *, k: int = 64, tail: float | None = None) -> QueryResult:
+        """Classify queries on the server (see :meth:`engine.Memory.query`); large batches stream in chunks."""
+        q = np.asarray(queries, dtype=np.float32)
+        if q.ndim == 1:
+            q = q[None, :]
+        if q.ndim != 2:
+            raise errors.DimensionError(f"queries must be 2-d, got shape {q.shape}")
+        descriptor = fl.FlightDescriptor.for_command(wire.command(memory=self.memory, op="query", k=k, tail=tail))
+        parts = []
+        with _errors():
+            writer, reader = self._flight.do_exchange(descriptor, self._options)
+            with writer:
+                writer.begin(pa.schema([("vector", pa.list_(pa.float32(), q.shape[1]))]))
+                for lo in range(0, len(q), self.chunk_rows):
+                    chunk = q[lo : lo + self.chunk_rows]
+                    writer.write_batch(pa.record_batch([wire.vector_array(chunk)], names=["vector"]))
+                writer.done_writing()
+                for chunk in reader:
+                    parts.append((chunk.data, json.loads(chunk.app_metadata.to_pybytes())))
+        return _merge(parts, k)
+
+    def get(self, ids) -> Slots:
+        """Read slots back by id (see :meth:`engine.Memory.get`)."""
+        ticket = fl.Ticket(wire.command(memory=self.memory, ids=np.atleast_1d(np.asarray(ids, np.int64)).tolist()))
+        with _errors():
+            table = self._flight.do_get(ticket, self._options).read_all()
+        return Slots(ids=table.column("id").to_numpy(), labels=table.column("label").to_pylist(),
+                     weights=table.column("weight").to_numpy(), vectors=wire.vectors_from(table))
+
+    def stats(self) -> MemoryStats:
+        """Size and bytes of the served memory."""
+        doc = self._action("stats")
+        return MemoryStats(**{f: doc[f] for f in MemoryStats.__dataclass_fields__})
+
+    def health(self) -> dict:
+        """{"status": "ok", "memories": [...]} from the server."""
+        return self._action("health")
+
+    def __len__(self) -> int:
+        return self.stats().slots
+
+    def close(self) -> None:
+        self._flight.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _action(self, kind: str, **fields) -> dict:
+        body = wire.command(memory=self.memory, **fields)
+        with _errors():
+            results = list(self._flight.do_action(fl.Action(kind, body), self._options))
+        return json.loads(results[0].body.to_pybytes())
+
+
+class _errors:
+    """Turn the server's FlightServerError back into the engine exception it was."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc is None or not isinstance(exc, fl.FlightServerError) or not exc.extra_info:
+            return False
+        try:
+            info = json.loads(exc.extra_info)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return False
+        cls = getattr(errors, info.get("type", ""), None)
+        message = info.get("message", str(exc))
+        if cls is errors.UnknownIdError:
+            raise cls(message, info.get("ids", [])) from None
+        if isinstance(cls, type) and issubclass(cls, errors.EngineError):
+            raise cls(message) from None
+        builtin = {"ValueError": ValueError, "KeyError": KeyError, "TypeError": TypeError}.get(info.get("type"))
+        raise (builtin or errors.EngineError)(message) from None
+
+
+def _merge(parts: list, k_requested: int) -> QueryResult:
+    """Concatenate result chunks; chunks answered at different times may list different classes."""
+    if not parts:
+        raise errors.EngineError("the server sent no results")
+    classes = list(dict.fromkeys(c for _, meta in parts for c in meta["classes"]))
+    pos = {c: i for i, c in enumerate(classes)}
+    width = max(meta["k"] for _, meta in parts)
+    ids, scores, attention, probs, labels, bounds = [], [], [], [], [], []
+    for batch, meta in parts:
+        n = batch.num_rows
+        pad = width - wire.rows_of(batch.column("ids")).shape[1]
+        ids.append(np.pad(wire.rows_of(batch.column("ids")), ((0, 0), (0, pad)), constant_values=-1))
+        scores.append(np.pad(wire.rows_of(batch.column("scores")), ((0, 0), (0, pad)), constant_values=np.nan))
+        attention.append(np.pad(wire.rows_of(batch.column("attention")), ((0, 0), (0, pad))))
+        p = np.zeros((n, len(classes)))
+        p[:, [pos[c] for c in meta["classes"]]] = wire.rows_of(batch.column("probs"))
+        probs.append(p)
+        labels += batch.column("label").to_pylist()
+        bounds.append(batch.column("tail_bound").to_numpy())
+    label_dtype = object if classes and isinstance(classes[0], str) else np.int64
+    return QueryResult(
+        classes=np.array(classes, dtype=label_dtype), probs=np.concatenate(probs), labels=np.array(labels, dtype=label_dtype),
+        ids=np.concatenate(ids), scores=np.concatenate(scores).astype(np.float32), attention=np.concatenate(attention),
+        tail_bound=np.concatenate(bounds), exact_bound=all(m["exact_bound"] for _, m in parts), k=width,
+        k_requested=k_requested,
+    )

@@ -1,0 +1,223 @@
+"""A Flight server over one or more named durable memories.
+
+Reads (queries, get, stats, health) run concurrently; writes are serialised by
+each :class:`~engine.Memory`'s own writer lock, as in the embedded engine. When a
+token is configured, writes need ``authorization: Bearer <token>``; reads need it
+too unless ``open_reads`` is set. Bad input gets a FlightServerError whose
+``extra_info`` carries the engine's exception type, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import threading
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as fl
+
+from ..errors import EngineError, UnknownMemoryError
+from ..memory import Memory
+from . import wire
+
+WRITE_ACTIONS = {"remove", "compact", "snapshot"}
+READ_ACTIONS = {"stats", "health", "list"}
+
+
+class _AuthFactory(fl.ServerMiddlewareFactory):
+    def __init__(self, token: str | None):
+        self.token = token
+
+    def start_call(self, info, headers):
+        values = headers.get("authorization", [])
+        ok = self.token is None or f"Bearer {self.token}" in values
+        return _AuthState(ok)
+
+
+class _AuthState(fl.ServerMiddleware):
+    def __init__(self, ok: bool):
+        self.ok = ok
+
+
+class MemoryServer(fl.FlightServerBase):
+    """Serve named memories.
+
+    Args:
+        memories: name -> durable Memory (the server closes them on shutdown).
+        location: where to listen, e.g. "grpc://127.0.0.1:8815" (port 0 picks a free one).
+        token: bearer token required for writes (and reads, unless ``open_reads``).
+        open_reads: let reads through without a token.
+        max_rows: the most rows one add request, or one query batch, may carry.
+        chunk_rows: queries answered per result batch (large batches stream back in chunks).
+        tls_certificates: [(cert_pem, key_pem)] to serve over TLS (grpc+tls://).
+    """
+
+    def __init__(self, memories: dict[str, Memory], location: str = "grpc://127.0.0.1:8815", *,
+                 token: str | None = None, open_reads: bool = False, max_rows: int = 1_000_000,
+                 chunk_rows: int = 4096, tls_certificates=None):
+        super().__init__(location, middleware={"auth": _AuthFactory(token)},
+                         tls_certificates=tls_certificates or [])
+        self.memories = dict(memories)
+        self.token, self.open_reads = token, open_reads
+        self.max_rows, self.chunk_rows = max_rows, chunk_rows
+
+    # -- helpers -------------------------------------------------------------------------
+    def _authorize(self, context, *, write: bool) -> None:
+        state = context.get_middleware("auth")
+        if state is not None and not state.ok and (write or not self.open_reads):
+            raise fl.FlightUnauthenticatedError("missing or wrong bearer token")
+
+    def _memory(self, cmd: dict) -> Memory:
+        name = cmd.get("memory")
+        if name not in self.memories:
+            raise UnknownMemoryError(f"no memory named {name!r}; this server has {sorted(self.memories)}")
+        return self.memories[name]
+
+    def _guarded(self, fn):
+        """Run a handler body; engine and input errors become FlightServerError with extra_info."""
+        try:
+            return fn()
+        except fl.FlightError:
+            raise
+        except UnknownMemoryError as exc:
+            raise fl.FlightServerError(str(exc), extra_info=wire.error_info(exc)) from None
+        except (EngineError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
+            extra = {"ids": exc.ids[:1000]} if hasattr(exc, "ids") else {}
+            raise fl.FlightServerError(str(exc), extra_info=wire.error_info(exc, **extra)) from None
+
+    # -- add -----------------------------------------------------------------------------
+    def do_put(self, context, descriptor, reader, writer):
+        self._authorize(context, write=True)
+
+        def body():
+            cmd = wire.parse_command(descriptor.command or b"", "descriptor")
+            memory = self._memory(cmd)
+            batches, rows = [], 0
+            for chunk in reader:  # collect first: an add is all or nothing
+                rows += chunk.data.num_rows
+                if rows > self.max_rows:
+                    raise ValueError(f"request carries more than max_rows={self.max_rows} rows")
+                batches.append(chunk.data)
+            if not batches:
+                raise ValueError("no rows sent")
+            table = pa.Table.from_batches(batches)
+            names = table.schema.names
+            if "label" not in names:
+                raise ValueError(f"no 'label' column (got columns {names})")
+            vectors = wire.vectors_from(table)
+            ids = table.column("id").to_numpy() if "id" in names else None
+            weights = table.column("weight").to_numpy() if "weight" in names else None
+            new = memory.add(vectors, table.column("label").to_pylist(), ids=ids, weights=weights,
+                             upsert=bool(cmd.get("upsert", False)))
+            writer.write(pa.py_buffer(np.ascontiguousarray(new, dtype="<i8").tobytes()))
+
+        self._guarded(body)
+
+    # -- query ---------------------------------------------------------------------------
+    def do_exchange(self, context, descriptor, reader, writer):
+        self._authorize(context, write=False)
+
+        def body():
+            cmd = wire.parse_command(descriptor.command or b"", "descriptor")
+            memory = self._memory(cmd)
+            if cmd.get("op", "query") != "query":
+                raise ValueError(f"unknown exchange op {cmd.get('op')!r}; the exchange answers 'query'")
+            k, tail = cmd.get("k", 64), cmd.get("tail")
+            started = False
+            for chunk in reader:
+                if chunk.data is None:
+                    continue
+                if chunk.data.num_rows > self.max_rows:
+                    raise ValueError(f"query batch of {chunk.data.num_rows} rows exceeds max_rows={self.max_rows}")
+                queries = wire.vectors_from(chunk.data)
+                for lo in range(0, len(queries), self.chunk_rows):
+                    res = memory.query(queries[lo : lo + self.chunk_rows], k=k, tail=tail)
+                    batch = _result_batch(res)
+                    if not started:
+                        writer.begin(batch.schema)
+                        started = True
+                    meta = {"classes": res.classes.tolist(), "exact_bound": res.exact_bound, "k": res.k,
+                            "k_requested": res.k_requested}
+                    writer.write_with_metadata(batch, pa.py_buffer(json.dumps(meta).encode()))
+
+        self._guarded(body)
+
+    # -- get -----------------------------------------------------------------------------
+    def do_get(self, context, ticket):
+        self._authorize(context, write=False)
+
+        def body():
+            cmd = wire.parse_command(ticket.ticket, "ticket")
+            memory = self._memory(cmd)
+            ids = cmd.get("ids")
+            if not isinstance(ids, list):
+                raise ValueError("malformed ticket: 'ids' must be a list of integers")
+            slots = memory.get(np.asarray(ids, dtype=np.int64) if ids else np.zeros(0, np.int64))
+            label_type = pa.string() if slots.labels and isinstance(slots.labels[0], str) else pa.int64()
+            table = pa.table({"id": pa.array(slots.ids), "label": pa.array(slots.labels, type=label_type),
+                              "weight": pa.array(slots.weights),
+                              "vector": wire.vector_array(slots.vectors.reshape(len(slots.ids), memory.dim))})
+            return fl.RecordBatchStream(table)
+
+        return self._guarded(body)
+
+    # -- actions -------------------------------------------------------------------------
+    def list_actions(self, context):
+        return [("remove", "Remove slots: {memory, ids}"), ("stats", "Memory statistics: {memory}"),
+                ("compact", "Drop removed slots and snapshot: {memory}"), ("snapshot", "Checkpoint: {memory}"),
+                ("health", "Liveness and memory names"), ("list", "Memory names")]
+
+    def do_action(self, context, action):
+        kind = action.type
+        if kind not in WRITE_ACTIONS | READ_ACTIONS:
+            raise fl.FlightServerError(f"unknown action {kind!r}",
+                                       extra_info=wire.error_info(ValueError(f"unknown action {kind!r}")))
+        self._authorize(context, write=kind in WRITE_ACTIONS)
+
+        def body():
+            cmd = wire.parse_command(action.body.to_pybytes() if action.body else b"{}", "action body")
+            if kind == "health":
+                return {"status": "ok", "memories": sorted(self.memories)}
+            if kind == "list":
+                return {"memories": sorted(self.memories)}
+            memory = self._memory(cmd)
+            if kind == "remove":
+                return {"removed": memory.remove(np.asarray(cmd.get("ids", []), dtype=np.int64))}
+            if kind == "stats":
+                return {**memory.stats().as_dict(), "temperature": memory.temperature}
+            if kind == "compact":
+                options = {k: v for k, v in cmd.items() if k != "memory"}
+                return memory.compact(**options)
+            memory.save()
+            return {"snapshot": str(memory.path)}
+
+        result = self._guarded(body)
+        yield fl.Result(pa.py_buffer(json.dumps(result).encode()))
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def serve_until_signalled(self) -> None:
+        """Serve until SIGTERM or SIGINT; in-flight calls finish, then every memory is closed."""
+        stop = lambda *_: threading.Thread(target=self.shutdown, daemon=True).start()  # noqa: E731
+        signal.signal(signal.SIGTERM, stop)
+        signal.signal(signal.SIGINT, stop)
+        try:
+            self.serve()
+        finally:
+            for memory in self.memories.values():
+                memory.close()
+
+
+def _result_batch(res) -> pa.RecordBatch:
+    label_type = pa.string() if res.classes.dtype == object else pa.int64()
+    return pa.record_batch(
+        [
+            wire.list_column(res.ids, pa.int64()),
+            wire.list_column(res.scores, pa.float32()),
+            wire.list_column(res.attention, pa.float64()),
+            wire.list_column(res.probs, pa.float64()),
+            pa.array(res.labels.tolist(), type=label_type),
+            pa.array(res.tail_bound),
+        ],
+        names=list(wire.RESULT_FIELDS),
+    )

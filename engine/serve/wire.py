@@ -1,0 +1,86 @@
+"""The wire format shared by the server and the client (documented in docs/serve.md).
+
+Every request names its memory in a JSON command (descriptor, ticket or action
+body); bulk data moves as Arrow record batches.
+- add:    do_put, descriptor {"memory", "op": "add", "upsert"}; batches with
+          ``vector`` (fixed_size_list<float32>[dim]), ``label`` (int64 | utf8),
+          optional ``id`` (int64) and ``weight`` (float64). The server answers one
+          metadata message: the new ids as little-endian int64 bytes.
+- query:  do_exchange, descriptor {"memory", "op": "query", "k", "tail"}; batches
+          with ``vector``; one result batch per chunk of queries (see RESULT_FIELDS)
+          with app metadata JSON {"classes", "exact_bound", "k", "k_requested"}.
+- get:    do_get, ticket {"memory", "ids"}; a table id, label, weight, vector.
+- actions (JSON body, JSON result): remove {"memory", "ids"}, stats, compact,
+          snapshot {"memory"}, health {}, list {}.
+Errors travel as FlightServerError whose extra_info is JSON {"type", "message", ...}.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow as pa
+
+RESULT_FIELDS = ("ids", "scores", "attention", "probs", "label", "tail_bound")
+
+
+def command(**fields) -> bytes:
+    return json.dumps(fields).encode()
+
+
+def parse_command(raw: bytes, what: str) -> dict:
+    """A JSON object from a descriptor, ticket or action body; ValueError names ``what`` if it is not one."""
+    try:
+        doc = json.loads(bytes(raw).decode())
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"malformed {what}: not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"malformed {what}: expected a JSON object")
+    return doc
+
+
+def vector_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
+
+
+def vectors_from(table_or_batch) -> np.ndarray:
+    """The ``vector`` column as an (n, dim) float32 array; ValueError if it is missing or not a list of numbers."""
+    if "vector" not in table_or_batch.schema.names:
+        raise ValueError(f"no 'vector' column (got columns {table_or_batch.schema.names})")
+    col = table_or_batch.column("vector")
+    if isinstance(col, pa.ChunkedArray):
+        col = col.combine_chunks()
+    t = col.type
+    if not (pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)):
+        raise ValueError(f"'vector' must be a list of floats, got {t}")
+    if not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
+        raise ValueError(f"'vector' values must be numbers, got {t.value_type}")
+    if col.null_count:
+        raise ValueError("'vector' has null rows")
+    if len(col) == 0:
+        return np.zeros((0, 0), np.float32)
+    if pa.types.is_fixed_size_list(t):
+        return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), t.list_size)
+    lengths = np.diff(col.offsets.to_numpy())
+    if (lengths != lengths[0]).any():
+        raise ValueError("'vector' rows have different lengths")
+    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), int(lengths[0]))
+
+
+def list_column(rows: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
+    """An (n, m) array as a list<value_type> column of n rows of m values."""
+    n, m = rows.shape
+    offsets = pa.array(np.arange(0, (n + 1) * m, m, dtype=np.int32))
+    return pa.ListArray.from_arrays(offsets, pa.array(np.ascontiguousarray(rows).reshape(-1), type=value_type))
+
+
+def rows_of(column: pa.Array) -> np.ndarray:
+    """A list column of equal-length rows back to an (n, m) array."""
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    return values.reshape(len(column), -1) if len(column) else values.reshape(0, 0)
+
+
+def error_info(exc: BaseException, **extra) -> bytes:
+    return json.dumps({"type": type(exc).__name__, "message": str(exc), **extra}).encode()

@@ -1,0 +1,215 @@
+"""Serving over Arrow Flight: the client mirrors Memory, bad input over the wire, restarts and kills."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.flight as fl
+import pytest
+
+import engine
+from engine import Client, Memory
+from engine.serve import MemoryServer
+
+ROOT = Path(__file__).resolve().parents[1]
+TOKEN = "s3cret"
+
+
+@pytest.fixture
+def data():
+    rng = np.random.default_rng(5)
+    return rng.standard_normal((400, 16)).astype(np.float32), rng.integers(0, 7, 400), rng.standard_normal((30, 16))
+
+
+@pytest.fixture
+def served(tmp_path):
+    mem = Memory(16, index="Flat", temperature=0.2, path=tmp_path / "m")
+    server = MemoryServer({"m": mem}, "grpc://127.0.0.1:0", token=TOKEN, open_reads=True, max_rows=500, chunk_rows=64)
+    yield server, mem
+    server.shutdown()
+    mem.close()
+
+
+def client(server, **kw):
+    return Client(f"grpc://127.0.0.1:{server.port}", "m", **kw)
+
+
+def same_result(a, b):
+    assert a.classes.tolist() == b.classes.tolist()
+    np.testing.assert_array_equal(a.ids, b.ids)
+    assert list(a.labels) == list(b.labels)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-12)
+    np.testing.assert_allclose(a.tail_bound, b.tail_bound, atol=1e-12)
+    assert (a.k, a.k_requested, a.exact_bound) == (b.k, b.k_requested, b.exact_bound)
+
+
+def test_client_mirrors_the_embedded_memory(served, data):
+    server, _ = served
+    x, y, q = data
+    c = client(server, token=TOKEN)
+    local = Memory(16, index="Flat", temperature=0.2)
+    assert c.add(x, y).tolist() == local.add(x, y).tolist()
+    c.add(x[:3], [1, 2, 3], ids=[1000, 1001, 1002], weights=[2.0, 1.0, 3.0])
+    local.add(x[:3], [1, 2, 3], ids=[1000, 1001, 1002], weights=[2.0, 1.0, 3.0])
+    same_result(c.query(q, k=10), local.query(q, k=10))
+    same_result(c.query(q, k=5, tail=1e-3), local.query(q, k=5, tail=1e-3))
+    assert c.remove([0, 5, 1000]) == local.remove([0, 5, 1000]) == 3
+    same_result(c.query(q, k=1000), local.query(q, k=1000))
+    got, want = c.get([1001, 3]), local.get([1001, 3])
+    assert got.labels == want.labels
+    np.testing.assert_array_equal(got.vectors, want.vectors)
+    assert len(c) == len(local) == 400
+    assert c.stats().tombstones == 3
+    assert c.compact() == {"slots": 400, "dropped": 3}
+    assert c.stats().tombstones == 0
+    assert c.health() == {"status": "ok", "memories": ["m"]}
+
+
+def test_large_batches_stream_in_chunks(served, data):
+    server, mem = served
+    x, y, _ = data
+    c = client(server, token=TOKEN, chunk_rows=100)
+    c.add(x, y)  # 400 rows in four batches of one request
+    q = np.random.default_rng(1).standard_normal((450, 16))
+    res = c.query(q, k=8)  # server answers in chunks of 64 rows
+    same_result(res, mem.query(q, k=8))
+
+
+def state(mem, q):
+    res = mem.query(q, k=20)
+    return len(mem), res.ids.tolist(), res.probs.round(12).tolist()
+
+
+def raw(server):
+    return fl.connect(f"grpc://127.0.0.1:{server.port}")
+
+
+def put(server, table, command, token=TOKEN):
+    options = fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {token}".encode())])
+    writer, reader = raw(server).do_put(fl.FlightDescriptor.for_command(command), table.schema, options)
+    writer.write_table(table)
+    writer.done_writing()
+    reader.read()
+    writer.close()
+
+
+def test_bad_input_over_the_wire(served, data):
+    server, mem = served
+    x, y, q = data
+    good = client(server, token=TOKEN)
+    good.add(x, y)
+    before = state(mem, q)
+    anonymous, wrong = client(server), client(server, token="nope")
+    cases = [
+        (lambda: good.add(np.ones((2, 9)), [1, 2]), engine.DimensionError, "shape"),
+        (lambda: good.add(np.full((1, 16), np.nan), [1]), ValueError, "NaN"),
+        (lambda: good.query(np.ones((1, 9))), engine.DimensionError, "shape"),
+        (lambda: good.remove([123456]), engine.UnknownIdError, "unknown ids"),
+        (lambda: good.add(x[:1], [1], ids=[3]), engine.DuplicateIdError, "already"),
+        (lambda: Client(f"grpc://127.0.0.1:{server.port}", "other", token=TOKEN).stats(), engine.UnknownMemoryError, "other"),
+        (lambda: anonymous.add(x[:1], [1]), fl.FlightUnauthenticatedError, "token"),
+        (lambda: wrong.remove([1]), fl.FlightUnauthenticatedError, "token"),
+        (lambda: wrong.compact(), fl.FlightUnauthenticatedError, "token"),
+        (lambda: good.add(np.ones((501, 16)), [1] * 501), ValueError, "max_rows"),
+        (lambda: good.query(np.ones((501, 16))), ValueError, "max_rows"),
+        (lambda: put(server, pa.table({"label": [1]}), b'{"memory": "m"}'), fl.FlightServerError, "vector"),
+        (lambda: put(server, pa.table({"vector": [[1.0] * 16]}), b'{"memory": "m"}'), fl.FlightServerError, "label"),
+        (lambda: put(server, pa.table({"vector": ["a"], "label": [1]}), b'{"memory": "m"}'), fl.FlightServerError, "list"),
+        (lambda: put(server, pa.table({"vector": [[1.0] * 16], "label": [1]}), b"not json"), fl.FlightServerError, "malformed"),
+        (lambda: raw(server).do_get(fl.Ticket(b"\x00garbage")).read_all(), fl.FlightServerError, "malformed ticket"),
+        (lambda: raw(server).do_get(fl.Ticket(b'{"memory": "m", "ids": 5}')).read_all(), fl.FlightServerError, "ids"),
+        (lambda: list(raw(server).do_action(fl.Action("explode", b"{}"))), fl.FlightServerError, "unknown action"),
+    ]
+    for call, exc, text in cases:
+        with pytest.raises(exc, match=text):
+            call()
+        assert state(mem, q) == before
+    assert anonymous.query(q[:2], k=3).k == 3  # reads stay open with open_reads
+    assert good.health()["status"] == "ok"  # still serving
+
+
+def start_server(path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--memory", f"m={path}", "--port", "0", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    line = proc.stdout.readline()
+    assert line.startswith("serving"), line + proc.stderr.read()
+    return proc, line.split(" on ")[1].strip()
+
+
+def test_end_to_end_restart_finds_the_same_answers(tmp_path, data):
+    x, y, q = data
+    Memory(16, index="Flat", path=tmp_path / "m").close()
+    (tmp_path / "token").write_text(TOKEN + "\n")
+    proc, location = start_server(tmp_path / "m", "--token-file", str(tmp_path / "token"))
+    try:
+        c = Client(location, "m", token=TOKEN)
+        c.add(x, [f"c{v}" for v in y])
+        c.remove(list(range(0, 400, 9)))
+        c.compact()
+        c.add(x[:5], ["new"] * 5, ids=[900, 901, 902, 903, 904])
+        before = c.query(q, k=16)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    assert "stopped" in proc.stdout.read()
+    proc, location = start_server(tmp_path / "m")
+    try:
+        same_result(Client(location, "m").query(q, k=16), before)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
+def test_sigkill_during_writes_loses_no_acknowledged_write(tmp_path):
+    rng = np.random.default_rng(2)
+    Memory(16, index="Flat", path=tmp_path / "m").close()
+    acked, next_id = [], 0
+    for round_ in range(3):
+        proc, location = start_server(tmp_path / "m")
+        c = Client(location, "m")
+        killer = threading.Timer(rng.uniform(0.3, 1.0), proc.send_signal, args=(signal.SIGKILL,))
+        killer.start()  # the kill lands while the client is writing
+        try:
+            for _ in range(100_000):
+                ids = np.arange(next_id, next_id + 50)
+                next_id += 50  # ids of a write in flight at the kill are never reused
+                try:
+                    c.add(rng.standard_normal((50, 16)), [round_] * 50, ids=ids)
+                except fl.FlightError:
+                    break  # the server died under this write: it was not acknowledged
+                acked.extend(ids.tolist())
+        finally:
+            killer.join()
+            proc.wait()
+        with Memory.open(tmp_path / "m") as mem:
+            missing = [i for i in acked if i not in mem]
+            assert not missing, f"acknowledged ids lost after SIGKILL: {missing[:10]}"
+    assert len(acked) > 0
+
+
+@pytest.mark.skipif(not Path("/usr/bin/openssl").exists(), reason="needs the openssl command to make a certificate")
+def test_tls(tmp_path, data):
+    x, y, q = data
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+                    "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
+                    "-keyout", str(tmp_path / "key.pem"), "-out", str(tmp_path / "cert.pem")],
+                   check=True, capture_output=True)
+    mem = Memory(16, index="Flat")
+    mem.add(x, y)
+    cert = (tmp_path / "cert.pem").read_bytes()
+    server = MemoryServer({"m": mem}, "grpc+tls://127.0.0.1:0",
+                          tls_certificates=[(cert, (tmp_path / "key.pem").read_bytes())])
+    try:
+        c = Client(f"grpc+tls://localhost:{server.port}", "m", tls_root_certs=cert)
+        same_result(c.query(q, k=4), mem.query(q, k=4))
+    finally:
+        server.shutdown()
