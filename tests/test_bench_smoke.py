@@ -30,3 +30,14 @@ def test_pytest_benchmark_suite_runs():
     out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
                           str(ROOT / "bench")], capture_output=True, text=True, env=env, cwd=ROOT)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+
+def test_serve_load_script(tmp_path):
+    import serve_load
+
+    report = serve_load.main(["--slots", "3000", "--clients", "2", "--seconds", "2", "--baseline-seconds", "1",
+                              "--batch", "20", "--index", "Flat", "--out", str(tmp_path)])
+    assert report["served"]["errors"] == 0
+    assert report["served"]["requests"] > 0 and report["served"]["slots_written"] > 0
+    assert report["embedded"]["queries_per_s"] > 0
+    assert (tmp_path / "serve_load.png").stat().st_size > 10_000
