@@ -275,6 +275,7 @@ class Store:
         if self._wal_writer is None:
             self._wal_file = open(self.path / self.manifest["wal"][-1], "wb")
             self._wal_writer = pa.ipc.new_stream(self._wal_file, schema)
+            _fsync_dir(self.path)  # the new file's directory entry survives a power loss too
         n = len(cols[0])
         batch = pa.record_batch([pa.array(np.full(n, op, np.int8))] + cols, schema=schema)
         self._seq += 1
