@@ -19,12 +19,15 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import threading
+import time
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from . import compaction
 from . import store as store_mod
 from .attention import attend
 from .errors import (
@@ -59,9 +62,13 @@ class Memory:
             and fsynced before it returns. None keeps it in process only.
         nprobe: IVF lists visited per query (default: from the number of lists).
         ef_search: HNSW search breadth (default max(256, 8k)).
+        budget: keep the memory within this many slots (an int) or bytes (a string such as
+            "64MB"): once an add passes it, the memory compacts down to budget x (1 - slack).
+        slack: how far below the budget automatic compaction goes.
+        policy: the compaction policy used under a budget ("merge", "reservoir", "age", "distill").
 
     Raises:
-        ValueError: a bad dim, metric, temperature or index string.
+        ValueError: a bad dim, metric, temperature, index string, budget or policy.
         MemoryExistsError: ``path`` already holds a memory (use :meth:`open`).
     """
 
@@ -75,6 +82,9 @@ class Memory:
         path: str | os.PathLike | None = None,
         nprobe: int | None = None,
         ef_search: int | None = None,
+        budget: int | str | None = None,
+        slack: float = 0.1,
+        policy: str = "merge",
     ):
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
             raise InvalidValueError(f"dim must be a positive integer, got {dim!r}")
@@ -90,6 +100,13 @@ class Memory:
         self._label_pos: dict = {}
         self._label_kind: str | None = None
         self._next_id = 0
+        if policy not in compaction.POLICIES:
+            raise InvalidValueError(f"unknown policy {policy!r}; choose one of {compaction.POLICIES}")
+        if not 0 <= slack < 1:
+            raise InvalidValueError(f"slack must be in [0, 1), got {slack!r}")
+        self._budget_spec, self._slack, self._policy = budget, float(slack), policy
+        if budget is not None:
+            self._budget_slots(budget)  # validate now
         self._lock = RWLock()
         self._write_mutex = threading.Lock()
         self._store = store_mod.Store.create(path, self._config()) if path is not None else None
@@ -97,7 +114,8 @@ class Memory:
     def _config(self) -> dict:
         return {"dim": self.dim, "metric": self.metric, "temperature": self._temperature,
                 "index": self._index.spec, "nprobe": self._settings.nprobe,
-                "ef_search": self._settings.ef_search, "next_id": self._next_id}
+                "ef_search": self._settings.ef_search, "next_id": self._next_id, "budget": self._budget_spec,
+                "slack": self._slack, "policy": self._policy}
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -134,26 +152,33 @@ class Memory:
         cfg = rec.config
         try:
             mem = cls(cfg["dim"], metric=cfg["metric"], index=cfg["index"], temperature=cfg["temperature"],
-                      nprobe=cfg.get("nprobe"), ef_search=cfg.get("ef_search"))
+                      nprobe=cfg.get("nprobe"), ef_search=cfg.get("ef_search"), budget=cfg.get("budget"),
+                      slack=cfg.get("slack", 0.1), policy=cfg.get("policy", "merge"))
         except InvalidValueError as exc:
             raise CorruptFileError(f"{path / store_mod.MANIFEST}: invalid settings ({exc})") from exc
         mem._label_kind = rec.label_kind
         mem._next_id = int(cfg.get("next_id", 0))
-        if len(rec.ids):
-            mem._table.append(rec.ids, mem._intern(rec.labels), rec.weights, rec.vectors)
-            mem._next_id = max(mem._next_id, int(rec.ids.max()) + 1)
+        mem._append_columns(rec.snapshot)
         for r in rec.records:  # replay into the table only; the index is built once at the end
-            if r.op == store_mod.OP_REMOVE:
-                rows = mem._table.rows_of(r.ids)
-                mem._table.kill(rows[rows >= 0])
-            else:
-                old = mem._table.rows_of(r.ids)
-                mem._table.kill(old[old >= 0])
-                mem._table.append(r.ids, mem._intern(r.labels), r.weights, r.vectors)
-                mem._next_id = max(mem._next_id, int(r.ids.max()) + 1)
+            rows = mem._table.rows_of(r.ids)
+            mem._table.kill(rows[rows >= 0])
+            if r.op != store_mod.OP_REMOVE:
+                mem._append_columns(r.slots)
         mem._table = mem._table.compacted()
         mem._index = mem._index.build(mem._table.vectors)
         return mem
+
+    def _append_columns(self, slots: "store_mod.Columns") -> None:
+        if len(slots.ids):
+            self._table.append(slots.ids, self._intern(slots.labels), slots.weights, slots.vectors,
+                               slots.created, slots.last_used)
+            self._next_id = max(self._next_id, int(slots.ids.max()) + 1)
+
+    def _columns(self, table: SlotTable) -> "store_mod.Columns":
+        """The live rows of ``table`` as persistence columns."""
+        t = table if table.n_dead == 0 else table.compacted()
+        return store_mod.Columns(t.ids, [self._labels[i] for i in t.label_idx], t.weights, t.vectors,
+                                 t.created, t.last_used)
 
     # -- writing ----------------------------------------------------------------------
     def add(
@@ -186,12 +211,18 @@ class Memory:
             labels = self._check_labels(labels, n)
             w = self._check_weights(weights, n)
             ids = self._check_new_ids(ids, n, upsert)
+            now = time.time()
             if self._store is not None:
-                self._store.log_add(ids, labels, w, v, upsert=upsert)
-            self._apply_add(ids, labels, w, v)
+                zeros = np.zeros(n)
+                self._store.log_add(store_mod.Columns(ids, labels, w, v, zeros + now, zeros), upsert=upsert)
+            self._apply_add(ids, labels, w, v, now)
+            if self._budget_spec is not None:
+                budget = self._budget_slots(self._budget_spec)
+                if self._table.n_alive > budget:
+                    self._compact_locked(max(1, int(budget * (1 - self._slack))), self._policy, 0, {})
             return ids
 
-    def _apply_add(self, ids: np.ndarray, labels: list, w: np.ndarray, v: np.ndarray) -> None:
+    def _apply_add(self, ids: np.ndarray, labels: list, w: np.ndarray, v: np.ndarray, now: float) -> None:
         old_rows = self._table.rows_of(ids)
         old_rows = old_rows[old_rows >= 0]
         n_alive_after = self._table.n_alive - len(old_rows) + len(ids)
@@ -200,7 +231,7 @@ class Memory:
         if self._index.needs_rebuild(n_alive_after) or self._too_dead(len(old_rows)):
             table = self._table.compacted(drop_rows=old_rows)
             label_idx = self._intern(labels)
-            table.append(ids, label_idx, w, v)
+            table.append(ids, label_idx, w, v, now)
             index = self._index.build(table.vectors)  # built aside; readers go on meanwhile
             with self._lock.write():
                 self._table, self._index = table, index
@@ -208,7 +239,7 @@ class Memory:
             label_idx = self._intern(labels)
             with self._lock.write():
                 self._table.kill(old_rows)
-                self._table.append(ids, label_idx, w, v)
+                self._table.append(ids, label_idx, w, v, now)
                 self._index.add(v)
         self._next_id = max(self._next_id, int(ids.max()) + 1)
 
@@ -239,24 +270,91 @@ class Memory:
                     self._table.kill(rows)
             return len(rows)
 
-    def compact(self) -> dict:
-        """Drop removed slots from the table and index, and snapshot a durable memory.
+    def compact(self, *, budget: int | str | None = None, policy: str = "merge", seed: int = 0, **options) -> dict:
+        """Shrink the memory to a budget while preserving each class's attention mass.
 
-        The new table and index are built aside; readers are blocked only for the swap.
+        Every class present keeps at least one slot and its total weight (see
+        :mod:`engine.compaction`). Slots a policy keeps unchanged keep their ids;
+        merged or distilled slots get fresh ids. The new table and index are built
+        aside and swapped in; readers wait only for the swap. A durable memory then
+        writes a snapshot, so a crash leaves either the old or the new memory.
+        With no budget, compaction only drops removed slots.
+
+        Args:
+            budget: the most slots to keep (int), or bytes as a string ("64MB").
+            policy: "merge", "reservoir", "age" or "distill".
+            seed: seed of k-means, sampling and distillation.
+            **options: policy options (distill: steps, lr, queries, learn_weights).
 
         Returns:
-            {"slots": live slots, "dropped": tombstones removed}.
+            {"slots", "dropped", "policy", "budget", "seconds"}.
+
+        Raises:
+            EmptyMemoryError: the memory holds no slots.
+            ValueError: an unknown policy, or a budget below the number of classes.
+            On error the memory is unchanged.
         """
+        if policy not in compaction.POLICIES:
+            raise InvalidValueError(f"unknown policy {policy!r}; choose one of {compaction.POLICIES}")
         with self._write_mutex:
-            dropped = self._table.n_dead
-            if dropped:
-                table = self._table.compacted()
-                index = self._index.build(table.vectors)
-                with self._lock.write():
-                    self._table, self._index = table, index
+            if self._table.n_alive == 0:
+                raise EmptyMemoryError("the memory is empty: nothing to compact")
+            slots = None if budget is None else self._budget_slots(budget)
+            return self._compact_locked(slots, policy, seed, options)
+
+    def _compact_locked(self, budget: int | None, policy: str, seed: int, options: dict) -> dict:
+        t0 = time.perf_counter()
+        before, dropped = self._table.n_alive, self._table.n_dead
+        live = self._table.compacted()
+        if budget is not None and budget < live.n_alive:
+            classes = int((live.class_counts > 0).sum())
+            if budget < classes:
+                raise InvalidValueError(f"a budget of {budget} slots cannot keep {classes} classes (one slot each)")
+            out = compaction.compact(live.vectors, live.weights, live.label_idx, live.created, live.last_used,
+                                     budget=budget, policy=policy, cosine=self.metric == "cosine",
+                                     temperature=self._temperature, seed=seed, **options)
+            fresh = np.flatnonzero(out.source < 0)
+            ids = np.where(out.source >= 0, live.ids[np.maximum(out.source, 0)], -1)
+            ids[fresh] = np.arange(self._next_id, self._next_id + len(fresh))
+            now = time.time()
+            src = np.maximum(out.source, 0)
+            created = np.where(out.source >= 0, live.created[src], now)
+            last_used = np.where(out.source >= 0, live.last_used[src], 0.0)
+            table = SlotTable(self.dim)
+            table.append(ids, out.label_idx, out.weights, out.vectors, created, last_used)
+            table.class_counts = np.pad(table.class_counts, (0, max(0, len(live.class_counts) - len(table.class_counts))))
+            self._next_id += len(fresh)
+        else:
+            table = live
+        if table is not self._table or dropped:
+            index = self._index.build(table.vectors)  # aside: readers go on meanwhile
+            with self._lock.write():
+                self._table, self._index = table, index
         if self._store is not None:
-            self.save()
-        return {"slots": len(self), "dropped": dropped}
+            self._save_locked(None)
+        return {"slots": table.n_alive, "dropped": dropped, "merged_away": before - table.n_alive,
+                "policy": policy if budget is not None else None, "budget": budget,
+                "seconds": time.perf_counter() - t0}
+
+    def _budget_slots(self, budget: int | str) -> int:
+        """A budget in slots: an int as is, bytes ("64MB", "2GB", "500000B") over the bytes a slot takes."""
+        if isinstance(budget, (int, np.integer)) and not isinstance(budget, bool):
+            if budget < 1:
+                raise InvalidValueError(f"budget must be at least 1 slot, got {budget}")
+            return int(budget)
+        if isinstance(budget, str):
+            m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]?B)\s*", budget.upper())
+            if m:
+                nbytes = float(m.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[m.group(2)]
+                return max(1, int(nbytes // self._bytes_per_slot()))
+        raise InvalidValueError(f"budget must be a number of slots or bytes such as '64MB', got {budget!r}")
+
+    def _bytes_per_slot(self) -> float:
+        """Bytes one slot takes: measured when the memory has slots, else vectors twice plus metadata."""
+        if self._table.n_alive:
+            stats = self.stats()
+            return stats.bytes_total / stats.slots
+        return 2 * 4 * self.dim + 56.0
 
     def _too_dead(self, more_dead: int) -> bool:
         dead = self._table.n_dead + more_dead
@@ -293,6 +391,7 @@ class Memory:
             att = self._attend(scores, rows)
             if tail is not None:
                 scores, rows, att = self._grow_k(q, scores, rows, att, tail, k_eff, n_alive)
+            self._table.last_used[rows[rows >= 0]] = time.time()  # for the age policy; a benign race
             return self._result(scores, rows, att, int(k))
 
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -423,20 +522,21 @@ class Memory:
             MemoryExistsError: ``path`` holds another memory already.
         """
         with self._write_mutex:
-            target = Path(path) if path is not None else self.path
-            if target is None:
-                raise InvalidValueError("this memory is not durable: give save() a path")
-            with self._lock.read():
-                t = self._table.compacted()
-            labels = [self._labels[i] for i in t.label_idx]
-            if self._store is not None and target.resolve() == self._store.path.resolve():
-                self._store.checkpoint(t.ids, labels, t.weights, t.vectors, {"next_id": self._next_id})
-            else:
-                out = store_mod.Store.create(target, self._config())
-                out.manifest["label_kind"] = self._label_kind
-                out.checkpoint(t.ids, labels, t.weights, t.vectors, {"next_id": self._next_id})
-                out.close()
-            return target
+            return self._save_locked(path)
+
+    def _save_locked(self, path) -> Path:
+        target = Path(path) if path is not None else self.path
+        if target is None:
+            raise InvalidValueError("this memory is not durable: give save() a path")
+        slots = self._columns(self._table)
+        if self._store is not None and target.resolve() == self._store.path.resolve():
+            self._store.checkpoint(slots, {"next_id": self._next_id})
+        else:
+            out = store_mod.Store.create(target, self._config())
+            out.manifest["label_kind"] = self._label_kind
+            out.checkpoint(slots, {"next_id": self._next_id})
+            out.close()
+        return target
 
     def close(self) -> None:
         """Close the write-ahead log. Every acknowledged write is already on disk."""

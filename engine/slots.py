@@ -52,6 +52,8 @@ class SlotTable:
         self._weights = _Growable(np.float64)
         self._vectors = _Growable(np.float32, dim)
         self._alive = _Growable(np.bool_)
+        self._created = _Growable(np.float64)  # unix time the slot was written
+        self._last_used = _Growable(np.float64)  # unix time it was last retrieved, 0 if never
         self._sorted_ids = np.empty(0, np.int64)  # ids of live rows, ascending
         self._sorted_rows = np.empty(0, np.int64)
         self.n_alive = 0
@@ -84,6 +86,14 @@ class SlotTable:
         return self._alive.view
 
     @property
+    def created(self) -> np.ndarray:
+        return self._created.view
+
+    @property
+    def last_used(self) -> np.ndarray:
+        return self._last_used.view
+
+    @property
     def n_dead(self) -> int:
         return self.n_rows - self.n_alive
 
@@ -97,7 +107,8 @@ class SlotTable:
         out[found] = self._sorted_rows[pos[found]]
         return out
 
-    def append(self, ids: np.ndarray, label_idx: np.ndarray, weights: np.ndarray, vectors: np.ndarray) -> None:
+    def append(self, ids: np.ndarray, label_idx: np.ndarray, weights: np.ndarray, vectors: np.ndarray,
+               created: np.ndarray | float = 0.0, last_used: np.ndarray | float = 0.0) -> None:
         """Append live rows. The ids must not be live already."""
         start = self.n_rows
         self._ids.extend(ids)
@@ -105,6 +116,8 @@ class SlotTable:
         self._weights.extend(weights)
         self._vectors.extend(vectors)
         self._alive.extend(np.ones(len(ids), bool))
+        self._created.extend(np.broadcast_to(np.asarray(created, np.float64), (len(ids),)))
+        self._last_used.extend(np.broadcast_to(np.asarray(last_used, np.float64), (len(ids),)))
         rows = np.arange(start, start + len(ids), dtype=np.int64)
         order = np.argsort(ids, kind="stable")
         new_ids, new_rows = ids[order], rows[order]
@@ -145,7 +158,8 @@ class SlotTable:
             keep[drop_rows] = False
         new = SlotTable(self.dim)
         if keep.any():
-            new.append(self.ids[keep], self.label_idx[keep], self.weights[keep], self.vectors[keep])
+            new.append(self.ids[keep], self.label_idx[keep], self.weights[keep], self.vectors[keep],
+                       self.created[keep], self.last_used[keep])
         new.class_counts = np.pad(new.class_counts, (0, max(0, len(self.class_counts) - len(new.class_counts))))
         return new
 
@@ -155,6 +169,6 @@ class SlotTable:
 
     @property
     def nbytes_ids(self) -> int:
-        """Bytes of ids, the id map, labels, weights and tombstones."""
-        parts = (self._ids, self._label_idx, self._weights, self._alive)
+        """Bytes of ids, the id map, labels, weights, tombstones and timestamps."""
+        parts = (self._ids, self._label_idx, self._weights, self._alive, self._created, self._last_used)
         return sum(p.nbytes for p in parts) + int(self._sorted_ids.nbytes + self._sorted_rows.nbytes)

@@ -42,14 +42,47 @@ OP_ADD, OP_UPSERT, OP_REMOVE = 0, 1, 2
 
 
 @dataclass
+class Columns:
+    """Slots as columns: what a snapshot holds and an add record carries."""
+
+    ids: np.ndarray
+    labels: list
+    weights: np.ndarray
+    vectors: np.ndarray
+    created: np.ndarray
+    last_used: np.ndarray
+
+    @classmethod
+    def empty(cls, dim: int) -> "Columns":
+        z = np.empty(0, np.float64)
+        return cls(np.empty(0, np.int64), [], z, np.empty((0, dim), np.float32), z, z)
+
+    @classmethod
+    def from_arrow(cls, data: pa.Table | pa.RecordBatch, dim: int) -> "Columns":
+        return cls(data.column("id").to_numpy(), data.column("label").to_pylist(), data.column("weight").to_numpy(),
+                   vectors_of(data.column("vector"), dim), data.column("created").to_numpy(),
+                   data.column("last_used").to_numpy())
+
+    def arrays(self, dim: int, kind: str) -> list[pa.Array]:
+        """Arrow arrays in the order of :func:`slot_schema`."""
+        flat = pa.array(np.ascontiguousarray(self.vectors, dtype=np.float32).reshape(-1))
+        return [
+            pa.array(np.asarray(self.ids, dtype=np.int64)),
+            pa.array(self.labels, type=label_type(kind)),
+            pa.array(np.asarray(self.weights, dtype=np.float64)),
+            pa.FixedSizeListArray.from_arrays(flat, dim),
+            pa.array(np.asarray(self.created, dtype=np.float64)),
+            pa.array(np.asarray(self.last_used, dtype=np.float64)),
+        ]
+
+
+@dataclass
 class Record:
-    """One replayed WAL operation."""
+    """One replayed WAL operation: ``slots`` for an add or upsert, ``ids`` alone for a remove."""
 
     op: int
     ids: np.ndarray
-    labels: list | None = None
-    weights: np.ndarray | None = None
-    vectors: np.ndarray | None = None
+    slots: Columns | None = None
 
 
 @dataclass
@@ -58,10 +91,7 @@ class Recovered:
 
     config: dict
     label_kind: str | None
-    ids: np.ndarray
-    labels: list
-    weights: np.ndarray
-    vectors: np.ndarray
+    snapshot: Columns
     records: list[Record]
 
 
@@ -76,6 +106,8 @@ def slot_schema(dim: int, kind: str) -> pa.Schema:
             pa.field("label", label_type(kind), nullable=False),
             pa.field("weight", pa.float64(), nullable=False),
             pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
+            pa.field("created", pa.float64(), nullable=False),
+            pa.field("last_used", pa.float64(), nullable=False),
         ]
     )
 
@@ -84,17 +116,19 @@ def wal_schema(dim: int, kind: str) -> pa.Schema:
     return pa.schema([pa.field("op", pa.int8())] + list(slot_schema(dim, kind)))
 
 
-def _crc(op: int, ids: np.ndarray, labels, weights, vectors) -> int:
+def _crc(op: int, ids: np.ndarray, slots: Columns | None) -> int:
     c = zlib.crc32(bytes([op]))
     c = zlib.crc32(np.ascontiguousarray(ids, dtype=np.int64).tobytes(), c)
-    if op == OP_REMOVE:
+    if slots is None:
         return c
-    if labels and isinstance(labels[0], str):
-        c = zlib.crc32(b"".join(len(s.encode()).to_bytes(4, "little") + s.encode() for s in labels), c)
+    if slots.labels and isinstance(slots.labels[0], str):
+        c = zlib.crc32(b"".join(len(s.encode()).to_bytes(4, "little") + s.encode() for s in slots.labels), c)
     else:
-        c = zlib.crc32(np.asarray(labels, dtype=np.int64).tobytes(), c)
-    c = zlib.crc32(np.ascontiguousarray(weights, dtype=np.float64).tobytes(), c)
-    return zlib.crc32(np.ascontiguousarray(vectors, dtype=np.float32).tobytes(), c)
+        c = zlib.crc32(np.asarray(slots.labels, dtype=np.int64).tobytes(), c)
+    for col, dtype in ((slots.weights, np.float64), (slots.vectors, np.float32), (slots.created, np.float64),
+                       (slots.last_used, np.float64)):
+        c = zlib.crc32(np.ascontiguousarray(col, dtype=dtype).tobytes(), c)
+    return c
 
 
 def _fsync_dir(path: Path) -> None:
@@ -121,17 +155,6 @@ def _sha256(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
-
-
-def slot_columns(dim: int, kind: str, ids, labels, weights, vectors) -> list[pa.Array]:
-    """Arrow arrays for the slot columns (id, label, weight, vector)."""
-    flat = pa.array(np.ascontiguousarray(vectors, dtype=np.float32).reshape(-1))
-    return [
-        pa.array(np.asarray(ids, dtype=np.int64)),
-        pa.array(labels, type=label_type(kind)),
-        pa.array(np.asarray(weights, dtype=np.float64)),
-        pa.FixedSizeListArray.from_arrays(flat, dim),
-    ]
 
 
 def vectors_of(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
@@ -202,15 +225,11 @@ class Store:
         manifest = _read_manifest(path)
         dim = manifest["dim"]
         kind = manifest.get("label_kind")
-        ids, labels = np.empty(0, np.int64), []
-        weights, vectors = np.empty(0, np.float64), np.empty((0, dim), np.float32)
+        snapshot = Columns.empty(dim)
         snap = manifest.get("snapshot")
         if snap:
             table, kind = _read_snapshot(path / snap["file"], snap, dim)
-            ids = table.column("id").to_numpy()
-            labels = table.column("label").to_pylist()
-            weights = table.column("weight").to_numpy()
-            vectors = vectors_of(table.column("vector"), dim)
+            snapshot = Columns.from_arrow(table, dim)
         records: list[Record] = []
         for name in manifest["wal"]:
             seg_kind, seg_records = _read_segment(path / name, dim)
@@ -221,7 +240,7 @@ class Store:
             records.extend(seg_records)
         store = cls(path, manifest, lock_fd)
         store.manifest["label_kind"] = kind
-        return store, Recovered(manifest, kind, ids, labels, weights, vectors, records)
+        return store, Recovered(manifest, kind, snapshot, records)
 
     # -- WAL ----------------------------------------------------------------------
     def _next_name(self, stem: str, ext: str) -> str:
@@ -253,21 +272,20 @@ class Store:
             self._wal_file.close()
         self._wal_writer = self._wal_file = None
 
-    def log_add(self, ids, labels, weights, vectors, *, upsert: bool) -> None:
+    def log_add(self, slots: Columns, *, upsert: bool) -> None:
         """Append an add (or upsert) record and fsync it."""
         op = OP_UPSERT if upsert else OP_ADD
-        kind = "str" if isinstance(labels[0], str) else "int"
+        kind = "str" if isinstance(slots.labels[0], str) else "int"
         if self.manifest["label_kind"] is None:
             self.manifest["label_kind"] = kind
-        cols = slot_columns(self.manifest["dim"], kind, ids, labels, weights, vectors)
-        self._append(op, cols, _crc(op, ids, labels, weights, vectors))
+        self._append(op, slots.arrays(self.manifest["dim"], kind), _crc(op, slots.ids, slots))
 
     def log_remove(self, ids) -> None:
         """Append a remove record and fsync it."""
         schema = wal_schema(self.manifest["dim"], self.manifest["label_kind"] or "int")
         cols = [pa.nulls(len(ids), f.type) for f in list(schema)[2:]]
         cols = [pa.array(np.asarray(ids, dtype=np.int64))] + cols
-        self._append(OP_REMOVE, cols, _crc(OP_REMOVE, ids, None, None, None))
+        self._append(OP_REMOVE, cols, _crc(OP_REMOVE, ids, None))
 
     def _append(self, op: int, cols: list[pa.Array], crc: int) -> None:
         dim, kind = self.manifest["dim"], self.manifest["label_kind"] or "int"
@@ -284,7 +302,7 @@ class Store:
         os.fsync(self._wal_file.fileno())
 
     # -- snapshot -----------------------------------------------------------------
-    def checkpoint(self, ids, labels, weights, vectors, extra: dict | None = None) -> None:
+    def checkpoint(self, slots: Columns, extra: dict | None = None) -> None:
         """Write a snapshot of the whole slot table, start a fresh WAL and drop the old files.
 
         The new manifest is the commit point: a crash before it leaves the old
@@ -292,12 +310,12 @@ class Store:
         """
         kind = self.manifest["label_kind"] or "int"
         name = self._next_name("snapshot", "arrow")
-        write_snapshot(self.path / name, self.manifest["dim"], kind, ids, labels, weights, vectors)
+        write_snapshot(self.path / name, self.manifest["dim"], kind, slots)
         old = [self.manifest["snapshot"]["file"]] if self.manifest["snapshot"] else []
         old += self.manifest["wal"]
         self._close_segment()
         self.manifest.update(extra or {})
-        self.manifest["snapshot"] = {"file": name, "sha256": _sha256(self.path / name), "rows": int(len(ids))}
+        self.manifest["snapshot"] = {"file": name, "sha256": _sha256(self.path / name), "rows": int(len(slots.ids))}
         self.manifest["wal"] = []
         self._start_segment()
         for f in old:
@@ -319,10 +337,10 @@ class Store:
             self._lock_fd = None
 
 
-def write_snapshot(path: Path, dim: int, kind: str, ids, labels, weights, vectors) -> None:
+def write_snapshot(path: Path, dim: int, kind: str, slots: Columns) -> None:
     """Write the slot table as an Arrow IPC file, fsynced, via a temp file and rename."""
     schema = slot_schema(dim, kind).with_metadata({"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    table = pa.Table.from_arrays(slot_columns(dim, kind, ids, labels, weights, vectors), schema=schema)
+    table = pa.Table.from_arrays(slots.arrays(dim, kind), schema=schema)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         with pa.ipc.new_file(f, schema) as writer:
@@ -427,15 +445,12 @@ def _decode(file: Path, batch: pa.RecordBatch, meta, dim: int, position: int) ->
         raise CorruptFileError(f"{file}: WAL record {position} has an invalid op column")
     op = int(ops[0])
     try:
-        ids = batch.column("id").to_numpy()
-        rec = Record(op, ids)
+        rec = Record(op, batch.column("id").to_numpy())
         if op != OP_REMOVE:
-            rec.labels = batch.column("label").to_pylist()
-            rec.weights = batch.column("weight").to_numpy()
-            rec.vectors = vectors_of(batch.column("vector"), dim)
+            rec.slots = Columns.from_arrow(batch, dim)
     except (pa.ArrowException, ValueError, TypeError) as exc:
         raise CorruptFileError(f"{file}: WAL record {position} has unreadable columns ({exc})") from exc
     expected = dict(meta or {}).get(b"crc32")
-    if expected is None or int(expected) != _crc(op, ids, rec.labels, rec.weights, rec.vectors):
+    if expected is None or int(expected) != _crc(op, rec.ids, rec.slots):
         raise CorruptFileError(f"{file}: WAL record {position} fails its checksum")
     return rec

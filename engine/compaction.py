@@ -1,0 +1,200 @@
+"""Compaction policies: shrink a memory to a slot budget while preserving attention mass.
+
+A slot's weight ``w_i`` is its mass in the attention kernel (``a_i ∝ w_i exp(s_i/T)``).
+Every policy keeps every class that was present and keeps each class's total
+weight, so the attention mass a class can receive is preserved:
+
+- ``merge``: per-class spherical k-means (``faiss.Kmeans``, weighted). Each centroid
+  becomes a slot whose vector is the weighted mean of its members (re-normalised
+  for cosine) and whose weight is the sum of theirs. With one slot per class this
+  is a Prototypical-Network-like memory; with no compaction, Matching Networks'.
+- ``reservoir``: weighted sampling without replacement within each class; the kept
+  weights are rescaled to the class's mass.
+- ``age``: evict the slots least recently retrieved (or, never retrieved, the
+  oldest), as in "Learning to Remember Rare Events" (Kaiser et al., 2017); every
+  class keeps its freshest slot; kept weights are rescaled to the class's mass.
+- ``distill``: start from ``merge``, then optimise the slot vectors (and, with
+  ``learn_weights``, the split of each class's mass among its slots) with torch so
+  that the compact memory's class probabilities match the full memory's (KL) on
+  queries sampled from the slots themselves.
+
+Class budgets are allocated in proportion to class mass, with at least one slot
+per class (largest-remainder rounding).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+POLICIES = ("merge", "reservoir", "age", "distill")
+
+
+@dataclass
+class SlotSet:
+    """Columns of the slots a policy keeps or makes. ``source`` is the row a kept slot came
+    from, or -1 for a new (merged) slot, which gets a fresh id."""
+
+    vectors: np.ndarray
+    weights: np.ndarray
+    label_idx: np.ndarray
+    source: np.ndarray
+
+
+def allocate(class_mass: np.ndarray, class_count: np.ndarray, budget: int) -> np.ndarray:
+    """Slots per class: at least 1, at most the class's count, the rest of ``budget`` shared by mass.
+
+    Raises:
+        ValueError: the budget is below the number of classes.
+    """
+    n = len(class_mass)
+    if budget < n:
+        raise ValueError(f"a budget of {budget} slots cannot keep {n} classes (at least one slot each)")
+    alloc = np.ones(n, np.int64)
+    remaining = int(min(budget, class_count.sum()) - n)
+    while remaining > 0:  # water-filling: classes that are full give their share to the others
+        room = class_count - alloc
+        share = np.where(room > 0, class_mass, 0.0)
+        share = share / share.sum() * remaining
+        add = np.minimum(np.floor(share).astype(np.int64), room)
+        if add.sum() == 0:  # what is left is smaller than any share: largest fractions first
+            order = [i for i in np.argsort(-share, kind="stable") if room[i] > 0][:remaining]
+            add[order] = 1
+        alloc += add
+        remaining -= int(add.sum())
+    return alloc
+
+
+def _by_class(label_idx: np.ndarray):
+    order = np.argsort(label_idx, kind="stable")
+    classes, starts = np.unique(label_idx[order], return_index=True)
+    return classes, np.split(order, starts[1:])
+
+
+def compact(vectors, weights, label_idx, created, last_used, *, budget: int, policy: str = "merge",
+            cosine: bool = True, temperature: float = 0.1, seed: int = 0, **options) -> SlotSet:
+    """Shrink the live slots to at most ``budget`` with ``policy``.
+
+    Args:
+        vectors, weights, label_idx, created, last_used: columns of the live slots.
+        budget: the most slots to keep (at least the number of classes).
+        policy: one of POLICIES.
+        cosine: vectors are unit-norm and merged vectors are re-normalised.
+        temperature: the memory's temperature (distill matches its attention).
+        seed: seed for k-means, sampling and distillation.
+        **options: distill's ``steps``, ``lr``, ``queries``, ``learn_weights``.
+
+    Raises:
+        ValueError: an unknown policy, or a budget below the number of classes.
+    """
+    if policy not in POLICIES:
+        raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+    classes, members = _by_class(label_idx)
+    mass = np.array([weights[m].sum() for m in members])
+    alloc = allocate(mass, np.array([len(m) for m in members]), budget)
+    rng = np.random.default_rng(seed)
+    if policy == "merge" or policy == "distill":
+        out = _merge(vectors, weights, classes, members, alloc, cosine, seed)
+        if policy == "distill":
+            out = _distill(out, vectors, weights, label_idx, cosine, temperature, seed, **options)
+        return out
+    if policy == "reservoir":
+        keep = [rng.choice(m, size=b, replace=False, p=weights[m] / weights[m].sum()) if b < len(m) else m
+                for m, b in zip(members, alloc)]
+    else:  # age
+        recency = np.where(last_used > 0, last_used, created)
+        freshest = np.array([m[np.argmax(recency[m])] for m in members])
+        rest = np.setdiff1d(np.arange(len(weights)), freshest)
+        extra = rest[np.argsort(-recency[rest], kind="stable")[: max(0, budget - len(freshest))]]
+        kept = np.concatenate([freshest, extra])
+        keep = [np.intersect1d(m, kept) for m in members]
+    return _rescaled(vectors, weights, label_idx, keep)
+
+
+def _rescaled(vectors, weights, label_idx, keep: list[np.ndarray]) -> SlotSet:
+    """Kept rows, their weights scaled so each class keeps its mass."""
+    rows, w = [], []
+    for m_keep, cls_rows in zip(keep, _by_class(label_idx)[1]):
+        scale = weights[cls_rows].sum() / weights[m_keep].sum()
+        rows.append(m_keep)
+        w.append(weights[m_keep] * scale)
+    rows = np.concatenate(rows)
+    return SlotSet(vectors[rows], np.concatenate(w), label_idx[rows], rows)
+
+
+def _merge(vectors, weights, classes, members, alloc, cosine: bool, seed: int) -> SlotSet:
+    out_v, out_w, out_c, out_src = [], [], [], []
+    for c, m, b in zip(classes, members, alloc):
+        if b >= len(m):  # nothing to merge: keep the slots as they are
+            out_v.append(vectors[m]); out_w.append(weights[m]); out_c.append(np.full(len(m), c)); out_src.append(m)  # noqa: E702
+            continue
+        x, w = vectors[m], weights[m]
+        if b == 1:
+            assign = np.zeros(len(m), np.int64)
+        else:
+            km = faiss.Kmeans(x.shape[1], int(b), niter=20, seed=seed, spherical=cosine, verbose=False)
+            km.cp.min_points_per_centroid = 1  # small classes: no warning, the result is still a partition
+            km.train(x, weights=w.astype(np.float32))
+            _, assign = km.index.search(x, 1)
+            assign = assign[:, 0]
+        sums = np.zeros((b, x.shape[1]))
+        np.add.at(sums, assign, x * w[:, None])
+        mass = np.bincount(assign, weights=w, minlength=b)
+        used = mass > 0  # an empty cluster had no members and so no mass
+        centroids = sums[used] / mass[used, None]
+        if cosine:
+            centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        out_v.append(centroids.astype(np.float32)); out_w.append(mass[used]); out_c.append(np.full(used.sum(), c))  # noqa: E702
+        out_src.append(np.full(used.sum(), -1))
+    return SlotSet(np.concatenate(out_v), np.concatenate(out_w), np.concatenate(out_c).astype(np.int32),
+                   np.concatenate(out_src))
+
+
+def _distill(start: SlotSet, vectors, weights, label_idx, cosine: bool, temperature: float, seed: int, *,
+             steps: int = 150, lr: float = 0.01, queries: int = 4096, learn_weights: bool = True) -> SlotSet:
+    import torch
+    import torch.nn.functional as F
+
+    from .attention import attend_torch
+
+    gen = torch.Generator().manual_seed(seed)
+    n_classes = int(label_idx.max()) + 1
+    full_v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
+    full_logw = torch.from_numpy(np.log(weights)).float()
+    full_c = torch.from_numpy(label_idx.astype(np.int64))
+    pick = torch.randperm(len(vectors), generator=gen)[:queries]
+    q = full_v[pick]
+    with torch.no_grad():  # the full memory's answers, in chunks of queries
+        target = torch.cat([attend_torch(qc @ full_v.T, full_logw.exp().expand(len(qc), -1), full_c.expand(len(qc), -1),
+                                         n_classes=n_classes, temperature=temperature)
+                            for qc in q.split(512)])
+    v = torch.nn.Parameter(torch.from_numpy(start.vectors.copy()))
+    c = torch.from_numpy(start.label_idx.astype(np.int64))
+    class_mass = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, c, torch.from_numpy(start.weights))
+    logits = torch.nn.Parameter(torch.log(torch.from_numpy(start.weights)).float())
+    opt = torch.optim.Adam([v, logits] if learn_weights else [v], lr=lr)
+
+    def slot_weights():
+        # softmax of the logits within each class, times the class's mass: mass preserved exactly
+        z = logits - logits.max()
+        e = z.exp().double()
+        per_class = torch.zeros(n_classes, dtype=torch.float64).index_add(0, c, e)
+        return e / per_class[c] * class_mass[c]
+
+    for _ in range(steps):
+        vv = F.normalize(v, dim=1) if cosine else v
+        w = slot_weights().float()
+        idx = torch.randint(0, len(q), (min(1024, len(q)),), generator=gen)
+        logp = attend_torch(q[idx] @ vv.T, w.expand(len(idx), -1), c.expand(len(idx), -1), n_classes=n_classes,
+                            temperature=temperature)
+        p = target[idx]
+        loss = (p * (torch.log(p.clamp_min(1e-30)) - logp.clamp_min(-1e4))).sum(1).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    with torch.no_grad():
+        vv = F.normalize(v, dim=1) if cosine else v
+        return SlotSet(vv.numpy().astype(np.float32), slot_weights().numpy(), start.label_idx,
+                       np.full(len(c), -1))
