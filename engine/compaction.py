@@ -157,8 +157,6 @@ def _distill(start: SlotSet, vectors, weights, label_idx, cosine: bool, temperat
     import torch
     import torch.nn.functional as F
 
-    from .attention import attend_torch
-
     gen = torch.Generator().manual_seed(seed)
     n_classes = int(label_idx.max()) + 1
     full_v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
@@ -166,12 +164,16 @@ def _distill(start: SlotSet, vectors, weights, label_idx, cosine: bool, temperat
     full_c = torch.from_numpy(label_idx.astype(np.int64))
     pick = torch.randperm(len(vectors), generator=gen)[:queries]
     q = full_v[pick]
+    def class_probs(queries, slot_vectors, log_w, onehot):
+        """p(c) = softmax_i(log w_i + s_i / T) summed per class, as one matmul with the class one-hot."""
+        return torch.softmax(queries @ slot_vectors.T / temperature + log_w, dim=1) @ onehot
+
     with torch.no_grad():  # the full memory's answers, in chunks of queries
-        target = torch.cat([attend_torch(qc @ full_v.T, full_logw.exp().expand(len(qc), -1), full_c.expand(len(qc), -1),
-                                         n_classes=n_classes, temperature=temperature)
-                            for qc in q.split(512)])
+        full_onehot = F.one_hot(full_c, n_classes).float()
+        target = torch.cat([class_probs(qc, full_v, full_logw, full_onehot) for qc in q.split(512)])
     v = torch.nn.Parameter(torch.from_numpy(start.vectors.copy()))
     c = torch.from_numpy(start.label_idx.astype(np.int64))
+    onehot = F.one_hot(c, n_classes).float()
     class_mass = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, c, torch.from_numpy(start.weights))
     logits = torch.nn.Parameter(torch.log(torch.from_numpy(start.weights)).float())
     opt = torch.optim.Adam([v, logits] if learn_weights else [v], lr=lr)
@@ -187,10 +189,9 @@ def _distill(start: SlotSet, vectors, weights, label_idx, cosine: bool, temperat
         vv = F.normalize(v, dim=1) if cosine else v
         w = slot_weights().float()
         idx = torch.randint(0, len(q), (min(1024, len(q)),), generator=gen)
-        logp = attend_torch(q[idx] @ vv.T, w.expand(len(idx), -1), c.expand(len(idx), -1), n_classes=n_classes,
-                            temperature=temperature)
         p = target[idx]
-        loss = (p * (torch.log(p.clamp_min(1e-30)) - logp.clamp_min(-1e4))).sum(1).mean()
+        p_compact = class_probs(q[idx], vv, torch.log(w), onehot)
+        loss = (p * (torch.log(p.clamp_min(1e-30)) - torch.log(p_compact.clamp_min(1e-30)))).sum(1).mean()  # KL
         opt.zero_grad()
         loss.backward()
         opt.step()
