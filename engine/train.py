@@ -40,7 +40,9 @@ class TrainConfig:
     k_shot: int = 1
     n_query: int = 5
     within_alphabet: float = 0.5  # share of training episodes drawn within one alphabet
-    shift: int = 2  # augmentation: training images shifted by up to this many pixels each way
+    shift: float = 2.0  # augmentation: random translation (pixels), rotation (degrees), zoom (relative)
+    rotate: float = 10.0
+    scale: float = 0.1
     episodes: int = 6000
     time_budget_s: float | None = None
     lr: float = 1e-3
@@ -71,18 +73,28 @@ def episode_loss(model: MatchingNetwork, ep: Episode, topk: int | None = None) -
     return loss, float((logp.argmax(1) == target).float().mean())
 
 
-def augment(ep: Episode, shift: int, rng: np.random.Generator) -> Episode:
-    """Shift every image of an episode by a random offset in [-shift, shift] pixels (zeros fill in)."""
-    if shift <= 0:
+def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
+            scale: float = 0.0) -> Episode:
+    """Random affine jitter of every image of an episode (labels unchanged).
+
+    Args:
+        shift: largest translation in pixels, each way.
+        rotate: largest rotation in degrees, each way.
+        scale: largest relative zoom, each way (0.1 is 0.9x to 1.1x).
+    """
+    if shift <= 0 and rotate <= 0 and scale <= 0:
         return ep
 
     def move(images: np.ndarray) -> np.ndarray:
         n, h, w = images.shape
-        padded = np.pad(images, ((0, 0), (shift, shift), (shift, shift)))
-        dy, dx = rng.integers(0, 2 * shift + 1, (2, n))
-        rows = dy[:, None] + np.arange(h)[None, :]
-        cols = dx[:, None] + np.arange(w)[None, :]
-        return padded[np.arange(n)[:, None, None], rows[:, :, None], cols[:, None, :]]
+        angle = np.deg2rad(rng.uniform(-rotate, rotate, n))
+        zoom = 1.0 + rng.uniform(-scale, scale, n)
+        t = rng.uniform(-shift, shift, (n, 2)) * 2.0 / np.array([w, h])  # pixels to [-1, 1] units
+        cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
+        theta = np.stack([np.stack([cos, -sin, t[:, 0]], 1), np.stack([sin, cos, t[:, 1]], 1)], 1)
+        grid = torch.nn.functional.affine_grid(torch.from_numpy(theta).float(), (n, 1, h, w), align_corners=False)
+        out = torch.nn.functional.grid_sample(torch.from_numpy(images).unsqueeze(1), grid, align_corners=False)
+        return out[:, 0].numpy()
 
     return Episode(move(ep.support_x), ep.support_y, move(ep.query_x), ep.query_y)
 
@@ -156,7 +168,8 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
                 break
             for group in opt.param_groups:  # cosine decay over the planned episodes
                 group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * state["episode"] / cfg.episodes))
-            loss, acc = episode_loss(model, augment(sampler.sample(), cfg.shift, sampler.rng), cfg.topk)
+            episode = augment(sampler.sample(), cfg.shift, sampler.rng, rotate=cfg.rotate, scale=cfg.scale)
+            loss, acc = episode_loss(model, episode, cfg.topk)
             opt.zero_grad()
             loss.backward()
             opt.step()
