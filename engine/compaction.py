@@ -133,6 +133,8 @@ def _merge(vectors, weights, classes, members, alloc, cosine: bool, seed: int) -
         x, w = vectors[m], weights[m]
         if b == 1:
             assign = np.zeros(len(m), np.int64)
+        elif 2 * b >= len(m):  # a light squeeze: merge nearest pairs rather than k-means with k close to n
+            assign = _pair_assign(x, b, cosine)
         else:
             km = faiss.Kmeans(x.shape[1], int(b), niter=20, seed=seed, spherical=cosine, verbose=False)
             km.cp.min_points_per_centroid = 1  # small classes: no warning, the result is still a partition
@@ -150,6 +152,44 @@ def _merge(vectors, weights, classes, members, alloc, cosine: bool, seed: int) -
         out_src.append(np.full(used.sum(), -1))
     return SlotSet(np.concatenate(out_v), np.concatenate(out_w), np.concatenate(out_c).astype(np.int32),
                    np.concatenate(out_src))
+
+
+def _pair_assign(x: np.ndarray, b: int, cosine: bool) -> np.ndarray:
+    """Cluster ids putting ``len(x)`` points into ``b`` groups by merging nearest pairs, round by round.
+
+    Each round finds every point's nearest neighbour (FAISS, exact), takes disjoint
+    pairs most similar first, and merges as many as are still needed; merged groups
+    are represented by their mean in the next round.
+    """
+    group = np.arange(len(x))
+    reps, members = x.astype(np.float32), [[i] for i in range(len(x))]
+    while len(members) > b:
+        index = faiss.IndexFlatIP(x.shape[1]) if cosine else faiss.IndexFlatL2(x.shape[1])
+        index.add(reps)
+        dist, nn = index.search(reps, 2)
+        near = np.where(nn[:, 0] == np.arange(len(reps)), nn[:, 1], nn[:, 0])
+        score = dist[np.arange(len(reps)), np.where(nn[:, 0] == np.arange(len(reps)), 1, 0)]
+        order = np.argsort(-score if cosine else score, kind="stable")
+        taken = np.zeros(len(reps), bool)
+        need = len(members) - b
+        merged = []
+        for i in order:
+            j = near[i]
+            if need == 0:
+                break
+            if taken[i] or taken[j] or i == j:
+                continue
+            taken[i] = taken[j] = True
+            merged.append((i, j))
+            need -= 1
+        new_members = [members[i] + members[j] for i, j in merged] + [members[i] for i in np.flatnonzero(~taken)]
+        members = new_members
+        reps = np.stack([x[g].mean(axis=0) for g in members]).astype(np.float32)
+        if cosine:
+            reps /= np.maximum(np.linalg.norm(reps, axis=1, keepdims=True), 1e-12)
+    for cluster, g in enumerate(members):
+        group[g] = cluster
+    return group
 
 
 def _distill(start: SlotSet, vectors, weights, label_idx, cosine: bool, temperature: float, seed: int, *,

@@ -41,3 +41,23 @@ def test_serve_load_script(tmp_path):
     assert report["served"]["requests"] > 0 and report["served"]["slots_written"] > 0
     assert report["embedded"]["queries_per_s"] > 0
     assert (tmp_path / "serve_load.png").stat().st_size > 10_000
+
+
+def test_compaction_benchmark(tmp_path):
+    import compaction
+
+    results = compaction.main(["--rows", "fashion-pca", "--limit", "2000", "--policies", "merge", "reservoir",
+                               "--fractions", "1.0", "0.1", "0.001", "--out", str(tmp_path)])
+    assert [r["policy"] for r in results] == ["full", "merge", "reservoir", "merge", "reservoir"]
+    assert results[-1]["budget"] == 10 and results[-1]["slots"] == 10  # raised to one slot per class
+    assert all(0 < r["accuracy"] <= 1 for r in results)
+    assert (tmp_path / "compaction.png").stat().st_size > 10_000
+
+
+def test_stream_benchmark(tmp_path):
+    import stream
+
+    report = stream.main(["--writes", "20000", "--budget", "3000", "--batch", "1000", "--dim", "16",
+                          "--classes", "10", "--out", str(tmp_path)])
+    assert report["max_slots"] <= 3000
+    assert (tmp_path / "stream.png").stat().st_size > 10_000
