@@ -165,7 +165,7 @@ class MemoryServer(fl.FlightServerBase):
     # -- actions -------------------------------------------------------------------------
     def list_actions(self, context):
         return [("remove", "Remove slots: {memory, ids}"), ("stats", "Memory statistics: {memory}"),
-                ("compact", "Drop removed slots and snapshot: {memory}"), ("snapshot", "Checkpoint: {memory}"),
+                ("compact", "Compact to a budget with a policy, or drop removed slots: {memory, budget?, policy?}"), ("snapshot", "Checkpoint: {memory}"),
                 ("health", "Liveness and memory names"), ("list", "Memory names")]
 
     def do_action(self, context, action):
