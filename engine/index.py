@@ -85,8 +85,19 @@ class VectorIndex:
         self.dim = dim
         self.spec = validate_spec(dim, spec)
         self.settings = settings or SearchSettings()
-        self._index, self.active_spec = self._fresh(0)
+        self._use(*self._fresh(0))
         self._trained_on = 0
+
+    def _use(self, index: faiss.Index, spec: str) -> None:
+        """Make ``index`` the active one, and note once what the query path asks of it."""
+        self._index, self.active_spec = index, spec
+        self._ivf = _try_extract_ivf(index)
+        self._hnsw = _find_hnsw(index)
+        names = _class_names(index)
+        # exact: exhaustive search with exact scores, so the tail bound is a certificate
+        self.exact = isinstance(index, faiss.IndexFlat)
+        # lossy: scores are approximations (compressed codes, projections) and get rescored
+        self.lossy = any(tag in names for tag in ("PQ", "ScalarQuantizer", "LSH", "RaBitQ", "PreTransform"))
 
     # -- building -----------------------------------------------------------------
     def _fresh(self, n: int) -> tuple[faiss.Index, str]:
@@ -110,7 +121,7 @@ class VectorIndex:
         """A new index of the same spec over ``vectors`` (row i = position i), trained if due."""
         new = VectorIndex.__new__(VectorIndex)
         new.dim, new.spec, new.settings = self.dim, self.spec, self.settings
-        new._index, new.active_spec = self._fresh(len(vectors))
+        new._use(*self._fresh(len(vectors)))
         new._trained_on = 0
         if not new._index.is_trained:
             new._index.train(vectors)
@@ -129,25 +140,14 @@ class VectorIndex:
         return int(self._index.ntotal)
 
     @property
-    def exact(self) -> bool:
-        """True when search is exhaustive with exact scores, so the tail bound is a certificate."""
-        return isinstance(self._index, faiss.IndexFlat)
-
-    @property
-    def lossy(self) -> bool:
-        """True when the index's scores are approximations (compressed codes, projections)."""
-        names = _class_names(self._index)
-        return any(tag in names for tag in ("PQ", "ScalarQuantizer", "LSH", "RaBitQ", "PreTransform"))
-
-    @property
     def nbytes(self) -> int:
         """Bytes the index holds: codes, inverted-list ids, centroids and graph links."""
         n = self.ntotal
-        ivf = _try_extract_ivf(self._index)
+        ivf = self._ivf
         if ivf is not None:
             centroids = ivf.nlist * self.dim * 4
             return int(n * (ivf.code_size + 8) + centroids)
-        hnsw_index = _find_hnsw(self._index)
+        hnsw_index = self._hnsw
         if hnsw_index is not None:
             hnsw = hnsw_index.hnsw
             links = hnsw.neighbors.size() * 4 + hnsw.offsets.size() * 8 + hnsw.levels.size() * 4
@@ -174,12 +174,10 @@ class VectorIndex:
         return self._index.search(queries, k, params=params)
 
     def _params(self, sel, k: int):
-        ivf = _try_extract_ivf(self._index)
-        hnsw = _find_hnsw(self._index)
-        if ivf is not None:
+        if self._ivf is not None:
             params = faiss.SearchParametersIVF()
-            params.nprobe = self.settings.nprobe or default_nprobe(ivf.nlist)
-        elif hnsw is not None:
+            params.nprobe = self.settings.nprobe or default_nprobe(self._ivf.nlist)
+        elif self._hnsw is not None:
             params = faiss.SearchParametersHNSW()
             params.efSearch = self.settings.ef_search or default_ef_search(k)
         elif sel is None:

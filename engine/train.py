@@ -106,23 +106,22 @@ def load_sets(cfg: TrainConfig):
 
 @functools.lru_cache(maxsize=2)
 def _load_sets(dataset: str, data: str | None):
-    cfg = TrainConfig(dataset=dataset, data=data)
-    if cfg.dataset == "omniglot":
+    if dataset == "omniglot":
         from .data.omniglot import VALIDATION_ALPHABETS, load_background
 
-        train = load_background("small1", cfg.data).with_rotations()
-        val = load_background("small2", cfg.data, alphabets=VALIDATION_ALPHABETS)
+        train = load_background("small1", data).with_rotations()
+        val = load_background("small2", data, alphabets=VALIDATION_ALPHABETS)
         return train.images, train.alphabets, val.images, val.alphabets
-    if cfg.dataset == "fashion-mnist":
+    if dataset == "fashion-mnist":
         from .data.fashion_mnist import load_fashion_mnist
 
         def by_class(split):
-            x, y = load_fashion_mnist(cfg.data, split)
+            x, y = load_fashion_mnist(data, split)
             n = np.bincount(y).min()
             return np.stack([x[y == c][:n] for c in range(10)])
 
         return by_class("train"), None, by_class("test"), None
-    raise ValueError(f"unknown dataset {cfg.dataset!r}: use 'omniglot' or 'fashion-mnist'")
+    raise ValueError(f"unknown dataset {dataset!r}: use 'omniglot' or 'fashion-mnist'")
 
 
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
