@@ -8,6 +8,12 @@ works the same for every backend) and dropped when the memory rebuilds.
 
 Indexes that need training (IVF, PQ) answer from an exact Flat index until the
 memory holds enough vectors to train them, and are retrained as it grows.
+
+The index is also where vectors live: :meth:`VectorIndex.reconstruct` reads them
+back (IVF indexes keep a direct map, 8 bytes a slot, for that). For Flat, IVF-Flat
+and HNSW-Flat that is the exact vector, so the memory keeps no second copy; for
+lossy indexes (PQ, SQ, ...) it is an approximation, and the memory keeps the
+float32 vectors itself if it rescores.
 """
 
 from __future__ import annotations
@@ -85,6 +91,8 @@ class VectorIndex:
         self.dim = dim
         self.spec = validate_spec(dim, spec)
         self.settings = settings or SearchSettings()
+        # whether the configured index (once trained) stores approximate vectors
+        self.spec_lossy = spec != "auto" and _is_lossy(faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT))
         self._use(*self._fresh(0))
         self._trained_on = 0
 
@@ -92,12 +100,13 @@ class VectorIndex:
         """Make ``index`` the active one, and note once what the query path asks of it."""
         self._index, self.active_spec = index, spec
         self._ivf = _try_extract_ivf(index)
+        if self._ivf is not None:
+            self._ivf.make_direct_map(True)  # row -> (list, offset), so vectors can be read back
         self._hnsw = _find_hnsw(index)
-        names = _class_names(index)
         # exact: exhaustive search with exact scores, so the tail bound is a certificate
         self.exact = isinstance(index, faiss.IndexFlat)
-        # lossy: scores are approximations (compressed codes, projections) and get rescored
-        self.lossy = any(tag in names for tag in ("PQ", "ScalarQuantizer", "LSH", "RaBitQ", "PreTransform"))
+        # lossy: scores and stored vectors are approximations (compressed codes, projections)
+        self.lossy = _is_lossy(index)
 
     # -- building -----------------------------------------------------------------
     def _fresh(self, n: int) -> tuple[faiss.Index, str]:
@@ -120,7 +129,7 @@ class VectorIndex:
     def build(self, vectors: np.ndarray) -> "VectorIndex":
         """A new index of the same spec over ``vectors`` (row i = position i), trained if due."""
         new = VectorIndex.__new__(VectorIndex)
-        new.dim, new.spec, new.settings = self.dim, self.spec, self.settings
+        new.dim, new.spec, new.settings, new.spec_lossy = self.dim, self.spec, self.settings, self.spec_lossy
         new._use(*self._fresh(len(vectors)))
         new._trained_on = 0
         if not new._index.is_trained:
@@ -134,6 +143,13 @@ class VectorIndex:
         """Append ``vectors`` as the next rows."""
         self._index.add(vectors)
 
+    def reconstruct(self, rows: np.ndarray) -> np.ndarray:
+        """The stored vectors of ``rows`` (m, dim) float32: exact unless the index is lossy."""
+        rows = np.ascontiguousarray(rows, dtype=np.int64)
+        if len(rows) == 0:
+            return np.empty((0, self.dim), np.float32)
+        return self._index.reconstruct_batch(rows)
+
     # -- reading ------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
@@ -146,7 +162,7 @@ class VectorIndex:
         ivf = self._ivf
         if ivf is not None:
             centroids = ivf.nlist * self.dim * 4
-            return int(n * (ivf.code_size + 8) + centroids)
+            return int(n * (ivf.code_size + 8 + 8) + centroids)  # codes, list ids, direct map
         hnsw_index = self._hnsw
         if hnsw_index is not None:
             hnsw = hnsw_index.hnsw
@@ -197,6 +213,11 @@ def default_ef_search(k: int) -> int:
 def default_nprobe(nlist: int) -> int:
     """nprobe chosen for recall near 0.99 on clustered data: an eighth of the lists, at least 8."""
     return int(min(nlist, max(8, nlist // 8)))
+
+
+def _is_lossy(index: faiss.Index) -> bool:
+    names = _class_names(index)
+    return any(tag in names for tag in ("PQ", "ScalarQuantizer", "LSH", "RaBitQ", "PreTransform"))
 
 
 def _class_names(index: faiss.Index) -> str:

@@ -66,6 +66,10 @@ class Memory:
             "64MB"): once an add passes it, the memory compacts down to budget x (1 - slack).
         slack: how far below the budget automatic compaction goes.
         policy: the compaction policy used under a budget ("merge", "reservoir", "age", "distill").
+        rescore: with a lossy index (PQ, SQ, ...), keep the float32 vectors and rescore the
+            retrieved slots with them, so attention uses exact similarities. False keeps only the
+            compressed codes (the smallest memory): similarities, and vectors read back by
+            ``get``, snapshots and compaction, are then the index's approximations.
 
     Raises:
         ValueError: a bad dim, metric, temperature, index string, budget or policy.
@@ -85,6 +89,7 @@ class Memory:
         budget: int | str | None = None,
         slack: float = 0.1,
         policy: str = "merge",
+        rescore: bool = True,
     ):
         if not isinstance(dim, (int, np.integer)) or isinstance(dim, bool) or dim < 1:
             raise InvalidValueError(f"dim must be a positive integer, got {dim!r}")
@@ -95,7 +100,10 @@ class Memory:
         self._temperature = _check_temperature(temperature)
         self._settings = SearchSettings(nprobe=nprobe, ef_search=ef_search)
         self._index = VectorIndex(self.dim, validate_spec(self.dim, index), self._settings)
-        self._table = SlotTable(self.dim)
+        self._rescore = bool(rescore)
+        # The slot table keeps vectors only when the index cannot give them back exactly.
+        self._keep_vectors = self._index.spec_lossy and self._rescore
+        self._table = SlotTable(self.dim, self._keep_vectors)
         self._labels: list = []  # label index -> label value (the memory's vocabulary)
         self._label_pos: dict = {}
         self._label_kind: str | None = None
@@ -115,7 +123,7 @@ class Memory:
         return {"dim": self.dim, "metric": self.metric, "temperature": self._temperature,
                 "index": self._index.spec, "nprobe": self._settings.nprobe,
                 "ef_search": self._settings.ef_search, "next_id": self._next_id, "budget": self._budget_spec,
-                "slack": self._slack, "policy": self._policy}
+                "slack": self._slack, "policy": self._policy, "rescore": self._rescore}
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -153,19 +161,22 @@ class Memory:
         try:
             mem = cls(cfg["dim"], metric=cfg["metric"], index=cfg["index"], temperature=cfg["temperature"],
                       nprobe=cfg.get("nprobe"), ef_search=cfg.get("ef_search"), budget=cfg.get("budget"),
-                      slack=cfg.get("slack", 0.1), policy=cfg.get("policy", "merge"))
+                      slack=cfg.get("slack", 0.1), policy=cfg.get("policy", "merge"),
+                      rescore=cfg.get("rescore", True))
         except InvalidValueError as exc:
             raise CorruptFileError(f"{path / store_mod.MANIFEST}: invalid settings ({exc})") from exc
         mem._label_kind = rec.label_kind
         mem._next_id = int(cfg.get("next_id", 0))
+        mem._table = SlotTable(mem.dim, keep_vectors=True)  # replay needs the vectors; dropped below
         mem._append_columns(rec.snapshot)
         for r in rec.records:  # replay into the table only; the index is built once at the end
             rows = mem._table.rows_of(r.ids)
             mem._table.kill(rows[rows >= 0])
             if r.op != store_mod.OP_REMOVE:
                 mem._append_columns(r.slots)
-        mem._table = mem._table.compacted()
-        mem._index = mem._index.build(mem._table.vectors)
+        full = mem._table.compacted()
+        mem._index = mem._index.build(full.vectors)
+        mem._table = full if mem._keep_vectors else full.compacted(keep_vectors=False)
         return mem
 
     def _append_columns(self, slots: "store_mod.Columns") -> None:
@@ -174,11 +185,31 @@ class Memory:
                                slots.created, slots.last_used)
             self._next_id = max(self._next_id, int(slots.ids.max()) + 1)
 
-    def _columns(self, table: SlotTable) -> "store_mod.Columns":
-        """The live rows of ``table`` as persistence columns."""
-        t = table if table.n_dead == 0 else table.compacted()
-        return store_mod.Columns(t.ids, [self._labels[i] for i in t.label_idx], t.weights, t.vectors,
-                                 t.created, t.last_used)
+    def _columns(self) -> "store_mod.Columns":
+        """The live slots as persistence columns."""
+        t = self._table
+        rows = t.live_rows()
+        return store_mod.Columns(t.ids[rows], [self._labels[i] for i in t.label_idx[rows]], t.weights[rows],
+                                 self._vectors_of(rows), t.created[rows], t.last_used[rows])
+
+    def _vectors_of(self, rows: np.ndarray) -> np.ndarray:
+        """Vectors of table rows: from the table if it keeps them, else read back from the index."""
+        if self._table.keep_vectors:
+            return self._table.vectors[rows]
+        return self._index.reconstruct(rows)
+
+    def _rebuilt(self, drop_rows: np.ndarray | None = None, append: tuple | None = None) -> tuple:
+        """A new (table, index) pair of the live rows less ``drop_rows``, plus ``append`` rows.
+
+        Built aside from the current pair, which readers go on using meanwhile.
+        """
+        rows = self._table.live_rows(drop_rows)
+        vectors = self._vectors_of(rows)
+        table = self._table.compacted(drop_rows=drop_rows)
+        if append is not None:
+            table.append(*append)
+            vectors = np.concatenate([vectors, append[3]])
+        return table, self._index.build(vectors)
 
     # -- writing ----------------------------------------------------------------------
     def add(
@@ -229,10 +260,7 @@ class Memory:
         if self._label_kind is None:
             self._label_kind = "str" if isinstance(labels[0], str) else "int"
         if self._index.needs_rebuild(n_alive_after) or self._too_dead(len(old_rows)):
-            table = self._table.compacted(drop_rows=old_rows)
-            label_idx = self._intern(labels)
-            table.append(ids, label_idx, w, v, now)
-            index = self._index.build(table.vectors)  # built aside; readers go on meanwhile
+            table, index = self._rebuilt(old_rows, (ids, self._intern(labels), w, v, now))
             with self._lock.write():
                 self._table, self._index = table, index
         else:
@@ -261,8 +289,7 @@ class Memory:
             if self._store is not None:
                 self._store.log_remove(ids)
             if self._too_dead(len(rows)):
-                table = self._table.compacted(drop_rows=rows)
-                index = self._index.build(table.vectors)
+                table, index = self._rebuilt(rows)
                 with self._lock.write():
                     self._table, self._index = table, index
             else:
@@ -305,12 +332,12 @@ class Memory:
     def _compact_locked(self, budget: int | None, policy: str, seed: int, options: dict) -> dict:
         t0 = time.perf_counter()
         before, dropped = self._table.n_alive, self._table.n_dead
-        live = self._table.compacted()
+        live, vectors = self._table.compacted(), self._vectors_of(self._table.live_rows())
         if budget is not None and budget < live.n_alive:
             classes = int((live.class_counts > 0).sum())
             if budget < classes:
                 raise InvalidValueError(f"a budget of {budget} slots cannot keep {classes} classes (one slot each)")
-            out = compaction.compact(live.vectors, live.weights, live.label_idx, live.created, live.last_used,
+            out = compaction.compact(vectors, live.weights, live.label_idx, live.created, live.last_used,
                                      budget=budget, policy=policy, cosine=self.metric == "cosine",
                                      temperature=self._temperature, seed=seed, **options)
             fresh = np.flatnonzero(out.source < 0)
@@ -320,14 +347,15 @@ class Memory:
             src = np.maximum(out.source, 0)
             created = np.where(out.source >= 0, live.created[src], now)
             last_used = np.where(out.source >= 0, live.last_used[src], 0.0)
-            table = SlotTable(self.dim)
+            table = SlotTable(self.dim, self._keep_vectors)
             table.append(ids, out.label_idx, out.weights, out.vectors, created, last_used)
+            vectors = out.vectors
             table.class_counts = np.pad(table.class_counts, (0, max(0, len(live.class_counts) - len(table.class_counts))))
             self._next_id += len(fresh)
         else:
             table = live
         if table is not self._table or dropped:
-            index = self._index.build(table.vectors)  # aside: readers go on meanwhile
+            index = self._index.build(vectors)  # aside: readers go on meanwhile
             with self._lock.write():
                 self._table, self._index = table, index
         if self._store is not None:
@@ -354,7 +382,7 @@ class Memory:
         if self._table.n_alive:
             stats = self.stats()
             return stats.bytes_total / stats.slots
-        return 2 * 4 * self.dim + 56.0
+        return (2 if self._keep_vectors else 1) * 4 * self.dim + 72.0
 
     def _too_dead(self, more_dead: int) -> bool:
         dead = self._table.n_dead + more_dead
@@ -397,7 +425,7 @@ class Memory:
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         alive = self._table.alive if self._table.n_dead else None
         scores, rows = self._index.search(q, k, alive)
-        if self._index.lossy:  # compressed codes: rescore with the stored vectors
+        if self._index.lossy and self._table.keep_vectors:  # compressed codes: rescore exactly
             valid = rows >= 0
             exact = np.einsum("nd,nkd->nk", q, self._table.vectors[np.where(valid, rows, 0)])
             scores = np.where(valid, exact, -np.inf).astype(np.float32)
@@ -467,7 +495,7 @@ class Memory:
             rows = self._rows_or_raise(ids)
             t = self._table
             return Slots(ids=ids.copy(), labels=[self._labels[i] for i in t.label_idx[rows]],
-                         weights=t.weights[rows].copy(), vectors=t.vectors[rows].copy())
+                         weights=t.weights[rows].copy(), vectors=self._vectors_of(rows))
 
     def __len__(self) -> int:
         return self._table.n_alive
@@ -528,7 +556,7 @@ class Memory:
         target = Path(path) if path is not None else self.path
         if target is None:
             raise InvalidValueError("this memory is not durable: give save() a path")
-        slots = self._columns(self._table)
+        slots = self._columns()
         if self._store is not None and target.resolve() == self._store.path.resolve():
             self._store.checkpoint(slots, {"next_id": self._next_id})
         else:

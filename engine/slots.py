@@ -4,6 +4,10 @@ Row r is FAISS position r. Rows are appended, tombstoned on removal and
 renumbered only by :meth:`SlotTable.compacted`, which the memory calls when it
 rebuilds its index. Ids map to rows through a sorted array (16 bytes a slot,
 vectorised lookups), not a Python dict.
+
+The table keeps a vector column only when asked (``keep_vectors``): when the
+index stores vectors exactly (Flat, IVF-Flat, HNSW-Flat) the index is their one
+copy, and the memory reads them back from it.
 """
 
 from __future__ import annotations
@@ -43,14 +47,16 @@ class SlotTable:
 
     Args:
         dim: vector dimension.
+        keep_vectors: keep a float32 vector column (else vectors passed to append are not stored).
     """
 
-    def __init__(self, dim: int):
+    def __init__(self, dim: int, keep_vectors: bool = True):
         self.dim = dim
+        self.keep_vectors = keep_vectors
         self._ids = _Growable(np.int64)
         self._label_idx = _Growable(np.int32)
         self._weights = _Growable(np.float64)
-        self._vectors = _Growable(np.float32, dim)
+        self._vectors = _Growable(np.float32, dim if keep_vectors else 0)
         self._alive = _Growable(np.bool_)
         self._created = _Growable(np.float64)  # unix time the slot was written
         self._last_used = _Growable(np.float64)  # unix time it was last retrieved, 0 if never
@@ -79,6 +85,9 @@ class SlotTable:
 
     @property
     def vectors(self) -> np.ndarray:
+        """The vector column; only for a table that keeps vectors."""
+        if not self.keep_vectors:
+            raise AttributeError("this slot table keeps no vectors: read them from the index")
         return self._vectors.view
 
     @property
@@ -114,7 +123,8 @@ class SlotTable:
         self._ids.extend(ids)
         self._label_idx.extend(label_idx)
         self._weights.extend(weights)
-        self._vectors.extend(vectors)
+        if self.keep_vectors:
+            self._vectors.extend(vectors)
         self._alive.extend(np.ones(len(ids), bool))
         self._created.extend(np.broadcast_to(np.asarray(created, np.float64), (len(ids),)))
         self._last_used.extend(np.broadcast_to(np.asarray(last_used, np.float64), (len(ids),)))
@@ -151,21 +161,33 @@ class SlotTable:
             self.class_counts = np.concatenate([self.class_counts, np.zeros(top - len(self.class_counts), np.int64)])
         self.class_counts = self.class_counts + sign * np.bincount(label_idx, minlength=len(self.class_counts))
 
-    def compacted(self, drop_rows: np.ndarray | None = None) -> "SlotTable":
-        """A new table holding the live rows (less ``drop_rows``), renumbered from 0."""
+    def live_rows(self, drop_rows: np.ndarray | None = None) -> np.ndarray:
+        """The live rows, less ``drop_rows``, ascending: the rows :meth:`compacted` keeps."""
         keep = self.alive.copy()
         if drop_rows is not None and len(drop_rows):
             keep[drop_rows] = False
-        new = SlotTable(self.dim)
-        if keep.any():
-            new.append(self.ids[keep], self.label_idx[keep], self.weights[keep], self.vectors[keep],
+        return np.flatnonzero(keep)
+
+    def compacted(self, drop_rows: np.ndarray | None = None, keep_vectors: bool | None = None) -> "SlotTable":
+        """A new table holding the live rows (less ``drop_rows``), renumbered from 0.
+
+        Args:
+            drop_rows: live rows to leave out as well.
+            keep_vectors: whether the new table keeps vectors (default: as this one);
+                it can only if this one does.
+        """
+        keep = self.live_rows(drop_rows)
+        new = SlotTable(self.dim, self.keep_vectors if keep_vectors is None else keep_vectors)
+        if len(keep):
+            vectors = self.vectors[keep] if new.keep_vectors else None
+            new.append(self.ids[keep], self.label_idx[keep], self.weights[keep], vectors,
                        self.created[keep], self.last_used[keep])
         new.class_counts = np.pad(new.class_counts, (0, max(0, len(self.class_counts) - len(new.class_counts))))
         return new
 
     @property
     def nbytes_vectors(self) -> int:
-        return self._vectors.nbytes
+        return self._vectors.nbytes if self.keep_vectors else 0
 
     @property
     def nbytes_ids(self) -> int:

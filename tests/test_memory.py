@@ -91,8 +91,43 @@ def test_get_and_weights(rng):
 def test_stats_counts_bytes(mem):
     s = mem.stats()
     assert s.slots == 50 and s.classes <= 4 and s.dim == 8 and s.index == "Flat"
-    assert s.bytes_vectors >= 50 * 8 * 4 and s.bytes_index >= 50 * 8 * 4 and s.bytes_ids >= 50 * 8
+    # a Flat index holds the vectors exactly, so the memory keeps no second copy
+    assert s.bytes_vectors == 0 and s.bytes_index >= 50 * 8 * 4 and s.bytes_ids >= 50 * 8
     assert s.as_dict()["bytes_total"] == s.bytes_vectors + s.bytes_index + s.bytes_ids
+
+
+@pytest.mark.parametrize("spec", ["Flat", "IVF16,Flat", "HNSW8"])
+def test_vectors_live_once_in_exact_indexes(rng, spec, tmp_path):
+    """Flat, IVF-Flat and HNSW-Flat give back the exact vectors: get, snapshot and reopen agree."""
+    x = rng.standard_normal((1000, 8)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    m = Memory(8, metric="ip", index=spec, path=tmp_path / "m")  # ip: vectors stored as given
+    ids = m.add(x, np.arange(1000) % 5)
+    m.remove(ids[:10])
+    assert m.stats().index == spec and m.stats().bytes_vectors == 0
+    np.testing.assert_array_equal(m.get(ids[10:]).vectors, x[10:])
+    m.save()
+    m.close()
+    with Memory.open(tmp_path / "m") as again:
+        np.testing.assert_array_equal(again.get(ids[10:]).vectors, x[10:])
+
+
+def test_lossy_index_keeps_vectors_to_rescore_unless_told_not_to(rng):
+    x = rng.standard_normal((3000, 16)).astype(np.float32)
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    q = x[:50] + 0.05 * rng.standard_normal((50, 16)).astype(np.float32)
+    exact = Memory(16, index="IVF4,PQ4x4")
+    compact = Memory(16, index="IVF4,PQ4x4", rescore=False)
+    for m in (exact, compact):
+        m.add(x, np.arange(3000) % 7)
+        assert m.stats().index == "IVF4,PQ4x4"
+    assert exact.stats().bytes_vectors >= 3000 * 16 * 4 and compact.stats().bytes_vectors == 0
+    assert exact.stats().bytes_total - compact.stats().bytes_total == exact.stats().bytes_vectors
+    np.testing.assert_array_equal(exact.get([5]).vectors[0], x[5])
+    approx = compact.get([5]).vectors[0]  # PQ reconstruction: close, not equal
+    assert not np.array_equal(approx, x[5]) and np.dot(approx, x[5]) > 0.8
+    res, qn = exact.query(q, k=8), q / np.linalg.norm(q, axis=1, keepdims=True)
+    np.testing.assert_allclose(res.scores, np.einsum("nd,nkd->nk", qn, x[res.ids]), atol=1e-5)
 
 
 def test_k_above_size_is_clamped_and_said(mem, probes):

@@ -8,6 +8,15 @@ at angular spread ``mode_spread`` around its centre (classes are multi-modal, as
 learned embeddings are); a sample is a sub-centre plus isotropic Gaussian noise of
 scale ``noise`` per unit of norm. With the defaults neighbouring classes overlap,
 so nearest-neighbour accuracy is high but not perfect.
+
+``noise_decay = a > 0`` makes the noise anisotropic, as in learned embeddings:
+its variance along the i-th axis of a random rotation falls as ``i ** -a``
+(total variance unchanged). Learned 64-d Matching Network embeddings of
+Fashion-MNIST have within-class residuals whose participation ratio (the
+effective number of dimensions, ``(sum l)^2 / sum l^2`` over the eigenvalues)
+is about 17 and a mean cosine of 0.91 to their class centre; ``noise_decay=1``
+gives a participation ratio of 14 at d = 64 (isotropic noise: 64). The scale
+benchmark uses :data:`LEARNED_LIKE`.
 """
 
 from __future__ import annotations
@@ -28,6 +37,7 @@ def clustered(
     class_spread: float = 0.8,
     mode_spread: float = 0.5,
     noise: float = 1.1,
+    noise_decay: float = 0.0,
     seed: int = 0,
     queries: int = 0,
 ) -> tuple[np.ndarray, np.ndarray] | tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -42,14 +52,26 @@ def clustered(
     centres = _unit(groups[np.arange(n_classes) % len(groups)]
                     + class_spread / np.sqrt(dim) * rng.standard_normal((n_classes, dim)))
     subs = _unit(centres[:, None, :] + mode_spread / np.sqrt(dim) * rng.standard_normal((n_classes, modes, dim)))
+    shape = None
+    if noise_decay > 0:  # per-axis std along a random rotation, scaled to keep the total variance
+        scale = np.arange(1, dim + 1) ** (-noise_decay / 2)
+        rotation = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
+        shape = (scale * np.sqrt(dim) / np.linalg.norm(scale))[:, None] * rotation.T
 
     def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
         labels = rng.integers(0, n_classes, m)
         mode = rng.integers(0, modes, m)
-        x = subs[labels, mode] + noise / np.sqrt(dim) * rng.standard_normal((m, dim))
+        eps = rng.standard_normal((m, dim))
+        if shape is not None:
+            eps = eps @ shape
+        x = subs[labels, mode] + noise / np.sqrt(dim) * eps
         return x.astype(np.float32), labels.astype(np.int64)
 
     x, y = draw(n)
     if queries:
         return (x, y, *draw(queries))
     return x, y
+
+
+# Settings close to learned embeddings (see the module docstring): used by bench/scale.py.
+LEARNED_LIKE = {"modes": 4, "class_spread": 0.3, "mode_spread": 0.3, "noise": 0.6, "noise_decay": 1.0}
