@@ -19,28 +19,36 @@ Two paths: numpy (float64) for serving, torch (autograd) for training.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 
 
-@dataclass(frozen=True)
+@dataclass
 class Attention:
     """Output of :func:`attend`.
 
     Attributes:
         attention: (n, k) attention weights over the retrieved slots (0 on padding).
-        probs: (n, C) class probabilities.
         tail_bound: (n,) upper bound on the attention mass left out by top-k.
+        class_idx: (n, k) class index of each slot, -1 for padding.
+        n_classes: number of classes C.
     """
 
     attention: np.ndarray
-    probs: np.ndarray
     tail_bound: np.ndarray
+    class_idx: np.ndarray
+    n_classes: int
+
+    @cached_property
+    def probs(self) -> np.ndarray:
+        """(n, C) class probabilities."""
+        return class_probs(self.attention, self.class_idx, self.n_classes)
 
 
 def attend(
     scores: np.ndarray,
-    weights: np.ndarray,
+    weights: np.ndarray | None,
     class_idx: np.ndarray,
     *,
     n_classes: int,
@@ -52,44 +60,64 @@ def attend(
     Args:
         scores: (n, k) similarities of the retrieved slots; padding entries
             (fewer than k slots found) must have ``class_idx == -1``.
-        weights: (n, k) slot masses ``w_i > 0``.
+        weights: (n, k) slot masses ``w_i > 0``, or None when every mass is 1.
         class_idx: (n, k) class index of each slot in ``[0, n_classes)``, -1 for padding.
-        n_classes: number of columns of ``probs``.
+        n_classes: number of classes C.
         temperature: softmax temperature ``T > 0``.
         omitted_weight: (n,) total mass of the slots not retrieved for each query.
 
     Returns:
-        An :class:`Attention` with attention, probs and tail_bound.
+        An :class:`Attention`; its dense ``probs`` are computed when first read.
     """
-    valid = class_idx >= 0
-    s = scores.astype(np.float64)
-    with np.errstate(divide="ignore"):
-        logits = np.where(valid, np.log(weights.astype(np.float64)) + s / temperature, -np.inf)
-    log_z = _logsumexp(logits)
-    attention = np.exp(logits - log_z[:, None])
-    attention[~valid] = 0.0
+    padded = class_idx.min() < 0
+    logits = scores.astype(np.float64) / temperature
+    if weights is not None:
+        logits += np.log(weights.astype(np.float64))
+    if padded:
+        logits[class_idx < 0] = -np.inf
+    m = logits.max(axis=1, keepdims=True)
+    if padded:  # a row may have retrieved nothing (an IVF probe of dead lists)
+        m[~np.isfinite(m)] = 0.0
+    attention = np.exp(logits - m)
+    z = attention.sum(axis=1)
+    attention /= np.maximum(z, np.finfo(np.float64).tiny)[:, None]
 
-    # Smallest retrieved similarity bounds every omitted one (exact index).
-    s_k = np.where(valid, s, np.inf).min(axis=1)
-    omitted = np.maximum(np.asarray(omitted_weight, dtype=np.float64), 0.0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        log_b = np.where(omitted > 0, np.log(omitted) + s_k / temperature, -np.inf)
-    log_total = np.logaddexp(log_z, log_b)
-    tail_bound = np.where(np.isfinite(log_b), np.exp(log_b - log_total), 0.0)
-
-    n, k = scores.shape
-    rows = np.repeat(np.arange(n), k)
-    flat = np.where(valid, class_idx, 0).ravel() + rows * n_classes
-    probs = np.bincount(flat, weights=attention.ravel(), minlength=n * n_classes)
-    return Attention(attention=attention, probs=probs.reshape(n, n_classes), tail_bound=tail_bound)
+    # Smallest retrieved similarity bounds every omitted one (exact index): the
+    # omitted mass is at most B = W_omitted exp(s_k / T), here scaled by exp(-m) as Z is.
+    s_k = (np.where(class_idx >= 0, scores, np.inf) if padded else scores).min(axis=1)
+    b = np.asarray(omitted_weight, dtype=np.float64) * np.exp(s_k / temperature - m[:, 0])
+    tail_bound = np.where(b > 0, b / (z + b), 0.0)
+    return Attention(attention=attention, tail_bound=tail_bound, class_idx=class_idx, n_classes=n_classes)
 
 
-def _logsumexp(x: np.ndarray) -> np.ndarray:
-    """Row-wise log-sum-exp that tolerates rows of -inf."""
-    m = x.max(axis=1)
-    m_safe = np.where(np.isfinite(m), m, 0.0)
-    with np.errstate(divide="ignore"):
-        return np.log(np.exp(x - m_safe[:, None]).sum(axis=1)) + m_safe
+def class_probs(attention: np.ndarray, class_idx: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n, C) dense class probabilities: attention summed per class (-1 entries ignored)."""
+    n, k = attention.shape
+    flat = (np.maximum(class_idx, 0) + np.arange(n)[:, None] * n_classes).ravel()
+    mass = attention.ravel()  # 0 on padding
+    return np.bincount(flat, weights=mass, minlength=n * n_classes).reshape(n, n_classes)
+
+
+def top_class(attention: np.ndarray, class_idx: np.ndarray, n_classes: int) -> np.ndarray:
+    """(n,) the class of most attention in each row, ties to the lowest index.
+
+    Sums per class densely when (n, C) is small; otherwise sorts each row's k
+    slots by class and sums the runs, O(n k log k) whatever C is.
+    """
+    n, k = attention.shape
+    if n * n_classes <= (1 << 16):
+        return np.argmax(class_probs(attention, class_idx, n_classes), axis=1)
+    row = np.arange(n)[:, None]
+    order = np.argsort(class_idx, axis=1, kind="stable")
+    cls = class_idx[row, order]
+    att = np.where(cls >= 0, attention[row, order], -1.0)  # padding never wins
+    run = np.ones((n, k), bool)
+    run[:, 1:] = cls[:, 1:] != cls[:, :-1]
+    run_id = np.cumsum(run, axis=1) - 1 + row * k
+    mass = np.bincount(run_id.ravel(), weights=att.ravel(), minlength=n * k).reshape(n, k)
+    best = np.argmax(mass, axis=1) + row[:, 0] * k
+    first = np.argmax(run_id == best[:, None], axis=1)
+    return cls[row[:, 0], first]
 
 
 def attend_torch(scores, weights, class_idx, *, n_classes: int, temperature):

@@ -29,8 +29,8 @@ from .errors import InvalidValueError
 TRAIN_POINTS_PER_CENTROID = 39
 # A trained index is retrained once the memory has grown this many times over.
 RETRAIN_GROWTH = 4.0
-# "auto": exact Flat up to this many slots, then IVF.
-AUTO_FLAT_MAX = 100_000
+# "auto": exact Flat up to this many slots, then IVF (rule from bench/scale.py, docs/architecture.md).
+AUTO_FLAT_MAX = 20_000
 
 
 @dataclass(frozen=True)
@@ -60,8 +60,15 @@ def auto_spec(n: int) -> str:
     """The factory string "auto" resolves to for a memory of ``n`` slots."""
     if n <= AUTO_FLAT_MAX:
         return "Flat"
-    nlist = 1 << int(round(np.log2(4 * np.sqrt(n))))
-    return f"IVF{nlist},Flat"
+    return f"IVF{auto_nlist(n)},Flat"
+
+
+def auto_nlist(n: int) -> int:
+    """IVF lists for ``n`` slots: the power of two nearest 2 sqrt(n), trainable on n points."""
+    nlist = 1 << int(round(np.log2(2 * np.sqrt(n))))
+    while nlist > 16 and nlist * TRAIN_POINTS_PER_CENTROID > n:
+        nlist //= 2
+    return nlist
 
 
 def min_train_points(index: faiss.Index) -> int:
@@ -181,13 +188,23 @@ class VectorIndex:
         Returns:
             (scores, rows), each (n, k); rows are -1 where fewer than k were found.
         """
-        bitmap = None if alive is None else np.packbits(alive, bitorder="little")
-        sel = None if bitmap is None else faiss.IDSelectorBitmap(len(alive), faiss.swig_ptr(bitmap))
-        params = self._params(sel, k)
-        if params is None:
-            return self._index.search(queries, k)
+        if alive is None:
+            params = self._cached_params(k)
+            return self._index.search(queries, k) if params is None else self._index.search(queries, k, params=params)
+        bitmap = np.packbits(alive, bitorder="little")
+        sel = faiss.IDSelectorBitmap(len(alive), faiss.swig_ptr(bitmap))
         # `bitmap` and `sel` stay referenced here while FAISS reads them.
-        return self._index.search(queries, k, params=params)
+        return self._index.search(queries, k, params=self._params(sel, k))
+
+    def _cached_params(self, k: int):
+        """Search parameters without a selector, built once per (settings, k)."""
+        key = (self.settings, k)
+        cache = self.__dict__.setdefault("_params_cache", {})
+        if key not in cache:
+            if len(cache) > 64:
+                cache.clear()
+            cache[key] = self._params(None, k)
+        return cache[key]
 
     def _params(self, sel, k: int):
         if self._ivf is not None:
@@ -211,8 +228,8 @@ def default_ef_search(k: int) -> int:
 
 
 def default_nprobe(nlist: int) -> int:
-    """nprobe chosen for recall near 0.99 on clustered data: an eighth of the lists, at least 8."""
-    return int(min(nlist, max(8, nlist // 8)))
+    """IVF lists probed per query: 16, or nlist/64 for very large indexes (see bench/scale.py)."""
+    return int(min(nlist, max(16, nlist // 64)))
 
 
 def _is_lossy(index: faiss.Index) -> bool:

@@ -29,7 +29,7 @@ import numpy as np
 
 from . import compaction
 from . import store as store_mod
-from .attention import attend
+from .attention import attend, top_class
 from .errors import (
     CorruptFileError,
     DimensionError,
@@ -105,6 +105,7 @@ class Memory:
         self._keep_vectors = self._index.spec_lossy and self._rescore
         self._table = SlotTable(self.dim, self._keep_vectors)
         self._labels: list = []  # label index -> label value (the memory's vocabulary)
+        self._class_cache: tuple | None = None  # (live classes, column of each label index)
         self._label_pos: dict = {}
         self._label_kind: str | None = None
         self._next_id = 0
@@ -262,10 +263,12 @@ class Memory:
         if self._index.needs_rebuild(n_alive_after) or self._too_dead(len(old_rows)):
             table, index = self._rebuilt(old_rows, (ids, self._intern(labels), w, v, now))
             with self._lock.write():
+                self._class_cache = None  # the live classes may change
                 self._table, self._index = table, index
         else:
             label_idx = self._intern(labels)
             with self._lock.write():
+                self._class_cache = None  # the live classes may change
                 self._table.kill(old_rows)
                 self._table.append(ids, label_idx, w, v, now)
                 self._index.add(v)
@@ -291,9 +294,11 @@ class Memory:
             if self._too_dead(len(rows)):
                 table, index = self._rebuilt(rows)
                 with self._lock.write():
+                    self._class_cache = None  # the live classes may change
                     self._table, self._index = table, index
             else:
                 with self._lock.write():
+                    self._class_cache = None  # the live classes may change
                     self._table.kill(rows)
             return len(rows)
 
@@ -357,6 +362,7 @@ class Memory:
         if table is not self._table or dropped:
             index = self._index.build(vectors)  # aside: readers go on meanwhile
             with self._lock.write():
+                self._class_cache = None  # the live classes may change
                 self._table, self._index = table, index
         if self._store is not None:
             self._save_locked(None)
@@ -419,7 +425,8 @@ class Memory:
             att = self._attend(scores, rows)
             if tail is not None:
                 scores, rows, att = self._grow_k(q, scores, rows, att, tail, k_eff, n_alive)
-            self._table.last_used[rows[rows >= 0]] = time.time()  # for the age policy; a benign race
+            # for the age policy; a benign race with other readers
+            self._table.last_used[rows if rows.min() >= 0 else rows[rows >= 0]] = time.time()
             return self._result(scores, rows, att, int(k))
 
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -434,54 +441,86 @@ class Memory:
         return scores, rows
 
     def _attend(self, scores: np.ndarray, rows: np.ndarray):
+        t = self._table
+        columns = self._columns_of_labels()
+        if rows.min() >= 0:  # the common case: every query found k slots
+            weights = None if t.unit_weights else t.weights[rows]
+            class_idx = columns[t.label_idx[rows]]
+            if rows.shape[1] >= t.n_alive:
+                omitted = 0.0
+            else:
+                omitted = t.total_weight - (rows.shape[1] if weights is None else weights.sum(axis=1))
+            return attend(scores, weights, class_idx, n_classes=len(self._classes()),
+                          temperature=self._temperature, omitted_weight=omitted)
         valid = rows >= 0
         safe = np.where(valid, rows, 0)
-        weights = self._table.weights[safe]
-        class_idx = np.where(valid, self._table.label_idx[safe], -1)
+        weights = np.where(valid, t.weights[safe], 1.0)
+        class_idx = np.where(valid, columns[t.label_idx[safe]], -1)
         used = np.where(valid, weights, 0.0).sum(axis=1)
         n_used = valid.sum(axis=1)
-        omitted = np.where(n_used >= self._table.n_alive, 0.0, self._table.total_weight - used)
-        return attend(scores, weights, class_idx, n_classes=len(self._labels),
+        omitted = np.where(n_used >= t.n_alive, 0.0, t.total_weight - used)
+        return attend(scores, weights, class_idx, n_classes=len(self._classes()),
                       temperature=self._temperature, omitted_weight=omitted)
+
+    def _classes(self) -> np.ndarray:
+        """The live classes (labels), in vocabulary order: the columns of ``probs``."""
+        cached = self._class_cache
+        if cached is None:
+            present = np.flatnonzero(self._table.class_counts > 0)
+            columns = np.full(len(self._labels), -1, np.int64)
+            columns[present] = np.arange(len(present))
+            cached = self._class_cache = (self._label_array(present), columns)
+        return cached[0]
+
+    def _columns_of_labels(self) -> np.ndarray:
+        """Column of ``probs`` (index into :meth:`_classes`) of each label index."""
+        self._classes()
+        return self._class_cache[1]
 
     def _grow_k(self, q, scores, rows, att, tail, k, n_alive):
         """Re-run the queries whose tail bound is above ``tail`` with twice the k, until met."""
         todo = np.flatnonzero(att.tail_bound > tail)
         if len(todo) == 0:
             return scores, rows, att
-        per_query = [(scores[i], rows[i], att.attention[i], att.probs[i], att.tail_bound[i]) for i in range(len(q))]
+        per_query = [(scores[i], rows[i], att.attention[i], att.class_idx[i], att.tail_bound[i])
+                     for i in range(len(q))]
         while len(todo) and k < n_alive:
             k = min(2 * k, n_alive)
             s2, r2 = self._search(q[todo], k)
             a2 = self._attend(s2, r2)
             for j, i in enumerate(todo):
-                per_query[i] = (s2[j], r2[j], a2.attention[j], a2.probs[j], a2.tail_bound[j])
+                per_query[i] = (s2[j], r2[j], a2.attention[j], a2.class_idx[j], a2.tail_bound[j])
             todo = todo[a2.tail_bound > tail]
         width = max(len(p[0]) for p in per_query)
         pad = lambda x, fill: np.concatenate([x, np.full(width - len(x), fill, dtype=x.dtype)])  # noqa: E731
         scores = np.stack([pad(p[0], -np.inf) for p in per_query])
         rows = np.stack([pad(p[1], -1) for p in per_query])
         attention = np.stack([pad(p[2], 0.0) for p in per_query])
-        probs = np.stack([p[3] for p in per_query])
+        class_idx = np.stack([pad(p[3], -1) for p in per_query])
         bound = np.array([p[4] for p in per_query])
-        return scores, rows, type(att)(attention=attention, probs=probs, tail_bound=bound)
+        return scores, rows, type(att)(attention=attention, tail_bound=bound, class_idx=class_idx,
+                                       n_classes=att.n_classes)
 
     def _result(self, scores, rows, att, k_requested: int) -> QueryResult:
-        valid = rows >= 0
-        present = np.flatnonzero(self._table.class_counts > 0)
-        classes = self._label_array(present)
-        probs = att.probs[:, present]
+        classes = self._classes()
+        if rows.min() >= 0:
+            ids, k = self._table.ids[rows], rows.shape[1]
+        else:
+            valid = rows >= 0
+            ids = np.where(valid, self._table.ids[np.where(valid, rows, 0)], -1)
+            scores = np.where(valid, scores, np.nan).astype(np.float32)
+            k = int(valid.sum(axis=1).max())
         return QueryResult(
             classes=classes,
-            probs=probs,
-            labels=classes[np.argmax(probs, axis=1)],
-            ids=np.where(valid, self._table.ids[np.where(valid, rows, 0)], -1),
-            scores=np.where(valid, scores, np.nan).astype(np.float32),
+            labels=classes[top_class(att.attention, att.class_idx, len(classes))],
+            ids=ids,
+            scores=scores,
             attention=att.attention,
             tail_bound=att.tail_bound,
             exact_bound=self._index.exact,
-            k=int(valid.sum(axis=1).max()),
+            k=k,
             k_requested=k_requested,
+            slot_classes=att.class_idx,
         )
 
     def get(self, ids) -> Slots:
@@ -595,15 +634,16 @@ class Memory:
             raise DimensionError(f"{what} must have shape (n, {self.dim}), got {np.shape(x)}")
         if len(a) == 0:
             raise InvalidValueError(f"{what} is empty")
-        bad = ~np.isfinite(a).all(axis=1)
-        if bad.any():
+        # squared norms in float64: finite exactly when every value is (no float32 overflow)
+        sq = np.einsum("ij,ij->i", a, a, dtype=np.float64)
+        if not np.isfinite(sq).all():
+            bad = ~np.isfinite(a).all(axis=1)
             raise InvalidValueError(f"{what} contain NaN or inf (rows {np.flatnonzero(bad)[:10].tolist()})")
         if self.metric == "cosine":
-            norms = np.linalg.norm(a, axis=1, keepdims=True)
-            if (norms == 0).any():
+            if not sq.all():
                 raise InvalidValueError(f"{what} contain zero vectors, which have no cosine similarity "
-                                        f"(rows {np.flatnonzero(norms[:, 0] == 0)[:10].tolist()})")
-            a = a / norms
+                                        f"(rows {np.flatnonzero(sq == 0)[:10].tolist()})")
+            return np.ascontiguousarray(a / np.sqrt(sq)[:, None], dtype=np.float32)
         return np.ascontiguousarray(a, dtype=np.float32)
 
     def _check_labels(self, labels, n: int) -> list:

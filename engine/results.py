@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -13,7 +13,6 @@ class QueryResult:
 
     Attributes:
         classes: (C,) the label of each column of ``probs`` (the memory's live classes).
-        probs: (n, C) class probabilities p(c) from top-k attention.
         labels: (n,) the most probable label of each query.
         ids: (n, k) ids of the retrieved slots, best first; -1 where fewer were used.
         scores: (n, k) similarity of each retrieved slot (NaN on padding).
@@ -25,10 +24,14 @@ class QueryResult:
         k: the largest number of slots any query used.
         k_requested: the ``k`` asked for; ``k < k_requested`` means it was clamped
             to the memory's size (or the index found fewer).
+        slot_classes: (n, k) column of ``classes`` of each retrieved slot, -1 on padding.
+
+    ``probs``, the (n, C) class probabilities, is built from ``attention`` and
+    ``slot_classes`` when first read: with many classes it is large, and most
+    callers only want ``labels``.
     """
 
     classes: np.ndarray
-    probs: np.ndarray
     labels: np.ndarray
     ids: np.ndarray
     scores: np.ndarray
@@ -37,6 +40,17 @@ class QueryResult:
     exact_bound: bool
     k: int
     k_requested: int
+    slot_classes: np.ndarray | None = None
+    _probs: np.ndarray | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """(n, C) class probabilities p(c) from top-k attention (columns: ``classes``)."""
+        if self._probs is None:
+            from .attention import class_probs
+
+            object.__setattr__(self, "_probs", class_probs(self.attention, self.slot_classes, len(self.classes)))
+        return self._probs
 
     @property
     def k_clamped(self) -> bool:

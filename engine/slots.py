@@ -65,6 +65,7 @@ class SlotTable:
         self.n_alive = 0
         self.total_weight = 0.0  # mass of the live slots, kept up to date by append and kill
         self.class_counts = np.zeros(0, np.int64)  # live slots per label index
+        self.unit_weights = True  # every row written with weight 1 (attention can skip the masses)
 
     # columns (views; valid until the next append)
     @property
@@ -141,6 +142,7 @@ class SlotTable:
             self._sorted_rows = np.concatenate([self._sorted_rows, new_rows])[merge]
         self.n_alive += len(ids)
         self.total_weight += float(np.sum(weights))
+        self.unit_weights = self.unit_weights and bool(np.all(weights == 1.0))
         self._count(label_idx, +1)
 
     def kill(self, rows: np.ndarray) -> None:

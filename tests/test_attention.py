@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from engine import Memory
-from engine.attention import attend, attend_torch
+from engine.attention import attend, attend_torch, class_probs, top_class
 
 from .reference import dense_reference
 
@@ -104,3 +104,44 @@ def test_torch_path_matches_numpy_and_has_gradients(rng):
         lambda a, t: attend_torch(a, torch.tensor(w), torch.tensor(cls), n_classes=c, temperature=t).gather(1, present),
         (torch.tensor(s, requires_grad=True), temp),
     )
+
+
+@pytest.mark.parametrize("n,c", [(5, 40), (300, 5000)], ids=["dense-sum", "sorted-runs"])
+def test_top_class_is_the_argmax_of_class_probs(rng, n, c):
+    """Both ways of finding the top class (dense sums, sorted runs for many classes) agree with argmax."""
+    k = 32
+    cls = rng.integers(0, 7, (n, k)) * (c // 7)  # few distinct classes per row, so runs repeat
+    cls[::3, -4:] = -1  # padding
+    att = rng.dirichlet(np.ones(k), n) * (cls >= 0)
+    att[:, 0] = att[:, 1] = 0.4  # exact ties between two classes in some rows
+    probs = class_probs(att, cls, c)
+    np.testing.assert_array_equal(top_class(att, cls, c), np.argmax(probs, axis=1))
+
+
+def test_unit_weights_shortcut_matches_explicit_weights(rng):
+    s = np.sort(rng.uniform(-1, 1, (20, 16)), axis=1)[:, ::-1]
+    cls = rng.integers(0, 5, (20, 16))
+    a = attend(s, None, cls, n_classes=5, temperature=0.05, omitted_weight=np.full(20, 100.0))
+    b = attend(s, np.ones((20, 16)), cls, n_classes=5, temperature=0.05, omitted_weight=np.full(20, 100.0))
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-14)
+    np.testing.assert_allclose(a.tail_bound, b.tail_bound, atol=1e-14)
+
+
+def test_query_labels_with_many_classes_match_dense_reference(rng):
+    """A memory of 3,000 classes answers 100 queries through the sorted-runs path."""
+    x = rng.standard_normal((6000, 16)).astype(np.float32)
+    y = np.arange(6000) % 3000
+    mem = Memory(16, index="Flat", temperature=0.05)
+    mem.add(x, y)
+    q = x[:100] + 0.1 * rng.standard_normal((100, 16)).astype(np.float32)
+    res = mem.query(q, k=32)
+    # reference: float64 brute-force top-32, softmax, mass per class
+    z = x / np.linalg.norm(x, axis=1, keepdims=True)
+    s = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float64) @ z.T.astype(np.float64)
+    top = np.argsort(-s, axis=1)[:, :32]
+    a = np.exp((np.take_along_axis(s, top, 1) - s.max(axis=1, keepdims=True)) / 0.05)
+    a /= a.sum(axis=1, keepdims=True)
+    mass = np.zeros((100, 3000))
+    np.add.at(mass, (np.repeat(np.arange(100), 32), y[top].ravel()), a.ravel())
+    np.testing.assert_array_equal(res.labels, np.argmax(mass, axis=1))
+    np.testing.assert_allclose(res.probs.max(axis=1), mass.max(axis=1), atol=1e-5)

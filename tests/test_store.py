@@ -101,13 +101,13 @@ def test_torn_final_record_is_ignored(tmp_path, data):
 def test_corrupt_wal_record_is_refused(tmp_path, data):
     x, y, _ = data
     mem = Memory(8, index="Flat", path=tmp_path / "m")
-    for i in range(3):
-        mem.add(x[i * 10:(i + 1) * 10], y[i * 10:(i + 1) * 10])
+    ids = [mem.add(x[i * 10:(i + 1) * 10], y[i * 10:(i + 1) * 10]) for i in range(3)]
+    first = mem.get(ids[0][:1]).vectors[0, :2].tobytes()  # the stored (normalised) vector
     mem.close()
     wal = tmp_path / "m" / wal_files(tmp_path / "m")[-1]
     raw = bytearray(wal.read_bytes())
     # flip bytes inside the first record's vector payload: its checksum fails
-    at = raw.index(np.float32(x[0, 0] / np.linalg.norm(x[0])).tobytes())
+    at = raw.index(first)
     raw[at:at + 4] = b"\x00\x00\xc0\x7f"
     wal.write_bytes(bytes(raw))
     manifest_before = (tmp_path / "m" / "manifest.json").read_bytes()

@@ -187,7 +187,7 @@ def _merge(parts: list, k_requested: int) -> QueryResult:
         bounds.append(batch.column("tail_bound").to_numpy())
     label_dtype = object if classes and isinstance(classes[0], str) else np.int64
     return QueryResult(
-        classes=np.array(classes, dtype=label_dtype), probs=np.concatenate(probs), labels=np.array(labels, dtype=label_dtype),
+        classes=np.array(classes, dtype=label_dtype), _probs=np.concatenate(probs), labels=np.array(labels, dtype=label_dtype),
         ids=np.concatenate(ids), scores=np.concatenate(scores).astype(np.float32), attention=np.concatenate(attention),
         tail_bound=np.concatenate(bounds), exact_bound=all(m["exact_bound"] for _, m in parts), k=width,
         k_requested=k_requested,

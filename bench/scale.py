@@ -1,0 +1,348 @@
+"""The engine across support-set size, against dense attention and bare FAISS.
+
+    engine bench scale --out runs/bench             # 1k..1M slots at d=64, plus 100k at d=256
+    python bench/scale.py --sizes 1000 10000 --extra --out runs/smoke
+
+Data: ``engine.data.clustered`` with :data:`engine.data.synthetic.LEARNED_LIKE`
+settings (seeded; n/100 classes of 4 modes each, anisotropic noise calibrated
+on learned embeddings), and 1,000 queries drawn from the same distribution.
+
+Every (size, method) runs in a fresh process, so peak RSS is its own. Methods:
+- ``dense``: full attention in torch over every slot, float32 (the plain
+  Matching Networks kernel, batched to fit in memory). It is the baseline for
+  speed and the reference for agreement; exact top-k (FAISS Flat) is the
+  reference for recall;
+- ``Flat``, ``auto``, ``IVF-PQ`` (codes only: ``rescore=False``) and ``HNSW32``
+  (up to ``--hnsw-max`` slots: its build is slow) as engine memories. For each:
+  ingest rate (index training included), batched (1,000 queries) and single-query
+  latency at k=64, the same FAISS index searched bare with the same parameters
+  (our overhead), bytes per slot, peak RSS, argmax agreement and total-variation
+  distance to dense attention, the tail bounds, and recall@k against exact search;
+- for IVF memories, a sweep of nprobe: latency, agreement and recall per value,
+  from which the ``auto`` rule is read.
+Writes ``scale.json`` and ``scale.png`` to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from engine.index import AUTO_FLAT_MAX
+
+K = 64
+TEMPERATURE = 0.03  # where dense attention classifies this data best (0.986 at 100k; 0.936 at T=0.1)
+SINGLES = 200
+NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
+
+
+def data(n: int, dim: int, queries: int, seed: int):
+    from engine.data import clustered
+    from engine.data.synthetic import LEARNED_LIKE
+
+    return clustered(n, dim, n_classes=max(10, n // 100), seed=seed, queries=queries, **LEARNED_LIKE)
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
+
+
+def percentile_ms(times: list[float], p: float) -> float:
+    return float(np.percentile(np.asarray(times) * 1e3, p))
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# -- the dense baseline and the references ------------------------------------------------
+def dense_probs(torch, q, x, labels, n_classes: int, chunk: int):
+    """Full softmax attention over all slots (float32): class probabilities, (nq, C)."""
+    out = []
+    for i in range(0, len(q), chunk):
+        a = torch.softmax((q[i:i + chunk] @ x.T) / TEMPERATURE, dim=1)
+        out.append(torch.zeros(len(a), n_classes).index_add_(1, labels, a))
+    return torch.cat(out)
+
+
+def run_dense(n: int, dim: int, queries: int, seed: int, ref_path: str) -> dict:
+    import faiss
+    import torch
+
+    x, y, q, _ = data(n, dim, queries, seed)
+    x, q = unit(x), unit(q)
+    n_classes = int(y.max()) + 1
+    tx, tq, ty = torch.from_numpy(x), torch.from_numpy(q), torch.from_numpy(y)
+    chunk = max(1, int(2.5e8 // n))  # at most ~1 GB of scores at a time
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        probs = dense_probs(torch, tq, tx, ty, n_classes, chunk).numpy()
+        batch_s = time.perf_counter() - t0
+        singles = []
+        for i in range(min(SINGLES, 20 if n >= 500_000 else SINGLES)):
+            t0 = time.perf_counter()
+            dense_probs(torch, tq[i:i + 1], tx, ty, n_classes, chunk)
+            singles.append(time.perf_counter() - t0)
+    exact = faiss.IndexFlatIP(dim)
+    exact.add(x)
+    _, truth = exact.search(q, K)
+    np.savez(ref_path, probs=probs, truth=truth)
+    return {"method": "dense", "batch_s": batch_s, "batch_qps": len(q) / batch_s,
+            "single_p50_ms": percentile_ms(singles, 50), "single_p99_ms": percentile_ms(singles, 99),
+            "bytes_per_slot": 4 * dim + 8, "peak_rss_mb": peak_rss_mb(), "argmax_agreement": 1.0,
+            "tv_mean": 0.0, "recall_median": 1.0, "recall_mean": 1.0}
+
+
+# -- engine memories ----------------------------------------------------------------------
+def spec_for(method: str, n: int, dim: int) -> tuple[str, dict]:
+    from engine.index import auto_nlist
+
+    if method == "IVF":  # auto's IVF rule at any size (auto itself stays Flat while small)
+        return f"IVF{auto_nlist(n)},Flat", {}
+    if method == "IVF-PQ":  # codes only, d/4 bytes a vector
+        return f"IVF{auto_nlist(n)},PQ{dim // 4}", {"rescore": False}
+    return method, {}
+
+
+def agreement(res, ref_probs: np.ndarray, truth: np.ndarray) -> dict:
+    probs = np.zeros_like(ref_probs)
+    probs[:, res.classes] = res.probs
+    recall = np.array([len(np.intersect1d(f[f >= 0], t)) / K for f, t in zip(res.ids, truth)])
+    tv = 0.5 * np.abs(probs - ref_probs).sum(axis=1)
+    return {"argmax_agreement": float(np.mean(probs.argmax(1) == ref_probs.argmax(1))),
+            "tv_mean": float(tv.mean()), "tv_max": float(tv.max()),
+            "recall_median": float(np.median(recall)), "recall_mean": float(recall.mean()),
+            "tail_bound_median": float(np.median(res.tail_bound)), "tail_bound_max": float(res.tail_bound.max())}
+
+
+def timed(fn, repeats: int) -> float:
+    """Fastest wall time of ``repeats`` calls (the least disturbed on a noisy machine)."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path: str, sweep: bool) -> dict:
+    from engine import Memory
+
+    x, y, q, _ = data(n, dim, queries, seed)
+    spec, options = spec_for(method, n, dim)
+    ref = np.load(ref_path)
+    mem = Memory(dim, index=spec, temperature=TEMPERATURE, **options)
+    batch = 100_000
+    t0 = time.perf_counter()
+    for i in range(0, n, batch):  # written as a stream of batches: rebuilds and retraining included
+        mem.add(x[i:i + batch], y[i:i + batch])
+    ingest_s = time.perf_counter() - t0
+    del x
+    repeats = 2 if n >= 500_000 else 3
+    qn = unit(q)
+    res = mem.query(q, k=K)
+    batch_s = timed(lambda: mem.query(q, k=K), repeats)
+    index = mem._index  # the very FAISS index and search parameters the memory uses
+    params = index._params(None, K)
+    bare = (lambda b: index._index.search(b, K)) if params is None else (lambda b: index._index.search(b, K, params=params))
+    faiss_s = timed(lambda: bare(qn), repeats)
+    singles, bare_singles = [], []
+    for i in range(SINGLES):
+        row = q[i % len(q)]
+        t0 = time.perf_counter()
+        mem.query(row, k=K)
+        singles.append(time.perf_counter() - t0)
+        one = qn[i % len(q)][None]
+        t0 = time.perf_counter()
+        bare(one)
+        bare_singles.append(time.perf_counter() - t0)
+    stats = mem.stats()
+    row = {"method": method, "index": stats.index, "exact": stats.exact, "ingest_s": ingest_s,
+           "ingest_slots_per_s": n / ingest_s, "batch_s": batch_s, "batch_qps": len(q) / batch_s,
+           "faiss_batch_s": faiss_s, "overhead_batch": batch_s / faiss_s,
+           "single_p50_ms": percentile_ms(singles, 50), "single_p99_ms": percentile_ms(singles, 99),
+           "faiss_single_p50_ms": percentile_ms(bare_singles, 50),
+           "overhead_single": percentile_ms(singles, 50) / percentile_ms(bare_singles, 50),
+           "bytes_per_slot": stats.bytes_total / stats.slots,
+           "bytes_per_slot_vs_raw": stats.bytes_total / stats.slots / (4 * dim),
+           "peak_rss_mb": peak_rss_mb(), **agreement(res, ref["probs"], ref["truth"])}
+    if index._ivf is not None:
+        row["nprobe"] = params.nprobe
+        if sweep:
+            row["sweep"] = nprobe_sweep(mem, q, ref, repeats)
+    return row
+
+
+def nprobe_sweep(mem, q, ref, repeats: int) -> list[dict]:
+    from engine.index import SearchSettings
+
+    out = []
+    index = mem._index
+    default = index.settings
+    try:
+        for nprobe in NPROBES:
+            if nprobe > index._ivf.nlist:
+                break
+            index.settings = SearchSettings(nprobe=nprobe)
+            res = mem.query(q, k=K)
+            t = timed(lambda: mem.query(q, k=K), repeats)
+            out.append({"nprobe": nprobe, "batch_qps": len(q) / t, **agreement(res, ref["probs"], ref["truth"])})
+    finally:
+        index.settings = default
+    return out
+
+
+def child(kind: str, args: tuple, conn) -> None:
+    try:
+        conn.send(("ok", run_dense(*args) if kind == "dense" else run_memory(*args)))
+    except BaseException as exc:  # report, do not hang the parent
+        conn.send(("error", f"{type(exc).__name__}: {exc}"))
+
+
+def in_process(kind: str, *args) -> dict:
+    """Run one measurement in a fresh process (so its peak RSS is its own)."""
+    ctx = mp.get_context("spawn")
+    recv, send = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=child, args=(kind, args, send))
+    proc.start()
+    status, payload = recv.recv()
+    proc.join()
+    if status != "ok":
+        raise RuntimeError(f"{kind} {args[:3]}: {payload}")
+    return payload
+
+
+# -- the plan, the report and the plots -----------------------------------------------
+def plan(sizes: list[int], dim: int, extra: bool, methods: list[str], hnsw_max: int) -> list[tuple[int, int, str]]:
+    cases = [(n, dim) for n in sizes] + ([(100_000, 256)] if extra else [])
+    out = []
+    for n, d in cases:
+        out.append((n, d, "dense"))
+        for m in methods:
+            if m.startswith("HNSW") and n > hnsw_max:
+                continue
+            if m == "IVF-PQ" and n < 100_000:
+                continue  # PQ needs 256 x 39 training points and only pays off at scale
+            if m == "IVF" and (n < 10_000 or n > AUTO_FLAT_MAX):
+                continue  # too small to train, or the same index as auto
+            out.append((n, d, m))
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    dims = sorted({r["dim"] for r in rows})
+    main_dim = dims[0]
+    fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
+    panels = [("batch_ms_per_query", "batched: ms per query (1,000 at a time, k=64)", True),
+              ("single_p50_ms", "single query: p50 latency (ms)", True),
+              ("ingest_slots_per_s", "ingest: slots / s (training included)", True),
+              ("bytes_per_slot", "bytes per slot", True),
+              ("peak_rss_mb", "peak RSS of the run (MiB)", True),
+              ("argmax_agreement", "argmax agreement with dense attention", False)]
+    for r in rows:
+        r["batch_ms_per_query"] = 1e3 / r["batch_qps"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    for ax, (key, title, log_y) in zip(axes.ravel(), panels):
+        for m in methods:
+            pts = sorted((r for r in rows if r["method"] == m and r["dim"] == main_dim and key in r),
+                         key=lambda r: r["size"])
+            if pts:
+                ax.plot([r["size"] for r in pts], [r[key] for r in pts], marker="o", label=m,
+                        ls="--" if m == "dense" else "-")
+        if key == "batch_ms_per_query":
+            pts = sorted((r for r in rows if r["method"] == "auto" and r["dim"] == main_dim), key=lambda r: r["size"])
+            ax.plot([r["size"] for r in pts], [1e3 * r["faiss_batch_s"] / 1000 for r in pts], "k:",
+                    label="bare FAISS (auto's index)")
+        if key == "bytes_per_slot":
+            ax.axhline(4 * main_dim, color="grey", ls=":", label=f"raw float32 vector ({4 * main_dim} B)")
+        ax.set_xscale("log")
+        if log_y:
+            ax.set_yscale("log")
+        ax.set_xlabel(f"slots in memory (d={main_dim})")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"engine across support-set size ({platform.machine()}, {mp.cpu_count()} cores, "
+                 f"T={TEMPERATURE}, k={K})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| slots | d | method | index | ingest slots/s | batch q/s | vs dense | vs bare FAISS (batch / single) "
+            "| single p50 ms | bytes/slot (x raw) | peak RSS MiB | argmax agree | mean TV | median recall@64 |")
+    lines = [head, "|" + "---|" * (head.count("|") - 1)]
+    dense = {(r["size"], r["dim"]): r for r in rows if r["method"] == "dense"}
+    for r in rows:
+        base = dense.get((r["size"], r["dim"]))
+        speedup = f"{r['batch_qps'] / base['batch_qps']:,.0f}x" if base and r["method"] != "dense" else "1x"
+        over = (f"{r['overhead_batch']:.2f} / {r['overhead_single']:.2f}" if "overhead_batch" in r else "-")
+        ingest = f"{r['ingest_slots_per_s']:,.0f}" if "ingest_slots_per_s" in r else "-"
+        raw = r["bytes_per_slot"] / (4 * r["dim"])
+        lines.append(f"| {r['size']:,} | {r['dim']} | {r['method']} | {r.get('index', 'torch')} | {ingest} "
+                     f"| {r['batch_qps']:,.0f} | {speedup} | {over} | {r['single_p50_ms']:.2f} "
+                     f"| {r['bytes_per_slot']:.0f} ({raw:.2f}x) | {r['peak_rss_mb']:,.0f} "
+                     f"| {r['argmax_agreement']:.4f} | {r['tv_mean']:.4f} | {r['recall_median']:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> list[dict]:
+    from tqdm import tqdm
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
+    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--extra", action=argparse.BooleanOptionalAction, default=True,
+                    help="also run 100k slots at d=256")
+    ap.add_argument("--methods", nargs="+", default=["Flat", "auto", "IVF", "IVF-PQ", "HNSW32"])
+    ap.add_argument("--hnsw-max", type=int, default=100_000, help="largest size HNSW is built for")
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="nprobe sweep for IVF")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for n, d, method in tqdm(plan(args.sizes, args.dim, args.extra, args.methods, args.hnsw_max),
+                                 desc="scale benchmark", unit="run"):
+            ref = str(Path(tmp) / f"ref-{n}-{d}.npz")
+            if method == "dense":
+                row = in_process("dense", n, d, args.queries, args.seed, ref)
+            else:
+                row = in_process("memory", method, n, d, args.queries, args.seed, ref, args.sweep)
+            rows.append({"size": n, "dim": d, **row})
+            (args.out / "scale.json").write_text(json.dumps({"meta": meta(args), "results": rows}, indent=2))
+    plot(rows, args.out / "scale.png")
+    text = table(rows)
+    (args.out / "scale.md").write_text(text + "\n")
+    print(text)
+    return rows
+
+
+def meta(args) -> dict:
+    import faiss
+    import torch
+
+    return {"machine": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": mp.cpu_count(), "python": platform.python_version(), "faiss": faiss.__version__,
+            "torch": torch.__version__, "numpy": np.__version__, "k": K, "temperature": TEMPERATURE,
+            "queries": args.queries, "seed": args.seed, "data": "engine.data.clustered(**LEARNED_LIKE)"}
+
+
+if __name__ == "__main__":
+    main()
