@@ -24,8 +24,10 @@ test: setup
 demo: setup
 	$(BIN)/engine demo --data $(DATA)
 
+# The full benchmarks (about 25 minutes on 2 cores): JSON and PNG into runs/bench/.
 bench: setup
-	$(BIN)/python bench/query_latency.py --out runs/bench
+	$(BIN)/engine bench scale --out runs/bench
+	$(BIN)/engine bench compaction --out runs/bench --data $(DATA)
 	$(BIN)/python -m pytest -q bench --benchmark-json=runs/bench/pytest-benchmark.json
 
 clean:

@@ -39,6 +39,7 @@ import numpy as np
 from engine.index import AUTO_FLAT_MAX
 
 K = 64
+REPEATS = 3
 TEMPERATURE = 0.03  # where dense attention classifies this data best (0.986 at 100k; 0.936 at T=0.1)
 SINGLES = 200
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
@@ -73,7 +74,7 @@ def dense_probs(torch, q, x, labels, n_classes: int, chunk: int):
     return torch.cat(out)
 
 
-def run_dense(n: int, dim: int, queries: int, seed: int, ref_path: str) -> dict:
+def run_dense(n: int, dim: int, queries: int, seed: int, ref_path: str, n_singles: int) -> dict:
     import faiss
     import torch
 
@@ -87,7 +88,7 @@ def run_dense(n: int, dim: int, queries: int, seed: int, ref_path: str) -> dict:
         probs = dense_probs(torch, tq, tx, ty, n_classes, chunk).numpy()
         batch_s = time.perf_counter() - t0
         singles = []
-        for i in range(min(SINGLES, 20 if n >= 500_000 else SINGLES)):
+        for i in range(min(n_singles, 20 if n >= 500_000 else n_singles)):
             t0 = time.perf_counter()
             dense_probs(torch, tq[i:i + 1], tx, ty, n_classes, chunk)
             singles.append(time.perf_counter() - t0)
@@ -133,7 +134,8 @@ def timed(fn, repeats: int) -> float:
     return best
 
 
-def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path: str, sweep: bool) -> dict:
+def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path: str, n_singles: int,
+               sweep: bool) -> dict:
     from engine import Memory
 
     x, y, q, _ = data(n, dim, queries, seed)
@@ -146,7 +148,7 @@ def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path:
         mem.add(x[i:i + batch], y[i:i + batch])
     ingest_s = time.perf_counter() - t0
     del x
-    repeats = 2 if n >= 500_000 else 3
+    repeats = REPEATS
     qn = unit(q)
     res = mem.query(q, k=K)
     batch_s = timed(lambda: mem.query(q, k=K), repeats)
@@ -155,7 +157,7 @@ def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path:
     bare = (lambda b: index._index.search(b, K)) if params is None else (lambda b: index._index.search(b, K, params=params))
     faiss_s = timed(lambda: bare(qn), repeats)
     singles, bare_singles = [], []
-    for i in range(SINGLES):
+    for i in range(n_singles):
         row = q[i % len(q)]
         t0 = time.perf_counter()
         mem.query(row, k=K)
@@ -176,7 +178,7 @@ def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path:
            "peak_rss_mb": peak_rss_mb(), **agreement(res, ref["probs"], ref["truth"])}
     if index._ivf is not None:
         row["nprobe"] = params.nprobe
-        if sweep:
+        if sweep and not index.lossy:
             row["sweep"] = nprobe_sweep(mem, q, ref, repeats)
     return row
 
@@ -255,12 +257,13 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         r["batch_ms_per_query"] = 1e3 / r["batch_qps"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
+    colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
     for ax, (key, title, log_y) in zip(axes.ravel(), panels):
         for m in methods:
             pts = sorted((r for r in rows if r["method"] == m and r["dim"] == main_dim and key in r),
                          key=lambda r: r["size"])
             if pts:
-                ax.plot([r["size"] for r in pts], [r[key] for r in pts], marker="o", label=m,
+                ax.plot([r["size"] for r in pts], [r[key] for r in pts], marker="o", label=m, color=colour[m],
                         ls="--" if m == "dense" else "-")
         if key == "batch_ms_per_query":
             pts = sorted((r for r in rows if r["method"] == "auto" and r["dim"] == main_dim), key=lambda r: r["size"])
@@ -312,6 +315,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--hnsw-max", type=int, default=100_000, help="largest size HNSW is built for")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="nprobe sweep for IVF")
+    ap.add_argument("--singles", type=int, default=SINGLES, help="single queries timed per run")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args(argv)
@@ -322,9 +326,9 @@ def main(argv=None) -> list[dict]:
                                  desc="scale benchmark", unit="run"):
             ref = str(Path(tmp) / f"ref-{n}-{d}.npz")
             if method == "dense":
-                row = in_process("dense", n, d, args.queries, args.seed, ref)
+                row = in_process("dense", n, d, args.queries, args.seed, ref, args.singles)
             else:
-                row = in_process("memory", method, n, d, args.queries, args.seed, ref, args.sweep)
+                row = in_process("memory", method, n, d, args.queries, args.seed, ref, args.singles, args.sweep)
             rows.append({"size": n, "dim": d, **row})
             (args.out / "scale.json").write_text(json.dumps({"meta": meta(args), "results": rows}, indent=2))
     plot(rows, args.out / "scale.png")

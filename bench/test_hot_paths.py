@@ -1,4 +1,4 @@
-"""pytest-benchmark suites for the hot paths: query, write, attention kernel.
+"""pytest-benchmark suites for the hot paths: query, write, attention kernel, compaction step.
 
     make bench                                   # 10k and 100k slots, JSON in runs/bench/
     BENCH_SIZES=1000 pytest bench --benchmark-disable   # the smoke run in make test
@@ -62,3 +62,20 @@ def test_attention_kernel(benchmark, n):
     out = benchmark(attend, scores, np.ones((n, K)), rng.integers(0, 100, (n, K)), n_classes=100,
                     temperature=0.1, omitted_weight=np.full(n, 1e5))
     assert out.probs.shape == (n, 100)
+
+
+@pytest.mark.benchmark(group="compaction-to-10%")
+@pytest.mark.parametrize("policy", ["merge", "reservoir"])
+def test_compaction_step(benchmark, size, dim, policy):
+    x, y = clustered(size, dim, n_classes=max(10, size // 1000), seed=3)
+
+    def setup():
+        mem = Memory(dim, index="Flat")
+        mem.add(x, y)
+        return (mem,), {}
+
+    def compact(mem):
+        return mem.compact(budget=size // 10, policy=policy)
+
+    out = benchmark.pedantic(compact, setup=setup, rounds=3, iterations=1)
+    assert out["slots"] <= size // 10

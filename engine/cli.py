@@ -313,6 +313,28 @@ def demo(
     typer.echo(f"report: {out / 'report.md'}")
 
 
+BENCHMARKS = {"scale": "scale.py", "compaction": "compaction.py", "stream": "stream.py",
+              "query-latency": "query_latency.py", "serve-load": "serve_load.py"}
+
+
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
+                                       "help_option_names": []})  # --help goes to the script
+def bench_cmd(
+    ctx: typer.Context,
+    name: str = typer.Argument(..., help=f"One of: {', '.join(BENCHMARKS)}."),
+) -> None:
+    """Run a benchmark script of the source tree's bench/ folder; other options go to it (--help lists them)."""
+    import subprocess
+
+    if name not in BENCHMARKS:
+        _fail(ValueError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}"))
+    script = Path(__file__).resolve().parents[1] / "bench" / BENCHMARKS[name]
+    if not script.exists():
+        _fail(FileNotFoundError(f"{script} not found: benchmarks run from a source checkout "
+                                "(pip install -e . in the repository)"))
+    raise typer.Exit(code=subprocess.call([sys.executable, str(script), *ctx.args]))
+
+
 def _py(x):
     return x.item() if hasattr(x, "item") else x
 

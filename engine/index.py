@@ -30,7 +30,7 @@ TRAIN_POINTS_PER_CENTROID = 39
 # A trained index is retrained once the memory has grown this many times over.
 RETRAIN_GROWTH = 4.0
 # "auto": exact Flat up to this many slots, then IVF (rule from bench/scale.py, docs/architecture.md).
-AUTO_FLAT_MAX = 20_000
+AUTO_FLAT_MAX = 10_000
 
 
 @dataclass(frozen=True)
@@ -197,8 +197,9 @@ class VectorIndex:
         return self._index.search(queries, k, params=self._params(sel, k))
 
     def _cached_params(self, k: int):
-        """Search parameters without a selector, built once per (settings, k)."""
-        key = (self.settings, k)
+        """Search parameters without a selector, built once per (settings, k, nprobe)."""
+        ivf = self._ivf
+        key = (self.settings, k, ivf and (self.settings.nprobe or default_nprobe(ivf.nlist, self.ntotal, k)))
         cache = self.__dict__.setdefault("_params_cache", {})
         if key not in cache:
             if len(cache) > 64:
@@ -209,7 +210,7 @@ class VectorIndex:
     def _params(self, sel, k: int):
         if self._ivf is not None:
             params = faiss.SearchParametersIVF()
-            params.nprobe = self.settings.nprobe or default_nprobe(self._ivf.nlist)
+            params.nprobe = self.settings.nprobe or default_nprobe(self._ivf.nlist, self.ntotal, k)
         elif self._hnsw is not None:
             params = faiss.SearchParametersHNSW()
             params.efSearch = self.settings.ef_search or default_ef_search(k)
@@ -227,9 +228,16 @@ def default_ef_search(k: int) -> int:
     return max(256, 8 * k)
 
 
-def default_nprobe(nlist: int) -> int:
-    """IVF lists probed per query: 16, or nlist/64 for very large indexes (see bench/scale.py)."""
-    return int(min(nlist, max(16, nlist // 64)))
+def default_nprobe(nlist: int, ntotal: int, k: int) -> int:
+    """IVF lists probed per query: enough to scan about 16k candidates, at least 4.
+
+    From the nprobe sweep of bench/scale.py (docs/architecture.md): on clustered
+    data, argmax agreement and recall@64 stop improving once about a thousand
+    candidates are scanned (nprobe 16 of 256 lists at 10k slots, 4 of 512 at
+    100k, 2-4 of 2,048 at 1M); this asks for 16k, so larger k probes more.
+    """
+    per_list = max(1.0, ntotal / max(1, nlist))
+    return int(min(nlist, max(4, np.ceil(16 * k / per_list))))
 
 
 def _is_lossy(index: faiss.Index) -> bool:

@@ -12,17 +12,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
 
-def test_query_latency_script(tmp_path):
-    import query_latency
+def test_scale_script(tmp_path):
+    import scale
 
-    rows = query_latency.main(["--sizes", "2000", "--queries", "50", "--singles", "5", "--repeats", "1",
-                               "--out", str(tmp_path)])
-    assert [r["index"] for r in rows] == ["Flat", "IVF32,Flat", "HNSW32"]
-    assert all(r["batch_qps"] > 0 and r["bytes_per_slot"] > 0 for r in rows)
-    assert next(r for r in rows if r["index"] == "Flat")["recall_at_k"] == 1.0
-    saved = json.loads((tmp_path / "query_latency.json").read_text())
-    assert len(saved["results"]) == 3
-    assert (tmp_path / "query_latency.png").stat().st_size > 10_000
+    rows = scale.main(["--sizes", "1000", "12000", "--no-extra", "--methods", "Flat", "auto", "IVF",
+                       "--queries", "40", "--singles", "3", "--out", str(tmp_path)])
+    by = {(r["size"], r["method"]): r for r in rows}
+    assert set(by) == {(1000, "dense"), (1000, "Flat"), (1000, "auto"), (12000, "dense"), (12000, "Flat"),
+                       (12000, "auto")}  # IVF is auto's index at 12k, so it is not run twice
+    assert by[(12000, "auto")]["index"].startswith("IVF") and by[(12000, "auto")]["sweep"]
+    flat = by[(12000, "Flat")]
+    # exact top-64 against exact dense attention: same retrieved set, agreement near 1
+    assert flat["recall_median"] == 1.0 and flat["argmax_agreement"] >= 0.9
+    assert all(r["batch_qps"] > 0 and r["bytes_per_slot"] > 0 and r["peak_rss_mb"] > 0 for r in rows)
+    saved = json.loads((tmp_path / "scale.json").read_text())
+    assert len(saved["results"]) == len(rows) and saved["meta"]["k"] == 64
+    assert (tmp_path / "scale.png").stat().st_size > 20_000
 
 
 def test_pytest_benchmark_suite_runs():

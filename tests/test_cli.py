@@ -104,3 +104,14 @@ def test_train_and_evaluate_commands(tmp_path):
     assert r.exit_code == 2 and "config.json" in r.output
     r = run("eval-oneshot", "--checkpoint", out, "--runs", tmp_path, ok=False)
     assert r.exit_code == 2 and "class_labels.txt" in r.output
+
+
+def test_bench_command_runs_a_bench_script_and_refuses_unknown_names(tmp_path):
+    r = run("bench", "nothing", ok=False)
+    assert r.exit_code == 2 and "unknown benchmark" in r.output
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "scale", "--help"], capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and "--sizes" in out.stdout
