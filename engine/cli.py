@@ -313,8 +313,7 @@ def demo(
     typer.echo(f"report: {out / 'report.md'}")
 
 
-BENCHMARKS = {"scale": "scale.py", "compaction": "compaction.py", "stream": "stream.py",
-              "query-latency": "query_latency.py", "serve-load": "serve_load.py"}
+BENCHMARKS = {"scale": "scale.py", "compaction": "compaction.py", "stream": "stream.py", "serve-load": "serve_load.py"}
 
 
 @app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
