@@ -1,7 +1,7 @@
 """The engine across support-set size, against dense attention and bare FAISS.
 
     engine bench scale --out runs/bench             # 1k..1M slots at d=64, plus 100k at d=256
-    python bench/scale.py --sizes 1000 10000 --extra --out runs/smoke
+    python bench/scale.py --sizes 1000 10000 --no-extra --out runs/smoke
 
 Data: ``engine.data.clustered`` with :data:`engine.data.synthetic.LEARNED_LIKE`
 settings (seeded; n/100 classes of 4 modes each, anisotropic noise calibrated
@@ -158,9 +158,8 @@ def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path:
     faiss_s = timed(lambda: bare(qn), repeats)
     singles, bare_singles = [], []
     for i in range(n_singles):
-        row = q[i % len(q)]
         t0 = time.perf_counter()
-        mem.query(row, k=K)
+        mem.query(q[i % len(q)], k=K)
         singles.append(time.perf_counter() - t0)
         one = qn[i % len(q)][None]
         t0 = time.perf_counter()
@@ -205,7 +204,7 @@ def nprobe_sweep(mem, q, ref, repeats: int) -> list[dict]:
 def child(kind: str, args: tuple, conn) -> None:
     try:
         conn.send(("ok", run_dense(*args) if kind == "dense" else run_memory(*args)))
-    except BaseException as exc:  # report, do not hang the parent
+    except Exception as exc:  # report it to the parent rather than leave it waiting
         conn.send(("error", f"{type(exc).__name__}: {exc}"))
 
 

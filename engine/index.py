@@ -106,6 +106,7 @@ class VectorIndex:
     def _use(self, index: faiss.Index, spec: str) -> None:
         """Make ``index`` the active one, and note once what the query path asks of it."""
         self._index, self.active_spec = index, spec
+        self._params_cache: dict = {}  # (settings, k, nprobe) -> search parameters without a selector
         self._ivf = _try_extract_ivf(index)
         if self._ivf is not None:
             self._ivf.make_direct_map(True)  # row -> (list, offset), so vectors can be read back
@@ -200,7 +201,7 @@ class VectorIndex:
         """Search parameters without a selector, built once per (settings, k, nprobe)."""
         ivf = self._ivf
         key = (self.settings, k, ivf and (self.settings.nprobe or default_nprobe(ivf.nlist, self.ntotal, k)))
-        cache = self.__dict__.setdefault("_params_cache", {})
+        cache = self._params_cache
         if key not in cache:
             if len(cache) > 64:
                 cache.clear()

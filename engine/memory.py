@@ -442,40 +442,33 @@ class Memory:
 
     def _attend(self, scores: np.ndarray, rows: np.ndarray):
         t = self._table
-        columns = self._columns_of_labels()
-        if rows.min() >= 0:  # the common case: every query found k slots
+        classes, columns = self._live_classes()
+        if rows.min() >= 0:  # the common case: every query found k slots; no masking needed
             weights = None if t.unit_weights else t.weights[rows]
             class_idx = columns[t.label_idx[rows]]
-            if rows.shape[1] >= t.n_alive:
-                omitted = 0.0
-            else:
-                omitted = t.total_weight - (rows.shape[1] if weights is None else weights.sum(axis=1))
-            return attend(scores, weights, class_idx, n_classes=len(self._classes()),
-                          temperature=self._temperature, omitted_weight=omitted)
-        valid = rows >= 0
-        safe = np.where(valid, rows, 0)
-        weights = np.where(valid, t.weights[safe], 1.0)
-        class_idx = np.where(valid, columns[t.label_idx[safe]], -1)
-        used = np.where(valid, weights, 0.0).sum(axis=1)
-        n_used = valid.sum(axis=1)
+            n_used = rows.shape[1]
+            used = n_used if weights is None else weights.sum(axis=1)
+        else:
+            valid = rows >= 0
+            safe = np.where(valid, rows, 0)
+            weights = np.where(valid, t.weights[safe], 1.0)
+            class_idx = np.where(valid, columns[t.label_idx[safe]], -1)
+            used = np.where(valid, weights, 0.0).sum(axis=1)
+            n_used = valid.sum(axis=1)
         omitted = np.where(n_used >= t.n_alive, 0.0, t.total_weight - used)
-        return attend(scores, weights, class_idx, n_classes=len(self._classes()),
+        return attend(scores, weights, class_idx, n_classes=len(classes),
                       temperature=self._temperature, omitted_weight=omitted)
 
-    def _classes(self) -> np.ndarray:
-        """The live classes (labels), in vocabulary order: the columns of ``probs``."""
+    def _live_classes(self) -> tuple[np.ndarray, np.ndarray]:
+        """(the live classes in vocabulary order, i.e. the columns of ``probs``;
+        the column of each label index, -1 for a class with no live slot). Cached until a write."""
         cached = self._class_cache
         if cached is None:
             present = np.flatnonzero(self._table.class_counts > 0)
             columns = np.full(len(self._labels), -1, np.int64)
             columns[present] = np.arange(len(present))
             cached = self._class_cache = (self._label_array(present), columns)
-        return cached[0]
-
-    def _columns_of_labels(self) -> np.ndarray:
-        """Column of ``probs`` (index into :meth:`_classes`) of each label index."""
-        self._classes()
-        return self._class_cache[1]
+        return cached
 
     def _grow_k(self, q, scores, rows, att, tail, k, n_alive):
         """Re-run the queries whose tail bound is above ``tail`` with twice the k, until met."""
@@ -502,7 +495,7 @@ class Memory:
                                        n_classes=att.n_classes)
 
     def _result(self, scores, rows, att, k_requested: int) -> QueryResult:
-        classes = self._classes()
+        classes = self._live_classes()[0]
         if rows.min() >= 0:
             ids, k = self._table.ids[rows], rows.shape[1]
         else:
