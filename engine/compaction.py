@@ -16,7 +16,8 @@ weight, so the attention mass a class can receive is preserved:
 - ``distill``: start from ``merge``, then optimise the slot vectors (and, with
   ``learn_weights``, the split of each class's mass among its slots) with torch so
   that the compact memory's class probabilities match the full memory's (KL) on
-  queries sampled from the slots themselves.
+  queries sampled from the slots themselves (each answered by the full memory
+  without its own slot), keeping the best state on held-out queries.
 
 Class budgets are allocated in proportion to class mass, with at least one slot
 per class (largest-remainder rounding).
@@ -193,7 +194,23 @@ def _pair_assign(x: np.ndarray, b: int, cosine: bool) -> np.ndarray:
 
 
 def _distill(start: SlotSet, vectors, weights, label_idx, cosine: bool, temperature: float, seed: int, *,
-             steps: int = 150, lr: float = 0.01, queries: int = 4096, learn_weights: bool = True) -> SlotSet:
+             steps: int = 300, lr: float = 0.01, queries: int = 8192, learn_weights: bool = True,
+             k: int = 64, holdout: float = 0.25, eval_every: int = 25) -> SlotSet:
+    """Tune ``start`` so its class probabilities match the full memory's (KL) on slot-sampled queries.
+
+    Both memories answer as a query does: softmax attention over the top ``k`` slots
+    (the ``k`` the memory is queried with). Dense attention over every slot is a
+    different, smoother classifier (at a 1% budget on learned Fashion-MNIST
+    embeddings it is 0.9 points less accurate than top-64), and matching it would
+    pull the compact memory towards prototypes.
+    A query sampled from slot i is answered by the full memory without slot i
+    (leave-one-out): a test query is not in the memory, and with its own slot the
+    target would be its own label at similarity 1, which teaches the compact memory
+    the training labels rather than the memory's answers. A ``holdout`` share of the
+    queries is kept aside; every ``eval_every`` steps the held-out KL is measured
+    and the best state seen (the start included) is returned, so distillation never
+    ends further from the full memory on unseen queries than the merge it started from.
+    """
     import torch
     import torch.nn.functional as F
 
@@ -203,17 +220,26 @@ def _distill(start: SlotSet, vectors, weights, label_idx, cosine: bool, temperat
     full_logw = torch.from_numpy(np.log(weights)).float()
     full_c = torch.from_numpy(label_idx.astype(np.int64))
     pick = torch.randperm(len(vectors), generator=gen)[:queries]
-    q = full_v[pick]
-    def class_probs(queries, slot_vectors, log_w, onehot):
-        """p(c) = softmax_i(log w_i + s_i / T) summed per class, as one matmul with the class one-hot."""
-        return torch.softmax(queries @ slot_vectors.T / temperature + log_w, dim=1) @ onehot
 
-    with torch.no_grad():  # the full memory's answers, in chunks of queries
-        full_onehot = F.one_hot(full_c, n_classes).float()
-        target = torch.cat([class_probs(qc, full_v, full_logw, full_onehot) for qc in q.split(512)])
+    def class_probs(q, slot_vectors, log_w, slot_class, own=None):
+        """p(c): softmax of log w_i + s_i / T over the top-k slots by similarity, summed per class;
+        ``own[j]`` is a slot query j must not see (leave-one-out)."""
+        sims = q @ slot_vectors.T
+        if own is not None:
+            sims[torch.arange(len(q)), own] = float("-inf")
+        top_s, top_i = sims.topk(min(k, sims.shape[1] - (own is not None)), dim=1)
+        a = torch.softmax(top_s / temperature + log_w[top_i], dim=1)
+        return torch.zeros(len(q), n_classes, dtype=a.dtype).scatter_add(1, slot_class[top_i], a)
+
+    with torch.no_grad():  # the full memory's leave-one-out answers, in chunks of queries
+        target = torch.cat([class_probs(full_v[rows], full_v, full_logw, full_c, own=rows)
+                            for rows in pick.split(512)])
+    q = full_v[pick]
+    n_held = int(round(holdout * len(q))) if len(q) >= 8 else 0
+    q_held, t_held, q_fit, t_fit = q[:n_held], target[:n_held], q[n_held:], target[n_held:]
+
     v = torch.nn.Parameter(torch.from_numpy(start.vectors.copy()))
     c = torch.from_numpy(start.label_idx.astype(np.int64))
-    onehot = F.one_hot(c, n_classes).float()
     class_mass = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, c, torch.from_numpy(start.weights))
     logits = torch.nn.Parameter(torch.log(torch.from_numpy(start.weights)).float())
     opt = torch.optim.Adam([v, logits] if learn_weights else [v], lr=lr)
@@ -225,17 +251,30 @@ def _distill(start: SlotSet, vectors, weights, label_idx, cosine: bool, temperat
         per_class = torch.zeros(n_classes, dtype=torch.float64).index_add(0, c, e)
         return e / per_class[c] * class_mass[c]
 
-    for _ in range(steps):
+    def kl(q, p):
         vv = F.normalize(v, dim=1) if cosine else v
-        w = slot_weights().float()
-        idx = torch.randint(0, len(q), (min(1024, len(q)),), generator=gen)
-        p = target[idx]
-        p_compact = class_probs(q[idx], vv, torch.log(w), onehot)
-        loss = (p * (torch.log(p.clamp_min(1e-30)) - torch.log(p_compact.clamp_min(1e-30)))).sum(1).mean()  # KL
+        p_compact = class_probs(q, vv, torch.log(slot_weights().float()), c)
+        return (p * (torch.log(p.clamp_min(1e-30)) - torch.log(p_compact.clamp_min(1e-30)))).sum(1).mean()
+
+    def held_out_kl() -> float:
+        with torch.no_grad():
+            return float(kl(q_held, t_held)) if n_held else 0.0
+
+    best = (held_out_kl(), v.detach().clone(), logits.detach().clone())
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(q_fit), (min(1024, len(q_fit)),), generator=gen)
+        loss = kl(q_fit[idx], t_fit[idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
+        if n_held and (step % eval_every == 0 or step == steps):
+            score = held_out_kl()
+            if score < best[0]:
+                best = (score, v.detach().clone(), logits.detach().clone())
     with torch.no_grad():
+        if n_held:
+            v.copy_(best[1])
+            logits.copy_(best[2])
         vv = F.normalize(v, dim=1) if cosine else v
         return SlotSet(vv.numpy().astype(np.float32), slot_weights().numpy(), start.label_idx,
                        np.full(len(c), -1))
