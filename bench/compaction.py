@@ -71,7 +71,7 @@ def rows(args) -> dict:
     if "fashion-learned" in args.rows:
         model = checkpoint(args.fashion_checkpoint, "fashion-mnist", args.train_budget, args.out)
         g, h = embed(model, xtr, xte)
-        out["fashion-learned"] = (g, ytr, h, yte, float(model.temperature))
+        out["fashion-learned"] = (g, ytr, h, yte, model.temperature.item())
     if "fashion-pca" in args.rows:
         ptr, pte = pca_embed(xtr, xte, 64)
         out["fashion-pca"] = (ptr, ytr, pte, yte, 0.01)
@@ -83,7 +83,7 @@ def rows(args) -> dict:
         slots = val.images[:, :15].reshape(-1, 28, 28)
         queries = val.images[:, 15:].reshape(-1, 28, 28)
         g, h = embed(model, slots, queries)
-        out["omniglot-learned"] = (g, labels, h, np.repeat(np.arange(n_chars), 5), float(model.temperature))
+        out["omniglot-learned"] = (g, labels, h, np.repeat(np.arange(n_chars), 5), model.temperature.item())
     return out
 
 

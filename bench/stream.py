@@ -87,18 +87,23 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     t = report["trace"]
-    fig, ax = plt.subplots(figsize=(8, 3.8))
-    ax.plot([r["writes"] for r in t], [r["rss"] / 2**20 for r in t], label="resident memory (MiB)")
-    ax.set_xlabel("slots written")
-    ax.set_ylabel("MiB")
+    writes = [r["writes"] for r in t]
+    fig, (ax, ax2) = plt.subplots(2, 1, figsize=(8, 5), sharex=True, height_ratios=(3, 2))
+    ax.plot(writes, [r["rss"] / 2**20 for r in t], lw=1)
+    ax.set_ylabel("resident memory (MiB)")
     ax.set_ylim(bottom=0)
-    ax2 = ax.twinx()
-    ax2.plot([r["writes"] for r in t], [r["slots"] for r in t], color="tab:orange", lw=0.8, label="slots in memory")
-    ax2.set_ylabel("slots")
+    ax.grid(alpha=0.3)
+    ax2.plot(writes, [r["slots"] for r in t], color="tab:orange", lw=0.6)
+    ax2.axhline(report["meta"]["budget"], color="k", ls="--", lw=0.8, label="budget")
+    ax2.set_ylabel("slots in memory")
     ax2.set_ylim(bottom=0)
+    ax2.set_xlabel("slots written")
+    ax2.grid(alpha=0.3)
+    ax2.legend(fontsize=8, loc="lower right")
+    ax2.xaxis.set_major_formatter(lambda x, _: f"{x / 1e6:g}M" if x >= 1e6 else f"{x / 1e3:g}k" if x else "0")
     m = report["meta"]
-    ax.set_title(f"{m['writes']:,} writes under a budget of {m['budget']:,} slots ({m['policy']})", fontsize=10)
-    fig.legend(loc="lower center", ncol=2, fontsize=8, bbox_to_anchor=(0.5, 0.12))
+    ax.set_title(f"{m['writes']:,} writes under a budget of {m['budget']:,} slots ({m['policy']}, "
+                 f"{report['writes_per_s']:,.0f} writes/s)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -85,7 +85,8 @@ def compact(vectors, weights, label_idx, created, last_used, *, budget: int, pol
         cosine: vectors are unit-norm and merged vectors are re-normalised.
         temperature: the memory's temperature (distill matches its attention).
         seed: seed for k-means, sampling and distillation.
-        **options: distill's ``steps``, ``lr``, ``queries``, ``learn_weights``.
+        **options: distill's ``steps``, ``lr``, ``queries``, ``learn_weights``, ``k``, ``holdout``,
+            ``eval_every``.
 
     Raises:
         ValueError: an unknown policy, or a budget below the number of classes.
@@ -97,9 +98,9 @@ def compact(vectors, weights, label_idx, created, last_used, *, budget: int, pol
     alloc = allocate(mass, np.array([len(m) for m in members]), budget)
     rng = np.random.default_rng(seed)
     if policy == "merge" or policy == "distill":
-        out = _merge(vectors, weights, classes, members, alloc, cosine, seed)
+        out, owner, means = _merge(vectors, weights, classes, members, alloc, cosine, seed)
         if policy == "distill":
-            out = _distill(out, vectors, weights, label_idx, cosine, temperature, seed, **options)
+            out = _distill(out, owner, means, vectors, weights, label_idx, cosine, temperature, seed, **options)
         return out
     if policy == "reservoir":
         keep = [rng.choice(m, size=b, replace=False, p=weights[m] / weights[m].sum()) if b < len(m) else m
@@ -125,11 +126,18 @@ def _rescaled(vectors, weights, label_idx, keep: list[np.ndarray]) -> SlotSet:
     return SlotSet(vectors[rows], np.concatenate(w), label_idx[rows], rows)
 
 
-def _merge(vectors, weights, classes, members, alloc, cosine: bool, seed: int) -> SlotSet:
-    out_v, out_w, out_c, out_src = [], [], [], []
+def _merge(vectors, weights, classes, members, alloc, cosine: bool, seed: int):
+    """Merged slots, plus for distill: ``owner[i]``, the merged slot input row i went into, and the
+    un-normalised weighted mean of every merged slot."""
+    out_v, out_w, out_c, out_src, out_mean = [], [], [], [], []
+    owner = np.empty(len(vectors), np.int64)
+    n_out = 0
     for c, m, b in zip(classes, members, alloc):
         if b >= len(m):  # nothing to merge: keep the slots as they are
+            owner[m] = n_out + np.arange(len(m))
+            n_out += len(m)
             out_v.append(vectors[m]); out_w.append(weights[m]); out_c.append(np.full(len(m), c)); out_src.append(m)  # noqa: E702
+            out_mean.append(vectors[m].astype(np.float64))
             continue
         x, w = vectors[m], weights[m]
         if b == 1:
@@ -146,13 +154,17 @@ def _merge(vectors, weights, classes, members, alloc, cosine: bool, seed: int) -
         np.add.at(sums, assign, x * w[:, None])
         mass = np.bincount(assign, weights=w, minlength=b)
         used = mass > 0  # an empty cluster had no members and so no mass
-        centroids = sums[used] / mass[used, None]
-        if cosine:
-            centroids /= np.maximum(np.linalg.norm(centroids, axis=1, keepdims=True), 1e-12)
+        renumber = np.cumsum(used) - 1
+        owner[m] = n_out + renumber[assign]
+        n_out += int(used.sum())
+        means = sums[used] / mass[used, None]
+        centroids = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12) if cosine else means
         out_v.append(centroids.astype(np.float32)); out_w.append(mass[used]); out_c.append(np.full(used.sum(), c))  # noqa: E702
         out_src.append(np.full(used.sum(), -1))
-    return SlotSet(np.concatenate(out_v), np.concatenate(out_w), np.concatenate(out_c).astype(np.int32),
-                   np.concatenate(out_src))
+        out_mean.append(means)
+    merged = SlotSet(np.concatenate(out_v), np.concatenate(out_w), np.concatenate(out_c).astype(np.int32),
+                     np.concatenate(out_src))
+    return merged, owner, np.concatenate(out_mean)
 
 
 def _pair_assign(x: np.ndarray, b: int, cosine: bool) -> np.ndarray:
@@ -193,23 +205,26 @@ def _pair_assign(x: np.ndarray, b: int, cosine: bool) -> np.ndarray:
     return group
 
 
-def _distill(start: SlotSet, vectors, weights, label_idx, cosine: bool, temperature: float, seed: int, *,
-             steps: int = 300, lr: float = 0.01, queries: int = 8192, learn_weights: bool = True,
-             k: int = 64, holdout: float = 0.25, eval_every: int = 25) -> SlotSet:
-    """Tune ``start`` so its class probabilities match the full memory's (KL) on slot-sampled queries.
+def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weights, label_idx, cosine: bool,
+             temperature: float, seed: int, *, steps: int = 300, lr: float = 0.01, queries: int = 32768,
+             learn_weights: bool = True, k: int = 64, holdout: float = 0.25, eval_every: int = 25) -> SlotSet:
+    """Tune the merged slots ``start`` so their class probabilities match the full memory's (KL)
+    on queries sampled from the slots.
 
     Both memories answer as a query does: softmax attention over the top ``k`` slots
     (the ``k`` the memory is queried with). Dense attention over every slot is a
-    different, smoother classifier (at a 1% budget on learned Fashion-MNIST
-    embeddings it is 0.9 points less accurate than top-64), and matching it would
-    pull the compact memory towards prototypes.
-    A query sampled from slot i is answered by the full memory without slot i
-    (leave-one-out): a test query is not in the memory, and with its own slot the
-    target would be its own label at similarity 1, which teaches the compact memory
-    the training labels rather than the memory's answers. A ``holdout`` share of the
-    queries is kept aside; every ``eval_every`` steps the held-out KL is measured
-    and the best state seen (the start included) is returned, so distillation never
-    ends further from the full memory on unseen queries than the merge it started from.
+    different, smoother classifier (on learned Fashion-MNIST embeddings it is 0.9
+    points less accurate than top-64), and matching it pulls the compact memory
+    towards prototypes.
+
+    Both answers are leave-one-out, as a test query is not in the memory: a query
+    sampled from slot i is answered by the full memory without slot i, and by the
+    compact memory with slot i taken out of the merged slot it went into
+    (``owner[i]``; that slot's mean and mass lose i's share; a slot that was i alone
+    is dropped). Without this the compact memory is fitted, and judged, on queries
+    that sit inside its own centroids. A ``holdout`` share of the queries is kept
+    aside; every ``eval_every`` steps their KL is measured and the best state seen,
+    the merge it started from included, is returned.
     """
     import torch
     import torch.nn.functional as F
@@ -217,32 +232,38 @@ def _distill(start: SlotSet, vectors, weights, label_idx, cosine: bool, temperat
     gen = torch.Generator().manual_seed(seed)
     n_classes = int(label_idx.max()) + 1
     full_v = torch.from_numpy(np.ascontiguousarray(vectors, dtype=np.float32))
-    full_logw = torch.from_numpy(np.log(weights)).float()
+    full_w = torch.from_numpy(np.asarray(weights, np.float64))
     full_c = torch.from_numpy(label_idx.astype(np.int64))
     pick = torch.randperm(len(vectors), generator=gen)[:queries]
 
-    def class_probs(q, slot_vectors, log_w, slot_class, own=None):
-        """p(c): softmax of log w_i + s_i / T over the top-k slots by similarity, summed per class;
-        ``own[j]`` is a slot query j must not see (leave-one-out)."""
-        sims = q @ slot_vectors.T
-        if own is not None:
-            sims[torch.arange(len(q)), own] = float("-inf")
-        top_s, top_i = sims.topk(min(k, sims.shape[1] - (own is not None)), dim=1)
-        a = torch.softmax(top_s / temperature + log_w[top_i], dim=1)
-        return torch.zeros(len(q), n_classes, dtype=a.dtype).scatter_add(1, slot_class[top_i], a)
+    def answer(sims, log_w, slot_class):
+        """p(c): softmax of log w_i + s_i / T over each row's top-k slots by similarity, summed per class.
+        ``log_w`` is per slot (S,) or per query and slot (n, S)."""
+        top_s, top_i = sims.topk(min(k, sims.shape[1]), dim=1)
+        lw = log_w[top_i] if log_w.dim() == 1 else log_w.gather(1, top_i)
+        a = torch.softmax(top_s / temperature + lw, dim=1)
+        return torch.zeros(len(sims), n_classes, dtype=a.dtype).scatter_add(1, slot_class[top_i], a)
 
     with torch.no_grad():  # the full memory's leave-one-out answers, in chunks of queries
-        target = torch.cat([class_probs(full_v[rows], full_v, full_logw, full_c, own=rows)
-                            for rows in pick.split(512)])
-    q = full_v[pick]
-    n_held = int(round(holdout * len(q))) if len(q) >= 8 else 0
-    q_held, t_held, q_fit, t_fit = q[:n_held], target[:n_held], q[n_held:], target[n_held:]
+        full_logw = full_w.log().float()
+        target = []
+        for rows in pick.split(512):
+            sims = full_v[rows] @ full_v.T
+            sims[torch.arange(len(rows)), rows] = float("-inf")
+            target.append(answer(sims, full_logw, full_c))
+        target = torch.cat(target)
+    n_held = int(round(holdout * len(pick))) if len(pick) >= 8 else 0
+    held, fit = (pick[:n_held], target[:n_held]), (pick[n_held:], target[n_held:])
 
-    v = torch.nn.Parameter(torch.from_numpy(start.vectors.copy()))
+    owner_t = torch.from_numpy(owner)
+    means_t = torch.from_numpy(means)
+    merged_mass = torch.from_numpy(start.weights)  # each merged slot's mass before any learning
+    v = torch.nn.Parameter(means_t.float().clone())  # un-normalised means, so that a member can be taken out
     c = torch.from_numpy(start.label_idx.astype(np.int64))
-    class_mass = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, c, torch.from_numpy(start.weights))
-    logits = torch.nn.Parameter(torch.log(torch.from_numpy(start.weights)).float())
+    class_mass = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, c, merged_mass)
+    logits = torch.nn.Parameter(torch.log(merged_mass).float())
     opt = torch.optim.Adam([v, logits] if learn_weights else [v], lr=lr)
+    unit = (lambda x: F.normalize(x, dim=-1)) if cosine else (lambda x: x)
 
     def slot_weights():
         # softmax of the logits within each class, times the class's mass: mass preserved exactly
@@ -251,19 +272,29 @@ def _distill(start: SlotSet, vectors, weights, label_idx, cosine: bool, temperat
         per_class = torch.zeros(n_classes, dtype=torch.float64).index_add(0, c, e)
         return e / per_class[c] * class_mass[c]
 
-    def kl(q, p):
-        vv = F.normalize(v, dim=1) if cosine else v
-        p_compact = class_probs(q, vv, torch.log(slot_weights().float()), c)
+    def kl(rows, p):
+        """KL(full || compact) for queries at ``rows``, each left out of the merged slot it is in."""
+        qv, own, w_own = full_v[rows], owner_t[rows], full_w[rows]
+        rest = merged_mass[own] - w_own  # the owner's mass without the query
+        alone = rest <= 1e-9 * merged_mass[own]
+        rest_safe = torch.where(alone, merged_mass[own], rest)  # finite everywhere, so gradients stay finite
+        v_own = v[own] + (w_own / rest_safe)[:, None].float() * (means_t[own].float() - qv)
+        s_own = torch.where(alone, float("-inf"), (qv * unit(v_own)).sum(1))
+        sims = (qv @ unit(v).T).scatter(1, own[:, None], s_own[:, None])
+        logw = torch.log(slot_weights()).float()
+        lw_own = logw[own] + torch.log(rest_safe / merged_mass[own]).float()
+        log_w = logw.expand(len(rows), -1).scatter(1, own[:, None], lw_own[:, None])
+        p_compact = answer(sims, log_w, c)
         return (p * (torch.log(p.clamp_min(1e-30)) - torch.log(p_compact.clamp_min(1e-30)))).sum(1).mean()
 
     def held_out_kl() -> float:
         with torch.no_grad():
-            return float(kl(q_held, t_held)) if n_held else 0.0
+            return float(kl(*held)) if n_held else 0.0
 
     best = (held_out_kl(), v.detach().clone(), logits.detach().clone())
     for step in range(1, steps + 1):
-        idx = torch.randint(0, len(q_fit), (min(1024, len(q_fit)),), generator=gen)
-        loss = kl(q_fit[idx], t_fit[idx])
+        idx = torch.randint(0, len(fit[0]), (min(1024, len(fit[0])),), generator=gen)
+        loss = kl(fit[0][idx], fit[1][idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -275,6 +306,5 @@ def _distill(start: SlotSet, vectors, weights, label_idx, cosine: bool, temperat
         if n_held:
             v.copy_(best[1])
             logits.copy_(best[2])
-        vv = F.normalize(v, dim=1) if cosine else v
-        return SlotSet(vv.numpy().astype(np.float32), slot_weights().numpy(), start.label_idx,
+        return SlotSet(unit(v).numpy().astype(np.float32), slot_weights().numpy(), start.label_idx,
                        np.full(len(c), -1))

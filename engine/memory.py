@@ -316,7 +316,7 @@ class Memory:
             budget: the most slots to keep (int), or bytes as a string ("64MB").
             policy: "merge", "reservoir", "age" or "distill".
             seed: seed of k-means, sampling and distillation.
-            **options: policy options (distill: steps, lr, queries, learn_weights).
+            **options: policy options (distill: steps, lr, queries, learn_weights, k, holdout).
 
         Returns:
             {"slots", "dropped", "policy", "budget", "seconds"}.
