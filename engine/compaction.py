@@ -223,8 +223,11 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
     (``owner[i]``; that slot's mean and mass lose i's share; a slot that was i alone
     is dropped). Without this the compact memory is fitted, and judged, on queries
     that sit inside its own centroids. A ``holdout`` share of the queries is kept
-    aside; every ``eval_every`` steps their KL is measured and the best state seen,
-    the merge it started from included, is returned.
+    aside; every ``eval_every`` steps they are answered, and the best state seen,
+    the merge it started from included, is returned: the one whose answers agree
+    most often with the full memory's top class, then the lowest KL. (KL alone is
+    not enough: on Omniglot it fell by a quarter on held-out queries while the
+    agreement, and the test accuracy, fell by 3 points.)
     """
     import torch
     import torch.nn.functional as F
@@ -285,22 +288,26 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
         lw_own = logw[own] + torch.log(rest_safe / merged_mass[own]).float()
         log_w = logw.expand(len(rows), -1).scatter(1, own[:, None], lw_own[:, None])
         p_compact = answer(sims, log_w, c)
-        return (p * (torch.log(p.clamp_min(1e-30)) - torch.log(p_compact.clamp_min(1e-30)))).sum(1).mean()
+        return (p * (torch.log(p.clamp_min(1e-30)) - torch.log(p_compact.clamp_min(1e-30)))).sum(1).mean(), p_compact
 
-    def held_out_kl() -> float:
+    def held_out_score() -> tuple[float, float]:
+        """(argmax agreement with the full memory, -KL) on the held-out queries: higher is better."""
+        if not n_held:
+            return (0.0, 0.0)
         with torch.no_grad():
-            return float(kl(*held)) if n_held else 0.0
+            loss, p_compact = kl(*held)
+            return float((p_compact.argmax(1) == held[1].argmax(1)).float().mean()), -float(loss)
 
-    best = (held_out_kl(), v.detach().clone(), logits.detach().clone())
+    best = (held_out_score(), v.detach().clone(), logits.detach().clone())
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(fit[0]), (min(1024, len(fit[0])),), generator=gen)
-        loss = kl(fit[0][idx], fit[1][idx])
+        loss, _ = kl(fit[0][idx], fit[1][idx])
         opt.zero_grad()
         loss.backward()
         opt.step()
         if n_held and (step % eval_every == 0 or step == steps):
-            score = held_out_kl()
-            if score < best[0]:
+            score = held_out_score()
+            if score > best[0]:
                 best = (score, v.detach().clone(), logits.detach().clone())
     with torch.no_grad():
         if n_held:
