@@ -121,6 +121,7 @@ def plot(results: list[dict], path: Path) -> None:
             ax.plot([r["bytes"] for r in pts], [r["accuracy"] for r in pts], marker="o", label=policy)
         ax.axhline(full["accuracy"], color="k", ls="--", lw=1, label=f"full memory ({full['accuracy']:.3f})")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # narrow ranges label minor ticks
         ax.set_xlabel("bytes held by the memory")
         ax.set_ylabel("test accuracy")
         ax.set_title(name, fontsize=10)
