@@ -16,8 +16,9 @@ weight, so the attention mass a class can receive is preserved:
 - ``distill``: start from ``merge``, then optimise the slot vectors (and, with
   ``learn_weights``, the split of each class's mass among its slots) with torch so
   that the compact memory's class probabilities match the full memory's (KL) on
-  queries sampled from the slots themselves (each answered by the full memory
-  without its own slot), keeping the best state on held-out queries.
+  queries sampled from the slots themselves. Both memories answer by attention
+  over the top-k slots, as a query gets it, and leave the query's own slot out;
+  the state kept is the best on held-out queries, the merge included.
 
 Class budgets are allocated in proportion to class mass, with at least one slot
 per class (largest-remainder rounding).

@@ -86,6 +86,26 @@ def test_merge_keeps_attention_close_to_the_full_memory():
     assert agree(compact) >= 0.9 and agree(compact) > agree(sampled) + 0.1
 
 
+def test_merge_owner_map_and_means_describe_the_merged_slots(filled):
+    """distill takes a query out of the merged slot it went into: the map and means must be exact."""
+    from engine.compaction import _by_class, _merge
+
+    _, x, y, w = filled
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+    labels = np.unique(y, return_inverse=True)[1]
+    classes, members = _by_class(labels)
+    alloc = allocate(np.array([w[m].sum() for m in members]), np.array([len(m) for m in members]), 100)
+    merged, owner, means = _merge(x, w, classes, members, alloc, True, 0)
+    assert np.array_equal(np.bincount(owner, minlength=len(merged.weights)) > 0, np.ones(len(merged.weights), bool))
+    for slot in range(len(merged.weights)):
+        rows = np.flatnonzero(owner == slot)
+        assert (labels[rows] == merged.label_idx[slot]).all()
+        assert merged.weights[slot] == pytest.approx(w[rows].sum(), rel=1e-12)
+        mean = (x[rows].astype(np.float64) * w[rows, None]).sum(0) / w[rows].sum()
+        np.testing.assert_allclose(means[slot], mean, rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(merged.vectors[slot], mean / np.linalg.norm(mean), rtol=1e-5, atol=1e-6)
+
+
 def test_distill_matches_the_full_memory_better_than_merge():
     """The reference is what the full memory answers: attention over each probe's exact top-64, in float64."""
     x, y, probes, _ = clustered(3000, 16, n_classes=10, seed=2, queries=500)  # probes are not in the memory
