@@ -196,6 +196,7 @@ def plot(report: dict, path: Path) -> None:
                        color=["#999999", "#1f77b4"])
     axes[0].bar_label(bars, labels=[f"{v:,.0f}" for v in (e["queries_per_s"], s["queries_per_s"])])
     axes[0].set_ylabel("queries / s")
+    axes[0].set_ylim(0, 1.12 * max(e["queries_per_s"], s["queries_per_s"]))  # room for the labels
     axes[0].set_title(f"{m['clients']} clients, batches of {m['batch']}, k={m['k']}", fontsize=9)
     x = np.arange(2)
     axes[1].bar(x - 0.2, [e["p50_ms"], s["p50_ms"]], 0.4, label="p50")
