@@ -90,10 +90,12 @@ def compact(vectors, weights, label_idx, created, last_used, *, budget: int, pol
             ``eval_every``.
 
     Raises:
-        ValueError: an unknown policy, or a budget below the number of classes.
+        ValueError: an unknown policy or option, an option out of range, or a budget below
+            the number of classes.
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+    _check_distill_options(options)
     classes, members = _by_class(label_idx)
     mass = np.array([weights[m].sum() for m in members])
     alloc = allocate(mass, np.array([len(m) for m in members]), budget)
@@ -114,6 +116,28 @@ def compact(vectors, weights, label_idx, created, last_used, *, budget: int, pol
         kept = np.concatenate([freshest, extra])
         keep = [np.intersect1d(m, kept) for m in members]
     return _rescaled(vectors, weights, label_idx, keep)
+
+
+# distill's options: name -> (test of a valid value, what a valid value is)
+_DISTILL_OPTIONS = {
+    "steps": (lambda v: isinstance(v, (int, np.integer)) and v >= 0, "an integer >= 0"),
+    "lr": (lambda v: isinstance(v, (int, float)) and np.isfinite(v) and v > 0, "a finite number > 0"),
+    "queries": (lambda v: isinstance(v, (int, np.integer)) and v >= 1, "an integer >= 1"),
+    "learn_weights": (lambda v: isinstance(v, bool), "True or False"),
+    "k": (lambda v: isinstance(v, (int, np.integer)) and v >= 1, "an integer >= 1"),
+    "holdout": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a fraction in [0, 1)"),
+    "eval_every": (lambda v: isinstance(v, (int, np.integer)) and v >= 1, "an integer >= 1"),
+}
+
+
+def _check_distill_options(options: dict) -> None:
+    """Raises ValueError naming the first unknown option or out-of-range value."""
+    for name, value in options.items():
+        if name not in _DISTILL_OPTIONS:
+            raise ValueError(f"unknown compaction option {name!r}; distill takes {tuple(_DISTILL_OPTIONS)}")
+        valid, what = _DISTILL_OPTIONS[name]
+        if not valid(value) or (isinstance(value, bool) and name != "learn_weights"):  # True is not a number
+            raise ValueError(f"distill option {name}={value!r}: must be {what}")
 
 
 def _rescaled(vectors, weights, label_idx, keep: list[np.ndarray]) -> SlotSet:
@@ -241,11 +265,10 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
     pick = torch.randperm(len(vectors), generator=gen)[:queries]
 
     def answer(sims, log_w, slot_class):
-        """p(c): softmax of log w_i + s_i / T over each row's top-k slots by similarity, summed per class.
-        ``log_w`` is per slot (S,) or per query and slot (n, S)."""
+        """p(c): softmax of log w_i + s_i / T over each row's top-k slots by similarity, summed per class;
+        ``sims`` and ``log_w`` are (queries, slots)."""
         top_s, top_i = sims.topk(min(k, sims.shape[1]), dim=1)
-        lw = log_w[top_i] if log_w.dim() == 1 else log_w.gather(1, top_i)
-        a = torch.softmax(top_s / temperature + lw, dim=1)
+        a = torch.softmax(top_s / temperature + log_w.gather(1, top_i), dim=1)
         return torch.zeros(len(sims), n_classes, dtype=a.dtype).scatter_add(1, slot_class[top_i], a)
 
     with torch.no_grad():  # the full memory's leave-one-out answers, in chunks of queries
@@ -254,7 +277,7 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
         for rows in pick.split(512):
             sims = full_v[rows] @ full_v.T
             sims[torch.arange(len(rows)), rows] = float("-inf")
-            target.append(answer(sims, full_logw, full_c))
+            target.append(answer(sims, full_logw.expand(len(rows), -1), full_c))
         target = torch.cat(target)
     n_held = int(round(holdout * len(pick))) if len(pick) >= 8 else 0
     held, fit = (pick[:n_held], target[:n_held]), (pick[n_held:], target[n_held:])

@@ -316,14 +316,15 @@ class Memory:
             budget: the most slots to keep (int), or bytes as a string ("64MB").
             policy: "merge", "reservoir", "age" or "distill".
             seed: seed of k-means, sampling and distillation.
-            **options: policy options (distill: steps, lr, queries, learn_weights, k, holdout).
+            **options: distill options (steps, lr, queries, learn_weights, k, holdout, eval_every).
 
         Returns:
             {"slots", "dropped", "policy", "budget", "seconds"}.
 
         Raises:
             EmptyMemoryError: the memory holds no slots.
-            ValueError: an unknown policy, or a budget below the number of classes.
+            ValueError: an unknown policy or option, an option out of range, or a budget
+                below the number of classes.
             On error the memory is unchanged.
         """
         if policy not in compaction.POLICIES:

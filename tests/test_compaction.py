@@ -154,6 +154,10 @@ def test_bad_compaction_requests_change_nothing(filled):
         mem.compact(budget="lots")
     with pytest.raises(ValueError, match="budget"):
         mem.compact(budget=0)
+    for bad in ({"k": 0}, {"holdout": 1.0}, {"lr": float("nan")}, {"steps": -1}, {"queries": 2.5},
+                {"learn_weights": 1}, {"eval_every": True}, {"temperture": 0.1}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            mem.compact(budget=100, policy="distill", **bad)
     assert (len(mem), mem.query(probes, k=20).ids.tolist()) == before
     with pytest.raises(engine.EmptyMemoryError):
         Memory(4).compact(budget=10)
