@@ -95,7 +95,7 @@ def compact(vectors, weights, label_idx, created, last_used, *, budget: int, pol
     """
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
-    _check_distill_options(options)
+    check_options(options)
     classes, members = _by_class(label_idx)
     mass = np.array([weights[m].sum() for m in members])
     alloc = allocate(mass, np.array([len(m) for m in members]), budget)
@@ -130,7 +130,7 @@ _DISTILL_OPTIONS = {
 }
 
 
-def _check_distill_options(options: dict) -> None:
+def check_options(options: dict) -> None:
     """Raises ValueError naming the first unknown option or out-of-range value."""
     for name, value in options.items():
         if name not in _DISTILL_OPTIONS:

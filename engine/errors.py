@@ -50,6 +50,29 @@ class MemoryExistsError(EngineError, FileExistsError):
     """Creating a durable memory in a directory that already holds one."""
 
 
+class StorageError(EngineError, OSError):
+    """A write failed on the disk (full, read-only, failing): the write was not applied.
+
+    ``errno`` is the OS error (ENOSPC, EIO, EFBIG, ...). ``uncertain`` is True when
+    the disk may or may not hold that one write (a failed fsync or rename): the
+    memory then refuses further writes (:class:`MemoryFailedError`) until it is
+    reopened, and the reopened memory holds the write either whole or not at all.
+    Every write acknowledged before it is safe either way.
+    """
+
+    def __init__(self, message: str, errno_: int | None = None, *, uncertain: bool = False):
+        super().__init__(message)
+        self.errno = errno_
+        self.uncertain = uncertain
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+class MemoryFailedError(StorageError):
+    """The memory refuses writes since an earlier I/O error left its files uncertain; reopen it."""
+
+
 class MemoryLockedError(EngineError):
     """A durable memory's directory is already open for writing (one writer per directory)."""
 

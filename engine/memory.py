@@ -27,27 +27,35 @@ from typing import Sequence
 
 import numpy as np
 
-from . import compaction
-from . import store as store_mod
+from . import compaction, wal
 from .attention import attend, top_class
+from .columns import Columns
 from .errors import (
     CorruptFileError,
     DimensionError,
     DuplicateIdError,
     EmptyMemoryError,
     InvalidValueError,
+    StorageError,
     UnknownIdError,
 )
 from .index import SearchSettings, VectorIndex, validate_spec
 from .locks import RWLock
 from .results import MemoryStats, QueryResult, Slots
 from .slots import SlotTable
+from .store import MANIFEST, Recovered, Store
 
 METRICS = ("cosine", "ip")
 # Rebuild (drop tombstones, renumber rows) once this fraction of rows is dead.
 MAX_DEAD_FRACTION = 0.25
 # Opening a memory whose log has more segments than this (one per open) checkpoints it.
 MAX_WAL_SEGMENTS = 8
+INT64_MAX = np.iinfo(np.int64).max
+# Bounds that keep attention finite in float64 and tail_bound an upper bound: inner
+# products stay below 1e30 (|q.z| <= |q||z|), logits below 1e36, total mass below 1e45.
+MAX_NORM = 1e15
+MAX_WEIGHT = 1e30
+TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
 class Memory:
@@ -118,7 +126,7 @@ class Memory:
             self._budget_slots(budget)  # validate now
         self._lock = RWLock()
         self._write_mutex = threading.Lock()
-        self._store = store_mod.Store.create(path, self._config()) if path is not None else None
+        self._store = Store.create(path, self._config()) if path is not None else None
 
     def _config(self) -> dict:
         return {"dim": self.dim, "metric": self.metric, "temperature": self._temperature,
@@ -143,20 +151,26 @@ class Memory:
             CorruptFileError: a file fails its checks (a torn final WAL record is ignored).
             MemoryLockedError: the directory is open already (one writer per directory).
         """
-        store, rec = store_mod.Store.open(path)
+        store, rec = Store.open(path)
         try:
             mem = cls._recover(rec, store.path)
         except BaseException:
             store.close()  # release the directory's lock; nothing was written
             raise
-        store.begin()  # from here on, writes go to a new WAL segment
+        try:
+            store.begin()  # from here on, writes go to a new log segment
+        except StorageError as exc:  # e.g. a full disk: the memory still answers queries
+            store.fail(f"the log could not be reopened for writing ({exc})")
         mem._store = store
-        if store.segments > MAX_WAL_SEGMENTS:
-            mem.save()  # fold the log into a snapshot so recovery stays short
+        if store.failed is None and store.segments > MAX_WAL_SEGMENTS:
+            try:
+                mem.save()  # fold the log into a snapshot so recovery stays short
+            except StorageError:
+                pass  # the log stays as it was; the next open tries again
         return mem
 
     @classmethod
-    def _recover(cls, rec: "store_mod.Recovered", path: Path) -> "Memory":
+    def _recover(cls, rec: Recovered, path: Path) -> "Memory":
         """An in-process memory holding a snapshot plus replayed WAL records."""
         cfg = rec.config
         try:
@@ -165,7 +179,7 @@ class Memory:
                       slack=cfg.get("slack", 0.1), policy=cfg.get("policy", "merge"),
                       rescore=cfg.get("rescore", True))
         except InvalidValueError as exc:
-            raise CorruptFileError(f"{path / store_mod.MANIFEST}: invalid settings ({exc})") from exc
+            raise CorruptFileError(f"{path / MANIFEST}: invalid settings ({exc})") from None
         mem._label_kind = rec.label_kind
         mem._next_id = int(cfg.get("next_id", 0))
         mem._table = SlotTable(mem.dim, keep_vectors=True)  # replay needs the vectors; dropped below
@@ -173,25 +187,25 @@ class Memory:
         for r in rec.records:  # replay into the table only; the index is built once at the end
             rows = mem._table.rows_of(r.ids)
             mem._table.kill(rows[rows >= 0])
-            if r.op != store_mod.OP_REMOVE:
+            if r.kind != wal.REMOVE:
                 mem._append_columns(r.slots)
         full = mem._table.compacted()
         mem._index = mem._index.build(full.vectors)
         mem._table = full if mem._keep_vectors else full.compacted(keep_vectors=False)
         return mem
 
-    def _append_columns(self, slots: "store_mod.Columns") -> None:
+    def _append_columns(self, slots: Columns) -> None:
         if len(slots.ids):
-            self._table.append(slots.ids, self._intern(slots.labels), slots.weights, slots.vectors,
+            self._table.append(slots.ids, self._intern(slots.labels, self._label_kind), slots.weights, slots.vectors,
                                slots.created, slots.last_used)
             self._next_id = max(self._next_id, int(slots.ids.max()) + 1)
 
-    def _columns(self) -> "store_mod.Columns":
+    def _columns(self) -> Columns:
         """The live slots as persistence columns."""
         t = self._table
         rows = t.live_rows()
-        return store_mod.Columns(t.ids[rows], [self._labels[i] for i in t.label_idx[rows]], t.weights[rows],
-                                 self._vectors_of(rows), t.created[rows], t.last_used[rows])
+        return Columns(t.ids[rows], [self._labels[i] for i in t.label_idx[rows]], t.weights[rows],
+                       self._vectors_of(rows), t.created[rows], t.last_used[rows])
 
     def _vectors_of(self, rows: np.ndarray) -> np.ndarray:
         """Vectors of table rows: from the table if it keeps them, else read back from the index."""
@@ -212,6 +226,19 @@ class Memory:
             vectors = np.concatenate([vectors, append[3]])
         return table, self._index.build(vectors)
 
+    def _swap(self, table: SlotTable, index: VectorIndex | None = None) -> None:
+        """Install a table (and index) built aside: readers see the old pair or the new, never half."""
+        with self._lock.write():
+            self._class_cache = None  # the live classes may change
+            self._table = table
+            if index is not None:
+                self._index = index
+
+    def _applying(self, what: str):
+        """Context for applying a write that is already logged: if applying fails, the log and
+        the memory disagree, so the store refuses further writes until the memory is reopened."""
+        return _Applying(self._store, what)
+
     # -- writing ----------------------------------------------------------------------
     def add(
         self,
@@ -224,82 +251,91 @@ class Memory:
     ) -> np.ndarray:
         """Write slots into the memory.
 
+        With a ``path``, the slots are in the fsynced write-ahead log before this
+        returns. Under a ``budget``, an add that passes it is compacted together
+        with the memory and written as one snapshot: either all of it happens or none.
+
         Args:
-            vectors: (n, dim) or (dim,) finite floats.
-            labels: n labels, all int or all str (the memory keeps one kind).
-            ids: n unique non-negative int64 ids; None assigns fresh ones.
-            weights: n positive finite slot masses (default 1).
+            vectors: (n, dim) or (dim,) finite floats (n may be 0: nothing is written).
+            labels: n labels, all int (fitting int64) or all str; the memory keeps one kind.
+            ids: n unique ids in [0, 2**63); None assigns fresh ones.
+            weights: n slot masses in (0, 1e30] (default 1).
             upsert: replace slots whose id exists instead of refusing them.
 
         Returns:
             (n,) int64 ids of the written slots.
 
         Raises:
-            DimensionError, InvalidValueError, DuplicateIdError. On error the memory is unchanged.
+            DimensionError, InvalidValueError, DuplicateIdError: bad input.
+            StorageError: the disk failed; see :class:`~engine.errors.StorageError`.
+            On error the memory is unchanged, in process and on disk.
         """
         with self._write_mutex:
-            v = self._check_vectors(vectors, "vectors")
+            v = self._check_vectors(vectors, "vectors", allow_empty=True)
             n = len(v)
-            labels = self._check_labels(labels, n)
+            labels, kind = self._check_labels(labels, n)
             w = self._check_weights(weights, n)
             ids = self._check_new_ids(ids, n, upsert)
+            if n == 0:
+                return ids
             now = time.time()
-            if self._store is not None:
-                zeros = np.zeros(n)
-                self._store.log_add(store_mod.Columns(ids, labels, w, v, zeros + now, zeros), upsert=upsert)
-            self._apply_add(ids, labels, w, v, now)
+            old_rows = self._table.rows_of(ids)
+            old_rows = old_rows[old_rows >= 0]
             if self._budget_spec is not None:
                 budget = self._budget_slots(self._budget_spec)
-                if self._table.n_alive > budget:
-                    self._compact_locked(max(1, int(budget * (1 - self._slack))), self._policy, 0, {})
+                if self._table.n_alive - len(old_rows) + n > budget:
+                    target = max(1, int(budget * (1 - self._slack)))
+                    live = self._live(old_rows, (ids, self._intern(labels, kind), w, v, now))
+                    self._install(*self._compacted(*live, target, self._policy, 0, {}), kind)
+                    return ids
+            if self._store is not None:
+                self._store.log_add(Columns(ids, labels, w, v, np.full(n, now), np.zeros(n)), kind, upsert=upsert)
+            with self._applying("add"):
+                self._apply_add(ids, labels, kind, w, v, now, old_rows)
             return ids
 
-    def _apply_add(self, ids: np.ndarray, labels: list, w: np.ndarray, v: np.ndarray, now: float) -> None:
-        old_rows = self._table.rows_of(ids)
-        old_rows = old_rows[old_rows >= 0]
+    def _apply_add(self, ids: np.ndarray, labels: list, kind: str, w: np.ndarray, v: np.ndarray, now: float,
+                   old_rows: np.ndarray) -> None:
         n_alive_after = self._table.n_alive - len(old_rows) + len(ids)
-        if self._label_kind is None:
-            self._label_kind = "str" if isinstance(labels[0], str) else "int"
+        label_idx = self._intern(labels, kind)
         if self._index.needs_rebuild(n_alive_after) or self._too_dead(len(old_rows)):
-            table, index = self._rebuilt(old_rows, (ids, self._intern(labels), w, v, now))
-            with self._lock.write():
-                self._class_cache = None  # the live classes may change
-                self._table, self._index = table, index
+            self._swap(*self._rebuilt(old_rows, (ids, label_idx, w, v, now)))
         else:
-            label_idx = self._intern(labels)
             with self._lock.write():
                 self._class_cache = None  # the live classes may change
                 self._table.kill(old_rows)
                 self._table.append(ids, label_idx, w, v, now)
                 self._index.add(v)
+        self._label_kind = kind
         self._next_id = max(self._next_id, int(ids.max()) + 1)
 
     def remove(self, ids) -> int:
         """Remove slots by id.
 
         Args:
-            ids: an id or a sequence of ids, all present in the memory.
+            ids: an id or a sequence of ids, all present in the memory. None at all is a no-op.
 
         Returns:
             The number of slots removed.
 
         Raises:
             UnknownIdError: some ids are not in the memory (listed in ``.ids``); nothing is removed.
+            StorageError: the disk failed; nothing is removed.
         """
         with self._write_mutex:
             ids = np.unique(_as_ids(ids))
+            if len(ids) == 0:
+                return 0
             rows = self._rows_or_raise(ids)
             if self._store is not None:
                 self._store.log_remove(ids)
-            if self._too_dead(len(rows)):
-                table, index = self._rebuilt(rows)
-                with self._lock.write():
-                    self._class_cache = None  # the live classes may change
-                    self._table, self._index = table, index
-            else:
-                with self._lock.write():
-                    self._class_cache = None  # the live classes may change
-                    self._table.kill(rows)
+            with self._applying("remove"):
+                if self._too_dead(len(rows)):
+                    self._swap(*self._rebuilt(rows))
+                else:
+                    with self._lock.write():
+                        self._class_cache = None  # the live classes may change
+                        self._table.kill(rows)
             return len(rows)
 
     def compact(self, *, budget: int | str | None = None, policy: str = "merge", seed: int = 0, **options) -> dict:
@@ -308,9 +344,10 @@ class Memory:
         Every class present keeps at least one slot and its total weight (see
         :mod:`engine.compaction`). Slots a policy keeps unchanged keep their ids;
         merged or distilled slots get fresh ids. The new table and index are built
-        aside and swapped in; readers wait only for the swap. A durable memory then
-        writes a snapshot, so a crash leaves either the old or the new memory.
-        With no budget, compaction only drops removed slots.
+        aside; a durable memory writes them as a snapshot (the commit point), and
+        only then are they swapped in. Readers wait only for the swap, and an error
+        at any step leaves the memory as it was. With no budget, compaction only
+        drops removed slots.
 
         Args:
             budget: the most slots to keep (int), or bytes as a string ("64MB").
@@ -319,57 +356,102 @@ class Memory:
             **options: distill options (steps, lr, queries, learn_weights, k, holdout, eval_every).
 
         Returns:
-            {"slots", "dropped", "policy", "budget", "seconds"}.
+            {"slots", "dropped", "merged_away", "policy", "budget", "seconds"}.
 
         Raises:
             EmptyMemoryError: the memory holds no slots.
-            ValueError: an unknown policy or option, an option out of range, or a budget
+            InvalidValueError: an unknown policy or option, an option out of range, or a budget
                 below the number of classes.
+            StorageError: the snapshot could not be written.
             On error the memory is unchanged.
         """
         if policy not in compaction.POLICIES:
             raise InvalidValueError(f"unknown policy {policy!r}; choose one of {compaction.POLICIES}")
+        try:
+            compaction.check_options(options)
+        except ValueError as exc:
+            raise InvalidValueError(str(exc)) from None
         with self._write_mutex:
             if self._table.n_alive == 0:
                 raise EmptyMemoryError("the memory is empty: nothing to compact")
             slots = None if budget is None else self._budget_slots(budget)
-            return self._compact_locked(slots, policy, seed, options)
+            t0 = time.perf_counter()
+            before, dropped = self._table.n_alive, self._table.n_dead
+            table, vectors, next_id = self._compacted(*self._live(), slots, policy, seed, options)
+            if self._store is not None or table.n_alive != before or dropped:
+                self._install(table, vectors, next_id, self._label_kind)
+            return {"slots": table.n_alive, "dropped": dropped, "merged_away": before - table.n_alive,
+                    "policy": policy if slots is not None else None, "budget": slots,
+                    "seconds": time.perf_counter() - t0}
 
-    def _compact_locked(self, budget: int | None, policy: str, seed: int, options: dict) -> dict:
-        t0 = time.perf_counter()
-        before, dropped = self._table.n_alive, self._table.n_dead
-        live, vectors = self._table.compacted(), self._vectors_of(self._table.live_rows())
-        if budget is not None and budget < live.n_alive:
-            classes = int((live.class_counts > 0).sum())
-            if budget < classes:
-                raise InvalidValueError(f"a budget of {budget} slots cannot keep {classes} classes (one slot each)")
+    def _live(self, drop_rows: np.ndarray | None = None, append: tuple | None = None) -> tuple:
+        """(table, vectors) of the live rows less ``drop_rows`` plus ``append``, built aside."""
+        rows = self._table.live_rows(drop_rows)
+        vectors = self._vectors_of(rows)
+        table = self._table.compacted(drop_rows=drop_rows, keep_vectors=False)
+        if append is not None:
+            table.append(*append)
+            vectors = np.concatenate([vectors, append[3]])
+        return table, vectors
+
+    def _compacted(self, live: SlotTable, vectors: np.ndarray, budget: int | None, policy: str, seed: int,
+                   options: dict) -> tuple[SlotTable, np.ndarray, int]:
+        """(table, vectors, next id) of ``live`` compacted to ``budget`` slots; nothing is changed."""
+        if budget is None or budget >= live.n_alive:
+            table = SlotTable(self.dim, self._keep_vectors)
+            table.append(live.ids, live.label_idx, live.weights, vectors, live.created, live.last_used)
+            table.class_counts = np.pad(table.class_counts, (0, max(0, len(live.class_counts) - len(table.class_counts))))
+            return table, vectors, max(self._next_id, int(live.ids.max()) + 1 if live.n_alive else 0)
+        classes = int((live.class_counts > 0).sum())
+        if budget < classes:
+            raise InvalidValueError(f"a budget of {budget} slots cannot keep {classes} classes (one slot each)")
+        try:
             out = compaction.compact(vectors, live.weights, live.label_idx, live.created, live.last_used,
                                      budget=budget, policy=policy, cosine=self.metric == "cosine",
                                      temperature=self._temperature, seed=seed, **options)
-            fresh = np.flatnonzero(out.source < 0)
-            ids = np.where(out.source >= 0, live.ids[np.maximum(out.source, 0)], -1)
-            ids[fresh] = np.arange(self._next_id, self._next_id + len(fresh))
-            now = time.time()
-            src = np.maximum(out.source, 0)
-            created = np.where(out.source >= 0, live.created[src], now)
-            last_used = np.where(out.source >= 0, live.last_used[src], 0.0)
-            table = SlotTable(self.dim, self._keep_vectors)
-            table.append(ids, out.label_idx, out.weights, out.vectors, created, last_used)
-            vectors = out.vectors
-            table.class_counts = np.pad(table.class_counts, (0, max(0, len(live.class_counts) - len(table.class_counts))))
-            self._next_id += len(fresh)
-        else:
-            table = live
-        if table is not self._table or dropped:
-            index = self._index.build(vectors)  # aside: readers go on meanwhile
-            with self._lock.write():
-                self._class_cache = None  # the live classes may change
-                self._table, self._index = table, index
+        except ValueError as exc:
+            raise InvalidValueError(str(exc)) from None
+        kept = out.source >= 0
+        src = np.maximum(out.source, 0)
+        ids = np.where(kept, live.ids[src], -1)
+        fresh, next_id = self._fresh_ids(int((~kept).sum()), base=max(self._next_id, int(live.ids.max()) + 1),
+                                         taken=live.ids)
+        ids[~kept] = fresh
+        now = time.time()
+        table = SlotTable(self.dim, self._keep_vectors)
+        table.append(ids, out.label_idx, out.weights, out.vectors, np.where(kept, live.created[src], now),
+                     np.where(kept, live.last_used[src], 0.0))
+        table.class_counts = np.pad(table.class_counts, (0, max(0, len(live.class_counts) - len(table.class_counts))))
+        return table, out.vectors, next_id
+
+    def _install(self, table: SlotTable, vectors: np.ndarray, next_id: int, kind: str | None) -> None:
+        """Make a table built aside the memory: index it, snapshot it (the commit point), swap it in."""
+        index = self._index.build(vectors)  # aside: readers go on meanwhile
         if self._store is not None:
-            self._save_locked(None)
-        return {"slots": table.n_alive, "dropped": dropped, "merged_away": before - table.n_alive,
-                "policy": policy if budget is not None else None, "budget": budget,
-                "seconds": time.perf_counter() - t0}
+            columns = Columns(table.ids.copy(), [self._labels[i] for i in table.label_idx], table.weights.copy(),
+                              vectors, table.created.copy(), table.last_used.copy())
+            self._store.checkpoint(columns, kind, {"next_id": next_id})
+        with self._applying("compaction"):
+            self._swap(table, index)
+            self._label_kind = kind
+            self._next_id = next_id
+
+    def _fresh_ids(self, n: int, *, base: int | None = None, taken: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """n ids no slot has, and the next id after them.
+
+        Counts up from the next id; once that would pass the int64 limit (a caller
+        wrote ids near it), takes the lowest ids no live slot holds instead.
+        """
+        start = self._next_id if base is None else base
+        if start + n - 1 <= INT64_MAX:
+            return np.arange(start, start + n, dtype=np.int64), start + n
+        used = self._table.ids[self._table.alive] if taken is None else taken
+        if taken is not None:
+            used = np.union1d(used, self._table.ids[self._table.alive])
+        candidates = np.setdiff1d(np.arange(len(used) + n, dtype=np.int64), used)[:n]
+        if len(candidates) < n:  # pragma: no cover - 2**63 live slots
+            raise InvalidValueError("no free ids left")
+        return candidates, start
 
     def _budget_slots(self, budget: int | str) -> int:
         """A budget in slots: an int as is, bytes ("64MB", "2GB", "500000B") over the bytes a slot takes."""
@@ -431,6 +513,8 @@ class Memory:
             return self._result(scores, rows, att, int(k))
 
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if k >= self._table.n_alive and not self._index.exact:
+            return self._search_all(q)
         alive = self._table.alive if self._table.n_dead else None
         scores, rows = self._index.search(q, k, alive)
         if self._index.lossy and self._table.keep_vectors:  # compressed codes: rescore exactly
@@ -440,6 +524,15 @@ class Memory:
             order = np.argsort(-scores, axis=1, kind="stable")
             scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
         return scores, rows
+
+    def _search_all(self, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Every live slot, scored exactly and sorted: what an approximate index cannot promise
+        when k covers the whole memory (it may skip lists, or stop short among removed rows)."""
+        rows = self._table.live_rows()
+        vectors = self._table.vectors[rows] if self._table.keep_vectors else self._index.reconstruct(rows)
+        scores = q @ vectors.T
+        order = np.argsort(-scores, axis=1, kind="stable")
+        return np.take_along_axis(scores, order, 1).astype(np.float32), rows[order]
 
     def _attend(self, scores: np.ndarray, rows: np.ndarray):
         t = self._table
@@ -456,7 +549,14 @@ class Memory:
             class_idx = np.where(valid, columns[t.label_idx[safe]], -1)
             used = np.where(valid, weights, 0.0).sum(axis=1)
             n_used = valid.sum(axis=1)
-        omitted = np.where(n_used >= t.n_alive, 0.0, t.total_weight - used)
+        if weights is None and t.unit_weights:
+            omitted = np.maximum(t.n_alive - n_used, 0).astype(np.float64)  # exact
+        else:
+            # an upper bound despite rounding: the running total's own error bound, plus the
+            # error of summing the k retrieved weights
+            err = t.weight_error + used * (rows.shape[1] + 2) * np.finfo(np.float64).eps
+            omitted = np.maximum(t.total_weight - used, 0.0) + err
+        omitted = np.where(n_used >= t.n_alive, 0.0, omitted)
         return attend(scores, weights, class_idx, n_classes=len(classes),
                       temperature=self._temperature, omitted_weight=omitted)
 
@@ -561,7 +661,8 @@ class Memory:
         with self._write_mutex:
             if self._store is not None:
                 self._store.update(temperature=value)
-            self._temperature = value
+            with self._lock.write():
+                self._temperature = value
 
     @property
     def path(self) -> Path | None:
@@ -580,27 +681,27 @@ class Memory:
 
         Raises:
             ValueError: no path given for a memory that has none.
-            MemoryExistsError: ``path`` holds another memory already.
+            MemoryExistsError: ``path`` holds memory files already.
+            StorageError: the disk failed; the memory and its files are as before.
         """
         with self._write_mutex:
-            return self._save_locked(path)
-
-    def _save_locked(self, path) -> Path:
-        target = Path(path) if path is not None else self.path
-        if target is None:
-            raise InvalidValueError("this memory is not durable: give save() a path")
-        slots = self._columns()
-        if self._store is not None and target.resolve() == self._store.path.resolve():
-            self._store.checkpoint(slots, {"next_id": self._next_id})
-        else:
-            out = store_mod.Store.create(target, self._config())
-            out.manifest["label_kind"] = self._label_kind
-            out.checkpoint(slots, {"next_id": self._next_id})
-            out.close()
-        return target
+            target = Path(path) if path is not None else self.path
+            if target is None:
+                raise InvalidValueError("this memory is not durable: give save() a path")
+            slots = self._columns()
+            if self._store is not None and target.resolve() == self._store.path.resolve():
+                self._store.checkpoint(slots, self._label_kind, {"next_id": self._next_id})
+            else:
+                out = Store.create(target, self._config())
+                try:
+                    out.checkpoint(slots, self._label_kind, {"next_id": self._next_id})
+                finally:
+                    out.close()
+            return target
 
     def close(self) -> None:
-        """Close the write-ahead log. Every acknowledged write is already on disk."""
+        """Close the write-ahead log and release the directory. Every acknowledged write is
+        already on disk; later writes are refused, queries still answer."""
         with self._write_mutex:
             if self._store is not None:
                 self._store.close()
@@ -617,16 +718,25 @@ class Memory:
                 f"slots={len(self)}, temperature={self._temperature}{where})")
 
     # -- checks at the boundary ---------------------------------------------------------
-    def _check_vectors(self, x, what: str) -> np.ndarray:
+    def _check_vectors(self, x, what: str, *, allow_empty: bool = False) -> np.ndarray:
+        raw = x if isinstance(x, np.ndarray) else None
         try:
-            a = np.asarray(x, dtype=np.float32)
+            if raw is None:
+                raw = np.asarray(x)
+            if raw.dtype.kind not in "biufO":
+                raise TypeError(f"dtype {raw.dtype}")
+            a = raw.astype(np.float32, copy=False)
         except (TypeError, ValueError) as exc:
-            raise InvalidValueError(f"{what} must be numeric: {exc}") from exc
-        if a.ndim == 1:
+            raise InvalidValueError(f"{what} must be real numbers: {exc}") from None
+        if a.ndim == 1 and not (allow_empty and a.shape == (0,)):
             a = a[None, :]
+        if a.ndim == 1:  # an empty sequence: zero rows
+            a = a.reshape(0, self.dim)
         if a.ndim != 2 or a.shape[1] != self.dim:
             raise DimensionError(f"{what} must have shape (n, {self.dim}), got {np.shape(x)}")
         if len(a) == 0:
+            if allow_empty:
+                return np.empty((0, self.dim), np.float32)
             raise InvalidValueError(f"{what} is empty")
         # squared norms in float64: finite exactly when every value is (no float32 overflow)
         sq = np.einsum("ij,ij->i", a, a, dtype=np.float64)
@@ -638,44 +748,68 @@ class Memory:
                 raise InvalidValueError(f"{what} contain zero vectors, which have no cosine similarity "
                                         f"(rows {np.flatnonzero(sq == 0)[:10].tolist()})")
             return np.ascontiguousarray(a / np.sqrt(sq)[:, None], dtype=np.float32)
+        if (sq > MAX_NORM**2).any():
+            raise InvalidValueError(f"{what} have norms above {MAX_NORM:g} (rows "
+                                    f"{np.flatnonzero(sq > MAX_NORM**2)[:10].tolist()}): their inner products "
+                                    f"would overflow float32")
         return np.ascontiguousarray(a, dtype=np.float32)
 
-    def _check_labels(self, labels, n: int) -> list:
+    def _check_labels(self, labels, n: int) -> tuple[list, str | None]:
+        """The labels as a list of Python ints or strs, and their kind."""
         if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
             raise InvalidValueError("labels must be a sequence with one label per vector")
+        if isinstance(labels, np.ndarray) and labels.ndim != 1:
+            raise InvalidValueError(f"labels must be 1-d, got shape {labels.shape}")
         if len(labels) != n:
             raise InvalidValueError(f"{n} vectors but {len(labels)} labels")
-        arr = np.asarray(labels)
-        if arr.dtype.kind in "iu":
-            values, kind = arr.astype(np.int64).tolist(), "int"
-        elif arr.dtype.kind == "U":
-            values, kind = arr.tolist(), "str"
+        if n == 0:
+            return [], self._label_kind
+        kinds = {"i": "int", "u": "int", "U": "str"}
+        if isinstance(labels, np.ndarray) and labels.dtype.kind in kinds:
+            if labels.dtype.kind == "u" and labels.max() > INT64_MAX:
+                raise InvalidValueError("int labels must fit int64")
+            values, kind = labels.tolist(), kinds[labels.dtype.kind]
+            if kind == "int":
+                values = [int(v) for v in values]
         else:
             values = list(labels)
-            if all(isinstance(x, str) for x in values):
-                kind = "str"
-            elif all(isinstance(x, (int, np.integer)) and not isinstance(x, (bool, np.bool_)) for x in values):
-                values, kind = [int(x) for x in values], "int"
+            if all(isinstance(v, str) for v in values):
+                values, kind = [str(v) for v in values], "str"
+            elif all(isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) for v in values):
+                values, kind = [int(v) for v in values], "int"
+                if any(not -INT64_MAX - 1 <= v <= INT64_MAX for v in values):
+                    raise InvalidValueError("int labels must fit int64")
             else:
-                raise InvalidValueError("labels must be all int or all str")
+                types = sorted({type(v).__name__ for v in values})
+                raise InvalidValueError(f"labels must be all int or all str in one call, got {types}")
+        if kind == "str":
+            try:
+                for v in values:
+                    v.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidValueError("str labels must be valid unicode (no lone surrogates)") from None
         if self._label_kind is not None and kind != self._label_kind:
             raise InvalidValueError(f"this memory's labels are {self._label_kind}, got {kind} labels")
-        return values
+        return values, kind
 
     @staticmethod
     def _check_weights(weights, n: int) -> np.ndarray:
         if weights is None:
             return np.ones(n, np.float64)
-        w = np.asarray(weights, dtype=np.float64).reshape(-1)
+        raw = np.asarray(weights)
+        if raw.dtype.kind not in "iuf" or raw.ndim > 1:
+            raise InvalidValueError(f"weights must be a 1-d sequence of real numbers, got {raw.dtype} "
+                                    f"of shape {raw.shape}")
+        w = raw.astype(np.float64).reshape(-1)
         if len(w) != n:
             raise InvalidValueError(f"{n} vectors but {len(w)} weights")
-        if not np.isfinite(w).all() or (w <= 0).any():
-            raise InvalidValueError("weights must be finite and > 0")
+        if not np.isfinite(w).all() or (w <= 0).any() or (w > MAX_WEIGHT).any():
+            raise InvalidValueError(f"weights must be finite, > 0 and <= {MAX_WEIGHT:g}")
         return w
 
     def _check_new_ids(self, ids, n: int, upsert: bool) -> np.ndarray:
         if ids is None:
-            return np.arange(self._next_id, self._next_id + n, dtype=np.int64)
+            return self._fresh_ids(n)[0]
         ids = _as_ids(ids)
         if len(ids) != n:
             raise InvalidValueError(f"{n} vectors but {len(ids)} ids")
@@ -696,9 +830,9 @@ class Memory:
             raise UnknownIdError(f"unknown ids: {unknown[:10]}{more}", unknown)
         return rows
 
-    def _intern(self, labels: list) -> np.ndarray:
+    def _intern(self, labels: list, kind: str | None) -> np.ndarray:
         """Label index of each label, extending the vocabulary with new ones."""
-        uniq, inverse = np.unique(np.asarray(labels, dtype=object if self._label_kind == "str" else None),
+        uniq, inverse = np.unique(np.asarray(labels, dtype=object if kind == "str" else np.int64),
                                   return_inverse=True)
         codes = np.empty(len(uniq), np.int32)
         for j, lab in enumerate(uniq.tolist()):
@@ -715,11 +849,21 @@ class Memory:
 
 
 def _as_ids(ids) -> np.ndarray:
-    a = np.asarray(ids)
+    if isinstance(ids, (bool, np.bool_)):
+        raise InvalidValueError("ids must be integers, got a bool")
+    try:
+        a = np.asarray(ids)
+    except (TypeError, ValueError) as exc:
+        raise InvalidValueError(f"ids must be integers: {exc}") from None
     if a.ndim == 0:
         a = a[None]
+    if a.dtype.kind == "O" and a.ndim == 1 and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool)
+                                                  for v in a.tolist()):
+        raise InvalidValueError("ids must fit int64 (be in [0, 2**63))")
     if a.ndim != 1 or (a.size and a.dtype.kind not in "iu"):
-        raise InvalidValueError(f"ids must be integers, got {a.dtype} of shape {a.shape}")
+        raise InvalidValueError(f"ids must be a 1-d sequence of integers, got {a.dtype} of shape {a.shape}")
+    if a.dtype.kind == "u" and a.size and a.max() > INT64_MAX:
+        raise InvalidValueError("ids must fit int64 (be in [0, 2**63))")
     a = a.astype(np.int64)
     if (a < 0).any():
         raise InvalidValueError("ids must be non-negative")
@@ -727,10 +871,24 @@ def _as_ids(ids) -> np.ndarray:
 
 
 def _check_temperature(t) -> float:
-    try:
-        t = float(t)
-    except (TypeError, ValueError):
-        raise InvalidValueError(f"temperature must be a number, got {t!r}") from None
-    if not math.isfinite(t) or t <= 0:
-        raise InvalidValueError(f"temperature must be finite and > 0, got {t}")
+    if isinstance(t, (bool, np.bool_)) or not isinstance(t, (int, float, np.integer, np.floating)):
+        raise InvalidValueError(f"temperature must be a number, got {t!r}")
+    t = float(t)
+    lo, hi = TEMPERATURE_RANGE
+    if not math.isfinite(t) or not lo <= t <= hi:
+        raise InvalidValueError(f"temperature must be in [{lo:g}, {hi:g}], got {t}")
     return t
+
+
+class _Applying:
+    """See :meth:`Memory._applying`."""
+
+    def __init__(self, store: Store | None, what: str):
+        self.store, self.what = store, what
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc is not None and self.store is not None:
+            self.store.fail(f"the {self.what} is logged but could not be applied in memory ({exc!r})")

@@ -64,6 +64,7 @@ class SlotTable:
         self._sorted_rows = np.empty(0, np.int64)
         self.n_alive = 0
         self.total_weight = 0.0  # mass of the live slots, kept up to date by append and kill
+        self.weight_error = 0.0  # a bound on the rounding error of total_weight
         self.class_counts = np.zeros(0, np.int64)  # live slots per label index
         self.unit_weights = True  # every row written with weight 1 (attention can skip the masses)
 
@@ -141,7 +142,7 @@ class SlotTable:
             self._sorted_ids = all_ids[merge]
             self._sorted_rows = np.concatenate([self._sorted_rows, new_rows])[merge]
         self.n_alive += len(ids)
-        self.total_weight += float(np.sum(weights))
+        self._add_weight(float(np.sum(weights)), len(ids))
         self.unit_weights = self.unit_weights and bool(np.all(weights == 1.0))
         self._count(label_idx, +1)
 
@@ -154,8 +155,20 @@ class SlotTable:
         self._sorted_ids = np.delete(self._sorted_ids, drop)
         self._sorted_rows = np.delete(self._sorted_rows, drop)
         self.n_alive -= len(rows)
-        self.total_weight = max(0.0, self.total_weight - float(self.weights[rows].sum()))
+        self._add_weight(-float(self.weights[rows].sum()), len(rows))
         self._count(self.label_idx[rows], -1)
+
+    def _add_weight(self, delta: float, m: int) -> None:
+        """Update the running total mass and a bound on its rounding error; when the bound grows
+        past a millionth of the total (mixed magnitudes, many removals), sum afresh."""
+        eps = np.finfo(np.float64).eps
+        before = self.total_weight
+        self.total_weight = before + delta
+        self.weight_error += (m + 2) * eps * (abs(before) + abs(delta))
+        if self.weight_error > 1e-6 * abs(self.total_weight) or self.total_weight <= 0:
+            live = self.weights[self.alive]
+            self.total_weight = float(np.sum(live))
+            self.weight_error = (len(live) + 2) * eps * self.total_weight
 
     def _count(self, label_idx: np.ndarray, sign: int) -> None:
         top = int(label_idx.max()) + 1 if len(label_idx) else 0

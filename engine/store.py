@@ -1,456 +1,494 @@
 """Arrow persistence: snapshot + write-ahead log + manifest, and recovery.
 
-A durable memory is a directory:
+A durable memory is a directory, locked (flock on the directory itself) by the
+one process that may write it:
 
-    manifest.json            format version, dim, metric, temperature, index spec,
-                             the current snapshot (file, sha256, rows) and WAL segments
-    snapshot-000007.arrow    Arrow IPC file: id, label, weight, vector (fixed_size_list<float32>[dim])
-    wal-000008.arrows        Arrow IPC stream, append-only: one record batch per add/remove
+    manifest.json            format version, memory id, settings, the snapshot
+                             (file, sha256, rows) and the log segments, with a
+                             SHA-256 of its own canonical bytes
+    snapshot-000007.arrow    Arrow IPC file: id, label, weight, vector, created, last_used
+    wal-000008.arrows        write-ahead log segment (see :mod:`engine.wal`)
 
-The manifest is replaced atomically (temp file, fsync, rename, fsync of the
-directory). Every WAL record carries a sequence number and a CRC32 of its values
-in the batch's custom metadata, and is fsynced before the write returns.
+Durability is fail-stop. A write is acknowledged only once its record is fsynced
+in the open segment, which the manifest on disk already lists. The manifest is
+replaced atomically (temp file, fsync, rename, fsync of the directory), and it is
+the only commit point: files are created and made durable before a manifest
+names them, and deleted only after a manifest stops naming them. After an I/O
+error the store either is exactly as before the failed call (a partial record is
+truncated away, unlisted new files are removed) or, when it cannot know (a failed
+fsync), refuses every later write with :class:`~engine.errors.MemoryFailedError`
+until the memory is reopened.
 
-Recovery loads the snapshot (checked against its sha256), then replays the WAL
-segments in order. A segment may end in a torn record (the writer died while
-appending it): a message cut short by the end of a segment is ignored. Any other failure
-(a bad checksum, an unreadable header, a schema that does not match) is refused
-with :class:`~engine.errors.CorruptFileError`. Nothing is ever pickled.
+Recovery checks everything: the manifest's checksum, each snapshot's sha256 and
+row count, each closed segment's length, record count and CRC, every record's
+CRC and sequence number. Only a torn tail of the last, open segment (a record
+the writer was killed inside, never acknowledged) is dropped; any other damage
+raises :class:`~engine.errors.CorruptFileError` naming the file. Nothing is
+ever pickled, and a file name read from a manifest is only ever a plain name in
+the memory's own directory.
 """
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
+import math
 import os
-import zlib
+import re
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 
-from .errors import CorruptFileError, FormatVersionError, MemoryExistsError, MemoryLockedError
+from . import fsio, wal
+from .columns import Columns, slot_schema
+from .errors import (
+    CorruptFileError,
+    FormatVersionError,
+    MemoryExistsError,
+    MemoryFailedError,
+    MemoryLockedError,
+    StorageError,
+)
 
 FORMAT = "engine-memory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
-LOCK = "LOCK"  # flock'ed by the one Store that may write the directory
-
-OP_ADD, OP_UPSERT, OP_REMOVE = 0, 1, 2
-
-
-@dataclass
-class Columns:
-    """Slots as columns: what a snapshot holds and an add record carries."""
-
-    ids: np.ndarray
-    labels: list
-    weights: np.ndarray
-    vectors: np.ndarray
-    created: np.ndarray
-    last_used: np.ndarray
-
-    @classmethod
-    def empty(cls, dim: int) -> "Columns":
-        z = np.empty(0, np.float64)
-        return cls(np.empty(0, np.int64), [], z, np.empty((0, dim), np.float32), z, z)
-
-    @classmethod
-    def from_arrow(cls, data: pa.Table | pa.RecordBatch, dim: int) -> "Columns":
-        return cls(data.column("id").to_numpy(), data.column("label").to_pylist(), data.column("weight").to_numpy(),
-                   vectors_of(data.column("vector"), dim), data.column("created").to_numpy(),
-                   data.column("last_used").to_numpy())
-
-    def arrays(self, dim: int, kind: str) -> list[pa.Array]:
-        """Arrow arrays in the order of :func:`slot_schema`."""
-        flat = pa.array(np.ascontiguousarray(self.vectors, dtype=np.float32).reshape(-1))
-        return [
-            pa.array(np.asarray(self.ids, dtype=np.int64)),
-            pa.array(self.labels, type=label_type(kind)),
-            pa.array(np.asarray(self.weights, dtype=np.float64)),
-            pa.FixedSizeListArray.from_arrays(flat, dim),
-            pa.array(np.asarray(self.created, dtype=np.float64)),
-            pa.array(np.asarray(self.last_used, dtype=np.float64)),
-        ]
-
-
-@dataclass
-class Record:
-    """One replayed WAL operation: ``slots`` for an add or upsert, ``ids`` alone for a remove."""
-
-    op: int
-    ids: np.ndarray
-    slots: Columns | None = None
+SNAPSHOT_NAME = re.compile(r"snapshot-[0-9]{6,12}\.arrow")
+SEGMENT_NAME = re.compile(r"wal-[0-9]{6,12}\.arrows")
+# Any of these in a directory means a memory (or the remains of one) lives there.
+MEMORY_FILE = re.compile(r"(manifest\.json|LOCK|(snapshot-[0-9]+\.arrow|wal-[0-9]+\.arrows))(\.tmp)?")
 
 
 @dataclass
 class Recovered:
-    """What :meth:`Store.open` read back: config, snapshot columns and WAL records."""
+    """What :meth:`Store.open` read back: settings, snapshot columns and log records."""
 
     config: dict
     label_kind: str | None
     snapshot: Columns
-    records: list[Record]
-
-
-def label_type(kind: str) -> pa.DataType:
-    return pa.int64() if kind == "int" else pa.string()
-
-
-def slot_schema(dim: int, kind: str) -> pa.Schema:
-    return pa.schema(
-        [
-            pa.field("id", pa.int64(), nullable=False),
-            pa.field("label", label_type(kind), nullable=False),
-            pa.field("weight", pa.float64(), nullable=False),
-            pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
-            pa.field("created", pa.float64(), nullable=False),
-            pa.field("last_used", pa.float64(), nullable=False),
-        ]
-    )
-
-
-def wal_schema(dim: int, kind: str) -> pa.Schema:
-    return pa.schema([pa.field("op", pa.int8())] + list(slot_schema(dim, kind)))
-
-
-def _crc(op: int, ids: np.ndarray, slots: Columns | None) -> int:
-    c = zlib.crc32(bytes([op]))
-    c = zlib.crc32(np.ascontiguousarray(ids, dtype=np.int64).tobytes(), c)
-    if slots is None:
-        return c
-    if slots.labels and isinstance(slots.labels[0], str):
-        c = zlib.crc32(b"".join(len(s.encode()).to_bytes(4, "little") + s.encode() for s in slots.labels), c)
-    else:
-        c = zlib.crc32(np.asarray(slots.labels, dtype=np.int64).tobytes(), c)
-    for col, dtype in ((slots.weights, np.float64), (slots.vectors, np.float32), (slots.created, np.float64),
-                       (slots.last_used, np.float64)):
-        c = zlib.crc32(np.ascontiguousarray(col, dtype=dtype).tobytes(), c)
-    return c
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def vectors_of(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
-    """A fixed_size_list<float32>[dim] column as an (n, dim) float32 array."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    records: list[wal.Record]
 
 
 class Store:
     """The files of one durable memory. Owned by a :class:`~engine.memory.Memory`."""
 
-    def __init__(self, path: Path, manifest: dict, lock_fd: int):
+    def __init__(self, path: Path, dir_fd: int, manifest: dict):
         self.path = path
         self.manifest = manifest
-        self._lock_fd = lock_fd
-        self._wal_file = None
-        self._wal_writer = None
-        self._seq = 0
-
-    @staticmethod
-    def _lock(path: Path) -> int:
-        """Take the directory's write lock; the kernel drops it if the process dies."""
-        fd = os.open(path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise MemoryLockedError(f"{path} is already open (in this or another process); close it first") from None
-        return fd
+        self.seq = manifest["seq"]  # the last sequence number written
+        self._dir_fd = dir_fd
+        self._writer: wal.SegmentWriter | None = None
+        self._tail: wal.Scan | None = None  # the open segment as recovery found it
+        self.failed: str | None = None  # why writes are refused, once they are
 
     # -- create / open ------------------------------------------------------------
     @classmethod
     def create(cls, path: str | os.PathLike, config: dict) -> "Store":
-        """Make a new memory directory. Refuses one that already holds a manifest."""
+        """Make a new memory directory with an empty log.
+
+        Raises:
+            MemoryExistsError: ``path`` holds memory files already (even without a manifest).
+            MemoryLockedError: another writer holds ``path``.
+            StorageError: the files could not be written; nothing is left behind.
+        """
         path = Path(path)
-        if (path / MANIFEST).exists():
-            raise MemoryExistsError(f"{path} already holds a memory; open it with Memory.open({str(path)!r})")
-        path.mkdir(parents=True, exist_ok=True)
-        manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **config,
-                    "label_kind": None, "snapshot": None, "wal": [], "generation": 0}
-        store = cls(path, manifest, cls._lock(path))
-        store._start_segment()
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise fsio.storage_error(f"creating {path}", exc) from None
+        _refuse_memory_files(path)  # before the lock: an open memory is "exists", not "locked"
+        dir_fd = _lock(path)
+        try:
+            _refuse_memory_files(path)
+            manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "memory_id": uuid.uuid4().hex,
+                        **config, "label_kind": None, "snapshot": None, "wal": [], "seq": 0, "generation": 0}
+            store = cls(path, dir_fd, manifest)
+            store._start(store.manifest)
+        except BaseException:
+            os.close(dir_fd)
+            raise
         return store
 
     @classmethod
     def open(cls, path: str | os.PathLike) -> tuple["Store", Recovered]:
-        """Read a memory directory back: check the manifest, load the snapshot, read the WAL.
+        """Read a memory directory back and check every file. Nothing is written.
 
-        Nothing is written; call :meth:`begin` before logging new writes.
+        Call :meth:`begin` before logging new writes.
 
         Raises:
-            FileNotFoundError: no manifest in ``path``.
+            FileNotFoundError: no memory at ``path``.
+            MemoryLockedError: another writer holds ``path``.
             FormatVersionError: written by an unknown format version.
-            CorruptFileError: a file fails its checks.
+            CorruptFileError: a file is missing, short, extra or altered.
         """
         path = Path(path)
-        _read_manifest(path)  # a clear error before anything is created
-        lock_fd = cls._lock(path)
+        if not (path / MANIFEST).is_file():
+            raise FileNotFoundError(f"no memory at {path}: {MANIFEST} is missing")
+        dir_fd = _lock(path)
         try:
-            return cls._open_locked(path, lock_fd)
+            manifest = read_manifest(path)
+            store = cls(path, dir_fd, manifest)
+            return store, store._recover()
         except BaseException:
-            os.close(lock_fd)
+            os.close(dir_fd)
             raise
 
-    @classmethod
-    def _open_locked(cls, path: Path, lock_fd: int) -> tuple["Store", Recovered]:
-        manifest = _read_manifest(path)
-        dim = manifest["dim"]
-        kind = manifest.get("label_kind")
-        snapshot = Columns.empty(dim)
-        snap = manifest.get("snapshot")
-        if snap:
-            table, kind = _read_snapshot(path / snap["file"], snap, dim)
-            snapshot = Columns.from_arrow(table, dim)
-        records: list[Record] = []
-        for name in manifest["wal"]:
-            seg_kind, seg_records = _read_segment(path / name, dim)
-            if seg_kind is not None:
-                if kind is not None and seg_kind != kind:
-                    raise CorruptFileError(f"{path / name}: labels are {seg_kind} but the memory's are {kind}")
-                kind = seg_kind
-            records.extend(seg_records)
-        store = cls(path, manifest, lock_fd)
-        store.manifest["label_kind"] = kind
-        return store, Recovered(manifest, kind, snapshot, records)
-
-    # -- WAL ----------------------------------------------------------------------
-    def _next_name(self, stem: str, ext: str) -> str:
-        self.manifest["generation"] += 1
-        return f"{stem}-{self.manifest['generation']:06d}.{ext}"
+    def _recover(self) -> Recovered:
+        m, path = self.manifest, self.path
+        kind = m["label_kind"]
+        snapshot = Columns.empty(m["dim"])
+        if m["snapshot"] is not None:
+            snapshot = _read_snapshot(path / m["snapshot"]["file"], m["snapshot"], m["dim"], kind)
+        records: list[wal.Record] = []
+        seq = m["seq"]
+        for i, entry in enumerate(m["wal"]):
+            last = i == len(m["wal"]) - 1
+            sealed = entry if "records" in entry else None
+            scan = wal.read_segment(path / entry["file"], dim=m["dim"], memory_id=m["memory_id"], prev_seq=seq,
+                                    sealed=sealed, may_be_torn=last)
+            for rec in scan.records:
+                if rec.label_kind is not None:
+                    if kind is not None and rec.label_kind != kind:
+                        raise CorruptFileError(f"{path / entry['file']}: {rec.label_kind} labels in a memory "
+                                               f"of {kind} labels")
+                    kind = rec.label_kind
+                    problem = rec.slots.check()
+                    if problem:
+                        raise CorruptFileError(f"{path / entry['file']}: a record holds {problem}")
+                elif (rec.ids < 0).any():
+                    raise CorruptFileError(f"{path / entry['file']}: a remove record holds negative ids")
+            records.extend(scan.records)
+            seq = scan.last_seq
+            if last and sealed is None:
+                self._tail = scan
+        self.seq = seq
+        self.manifest = {**m, "label_kind": kind}
+        return Recovered(self.manifest, kind, snapshot, records)
 
     def begin(self) -> None:
-        """Start appending: list a fresh WAL segment (after a successful open).
+        """Start appending after a successful open: seal the open segment, list a new one.
 
-        Segments that were listed but never written to are dropped from the list.
+        A torn tail is cut off the old segment first, so its sealed length is exact.
+
+        Raises:
+            StorageError: the new segment could not be listed (the memory then refuses writes).
         """
-        self.manifest["wal"] = [n for n in self.manifest["wal"] if (self.path / n).exists()]
-        self._start_segment()
+        wal_list = list(self.manifest["wal"])
+        if self._tail is not None:
+            name = wal_list[-1]["file"]
+            if self._tail.torn:
+                wal.truncate(self.path / name, self._tail.good_bytes)
+            wal_list[-1] = {"file": name, "records": len(self._tail.records), "bytes": self._tail.good_bytes,
+                            "crc32": self._tail.crc}
+            self._tail = None
+        self._start({**self.manifest, "wal": wal_list})
+
+    def _start(self, manifest: dict) -> None:
+        """Create a new open segment and commit ``manifest`` with it listed last."""
+        name, generation = self._fresh_name("wal", "arrows", manifest["generation"])
+        header = wal.segment_header(manifest["memory_id"], name, manifest["dim"])
+        writer = wal.SegmentWriter.create(self.path, self._dir_fd, name, header, self.seq)
+        new = {**manifest, "wal": manifest["wal"] + [{"file": name}], "generation": generation}
+        try:
+            self._commit(new)
+        except StorageError as exc:
+            writer.close()
+            if not exc.uncertain:
+                fsio.remove_quietly(self.path / name)
+            raise
+        if self._writer is not None:
+            self._writer.close()
+        self._writer = writer
+
+    def _fresh_name(self, stem: str, ext: str, generation: int) -> tuple[str, int]:
+        """The next file name no file in the directory has (orphans of a crash are skipped)."""
+        while True:
+            generation += 1
+            name = f"{stem}-{generation:06d}.{ext}"
+            if not (self.path / name).exists() and not (self.path / (name + ".tmp")).exists():
+                return name, generation
 
     @property
     def segments(self) -> int:
-        """How many WAL segments recovery would replay."""
+        """How many log segments recovery would read."""
         return len(self.manifest["wal"])
 
-    def _start_segment(self) -> None:
-        """List a new WAL segment in the manifest; its file is made at its first record."""
-        self._close_segment()
-        self.manifest["wal"] = self.manifest["wal"] + [self._next_name("wal", "arrows")]
-        self._write_manifest()
+    # -- writes -------------------------------------------------------------------
+    def _check_writable(self) -> None:
+        if self.failed is not None:
+            raise MemoryFailedError(f"{self.path}: writes are refused since {self.failed}; reopen the memory "
+                                    f"(every acknowledged write is on disk)", None, uncertain=False)
+        if self._writer is None:
+            raise MemoryFailedError(f"{self.path}: the memory is closed", None)
 
-    def _close_segment(self) -> None:
-        if self._wal_writer is not None:
-            self._wal_writer.close()
-            self._wal_file.close()
-        self._wal_writer = self._wal_file = None
+    def fail(self, reason: str) -> None:
+        """Refuse every later write (the files may no longer match what the memory holds)."""
+        if self.failed is None:
+            self.failed = reason
 
-    def log_add(self, slots: Columns, *, upsert: bool) -> None:
-        """Append an add (or upsert) record and fsync it."""
-        op = OP_UPSERT if upsert else OP_ADD
-        kind = "str" if isinstance(slots.labels[0], str) else "int"
-        if self.manifest["label_kind"] is None:
-            self.manifest["label_kind"] = kind
-        self._append(op, slots.arrays(self.manifest["dim"], kind), _crc(op, slots.ids, slots))
+    def log_add(self, slots: Columns, label_kind: str, *, upsert: bool) -> None:
+        """Append an add (or upsert) record and fsync it.
 
-    def log_remove(self, ids) -> None:
-        """Append a remove record and fsync it."""
-        schema = wal_schema(self.manifest["dim"], self.manifest["label_kind"] or "int")
-        cols = [pa.nulls(len(ids), f.type) for f in list(schema)[2:]]
-        cols = [pa.array(np.asarray(ids, dtype=np.int64))] + cols
-        self._append(OP_REMOVE, cols, _crc(OP_REMOVE, ids, None))
-
-    def _append(self, op: int, cols: list[pa.Array], crc: int) -> None:
-        dim, kind = self.manifest["dim"], self.manifest["label_kind"] or "int"
-        schema = wal_schema(dim, kind)
-        if self._wal_writer is None:
-            self._wal_file = open(self.path / self.manifest["wal"][-1], "wb")
-            self._wal_writer = pa.ipc.new_stream(self._wal_file, schema)
-            _fsync_dir(self.path)  # the new file's directory entry survives a power loss too
-        n = len(cols[0])
-        batch = pa.record_batch([pa.array(np.full(n, op, np.int8))] + cols, schema=schema)
-        self._seq += 1
-        self._wal_writer.write_batch(batch, custom_metadata={"seq": str(self._seq), "crc32": str(crc)})
-        self._wal_file.flush()
-        os.fsync(self._wal_file.fileno())
-
-    # -- snapshot -----------------------------------------------------------------
-    def checkpoint(self, slots: Columns, extra: dict | None = None) -> None:
-        """Write a snapshot of the whole slot table, start a fresh WAL and drop the old files.
-
-        The new manifest is the commit point: a crash before it leaves the old
-        snapshot and WAL in force, a crash after it the new ones.
+        Raises:
+            StorageError: the record is not in the log (or, if ``uncertain``, may be).
         """
-        kind = self.manifest["label_kind"] or "int"
-        name = self._next_name("snapshot", "arrow")
-        write_snapshot(self.path / name, self.manifest["dim"], kind, slots)
-        old = [self.manifest["snapshot"]["file"]] if self.manifest["snapshot"] else []
-        old += self.manifest["wal"]
-        self._close_segment()
-        self.manifest.update(extra or {})
-        self.manifest["snapshot"] = {"file": name, "sha256": _sha256(self.path / name), "rows": int(len(slots.ids))}
-        self.manifest["wal"] = []
-        self._start_segment()
-        for f in old:
-            (self.path / f).unlink(missing_ok=True)
+        self._check_writable()
+        payload = wal.encode_add(slots, self.manifest["dim"], label_kind)
+        self._append(wal.UPSERT if upsert else wal.ADD, label_kind, payload)
+
+    def log_remove(self, ids: np.ndarray) -> None:
+        """Append a remove record and fsync it (same errors as :meth:`log_add`)."""
+        self._check_writable()
+        self._append(wal.REMOVE, None, wal.encode_remove(ids))
+
+    def _append(self, kind: int, label_kind: str | None, payload) -> None:
+        data = wal.frame(kind, label_kind, self.seq + 1, payload)
+        try:
+            self._writer.append(data)
+        except StorageError as exc:
+            if exc.uncertain:
+                self.fail(f"an I/O error made a log record uncertain ({exc})")
+            raise
+        self.seq += 1
+
+    def checkpoint(self, slots: Columns, label_kind: str | None, extra: dict | None = None) -> None:
+        """Write a snapshot of the whole slot table, start a fresh log and drop the old files.
+
+        The new manifest is the commit point: a crash or an error before it leaves
+        the old snapshot and log in force (and the store usable), after it the new ones.
+
+        Raises:
+            StorageError: nothing changed (or, if ``uncertain``, the store refuses writes).
+        """
+        self._check_writable()
+        m = self.manifest
+        name, generation = self._fresh_name("snapshot", "arrow", m["generation"])
+        digest = write_snapshot(self.path, self._dir_fd, name, m["dim"], label_kind or "int", slots)
+        old = ([m["snapshot"]["file"]] if m["snapshot"] else []) + [e["file"] for e in m["wal"]]
+        new = {**m, **(extra or {}), "label_kind": label_kind, "wal": [], "seq": self.seq, "generation": generation,
+               "snapshot": {"file": name, "sha256": digest, "rows": int(len(slots.ids)), "seq": self.seq}}
+        try:
+            self._start(new)
+        except StorageError as exc:
+            if not exc.uncertain:
+                fsio.remove_quietly(self.path / name)
+            raise
+        for f in old:  # no manifest names them any more
+            fsio.remove_quietly(self.path / f)
 
     def update(self, **fields) -> None:
-        """Change config fields (temperature, next_id...) in the manifest, atomically."""
-        self.manifest.update(fields)
-        self._write_manifest()
+        """Change settings (temperature, ...) in the manifest, atomically.
 
-    def _write_manifest(self) -> None:
-        _write_atomic(self.path / MANIFEST, json.dumps(self.manifest, indent=2).encode())
+        Raises:
+            StorageError: nothing changed (or, if ``uncertain``, the store refuses writes).
+        """
+        self._check_writable()
+        self._commit({**self.manifest, **fields})
+
+    def _commit(self, manifest: dict) -> None:
+        try:
+            fsio.write_atomic(self._dir_fd, self.path / MANIFEST, manifest_bytes(manifest))
+        except StorageError as exc:
+            if exc.uncertain:
+                self.fail(f"an I/O error made the manifest uncertain ({exc})")
+            raise
+        self.manifest = manifest
 
     def close(self) -> None:
-        """Close the WAL and release the directory's lock."""
-        self._close_segment()
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        """Seal the open segment in the manifest (when the disk allows), release the lock."""
+        if self._writer is not None:
+            if self.failed is None:
+                entries = self.manifest["wal"][:-1] + [self._writer.describe()]
+                try:
+                    self._commit({**self.manifest, "wal": entries})
+                except StorageError:
+                    pass  # the segment stays open in the manifest: still exactly recoverable
+            self._writer.close()
+            self._writer = None
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
 
-def write_snapshot(path: Path, dim: int, kind: str, slots: Columns) -> None:
-    """Write the slot table as an Arrow IPC file, fsynced, via a temp file and rename."""
-    schema = slot_schema(dim, kind).with_metadata({"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    table = pa.Table.from_arrays(slots.arrays(dim, kind), schema=schema)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        with pa.ipc.new_file(f, schema) as writer:
-            writer.write_table(table, max_chunksize=1 << 16)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def _refuse_memory_files(path: Path) -> None:
+    found = sorted(n for n in os.listdir(path) if MEMORY_FILE.fullmatch(n))
+    if found:
+        raise MemoryExistsError(f"{path} already holds a memory (files {', '.join(found[:4])}); open it with "
+                                f"Memory.open({str(path)!r}), or create the new one in an empty directory")
 
 
-def _read_manifest(path: Path) -> dict:
-    file = path / MANIFEST
-    if not file.exists():
-        raise FileNotFoundError(f"no memory at {path}: {MANIFEST} is missing")
+def _lock(path: Path) -> int:
     try:
-        manifest = json.loads(file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CorruptFileError(f"{file}: not valid JSON ({exc})") from exc
-    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        fd = fsio.lock_dir(path)
+    except NotADirectoryError:
+        raise FileNotFoundError(f"no memory at {path}: not a directory") from None
+    if fd is None:
+        raise MemoryLockedError(f"{path} is already open (in this or another process); close it first")
+    return fd
+
+
+# -- the manifest ----------------------------------------------------------------------
+def manifest_bytes(manifest: dict) -> bytes:
+    """The canonical bytes of a manifest, with the SHA-256 of the rest as its ``checksum``."""
+    body = {k: v for k, v in manifest.items() if k != "checksum"}
+    digest = hashlib.sha256(_canonical(body)).hexdigest()
+    return _canonical({**body, "checksum": digest})
+
+
+def _canonical(doc: dict) -> bytes:
+    return (json.dumps(doc, sort_keys=True, indent=1, allow_nan=False) + "\n").encode()
+
+
+def read_manifest(path: Path) -> dict:
+    """Read and check ``path/manifest.json``: format, version, checksum, every field's type.
+
+    Raises:
+        FormatVersionError, CorruptFileError.
+    """
+    file = path / MANIFEST
+    try:
+        raw = file.read_bytes()
+    except OSError as exc:
+        raise CorruptFileError(f"{file}: unreadable ({exc.strerror})") from None
+    try:
+        doc = json.loads(raw.decode())
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise CorruptFileError(f"{file}: not valid JSON ({exc})") from None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CorruptFileError(f"{file}: not an engine memory manifest")
-    version = manifest.get("format_version")
+    version = doc.get("format_version")
     if version != FORMAT_VERSION:
         raise FormatVersionError(f"{file}: format version {version!r}; this engine reads version {FORMAT_VERSION}")
-    for key in ("dim", "metric", "temperature", "index", "wal", "generation"):
-        if key not in manifest:
-            raise CorruptFileError(f"{file}: the manifest lacks {key!r}")
-    return manifest
+    try:
+        canonical = manifest_bytes(doc)
+    except (TypeError, ValueError):
+        canonical = None
+    if canonical != raw:
+        raise CorruptFileError(f"{file}: checksum mismatch (the manifest was damaged or edited)")
+    _check_manifest(file, doc)
+    return {k: v for k, v in doc.items() if k != "checksum"}
 
 
-def _read_snapshot(file: Path, entry: dict, dim: int) -> tuple[pa.Table, str]:
-    if not file.exists():
-        raise CorruptFileError(f"{file}: the snapshot named by the manifest is missing")
-    digest = _sha256(file)
-    if digest != entry.get("sha256"):
-        raise CorruptFileError(f"{file}: checksum mismatch (sha256 {digest}, manifest says {entry.get('sha256')})")
+def _is_int(x, lo: int = 0) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
+
+
+def _check_manifest(file: Path, m: dict) -> None:
+    """Every field the store reads has the type it must have (Memory checks the settings' values)."""
+    def bad(what: str):
+        raise CorruptFileError(f"{file}: {what}")
+
+    checks = {
+        "memory_id": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{32}", v),
+        "dim": lambda v: _is_int(v, 1),
+        "metric": lambda v: isinstance(v, str),
+        "temperature": lambda v: isinstance(v, float) and math.isfinite(v) and v > 0,
+        "index": lambda v: isinstance(v, str),
+        "nprobe": lambda v: v is None or _is_int(v, 1),
+        "ef_search": lambda v: v is None or _is_int(v, 1),
+        "next_id": lambda v: _is_int(v),
+        "budget": lambda v: v is None or _is_int(v, 1) or isinstance(v, str),
+        "slack": lambda v: isinstance(v, float),
+        "policy": lambda v: isinstance(v, str),
+        "rescore": lambda v: isinstance(v, bool),
+        "label_kind": lambda v: v in (None, "int", "str"),
+        "seq": lambda v: _is_int(v),
+        "generation": lambda v: _is_int(v),
+        "wal": lambda v: isinstance(v, list),
+        "snapshot": lambda v: v is None or isinstance(v, dict),
+    }
+    for key, ok in checks.items():
+        if key not in m:
+            bad(f"the manifest lacks {key!r}")
+        if not ok(m[key]):
+            bad(f"the manifest's {key!r} is invalid: {m[key]!r}")
+    snap = m["snapshot"]
+    if snap is not None:
+        if set(snap) != {"file", "sha256", "rows", "seq"} or not isinstance(snap["file"], str) \
+                or not SNAPSHOT_NAME.fullmatch(snap["file"]) or not isinstance(snap["sha256"], str) \
+                or not _is_int(snap["rows"]) or snap["seq"] != m["seq"]:
+            bad(f"the manifest's snapshot entry is invalid: {snap!r}")
+    names = set()
+    for i, e in enumerate(m["wal"]):
+        if not isinstance(e, dict) or not isinstance(e.get("file"), str) or not SEGMENT_NAME.fullmatch(e["file"]):
+            bad(f"log entry {i} is invalid: {e!r}")
+        sealed = set(e) == {"file", "records", "bytes", "crc32"} and all(
+            _is_int(e[k]) for k in ("records", "bytes", "crc32"))
+        if not sealed and (set(e) != {"file"} or i != len(m["wal"]) - 1):
+            bad(f"log entry {i} is invalid (only the last segment may be open): {e!r}")
+        if e["file"] in names:
+            bad(f"log segment {e['file']} is listed twice")
+        names.add(e["file"])
+
+
+# -- snapshots ---------------------------------------------------------------------------
+def write_snapshot(directory: Path, dir_fd: int, name: str, dim: int, kind: str, slots: Columns) -> str:
+    """Write the slot table as an Arrow IPC file (temp file, fsync, rename); return its sha256.
+
+    Raises:
+        StorageError: nothing is left behind.
+    """
+    schema = slot_schema(dim, kind).with_metadata({"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    table = pa.Table.from_arrays(slots.arrays(dim, kind), schema=schema)
+    tmp, final = directory / (name + ".tmp"), directory / name
+    sink = _HashingSink()
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            sink.fd = fd
+            with pa.ipc.new_file(sink, schema) as writer:
+                writer.write_table(table, max_chunksize=1 << 16)
+            fsio.fsync(fd)
+        finally:
+            os.close(fd)
+        fsio.rename(tmp, final)
+        fsio.fsync_dir(dir_fd)
+    except (OSError, pa.ArrowException) as exc:
+        fsio.remove_quietly(tmp)
+        fsio.remove_quietly(final)
+        if isinstance(exc, OSError):
+            raise fsio.storage_error(f"writing snapshot {name}", exc) from None
+        raise StorageError(f"writing snapshot {name}: {exc}", None) from None
+    return sink.hash.hexdigest()
+
+
+class _HashingSink(fsio.FdSink):
+    def __init__(self):
+        super().__init__(-1)
+        self.hash = hashlib.sha256()
+
+    def write(self, data) -> int:
+        self.hash.update(data)
+        return super().write(data)
+
+
+def _read_snapshot(file: Path, entry: dict, dim: int, kind: str | None) -> Columns:
+    try:
+        with open(file, "rb") as f:
+            h = hashlib.sha256()
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    except FileNotFoundError:
+        raise CorruptFileError(f"{file}: the snapshot named by the manifest is missing") from None
+    except OSError as exc:
+        raise CorruptFileError(f"{file}: unreadable snapshot ({exc.strerror})") from None
+    if h.hexdigest() != entry["sha256"]:
+        raise CorruptFileError(f"{file}: checksum mismatch (sha256 {h.hexdigest()}, manifest says {entry['sha256']})")
+    if kind not in ("int", "str"):
+        raise CorruptFileError(f"{file}: the manifest gives no label kind for its snapshot")
     try:
         table = pa.ipc.open_file(file).read_all()
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise CorruptFileError(f"{file}: unreadable Arrow file ({exc})") from exc
-    kind = _check_schema(file, table.schema, dim, with_op=False)
-    if table.num_rows != entry.get("rows"):
-        raise CorruptFileError(f"{file}: {table.num_rows} rows, manifest says {entry.get('rows')}")
-    return table, kind
-
-
-def _check_schema(file: Path, schema: pa.Schema, dim: int, *, with_op: bool) -> str:
-    for kind in ("int", "str"):
-        expected = wal_schema(dim, kind) if with_op else slot_schema(dim, kind)
-        if schema.remove_metadata().equals(expected):
-            return kind
-    raise CorruptFileError(f"{file}: unexpected schema {schema} for a memory of dim {dim}")
-
-
-CONTINUATION = b"\xff\xff\xff\xff"  # every Arrow IPC message starts with it
-
-
-def _is_torn(file: Path, offset: int, exc: Exception) -> bool:
-    """Whether a read that failed at ``offset`` is a message cut short by the end of the file.
-
-    A writer killed mid-append leaves a prefix of a well-formed message: it starts
-    with the continuation marker and the reader ran out of bytes. Anything else
-    (garbage where a message should start, a malformed header) is damage.
-    """
-    text = str(exc)
-    short = "Expected to be able to read" in text or "only read" in text or "bytes available" in text
-    with open(file, "rb") as f:
-        f.seek(offset)
-        head = f.read(4)
-    return short and CONTINUATION.startswith(head)
-
-
-def _read_segment(file: Path, dim: int) -> tuple[str | None, list[Record]]:
-    """Replay one WAL segment; a torn final record is dropped, any other damage refused."""
-    if not file.exists() or file.stat().st_size == 0:
-        return None, []  # listed but never written to
-    source = pa.OSFile(str(file))
-    try:
-        reader = pa.ipc.open_stream(source)
-    except (pa.ArrowInvalid, OSError) as exc:
-        if _is_torn(file, 0, exc):
-            return None, []  # torn while writing the schema: no record was acknowledged
-        raise CorruptFileError(f"{file}: unreadable WAL header ({exc})") from exc
-    kind = _check_schema(file, reader.schema, dim, with_op=True)
-    records = []
-    while True:
-        good_end = source.tell()
-        try:
-            batch, meta = reader.read_next_batch_with_custom_metadata()
-        except StopIteration:
-            break
-        except (pa.ArrowInvalid, OSError) as exc:
-            if _is_torn(file, good_end, exc):
-                break  # torn final record: it was never acknowledged
-            raise CorruptFileError(f"{file}: unreadable WAL record after {len(records)} good ones ({exc})") from exc
-        records.append(_decode(file, batch, meta, dim, len(records)))
-    return kind, records
-
-
-def _decode(file: Path, batch: pa.RecordBatch, meta, dim: int, position: int) -> Record:
-    ops = batch.column("op").to_numpy()
-    if len(ops) == 0 or (ops != ops[0]).any() or ops[0] not in (OP_ADD, OP_UPSERT, OP_REMOVE):
-        raise CorruptFileError(f"{file}: WAL record {position} has an invalid op column")
-    op = int(ops[0])
-    try:
-        rec = Record(op, batch.column("id").to_numpy())
-        if op != OP_REMOVE:
-            rec.slots = Columns.from_arrow(batch, dim)
-    except (pa.ArrowException, ValueError, TypeError) as exc:
-        raise CorruptFileError(f"{file}: WAL record {position} has unreadable columns ({exc})") from exc
-    expected = dict(meta or {}).get(b"crc32")
-    if expected is None or int(expected) != _crc(op, rec.ids, rec.slots):
-        raise CorruptFileError(f"{file}: WAL record {position} fails its checksum")
-    return rec
+        if not table.schema.remove_metadata().equals(slot_schema(dim, kind)):
+            raise ValueError(f"unexpected schema {table.schema} for a memory of dim {dim} and {kind} labels")
+        slots = Columns.from_arrow(table, dim)
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        raise CorruptFileError(f"{file}: unreadable snapshot ({exc})") from None
+    if len(slots.ids) != entry["rows"]:
+        raise CorruptFileError(f"{file}: {len(slots.ids)} rows, manifest says {entry['rows']}")
+    problem = slots.check()
+    if problem:
+        raise CorruptFileError(f"{file}: the snapshot holds {problem}")
+    return slots

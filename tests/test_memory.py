@@ -155,7 +155,17 @@ BAD_ADDS = [
     ("bad weight", lambda r: (r.standard_normal((1, 8)), [0]), {"weights": [0.0]}, ValueError),
     ("NaN weight", lambda r: (r.standard_normal((1, 8)), [0]), {"weights": [np.nan]}, ValueError),
     ("weights count", lambda r: (r.standard_normal((2, 8)), [0, 1]), {"weights": [1.0]}, ValueError),
-    ("empty", lambda r: (np.zeros((0, 8)), []), {}, ValueError),
+    ("mixed label array", lambda r: (r.standard_normal((2, 8)), np.array([0, "a"], dtype=object)), {}, ValueError),
+    ("float labels", lambda r: (r.standard_normal((2, 8)), [0.0, 1.0]), {}, ValueError),
+    ("bool labels", lambda r: (r.standard_normal((2, 8)), [True, False]), {}, ValueError),
+    ("2-d labels", lambda r: (r.standard_normal((2, 8)), np.array([[0], [1]])), {}, ValueError),
+    ("label beyond int64", lambda r: (r.standard_normal((1, 8)), [2**63]), {}, ValueError),
+    ("complex vectors", lambda r: (r.standard_normal((1, 8)) * 1j, [0]), {}, ValueError),
+    ("string vectors", lambda r: (np.full((1, 8), "1.0"), [0]), {}, ValueError),
+    ("float ids", lambda r: (r.standard_normal((1, 8)), [0]), {"ids": [1.0]}, ValueError),
+    ("id beyond int64", lambda r: (r.standard_normal((1, 8)), [0]), {"ids": [2**63]}, ValueError),
+    ("huge weight", lambda r: (r.standard_normal((1, 8)), [0]), {"weights": [1e300]}, ValueError),
+    ("complex weight", lambda r: (r.standard_normal((1, 8)), [0]), {"weights": [1 + 1j]}, ValueError),
 ]
 
 

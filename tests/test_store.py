@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
 
 import engine
-from engine import Memory
+from engine import Memory, store
 
 
 def answers(mem, probes):
@@ -75,27 +76,35 @@ def test_save_copy_of_in_process_memory(tmp_path, data):
         Memory(8, path=tmp_path / "copy")
 
 
-def test_torn_final_record_is_ignored(tmp_path, data):
+def crash_image(mem, dst):
+    """The directory as a kill -9 would leave it now: every file as written, the log still open."""
+    shutil.copytree(mem.path, dst)
+    return dst
+
+
+def test_torn_final_record_is_ignored_only_in_the_open_segment(tmp_path, data):
     x, y, probes = data
     mem = Memory(8, index="Flat", path=tmp_path / "m")
     mem.add(x[:100], y[:100])
     expected = answers(mem, probes)
     mem.add(x[100:150], y[100:150])
+    image = crash_image(mem, tmp_path / "crashed")
+    wal = image / wal_files(image)[-1]
+    whole = wal.read_bytes()
+    for cut in (len(whole) - 1, len(whole) - 300, len(whole) - 1500):
+        wal.write_bytes(whole[:cut])  # the writer died inside its last record: never acknowledged
+        with Memory.open(image) as again:
+            assert len(again) == 100 and answers(again, probes) == expected
+        # reopening sealed the segment at its last whole record; start over from the crash image
+        shutil.rmtree(image)
+        crash_image(mem, image)
+    # a cleanly closed memory has no open segment: the same cut is damage
     mem.close()
     wal = tmp_path / "m" / wal_files(tmp_path / "m")[-1]
-    size = wal.stat().st_size
-    eos = 8  # close() ends the stream with an 8-byte end-of-stream marker
-    data_bytes = wal.read_bytes()
-    wal.write_bytes(data_bytes[: size - 3])  # only the marker torn: both records are whole
-    with Memory.open(tmp_path / "m") as again:
-        assert len(again) == 150
-    for cut in (size - eos - 1, size - eos - 300, size - eos - 1500):
-        data_bytes = wal.read_bytes()
-        wal.write_bytes(data_bytes[:cut])
-        again = Memory.open(tmp_path / "m")
-        assert len(again) == 100 and answers(again, probes) == expected
-        again.close()
-        wal.write_bytes(data_bytes)
+    whole = wal.read_bytes()
+    wal.write_bytes(whole[:-300])
+    with pytest.raises(engine.CorruptFileError, match="bytes"):
+        Memory.open(tmp_path / "m")
 
 
 def test_corrupt_wal_record_is_refused(tmp_path, data):
@@ -146,22 +155,39 @@ def test_corrupt_or_truncated_snapshot_is_refused(tmp_path, data):
         Memory.open(tmp_path / "m")
 
 
+def resign(manifest, **changes):
+    """Rewrite a manifest with valid checksum: what a crafted (not damaged) manifest looks like."""
+    doc = json.loads(manifest.read_text())
+    doc.pop("checksum")
+    manifest.write_bytes(store.manifest_bytes({**doc, **changes}))
+
+
 def test_wrong_format_version_and_bad_manifest(tmp_path, data):
     mem = build(tmp_path / "m", data)
     mem.close()
     manifest = tmp_path / "m" / "manifest.json"
-    doc = json.loads(manifest.read_text())
+    good = manifest.read_bytes()
+    doc = json.loads(good)
     manifest.write_text(json.dumps({**doc, "format_version": 99}))
     with pytest.raises(engine.FormatVersionError, match="99"):
         Memory.open(tmp_path / "m")
     manifest.write_text("{not json")
     with pytest.raises(engine.CorruptFileError, match="JSON"):
         Memory.open(tmp_path / "m")
-    manifest.write_text(json.dumps({**doc, "metric": "manhattan"}))
+    manifest.write_text(json.dumps({**doc, "temperature": 0.3}))  # edited, not re-signed
+    with pytest.raises(engine.CorruptFileError, match="checksum"):
+        Memory.open(tmp_path / "m")
+    manifest.write_bytes(good)
+    resign(manifest, metric="manhattan")
     with pytest.raises(engine.CorruptFileError, match="metric"):
         Memory.open(tmp_path / "m")
-    manifest.write_text(json.dumps({**doc, "dim": 9}))
-    with pytest.raises(engine.CorruptFileError, match="schema"):
+    manifest.write_bytes(good)
+    resign(manifest, dim=9)
+    with pytest.raises(engine.CorruptFileError, match="dim"):
+        Memory.open(tmp_path / "m")
+    manifest.write_bytes(good)
+    resign(manifest, temperature="0.2")
+    with pytest.raises(engine.CorruptFileError, match="temperature"):
         Memory.open(tmp_path / "m")
     with pytest.raises(FileNotFoundError):
         Memory.open(tmp_path / "nowhere")
@@ -193,7 +219,7 @@ def test_one_writer_per_directory(tmp_path, data):
     # a failed open releases the lock
     manifest = tmp_path / "m" / "manifest.json"
     good = manifest.read_text()
-    manifest.write_text(json.dumps({**json.loads(good), "metric": "manhattan"}))
+    resign(manifest, metric="manhattan")
     with pytest.raises(engine.CorruptFileError):
         Memory.open(tmp_path / "m")
     manifest.write_text(good)
