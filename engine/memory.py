@@ -630,6 +630,11 @@ class Memory:
             return Slots(ids=ids.copy(), labels=[self._labels[i] for i in t.label_idx[rows]],
                          weights=t.weights[rows].copy(), vectors=self._vectors_of(rows))
 
+    def ids(self) -> np.ndarray:
+        """The ids of every slot in the memory, ascending."""
+        with self._lock.read():
+            return self._table.sorted_ids.copy()
+
     def __len__(self) -> int:
         return self._table.n_alive
 

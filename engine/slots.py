@@ -105,6 +105,11 @@ class SlotTable:
         return self._last_used.view
 
     @property
+    def sorted_ids(self) -> np.ndarray:
+        """The ids of the live rows, ascending (a view)."""
+        return self._sorted_ids
+
+    @property
     def n_dead(self) -> int:
         return self.n_rows - self.n_alive
 

@@ -239,3 +239,116 @@ def test_many_reopens_keep_the_log_short(tmp_path, data):
     with Memory.open(tmp_path / "m") as mem:
         assert len(mem) == 120
         assert sorted(mem.get(np.arange(120)).labels) == sorted(y[:120].tolist())
+
+
+# -- damage of every kind is detected ----------------------------------------------------------
+def closed_memory(path, data, *, reopen_adds: int = 2):
+    """A memory with a snapshot, two closed segments with records and an open one."""
+    x, y, _ = data
+    mem = Memory(8, index="Flat", path=path)
+    mem.add(x[:40], y[:40])
+    mem.save()
+    mem.add(x[40:60], y[40:60])
+    mem.remove(np.arange(0, 40, 3))
+    mem.close()
+    for i in range(reopen_adds):
+        with Memory.open(path) as again:
+            again.add(x[60 + 10 * i:70 + 10 * i], y[60 + 10 * i:70 + 10 * i])
+            again.remove([41 + i])
+    return json.loads((path / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("damage", ["missing", "empty", "cut inside an earlier record", "header flip",
+                                    "metadata flip", "extra bytes", "swapped segments"])
+def test_damaged_segment_is_refused(tmp_path, data, damage):
+    doc = closed_memory(tmp_path / "m", data)
+    segs = [tmp_path / "m" / e["file"] for e in doc["wal"] if e.get("records")]
+    assert len(segs) >= 2
+    seg = segs[0]
+    raw = bytearray(seg.read_bytes())
+    if damage == "missing":
+        seg.unlink()
+    elif damage == "empty":
+        seg.write_bytes(b"")
+    elif damage == "cut inside an earlier record":
+        seg.write_bytes(raw[: len(raw) - 200])
+    elif damage == "header flip":  # the frame header of the second record: its length field
+        at = raw.index(b"EWAL", raw.index(b"EWAL", 1) + 1)
+        raw[at + 20] ^= 0x01
+        seg.write_bytes(bytes(raw))
+    elif damage == "metadata flip":  # inside the Arrow message's flatbuffer metadata, not the values
+        at = raw.index(b"EWAL", 1) + 28 + 12
+        raw[at] ^= 0x10
+        seg.write_bytes(bytes(raw))
+    elif damage == "extra bytes":
+        seg.write_bytes(bytes(raw) + b"EWAL")
+    elif damage == "swapped segments":
+        other = segs[1].read_bytes()
+        segs[1].write_bytes(bytes(raw))
+        seg.write_bytes(other)
+    manifest_before = (tmp_path / "m" / "manifest.json").read_bytes()
+    with pytest.raises(engine.CorruptFileError, match=seg.name if damage != "swapped segments" else "wal-"):
+        Memory.open(tmp_path / "m")
+    assert (tmp_path / "m" / "manifest.json").read_bytes() == manifest_before  # opening wrote nothing
+
+
+@pytest.mark.parametrize("wal", [None, "wal-000001.arrows", [1], [{"file": "wal-000001.arrows", "records": "2"}],
+                                 [{"file": "../outside.arrows"}], [{"file": "/etc/passwd"}],
+                                 [{"file": "wal-000009.arrows"}, {"file": "wal-000010.arrows"}]])
+def test_malformed_wal_list_is_refused(tmp_path, data, wal):
+    closed_memory(tmp_path / "m", data, reopen_adds=0)
+    resign(tmp_path / "m" / "manifest.json", wal=wal)
+    with pytest.raises(engine.CorruptFileError, match="log|wal|invalid"):
+        Memory.open(tmp_path / "m")
+
+
+def test_crafted_manifest_cannot_name_files_outside(tmp_path, data):
+    closed_memory(tmp_path / "m", data, reopen_adds=0)
+    victim = tmp_path / "victim.arrow"
+    victim.write_bytes(b"precious")
+    doc = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    resign(tmp_path / "m" / "manifest.json", snapshot={**doc["snapshot"], "file": "../victim.arrow"})
+    with pytest.raises(engine.CorruptFileError, match="snapshot"):
+        Memory.open(tmp_path / "m")
+    assert victim.read_bytes() == b"precious"
+
+
+def test_second_writer_is_refused_even_without_a_lock_file(tmp_path, data):
+    import subprocess
+    import sys
+
+    x, y, _ = data
+    mem = Memory(8, path=tmp_path / "m")
+    mem.add(x[:5], y[:5])
+    for leftover in (tmp_path / "m").glob("LOCK*"):
+        leftover.unlink()
+    code = ("import sys, engine\n"
+            "try:\n engine.Memory.open(sys.argv[1])\nexcept engine.MemoryLockedError:\n sys.exit(3)\n")
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], capture_output=True, text=True)
+    assert r.returncode == 3, r.stderr
+    mem.add(x[5:10], y[5:10])
+    mem.close()
+    with Memory.open(tmp_path / "m") as again:
+        assert len(again) == 10
+
+
+def test_create_refuses_a_directory_whose_manifest_was_lost(tmp_path, data):
+    x, y, _ = data
+    mem = Memory(8, path=tmp_path / "m")
+    mem.add(x[:5], y[:5])
+    mem.close()
+    (tmp_path / "m" / "manifest.json").unlink()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    with pytest.raises(engine.MemoryExistsError, match="wal-"):
+        Memory(8, path=tmp_path / "m")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+
+
+def test_remove_of_nothing_keeps_the_memory_openable(tmp_path, data):
+    x, y, _ = data
+    mem = Memory(8, path=tmp_path / "m")
+    mem.add(x[:5], y[:5])
+    assert mem.remove([]) == 0
+    mem.close()
+    with Memory.open(tmp_path / "m") as again:
+        assert len(again) == 5
