@@ -367,6 +367,8 @@ class Memory:
         """
         if policy not in compaction.POLICIES:
             raise InvalidValueError(f"unknown policy {policy!r}; choose one of {compaction.POLICIES}")
+        if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
+            raise InvalidValueError(f"seed must be a non-negative integer, got {seed!r}")
         try:
             compaction.check_options(options)
         except ValueError as exc:

@@ -56,6 +56,7 @@ from .errors import (
 FORMAT = "engine-memory"
 FORMAT_VERSION = 2
 MANIFEST = "manifest.json"
+MAX_MANIFEST_BYTES = 64 << 20
 SNAPSHOT_NAME = re.compile(r"snapshot-[0-9]{6,12}\.arrow")
 SEGMENT_NAME = re.compile(r"wal-[0-9]{6,12}\.arrows")
 # Any of these in a directory means a memory (or the remains of one) lives there.
@@ -350,6 +351,8 @@ def read_manifest(path: Path) -> dict:
     """
     file = path / MANIFEST
     try:
+        if file.stat().st_size > MAX_MANIFEST_BYTES:  # never read an absurd file whole
+            raise CorruptFileError(f"{file}: {file.stat().st_size} bytes, far too large for a manifest")
         raw = file.read_bytes()
     except OSError as exc:
         raise CorruptFileError(f"{file}: unreadable ({exc.strerror})") from None

@@ -230,3 +230,96 @@ def test_temperature_is_a_setting(mem, probes):
     with pytest.raises(ValueError):
         mem.temperature = -1
     assert mem.temperature == 10.0
+
+
+# -- strict inputs and extreme values ------------------------------------------------------------
+def test_a_refused_add_leaves_the_memory_ready_for_the_next(rng):
+    m = Memory(4)
+    with pytest.raises(ValueError, match="all int or all str"):
+        m.add(rng.standard_normal((2, 4)), [1, "a"])
+    with pytest.raises(ValueError, match="NaN"):
+        m.add(np.full((1, 4), np.nan), ["a"])
+    assert list(m.add(rng.standard_normal((2, 4)), [3, 4])) == [0, 1]  # no label kind was fixed by the refusals
+    with pytest.raises(ValueError, match="int"):
+        m.add(rng.standard_normal((1, 4)), ["x"])
+    assert m.query(rng.standard_normal(4), k=2).classes.tolist() == [3, 4]
+
+
+@pytest.mark.parametrize("kwargs", [{"temperature": 1e-320}, {"temperature": 1e300}, {"temperature": "0.1"},
+                                    {"temperature": True}, {"temperature": 1 + 0j}])
+def test_temperature_outside_its_range_is_refused(kwargs):
+    with pytest.raises(engine.InvalidValueError, match="temperature"):
+        Memory(8, **kwargs)
+
+
+def test_automatic_ids_after_ids_at_the_int64_limit(tmp_path, rng):
+    top = 2**63 - 1
+    m = Memory(4, path=tmp_path / "m")
+    m.add(rng.standard_normal((2, 4)), [0, 1], ids=[top, 5])
+    fresh = m.add(rng.standard_normal((6, 4)), [0] * 6)
+    assert len(set(fresh.tolist()) | {top, 5}) == 8 and (fresh >= 0).all()
+    more = m.add(rng.standard_normal((3, 4)), [1] * 3)
+    assert not set(more.tolist()) & set(fresh.tolist()) | {top, 5} & set(more.tolist())
+    m.compact(budget=2)  # merged slots get fresh ids too
+    assert len(m) == 2 and (m.ids() >= 0).all()
+    expected = m.ids().tolist()
+    m.close()
+    with Memory.open(tmp_path / "m") as again:
+        assert again.ids().tolist() == expected
+        assert len(again.add(rng.standard_normal((2, 4)), [0, 0])) == 2
+
+
+def true_tail(mem, res, vectors, weights, queries, metric):
+    """Attention mass outside the returned slots, by float64 dense attention over every slot."""
+    z = np.asarray(vectors, np.float64)
+    q = np.asarray(queries, np.float64)
+    if metric == "cosine":
+        z = z / np.linalg.norm(z, axis=1, keepdims=True)
+        q = q / np.linalg.norm(q, axis=1, keepdims=True)
+    logits = q @ z.T / mem.temperature + np.log(weights)[None, :]
+    logits -= logits.max(axis=1, keepdims=True)
+    a = np.exp(logits)
+    a /= a.sum(axis=1, keepdims=True)
+    ids = np.arange(len(z))
+    return np.array([a[i, ~np.isin(ids, res.ids[i])].sum() for i in range(len(q))])
+
+
+@pytest.mark.parametrize("case", ["huge and tiny weights", "tiny temperature", "large temperature",
+                                  "huge inner products", "weight removed again"])
+def test_extreme_values_give_finite_answers_and_a_true_bound(rng, case):
+    n, metric, temperature = 300, "cosine", 0.1
+    x = rng.standard_normal((n, 8))
+    w = np.ones(n)
+    if case == "huge and tiny weights":
+        w = 10.0 ** rng.uniform(-12, 30, n)
+    if case == "tiny temperature":
+        temperature = 1e-6
+    if case == "large temperature":
+        temperature = 1e6
+    if case == "huge inner products":
+        metric, temperature = "ip", 1e3
+        x *= 1e14
+    m = Memory(8, metric=metric, index="Flat", temperature=temperature)
+    m.add(x, rng.integers(0, 5, n), weights=w)
+    if case == "weight removed again":
+        big = m.add(rng.standard_normal((1, 8)), [0], weights=[1e30])
+        m.remove(big)
+    q = rng.standard_normal((20, 8)) * (1e14 if metric == "ip" else 1)
+    res = m.query(q, k=10)
+    assert np.isfinite(res.probs).all() and np.isfinite(res.tail_bound).all()
+    assert ((res.tail_bound >= 0) & (res.tail_bound <= 1)).all()
+    assert np.allclose(res.probs.sum(axis=1), 1)
+    truth = true_tail(m, res, x, w, q, metric)
+    assert (res.tail_bound >= truth - 1e-9).all(), (res.tail_bound - truth).min()
+
+
+@pytest.mark.parametrize("spec", ["IVF16,Flat", "HNSW16", "IVF16,PQ4"])
+def test_k_covering_the_memory_returns_every_live_slot(rng, spec):
+    m = Memory(8, index=spec, nprobe=1 if spec.startswith("IVF") else None)
+    m.add(rng.standard_normal((3000, 8)), rng.integers(0, 5, 3000))
+    m.remove(np.arange(0, 3000, 4))
+    m.remove(np.arange(1, 2000, 4))
+    res = m.query(rng.standard_normal((3, 8)), k=len(m))
+    for row in res.ids:
+        assert sorted(row.tolist()) == m.ids().tolist()
+    assert (res.tail_bound == 0).all()

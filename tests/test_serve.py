@@ -140,6 +140,86 @@ def test_bad_input_over_the_wire(served, data):
     assert good.health()["status"] == "ok"  # still serving
 
 
+def action(server, kind: str, body: bytes):
+    options = fl.FlightCallOptions(headers=[(b"authorization", f"Bearer {TOKEN}".encode())])
+    return list(raw(server).do_action(fl.Action(kind, body), options))
+
+
+def exchange(server, command: bytes, queries: np.ndarray):
+    writer, reader = raw(server).do_exchange(fl.FlightDescriptor.for_command(command))
+    batch = pa.record_batch([pa.FixedSizeListArray.from_arrays(pa.array(queries.reshape(-1), pa.float32()), 16)],
+                            names=["vector"])
+    writer.begin(batch.schema)
+    writer.write_batch(batch)
+    writer.done_writing()
+    return reader.read_all()
+
+
+def test_request_fields_are_checked_by_type_not_coerced(served, data):
+    server, mem = served
+    x, y, q = data
+    client(server, token=TOKEN).add(x[:50], y[:50])
+    before = state(mem, q)
+    row = pa.table({"vector": pa.FixedSizeListArray.from_arrays(pa.array(x[50], pa.float32()), 16), "label": [1]})
+    cases = [
+        (lambda: raw(server).do_get(fl.Ticket(b'{"memory": "m", "ids": [1.0]}')).read_all(), "ids"),
+        (lambda: raw(server).do_get(fl.Ticket(b'{"memory": "m", "ids": ["1"]}')).read_all(), "ids"),
+        (lambda: raw(server).do_get(fl.Ticket(b'{"memory": "m", "ids": [true]}')).read_all(), "ids"),
+        (lambda: put(server, row, b'{"memory": "m", "upsert": "false"}'), "upsert"),
+        (lambda: put(server, row, b'{"memory": "m", "op": "delete"}'), "op"),
+        (lambda: put(server, row, b'{"memory": "m", "opp": "add"}'), "unknown fields"),
+        (lambda: put(server, row, b'{"memory": ["m"]}'), "memory"),
+        (lambda: put(server, row.append_column("id", pa.array([7.0])), b'{"memory": "m"}'), "'id' must be"),
+        (lambda: put(server, row.append_column("id", pa.array(["7"])), b'{"memory": "m"}'), "'id' must be"),
+        (lambda: put(server, row.set_column(1, "label", pa.array([1.5])), b'{"memory": "m"}'), "'label' must be"),
+        (lambda: put(server, row.append_column("weight", pa.array(["2"])), b'{"memory": "m"}'), "'weight' must be"),
+        (lambda: exchange(server, b'{"memory": "m", "k": "5"}', q[:1]), "'k'"),
+        (lambda: exchange(server, b'{"memory": "m", "k": 5.0}', q[:1]), "'k'"),
+        (lambda: exchange(server, b'{"memory": "m", "op": "add"}', q[:1]), "'op'"),
+        (lambda: action(server, "remove", b'{"memory": "m"}'), "'ids' is required"),
+        (lambda: action(server, "remove", b'{"memory": "m", "ids": [1.0]}'), "ids"),
+        (lambda: action(server, "remove", b'{"memory": "m", "ids": "1"}'), "ids"),
+        (lambda: action(server, "compact", b'{"memory": "m", "budget": 10, "temperture": 3}'), "unknown fields"),
+        (lambda: action(server, "compact", b'{"memory": "m", "budget": 10, "seed": "1"}'), "seed"),
+    ]
+    for call, text in cases:
+        with pytest.raises(fl.FlightServerError, match=text):
+            call()
+        assert state(mem, q) == before
+    assert action(server, "remove", b'{"memory": "m", "ids": []}')  # nothing to remove: a no-op
+
+
+def test_error_messages_carry_no_server_paths(served, data, tmp_path):
+    server, mem = served
+    x, y, _ = data
+    good = client(server, token=TOKEN)
+    good.add(x[:5], y[:5])
+    mem.close()  # its writes are now refused, with a message that names its directory
+    with pytest.raises(engine.MemoryFailedError) as info:
+        good.add(x[5:6], y[5:6])
+    assert str(tmp_path) not in str(info.value) and "<path>" in str(info.value)
+
+
+def test_remove_without_ids_leaves_a_memory_the_server_can_start_on(tmp_path, data):
+    x, y, _ = data
+    mem = Memory(16, index="Flat", path=tmp_path / "m")
+    server = MemoryServer({"m": mem}, "grpc://127.0.0.1:0", token=TOKEN)
+    try:
+        client(server, token=TOKEN).add(x[:10], y[:10])
+        with pytest.raises(fl.FlightServerError, match="ids"):
+            action(server, "remove", b'{"memory": "m"}')
+        assert client(server, token=TOKEN).remove([]) == 0
+    finally:
+        server.shutdown()
+        mem.close()
+    proc, location = start_server(tmp_path / "m")
+    try:
+        assert len(Client(location, "m")) == 10
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+
+
 def start_server(path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--memory", f"m={path}", "--port", "0", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,

@@ -10,6 +10,8 @@ too unless ``open_reads`` is set. Bad input gets a FlightServerError whose
 from __future__ import annotations
 
 import json
+import logging
+import re
 import signal
 import threading
 
@@ -23,6 +25,35 @@ from . import wire
 
 WRITE_ACTIONS = {"remove", "compact", "snapshot"}
 READ_ACTIONS = {"stats", "health", "list"}
+log = logging.getLogger("engine.serve")
+# Anything that looks like a filesystem path is cut out of error messages sent to clients.
+_PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s:'\",()]+)+/?")
+
+_PUT = {"memory": wire.MEMORY, "op": (lambda v: v == "add", "'add'", False),
+        "upsert": (lambda v: isinstance(v, bool), "true or false", False)}
+_EXCHANGE = {"memory": wire.MEMORY, "op": (lambda v: v == "query", "'query'", False),
+             "k": (lambda v: wire.is_int(v) and v >= 1, "an integer >= 1", False),
+             "tail": (lambda v: v is None or (wire.is_number(v) and 0 < v < 1), "a number in (0, 1) or null", False)}
+_GET = {"memory": wire.MEMORY, "ids": (wire.is_int_list, "a list of integers", True)}
+_ACTIONS = {
+    "remove": {"memory": wire.MEMORY, "ids": (wire.is_int_list, "a list of integers", True)},
+    "stats": {"memory": wire.MEMORY},
+    "snapshot": {"memory": wire.MEMORY},
+    "compact": {"memory": wire.MEMORY,
+                "budget": (lambda v: v is None or wire.is_int(v) or isinstance(v, str),
+                           "an integer, a size such as '64MB', or null", False),
+                "policy": (lambda v: isinstance(v, str), "a policy name", False),
+                "seed": (lambda v: wire.is_int(v), "an integer", False),
+                **{name: (lambda v: isinstance(v, (int, float, bool)), "a number or boolean", False)
+                   for name in ("steps", "lr", "queries", "learn_weights", "k", "holdout", "eval_every")}},
+    "health": {"memory": (lambda v: isinstance(v, str), "a memory name", False)},
+    "list": {"memory": (lambda v: isinstance(v, str), "a memory name", False)},
+}
+
+
+def _scrubbed(message: str) -> str:
+    """An error message fit for a client: no server paths, one line, bounded."""
+    return _PATH.sub("<path>", message).replace("\n", " ")[:2000]
 
 
 class _AuthFactory(fl.ServerMiddlewareFactory):
@@ -70,7 +101,7 @@ class MemoryServer(fl.FlightServerBase):
 
     def _memory(self, cmd: dict) -> Memory:
         name = cmd.get("memory")
-        if name not in self.memories:
+        if not isinstance(name, str) or name not in self.memories:
             raise UnknownMemoryError(f"no memory named {name!r}; this server has {sorted(self.memories)}")
         return self.memories[name]
 
@@ -80,18 +111,21 @@ class MemoryServer(fl.FlightServerBase):
             return fn()
         except fl.FlightError:
             raise
-        except UnknownMemoryError as exc:
-            raise fl.FlightServerError(str(exc), extra_info=wire.error_info(exc)) from None
         except (EngineError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
             extra = {"ids": exc.ids[:1000]} if hasattr(exc, "ids") else {}
-            raise fl.FlightServerError(str(exc), extra_info=wire.error_info(exc, **extra)) from None
+            message = _scrubbed(str(exc))
+            raise fl.FlightServerError(message, extra_info=wire.error_info(exc, message=message, **extra)) from None
+        except Exception as exc:  # a bug: log it here, tell the client no more than that it happened
+            log.exception("internal error while serving a request")
+            raise fl.FlightServerError(f"internal server error ({type(exc).__name__})",
+                                       extra_info=wire.error_info(exc, message="internal server error")) from None
 
     # -- add -----------------------------------------------------------------------------
     def do_put(self, context, descriptor, reader, writer):
         self._authorize(context, write=True)
 
         def body():
-            cmd = wire.parse_command(descriptor.command or b"", "descriptor")
+            cmd = wire.fields(wire.parse_command(descriptor.command or b"", "descriptor"), "descriptor", _PUT)
             memory = self._memory(cmd)
             batches, rows = [], 0
             for chunk in reader:  # collect first: an add is all or nothing
@@ -106,10 +140,12 @@ class MemoryServer(fl.FlightServerBase):
             if "label" not in names:
                 raise ValueError(f"no 'label' column (got columns {names})")
             vectors = wire.vectors_from(table)
-            ids = table.column("id").to_numpy() if "id" in names else None
-            weights = table.column("weight").to_numpy() if "weight" in names else None
-            new = memory.add(vectors, table.column("label").to_pylist(), ids=ids, weights=weights,
-                             upsert=bool(cmd.get("upsert", False)))
+            ids = wire.column_of(table, "id", pa.types.is_integer, "integers")
+            weights = wire.column_of(table, "weight", lambda t: pa.types.is_floating(t) or pa.types.is_integer(t),
+                                     "numbers")
+            labels = wire.column_of(table, "label", lambda t: pa.types.is_integer(t) or pa.types.is_string(t),
+                                    "int64 or utf8", as_list=True)
+            new = memory.add(vectors, labels, ids=ids, weights=weights, upsert=cmd.get("upsert", False))
             writer.write(pa.py_buffer(np.ascontiguousarray(new, dtype="<i8").tobytes()))
 
         self._guarded(body)
@@ -119,10 +155,8 @@ class MemoryServer(fl.FlightServerBase):
         self._authorize(context, write=False)
 
         def body():
-            cmd = wire.parse_command(descriptor.command or b"", "descriptor")
+            cmd = wire.fields(wire.parse_command(descriptor.command or b"", "descriptor"), "descriptor", _EXCHANGE)
             memory = self._memory(cmd)
-            if cmd.get("op", "query") != "query":
-                raise ValueError(f"unknown exchange op {cmd.get('op')!r}; the exchange answers 'query'")
             k, tail = cmd.get("k", 64), cmd.get("tail")
             started = False
             for chunk in reader:
@@ -148,11 +182,9 @@ class MemoryServer(fl.FlightServerBase):
         self._authorize(context, write=False)
 
         def body():
-            cmd = wire.parse_command(ticket.ticket, "ticket")
+            cmd = wire.fields(wire.parse_command(ticket.ticket, "ticket"), "ticket", _GET)
             memory = self._memory(cmd)
-            ids = cmd.get("ids")
-            if not isinstance(ids, list):
-                raise ValueError("malformed ticket: 'ids' must be a list of integers")
+            ids = cmd["ids"]
             slots = memory.get(np.asarray(ids, dtype=np.int64) if ids else np.zeros(0, np.int64))
             label_type = pa.string() if slots.labels and isinstance(slots.labels[0], str) else pa.int64()
             table = pa.table({"id": pa.array(slots.ids), "label": pa.array(slots.labels, type=label_type),
@@ -177,20 +209,21 @@ class MemoryServer(fl.FlightServerBase):
 
         def body():
             cmd = wire.parse_command(action.body.to_pybytes() if action.body else b"{}", "action body")
+            wire.fields(cmd, f"{kind} action", _ACTIONS[kind])
             if kind == "health":
                 return {"status": "ok", "memories": sorted(self.memories)}
             if kind == "list":
                 return {"memories": sorted(self.memories)}
             memory = self._memory(cmd)
             if kind == "remove":
-                return {"removed": memory.remove(np.asarray(cmd.get("ids", []), dtype=np.int64))}
+                return {"removed": memory.remove(np.asarray(cmd["ids"], dtype=np.int64))}
             if kind == "stats":
                 return {**memory.stats().as_dict(), "temperature": memory.temperature}
             if kind == "compact":
                 options = {k: v for k, v in cmd.items() if k != "memory"}
                 return memory.compact(**options)
             memory.save()
-            return {"snapshot": str(memory.path)}
+            return {"snapshot": cmd["memory"]}
 
         result = self._guarded(body)
         yield fl.Result(pa.py_buffer(json.dumps(result).encode()))

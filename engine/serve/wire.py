@@ -40,6 +40,36 @@ def parse_command(raw: bytes, what: str) -> dict:
     return doc
 
 
+def fields(cmd: dict, what: str, allowed: dict) -> dict:
+    """Check a command's fields by type, never coercing: ``allowed`` maps each name to
+    (check, description, required). Returns the command; ValueError names the first bad field."""
+    unknown = sorted(set(cmd) - set(allowed))
+    if unknown:
+        raise ValueError(f"malformed {what}: unknown fields {unknown}; allowed {sorted(allowed)}")
+    for name, (ok, description, required) in allowed.items():
+        if name not in cmd:
+            if required:
+                raise ValueError(f"malformed {what}: {name!r} is required ({description})")
+        elif not ok(cmd[name]):
+            raise ValueError(f"malformed {what}: {name!r} must be {description}, got {cmd[name]!r}"[:300])
+    return cmd
+
+
+def is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def is_int_list(v) -> bool:
+    return isinstance(v, list) and all(is_int(i) for i in v)
+
+
+MEMORY = (lambda v: isinstance(v, str), "a memory name (string)", True)
+
+
 def vector_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
     v = np.ascontiguousarray(vectors, dtype=np.float32)
     return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
@@ -67,6 +97,18 @@ def vectors_from(table_or_batch) -> np.ndarray:
     if (lengths != lengths[0]).any():
         raise ValueError("'vector' rows have different lengths")
     return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), int(lengths[0]))
+
+
+def column_of(table: pa.Table, name: str, type_ok, description: str, *, as_list: bool = False):
+    """An optional column as numpy (or a Python list), refused unless its Arrow type passes ``type_ok``."""
+    if name not in table.schema.names:
+        return None
+    col = table.column(name)
+    if not type_ok(col.type):
+        raise ValueError(f"'{name}' must be {description}, got {col.type}")
+    if col.null_count:
+        raise ValueError(f"'{name}' has null rows")
+    return col.to_pylist() if as_list else col.to_numpy()
 
 
 def list_column(rows: np.ndarray, value_type: pa.DataType) -> pa.ListArray:
