@@ -106,7 +106,12 @@ class Memory:
         self.dim = int(dim)
         self.metric = metric
         self._temperature = _check_temperature(temperature)
-        self._settings = SearchSettings(nprobe=nprobe, ef_search=ef_search)
+        for name, value in (("nprobe", nprobe), ("ef_search", ef_search)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, np.integer))
+                                      or value < 1):
+                raise InvalidValueError(f"{name} must be a positive integer or None, got {value!r}")
+        self._settings = SearchSettings(nprobe=None if nprobe is None else int(nprobe),
+                                        ef_search=None if ef_search is None else int(ef_search))
         self._index = VectorIndex(self.dim, validate_spec(self.dim, index), self._settings)
         self._rescore = bool(rescore)
         # The slot table keeps vectors only when the index cannot give them back exactly.
@@ -119,8 +124,10 @@ class Memory:
         self._next_id = 0
         if policy not in compaction.POLICIES:
             raise InvalidValueError(f"unknown policy {policy!r}; choose one of {compaction.POLICIES}")
-        if not 0 <= slack < 1:
+        if isinstance(slack, bool) or not isinstance(slack, (int, float, np.integer, np.floating)) or not 0 <= slack < 1:
             raise InvalidValueError(f"slack must be in [0, 1), got {slack!r}")
+        if isinstance(budget, np.integer):
+            budget = int(budget)
         self._budget_spec, self._slack, self._policy = budget, float(slack), policy
         if budget is not None:
             self._budget_slots(budget)  # validate now
