@@ -92,13 +92,15 @@ def child(path: str, seed: int, fault_rate: float, n_ops: int, fsize: int | None
             policy = ["merge", "reservoir", "age"][int(rng.integers(0, 3))]
             say(j=j, op="compact", budget=budget)
             call = lambda: mem.compact(budget=budget, policy=policy)  # noqa: E731
+        injected_before = faults.injected
         try:
             out = call()
         except engine.MemoryFailedError as exc:
             say(dead=j, why=str(exc))
             return
         except engine.StorageError as exc:
-            say(fail=j, uncertain=exc.uncertain, why=str(exc))
+            say(fail=j, uncertain=exc.uncertain, errno=errno.errorcode.get(exc.errno, str(exc.errno)),
+                real=faults.injected == injected_before, why=str(exc))
             continue
         except (engine.InvalidValueError, engine.UnknownIdError, engine.DuplicateIdError) as exc:
             say(refused=j, why=str(exc))
@@ -178,7 +180,7 @@ class Disk:
     def __init__(self, where: Path, size: str = "8m"):
         self.where, self.mounted = where, False
         where.mkdir(parents=True, exist_ok=True)
-        if os.geteuid() == 0:
+        if os.geteuid() == 0 and not os.environ.get("ENGINE_CRASHER_NO_TMPFS"):
             r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
                                capture_output=True)
             self.mounted = r.returncode == 0
@@ -217,7 +219,7 @@ def run(workdir: Path, *, rounds: int, seed: int, fault_rate: float = 0.02, ops_
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     state: dict = {}
     counts = dict(rounds=0, ops=0, acked=0, kills=0, failed=0, uncertain=0, dead=0, refused=0, in_doubt=0,
-                  full_disk_rounds=0, tmpfs=disk.mounted)
+                  full_disk_rounds=0, real_disk_errors=0, errnos={}, tmpfs=disk.mounted)
     try:
         for rnd in range(rounds):
             if deadline is not None and time.monotonic() > deadline:
@@ -225,7 +227,7 @@ def run(workdir: Path, *, rounds: int, seed: int, fault_rate: float = 0.02, ops_
             kill_after = rng.randrange(1, 2 * ops_per_child)
             fill_at = rng.randrange(0, kill_after) if disk.mounted and rng.random() < 0.3 else None
             free_at = rng.randrange(fill_at, kill_after + 1) if fill_at is not None else None
-            fsize = rng.randrange(20_000, 400_000) if not disk.mounted and rng.random() < 0.3 else 0
+            fsize = rng.randrange(2_000, 60_000) if not disk.mounted and rng.random() < 0.3 else 0
             counts["full_disk_rounds"] += fill_at is not None or bool(fsize)
             if fill_at == 0:
                 disk.fill(rng.randrange(0, 300_000))
@@ -247,6 +249,8 @@ def run(workdir: Path, *, rounds: int, seed: int, fault_rate: float = 0.02, ops_
                     counts["acked"] += 1
                 elif "fail" in msg:
                     counts["failed"] += 1
+                    counts["real_disk_errors"] += msg["real"]
+                    counts["errnos"][msg["errno"]] = counts["errnos"].get(msg["errno"], 0) + 1
                     if msg["uncertain"]:
                         counts["uncertain"] += 1
                         uncertain_op = pending  # in doubt until the reopen
