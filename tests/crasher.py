@@ -261,6 +261,8 @@ def run(workdir: Path, *, rounds: int, seed: int, fault_rate: float = 0.02, ops_
                 pending = None
 
             for line in proc.stdout:
+                if not line.endswith("\n"):  # cut by the kill: that report never arrived
+                    break
                 take(json.loads(line))
                 lines += 1
                 if lines == fill_at:
@@ -274,7 +276,8 @@ def run(workdir: Path, *, rounds: int, seed: int, fault_rate: float = 0.02, ops_
                     break
             if killed:
                 for line in proc.stdout:  # what was printed before the kill counts too
-                    take(json.loads(line))
+                    if line.endswith("\n"):
+                        take(json.loads(line))
                 counts["kills"] += 1
             proc.wait()
             disk.free()
