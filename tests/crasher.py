@@ -192,13 +192,12 @@ class Disk:
             return
         st = os.statvfs(self.where)
         size = max(0, st.f_bavail * st.f_frsize - leave)
-        with open(self.ballast, "ab") as f:
-            try:
+        try:
+            with open(self.ballast, "ab") as f:
                 f.write(b"\0" * size)
-                f.flush()
-            except OSError as exc:
-                if exc.errno != errno.ENOSPC:
-                    raise
+        except OSError as exc:  # full already: that is the point
+            if exc.errno != errno.ENOSPC:
+                raise
 
     def free(self) -> None:
         self.ballast.unlink(missing_ok=True)
@@ -220,6 +219,7 @@ def run(workdir: Path, *, rounds: int, seed: int, fault_rate: float = 0.02, ops_
     state: dict = {}
     counts = dict(rounds=0, ops=0, acked=0, kills=0, failed=0, uncertain=0, dead=0, refused=0, in_doubt=0,
                   full_disk_rounds=0, real_disk_errors=0, errnos={}, tmpfs=disk.mounted)
+    proc = None
     try:
         for rnd in range(rounds):
             if deadline is not None and time.monotonic() > deadline:
@@ -297,6 +297,9 @@ def run(workdir: Path, *, rounds: int, seed: int, fault_rate: float = 0.02, ops_
             state = got
             counts["rounds"] += 1
     finally:
+        if proc is not None and proc.poll() is None:  # never pull the disk from under a live writer
+            proc.kill()
+            proc.wait()
         disk.free()
         disk.close()
     return counts
