@@ -152,9 +152,8 @@ def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path:
     qn = unit(q)
     res = mem.query(q, k=K)
     batch_s = timed(lambda: mem.query(q, k=K), repeats)
-    index = mem._index  # the very FAISS index and search parameters the memory uses
-    params = index._params(None, K)
-    bare = (lambda b: index._index.search(b, K)) if params is None else (lambda b: index._index.search(b, K, params=params))
+    baseline = mem.bare_search(K)  # the very FAISS index and search parameters the memory uses
+    bare = baseline.search
     faiss_s = timed(lambda: bare(qn), repeats)
     singles, bare_singles = [], []
     for i in range(n_singles):
@@ -175,29 +174,28 @@ def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path:
            "bytes_per_slot": stats.bytes_total / stats.slots,
            "bytes_per_slot_vs_raw": stats.bytes_total / stats.slots / (4 * dim),
            "peak_rss_mb": peak_rss_mb(), **agreement(res, ref["probs"], ref["truth"])}
-    if index._ivf is not None:
-        row["nprobe"] = params.nprobe
-        if sweep and not index.lossy:
+    if stats.nlist is not None:
+        row["nprobe"] = baseline.nprobe
+        if sweep and not stats.lossy:
             row["sweep"] = nprobe_sweep(mem, q, ref, repeats)
     return row
 
 
 def nprobe_sweep(mem, q, ref, repeats: int) -> list[dict]:
-    from engine.index import SearchSettings
+    from engine import SearchSettings
 
     out = []
-    index = mem._index
-    default = index.settings
+    default = mem.search_settings
     try:
         for nprobe in NPROBES:
-            if nprobe > index._ivf.nlist:
+            if nprobe > mem.stats().nlist:
                 break
-            index.settings = SearchSettings(nprobe=nprobe)
+            mem.search_settings = SearchSettings(nprobe=nprobe)
             res = mem.query(q, k=K)
             t = timed(lambda: mem.query(q, k=K), repeats)
             out.append({"nprobe": nprobe, "batch_qps": len(q) / t, **agreement(res, ref["probs"], ref["truth"])})
     finally:
-        index.settings = default
+        mem.search_settings = default
     return out
 
 

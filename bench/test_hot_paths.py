@@ -78,4 +78,4 @@ def test_compaction_step(benchmark, size, dim, policy):
         return mem.compact(budget=size // 10, policy=policy)
 
     out = benchmark.pedantic(compact, setup=setup, rounds=3, iterations=1)
-    assert out["slots"] <= size // 10
+    assert out.slots <= size // 10

@@ -18,12 +18,15 @@ from .errors import (
     UnknownIdError,
     UnknownMemoryError,
 )
+from .index import BareSearch, SearchSettings
 from .memory import Memory
-from .results import MemoryStats, QueryResult, Slots
+from .results import CompactionReport, MemoryStats, QueryResult, Slots
 from .serve.client import Client
 
 __all__ = [
+    "BareSearch",
     "Client",
+    "CompactionReport",
     "CorruptFileError",
     "DimensionError",
     "DuplicateIdError",
@@ -35,10 +38,11 @@ __all__ = [
     "MemoryExistsError",
     "MemoryFailedError",
     "MemoryLockedError",
-    "StorageError",
     "MemoryStats",
     "QueryResult",
+    "SearchSettings",
     "Slots",
+    "StorageError",
     "UnknownIdError",
     "UnknownMemoryError",
 ]

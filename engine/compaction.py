@@ -26,10 +26,14 @@ per class (largest-remainder rounding).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
+
+from .errors import InvalidValueError
+from .slots import SlotTable
 
 POLICIES = ("merge", "reservoir", "age", "distill")
 
@@ -339,3 +343,55 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
             logits.copy_(best[2])
         return SlotSet(unit(v).numpy().astype(np.float32), slot_weights().numpy(), start.label_idx,
                        np.full(len(c), -1))
+
+
+def shrink(live: SlotTable, vectors: np.ndarray, *, budget: int | None, policy: str, cosine: bool,
+           temperature: float, seed: int, options: dict, fresh_ids, keep_vectors: bool,
+           now: float) -> tuple[SlotTable, np.ndarray]:
+    """A new table of the slots ``live`` compacted to ``budget`` (None: all of them, renumbered).
+
+    Kept slots keep their ids and times; merged ones take ids from ``fresh_ids(n)`` and are
+    created ``now``. ``live`` is not changed.
+
+    Raises:
+        InvalidValueError: a budget below the number of classes, or a bad option.
+    """
+    table = SlotTable(live.dim, keep_vectors)
+    if budget is None or budget >= live.n_alive:
+        table.append(live.ids, live.label_idx, live.weights, vectors, live.created, live.last_used)
+    else:
+        classes = int((live.class_counts > 0).sum())
+        if budget < classes:
+            raise InvalidValueError(f"a budget of {budget} slots cannot keep {classes} classes (one slot each)")
+        try:
+            out = compact(vectors, live.weights, live.label_idx, live.created, live.last_used, budget=budget,
+                          policy=policy, cosine=cosine, temperature=temperature, seed=seed, **options)
+        except ValueError as exc:
+            raise InvalidValueError(str(exc)) from None
+        kept = out.source >= 0
+        src = np.maximum(out.source, 0)
+        ids = np.where(kept, live.ids[src], -1)
+        ids[~kept] = fresh_ids(int((~kept).sum()))
+        table.append(ids, out.label_idx, out.weights, out.vectors, np.where(kept, live.created[src], now),
+                     np.where(kept, live.last_used[src], 0.0))
+        vectors = out.vectors
+    table.class_counts = np.pad(table.class_counts, (0, max(0, len(live.class_counts) - len(table.class_counts))))
+    return table, vectors
+
+
+def parse_budget(budget, bytes_per_slot: float) -> int:
+    """A budget in slots: an int as is, bytes ("64MB", "2GB", "500000B") over the bytes a slot takes.
+
+    Raises:
+        InvalidValueError: not a positive int or a size string.
+    """
+    if isinstance(budget, (int, np.integer)) and not isinstance(budget, (bool, np.bool_)):
+        if budget < 1:
+            raise InvalidValueError(f"budget must be at least 1 slot, got {budget}")
+        return int(budget)
+    if isinstance(budget, str):
+        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]?B)\s*", budget.upper())
+        if m:
+            nbytes = float(m.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[m.group(2)]
+            return max(1, int(nbytes // bytes_per_slot))
+    raise InvalidValueError(f"budget must be a number of slots or bytes such as '64MB', got {budget!r}")

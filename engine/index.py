@@ -19,6 +19,7 @@ float32 vectors itself if it rescores.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import faiss
 import numpy as np
@@ -197,6 +198,24 @@ class VectorIndex:
         # `bitmap` and `sel` stay referenced here while FAISS reads them.
         return self._index.search(queries, k, params=self._params(sel, k))
 
+    @property
+    def trained_on(self) -> int:
+        """Vectors the active index was last trained on (0 if it needs no training)."""
+        return self._trained_on
+
+    @property
+    def nlist(self) -> int | None:
+        """IVF lists of the active index, None if it is not IVF."""
+        return None if self._ivf is None else int(self._ivf.nlist)
+
+    def bare_search(self, k: int) -> "BareSearch":
+        """The FAISS index alone, with the search parameters :meth:`search` uses for ``k``:
+        the baseline that the engine's own cost is measured against."""
+        params = self._params(None, k)
+        index = self._index
+        call = (lambda q: index.search(q, k)) if params is None else (lambda q: index.search(q, k, params=params))
+        return BareSearch(call, getattr(params, "nprobe", None), getattr(params, "efSearch", None))
+
     def _cached_params(self, k: int):
         """Search parameters without a selector, built once per (settings, k, nprobe)."""
         ivf = self._ivf
@@ -222,6 +241,16 @@ class VectorIndex:
         if sel is not None:
             params.sel = sel
         return params
+
+
+@dataclass(frozen=True)
+class BareSearch:
+    """``search(queries) -> (scores, positions)``: FAISS with the memory's search parameters,
+    without masking, rescoring or attention. ``nprobe`` / ``ef_search``: what it uses, if IVF / HNSW."""
+
+    search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
+    nprobe: int | None
+    ef_search: int | None
 
 
 def default_ef_search(k: int) -> int:

@@ -88,6 +88,9 @@ class MemoryStats:
     bytes_vectors: int
     bytes_index: int
     bytes_ids: int
+    nlist: int | None = None  # IVF lists of the active index
+    lossy: bool = False  # the active index stores approximate vectors (PQ, SQ, projections)
+    trained_on: int = 0  # vectors the active index was last trained on (0: needs no training)
 
     @property
     def bytes_total(self) -> int:
@@ -97,3 +100,29 @@ class MemoryStats:
         from dataclasses import asdict
 
         return {**asdict(self), "bytes_total": self.bytes_total}
+
+
+@dataclass(frozen=True)
+class CompactionReport:
+    """What :meth:`engine.Memory.compact` did.
+
+    Attributes:
+        slots: slots after compaction.
+        dropped: removed slots (tombstones) cleared away.
+        merged_away: live slots fewer than before (merged or evicted).
+        policy: the policy used, or None when there was no budget (only tombstones were dropped).
+        budget: the budget in slots, or None.
+        seconds: wall time it took.
+    """
+
+    slots: int
+    dropped: int
+    merged_away: int
+    policy: str | None
+    budget: int | None
+    seconds: float
+
+    def as_dict(self) -> dict:
+        from dataclasses import asdict
+
+        return asdict(self)

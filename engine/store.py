@@ -32,12 +32,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -65,12 +65,20 @@ MEMORY_FILE = re.compile(r"(manifest\.json|LOCK|(snapshot-[0-9]+\.arrow|wal-[0-9
 
 @dataclass
 class Recovered:
-    """What :meth:`Store.open` read back: settings, snapshot columns and log records."""
+    """What :meth:`Store.open` read back: the memory's settings and its slots, to replay."""
 
-    config: dict
+    dim: int
+    settings: dict
     label_kind: str | None
     snapshot: Columns
     records: list[wal.Record]
+
+    def replay(self) -> Iterator[tuple[np.ndarray, Columns | None]]:
+        """The writes in order, as (ids to drop, slots to add or None): the snapshot first,
+        then each logged add or upsert (which replaces its ids) and remove."""
+        yield np.empty(0, np.int64), self.snapshot
+        for rec in self.records:
+            yield rec.ids, rec.slots
 
 
 class Store:
@@ -87,8 +95,8 @@ class Store:
 
     # -- create / open ------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, config: dict) -> "Store":
-        """Make a new memory directory with an empty log.
+    def create(cls, path: str | os.PathLike, dim: int, settings: dict) -> "Store":
+        """Make a new memory directory with an empty log; ``settings`` are the owner's (JSON).
 
         Raises:
             MemoryExistsError: ``path`` holds memory files already (even without a manifest).
@@ -105,7 +113,8 @@ class Store:
         try:
             _refuse_memory_files(path)
             manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "memory_id": uuid.uuid4().hex,
-                        **config, "label_kind": None, "snapshot": None, "wal": [], "seq": 0, "generation": 0}
+                        "dim": dim, "settings": dict(settings), "label_kind": None, "snapshot": None, "wal": [],
+                        "seq": 0, "generation": 0}
             store = cls(path, dir_fd, manifest)
             store._start(store.manifest)
         except BaseException:
@@ -167,7 +176,7 @@ class Store:
                 self._tail = scan
         self.seq = seq
         self.manifest = {**m, "label_kind": kind}
-        return Recovered(self.manifest, kind, snapshot, records)
+        return Recovered(m["dim"], dict(m["settings"]), kind, snapshot, records)
 
     def begin(self) -> None:
         """Start appending after a successful open: seal the open segment, list a new one.
@@ -255,7 +264,7 @@ class Store:
             raise
         self.seq += 1
 
-    def checkpoint(self, slots: Columns, label_kind: str | None, extra: dict | None = None) -> None:
+    def checkpoint(self, slots: Columns, label_kind: str | None, settings: dict | None = None) -> None:
         """Write a snapshot of the whole slot table, start a fresh log and drop the old files.
 
         The new manifest is the commit point: a crash or an error before it leaves
@@ -269,7 +278,8 @@ class Store:
         name, generation = self._fresh_name("snapshot", "arrow", m["generation"])
         digest = write_snapshot(self.path, self._dir_fd, name, m["dim"], label_kind or "int", slots)
         old = ([m["snapshot"]["file"]] if m["snapshot"] else []) + [e["file"] for e in m["wal"]]
-        new = {**m, **(extra or {}), "label_kind": label_kind, "wal": [], "seq": self.seq, "generation": generation,
+        new = {**m, "settings": {**m["settings"], **(settings or {})}, "label_kind": label_kind, "wal": [],
+               "seq": self.seq, "generation": generation,
                "snapshot": {"file": name, "sha256": digest, "rows": int(len(slots.ids)), "seq": self.seq}}
         try:
             self._start(new)
@@ -280,14 +290,14 @@ class Store:
         for f in old:  # no manifest names them any more
             fsio.remove_quietly(self.path / f)
 
-    def update(self, **fields) -> None:
+    def update(self, **settings) -> None:
         """Change settings (temperature, ...) in the manifest, atomically.
 
         Raises:
             StorageError: nothing changed (or, if ``uncertain``, the store refuses writes).
         """
         self._check_writable()
-        self._commit({**self.manifest, **fields})
+        self._commit({**self.manifest, "settings": {**self.manifest["settings"], **settings}})
 
     def _commit(self, manifest: dict) -> None:
         try:
@@ -380,23 +390,14 @@ def _is_int(x, lo: int = 0) -> bool:
 
 
 def _check_manifest(file: Path, m: dict) -> None:
-    """Every field the store reads has the type it must have (Memory checks the settings' values)."""
+    """Every field the store reads has the type it must have."""
     def bad(what: str):
         raise CorruptFileError(f"{file}: {what}")
 
     checks = {
         "memory_id": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{32}", v),
         "dim": lambda v: _is_int(v, 1),
-        "metric": lambda v: isinstance(v, str),
-        "temperature": lambda v: isinstance(v, float) and math.isfinite(v) and v > 0,
-        "index": lambda v: isinstance(v, str),
-        "nprobe": lambda v: v is None or _is_int(v, 1),
-        "ef_search": lambda v: v is None or _is_int(v, 1),
-        "next_id": lambda v: _is_int(v),
-        "budget": lambda v: v is None or _is_int(v, 1) or isinstance(v, str),
-        "slack": lambda v: isinstance(v, float),
-        "policy": lambda v: isinstance(v, str),
-        "rescore": lambda v: isinstance(v, bool),
+        "settings": lambda v: isinstance(v, dict),  # the owner's: Memory checks their values
         "label_kind": lambda v: v in (None, "int", "str"),
         "seq": lambda v: _is_int(v),
         "generation": lambda v: _is_int(v),

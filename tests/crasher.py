@@ -106,9 +106,10 @@ def child(path: str, seed: int, fault_rate: float, n_ops: int, fsize: int | None
             say(refused=j, why=str(exc))
             continue
         faults.disarm()  # reading back what was acknowledged is no write
-        dump = contents_b64(mem) if isinstance(out, dict) else None
+        compacted = isinstance(out, engine.CompactionReport)
+        dump = contents_b64(mem) if compacted else None
         faults.rate = fault_rate
-        say(ack=j, out=out if not isinstance(out, dict) else None, contents=dump)
+        say(ack=j, out=None if compacted else out, contents=dump)
     mem.close()
 
 

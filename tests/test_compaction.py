@@ -50,7 +50,7 @@ def test_every_policy_keeps_class_mass_and_every_class(filled, policy, budget):
     mem, x, y, w = filled
     before = class_mass(mem)
     out = mem.compact(budget=budget, policy=policy, steps=20)
-    assert out["slots"] == len(mem) <= budget
+    assert out.slots == len(mem) <= budget and out.policy == policy and out.budget == budget
     after = class_mass(mem)
     assert after.keys() == before.keys()  # every class keeps at least one slot
     for label in before:
@@ -183,7 +183,7 @@ def test_budget_in_bytes(filled):
     mem, *_ = filled
     per_slot = mem.stats().bytes_total / len(mem)
     out = mem.compact(budget="64KB")
-    assert out["budget"] == int(64 * 1024 // per_slot) and len(mem) <= out["budget"]
+    assert out.budget == int(64 * 1024 // per_slot) and len(mem) <= out.budget
 
 
 def test_compaction_is_durable(tmp_path):

@@ -88,10 +88,9 @@ def test_retrains_as_memory_grows():
     x, y = clustered(12_000, 16, n_classes=10, seed=2)
     mem = Memory(16, index="IVF32,Flat")
     mem.add(x[:1500], y[:1500])
-    trained_on = mem._index._trained_on
-    assert trained_on == 1500
+    assert mem.stats().trained_on == 1500
     mem.add(x[1500:], y[1500:])
-    assert mem._index._trained_on == 12_000
+    assert mem.stats().trained_on == 12_000
 
 
 @pytest.mark.parametrize("spec", ["IVF16,PQ8x4", "PCA16,IVF16,Flat"])

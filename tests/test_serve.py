@@ -68,11 +68,11 @@ def test_client_mirrors_the_embedded_memory(served, data):
     assert len(c) == len(local) == 400
     assert c.stats().tombstones == 3
     out = c.compact()
-    assert (out["slots"], out["dropped"]) == (400, 3)
+    assert (out.slots, out.dropped, out.policy) == (400, 3, None)
     assert c.stats().tombstones == 0
     merged = c.compact(budget=50, policy="merge")  # compaction policies pass through the wire
     local.compact(budget=50, policy="merge")
-    assert merged["slots"] == len(local) <= 50
+    assert merged.slots == len(local) <= 50 and merged.merged_away == 350
     same_result(c.query(q, k=10), local.query(q, k=10))
     assert c.health() == {"status": "ok", "memories": ["m"]}
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from .. import errors
-from ..results import MemoryStats, QueryResult, Slots
+from ..results import CompactionReport, MemoryStats, QueryResult, Slots
 from . import wire
 
 
@@ -77,9 +77,9 @@ class Client:
         ids = np.atleast_1d(np.asarray(ids, dtype=np.int64)).tolist()
         return self._action("remove", ids=ids)["removed"]
 
-    def compact(self, **options) -> dict:
+    def compact(self, **options) -> CompactionReport:
         """Compact the served memory (see :meth:`engine.Memory.compact`)."""
-        return self._action("compact", **options)
+        return CompactionReport(**self._action("compact", **options))
 
     def save(self) -> None:
         """Checkpoint the served memory (snapshot + fresh WAL)."""

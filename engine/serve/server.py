@@ -221,7 +221,7 @@ class MemoryServer(fl.FlightServerBase):
                 return {**memory.stats().as_dict(), "temperature": memory.temperature}
             if kind == "compact":
                 options = {k: v for k, v in cmd.items() if k != "memory"}
-                return memory.compact(**options)
+                return memory.compact(**options).as_dict()
             memory.save()
             return {"snapshot": cmd["memory"]}
 

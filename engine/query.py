@@ -1,0 +1,133 @@
+"""The read path: a batch of checked queries against a :class:`~engine.state.State`.
+
+index top-k -> (rescore for lossy codes) -> attention with the omitted-mass bound
+(:mod:`engine.attention`) -> optional growth of k per query -> a
+:class:`~engine.results.QueryResult`. Nothing here changes the state but the
+``last_used`` stamps the age policy reads (a benign race between readers).
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from .attention import Attention, attend, top_class
+from .labels import Vocabulary
+from .results import QueryResult
+from .state import State
+
+EPS = np.finfo(np.float64).eps
+
+
+def answer(state: State, vocab: Vocabulary, q: np.ndarray, *, k: int, k_requested: int, tail: float | None,
+           temperature: float) -> QueryResult:
+    """Attention of each query over its top-k slots (``k`` already clamped to the memory's size)."""
+    scores, rows = search(state, q, k)
+    att = attention(state, vocab, scores, rows, temperature)
+    if tail is not None:
+        scores, rows, att = _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature)
+    state.table.last_used[rows if rows.min() >= 0 else rows[rows >= 0]] = time.time()
+    return _result(state, vocab, scores, rows, att, k_requested)
+
+
+def search(state: State, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(scores, rows) of each query's top-k live rows, best first; rows -1 where fewer were found."""
+    table, index = state.table, state.index
+    if k >= table.n_alive and not index.exact:
+        return search_all(state, q)
+    scores, rows = index.search(q, k, table.alive if table.n_dead else None)
+    if index.lossy and table.keep_vectors:  # compressed codes: rescore exactly
+        valid = rows >= 0
+        exact = np.einsum("nd,nkd->nk", q, table.vectors[np.where(valid, rows, 0)])
+        scores = np.where(valid, exact, -np.inf).astype(np.float32)
+        order = np.argsort(-scores, axis=1, kind="stable")
+        scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
+    return scores, rows
+
+
+def search_all(state: State, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Every live slot, scored exactly and sorted: what an approximate index cannot promise
+    when k covers the whole memory (it may skip lists, or stop short among removed rows)."""
+    rows = state.table.live_rows()
+    scores = q @ state.vectors(rows).T
+    order = np.argsort(-scores, axis=1, kind="stable")
+    return np.take_along_axis(scores, order, 1).astype(np.float32), rows[order]
+
+
+def attention(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndarray,
+              temperature: float) -> Attention:
+    """Attention over the retrieved rows, with a bound on the mass of the rows not retrieved."""
+    t = state.table
+    classes, columns = state.classes(vocab)
+    if rows.min() >= 0:  # the common case: every query found k slots; no masking needed
+        weights = None if t.unit_weights else t.weights[rows]
+        class_idx = columns[t.label_idx[rows]]
+        n_used = rows.shape[1]
+        used = n_used if weights is None else weights.sum(axis=1)
+    else:
+        valid = rows >= 0
+        safe = np.where(valid, rows, 0)
+        weights = np.where(valid, t.weights[safe], 1.0)
+        class_idx = np.where(valid, columns[t.label_idx[safe]], -1)
+        used = np.where(valid, weights, 0.0).sum(axis=1)
+        n_used = valid.sum(axis=1)
+    if weights is None and t.unit_weights:
+        omitted = np.maximum(t.n_alive - n_used, 0).astype(np.float64)  # exact
+    else:
+        # an upper bound despite rounding: the running total's own error bound, plus the
+        # error of summing the k retrieved weights
+        err = t.weight_error + used * (rows.shape[1] + 2) * EPS
+        omitted = np.maximum(t.total_weight - used, 0.0) + err
+    omitted = np.where(n_used >= t.n_alive, 0.0, omitted)
+    return attend(scores, weights, class_idx, n_classes=len(classes), temperature=temperature,
+                  omitted_weight=omitted)
+
+
+def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature):
+    """Re-run the queries whose tail bound is above ``tail`` with twice the k, until met."""
+    todo = np.flatnonzero(att.tail_bound > tail)
+    if len(todo) == 0:
+        return scores, rows, att
+    n_alive = state.table.n_alive
+    per_query = [(scores[i], rows[i], att.attention[i], att.class_idx[i], att.tail_bound[i])
+                 for i in range(len(q))]
+    while len(todo) and k < n_alive:
+        k = min(2 * k, n_alive)
+        s2, r2 = search(state, q[todo], k)
+        a2 = attention(state, vocab, s2, r2, temperature)
+        for j, i in enumerate(todo):
+            per_query[i] = (s2[j], r2[j], a2.attention[j], a2.class_idx[j], a2.tail_bound[j])
+        todo = todo[a2.tail_bound > tail]
+    width = max(len(p[0]) for p in per_query)
+    pad = lambda x, fill: np.concatenate([x, np.full(width - len(x), fill, dtype=x.dtype)])  # noqa: E731
+    scores = np.stack([pad(p[0], -np.inf) for p in per_query])
+    rows = np.stack([pad(p[1], -1) for p in per_query])
+    attention_ = np.stack([pad(p[2], 0.0) for p in per_query])
+    class_idx = np.stack([pad(p[3], -1) for p in per_query])
+    bound = np.array([p[4] for p in per_query])
+    return scores, rows, Attention(attention=attention_, tail_bound=bound, class_idx=class_idx,
+                                   n_classes=att.n_classes)
+
+
+def _result(state: State, vocab: Vocabulary, scores, rows, att: Attention, k_requested: int) -> QueryResult:
+    classes = state.classes(vocab)[0]
+    if rows.min() >= 0:
+        ids, k = state.table.ids[rows], rows.shape[1]
+    else:
+        valid = rows >= 0
+        ids = np.where(valid, state.table.ids[np.where(valid, rows, 0)], -1)
+        scores = np.where(valid, scores, np.nan).astype(np.float32)
+        k = int(valid.sum(axis=1).max())
+    return QueryResult(
+        classes=classes,
+        labels=classes[top_class(att.attention, att.class_idx, len(classes))],
+        ids=ids,
+        scores=scores,
+        attention=att.attention,
+        tail_bound=att.tail_bound,
+        exact_bound=state.index.exact,
+        k=k,
+        k_requested=k_requested,
+        slot_classes=att.class_idx,
+    )

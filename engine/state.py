@@ -1,0 +1,102 @@
+"""The memory's state: the slot table, the FAISS index over it, and what is derived from them.
+
+A :class:`State` is what a query reads. The memory holds one; a write that
+rebuilds builds a new one aside (:meth:`State.rebuilt`, :meth:`State.rebuilt_from`)
+while readers go on with the old one, and swaps it in whole. Small writes change
+the current state in place, under the memory's exclusive lock, through
+:meth:`State.apply`; either way the class columns are recomputed after the change.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .checks import INT64_MAX
+from .errors import InvalidValueError
+from .index import VectorIndex
+from .labels import Vocabulary
+from .slots import SlotTable
+
+# Rebuild (drop tombstones, renumber rows) once this fraction of rows is dead.
+MAX_DEAD_FRACTION = 0.25
+
+
+class State:
+    """A slot table and its index (row r of the table is FAISS position r)."""
+
+    def __init__(self, table: SlotTable, index: VectorIndex):
+        self.table = table
+        self.index = index
+        self._classes: tuple | None = None
+
+    # -- reads ------------------------------------------------------------------------
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Vectors of table rows: from the table if it keeps them, else read back from the index."""
+        if self.table.keep_vectors:
+            return self.table.vectors[rows]
+        return self.index.reconstruct(rows)
+
+    def classes(self, vocab: Vocabulary) -> tuple[np.ndarray, np.ndarray]:
+        """(the live classes in vocabulary order, i.e. the columns of ``probs``; the column of
+        each label index, -1 for a class with no live slot). Cached until the state changes."""
+        cached = self._classes
+        if cached is None or len(cached[1]) != len(vocab):
+            present = np.flatnonzero(self.table.class_counts > 0)
+            columns = np.full(len(vocab), -1, np.int64)
+            columns[present] = np.arange(len(present))
+            cached = self._classes = (vocab.array(present), columns)
+        return cached
+
+    def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        return self.table.rows_of(ids)
+
+    # -- changes ------------------------------------------------------------------------
+    def apply(self, kill_rows: np.ndarray, append: tuple | None = None) -> None:
+        """Change this state in place (the caller holds the exclusive lock): tombstone rows,
+        append rows ``(ids, label_idx, weights, vectors, created)`` to the table and the index."""
+        self._classes = None
+        self.table.kill(kill_rows)
+        if append is not None:
+            self.table.append(*append)
+            self.index.add(append[3])
+
+    def too_dead(self, more_dead: int) -> bool:
+        """Whether ``more_dead`` more tombstones call for a rebuild."""
+        dead = self.table.n_dead + more_dead
+        return dead > 1024 and dead > MAX_DEAD_FRACTION * self.table.n_rows
+
+    def live(self, drop_rows: np.ndarray | None = None, append: tuple | None = None) -> tuple[SlotTable, np.ndarray]:
+        """(a table without vectors, the vectors) of the live rows less ``drop_rows``, plus ``append``."""
+        vectors = self.vectors(self.table.live_rows(drop_rows))
+        table = self.table.compacted(drop_rows=drop_rows, keep_vectors=False)
+        if append is not None:
+            table.append(*append)
+            vectors = np.concatenate([vectors, append[3]])
+        return table, vectors
+
+    def rebuilt(self, drop_rows: np.ndarray | None = None, append: tuple | None = None) -> "State":
+        """A new state of the live rows less ``drop_rows``, plus ``append``; this one is untouched."""
+        vectors = self.vectors(self.table.live_rows(drop_rows))
+        table = self.table.compacted(drop_rows=drop_rows)
+        if append is not None:
+            table.append(*append)
+            vectors = np.concatenate([vectors, append[3]])
+        return State(table, self.index.build(vectors))
+
+    def rebuilt_from(self, table: SlotTable, vectors: np.ndarray) -> "State":
+        """A new state over ``table`` (all rows live) and its ``vectors``, indexed like this one."""
+        return State(table, self.index.build(vectors))
+
+    def fresh_ids(self, n: int, start: int, taken: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+        """n ids no live slot (and nothing in ``taken``) has, and the next id after them.
+
+        Counts up from ``start``; once that would pass the int64 limit (a caller wrote
+        ids near it), takes the lowest free ids instead.
+        """
+        if start + n - 1 <= INT64_MAX:
+            return np.arange(start, start + n, dtype=np.int64), start + n
+        used = self.table.sorted_ids if taken is None else np.union1d(self.table.sorted_ids, taken)
+        free = np.setdiff1d(np.arange(len(used) + n, dtype=np.int64), used)[:n]
+        if len(free) < n:  # pragma: no cover - 2**63 live slots
+            raise InvalidValueError("no free ids left")
+        return free, start
