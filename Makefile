@@ -22,12 +22,12 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 demo: setup
-	$(BIN)/engine demo --data $(DATA)
+	$(BIN)/python examples/demo.py --data $(DATA)
 
 # The full benchmarks and the crash soak (about 45 minutes on 2 cores): JSON and PNG into runs/bench/.
 bench: setup
-	$(BIN)/engine bench scale --out runs/bench
-	$(BIN)/engine bench compaction --out runs/bench --data $(DATA)
+	$(BIN)/python bench/scale.py --out runs/bench
+	$(BIN)/python bench/compaction.py --out runs/bench --data $(DATA)
 	$(BIN)/python -m pytest -q bench --benchmark-json=runs/bench/pytest-benchmark.json
 	$(BIN)/python -m tests.crasher soak runs/bench/soak --minutes 20 > runs/bench/soak.json
 

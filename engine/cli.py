@@ -1,4 +1,4 @@
-"""The ``engine`` command: create, fill, query and inspect memories; run the demo."""
+"""The ``engine`` command: create, fill, query, inspect and serve memories; train and evaluate models."""
 
 from __future__ import annotations
 
@@ -277,61 +277,6 @@ def eval_episodes_cmd(
         table.add_row(str(r["n_way"]), str(r["k_shot"]), "one alphabet" if r["within_alphabet"] else "all classes",
                       f"{100 * r['accuracy']:.2f}%", f"± {100 * r['ci95']:.2f}", str(r["episodes"]))
     console.print(table)
-
-
-@app.command("demo")
-@_guard
-def demo(
-    data: Optional[Path] = typer.Option(None, help="Data directory (default: $ENGINE_DATA or ../shared/data)."),
-    out: Path = typer.Option(Path("runs/demo"), help="Where report.md, the plots and the checkpoints go."),
-    fce: bool = typer.Option(True, help="Full Context Embeddings for the Omniglot model."),
-    quick: bool = typer.Option(False, help="A few episodes and small sets: a smoke run."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-) -> None:
-    """Meta-train on Omniglot, evaluate one-shot, and compare Fashion-MNIST memories (PCA vs learned)."""
-    from .demo import run_demo
-
-    report = run_demo(data, out=out, quick=quick, fce=fce, progress=not as_json)
-    if as_json:
-        typer.echo(json.dumps(report))
-        return
-    table = Table(title="engine demo")
-    table.add_column("measure")
-    table.add_column("value", justify="right")
-    table.add_row("Omniglot one-shot runs: error", f"{100 * report['oneshot']['error_rate']:.1f}% "
-                  f"({report['oneshot']['runs']} run{'s' if report['oneshot']['runs'] > 1 else ''})")
-    for r in report["omniglot_validation"]:
-        kind = "within-alphabet" if r["within_alphabet"] else "random"
-        table.add_row(f"validation {kind} {r['n_way']}-way 1-shot", f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}")
-    pca, learned = report["pca"], report["fashion_learned"]
-    table.add_row(f"Fashion-MNIST memory ({pca['slots']:,} slots), PCA pixels", f"{pca['accuracy']:.4f}")
-    table.add_row("  top-k vs dense attention: argmax agreement", f"{pca['full_attention_argmax_agreement']:.4f}")
-    table.add_row("  median tail bound (worst case)", f"{pca['tail_bound_median']:.3g}")
-    table.add_row("  queries per second", f"{pca['queries_per_s']:,.0f}")
-    table.add_row(f"Fashion-MNIST memory ({learned['slots']:,} slots), learned", f"{learned['accuracy']:.4f}")
-    console.print(table)
-    typer.echo(f"report: {out / 'report.md'}")
-
-
-BENCHMARKS = {"scale": "scale.py", "compaction": "compaction.py", "stream": "stream.py", "serve-load": "serve_load.py"}
-
-
-@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True,
-                                       "help_option_names": []})  # --help goes to the script
-def bench_cmd(
-    ctx: typer.Context,
-    name: str = typer.Argument(..., help=f"One of: {', '.join(BENCHMARKS)}."),
-) -> None:
-    """Run a benchmark script of the source tree's bench/ folder; other options go to it (--help lists them)."""
-    import subprocess
-
-    if name not in BENCHMARKS:
-        _fail(ValueError(f"unknown benchmark {name!r}; choose one of {', '.join(BENCHMARKS)}"))
-    script = Path(__file__).resolve().parents[1] / "bench" / BENCHMARKS[name]
-    if not script.exists():
-        _fail(FileNotFoundError(f"{script} not found: benchmarks run from a source checkout "
-                                "(pip install -e . in the repository)"))
-    raise typer.Exit(code=subprocess.call([sys.executable, str(script), *ctx.args]))
 
 
 def _py(x):

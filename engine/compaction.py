@@ -73,7 +73,7 @@ def allocate(class_mass: np.ndarray, class_count: np.ndarray, budget: int) -> np
     return alloc
 
 
-def _by_class(label_idx: np.ndarray):
+def by_class(label_idx: np.ndarray):
     order = np.argsort(label_idx, kind="stable")
     classes, starts = np.unique(label_idx[order], return_index=True)
     return classes, np.split(order, starts[1:])
@@ -100,12 +100,12 @@ def compact(vectors, weights, label_idx, created, last_used, *, budget: int, pol
     if policy not in POLICIES:
         raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
     check_options(options)
-    classes, members = _by_class(label_idx)
+    classes, members = by_class(label_idx)
     mass = np.array([weights[m].sum() for m in members])
     alloc = allocate(mass, np.array([len(m) for m in members]), budget)
     rng = np.random.default_rng(seed)
     if policy == "merge" or policy == "distill":
-        out, owner, means = _merge(vectors, weights, classes, members, alloc, cosine, seed)
+        out, owner, means = merge(vectors, weights, classes, members, alloc, cosine, seed)
         if policy == "distill":
             out = _distill(out, owner, means, vectors, weights, label_idx, cosine, temperature, seed, **options)
         return out
@@ -147,7 +147,7 @@ def check_options(options: dict) -> None:
 def _rescaled(vectors, weights, label_idx, keep: list[np.ndarray]) -> SlotSet:
     """Kept rows, their weights scaled so each class keeps its mass."""
     rows, w = [], []
-    for m_keep, cls_rows in zip(keep, _by_class(label_idx)[1]):
+    for m_keep, cls_rows in zip(keep, by_class(label_idx)[1]):
         scale = weights[cls_rows].sum() / weights[m_keep].sum()
         rows.append(m_keep)
         w.append(weights[m_keep] * scale)
@@ -155,7 +155,7 @@ def _rescaled(vectors, weights, label_idx, keep: list[np.ndarray]) -> SlotSet:
     return SlotSet(vectors[rows], np.concatenate(w), label_idx[rows], rows)
 
 
-def _merge(vectors, weights, classes, members, alloc, cosine: bool, seed: int):
+def merge(vectors, weights, classes, members, alloc, cosine: bool, seed: int):
     """Merged slots, plus for distill: ``owner[i]``, the merged slot input row i went into, and the
     un-normalised weighted mean of every merged slot."""
     out_v, out_w, out_c, out_src, out_mean = [], [], [], [], []

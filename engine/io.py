@@ -8,6 +8,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from .codec import vectors_of
+
 TABLE_SUFFIXES = {".parquet", ".pq", ".arrow", ".feather", ".ipc", ".csv"}
 RESERVED = ("label", "id", "weight")
 
@@ -84,11 +86,10 @@ def _read_table(path: Path, suffix: str) -> pa.Table:
 def _from_table(table: pa.Table, path: Path, vector_column, label_column, id_column, weight_column) -> Batch:
     names = table.column_names
     if vector_column in names:
-        col = table.column(vector_column).combine_chunks()
-        if not (pa.types.is_list(col.type) or pa.types.is_fixed_size_list(col.type) or pa.types.is_large_list(col.type)):
-            raise ValueError(f"{path}: column {vector_column!r} is {col.type}, not a list of floats")
-        rows = col.to_numpy(zero_copy_only=False)
-        vectors = np.stack(rows).astype(np.float32) if len(rows) else np.zeros((0, 0), np.float32)
+        try:
+            vectors = vectors_of(table.column(vector_column))
+        except ValueError as exc:
+            raise ValueError(f"{path}: column {vector_column!r}: {exc}") from None
     else:
         features = [n for n in names if n not in (label_column, id_column, weight_column)]
         if not features:

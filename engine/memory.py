@@ -30,7 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from . import checks, compaction, query
-from .columns import Columns
+from .codec import Columns
 from .errors import (
     CorruptFileError,
     DuplicateIdError,
@@ -179,18 +179,9 @@ class Memory:
         except InvalidValueError as exc:
             raise CorruptFileError(f"{path / MANIFEST}: invalid settings ({exc})") from None
         mem._vocab.kind = rec.label_kind
-        table = SlotTable(mem.dim, keep_vectors=True)  # replay needs the vectors; dropped below
-        for drop, slots in rec.replay():
-            rows = table.rows_of(drop)
-            table.kill(rows[rows >= 0])
-            if slots is not None and len(slots.ids):
-                table.append(slots.ids, mem._vocab.intern(slots.labels, rec.label_kind), slots.weights,
-                             slots.vectors, slots.created, slots.last_used)
-                next_id = max(next_id, int(slots.ids.max()) + 1)
-        full = table.compacted()
-        mem._state = State(full if mem._keep_vectors else full.compacted(keep_vectors=False),
-                           mem._state.index.build(full.vectors))
-        mem._next_id = next_id
+        mem._state = State.replayed(rec.replay(), mem._vocab, mem._state.index, mem._keep_vectors)
+        ids = mem._state.table.sorted_ids  # ids of removed slots are never reused by counting up
+        mem._next_id = max(next_id, rec.max_id + 1, int(ids[-1]) + 1 if len(ids) else 0)
         return mem
 
     # -- writing ----------------------------------------------------------------------
@@ -415,9 +406,8 @@ class Memory:
         ids = checks.ids(ids)
         with self._lock.read():
             rows = self._rows_or_raise(ids)
-            t = self._state.table
-            return Slots(ids=ids.copy(), labels=self._vocab.values(t.label_idx[rows]),
-                         weights=t.weights[rows].copy(), vectors=self._state.vectors(rows))
+            slots = self._state.columns(self._vocab, rows)
+            return Slots(ids=ids.copy(), labels=slots.labels, weights=slots.weights.copy(), vectors=slots.vectors)
 
     def ids(self) -> np.ndarray:
         """The ids of every slot in the memory, ascending."""
@@ -506,10 +496,7 @@ class Memory:
             target = Path(path) if path is not None else self.path
             if target is None:
                 raise InvalidValueError("this memory is not durable: give save() a path")
-            t = self._state.table
-            rows = t.live_rows()
-            slots = Columns(t.ids[rows], self._vocab.values(t.label_idx[rows]), t.weights[rows],
-                            self._state.vectors(rows), t.created[rows], t.last_used[rows])
+            slots = self._state.columns(self._vocab)
             if self._store is not None and target.resolve() == self._store.path.resolve():
                 self._store.checkpoint(slots, self._vocab.kind, {"next_id": self._next_id})
             else:

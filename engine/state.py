@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from .checks import INT64_MAX
+from .codec import Columns
 from .errors import InvalidValueError
 from .index import VectorIndex
 from .labels import Vocabulary
@@ -49,6 +50,26 @@ class State:
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         return self.table.rows_of(ids)
+
+    def columns(self, vocab: Vocabulary, rows: np.ndarray | None = None) -> Columns:
+        """Rows (default: every live row) as persistence columns."""
+        t = self.table
+        rows = t.live_rows() if rows is None else rows
+        return Columns(t.ids[rows], vocab.values(t.label_idx[rows]), t.weights[rows], self.vectors(rows),
+                       t.created[rows], t.last_used[rows])
+
+    @classmethod
+    def replayed(cls, writes, vocab: Vocabulary, index: VectorIndex, keep_vectors: bool) -> "State":
+        """A state holding the result of ``writes`` ((ids to drop, Columns to add or None), in order)."""
+        table = SlotTable(index.dim, keep_vectors=True)  # replay needs the vectors; dropped below
+        for drop, slots in writes:
+            rows = table.rows_of(drop)
+            table.kill(rows[rows >= 0])
+            if slots is not None and len(slots.ids):
+                table.append(slots.ids, vocab.intern(slots.labels, vocab.kind), slots.weights, slots.vectors,
+                             slots.created, slots.last_used)
+        full = table.compacted()
+        return cls(full if keep_vectors else full.compacted(keep_vectors=False), index.build(full.vectors))
 
     # -- changes ------------------------------------------------------------------------
     def apply(self, kill_rows: np.ndarray, append: tuple | None = None) -> None:

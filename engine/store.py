@@ -43,7 +43,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import fsio, wal
-from .columns import Columns, slot_schema
+from .codec import Columns, slot_schema
 from .errors import (
     CorruptFileError,
     FormatVersionError,
@@ -72,6 +72,13 @@ class Recovered:
     label_kind: str | None
     snapshot: Columns
     records: list[wal.Record]
+
+    @property
+    def max_id(self) -> int:
+        """The largest id any write recovered here carried (-1 if none)."""
+        ids = [int(self.snapshot.ids.max())] if len(self.snapshot.ids) else []
+        ids += [int(r.ids.max()) for r in self.records if r.slots is not None and len(r.ids)]
+        return max(ids, default=-1)
 
     def replay(self) -> Iterator[tuple[np.ndarray, Columns | None]]:
         """The writes in order, as (ids to drop, slots to add or None): the snapshot first,

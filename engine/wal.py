@@ -39,7 +39,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import fsio
-from .columns import Columns, slot_schema
+from .codec import Columns, slot_schema
 from .errors import CorruptFileError, StorageError
 
 MAGIC = b"EWAL"

@@ -106,12 +106,14 @@ def test_train_and_evaluate_commands(tmp_path):
     assert r.exit_code == 2 and "class_labels.txt" in r.output
 
 
-def test_bench_command_runs_a_bench_script_and_refuses_unknown_names(tmp_path):
-    r = run("bench", "nothing", ok=False)
-    assert r.exit_code == 2 and "unknown benchmark" in r.output
+def test_the_library_cli_carries_no_demo_or_benchmarks_and_the_scripts_run_from_the_checkout():
     import subprocess
     import sys
+    from pathlib import Path
 
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "bench", "scale", "--help"], capture_output=True,
-                         text=True)
-    assert out.returncode == 0 and "--sizes" in out.stdout
+    root = Path(__file__).resolve().parents[1]
+    r = run("--help")
+    assert "memory" in r.output and " demo " not in r.output and " bench " not in r.output
+    for script, flag in (("examples/demo.py", "--quick"), ("bench/scale.py", "--sizes")):
+        out = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True, cwd=root)
+        assert out.returncode == 0 and flag in out.stdout, out.stderr

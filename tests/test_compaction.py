@@ -88,14 +88,14 @@ def test_merge_keeps_attention_close_to_the_full_memory():
 
 def test_merge_owner_map_and_means_describe_the_merged_slots(filled):
     """distill takes a query out of the merged slot it went into: the map and means must be exact."""
-    from engine.compaction import _by_class, _merge
+    from engine.compaction import by_class, merge
 
     _, x, y, w = filled
     x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
     labels = np.unique(y, return_inverse=True)[1]
-    classes, members = _by_class(labels)
+    classes, members = by_class(labels)
     alloc = allocate(np.array([w[m].sum() for m in members]), np.array([len(m) for m in members]), 100)
-    merged, owner, means = _merge(x, w, classes, members, alloc, True, 0)
+    merged, owner, means = merge(x, w, classes, members, alloc, True, 0)
     assert np.array_equal(np.bincount(owner, minlength=len(merged.weights)) > 0, np.ones(len(merged.weights), bool))
     for slot in range(len(merged.weights)):
         rows = np.flatnonzero(owner == slot)

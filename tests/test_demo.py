@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 
-from engine.demo import pca_memory_report, run_demo
+from examples.demo import pca_memory_report, run_demo
 
 
 def test_pca_memory_smoke(tmp_path):

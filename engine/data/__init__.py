@@ -1,7 +1,8 @@
-"""Datasets: Fashion-MNIST, synthetic clustered embeddings, and where to find the data."""
+"""Datasets: Fashion-MNIST, synthetic clustered embeddings, a PCA baseline, and where to find the data."""
 
 from .fashion_mnist import load_fashion_mnist
 from .paths import data_root
+from .pca import pca_embed
 from .synthetic import clustered
 
-__all__ = ["clustered", "data_root", "load_fashion_mnist"]
+__all__ = ["clustered", "data_root", "load_fashion_mnist", "pca_embed"]

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as fl
 
-from .. import errors
+from .. import codec, errors
 from ..results import CompactionReport, MemoryStats, QueryResult, Slots
 from . import wire
 
@@ -52,8 +52,7 @@ class Client:
         labels = list(np.asarray(labels).tolist()) if not isinstance(labels, list) else labels
         if len(labels) != len(v):
             raise errors.InvalidValueError(f"{len(v)} vectors but {len(labels)} labels")
-        label_type = pa.string() if labels and isinstance(labels[0], str) else pa.int64()
-        columns = {"vector": wire.vector_array(v), "label": pa.array(labels, type=label_type)}
+        columns = {"vector": codec.vector_array(v), "label": codec.label_array(labels)}
         if ids is not None:
             columns["id"] = pa.array(np.asarray(ids, dtype=np.int64).reshape(-1))
         if weights is not None:
@@ -101,7 +100,7 @@ class Client:
                 writer.begin(pa.schema([("vector", pa.list_(pa.float32(), q.shape[1]))]))
                 for lo in range(0, len(q), self.chunk_rows):
                     chunk = q[lo : lo + self.chunk_rows]
-                    writer.write_batch(pa.record_batch([wire.vector_array(chunk)], names=["vector"]))
+                    writer.write_batch(pa.record_batch([codec.vector_array(chunk)], names=["vector"]))
                 writer.done_writing()
                 for chunk in reader:
                     parts.append((chunk.data, json.loads(chunk.app_metadata.to_pybytes())))

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as fl
 
+from .. import codec
 from ..errors import EngineError, UnknownMemoryError
 from ..memory import Memory
 from . import wire
@@ -143,8 +144,7 @@ class MemoryServer(fl.FlightServerBase):
             ids = wire.column_of(table, "id", pa.types.is_integer, "integers")
             weights = wire.column_of(table, "weight", lambda t: pa.types.is_floating(t) or pa.types.is_integer(t),
                                      "numbers")
-            labels = wire.column_of(table, "label", lambda t: pa.types.is_integer(t) or pa.types.is_string(t),
-                                    "int64 or utf8", as_list=True)
+            labels = wire.column_of(table, "label", codec.is_label_type, "int64 or utf8", as_list=True)
             new = memory.add(vectors, labels, ids=ids, weights=weights, upsert=cmd.get("upsert", False))
             writer.write(pa.py_buffer(np.ascontiguousarray(new, dtype="<i8").tobytes()))
 
@@ -186,10 +186,9 @@ class MemoryServer(fl.FlightServerBase):
             memory = self._memory(cmd)
             ids = cmd["ids"]
             slots = memory.get(np.asarray(ids, dtype=np.int64) if ids else np.zeros(0, np.int64))
-            label_type = pa.string() if slots.labels and isinstance(slots.labels[0], str) else pa.int64()
-            table = pa.table({"id": pa.array(slots.ids), "label": pa.array(slots.labels, type=label_type),
+            table = pa.table({"id": pa.array(slots.ids), "label": codec.label_array(slots.labels),
                               "weight": pa.array(slots.weights),
-                              "vector": wire.vector_array(slots.vectors.reshape(len(slots.ids), memory.dim))})
+                              "vector": codec.vector_array(slots.vectors.reshape(len(slots.ids), memory.dim))})
             return fl.RecordBatchStream(table)
 
         return self._guarded(body)
@@ -242,14 +241,13 @@ class MemoryServer(fl.FlightServerBase):
 
 
 def _result_batch(res) -> pa.RecordBatch:
-    label_type = pa.string() if res.classes.dtype == object else pa.int64()
     return pa.record_batch(
         [
             wire.list_column(res.ids, pa.int64()),
             wire.list_column(res.scores, pa.float32()),
             wire.list_column(res.attention, pa.float64()),
             wire.list_column(res.probs, pa.float64()),
-            pa.array(res.labels.tolist(), type=label_type),
+            codec.label_array(res.labels, "str" if res.classes.dtype == object else "int"),
             pa.array(res.tail_bound),
         ],
         names=list(wire.RESULT_FIELDS),

@@ -22,6 +22,8 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from ..codec import vector_array, vectors_of  # noqa: F401  (vector_array is part of the wire's vocabulary)
+
 RESULT_FIELDS = ("ids", "scores", "attention", "probs", "label", "tail_bound")
 
 
@@ -70,33 +72,11 @@ def is_int_list(v) -> bool:
 MEMORY = (lambda v: isinstance(v, str), "a memory name (string)", True)
 
 
-def vector_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
-    v = np.ascontiguousarray(vectors, dtype=np.float32)
-    return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
-
-
 def vectors_from(table_or_batch) -> np.ndarray:
-    """The ``vector`` column as an (n, dim) float32 array; ValueError if it is missing or not a list of numbers."""
+    """The ``vector`` column as an (n, dim) float32 array; ValueError if it is missing or malformed."""
     if "vector" not in table_or_batch.schema.names:
         raise ValueError(f"no 'vector' column (got columns {table_or_batch.schema.names})")
-    col = table_or_batch.column("vector")
-    if isinstance(col, pa.ChunkedArray):
-        col = col.combine_chunks()
-    t = col.type
-    if not (pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)):
-        raise ValueError(f"'vector' must be a list of floats, got {t}")
-    if not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
-        raise ValueError(f"'vector' values must be numbers, got {t.value_type}")
-    if col.null_count:
-        raise ValueError("'vector' has null rows")
-    if len(col) == 0:
-        return np.zeros((0, 0), np.float32)
-    if pa.types.is_fixed_size_list(t):
-        return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), t.list_size)
-    lengths = np.diff(col.offsets.to_numpy())
-    if (lengths != lengths[0]).any():
-        raise ValueError("'vector' rows have different lengths")
-    return col.flatten().to_numpy(zero_copy_only=False).astype(np.float32).reshape(len(col), int(lengths[0]))
+    return vectors_of(table_or_batch.column("vector"))
 
 
 def column_of(table: pa.Table, name: str, type_ok, description: str, *, as_list: bool = False):

@@ -1,4 +1,5 @@
-"""Slots as Arrow columns: the schema shared by snapshots and log records."""
+"""The one Arrow codec of vectors and labels: how snapshots, log records, the Flight wire
+and the CLI's file readers turn numpy vectors and int/str labels into Arrow columns and back."""
 
 from __future__ import annotations
 
@@ -56,8 +57,27 @@ class Columns:
         return None
 
 
-def label_type(kind: str) -> pa.DataType:
-    return pa.int64() if kind == "int" else pa.string()
+def label_type(kind: str | None) -> pa.DataType:
+    """int64 for int labels (and while the kind is not known yet), utf8 for str labels."""
+    return pa.string() if kind == "str" else pa.int64()
+
+
+def label_array(labels, kind: str | None = None) -> pa.Array:
+    """Labels (a list, or a numpy array) as an Arrow column; the kind is read off them if not given."""
+    values = labels.tolist() if isinstance(labels, np.ndarray) else list(labels)
+    if kind is None:
+        kind = "str" if values and isinstance(values[0], str) else "int"
+    return pa.array(values, type=label_type(kind))
+
+
+def is_label_type(t: pa.DataType) -> bool:
+    return pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def vector_array(vectors: np.ndarray) -> pa.FixedSizeListArray:
+    """(n, dim) vectors as a fixed_size_list<float32>[dim] column."""
+    v = np.ascontiguousarray(vectors, dtype=np.float32)
+    return pa.FixedSizeListArray.from_arrays(pa.array(v.reshape(-1)), v.shape[1])
 
 
 def slot_schema(dim: int, kind: str) -> pa.Schema:
@@ -73,8 +93,33 @@ def slot_schema(dim: int, kind: str) -> pa.Schema:
     )
 
 
-def vectors_of(column: pa.Array | pa.ChunkedArray, dim: int) -> np.ndarray:
-    """A fixed_size_list<float32>[dim] column as an (n, dim) float32 array."""
+def vectors_of(column: pa.Array | pa.ChunkedArray, dim: int | None = None) -> np.ndarray:
+    """A column of equal-length lists of numbers (fixed_size_list, list or large_list) as an
+    (n, dim) float32 array.
+
+    Raises:
+        ValueError: not a list column, non-numeric values, nulls, or rows of different lengths
+            (or not ``dim`` long, when given).
+    """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
-    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(-1, dim)
+    t = column.type
+    if not (pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)):
+        raise ValueError(f"vectors must be a list of floats, got {t}")
+    if not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
+        raise ValueError(f"vector values must be numbers, got {t.value_type}")
+    if column.null_count or column.values.null_count:
+        raise ValueError("vectors have null rows or values")
+    n = len(column)
+    if pa.types.is_fixed_size_list(t):
+        width = t.list_size
+        values = column.flatten()
+    else:
+        lengths = np.diff(column.offsets.to_numpy())
+        if n and (lengths != lengths[0]).any():
+            raise ValueError("vector rows have different lengths")
+        width = int(lengths[0]) if n else (dim or 0)
+        values = column.flatten()
+    if dim is not None and n and width != dim:
+        raise ValueError(f"vectors are {width}-d, expected {dim}")
+    return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, width)
