@@ -29,30 +29,29 @@ from tqdm import tqdm
 
 from engine import Memory
 from engine.compaction import POLICIES
+from engine.data import as_input
 
 FRACTIONS = (1.0, 0.1, 0.01, 0.001)
 
 
 def embed(model, slots: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """g for the slots, h for the queries (with FCE, h reads the whole slot set in-batch)."""
-    as_tensor = lambda a: torch.from_numpy(a.astype(np.float32) / 255.0).unsqueeze(1)  # noqa: E731
     with torch.no_grad():
         model.eval()
-        g = model.embed_support(as_tensor(slots), batch_size=2048)
-        h = model.embed_queries(as_tensor(queries), support=g, batch_size=2048)
+        g = model.embed_support(as_input(slots), batch_size=2048)
+        h = model.embed_queries(as_input(queries), support=g, batch_size=2048)
     return g.numpy(), h.numpy()
 
 
 def checkpoint(path: Path | None, dataset: str, budget_s: float, out: Path):
-    from engine.train import TrainConfig, load_checkpoint, train
+    from engine.train import load_checkpoint, recipe, train
 
     if path is not None and (path / "config.json").exists():
         return load_checkpoint(path)
     folder = out / f"{dataset}-model"
     if not (folder / "best.pt").exists():
-        cfg = (TrainConfig(dataset="fashion-mnist", n_way=10, k_shot=5, n_query=10, episodes=1500, val_way=10,
-                           val_episodes=50, time_budget_s=budget_s) if dataset == "fashion-mnist"
-               else TrainConfig(episodes=3000, time_budget_s=budget_s, val_episodes=100))
+        cfg = (recipe("fashion-mnist", episodes=1500, time_budget_s=budget_s) if dataset == "fashion-mnist"
+               else recipe("omniglot", episodes=3000, time_budget_s=budget_s, val_episodes=100))
         train(cfg, folder)
     return load_checkpoint(folder)
 

@@ -22,11 +22,19 @@ app.add_typer(memory_app, name="memory")
 console = Console()
 
 PathArg = typer.Argument(..., help="The memory's directory.")
+JsonOpt = typer.Option(False, "--json", help="Print JSON.")
+VectorsArg = typer.Argument(..., help="Vectors: a .parquet/.arrow/.feather/.csv table or a .npy array.")
+VectorColumnOpt = typer.Option("vector", help="List column of a table (else numeric columns are features).")
 
 
 def _fail(exc: BaseException) -> None:
     typer.echo(f"error: {exc}", err=True)
     raise typer.Exit(code=2)
+
+
+def _command(typer_app: typer.Typer, name: str):
+    """Register a command whose engine errors become a one-line message and exit code 2."""
+    return lambda fn: typer_app.command(name)(_guard(fn))
 
 
 def _guard(fn):
@@ -43,8 +51,7 @@ def _guard(fn):
     return wrapper
 
 
-@memory_app.command("create")
-@_guard
+@_command(memory_app, "create")
 def create(
     path: Path = PathArg,
     dim: int = typer.Option(..., help="Embedding dimension."),
@@ -58,16 +65,15 @@ def create(
     typer.echo(f"created {mem!r}")
 
 
-@memory_app.command("add")
-@_guard
+@_command(memory_app, "add")
 def add(
     path: Path = PathArg,
-    file: Path = typer.Argument(..., help="Vectors: .parquet/.arrow/.feather/.csv table or .npy array."),
+    file: Path = VectorsArg,
     labels: Optional[Path] = typer.Option(None, help="Labels for a .npy file: .npy or one label per line."),
     label_column: str = typer.Option("label", help="Label column of a table."),
-    vector_column: str = typer.Option("vector", help="List column of a table (else numeric columns are features)."),
+    vector_column: str = VectorColumnOpt,
     upsert: bool = typer.Option(False, help="Replace slots whose id exists."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Add slots from a file (ids, weights from 'id' and 'weight' columns when present)."""
     batch = read_batch(file, labels_path=labels, label_column=label_column, vector_column=vector_column)
@@ -82,16 +88,15 @@ def add(
         typer.echo(f"added {len(ids)} slots (ids {ids[0]}..{ids[-1]}); memory holds {size}")
 
 
-@memory_app.command("query")
-@_guard
+@_command(memory_app, "query")
 def query(
     path: Path = PathArg,
-    file: Path = typer.Argument(..., help="Query vectors: a table or .npy array."),
+    file: Path = VectorsArg,
     k: int = typer.Option(64, "-k", "--k", help="Slots per query."),
     tail: Optional[float] = typer.Option(None, help="Grow k until the tail bound is below this."),
     top: int = typer.Option(3, help="Neighbours shown per query in table output."),
-    vector_column: str = typer.Option("vector", help="List column of a table."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    vector_column: str = VectorColumnOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Classify query vectors by top-k attention."""
     batch = read_batch(file, vector_column=vector_column)
@@ -121,9 +126,8 @@ def query(
     console.print(table)
 
 
-@memory_app.command("info")
-@_guard
-def info(path: Path = PathArg, as_json: bool = typer.Option(False, "--json", help="Print JSON.")) -> None:
+@_command(memory_app, "info")
+def info(path: Path = PathArg, as_json: bool = JsonOpt) -> None:
     """Show a memory's size, settings and bytes used."""
     with Memory.open(path) as mem:
         stats = {**mem.stats().as_dict(), "temperature": mem.temperature, "path": str(path)}
@@ -136,13 +140,12 @@ def info(path: Path = PathArg, as_json: bool = typer.Option(False, "--json", hel
     console.print(table)
 
 
-@memory_app.command("remove")
-@_guard
+@_command(memory_app, "remove")
 def remove(
     path: Path = PathArg,
     ids: Optional[list[int]] = typer.Argument(None, help="Ids to remove."),
     ids_file: Optional[Path] = typer.Option(None, help="A file of ids, one per line (or .npy)."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Remove slots by id. Unknown ids are an error and nothing is removed."""
     wanted = list(ids or [])
@@ -158,8 +161,7 @@ def remove(
     typer.echo(json.dumps({"removed": n, "slots": size}) if as_json else f"removed {n} slots; memory holds {size}")
 
 
-@app.command("serve")
-@_guard
+@_command(app, "serve")
 def serve(
     memory: list[str] = typer.Option(..., help="A memory directory, or NAME=DIR; repeat for several."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
@@ -194,8 +196,7 @@ def serve(
     typer.echo("stopped; every memory closed")
 
 
-@app.command("train")
-@_guard
+@_command(app, "train")
 def train_cmd(
     out: Path = typer.Option(Path("runs/omniglot"), help="Checkpoint folder."),
     dataset: str = typer.Option("omniglot", help="omniglot or fashion-mnist."),
@@ -224,12 +225,11 @@ def train_cmd(
     typer.echo(json.dumps(summary))
 
 
-@app.command("eval-oneshot")
-@_guard
+@_command(app, "eval-oneshot")
 def eval_oneshot_cmd(
     checkpoint: Path = typer.Option(..., help="Checkpoint folder of engine train."),
     runs: Path = typer.Option(..., help="A folder of runNN folders, one runNN folder, or all_runs.zip."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = JsonOpt,
 ) -> None:
     """The official 20-way within-alphabet one-shot task, each run's memory an engine.Memory."""
     from .data.omniglot import load_oneshot_runs
@@ -244,15 +244,14 @@ def eval_oneshot_cmd(
     typer.echo(f"overall: error {100 * out['error_rate']:.2f}% over {out['runs']} runs")
 
 
-@app.command("eval-episodes")
-@_guard
+@_command(app, "eval-episodes")
 def eval_episodes_cmd(
     checkpoint: Path = typer.Option(..., help="Checkpoint folder of engine train."),
     data: Optional[Path] = typer.Option(None, help="Data directory."),
     n_way: list[int] = typer.Option([5, 20], help="Ways to evaluate."),
     k_shot: list[int] = typer.Option([1, 5], help="Shots to evaluate."),
     episodes: int = typer.Option(1000, help="Episodes per setting."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = JsonOpt,
 ) -> None:
     """Mean accuracy with a 95% CI over N-way K-shot episodes of the validation set (random and within-alphabet)."""
     from .train import evaluate_episodes, load_checkpoint, load_sets, TrainConfig

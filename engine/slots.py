@@ -42,6 +42,11 @@ class _Growable:
         return int(self._buf.nbytes)
 
 
+def _column(name: str) -> property:
+    """A read-only property: the live view of the growable column ``name``."""
+    return property(lambda self: getattr(self, name).view)
+
+
 class SlotTable:
     """Rows of slots, with tombstones and an id -> row map.
 
@@ -69,21 +74,16 @@ class SlotTable:
         self.unit_weights = True  # every row written with weight 1 (attention can skip the masses)
 
     # columns (views; valid until the next append)
+    ids = _column("_ids")
+    label_idx = _column("_label_idx")
+    weights = _column("_weights")
+    alive = _column("_alive")
+    created = _column("_created")
+    last_used = _column("_last_used")
+
     @property
     def n_rows(self) -> int:
         return self._ids.n
-
-    @property
-    def ids(self) -> np.ndarray:
-        return self._ids.view
-
-    @property
-    def label_idx(self) -> np.ndarray:
-        return self._label_idx.view
-
-    @property
-    def weights(self) -> np.ndarray:
-        return self._weights.view
 
     @property
     def vectors(self) -> np.ndarray:
@@ -91,18 +91,6 @@ class SlotTable:
         if not self.keep_vectors:
             raise AttributeError("this slot table keeps no vectors: read them from the index")
         return self._vectors.view
-
-    @property
-    def alive(self) -> np.ndarray:
-        return self._alive.view
-
-    @property
-    def created(self) -> np.ndarray:
-        return self._created.view
-
-    @property
-    def last_used(self) -> np.ndarray:
-        return self._last_used.view
 
     @property
     def sorted_ids(self) -> np.ndarray:

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .data.episodes import Episode, EpisodeSampler
+from .data.images import as_input
 from .nn import MatchingNetwork
 
 CHECKPOINT_FILES = ("config.json", "model.pt", "best.pt", "optimizer.pt", "state.pt", "state.json")
@@ -59,14 +60,10 @@ class TrainConfig:
     model: dict = field(default_factory=dict)
 
 
-def _tensor(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32)).unsqueeze(1)
-
-
 def episode_loss(model: MatchingNetwork, ep: Episode, topk: int | None = None) -> tuple[torch.Tensor, float]:
     """NLL on log-probabilities of one episode's queries, and their accuracy."""
-    model.process_support_set(_tensor(ep.support_x), torch.from_numpy(ep.support_y))
-    q = _tensor(ep.query_x)
+    model.process_support_set(as_input(ep.support_x), torch.from_numpy(ep.support_y))
+    q = as_input(ep.query_x)
     logp = model.forward_topk(q, topk) if topk else model(q)
     target = torch.as_tensor(np.searchsorted(model.classes.numpy(), ep.query_y))
     loss = torch.nn.functional.nll_loss(logp, target)
@@ -97,6 +94,19 @@ def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: floa
         return out[:, 0].numpy()
 
     return Episode(move(ep.support_x), ep.support_y, move(ep.query_x), ep.query_y)
+
+
+def recipe(dataset: str, **overrides) -> TrainConfig:
+    """The training recipe of a dataset (the one place each is written), with ``overrides``.
+
+    omniglot: 20-way 1-shot episodes, half within one alphabet (TrainConfig's defaults).
+    fashion-mnist: 10-way 5-shot episodes with 10 queries a class, validated 10-way.
+    """
+    base = {"omniglot": {}, "fashion-mnist": {"n_way": 10, "k_shot": 5, "n_query": 10, "val_way": 10,
+                                             "val_episodes": 50}}
+    if dataset not in base:
+        raise ValueError(f"unknown dataset {dataset!r}: use 'omniglot' or 'fashion-mnist'")
+    return TrainConfig(dataset=dataset, **{**base[dataset], **overrides})
 
 
 def load_sets(cfg: TrainConfig):
@@ -250,7 +260,7 @@ def eval_oneshot(model: MatchingNetwork, runs) -> dict:
     model.eval()
     per_run = {}
     for run in runs:
-        memory = model.to_memory(_tensor(run.train.astype(np.float32) / 255.0), list(range(len(run.train))))
-        res = model.query_memory(memory, _tensor(run.test.astype(np.float32) / 255.0), k=len(run.train))
+        memory = model.to_memory(as_input(run.train), list(range(len(run.train))))
+        res = model.query_memory(memory, as_input(run.test), k=len(run.train))
         per_run[run.name] = float((np.asarray(res.labels) != run.answer).mean())
     return {"error_rate": float(np.mean(list(per_run.values()))), "runs": len(per_run), "per_run": per_run}

@@ -22,7 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from engine import Memory
-from engine.data import load_fashion_mnist, pca_embed
+from engine.data import as_input, load_fashion_mnist, pca_embed
 
 
 def pca_memory_report(data=None, *, k: int = 64, dim: int = 64, temperature: float = 0.01, index: str = "Flat",
@@ -137,7 +137,7 @@ def run_demo(data=None, *, out: str | Path = "runs/demo", quick: bool = False, f
         Every figure of the report, as a dict (also written to ``demo.json``).
     """
     from engine.data.omniglot import load_oneshot_runs, omniglot_dir
-    from engine.train import TrainConfig, eval_oneshot, evaluate_episodes, load_checkpoint, load_sets, train
+    from engine.train import eval_oneshot, evaluate_episodes, load_checkpoint, load_sets, recipe, train
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ def run_demo(data=None, *, out: str | Path = "runs/demo", quick: bool = False, f
     report["pca"] = pca_memory_report(data, limit=limit, out=out, progress=progress)
 
     om_dir = out / "omniglot"
-    om_cfg = TrainConfig(episodes=omniglot_episodes, time_budget_s=omniglot_budget_s, fce=fce,
+    om_cfg = recipe("omniglot", episodes=omniglot_episodes, time_budget_s=omniglot_budget_s, fce=fce,
                          val_every=2 if quick else 500, val_episodes=2 if quick else 100, data=_s(data))
     report["omniglot_training"] = train(om_cfg, om_dir, progress=progress)
     model = load_checkpoint(om_dir)
@@ -163,9 +163,8 @@ def run_demo(data=None, *, out: str | Path = "runs/demo", quick: bool = False, f
     ]
 
     fm_dir = out / "fashion"
-    fm_cfg = TrainConfig(dataset="fashion-mnist", n_way=10, k_shot=5, n_query=10, episodes=fashion_episodes,
-                         time_budget_s=fashion_budget_s, val_every=2 if quick else 500,
-                         val_episodes=2 if quick else 50, val_way=10, data=_s(data))
+    fm_cfg = recipe("fashion-mnist", episodes=fashion_episodes, time_budget_s=fashion_budget_s,
+                    val_every=2 if quick else 500, val_episodes=2 if quick else 50, data=_s(data))
     report["fashion_training"] = train(fm_cfg, fm_dir, progress=progress)
     report["fashion_learned"] = learned_memory_report(load_checkpoint(fm_dir), data, limit=limit, progress=progress)
 
@@ -180,20 +179,17 @@ def _s(path) -> str | None:
 
 def learned_memory_report(model, data=None, *, k: int = 64, limit: int | None = None, progress: bool = True) -> dict:
     """Fashion-MNIST as a memory of learned g embeddings; test images embedded with h and queried."""
-    import torch
-
     xtr, ytr = load_fashion_mnist(data, "train")
     xte, yte = load_fashion_mnist(data, "test")
     if limit:
         xtr, ytr, xte, yte = xtr[:limit], ytr[:limit], xte[:limit], yte[:limit]
-    as_tensor = lambda x: torch.from_numpy(x.astype(np.float32) / 255.0).unsqueeze(1)  # noqa: E731
     t0 = time.perf_counter()
-    memory = model.to_memory(as_tensor(xtr), ytr)
+    memory = model.to_memory(as_input(xtr), ytr)
     build_s = time.perf_counter() - t0
     predicted, bounds = [], []
     t0 = time.perf_counter()
     for lo in tqdm(range(0, len(xte), 1000), desc="querying (learned)", unit="batch", disable=not progress):
-        res = model.query_memory(memory, as_tensor(xte[lo : lo + 1000]), k=k)
+        res = model.query_memory(memory, as_input(xte[lo : lo + 1000]), k=k)
         predicted.append(res.labels)
         bounds.append(res.tail_bound)
     query_s = time.perf_counter() - t0
@@ -233,10 +229,8 @@ def write_report(report: dict, out: Path, run, model) -> None:
     plt.close(fig)
 
     # the official run: each test item, the training image the memory chose, right or wrong
-    import torch
-
-    memory = model.to_memory(torch.from_numpy(run.train.astype(np.float32) / 255.0).unsqueeze(1), list(range(20)))
-    res = model.query_memory(memory, torch.from_numpy(run.test.astype(np.float32) / 255.0).unsqueeze(1), k=20)
+    memory = model.to_memory(as_input(run.train), list(range(20)))
+    res = model.query_memory(memory, as_input(run.test), k=20)
     fig, axes = plt.subplots(2, 20, figsize=(16, 2.2))
     for i in range(20):
         axes[0, i].imshow(run.test[i], cmap="gray")

@@ -7,6 +7,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .images import pixels
+
 
 @dataclass
 class Episode:
@@ -62,7 +64,7 @@ class EpisodeSampler:
             classes = self.rng.choice(len(self.images), self.n_way, replace=False)
         n_examples = self.images.shape[1]
         picks = np.stack([self.rng.choice(n_examples, self.k_shot + self.n_query, replace=False) for _ in classes])
-        chosen = self.images[classes[:, None], picks].astype(np.float32) / 255.0  # (N, K+Q, H, W)
+        chosen = pixels(self.images[classes[:, None], picks])  # (N, K+Q, H, W)
         labels = np.repeat(np.arange(self.n_way), self.k_shot + self.n_query).reshape(self.n_way, -1)
         s, q = slice(0, self.k_shot), slice(self.k_shot, None)
         flat = lambda a: a.reshape(-1, *a.shape[2:])  # noqa: E731

@@ -15,13 +15,13 @@ from __future__ import annotations
 import copy
 import math
 
-import faiss
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..attention import attend_torch
+from ..index import VectorIndex
 from .backbone import ConvEmbedding
 from .fce import AttentionLSTM, SupportBiLSTM
 
@@ -110,8 +110,7 @@ class MatchingNetwork(nn.Module):
         h = F.normalize(self.embed_queries(query, self._support), dim=1)
         g = F.normalize(self._support, dim=1)
         k = min(int(k), len(g))
-        index = faiss.IndexFlatIP(g.shape[1])
-        index.add(np.ascontiguousarray(g.detach().cpu().numpy(), dtype=np.float32))
+        index = VectorIndex(g.shape[1], "Flat").build(np.ascontiguousarray(g.detach().cpu().numpy(), dtype=np.float32))
         _, top = index.search(np.ascontiguousarray(h.detach().cpu().numpy(), dtype=np.float32), k)
         top = torch.as_tensor(top, device=h.device)
         scores = torch.einsum("nd,nkd->nk", h, g[top])
