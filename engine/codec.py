@@ -8,6 +8,8 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from .labels import kind_of
+
 
 @dataclass
 class Columns:
@@ -65,9 +67,7 @@ def label_type(kind: str | None) -> pa.DataType:
 def label_array(labels, kind: str | None = None) -> pa.Array:
     """Labels (a list, or a numpy array) as an Arrow column; the kind is read off them if not given."""
     values = labels.tolist() if isinstance(labels, np.ndarray) else list(labels)
-    if kind is None:
-        kind = "str" if values and isinstance(values[0], str) else "int"
-    return pa.array(values, type=label_type(kind))
+    return pa.array(values, type=label_type(kind or kind_of(values)))
 
 
 def is_label_type(t: pa.DataType) -> bool:

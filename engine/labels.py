@@ -23,13 +23,6 @@ def kind_of(labels) -> str | None:
     return "str" if isinstance(first, str) else "int"
 
 
-def arrow_type(kind: str | None):
-    """The Arrow type of a label column of this kind (int64 when the kind is not known yet)."""
-    import pyarrow as pa
-
-    return pa.string() if kind == "str" else pa.int64()
-
-
 def dtype(kind: str | None):
     """The numpy dtype of an array of labels of this kind."""
     return object if kind == "str" else np.int64

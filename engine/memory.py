@@ -21,6 +21,7 @@ current one, so a query sees each write wholly or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -31,14 +32,7 @@ import numpy as np
 
 from . import checks, compaction, query
 from .codec import Columns
-from .errors import (
-    CorruptFileError,
-    DuplicateIdError,
-    EmptyMemoryError,
-    InvalidValueError,
-    StorageError,
-    UnknownIdError,
-)
+from .errors import CorruptFileError, EmptyMemoryError, InvalidValueError, StorageError
 from .index import BareSearch, SearchSettings, VectorIndex, validate_spec
 from .labels import Vocabulary
 from .locks import RWLock
@@ -220,7 +214,7 @@ class Memory:
             n = len(v)
             labels, kind = self._vocab.check(labels, n)
             w = checks.weights(weights, n)
-            ids = self._new_ids(ids, n, upsert)
+            ids = self._state.new_ids(ids, n, upsert=upsert, next_id=self._next_id)
             if n == 0:
                 return ids
             now = time.time()
@@ -257,7 +251,7 @@ class Memory:
             ids = np.unique(checks.ids(ids))
             if len(ids) == 0:
                 return 0
-            rows = self._rows_or_raise(ids)
+            rows = self._state.rows_or_raise(ids)
             if self._store is not None:
                 self._store.log_remove(ids)
             with self._applying("remove"):
@@ -355,10 +349,9 @@ class Memory:
         with self._lock.write():
             self._state = state
 
-    def _applying(self, what: str) -> "_Applying":
-        """Context for applying a write that is already on disk: if applying fails, the files and
-        the memory disagree, so the store refuses further writes until the memory is reopened."""
-        return _Applying(self._store, what)
+    def _applying(self, what: str):
+        """Context for applying a write that is already on disk (see :meth:`Store.applying`)."""
+        return self._store.applying(what) if self._store is not None else contextlib.nullcontext()
 
     def _budget_slots(self, budget: int | str) -> int:
         """A budget in slots (bytes over the bytes a slot takes: measured, or estimated when empty)."""
@@ -405,7 +398,7 @@ class Memory:
         """
         ids = checks.ids(ids)
         with self._lock.read():
-            rows = self._rows_or_raise(ids)
+            rows = self._state.rows_or_raise(ids)
             slots = self._state.columns(self._vocab, rows)
             return Slots(ids=ids.copy(), labels=slots.labels, weights=slots.weights.copy(), vectors=slots.vectors)
 
@@ -524,41 +517,3 @@ class Memory:
         where = f", path={str(self.path)!r}" if self.path else ""
         return (f"Memory(dim={self.dim}, metric={self.metric!r}, index={self._state.index.spec!r}, "
                 f"slots={len(self)}, temperature={self._temperature}{where})")
-
-    # -- ids ------------------------------------------------------------------------------
-    def _new_ids(self, ids, n: int, upsert: bool) -> np.ndarray:
-        if ids is None:
-            return self._state.fresh_ids(n, self._next_id)[0]
-        ids = checks.ids(ids)
-        if len(ids) != n:
-            raise InvalidValueError(f"{n} vectors but {len(ids)} ids")
-        if len(np.unique(ids)) != n:
-            raise DuplicateIdError("ids repeat within the batch")
-        if not upsert:
-            existing = ids[self._state.rows_of(ids) >= 0]
-            if len(existing):
-                raise DuplicateIdError(f"ids already in the memory (pass upsert=True to replace): "
-                                       f"{existing[:10].tolist()}{' ...' if len(existing) > 10 else ''}")
-        return ids
-
-    def _rows_or_raise(self, ids: np.ndarray) -> np.ndarray:
-        rows = self._state.rows_of(ids)
-        if (rows < 0).any():
-            unknown = ids[rows < 0].tolist()
-            more = " ..." if len(unknown) > 10 else ""
-            raise UnknownIdError(f"unknown ids: {unknown[:10]}{more}", unknown)
-        return rows
-
-
-class _Applying:
-    """See :meth:`Memory._applying`."""
-
-    def __init__(self, store: Store | None, what: str):
-        self.store, self.what = store, what
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc is not None and self.store is not None:
-            self.store.fail(f"the {self.what} is logged but could not be applied in memory ({exc!r})")

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import checks
 from .checks import INT64_MAX
 from .codec import Columns
-from .errors import InvalidValueError
+from .errors import DuplicateIdError, InvalidValueError, UnknownIdError
 from .index import VectorIndex
 from .labels import Vocabulary
 from .slots import SlotTable
@@ -49,7 +50,36 @@ class State:
         return cached
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id, -1 where the id is not live."""
         return self.table.rows_of(ids)
+
+    def rows_or_raise(self, ids: np.ndarray) -> np.ndarray:
+        """Row of each id; UnknownIdError listing the ids that are not live."""
+        rows = self.table.rows_of(ids)
+        if (rows < 0).any():
+            unknown = ids[rows < 0].tolist()
+            raise UnknownIdError(f"unknown ids: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}", unknown)
+        return rows
+
+    def new_ids(self, ids, n: int, *, upsert: bool, next_id: int) -> np.ndarray:
+        """The ids of n new slots: checked ones given by the caller, or fresh ones from ``next_id``.
+
+        Raises:
+            InvalidValueError, DuplicateIdError: bad, repeated or (without ``upsert``) existing ids.
+        """
+        if ids is None:
+            return self.fresh_ids(n, next_id)[0]
+        ids = checks.ids(ids)
+        if len(ids) != n:
+            raise InvalidValueError(f"{n} vectors but {len(ids)} ids")
+        if len(np.unique(ids)) != n:
+            raise DuplicateIdError("ids repeat within the batch")
+        if not upsert:
+            existing = ids[self.table.rows_of(ids) >= 0]
+            if len(existing):
+                raise DuplicateIdError(f"ids already in the memory (pass upsert=True to replace): "
+                                       f"{existing[:10].tolist()}{' ...' if len(existing) > 10 else ''}")
+        return ids
 
     def columns(self, vocab: Vocabulary, rows: np.ndarray | None = None) -> Columns:
         """Rows (default: every live row) as persistence columns."""

@@ -30,6 +30,7 @@ the memory's own directory.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -240,6 +241,16 @@ class Store:
                                     f"(every acknowledged write is on disk)", None, uncertain=False)
         if self._writer is None:
             raise MemoryFailedError(f"{self.path}: the memory is closed", None)
+
+    @contextlib.contextmanager
+    def applying(self, what: str) -> Iterator[None]:
+        """Around applying a write that is already durable: if applying it in memory fails, the
+        files and the memory disagree, so every later write is refused until the memory is reopened."""
+        try:
+            yield
+        except BaseException as exc:
+            self.fail(f"the {what} is on disk but could not be applied in memory ({exc!r})")
+            raise
 
     def fail(self, reason: str) -> None:
         """Refuse every later write (the files may no longer match what the memory holds)."""

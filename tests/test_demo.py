@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+from PIL import Image
+
 from examples.demo import pca_memory_report, run_demo
 
 
@@ -24,6 +27,11 @@ def test_whole_demo_quick(tmp_path):
     assert report["oneshot"]["runs"] == 1 and 0 <= report["oneshot"]["error_rate"] <= 1
     assert [r["n_way"] for r in report["omniglot_validation"]] == [20, 5, 20]
     assert 0 <= report["fashion_learned"]["accuracy"] <= 1 and report["fashion_learned"]["slots"] == 2000
-    for name in ("report.md", "training.png", "oneshot.png", "fashion.png", "demo.json"):
-        assert (tmp_path / name).stat().st_size > 0
-    assert "one-shot" in (tmp_path / "report.md").read_text()
+    for name in ("training.png", "oneshot.png", "fashion.png"):  # real pictures, not blank canvases
+        with Image.open(tmp_path / name) as img:
+            pixels = np.asarray(img.convert("L"))
+        assert min(pixels.shape) >= 200 and len(np.unique(pixels)) > 16, name
+    saved = json.loads((tmp_path / "demo.json").read_text())
+    assert saved["oneshot"] == report["oneshot"] and saved["fashion_learned"] == report["fashion_learned"]
+    text = (tmp_path / "report.md").read_text()
+    assert "one-shot" in text and f"{100 * report['oneshot']['error_rate']:.1f}%" in text

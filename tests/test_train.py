@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 
-from engine.data import data_root
+from engine.data import as_input, data_root
 from engine.data.episodes import EpisodeSampler
 from engine.data.omniglot import load_oneshot_runs
 from engine.nn import MatchingNetwork
@@ -67,11 +68,23 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
 
 
 def test_eval_oneshot_through_memory():
+    from dataclasses import replace
+
     torch.manual_seed(0)
     runs = load_oneshot_runs(RUNS)
-    out = eval_oneshot(MatchingNetwork(), runs)
+    model = MatchingNetwork()
+    out = eval_oneshot(model, runs)
     assert out["runs"] == 1 and set(out["per_run"]) == {"run01"}
-    assert 0.0 <= out["error_rate"] <= 1.0
+    # scored against the run's answer key, independently: the memory's answer for each test item
+    run = runs[0]
+    res = model.query_memory(model.to_memory(as_input(run.train), list(range(20))), as_input(run.test), k=20)
+    assert out["error_rate"] == pytest.approx(float((np.asarray(res.labels) != run.answer).mean()))
+    # a run whose test items are its own training drawings: without FCE, g = h = f, so every
+    # item finds itself (cosine 1) and the error is exactly 0; a shuffled answer key scores ~19/20 wrong
+    same = replace(run, name="self", test=run.train, answer=np.arange(20))
+    assert eval_oneshot(model, [same])["error_rate"] == 0.0
+    wrong = replace(same, name="shifted", answer=(np.arange(20) + 1) % 20)
+    assert eval_oneshot(model, [wrong])["error_rate"] == 1.0
 
 
 def test_evaluate_episodes_reports_a_confidence_interval():
@@ -79,6 +92,10 @@ def test_evaluate_episodes_reports_a_confidence_interval():
     images = (rng.random((10, 4, 28, 28)) < 0.2).astype(np.uint8) * 255
     out = evaluate_episodes(MatchingNetwork(), images, n_way=5, k_shot=1, n_query=2, episodes=6)
     assert 0 <= out["accuracy"] <= 1 and out["ci95"] >= 0 and out["episodes"] == 6
+    # every class a single repeated image: the query is its support image, so accuracy is exactly 1
+    one = np.repeat(images[:, :1], 4, axis=1)
+    exact = evaluate_episodes(MatchingNetwork(), one, n_way=5, k_shot=1, n_query=2, episodes=6)
+    assert exact["accuracy"] == 1.0 and exact["ci95"] == 0.0
 
 
 def test_augmentation_moves_strokes_and_keeps_labels():

@@ -16,6 +16,8 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from .. import codec, errors
+from ..labels import dtype as labels_dtype
+from ..labels import kind_of
 from ..results import CompactionReport, MemoryStats, QueryResult, Slots
 from . import wire
 
@@ -184,7 +186,7 @@ def _merge(parts: list, k_requested: int) -> QueryResult:
         probs.append(p)
         labels += batch.column("label").to_pylist()
         bounds.append(batch.column("tail_bound").to_numpy())
-    label_dtype = object if classes and isinstance(classes[0], str) else np.int64
+    label_dtype = labels_dtype(kind_of(classes))
     return QueryResult(
         classes=np.array(classes, dtype=label_dtype), _probs=np.concatenate(probs), labels=np.array(labels, dtype=label_dtype),
         ids=np.concatenate(ids), scores=np.concatenate(scores).astype(np.float32), attention=np.concatenate(attention),

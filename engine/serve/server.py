@@ -20,6 +20,7 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from .. import codec
+from ..labels import kind_of
 from ..errors import EngineError, UnknownMemoryError
 from ..memory import Memory
 from . import wire
@@ -247,7 +248,7 @@ def _result_batch(res) -> pa.RecordBatch:
             wire.list_column(res.scores, pa.float32()),
             wire.list_column(res.attention, pa.float64()),
             wire.list_column(res.probs, pa.float64()),
-            codec.label_array(res.labels, "str" if res.classes.dtype == object else "int"),
+            codec.label_array(res.labels, kind_of(res.classes)),
             pa.array(res.tail_bound),
         ],
         names=list(wire.RESULT_FIELDS),
