@@ -1,6 +1,6 @@
 """The engine across support-set size, against dense attention and bare FAISS.
 
-    engine bench scale --out runs/bench             # 1k..1M slots at d=64, plus 100k at d=256
+    python bench/scale.py --out runs/bench          # 1k..1M slots at d=64, plus 100k at d=256
     python bench/scale.py --sizes 1000 10000 --no-extra --out runs/smoke
 
 Data: ``engine.data.clustered`` with :data:`engine.data.synthetic.LEARNED_LIKE`
