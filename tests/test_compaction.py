@@ -156,8 +156,12 @@ def test_bad_compaction_requests_change_nothing(filled):
         mem.compact(budget=0)
     for bad in ({"k": 0}, {"holdout": 1.0}, {"lr": float("nan")}, {"steps": -1}, {"queries": 2.5},
                 {"learn_weights": 1}, {"eval_every": True}, {"temperture": 0.1}):
-        with pytest.raises(ValueError, match=next(iter(bad))):
-            mem.compact(budget=100, policy="distill", **bad)
+        for budget in (100, 10**9, None):  # checked whether or not the budget calls for any work
+            with pytest.raises(engine.InvalidValueError, match=next(iter(bad))):
+                mem.compact(budget=budget, policy="distill", **bad)
+    for seed in (-1, 1.5, "0", True):
+        with pytest.raises(engine.InvalidValueError, match="seed"):
+            mem.compact(budget=100, seed=seed)
     assert (len(mem), mem.query(probes, k=20).ids.tolist()) == before
     with pytest.raises(engine.EmptyMemoryError):
         Memory(4).compact(budget=10)
