@@ -52,6 +52,11 @@ class QueryResult:
             object.__setattr__(self, "_probs", class_probs(self.attention, self.slot_classes, len(self.classes)))
         return self._probs
 
+    @classmethod
+    def with_probs(cls, probs: np.ndarray, **fields) -> "QueryResult":
+        """A result whose dense ``probs`` are already known (e.g. received from a server)."""
+        return cls(**fields, _probs=probs)
+
     @property
     def k_clamped(self) -> bool:
         """Whether fewer slots than requested were used."""

@@ -187,8 +187,8 @@ def _merge(parts: list, k_requested: int) -> QueryResult:
         labels += batch.column("label").to_pylist()
         bounds.append(batch.column("tail_bound").to_numpy())
     label_dtype = labels_dtype(kind_of(classes))
-    return QueryResult(
-        classes=np.array(classes, dtype=label_dtype), _probs=np.concatenate(probs), labels=np.array(labels, dtype=label_dtype),
+    return QueryResult.with_probs(
+        np.concatenate(probs), classes=np.array(classes, dtype=label_dtype), labels=np.array(labels, dtype=label_dtype),
         ids=np.concatenate(ids), scores=np.concatenate(scores).astype(np.float32), attention=np.concatenate(attention),
         tail_bound=np.concatenate(bounds), exact_bound=all(m["exact_bound"] for _, m in parts), k=width,
         k_requested=k_requested,
