@@ -24,12 +24,15 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from .calibration import RECALL_TARGET, Calibration, calibrate
 from .errors import InvalidValueError
 
 # FAISS warns below 39 training points per centroid; we train only past that.
 TRAIN_POINTS_PER_CENTROID = 39
 # A trained index is retrained once the memory has grown this many times over.
 RETRAIN_GROWTH = 4.0
+# An index that grows in place (HNSW) is calibrated once it holds this many vectors.
+CALIBRATE_MIN = 1_000
 # "auto": exact Flat up to this many slots, then IVF (rule from bench/scale.py, docs/architecture.md).
 AUTO_FLAT_MAX = 10_000
 
@@ -95,10 +98,15 @@ class VectorIndex:
         settings: search-time settings (nprobe, efSearch).
     """
 
-    def __init__(self, dim: int, spec: str, settings: SearchSettings | None = None):
+    def __init__(self, dim: int, spec: str, settings: SearchSettings | None = None, *,
+                 recall: float = RECALL_TARGET, calibration: Calibration | None = None):
         self.dim = dim
         self.spec = validate_spec(dim, spec)
         self.settings = settings or SearchSettings()
+        self.recall_target = recall
+        # the breadth measured to meet recall_target (engine/calibration.py); a saved one is
+        # reused by a build over as many vectors into the same index kind, else measured again
+        self.calibration = calibration
         # whether the configured index (once trained) stores approximate vectors
         self.spec_lossy = spec != "auto" and _is_lossy(faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT))
         self._use(*self._fresh(0))
@@ -139,6 +147,7 @@ class VectorIndex:
         """A new index of the same spec over ``vectors`` (row i = position i), trained if due."""
         new = VectorIndex.__new__(VectorIndex)
         new.dim, new.spec, new.settings, new.spec_lossy = self.dim, self.spec, self.settings, self.spec_lossy
+        new.recall_target = self.recall_target
         new._use(*self._fresh(len(vectors)))
         new._trained_on = 0
         if not new._index.is_trained:
@@ -146,7 +155,46 @@ class VectorIndex:
             new._trained_on = len(vectors)
         if len(vectors):
             new._index.add(vectors)
+        new.calibration = new._calibrated(vectors, self.calibration)
         return new
+
+    def _calibrated(self, vectors: np.ndarray, saved: Calibration | None) -> Calibration | None:
+        """The calibration of this freshly built index: none for exact indexes or breadths set
+        by the caller, the saved one if it was measured on the same index over as many vectors."""
+        ivf = self._ivf if self.settings.nprobe is None else None
+        hnsw = self._hnsw if self.settings.ef_search is None else None
+        if (ivf is None and hnsw is None) or len(vectors) < 2:
+            return None
+        if saved is not None and saved.spec == self.active_spec and saved.trained_on == len(vectors):
+            return saved
+        return calibrate(self._index, vectors, self.active_spec, ivf=ivf, hnsw=hnsw if ivf is None else None,
+                         target=self.recall_target)
+
+    def stale_calibration(self) -> bool:
+        """Whether this index should be calibrated now: approximate, no breadth set by the caller,
+        at least CALIBRATE_MIN vectors, and never measured or grown 4x since (HNSW grows in place)."""
+        if (self._ivf is None or self.settings.nprobe is not None) and \
+                (self._hnsw is None or self.settings.ef_search is not None):
+            return False
+        cal, n = self.calibration, self.ntotal
+        return n >= CALIBRATE_MIN and (cal is None or cal.spec != self.active_spec
+                                       or n >= RETRAIN_GROWTH * cal.trained_on)
+
+    def calibrated(self) -> Calibration | None:
+        """A calibration measured on the vectors the index holds now (see :meth:`stale_calibration`)."""
+        return self._calibrated(self.reconstruct(np.arange(self.ntotal)), None)
+
+    def breadth(self, k: int) -> tuple[int | None, int | None]:
+        """(nprobe, efSearch) a query of ``k`` uses: the caller's, else calibrated, else the size rule."""
+        cal = self.calibration
+        if self._ivf is not None:
+            nlist = self._ivf.nlist
+            nprobe = self.settings.nprobe or (cal.breadth(k, nlist) if cal else default_nprobe(nlist, self.ntotal, k))
+            return int(nprobe), None
+        if self._hnsw is not None:
+            ef = self.settings.ef_search or (max(k, cal.breadth(k, 1 << 16)) if cal else default_ef_search(k))
+            return None, int(ef)
+        return None, None
 
     def add(self, vectors: np.ndarray) -> None:
         """Append ``vectors`` as the next rows."""
@@ -217,9 +265,8 @@ class VectorIndex:
         return BareSearch(call, getattr(params, "nprobe", None), getattr(params, "efSearch", None))
 
     def _cached_params(self, k: int):
-        """Search parameters without a selector, built once per (settings, k, nprobe)."""
-        ivf = self._ivf
-        key = (self.settings, k, ivf and (self.settings.nprobe or default_nprobe(ivf.nlist, self.ntotal, k)))
+        """Search parameters without a selector, built once per (settings, k, breadth)."""
+        key = (self.settings, k, self.breadth(k))
         cache = self._params_cache
         if key not in cache:
             if len(cache) > 64:
@@ -228,12 +275,13 @@ class VectorIndex:
         return cache[key]
 
     def _params(self, sel, k: int):
+        nprobe, ef_search = self.breadth(k)
         if self._ivf is not None:
             params = faiss.SearchParametersIVF()
-            params.nprobe = self.settings.nprobe or default_nprobe(self._ivf.nlist, self.ntotal, k)
+            params.nprobe = nprobe
         elif self._hnsw is not None:
             params = faiss.SearchParametersHNSW()
-            params.efSearch = self.settings.ef_search or default_ef_search(k)
+            params.efSearch = ef_search
         elif sel is None:
             return None
         else:

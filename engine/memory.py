@@ -33,6 +33,7 @@ import numpy as np
 from . import checks, compaction, query
 from .codec import Columns
 from .errors import CorruptFileError, EmptyMemoryError, InvalidValueError, StorageError
+from .calibration import RECALL_TARGET, Calibration
 from .index import BareSearch, SearchSettings, VectorIndex, validate_spec
 from .labels import Vocabulary
 from .locks import RWLock
@@ -45,7 +46,8 @@ METRICS = ("cosine", "ip")
 # Opening a memory whose log has more segments than this (one per open) checkpoints it.
 MAX_WAL_SEGMENTS = 8
 # The settings a durable memory keeps in its manifest (besides dim and next_id).
-SETTINGS = ("metric", "index", "temperature", "nprobe", "ef_search", "budget", "slack", "policy", "rescore")
+SETTINGS = ("metric", "index", "temperature", "nprobe", "ef_search", "budget", "slack", "policy", "rescore",
+            "recall")
 
 
 class Memory:
@@ -68,6 +70,9 @@ class Memory:
             retrieved slots with them, so attention uses exact similarities. False keeps only the
             compressed codes (the smallest memory): similarities, and vectors read back by
             ``get``, snapshots and compaction, are then the index's approximations.
+        recall: the recall@64 an approximate index (IVF, HNSW) must reach on the memory's own
+            vectors: whenever it is built, the cheapest nprobe / ef_search that reaches it is
+            measured (see :mod:`engine.calibration`). An explicit ``nprobe`` / ``ef_search`` wins.
 
     Raises:
         InvalidValueError: a bad dim, metric, temperature, index string, budget or policy.
@@ -88,6 +93,7 @@ class Memory:
         slack: float = 0.1,
         policy: str = "merge",
         rescore: bool = True,
+        recall: float = RECALL_TARGET,
     ):
         self.dim = checks.integer("dim", dim)
         if metric not in METRICS:
@@ -102,7 +108,11 @@ class Memory:
         self._temperature = checks.temperature(temperature)
         self._search = SearchSettings(nprobe=checks.integer("nprobe", nprobe, optional=True),
                                       ef_search=checks.integer("ef_search", ef_search, optional=True))
-        vector_index = VectorIndex(self.dim, validate_spec(self.dim, index), self._search)
+        if isinstance(recall, (bool, np.bool_)) or not isinstance(recall, (int, float, np.floating)) \
+                or not 0 < recall <= 1:
+            raise InvalidValueError(f"recall must be a number in (0, 1], got {recall!r}")
+        self._recall = float(recall)
+        vector_index = VectorIndex(self.dim, validate_spec(self.dim, index), self._search, recall=self._recall)
         self._rescore = rescore
         # The slot table keeps vectors only when the index cannot give them back exactly.
         self._keep_vectors = vector_index.spec_lossy and rescore
@@ -121,7 +131,16 @@ class Memory:
     def _settings(self) -> dict:
         return {"metric": self.metric, "index": self._state.index.spec, "temperature": self._temperature,
                 "nprobe": self._search.nprobe, "ef_search": self._search.ef_search, "budget": self._budget,
-                "slack": self._slack, "policy": self._policy, "rescore": self._rescore, "next_id": self._next_id}
+                "slack": self._slack, "policy": self._policy, "rescore": self._rescore, "recall": self._recall,
+                "next_id": self._next_id, "calibration": self._calibration()}
+
+    def _calibration(self) -> dict | None:
+        return self._calibration_of(self._state)
+
+    @staticmethod
+    def _calibration_of(state: State) -> dict | None:
+        cal = state.index.calibration
+        return cal.as_dict() if cal is not None else None
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -164,7 +183,7 @@ class Memory:
     def _recover(cls, rec: Recovered, path: Path) -> "Memory":
         """An in-process memory holding the recovered slots."""
         s = rec.settings
-        unknown = set(s) - set(SETTINGS) - {"next_id"}
+        unknown = set(s) - set(SETTINGS) - {"next_id", "calibration"}
         try:
             if unknown:
                 raise InvalidValueError(f"unknown settings {sorted(unknown)}")
@@ -173,6 +192,7 @@ class Memory:
         except InvalidValueError as exc:
             raise CorruptFileError(f"{path / MANIFEST}: invalid settings ({exc})") from None
         mem._vocab.kind = rec.label_kind
+        mem._state.index.calibration = Calibration.from_dict(s.get("calibration"))  # reused if it still fits
         mem._state = State.replayed(rec.replay(), mem._vocab, mem._state.index, mem._keep_vectors)
         ids = mem._state.table.sorted_ids  # ids of removed slots are never reused by counting up
         mem._next_id = max(next_id, rec.max_id + 1, int(ids[-1]) + 1 if len(ids) else 0)
@@ -328,7 +348,7 @@ class Memory:
         if self._store is not None:
             self._store.checkpoint(Columns(table.ids.copy(), self._vocab.values(table.label_idx), table.weights.copy(),
                                            vectors, table.created.copy(), table.last_used.copy()),
-                                   kind, {"next_id": next_id})
+                                   kind, {"next_id": next_id, "calibration": self._calibration_of(state)})
         with self._applying("compaction"):
             self._swap(state)
             self._vocab.kind = kind
@@ -336,13 +356,16 @@ class Memory:
         return table.n_alive
 
     def _change(self, kill_rows: np.ndarray, append: tuple | None = None, n_after: int = 0) -> None:
-        """Apply a logged write: rebuild aside and swap when due, else change the state in place."""
+        """Apply a logged write: rebuild aside and swap when due, else change the state in place.
+        An index that grew in place is calibrated afterwards, outside the readers' lock."""
         state = self._state
         if state.too_dead(len(kill_rows)) or (append is not None and state.index.needs_rebuild(n_after)):
             self._swap(state.rebuilt(kill_rows, append))
         else:
             with self._lock.write():
                 state.apply(kill_rows, append)
+            if state.index.stale_calibration():
+                state.index.calibration = state.index.calibrated()  # one reference: readers see old or new
 
     def _swap(self, state: State) -> None:
         """Install a state built aside: readers see the old one or the new, never half."""
@@ -425,6 +448,8 @@ class Memory:
                 index=index.active_spec, exact=index.exact, tombstones=t.n_dead,
                 bytes_vectors=t.nbytes_vectors, bytes_index=index.nbytes, bytes_ids=t.nbytes_ids,
                 nlist=index.nlist, lossy=index.lossy, trained_on=index.trained_on,
+                nprobe=index.breadth(64)[0], ef_search=index.breadth(64)[1],
+                recall=index.calibration.recall if index.calibration is not None else None,
             )
 
     def bare_search(self, k: int) -> BareSearch:
@@ -491,7 +516,8 @@ class Memory:
                 raise InvalidValueError("this memory is not durable: give save() a path")
             slots = self._state.columns(self._vocab)
             if self._store is not None and target.resolve() == self._store.path.resolve():
-                self._store.checkpoint(slots, self._vocab.kind, {"next_id": self._next_id})
+                self._store.checkpoint(slots, self._vocab.kind, {"next_id": self._next_id,
+                                                                 "calibration": self._calibration()})
             else:
                 out = Store.create(target, self.dim, self._settings())
                 try:
@@ -505,7 +531,7 @@ class Memory:
         already on disk; later writes are refused, queries still answer."""
         with self._write_mutex:
             if self._store is not None:
-                self._store.close()
+                self._store.close({"calibration": self._calibration()})
 
     def __enter__(self) -> "Memory":
         return self

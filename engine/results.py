@@ -95,6 +95,9 @@ class MemoryStats:
     bytes_ids: int
     nlist: int | None = None  # IVF lists of the active index
     lossy: bool = False  # the active index stores approximate vectors (PQ, SQ, projections)
+    nprobe: int | None = None  # IVF lists a query of k=64 probes (set, calibrated or by the size rule)
+    ef_search: int | None = None  # HNSW breadth a query of k=64 uses
+    recall: float | None = None  # recall@64 measured when the breadth was calibrated (None if not)
     trained_on: int = 0  # vectors the active index was last trained on (0: needs no training)
 
     @property

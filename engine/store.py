@@ -326,13 +326,15 @@ class Store:
             raise
         self.manifest = manifest
 
-    def close(self) -> None:
-        """Seal the open segment in the manifest (when the disk allows), release the lock."""
+    def close(self, settings: dict | None = None) -> None:
+        """Seal the open segment in the manifest (when the disk allows) with any last
+        ``settings``, and release the lock."""
         if self._writer is not None:
             if self.failed is None:
                 entries = self.manifest["wal"][:-1] + [self._writer.describe()]
+                merged = {**self.manifest["settings"], **(settings or {})}
                 try:
-                    self._commit({**self.manifest, "wal": entries})
+                    self._commit({**self.manifest, "wal": entries, "settings": merged})
                 except StorageError:
                     pass  # the segment stays open in the manifest: still exactly recoverable
             self._writer.close()

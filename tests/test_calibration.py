@@ -1,0 +1,105 @@
+"""Calibrated search breadth: `auto` keeps its recall promise on data nobody tuned it on.
+
+Each memory's recall is checked on fresh queries against an exact float64 brute-force
+top-k (tests/reference.py), not against the calibration's own estimate.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import engine
+from engine import Memory
+from engine.data import clustered
+from engine.data.synthetic import LEARNED_LIKE
+
+from .reference import brute_force_topk
+
+N, DIM, K = 200_000, 64, 64
+
+
+def isotropic(n, dim, classes, seed, queries):
+    """Tight isotropic clusters, few slots per class: the data the old fixed rule lost points on."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((classes, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+
+    def draw(m):
+        y = rng.integers(0, classes, m)
+        return (centres[y] + rng.standard_normal((m, dim)) / np.sqrt(dim)).astype(np.float32), y
+
+    return (*draw(n), *draw(queries))
+
+
+def uniform(n, dim, seed, queries):
+    """No structure at all: the hardest case for an inverted file."""
+    rng = np.random.default_rng(seed)
+    return (rng.standard_normal((n, dim)).astype(np.float32), rng.integers(0, 10, n),
+            rng.standard_normal((queries, dim)).astype(np.float32), None)
+
+
+def recall_at_k(mem, x, q):
+    res = mem.query(q, k=K)
+    _, truth = brute_force_topk(x, q, K)
+    return float(np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(res.ids, truth)]))
+
+
+@pytest.mark.slow
+def test_auto_reaches_its_recall_on_three_distributions_without_a_set_nprobe():
+    cases = {
+        "learned-like": clustered(N, DIM, n_classes=100, seed=1, queries=200, **LEARNED_LIKE),
+        "isotropic, 2000 classes": isotropic(N, DIM, 2000, seed=3, queries=200),
+        "uniform": uniform(N, DIM, seed=4, queries=200),
+    }
+    chosen = {}
+    for name, (x, y, q, _) in cases.items():
+        mem = Memory(DIM, index="auto")
+        mem.add(x, y)
+        stats = mem.stats()
+        assert stats.index.startswith("IVF") and stats.recall >= 0.98, (name, stats)
+        assert recall_at_k(mem, x, q) >= 0.98, name
+        chosen[name] = stats.nprobe
+    # harder data gets a wider search: the rule is measured, not fixed
+    assert chosen["learned-like"] < chosen["isotropic, 2000 classes"] <= chosen["uniform"], chosen
+
+
+def test_explicit_breadth_wins_and_hnsw_is_calibrated_too():
+    x, y = clustered(20_000, 32, n_classes=50, seed=5)
+    fixed = Memory(32, index="IVF64,Flat", nprobe=3)
+    fixed.add(x, y)
+    assert fixed.stats().nprobe == 3 and fixed.stats().recall is None
+    hnsw = Memory(32, index="HNSW16")
+    hnsw.add(x, y)
+    stats = hnsw.stats()
+    assert stats.ef_search >= 64 and stats.recall >= 0.98
+    assert recall_at_k(hnsw, x, x[:100] + 0.01) >= 0.97  # fresh queries near the data
+
+
+def test_a_lower_target_buys_a_cheaper_search_and_bad_targets_are_refused():
+    x, y, q, _ = isotropic(40_000, 32, 400, seed=6, queries=100)
+    strict, loose = Memory(32, index="IVF128,Flat"), Memory(32, index="IVF128,Flat", recall=0.8)
+    strict.add(x, y)
+    loose.add(x, y)
+    assert loose.stats().nprobe < strict.stats().nprobe
+    assert loose.stats().recall >= 0.8 and recall_at_k(loose, x, q) >= 0.75
+    for bad in (0, 1.5, "0.9", True, float("nan")):
+        with pytest.raises(engine.InvalidValueError, match="recall"):
+            Memory(8, recall=bad)
+
+
+def test_reopening_reuses_the_calibration(tmp_path, monkeypatch):
+    x, y = clustered(30_000, 32, n_classes=50, seed=7)
+    mem = Memory(32, index="auto", path=tmp_path / "m")
+    mem.add(x, y)
+    before = mem.stats()
+    assert before.recall is not None
+    mem.close()
+
+    def measured_again(*args, **kwargs):
+        raise AssertionError("reopening measured the calibration again")
+
+    monkeypatch.setattr(engine.index, "calibrate", measured_again)
+    with Memory.open(tmp_path / "m") as again:
+        after = again.stats()
+    assert (after.index, after.nprobe, after.recall) == (before.index, before.nprobe, before.recall)
