@@ -54,6 +54,7 @@ def attend(
     n_classes: int,
     temperature: float,
     omitted_weight: np.ndarray,
+    padded: bool | None = None,
 ) -> Attention:
     """Weighted top-k softmax attention with the omitted-mass bound (numpy, float64).
 
@@ -65,11 +66,13 @@ def attend(
         n_classes: number of classes C.
         temperature: softmax temperature ``T > 0``.
         omitted_weight: (n,) total mass of the slots not retrieved for each query.
+        padded: whether any ``class_idx`` is -1 (None: look).
 
     Returns:
         An :class:`Attention`; its dense ``probs`` are computed when first read.
     """
-    padded = class_idx.min() < 0
+    if padded is None:
+        padded = bool(class_idx.min() < 0)
     logits = scores.astype(np.float64) / temperature
     if weights is not None:
         logits += np.log(weights.astype(np.float64))

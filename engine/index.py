@@ -265,8 +265,8 @@ class VectorIndex:
         return BareSearch(call, getattr(params, "nprobe", None), getattr(params, "efSearch", None))
 
     def _cached_params(self, k: int):
-        """Search parameters without a selector, built once per (settings, k, breadth)."""
-        key = (self.settings, k, self.breadth(k))
+        """Search parameters without a selector, built once per (settings, k, calibration)."""
+        key = (id(self.settings), k, id(self.calibration))
         cache = self._params_cache
         if key not in cache:
             if len(cache) > 64:

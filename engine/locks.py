@@ -20,21 +20,24 @@ class RWLock:
         self._readers = 0
         self._writer = False
         self._writers_waiting = 0
+        self._shared = _Shared(self)
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        """Hold the lock shared for the duration of the block."""
+    def read(self) -> "_Shared":
+        """Hold the lock shared for the duration of a ``with`` block (a plain object, not a
+        generator: queries take it on every call)."""
+        return self._shared
+
+    def _acquire_shared(self) -> None:
         with self._cond:
             while self._writer or self._writers_waiting:
                 self._cond.wait()
             self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+
+    def _release_shared(self) -> None:
+        with self._cond:
+            self._readers -= 1
+            if self._readers == 0:
+                self._cond.notify_all()
 
     @contextmanager
     def write(self) -> Iterator[None]:
@@ -51,3 +54,18 @@ class RWLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+class _Shared:
+    """The context manager :meth:`RWLock.read` returns."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: RWLock):
+        self._lock = lock
+
+    def __enter__(self) -> None:
+        self._lock._acquire_shared()
+
+    def __exit__(self, *exc) -> None:
+        self._lock._release_shared()

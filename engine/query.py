@@ -27,8 +27,9 @@ def answer(state: State, vocab: Vocabulary, q: np.ndarray, *, k: int, k_requeste
     att = attention(state, vocab, scores, rows, temperature)
     if tail is not None:
         scores, rows, att = _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature)
-    state.table.last_used[rows if rows.min() >= 0 else rows[rows >= 0]] = time.time()
-    return _result(state, vocab, scores, rows, att, k_requested)
+    complete = bool(rows.min() >= 0)  # every query found its k slots: no padding to mask
+    state.table.last_used[rows if complete else rows[rows >= 0]] = time.time()
+    return _result(state, vocab, scores, rows, att, k_requested, complete)
 
 
 def search(state: State, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -60,11 +61,17 @@ def attention(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndar
     """Attention over the retrieved rows, with a bound on the mass of the rows not retrieved."""
     t = state.table
     classes, columns = state.classes(vocab)
-    if rows.min() >= 0:  # the common case: every query found k slots; no masking needed
-        weights = None if t.unit_weights else t.weights[rows]
+    complete = bool(rows.min() >= 0)
+    if complete and t.unit_weights:  # the common case: k slots of mass 1 each, nothing to mask
+        n_used = rows.shape[1]
+        omitted = float(t.n_alive - n_used) if n_used < t.n_alive else 0.0  # exact
+        return attend(scores, None, columns[t.label_idx[rows]], n_classes=len(classes), temperature=temperature,
+                      omitted_weight=np.full(len(rows), omitted), padded=False)
+    if complete:
+        weights = t.weights[rows]
         class_idx = columns[t.label_idx[rows]]
         n_used = rows.shape[1]
-        used = n_used if weights is None else weights.sum(axis=1)
+        used = weights.sum(axis=1)
     else:
         valid = rows >= 0
         safe = np.where(valid, rows, 0)
@@ -81,7 +88,7 @@ def attention(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndar
         omitted = np.maximum(t.total_weight - used, 0.0) + err
     omitted = np.where(n_used >= t.n_alive, 0.0, omitted)
     return attend(scores, weights, class_idx, n_classes=len(classes), temperature=temperature,
-                  omitted_weight=omitted)
+                  omitted_weight=omitted, padded=not complete)
 
 
 def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature):
@@ -110,9 +117,10 @@ def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature):
                                    n_classes=att.n_classes)
 
 
-def _result(state: State, vocab: Vocabulary, scores, rows, att: Attention, k_requested: int) -> QueryResult:
+def _result(state: State, vocab: Vocabulary, scores, rows, att: Attention, k_requested: int,
+            complete: bool) -> QueryResult:
     classes = state.classes(vocab)[0]
-    if rows.min() >= 0:
+    if complete:
         ids, k = state.table.ids[rows], rows.shape[1]
     else:
         valid = rows >= 0
