@@ -125,6 +125,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--memory-dir", type=Path, default=None, help="reuse (or keep) the memory here")
+    ap.add_argument("--batch-wait-ms", type=float, default=1.0, help="the server's dynamic batching window")
+    ap.add_argument("--compare-batching", action="store_true",
+                    help="serve a second time with dynamic batching off, and report both")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -140,14 +143,45 @@ def main(argv=None) -> dict:
     print("embedded baseline ...", flush=True)
     embedded = embedded_baseline(path, args.dim, args.clients, args.batch, args.k, args.baseline_seconds)
 
+    served, written = served_phase(path, args, args.batch_wait_ms)
+    unbatched = served_phase(path, args, 0.0)[0] if args.compare_batching else None
+    report = {
+        "meta": {"machine": platform.platform(), "cpus": os.cpu_count(), "slots": args.slots, "dim": args.dim,
+                 "index": args.index, "clients": args.clients, "seconds": args.seconds, "batch": args.batch, "k": args.k,
+                 "batch_wait_ms": args.batch_wait_ms},
+        "served": served,
+        "embedded": embedded,
+    }
+    if unbatched is not None:
+        report["served_unbatched"] = unbatched
+    report["served_over_embedded_throughput"] = served["queries_per_s"] / embedded["queries_per_s"]
+    (args.out / "serve_load.json").write_text(json.dumps(report, indent=2))
+    plot(report, args.out / "serve_load.png")
+    s, e = report["served"], report["embedded"]
+    print(f"served   {s['queries_per_s']:,.0f} q/s  p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms  "
+          f"errors {s['errors']}  slots written {s['slots_written']:,}")
+    if unbatched is not None:
+        u = unbatched
+        print(f"unbatched {u['queries_per_s']:,.0f} q/s  p50 {u['p50_ms']:.1f} ms  p99 {u['p99_ms']:.1f} ms  "
+              f"errors {u['errors']}")
+    print(f"embedded {e['queries_per_s']:,.0f} q/s  p50 {e['p50_ms']:.1f} ms  p99 {e['p99_ms']:.1f} ms")
+    print(f"served / embedded throughput: {report['served_over_embedded_throughput']:.2f}")
+    if tmp is not None:
+        tmp.cleanup()
+    return report
+
+
+def served_phase(path: Path, args, batch_wait_ms: float) -> tuple[dict, dict]:
+    """Serve the memory; ``--clients`` query processes and one writer for ``--seconds``."""
     server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--memory", f"load={path}",
-                               "--host", "127.0.0.1", "--port", "0"], stdout=subprocess.PIPE, text=True, cwd=ROOT,
-                              env={**os.environ, "PYTHONPATH": str(ROOT)})
+                               "--host", "127.0.0.1", "--port", "0", "--batch-wait-ms", str(batch_wait_ms)],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
     line = server.stdout.readline()
     if not line.startswith("serving"):
         raise RuntimeError(f"server did not start: {line!r}")
     location = line.split(" on ")[1].strip()
-    print(f"served: {args.clients} query clients + 1 writer for {args.seconds:.0f} s at {location}", flush=True)
+    print(f"served (batching window {batch_wait_ms:g} ms): {args.clients} query clients + 1 writer for "
+          f"{args.seconds:.0f} s at {location}", flush=True)
     ctx = mp.get_context("spawn")
     try:
         with ctx.Pool(args.clients + 1) as pool:
@@ -160,28 +194,13 @@ def main(argv=None) -> dict:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
     lat = np.concatenate([np.array(r["latencies"]) for r in results]) * 1e3 if results else np.zeros(1)
-    served_qps = sum(r["queries"] for r in results) / args.seconds
-    report = {
-        "meta": {"machine": platform.platform(), "cpus": os.cpu_count(), "slots": args.slots, "dim": args.dim,
-                 "index": args.index, "clients": args.clients, "seconds": args.seconds, "batch": args.batch, "k": args.k},
-        "served": {"queries_per_s": served_qps, "p50_ms": float(np.percentile(lat, 50)),
-                   "p99_ms": float(np.percentile(lat, 99)), "requests": int(len(lat)),
-                   "errors": int(sum(r["errors"] for r in results) + written["errors"]),
-                   "slots_written": written["written"],
-                   "write_p50_ms": float(np.percentile(np.array(written["latencies"]) * 1e3, 50)) if written["latencies"] else None},
-        "embedded": embedded,
-    }
-    report["served_over_embedded_throughput"] = served_qps / embedded["queries_per_s"]
-    (args.out / "serve_load.json").write_text(json.dumps(report, indent=2))
-    plot(report, args.out / "serve_load.png")
-    s, e = report["served"], report["embedded"]
-    print(f"served   {s['queries_per_s']:,.0f} q/s  p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms  "
-          f"errors {s['errors']}  slots written {s['slots_written']:,}")
-    print(f"embedded {e['queries_per_s']:,.0f} q/s  p50 {e['p50_ms']:.1f} ms  p99 {e['p99_ms']:.1f} ms")
-    print(f"served / embedded throughput: {report['served_over_embedded_throughput']:.2f}")
-    if tmp is not None:
-        tmp.cleanup()
-    return report
+    served = {"queries_per_s": sum(r["queries"] for r in results) / args.seconds,
+              "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+              "requests": int(len(lat)), "errors": int(sum(r["errors"] for r in results) + written["errors"]),
+              "slots_written": written["written"], "batch_wait_ms": batch_wait_ms,
+              "write_p50_ms": float(np.percentile(np.array(written["latencies"]) * 1e3, 50))
+              if written["latencies"] else None}
+    return served, written
 
 
 def plot(report: dict, path: Path) -> None:
@@ -191,17 +210,21 @@ def plot(report: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     s, e, m = report["served"], report["embedded"], report["meta"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
-    bars = axes[0].bar(["embedded", "served (Flight)"], [e["queries_per_s"], s["queries_per_s"]],
-                       color=["#999999", "#1f77b4"])
-    axes[0].bar_label(bars, labels=[f"{v:,.0f}" for v in (e["queries_per_s"], s["queries_per_s"])])
+    runs = [("embedded", e), ("served (Flight)", s)]
+    if "served_unbatched" in report:
+        runs = [("embedded", e), ("served, batched", s), ("served, unbatched", report["served_unbatched"])]
+    names, qps = [n for n, _ in runs], [r["queries_per_s"] for _, r in runs]
+    fig, axes = plt.subplots(1, 2, figsize=(10 + 2 * (len(runs) - 2), 3.8))
+    bars = axes[0].bar(names, qps, color=["#999999", "#1f77b4", "#ff7f0e"][: len(runs)])
+    axes[0].bar_label(bars, labels=[f"{v:,.0f}" for v in qps])
     axes[0].set_ylabel("queries / s")
-    axes[0].set_ylim(0, 1.12 * max(e["queries_per_s"], s["queries_per_s"]))  # room for the labels
-    axes[0].set_title(f"{m['clients']} clients, batches of {m['batch']}, k={m['k']}", fontsize=9)
-    x = np.arange(2)
-    axes[1].bar(x - 0.2, [e["p50_ms"], s["p50_ms"]], 0.4, label="p50")
-    axes[1].bar(x + 0.2, [e["p99_ms"], s["p99_ms"]], 0.4, label="p99")
-    axes[1].set_xticks(x, ["embedded", "served (Flight)"])
+    axes[0].set_ylim(0, 1.12 * max(qps))  # room for the labels
+    axes[0].set_title(f"{m['clients']} clients, {m['batch']} quer{'y' if m['batch'] == 1 else 'ies'} a request, "
+                      f"k={m['k']}", fontsize=9)
+    x = np.arange(len(runs))
+    axes[1].bar(x - 0.2, [r["p50_ms"] for _, r in runs], 0.4, label="p50")
+    axes[1].bar(x + 0.2, [r["p99_ms"] for _, r in runs], 0.4, label="p99")
+    axes[1].set_xticks(x, names)
     axes[1].set_ylabel("request latency (ms)")
     axes[1].set_title(f"errors: {s['errors']}; {s['slots_written']:,} slots written meanwhile", fontsize=9)
     axes[1].legend()

@@ -169,6 +169,7 @@ def serve(
     token_file: Optional[Path] = typer.Option(None, help="File holding the bearer token writes need."),
     open_reads: bool = typer.Option(False, help="Let reads through without the token."),
     max_rows: int = typer.Option(1_000_000, help="Most rows in one add request or one query batch."),
+    batch_wait_ms: float = typer.Option(1.0, help="Coalesce concurrent small queries for up to this long (0: off)."),
     tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate (with --tls-key) to serve over TLS."),
     tls_key: Optional[Path] = typer.Option(None, help="PEM private key."),
 ) -> None:
@@ -189,7 +190,7 @@ def serve(
     scheme = "grpc+tls" if tls_cert else "grpc"
     tls = [(tls_cert.read_bytes(), tls_key.read_bytes())] if tls_cert else None
     server = MemoryServer(memories, f"{scheme}://{host}:{port}", token=token, open_reads=open_reads,
-                          max_rows=max_rows, tls_certificates=tls)
+                          max_rows=max_rows, tls_certificates=tls, batch_wait_ms=batch_wait_ms)
     typer.echo(f"serving {', '.join(sorted(memories))} on {scheme}://{host}:{server.port}", err=False)
     sys.stdout.flush()
     server.serve_until_signalled()

@@ -57,6 +57,20 @@ class QueryResult:
         """A result whose dense ``probs`` are already known (e.g. received from a server)."""
         return cls(**fields, _probs=probs)
 
+    def rows(self, lo: int, hi: int) -> "QueryResult":
+        """The answers to queries lo..hi-1 alone (same classes, so ``probs`` columns match)."""
+        ids = self.ids[lo:hi]
+        used = int((ids >= 0).sum(axis=1).max()) if len(ids) else 0
+        width = max(used, 1)
+        sliced = dict(classes=self.classes, labels=self.labels[lo:hi], ids=ids[:, :width],
+                      scores=self.scores[lo:hi, :width], attention=self.attention[lo:hi, :width],
+                      tail_bound=self.tail_bound[lo:hi], exact_bound=self.exact_bound, k=used,
+                      k_requested=self.k_requested,
+                      slot_classes=None if self.slot_classes is None else self.slot_classes[lo:hi, :width])
+        if self._probs is not None:
+            return QueryResult.with_probs(self._probs[lo:hi], **sliced)
+        return QueryResult(**sliced)
+
     @property
     def k_clamped(self) -> bool:
         """Whether fewer slots than requested were used."""

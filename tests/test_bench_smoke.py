@@ -46,6 +46,10 @@ def test_serve_load_script(tmp_path):
     assert report["served"]["requests"] > 0 and report["served"]["slots_written"] > 0
     assert report["embedded"]["queries_per_s"] > 0
     assert (tmp_path / "serve_load.png").stat().st_size > 10_000
+    single = serve_load.main(["--slots", "2000", "--clients", "4", "--seconds", "1.5", "--baseline-seconds", "0.5",
+                              "--batch", "1", "--index", "Flat", "--compare-batching", "--out", str(tmp_path / "single")])
+    assert single["served"]["errors"] == 0 and single["served_unbatched"]["errors"] == 0
+    assert single["served"]["requests"] > 0 and single["served_unbatched"]["requests"] > 0
 
 
 def test_compaction_benchmark(tmp_path):

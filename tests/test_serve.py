@@ -297,3 +297,37 @@ def test_tls(tmp_path, data):
         same_result(c.query(q, k=4), mem.query(q, k=4))
     finally:
         server.shutdown()
+
+
+def test_concurrent_single_queries_are_batched_and_answered_as_alone(tmp_path, data):
+    """Dynamic batching: many one-query requests at once take fewer FAISS calls, and each
+    answer equals what the embedded memory gives that query alone (float64 attention, same ids)."""
+    x, y, q = data
+    mem = Memory(16, index="Flat", temperature=0.2, path=tmp_path / "m")
+    mem.add(x, y)
+    server = MemoryServer({"m": mem}, "grpc://127.0.0.1:0", batch_wait_ms=20)
+    try:
+        answers, errors = {}, []
+
+        def one_client(i):
+            try:
+                c = client(server)
+                for j in range(i, len(q), 8):
+                    answers[j] = c.query(q[j], k=12)
+            except Exception as exc:  # reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=one_client, args=(i,)) for i in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == [] and len(answers) == len(q)
+        for j, res in answers.items():
+            same_result(res, mem.query(q[j], k=12))
+        assert server.batching_stats()["m"]["calls"] < server.batching_stats()["m"]["requests"]
+        with pytest.raises(engine.DimensionError):  # a bad request fails alone
+            client(server).query(np.ones((1, 9)), k=3)
+    finally:
+        server.shutdown()
+        mem.close()

@@ -24,6 +24,7 @@ from ..labels import kind_of
 from ..errors import EngineError, UnknownMemoryError
 from ..memory import Memory
 from . import wire
+from .batching import QueryBatcher
 
 WRITE_ACTIONS = {"remove", "compact", "snapshot"}
 READ_ACTIONS = {"stats", "health", "list"}
@@ -84,16 +85,24 @@ class MemoryServer(fl.FlightServerBase):
         max_rows: the most rows one add request, or one query batch, may carry.
         chunk_rows: queries answered per result batch (large batches stream back in chunks).
         tls_certificates: [(cert_pem, key_pem)] to serve over TLS (grpc+tls://).
+        batch_wait_ms: concurrent small query requests to one memory wait at most this long to
+            be answered together by one FAISS call (see :mod:`engine.serve.batching`); 0 turns
+            dynamic batching off.
     """
 
     def __init__(self, memories: dict[str, Memory], location: str = "grpc://127.0.0.1:8815", *,
                  token: str | None = None, open_reads: bool = False, max_rows: int = 1_000_000,
-                 chunk_rows: int = 4096, tls_certificates=None):
+                 chunk_rows: int = 4096, tls_certificates=None, batch_wait_ms: float = 1.0):
         super().__init__(location, middleware={"auth": _AuthFactory(token)},
                          tls_certificates=tls_certificates or [])
         self.memories = dict(memories)
         self.token, self.open_reads = token, open_reads
         self.max_rows, self.chunk_rows = max_rows, chunk_rows
+        self._batchers = {name: QueryBatcher(mem, max_wait=batch_wait_ms / 1000) for name, mem in self.memories.items()}
+
+    def batching_stats(self) -> dict:
+        """Per memory: small query requests answered by the batcher, and the query calls they took."""
+        return {name: {"requests": b.requests, "calls": b.calls} for name, b in self._batchers.items()}
 
     # -- helpers -------------------------------------------------------------------------
     def _authorize(self, context, *, write: bool) -> None:
@@ -167,7 +176,7 @@ class MemoryServer(fl.FlightServerBase):
                     raise ValueError(f"query batch of {chunk.data.num_rows} rows exceeds max_rows={self.max_rows}")
                 queries = wire.vectors_from(chunk.data)
                 for lo in range(0, len(queries), self.chunk_rows):
-                    res = memory.query(queries[lo : lo + self.chunk_rows], k=k, tail=tail)
+                    res = self._batchers[cmd["memory"]].query(queries[lo : lo + self.chunk_rows], k=k, tail=tail)
                     batch = _result_batch(res)
                     if not started:
                         writer.begin(batch.schema)
