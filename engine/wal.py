@@ -40,7 +40,7 @@ import pyarrow as pa
 
 from . import fsio
 from .codec import Columns, slot_schema
-from .errors import CorruptFileError, StorageError
+from .errors import CorruptFileError
 
 MAGIC = b"EWAL"
 _HEAD = struct.Struct("<4sBBHQQ")  # magic, kind, label kind, zero, seq, payload length

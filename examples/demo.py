@@ -17,7 +17,6 @@ import json
 import time
 from pathlib import Path
 
-import faiss
 import numpy as np
 from tqdm import tqdm
 

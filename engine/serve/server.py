@@ -111,10 +111,13 @@ class MemoryServer(fl.FlightServerBase):
             raise fl.FlightUnauthenticatedError("missing or wrong bearer token")
 
     def _memory(self, cmd: dict) -> Memory:
+        return self.memories[self._memory_name(cmd)]
+
+    def _memory_name(self, cmd: dict) -> str:
         name = cmd.get("memory")
         if not isinstance(name, str) or name not in self.memories:
             raise UnknownMemoryError(f"no memory named {name!r}; this server has {sorted(self.memories)}")
-        return self.memories[name]
+        return name
 
     def _guarded(self, fn):
         """Run a handler body; engine and input errors become FlightServerError with extra_info."""
@@ -166,7 +169,7 @@ class MemoryServer(fl.FlightServerBase):
 
         def body():
             cmd = wire.fields(wire.parse_command(descriptor.command or b"", "descriptor"), "descriptor", _EXCHANGE)
-            memory = self._memory(cmd)
+            batcher = self._batchers[self._memory_name(cmd)]
             k, tail = cmd.get("k", 64), cmd.get("tail")
             started = False
             for chunk in reader:
@@ -176,7 +179,7 @@ class MemoryServer(fl.FlightServerBase):
                     raise ValueError(f"query batch of {chunk.data.num_rows} rows exceeds max_rows={self.max_rows}")
                 queries = wire.vectors_from(chunk.data)
                 for lo in range(0, len(queries), self.chunk_rows):
-                    res = self._batchers[cmd["memory"]].query(queries[lo : lo + self.chunk_rows], k=k, tail=tail)
+                    res = batcher.query(queries[lo : lo + self.chunk_rows], k=k, tail=tail)
                     batch = _result_batch(res)
                     if not started:
                         writer.begin(batch.schema)
