@@ -102,6 +102,7 @@ class VectorIndex:
                  recall: float = RECALL_TARGET, calibration: Calibration | None = None):
         self.dim = dim
         self.spec = validate_spec(dim, spec)
+        self._params_cache: dict = {}  # k -> search parameters without a selector
         self.settings = settings or SearchSettings()
         self.recall_target = recall
         # the breadth measured to meet recall_target (engine/calibration.py); a saved one is
@@ -112,10 +113,30 @@ class VectorIndex:
         self._use(*self._fresh(0))
         self._trained_on = 0
 
+    @property
+    def settings(self) -> SearchSettings:
+        """Search-time settings (nprobe, efSearch; None picks them)."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: SearchSettings) -> None:
+        self._settings = value
+        self._params_cache = {}  # a fresh dict: readers holding the old one finish with it
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """The breadth measured to meet ``recall_target`` (see engine/calibration.py), or None."""
+        return self._calibration
+
+    @calibration.setter
+    def calibration(self, value: Calibration | None) -> None:
+        self._calibration = value
+        self._params_cache = {}
+
     def _use(self, index: faiss.Index, spec: str) -> None:
         """Make ``index`` the active one, and note once what the query path asks of it."""
         self._index, self.active_spec = index, spec
-        self._params_cache: dict = {}  # (settings, k, nprobe) -> search parameters without a selector
+        self._params_cache = {}
         self._ivf = _try_extract_ivf(index)
         if self._ivf is not None:
             self._ivf.make_direct_map(True)  # row -> (list, offset), so vectors can be read back
@@ -146,6 +167,7 @@ class VectorIndex:
     def build(self, vectors: np.ndarray) -> "VectorIndex":
         """A new index of the same spec over ``vectors`` (row i = position i), trained if due."""
         new = VectorIndex.__new__(VectorIndex)
+        new._params_cache = {}
         new.dim, new.spec, new.settings, new.spec_lossy = self.dim, self.spec, self.settings, self.spec_lossy
         new.recall_target = self.recall_target
         new._use(*self._fresh(len(vectors)))
@@ -265,8 +287,8 @@ class VectorIndex:
         return BareSearch(call, getattr(params, "nprobe", None), getattr(params, "efSearch", None))
 
     def _cached_params(self, k: int):
-        """Search parameters without a selector, built once per (settings, k, calibration)."""
-        key = (id(self.settings), k, id(self.calibration))
+        """Search parameters without a selector, built once per k (until settings or calibration change)."""
+        key = k
         cache = self._params_cache
         if key not in cache:
             if len(cache) > 64:

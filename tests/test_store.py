@@ -354,3 +354,16 @@ def test_remove_of_nothing_keeps_the_memory_openable(tmp_path, data):
     mem.close()
     with Memory.open(tmp_path / "m") as again:
         assert len(again) == 5
+
+
+def test_an_empty_memory_saves_and_reopens_many_times(tmp_path):
+    mem = Memory(4, path=tmp_path / "m")
+    mem.save()  # a snapshot of no slots, with no label kind yet
+    mem.close()
+    for _ in range(12):  # past MAX_WAL_SEGMENTS: an open checkpoints the empty memory again
+        Memory.open(tmp_path / "m").close()
+    with Memory.open(tmp_path / "m") as again:
+        assert len(again) == 0
+        again.add(np.ones((1, 4)), ["a"])  # the first add still fixes the kind
+    with Memory.open(tmp_path / "m") as again:
+        assert again.get([0]).labels == ["a"]
