@@ -56,11 +56,20 @@ class Calibration:
 
     @classmethod
     def from_dict(cls, doc) -> "Calibration | None":
-        """A saved calibration, or None if ``doc`` is not one (it is then measured again)."""
+        """A saved calibration, or None if ``doc`` is not a valid one (it is then measured again)."""
+        def count(v, low):
+            return isinstance(v, int) and not isinstance(v, bool) and v >= low
+
         try:
-            return cls(**doc)
+            cal = cls(**doc)
         except TypeError:
             return None
+        breadths = (cal.nprobe, cal.ef_search)
+        valid = (sum(b is not None for b in breadths) == 1 and all(b is None or count(b, 1) for b in breadths)
+                 and isinstance(cal.recall, float) and 0.0 <= cal.recall <= 1.0 and count(cal.k, 1)
+                 and count(cal.queries, 1) and count(cal.trained_on, 2) and isinstance(cal.spec, str)
+                 and isinstance(cal.seconds, float))
+        return cal if valid else None
 
     def breadth(self, k: int, limit: int) -> int:
         """The breadth for a query of ``k``: calibrated at K, scaled up for a larger k."""

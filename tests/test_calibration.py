@@ -103,3 +103,14 @@ def test_reopening_reuses_the_calibration(tmp_path, monkeypatch):
     with Memory.open(tmp_path / "m") as again:
         after = again.stats()
     assert (after.index, after.nprobe, after.recall) == (before.index, before.nprobe, before.recall)
+
+
+def test_a_malformed_saved_calibration_is_measured_again(tmp_path):
+    from engine.calibration import Calibration
+
+    good = dict(nprobe=8, ef_search=None, recall=0.99, k=64, queries=200, trained_on=1000, spec="IVF16,Flat",
+                seconds=0.1)
+    assert Calibration.from_dict(good) == Calibration(**good)
+    for bad in ({**good, "nprobe": "8"}, {**good, "nprobe": None}, {**good, "ef_search": 32}, {**good, "recall": 2.0},
+                {**good, "k": True}, {**good, "extra": 1}, None, [1, 2]):
+        assert Calibration.from_dict(bad) is None
