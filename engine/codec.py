@@ -113,13 +113,11 @@ def vectors_of(column: pa.Array | pa.ChunkedArray, dim: int | None = None) -> np
     n = len(column)
     if pa.types.is_fixed_size_list(t):
         width = t.list_size
-        values = column.flatten()
     else:
         lengths = np.diff(column.offsets.to_numpy())
         if n and (lengths != lengths[0]).any():
             raise ValueError("vector rows have different lengths")
         width = int(lengths[0]) if n else (dim or 0)
-        values = column.flatten()
     if dim is not None and n and width != dim:
         raise ValueError(f"vectors are {width}-d, expected {dim}")
-    return values.to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, width)
+    return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, width)

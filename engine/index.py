@@ -284,7 +284,7 @@ class VectorIndex:
         params = self._params(None, k)
         index = self._index
         call = (lambda q: index.search(q, k)) if params is None else (lambda q: index.search(q, k, params=params))
-        return BareSearch(call, getattr(params, "nprobe", None), getattr(params, "efSearch", None))
+        return BareSearch(call, *self.breadth(k))
 
     def _cached_params(self, k: int):
         """Search parameters without a selector, built once per k (until settings or calibration change)."""

@@ -134,12 +134,9 @@ class Memory:
                 "slack": self._slack, "policy": self._policy, "rescore": self._rescore, "recall": self._recall,
                 "next_id": self._next_id, "calibration": self._calibration()}
 
-    def _calibration(self) -> dict | None:
-        return self._calibration_of(self._state)
-
-    @staticmethod
-    def _calibration_of(state: State) -> dict | None:
-        cal = state.index.calibration
+    def _calibration(self, state: State | None = None) -> dict | None:
+        """The calibration of ``state``'s index (default: the current one), as the manifest keeps it."""
+        cal = (state or self._state).index.calibration
         return cal.as_dict() if cal is not None else None
 
     # -- opening ----------------------------------------------------------------------
@@ -242,8 +239,9 @@ class Memory:
             old = old[old >= 0]
             append = (ids, self._vocab.intern(labels, kind), w, v, now)
             n_after = self._state.table.n_alive - len(old) + n
-            if self._budget is not None and n_after > self._budget_slots(self._budget):
-                target = max(1, int(self._budget_slots(self._budget) * (1 - self._slack)))
+            budget = None if self._budget is None else self._budget_slots(self._budget)
+            if budget is not None and n_after > budget:
+                target = max(1, int(budget * (1 - self._slack)))
                 self._commit_compacted(*self._state.live(old, append), target, self._policy, 0, {}, kind)
                 return ids
             if self._store is not None:
@@ -252,6 +250,7 @@ class Memory:
                 self._change(old, append, n_after)
                 self._vocab.kind = kind
                 self._next_id = max(self._next_id, int(ids.max()) + 1)
+            self._recalibrate()
             return ids
 
     def remove(self, ids) -> int:
@@ -348,7 +347,7 @@ class Memory:
         if self._store is not None:
             self._store.checkpoint(Columns(table.ids.copy(), self._vocab.values(table.label_idx), table.weights.copy(),
                                            vectors, table.created.copy(), table.last_used.copy()),
-                                   kind, {"next_id": next_id, "calibration": self._calibration_of(state)})
+                                   kind, {"next_id": next_id, "calibration": self._calibration(state)})
         with self._applying("compaction"):
             self._swap(state)
             self._vocab.kind = kind
@@ -356,16 +355,23 @@ class Memory:
         return table.n_alive
 
     def _change(self, kill_rows: np.ndarray, append: tuple | None = None, n_after: int = 0) -> None:
-        """Apply a logged write: rebuild aside and swap when due, else change the state in place.
-        An index that grew in place is calibrated afterwards, outside the readers' lock."""
+        """Apply a logged write: rebuild aside and swap when due, else change the state in place."""
         state = self._state
         if state.too_dead(len(kill_rows)) or (append is not None and state.index.needs_rebuild(n_after)):
             self._swap(state.rebuilt(kill_rows, append))
         else:
             with self._lock.write():
                 state.apply(kill_rows, append)
-            if state.index.stale_calibration():
-                state.index.calibration = state.index.calibrated()  # one reference: readers see old or new
+
+    def _recalibrate(self) -> None:
+        """Measure the breadth again of an index that grew in place (HNSW) 4x, outside the readers'
+        lock. The write before it is done: if measuring fails, the previous breadth stays."""
+        index = self._state.index
+        if index.stale_calibration():
+            try:
+                index.calibration = index.calibrated()  # one reference: readers see old or new
+            except Exception:  # noqa: BLE001 - a search setting, never worth failing a durable write
+                pass
 
     def _swap(self, state: State) -> None:
         """Install a state built aside: readers see the old one or the new, never half."""
@@ -457,6 +463,12 @@ class Memory:
         no masking, rescoring or attention. The baseline benchmarks measure the engine against."""
         with self._lock.read():
             return self._state.index.bare_search(checks.integer("k", k))
+
+    @property
+    def calibration(self) -> Calibration | None:
+        """What calibrating the search breadth chose and measured (None for an exact index or a
+        breadth set by the caller); see :mod:`engine.calibration`."""
+        return self._state.index.calibration
 
     # -- settings and persistence -------------------------------------------------------
     @property

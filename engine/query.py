@@ -62,16 +62,11 @@ def attention(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndar
     t = state.table
     classes, columns = state.classes(vocab)
     complete = bool(rows.min() >= 0)
-    if complete and t.unit_weights:  # the common case: k slots of mass 1 each, nothing to mask
-        n_used = rows.shape[1]
-        omitted = float(t.n_alive - n_used) if n_used < t.n_alive else 0.0  # exact
-        return attend(scores, None, columns[t.label_idx[rows]], n_classes=len(classes), temperature=temperature,
-                      omitted_weight=np.full(len(rows), omitted), padded=False)
-    if complete:
-        weights = t.weights[rows]
+    if complete:  # the common case: every query found k slots, nothing to mask
+        weights = None if t.unit_weights else t.weights[rows]
         class_idx = columns[t.label_idx[rows]]
         n_used = rows.shape[1]
-        used = weights.sum(axis=1)
+        used = None if weights is None else weights.sum(axis=1)
     else:
         valid = rows >= 0
         safe = np.where(valid, rows, 0)
@@ -79,14 +74,13 @@ def attention(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndar
         class_idx = np.where(valid, columns[t.label_idx[safe]], -1)
         used = np.where(valid, weights, 0.0).sum(axis=1)
         n_used = valid.sum(axis=1)
-    if weights is None and t.unit_weights:
-        omitted = np.maximum(t.n_alive - n_used, 0).astype(np.float64)  # exact
+    if t.unit_weights:  # exact: a count of slots; 0 once every slot is used
+        omitted = np.maximum(t.n_alive - np.asarray(n_used, np.float64), 0.0)
     else:
         # an upper bound despite rounding: the running total's own error bound, plus the
         # error of summing the k retrieved weights
         err = t.weight_error + used * (rows.shape[1] + 2) * EPS
-        omitted = np.maximum(t.total_weight - used, 0.0) + err
-    omitted = np.where(n_used >= t.n_alive, 0.0, omitted)
+        omitted = np.where(n_used >= t.n_alive, 0.0, np.maximum(t.total_weight - used, 0.0) + err)
     return attend(scores, weights, class_idx, n_classes=len(classes), temperature=temperature,
                   omitted_weight=omitted, padded=not complete)
 

@@ -70,3 +70,11 @@ def test_stream_benchmark(tmp_path):
                           "--classes", "10", "--out", str(tmp_path)])
     assert report["max_slots"] <= 3000
     assert (tmp_path / "stream.png").stat().st_size > 10_000
+
+
+def test_calibration_benchmark(tmp_path):
+    import calibration
+
+    rows = calibration.main(["--slots", "20000", "--dim", "16", "--queries", "100", "--out", str(tmp_path)])
+    assert [r["data"] for r in rows][-1] == "uniform" and all(r["recall_measured"] >= 0.98 for r in rows)
+    assert json.loads((tmp_path / "calibration.json").read_text())["results"] == rows
