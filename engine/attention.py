@@ -73,22 +73,25 @@ def attend(
     """
     if padded is None:
         padded = bool(class_idx.min() < 0)
-    logits = scores.astype(np.float64) / temperature
-    if weights is not None:
-        logits += np.log(weights.astype(np.float64))
+    logits = np.divide(scores, temperature, dtype=np.float64)
     if padded:
         logits[class_idx < 0] = -np.inf
+    # Smallest retrieved similarity bounds every omitted one (exact index): the omitted
+    # mass is at most B = W_omitted exp(s_k / T); s_k / T is read before the masses join.
+    low = (np.where(class_idx >= 0, logits, np.inf) if padded else logits).min(axis=1)
+    if weights is not None:
+        logits += np.log(weights.astype(np.float64, copy=False))
     m = logits.max(axis=1, keepdims=True)
     if padded:  # a row may have retrieved nothing (an IVF probe of dead lists)
         m[~np.isfinite(m)] = 0.0
-    attention = np.exp(logits - m)
+    logits -= m
+    attention = np.exp(logits, out=logits)
     z = attention.sum(axis=1)
-    attention /= np.maximum(z, np.finfo(np.float64).tiny)[:, None]
-
-    # Smallest retrieved similarity bounds every omitted one (exact index): the
-    # omitted mass is at most B = W_omitted exp(s_k / T), here scaled by exp(-m) as Z is.
-    s_k = (np.where(class_idx >= 0, scores, np.inf) if padded else scores).min(axis=1)
-    b = np.asarray(omitted_weight, dtype=np.float64) * np.exp(s_k / temperature - m[:, 0])
+    if padded:
+        z = np.maximum(z, np.finfo(np.float64).tiny)
+    attention /= z[:, None]
+    # B and Z both scaled by exp(-m)
+    b = np.asarray(omitted_weight, dtype=np.float64) * np.exp(low - m[:, 0])
     tail_bound = np.where(b > 0, b / (z + b), 0.0)
     return Attention(attention=attention, tail_bound=tail_bound, class_idx=class_idx, n_classes=n_classes)
 
@@ -108,6 +111,8 @@ def top_class(attention: np.ndarray, class_idx: np.ndarray, n_classes: int) -> n
     slots by class and sums the runs, O(n k log k) whatever C is.
     """
     n, k = attention.shape
+    if n == 1:  # one query: sum over the classes its k slots hold
+        return np.argmax(np.bincount(np.maximum(class_idx[0], 0), weights=attention[0]))[None]
     if n * n_classes <= (1 << 16):
         return np.argmax(class_probs(attention, class_idx, n_classes), axis=1)
     row = np.arange(n)[:, None]

@@ -27,7 +27,7 @@ def answer(state: State, vocab: Vocabulary, q: np.ndarray, *, k: int, k_requeste
     att = attention(state, vocab, scores, rows, temperature)
     if tail is not None:
         scores, rows, att = _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature)
-    complete = bool(rows.min() >= 0)  # every query found its k slots: no padding to mask
+    complete = bool(rows[:, -1].min() >= 0)  # padding (-1) only ever trails: none, nothing to mask
     state.table.last_used[rows if complete else rows[rows >= 0]] = time.time()
     return _result(state, vocab, scores, rows, att, k_requested, complete)
 
@@ -61,13 +61,14 @@ def attention(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndar
     """Attention over the retrieved rows, with a bound on the mass of the rows not retrieved."""
     t = state.table
     classes, columns = state.classes(vocab)
-    complete = bool(rows.min() >= 0)
-    if complete:  # the common case: every query found k slots, nothing to mask
+    if rows[:, -1].min() >= 0:  # the common case: every query found k slots, nothing to mask
+        padded = False
         weights = None if t.unit_weights else t.weights[rows]
         class_idx = columns[t.label_idx[rows]]
         n_used = rows.shape[1]
         used = None if weights is None else weights.sum(axis=1)
     else:
+        padded = True
         valid = rows >= 0
         safe = np.where(valid, rows, 0)
         weights = np.where(valid, t.weights[safe], 1.0)
@@ -75,14 +76,15 @@ def attention(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndar
         used = np.where(valid, weights, 0.0).sum(axis=1)
         n_used = valid.sum(axis=1)
     if t.unit_weights:  # exact: a count of slots; 0 once every slot is used
-        omitted = np.maximum(t.n_alive - np.asarray(n_used, np.float64), 0.0)
+        omitted = np.maximum(t.n_alive - np.asarray(n_used, np.float64), 0.0) if padded else \
+            float(max(t.n_alive - n_used, 0))
     else:
         # an upper bound despite rounding: the running total's own error bound, plus the
         # error of summing the k retrieved weights
         err = t.weight_error + used * (rows.shape[1] + 2) * EPS
         omitted = np.where(n_used >= t.n_alive, 0.0, np.maximum(t.total_weight - used, 0.0) + err)
     return attend(scores, weights, class_idx, n_classes=len(classes), temperature=temperature,
-                  omitted_weight=omitted, padded=not complete)
+                  omitted_weight=omitted, padded=padded)
 
 
 def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature):
