@@ -19,19 +19,17 @@ class Columns:
     labels: list
     weights: np.ndarray
     vectors: np.ndarray
-    created: np.ndarray
-    last_used: np.ndarray
+    used: np.ndarray  # unix time each slot was last written or retrieved (0: not tracked)
 
     @classmethod
     def empty(cls, dim: int) -> "Columns":
         z = np.empty(0, np.float64)
-        return cls(np.empty(0, np.int64), [], z, np.empty((0, dim), np.float32), z, z)
+        return cls(np.empty(0, np.int64), [], z, np.empty((0, dim), np.float32), z)
 
     @classmethod
     def from_arrow(cls, data: pa.Table | pa.RecordBatch, dim: int) -> "Columns":
         return cls(data.column("id").to_numpy(), data.column("label").to_pylist(), data.column("weight").to_numpy(),
-                   vectors_of(data.column("vector"), dim), data.column("created").to_numpy(),
-                   data.column("last_used").to_numpy())
+                   vectors_of(data.column("vector"), dim), data.column("used").to_numpy())
 
     def arrays(self, dim: int, kind: str) -> list[pa.Array]:
         """Arrow arrays in the order of :func:`slot_schema`."""
@@ -41,8 +39,7 @@ class Columns:
             pa.array(self.labels, type=label_type(kind)),
             pa.array(np.asarray(self.weights, dtype=np.float64)),
             pa.FixedSizeListArray.from_arrays(flat, dim),
-            pa.array(np.asarray(self.created, dtype=np.float64)),
-            pa.array(np.asarray(self.last_used, dtype=np.float64)),
+            pa.array(np.asarray(self.used, dtype=np.float64)),
         ]
 
     def check(self) -> str | None:
@@ -87,8 +84,7 @@ def slot_schema(dim: int, kind: str) -> pa.Schema:
             pa.field("label", label_type(kind), nullable=False),
             pa.field("weight", pa.float64(), nullable=False),
             pa.field("vector", pa.list_(pa.float32(), dim), nullable=False),
-            pa.field("created", pa.float64(), nullable=False),
-            pa.field("last_used", pa.float64(), nullable=False),
+            pa.field("used", pa.float64(), nullable=False),
         ]
     )
 

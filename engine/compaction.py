@@ -79,12 +79,14 @@ def by_class(label_idx: np.ndarray):
     return classes, np.split(order, starts[1:])
 
 
-def compact(vectors, weights, label_idx, created, last_used, *, budget: int, policy: str = "merge",
+def compact(vectors, weights, label_idx, used, *, budget: int, policy: str = "merge",
             cosine: bool = True, temperature: float = 0.1, seed: int = 0, **options) -> SlotSet:
     """Shrink the live slots to at most ``budget`` with ``policy``.
 
     Args:
-        vectors, weights, label_idx, created, last_used: columns of the live slots.
+        vectors, weights, label_idx: columns of the live slots.
+        used: when each was last written or retrieved ("age" keeps the most recent); None
+            if the memory does not track usage.
         budget: the most slots to keep (at least the number of classes).
         policy: one of POLICIES.
         cosine: vectors are unit-norm and merged vectors are re-normalised.
@@ -113,7 +115,9 @@ def compact(vectors, weights, label_idx, created, last_used, *, budget: int, pol
         keep = [rng.choice(m, size=b, replace=False, p=weights[m] / weights[m].sum()) if b < len(m) else m
                 for m, b in zip(members, alloc)]
     else:  # age
-        recency = np.where(last_used > 0, last_used, created)
+        if used is None:
+            raise ValueError("the age policy needs usage times: this memory was made with track_usage=False")
+        recency = used
         freshest = np.array([m[np.argmax(recency[m])] for m in members])
         rest = np.setdiff1d(np.arange(len(weights)), freshest)
         extra = rest[np.argsort(-recency[rest], kind="stable")[: max(0, budget - len(freshest))]]
@@ -350,21 +354,23 @@ def shrink(live: SlotTable, vectors: np.ndarray, *, budget: int | None, policy: 
            now: float) -> tuple[SlotTable, np.ndarray]:
     """A new table of the slots ``live`` compacted to ``budget`` (None: all of them, renumbered).
 
-    Kept slots keep their ids and times; merged ones take ids from ``fresh_ids(n)`` and are
-    created ``now``. ``live`` is not changed.
+    Kept slots keep their ids and usage times; merged ones take ids from ``fresh_ids(n)``
+    and are written ``now``. ``live`` is not changed.
 
     Raises:
         InvalidValueError: a budget below the number of classes, or a bad option.
     """
-    table = SlotTable(live.dim, keep_vectors)
+    table = SlotTable(live.dim, keep_vectors, live.track_usage)
+    weights = live.weights
     if budget is None or budget >= live.n_alive:
-        table.append(live.ids, live.label_idx, live.weights, vectors, live.created, live.last_used)
+        table.append(live.ids, live.label_idx, None if live.unit_weights else weights, vectors,
+                     live.used if live.track_usage else 0.0)
     else:
         classes = int((live.class_counts > 0).sum())
         if budget < classes:
             raise InvalidValueError(f"a budget of {budget} slots cannot keep {classes} classes (one slot each)")
         try:
-            out = compact(vectors, live.weights, live.label_idx, live.created, live.last_used, budget=budget,
+            out = compact(vectors, np.array(weights), live.label_idx, live.used, budget=budget,
                           policy=policy, cosine=cosine, temperature=temperature, seed=seed, **options)
         except ValueError as exc:
             raise InvalidValueError(str(exc)) from None
@@ -372,8 +378,8 @@ def shrink(live: SlotTable, vectors: np.ndarray, *, budget: int | None, policy: 
         src = np.maximum(out.source, 0)
         ids = np.where(kept, live.ids[src], -1)
         ids[~kept] = fresh_ids(int((~kept).sum()))
-        table.append(ids, out.label_idx, out.weights, out.vectors, np.where(kept, live.created[src], now),
-                     np.where(kept, live.last_used[src], 0.0))
+        table.append(ids, out.label_idx, out.weights, out.vectors,
+                     np.where(kept, live.used[src], now) if live.track_usage else 0.0)
         vectors = out.vectors
     table.class_counts = np.pad(table.class_counts, (0, max(0, len(live.class_counts) - len(table.class_counts))))
     return table, vectors

@@ -18,6 +18,7 @@ float32 vectors itself if it rescores.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from typing import Callable
 
@@ -138,13 +139,18 @@ class VectorIndex:
         self._index, self.active_spec = index, spec
         self._params_cache = {}
         self._ivf = _try_extract_ivf(index)
-        if self._ivf is not None:
-            self._ivf.make_direct_map(True)  # row -> (list, offset), so vectors can be read back
+        # lossy: scores and stored vectors are approximations (compressed codes, projections)
+        self.lossy = _is_lossy(index)
+        # IVF: row -> (list, offset), so vectors can be read back. Kept (8 bytes a row) where the
+        # index holds the memory's one exact copy of the vectors; a lossy index (a fraction of
+        # the size) builds it only while vectors are read back (compaction, snapshots, get).
+        self._direct_map = self._ivf is not None and not self.lossy
+        if self._direct_map:
+            self._ivf.make_direct_map(True)
+        self._map_lock = threading.Lock()
         self._hnsw = _find_hnsw(index)
         # exact: exhaustive search with exact scores, so the tail bound is a certificate
         self.exact = isinstance(index, faiss.IndexFlat)
-        # lossy: scores and stored vectors are approximations (compressed codes, projections)
-        self.lossy = _is_lossy(index)
 
     # -- building -----------------------------------------------------------------
     def _fresh(self, n: int) -> tuple[faiss.Index, str]:
@@ -227,7 +233,14 @@ class VectorIndex:
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if len(rows) == 0:
             return np.empty((0, self.dim), np.float32)
-        return self._index.reconstruct_batch(rows)
+        if self._ivf is None or self._direct_map:
+            return self._index.reconstruct_batch(rows)
+        with self._map_lock:  # an O(n) pass over the lists, then the map is dropped again
+            self._ivf.make_direct_map(True)
+            try:
+                return self._index.reconstruct_batch(rows)
+            finally:
+                self._ivf.make_direct_map(False)
 
     # -- reading ------------------------------------------------------------------
     @property
@@ -241,7 +254,8 @@ class VectorIndex:
         ivf = self._ivf
         if ivf is not None:
             centroids = ivf.nlist * self.dim * 4
-            return int(n * (ivf.code_size + 8 + 8) + centroids)  # codes, list ids, direct map
+            per_row = ivf.code_size + 8 + (8 if self._direct_map else 0)  # codes, list ids, direct map
+            return int(n * per_row + centroids)
         hnsw_index = self._hnsw
         if hnsw_index is not None:
             hnsw = hnsw_index.hnsw

@@ -47,7 +47,7 @@ METRICS = ("cosine", "ip")
 MAX_WAL_SEGMENTS = 8
 # The settings a durable memory keeps in its manifest (besides dim and next_id).
 SETTINGS = ("metric", "index", "temperature", "nprobe", "ef_search", "budget", "slack", "policy", "rescore",
-            "recall")
+            "recall", "track_usage")
 
 
 class Memory:
@@ -73,6 +73,9 @@ class Memory:
         recall: the recall@64 an approximate index (IVF, HNSW) must reach on the memory's own
             vectors: whenever it is built, the cheapest nprobe / ef_search that reaches it is
             measured (see :mod:`engine.calibration`). An explicit ``nprobe`` / ``ef_search`` wins.
+        track_usage: keep, per slot, when it was last written or retrieved (8 bytes a slot),
+            which the "age" compaction policy needs. False saves the bytes and the stamp on
+            every query; the "age" policy is then refused.
 
     Raises:
         InvalidValueError: a bad dim, metric, temperature, index string, budget or policy.
@@ -94,6 +97,7 @@ class Memory:
         policy: str = "merge",
         rescore: bool = True,
         recall: float = RECALL_TARGET,
+        track_usage: bool = True,
     ):
         self.dim = checks.integer("dim", dim)
         if metric not in METRICS:
@@ -102,8 +106,10 @@ class Memory:
             raise InvalidValueError(f"index must be a string, got {index!r}")
         if not isinstance(rescore, bool):
             raise InvalidValueError(f"rescore must be True or False, got {rescore!r}")
-        if policy not in compaction.POLICIES:
-            raise InvalidValueError(f"unknown policy {policy!r}; choose one of {compaction.POLICIES}")
+        if not isinstance(track_usage, bool):
+            raise InvalidValueError(f"track_usage must be True or False, got {track_usage!r}")
+        self._track_usage = track_usage
+        self._check_policy(policy)
         self.metric = metric
         self._temperature = checks.temperature(temperature)
         self._search = SearchSettings(nprobe=checks.integer("nprobe", nprobe, optional=True),
@@ -116,7 +122,7 @@ class Memory:
         self._rescore = rescore
         # The slot table keeps vectors only when the index cannot give them back exactly.
         self._keep_vectors = vector_index.spec_lossy and rescore
-        self._state = State(SlotTable(self.dim, self._keep_vectors), vector_index)
+        self._state = State(SlotTable(self.dim, self._keep_vectors, track_usage), vector_index)
         self._vocab = Vocabulary()
         self._next_id = 0
         self._slack = checks.fraction("slack", slack, low=0.0, high=1.0)
@@ -128,10 +134,17 @@ class Memory:
         self._write_mutex = threading.Lock()
         self._store = Store.create(path, self.dim, self._settings()) if path is not None else None
 
+    def _check_policy(self, policy: str) -> None:
+        if policy not in compaction.POLICIES:
+            raise InvalidValueError(f"unknown policy {policy!r}; choose one of {compaction.POLICIES}")
+        if policy == "age" and not self._track_usage:
+            raise InvalidValueError("the age policy needs usage times: this memory was made with track_usage=False")
+
     def _settings(self) -> dict:
         return {"metric": self.metric, "index": self._state.index.spec, "temperature": self._temperature,
                 "nprobe": self._search.nprobe, "ef_search": self._search.ef_search, "budget": self._budget,
                 "slack": self._slack, "policy": self._policy, "rescore": self._rescore, "recall": self._recall,
+                "track_usage": self._track_usage,
                 "next_id": self._next_id, "calibration": self._calibration()}
 
     def _calibration(self, state: State | None = None) -> dict | None:
@@ -190,9 +203,10 @@ class Memory:
             raise CorruptFileError(f"{path / MANIFEST}: invalid settings ({exc})") from None
         mem._vocab.kind = rec.label_kind
         mem._state.index.calibration = Calibration.from_dict(s.get("calibration"))  # reused if it still fits
-        mem._state = State.replayed(rec.replay(), mem._vocab, mem._state.index, mem._keep_vectors)
-        ids = mem._state.table.sorted_ids  # ids of removed slots are never reused by counting up
-        mem._next_id = max(next_id, rec.max_id + 1, int(ids[-1]) + 1 if len(ids) else 0)
+        mem._state = State.replayed(rec.replay(), mem._vocab, mem._state.index, mem._keep_vectors,
+                                    mem._track_usage)
+        # ids of removed slots are never reused by counting up
+        mem._next_id = max(next_id, rec.max_id + 1, mem._state.table.max_id() + 1)
         return mem
 
     # -- writing ----------------------------------------------------------------------
@@ -245,7 +259,7 @@ class Memory:
                 self._commit_compacted(*self._state.live(old, append), target, self._policy, 0, {}, kind)
                 return ids
             if self._store is not None:
-                self._store.log_add(Columns(ids, labels, w, v, np.full(n, now), np.zeros(n)), kind, upsert=upsert)
+                self._store.log_add(Columns(ids, labels, w, v, np.full(n, now)), kind, upsert=upsert)
             with self._applying("add"):
                 self._change(old, append, n_after)
                 self._vocab.kind = kind
@@ -305,8 +319,7 @@ class Memory:
             StorageError: the snapshot could not be written.
             On error the memory is unchanged.
         """
-        if policy not in compaction.POLICIES:
-            raise InvalidValueError(f"unknown policy {policy!r}; choose one of {compaction.POLICIES}")
+        self._check_policy(policy)
         seed = checks.integer("seed", seed, low=0)
         try:
             compaction.check_options(options)
@@ -346,7 +359,7 @@ class Memory:
         state = self._state.rebuilt_from(table, vectors)  # aside: readers go on meanwhile
         if self._store is not None:
             self._store.checkpoint(Columns(table.ids.copy(), self._vocab.values(table.label_idx), table.weights.copy(),
-                                           vectors, table.created.copy(), table.last_used.copy()),
+                                           vectors, table.used.copy() if table.track_usage else np.zeros(len(table.ids))),
                                    kind, {"next_id": next_id, "calibration": self._calibration(state)})
         with self._applying("compaction"):
             self._swap(state)

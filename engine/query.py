@@ -3,7 +3,7 @@
 index top-k -> (rescore for lossy codes) -> attention with the omitted-mass bound
 (:mod:`engine.attention`) -> optional growth of k per query -> a
 :class:`~engine.results.QueryResult`. Nothing here changes the state but the
-``last_used`` stamps the age policy reads (a benign race between readers).
+``used`` stamps the age policy reads (a benign race between readers).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ def answer(state: State, vocab: Vocabulary, q: np.ndarray, *, k: int, k_requeste
     if tail is not None:
         scores, rows, att = _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature)
     complete = bool(rows[:, -1].min() >= 0)  # padding (-1) only ever trails: none, nothing to mask
-    state.table.last_used[rows if complete else rows[rows >= 0]] = time.time()
+    state.table.touch(rows if complete else rows[rows >= 0], time.time())
     return _result(state, vocab, scores, rows, att, k_requested, complete)
 
 

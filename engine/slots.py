@@ -2,12 +2,19 @@
 
 Row r is FAISS position r. Rows are appended, tombstoned on removal and
 renumbered only by :meth:`SlotTable.compacted`, which the memory calls when it
-rebuilds its index. Ids map to rows through a sorted array (16 bytes a slot,
-vectorised lookups), not a Python dict.
+rebuilds its index.
 
-The table keeps a vector column only when asked (``keep_vectors``): when the
-index stores vectors exactly (Flat, IVF-Flat, HNSW-Flat) the index is their one
-copy, and the memory reads them back from it.
+A slot pays only for what its memory uses:
+
+- id (8 bytes), label index (4), tombstone flag (1): always;
+- the id -> row map (16): only once ids stop ascending with rows (a caller wrote
+  its own ids out of order); until then the id column is its own sorted map;
+- weight (8): only once a weight other than 1 was written;
+- ``used`` (8), the time the slot was last written or retrieved: only when the
+  memory tracks usage (the "age" compaction policy reads it);
+- a float32 vector: only when asked (``keep_vectors``). When the index stores
+  vectors exactly (Flat, IVF-Flat, HNSW-Flat) the index is their one copy, and
+  the memory reads them back from it.
 """
 
 from __future__ import annotations
@@ -53,33 +60,48 @@ class SlotTable:
     Args:
         dim: vector dimension.
         keep_vectors: keep a float32 vector column (else vectors passed to append are not stored).
+        track_usage: keep the ``used`` time column.
     """
 
-    def __init__(self, dim: int, keep_vectors: bool = True):
+    def __init__(self, dim: int, keep_vectors: bool = True, track_usage: bool = True):
         self.dim = dim
         self.keep_vectors = keep_vectors
+        self.track_usage = track_usage
         self._ids = _Growable(np.int64)
         self._label_idx = _Growable(np.int32)
-        self._weights = _Growable(np.float64)
-        self._vectors = _Growable(np.float32, dim if keep_vectors else 0)
+        self._weights: _Growable | None = None  # None while every weight is 1
+        self._vectors = _Growable(np.float32, dim) if keep_vectors else None
         self._alive = _Growable(np.bool_)
-        self._created = _Growable(np.float64)  # unix time the slot was written
-        self._last_used = _Growable(np.float64)  # unix time it was last retrieved, 0 if never
-        self._sorted_ids = np.empty(0, np.int64)  # ids of live rows, ascending
-        self._sorted_rows = np.empty(0, np.int64)
+        self._used = _Growable(np.float64) if track_usage else None  # unix time last written or retrieved
+        # ids of live rows, ascending, and their rows: None while the id column ascends
+        self._sorted_ids: np.ndarray | None = None
+        self._sorted_rows: np.ndarray | None = None
         self.n_alive = 0
         self.total_weight = 0.0  # mass of the live slots, kept up to date by append and kill
         self.weight_error = 0.0  # a bound on the rounding error of total_weight
         self.class_counts = np.zeros(0, np.int64)  # live slots per label index
-        self.unit_weights = True  # every row written with weight 1 (attention can skip the masses)
 
     # columns (views; valid until the next append)
     ids = _column("_ids")
     label_idx = _column("_label_idx")
-    weights = _column("_weights")
     alive = _column("_alive")
-    created = _column("_created")
-    last_used = _column("_last_used")
+
+    @property
+    def unit_weights(self) -> bool:
+        """Every row was written with weight 1 (attention can skip the masses)."""
+        return self._weights is None
+
+    @property
+    def weights(self) -> np.ndarray:
+        """The weight column (read-only ones while every weight is 1)."""
+        if self._weights is None:
+            return np.broadcast_to(np.float64(1.0), (self.n_rows,))
+        return self._weights.view
+
+    @property
+    def used(self) -> np.ndarray | None:
+        """When each row was last written or retrieved (unix time); None if usage is not tracked."""
+        return self._used.view if self._used is not None else None
 
     @property
     def n_rows(self) -> int:
@@ -88,14 +110,21 @@ class SlotTable:
     @property
     def vectors(self) -> np.ndarray:
         """The vector column; only for a table that keeps vectors."""
-        if not self.keep_vectors:
+        if self._vectors is None:
             raise AttributeError("this slot table keeps no vectors: read them from the index")
         return self._vectors.view
 
     @property
     def sorted_ids(self) -> np.ndarray:
-        """The ids of the live rows, ascending (a view)."""
+        """The ids of the live rows, ascending."""
+        if self._sorted_ids is None:
+            return self.ids[self.alive] if self.n_dead else self.ids
         return self._sorted_ids
+
+    def max_id(self) -> int:
+        """The largest live id, -1 if none."""
+        ids = self.sorted_ids
+        return int(ids[-1]) if len(ids) else -1
 
     @property
     def n_dead(self) -> int:
@@ -104,26 +133,47 @@ class SlotTable:
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Row of each id, -1 where the id is not live."""
         out = np.full(len(ids), -1, np.int64)
-        if len(self._sorted_ids) == 0:
+        keys, rows = (self.ids, None) if self._sorted_ids is None else (self._sorted_ids, self._sorted_rows)
+        if len(keys) == 0:
             return out
-        pos = np.minimum(np.searchsorted(self._sorted_ids, ids), len(self._sorted_ids) - 1)
-        found = self._sorted_ids[pos] == ids
-        out[found] = self._sorted_rows[pos[found]]
+        pos = np.minimum(np.searchsorted(keys, ids), len(keys) - 1)
+        found = keys[pos] == ids
+        if rows is None:
+            found &= self.alive[pos]
+            out[found] = pos[found]
+        else:
+            out[found] = rows[pos[found]]
         return out
 
-    def append(self, ids: np.ndarray, label_idx: np.ndarray, weights: np.ndarray, vectors: np.ndarray,
-               created: np.ndarray | float = 0.0, last_used: np.ndarray | float = 0.0) -> None:
-        """Append live rows. The ids must not be live already."""
+    def append(self, ids: np.ndarray, label_idx: np.ndarray, weights: np.ndarray | None, vectors: np.ndarray | None,
+               used: np.ndarray | float = 0.0) -> None:
+        """Append live rows. The ids must not be live already; ``weights`` None means all 1."""
+        m = len(ids)
         start = self.n_rows
+        ascending = bool(m == 0 or ((start == 0 or ids[0] > self.ids[-1]) and (np.diff(ids) > 0).all()))
+        if self._sorted_ids is None and not ascending:  # ids out of order from here on: keep a map
+            live = self.alive.copy()
+            self._sorted_ids, self._sorted_rows = self.ids[live], np.flatnonzero(live)
+        unit = weights is None or bool(np.all(weights == 1.0))
+        if self._weights is None and not unit:
+            self._weights = _Growable(np.float64)
+            self._weights.extend(np.ones(start))
         self._ids.extend(ids)
         self._label_idx.extend(label_idx)
-        self._weights.extend(weights)
-        if self.keep_vectors:
+        if self._weights is not None:
+            self._weights.extend(np.ones(m) if weights is None else weights)
+        if self._vectors is not None:
             self._vectors.extend(vectors)
-        self._alive.extend(np.ones(len(ids), bool))
-        self._created.extend(np.broadcast_to(np.asarray(created, np.float64), (len(ids),)))
-        self._last_used.extend(np.broadcast_to(np.asarray(last_used, np.float64), (len(ids),)))
-        rows = np.arange(start, start + len(ids), dtype=np.int64)
+        self._alive.extend(np.ones(m, bool))
+        if self._used is not None:
+            self._used.extend(np.broadcast_to(np.asarray(used, np.float64), (m,)))
+        if self._sorted_ids is not None:
+            self._map(ids, np.arange(start, start + m, dtype=np.int64))
+        self.n_alive += m
+        self._add_weight(float(m) if unit else float(np.sum(weights)), m)
+        self._count(label_idx, +1)
+
+    def _map(self, ids: np.ndarray, rows: np.ndarray) -> None:
         order = np.argsort(ids, kind="stable")
         new_ids, new_rows = ids[order], rows[order]
         if len(self._sorted_ids) == 0 or new_ids[0] > self._sorted_ids[-1]:
@@ -134,22 +184,24 @@ class SlotTable:
             merge = np.argsort(all_ids, kind="stable")
             self._sorted_ids = all_ids[merge]
             self._sorted_rows = np.concatenate([self._sorted_rows, new_rows])[merge]
-        self.n_alive += len(ids)
-        self._add_weight(float(np.sum(weights)), len(ids))
-        self.unit_weights = self.unit_weights and bool(np.all(weights == 1.0))
-        self._count(label_idx, +1)
 
     def kill(self, rows: np.ndarray) -> None:
         """Tombstone live rows."""
         if len(rows) == 0:
             return
         self.alive[rows] = False
-        drop = np.searchsorted(self._sorted_ids, self.ids[rows])
-        self._sorted_ids = np.delete(self._sorted_ids, drop)
-        self._sorted_rows = np.delete(self._sorted_rows, drop)
+        if self._sorted_ids is not None:
+            drop = np.searchsorted(self._sorted_ids, self.ids[rows])
+            self._sorted_ids = np.delete(self._sorted_ids, drop)
+            self._sorted_rows = np.delete(self._sorted_rows, drop)
         self.n_alive -= len(rows)
-        self._add_weight(-float(self.weights[rows].sum()), len(rows))
+        self._add_weight(-(float(len(rows)) if self.unit_weights else float(self.weights[rows].sum())), len(rows))
         self._count(self.label_idx[rows], -1)
+
+    def touch(self, rows: np.ndarray, now: float) -> None:
+        """Stamp rows as retrieved at ``now`` (if usage is tracked)."""
+        if self._used is not None:
+            self._used.view[rows] = now
 
     def _add_weight(self, delta: float, m: int) -> None:
         """Update the running total mass and a bound on its rounding error; when the bound grows
@@ -185,20 +237,23 @@ class SlotTable:
                 it can only if this one does.
         """
         keep = self.live_rows(drop_rows)
-        new = SlotTable(self.dim, self.keep_vectors if keep_vectors is None else keep_vectors)
+        new = SlotTable(self.dim, self.keep_vectors if keep_vectors is None else keep_vectors, self.track_usage)
         if len(keep):
-            vectors = self.vectors[keep] if new.keep_vectors else None
-            new.append(self.ids[keep], self.label_idx[keep], self.weights[keep], vectors,
-                       self.created[keep], self.last_used[keep])
+            new.append(self.ids[keep], self.label_idx[keep], None if self.unit_weights else self.weights[keep],
+                       self.vectors[keep] if new.keep_vectors else None,
+                       self.used[keep] if self.track_usage else 0.0)
         new.class_counts = np.pad(new.class_counts, (0, max(0, len(self.class_counts) - len(new.class_counts))))
         return new
 
     @property
     def nbytes_vectors(self) -> int:
-        return self._vectors.nbytes if self.keep_vectors else 0
+        return self._vectors.nbytes if self._vectors is not None else 0
 
     @property
     def nbytes_ids(self) -> int:
-        """Bytes of ids, the id map, labels, weights, tombstones and timestamps."""
-        parts = (self._ids, self._label_idx, self._weights, self._alive, self._created, self._last_used)
-        return sum(p.nbytes for p in parts) + int(self._sorted_ids.nbytes + self._sorted_rows.nbytes)
+        """Bytes of ids, the id map, labels, weights, tombstones and usage times."""
+        parts = [p for p in (self._ids, self._label_idx, self._weights, self._alive, self._used) if p is not None]
+        held = sum(p.nbytes for p in parts)
+        if self._sorted_ids is not None:
+            held += int(self._sorted_ids.nbytes + self._sorted_rows.nbytes)
+        return held

@@ -86,25 +86,26 @@ class State:
         t = self.table
         rows = t.live_rows() if rows is None else rows
         return Columns(t.ids[rows], vocab.values(t.label_idx[rows]), t.weights[rows], self.vectors(rows),
-                       t.created[rows], t.last_used[rows])
+                       t.used[rows] if t.track_usage else np.zeros(len(rows)))
 
     @classmethod
-    def replayed(cls, writes, vocab: Vocabulary, index: VectorIndex, keep_vectors: bool) -> "State":
+    def replayed(cls, writes, vocab: Vocabulary, index: VectorIndex, keep_vectors: bool,
+                 track_usage: bool) -> "State":
         """A state holding the result of ``writes`` ((ids to drop, Columns to add or None), in order)."""
-        table = SlotTable(index.dim, keep_vectors=True)  # replay needs the vectors; dropped below
+        table = SlotTable(index.dim, True, track_usage)  # replay needs the vectors; dropped below
         for drop, slots in writes:
             rows = table.rows_of(drop)
             table.kill(rows[rows >= 0])
             if slots is not None and len(slots.ids):
                 table.append(slots.ids, vocab.intern(slots.labels, vocab.kind), slots.weights, slots.vectors,
-                             slots.created, slots.last_used)
+                             slots.used)
         full = table.compacted()
         return cls(full if keep_vectors else full.compacted(keep_vectors=False), index.build(full.vectors))
 
     # -- changes ------------------------------------------------------------------------
     def apply(self, kill_rows: np.ndarray, append: tuple | None = None) -> None:
         """Change this state in place (the caller holds the exclusive lock): tombstone rows,
-        append rows ``(ids, label_idx, weights, vectors, created)`` to the table and the index."""
+        append rows ``(ids, label_idx, weights or None, vectors, used)`` to the table and the index."""
         self._classes = None
         self.table.kill(kill_rows)
         if append is not None:

@@ -6,7 +6,7 @@ one process that may write it:
     manifest.json            format version, memory id, settings, the snapshot
                              (file, sha256, rows) and the log segments, with a
                              SHA-256 of its own canonical bytes
-    snapshot-000007.arrow    Arrow IPC file: id, label, weight, vector, created, last_used
+    snapshot-000007.arrow    Arrow IPC file: id, label, weight, vector, used
     wal-000008.arrows        write-ahead log segment (see :mod:`engine.wal`)
 
 Durability is fail-stop. A write is acknowledged only once its record is fsynced
@@ -55,7 +55,7 @@ from .errors import (
 )
 
 FORMAT = "engine-memory"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
 MAX_MANIFEST_BYTES = 64 << 20
 SNAPSHOT_NAME = re.compile(r"snapshot-[0-9]{6,12}\.arrow")
