@@ -186,6 +186,72 @@ class VectorIndex:
         new.calibration = new._calibrated(vectors, self.calibration)
         return new
 
+    # -- codes: what a snapshot keeps of an index that holds only compressed codes ---------
+    @property
+    def codes_only(self) -> bool:
+        """Whether the active index is an IVF over compressed codes (IVF-PQ, IVF-SQ, ...)."""
+        return self._ivf is not None and self.lossy
+
+    def codes(self) -> tuple[bytes, np.ndarray]:
+        """(the trained index without its rows, serialized; each row's code, in row order), of a
+        :attr:`codes_only` index whose rows are 0..ntotal-1. Codes are FAISS's standalone form
+        (list number, then the list's code), as ``sa_encode`` makes and ``add_sa_codes`` reads."""
+        ivf, n = self._ivf, self.ntotal
+        coarse, width = ivf.coarse_code_size(), ivf.code_size
+        out = np.empty((n, coarse + width), np.uint8)
+        filled = 0
+        for lst in range(ivf.nlist):
+            m = ivf.invlists.list_size(lst)
+            if m == 0:
+                continue
+            rows = faiss.rev_swig_ptr(ivf.invlists.get_ids(lst), m)
+            out[rows, :coarse] = np.frombuffer(int(lst).to_bytes(8, "little")[:coarse], np.uint8)
+            out[rows, coarse:] = faiss.rev_swig_ptr(ivf.invlists.get_codes(lst), m * width).reshape(m, width)
+            filled += m
+        if filled != n:  # pragma: no cover - rows are 0..n-1, each in one list
+            raise RuntimeError(f"the index lists hold {filled} rows, expected {n}")
+        blank = faiss.clone_index(self._index)
+        blank.reset()
+        return bytes(faiss.serialize_index(blank)), out
+
+    def loaded(self, codebook: bytes, codes: np.ndarray, trained_on: int) -> "VectorIndex":
+        """An index like this one holding ``codes`` (from :meth:`codes`) as rows 0..n-1, in the
+        trained index ``codebook``: no training, and the very codes that were saved.
+
+        Raises:
+            ValueError: the codebook is not a trained, empty index of this spec and dim, or a
+                code does not fit it.
+        """
+        try:
+            index = faiss.deserialize_index(np.frombuffer(codebook, np.uint8))
+        except RuntimeError as exc:
+            raise ValueError(f"unreadable codebook ({str(exc).splitlines()[0]})") from None
+        ivf = _try_extract_ivf(index)
+        probe = faiss.index_factory(self.dim, self.spec, faiss.METRIC_INNER_PRODUCT) if self.spec != "auto" else None
+        if (ivf is None or not index.is_trained or index.ntotal != 0 or index.d != self.dim
+                or probe is None or type(index) is not type(probe) or not _is_lossy(index)
+                or index.metric_type != faiss.METRIC_INNER_PRODUCT):
+            raise ValueError(f"the codebook is not a trained empty {self.spec} index of dim {self.dim}")
+        if codes.ndim != 2 or codes.shape[1] != index.sa_code_size():
+            raise ValueError(f"codes of {codes.shape[1:]} bytes, the codebook makes {index.sa_code_size()}")
+        coarse = ivf.coarse_code_size()
+        lists = np.zeros(len(codes), np.int64)
+        for b in range(coarse):
+            lists |= codes[:, b].astype(np.int64) << (8 * b)
+        if len(codes) and lists.max() >= ivf.nlist:
+            raise ValueError("a code names an inverted list the codebook does not have")
+        if len(codes):
+            index.add_sa_codes(np.ascontiguousarray(codes))
+        new = VectorIndex.__new__(VectorIndex)
+        new._params_cache = {}
+        new.dim, new.spec, new.settings, new.spec_lossy = self.dim, self.spec, self.settings, self.spec_lossy
+        new.recall_target = self.recall_target
+        new._use(index, self.spec)
+        new._trained_on = trained_on
+        saved = self.calibration
+        new.calibration = saved if saved is not None and saved.spec == self.spec else None
+        return new
+
     def _calibrated(self, vectors: np.ndarray, saved: Calibration | None) -> Calibration | None:
         """The calibration of this freshly built index: none for exact indexes or breadths set
         by the caller, the saved one if it was measured on the same index over as many vectors."""

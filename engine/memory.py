@@ -193,18 +193,22 @@ class Memory:
     def _recover(cls, rec: Recovered, path: Path) -> "Memory":
         """An in-process memory holding the recovered slots."""
         s = rec.settings
-        unknown = set(s) - set(SETTINGS) - {"next_id", "calibration"}
+        unknown = set(s) - set(SETTINGS) - {"next_id", "calibration", "trained_on"}
         try:
             if unknown:
                 raise InvalidValueError(f"unknown settings {sorted(unknown)}")
             mem = cls(rec.dim, **{k: s[k] for k in SETTINGS if k in s})
             next_id = checks.integer("next_id", s.get("next_id", 0), low=0)
+            trained_on = checks.integer("trained_on", s.get("trained_on", 0), low=0)
         except InvalidValueError as exc:
             raise CorruptFileError(f"{path / MANIFEST}: invalid settings ({exc})") from None
         mem._vocab.kind = rec.label_kind
         mem._state.index.calibration = Calibration.from_dict(s.get("calibration"))  # reused if it still fits
-        mem._state = State.replayed(rec.replay(), mem._vocab, mem._state.index, mem._keep_vectors,
-                                    mem._track_usage)
+        try:
+            mem._state = State.replayed(rec.replay(), mem._vocab, mem._state.index, mem._keep_vectors,
+                                        mem._track_usage, trained_on)
+        except ValueError as exc:
+            raise CorruptFileError(f"{path}: the snapshot's codes cannot be loaded ({exc})") from None
         # ids of removed slots are never reused by counting up
         mem._next_id = max(next_id, rec.max_id + 1, mem._state.table.max_id() + 1)
         return mem
@@ -358,9 +362,9 @@ class Memory:
             return table.n_alive  # nothing to drop or merge, nothing to write
         state = self._state.rebuilt_from(table, vectors)  # aside: readers go on meanwhile
         if self._store is not None:
-            self._store.checkpoint(Columns(table.ids.copy(), self._vocab.values(table.label_idx), table.weights.copy(),
-                                           vectors, table.used.copy() if table.track_usage else np.zeros(len(table.ids))),
-                                   kind, {"next_id": next_id, "calibration": self._calibration(state)})
+            self._store.checkpoint(state.snapshot(self._vocab, vectors), kind,
+                                   {"next_id": next_id, "calibration": self._calibration(state),
+                                    "trained_on": state.index.trained_on})
         with self._applying("compaction"):
             self._swap(state)
             self._vocab.kind = kind
@@ -539,14 +543,15 @@ class Memory:
             target = Path(path) if path is not None else self.path
             if target is None:
                 raise InvalidValueError("this memory is not durable: give save() a path")
-            slots = self._state.columns(self._vocab)
+            slots = self._state.snapshot(self._vocab)
             if self._store is not None and target.resolve() == self._store.path.resolve():
                 self._store.checkpoint(slots, self._vocab.kind, {"next_id": self._next_id,
-                                                                 "calibration": self._calibration()})
+                                                                 "calibration": self._calibration(),
+                                                                 "trained_on": self._state.index.trained_on})
             else:
                 out = Store.create(target, self.dim, self._settings())
                 try:
-                    out.checkpoint(slots, self._vocab.kind)
+                    out.checkpoint(slots, self._vocab.kind, {"trained_on": self._state.index.trained_on})
                 finally:
                     out.close()
             return target

@@ -88,12 +88,48 @@ class State:
         return Columns(t.ids[rows], vocab.values(t.label_idx[rows]), t.weights[rows], self.vectors(rows),
                        t.used[rows] if t.track_usage else np.zeros(len(rows)))
 
+    def snapshot(self, vocab: Vocabulary, vectors: np.ndarray | None = None) -> Columns:
+        """Every live row as a snapshot keeps it: the index's own codes when it holds only
+        compressed codes, else the vectors (``vectors``, if the caller
+        has them, are those of the live rows in order)."""
+        t = self.table
+        rows = t.live_rows()
+        used = t.used[rows] if t.track_usage else np.zeros(len(rows))
+        labels = vocab.values(t.label_idx[rows])
+        if self.index.codes_only and not t.keep_vectors:
+            codebook, codes = self.index.codes()
+            return Columns(t.ids[rows], labels, t.weights[rows], None, used, codes[rows], codebook)
+        return Columns(t.ids[rows], labels, t.weights[rows], self.vectors(rows) if vectors is None else vectors, used)
+
     @classmethod
-    def replayed(cls, writes, vocab: Vocabulary, index: VectorIndex, keep_vectors: bool,
-                 track_usage: bool) -> "State":
-        """A state holding the result of ``writes`` ((ids to drop, Columns to add or None), in order)."""
+    def replayed(cls, writes, vocab: Vocabulary, index: VectorIndex, keep_vectors: bool, track_usage: bool,
+                 trained_on: int = 0) -> "State":
+        """A state holding the result of ``writes`` ((ids to drop, Columns to add or None), in
+        order; the first is the snapshot).
+
+        A snapshot of codes is loaded into its own trained index, the later writes applied on
+        top; otherwise the index is built over the final vectors.
+
+        Raises:
+            ValueError: a snapshot's codes do not fit its codebook or this memory's index.
+        """
+        writes = iter(writes)
+        _, snap = next(writes)
+        if snap.codes is not None:
+            if keep_vectors:
+                raise ValueError("codes in the snapshot of a memory that keeps float32 vectors")
+            table = SlotTable(index.dim, False, track_usage)
+            table.append(snap.ids, vocab.intern(snap.labels, vocab.kind), snap.weights, None, snap.used)
+            state = cls(table, index.loaded(snap.codebook, snap.codes, trained_on or len(snap.ids)))
+            for drop, slots in writes:
+                rows = table.rows_of(drop)
+                append = None if slots is None or not len(slots.ids) else \
+                    (slots.ids, vocab.intern(slots.labels, vocab.kind), slots.weights, slots.vectors, slots.used)
+                state.apply(rows[rows >= 0], append)
+            due = state.too_dead(0) or state.index.needs_rebuild(table.n_alive)
+            return state.rebuilt() if due else state
         table = SlotTable(index.dim, True, track_usage)  # replay needs the vectors; dropped below
-        for drop, slots in writes:
+        for drop, slots in [(np.empty(0, np.int64), snap), *writes]:
             rows = table.rows_of(drop)
             table.kill(rows[rows >= 0])
             if slots is not None and len(slots.ids):

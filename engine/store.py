@@ -6,7 +6,7 @@ one process that may write it:
     manifest.json            format version, memory id, settings, the snapshot
                              (file, sha256, rows) and the log segments, with a
                              SHA-256 of its own canonical bytes
-    snapshot-000007.arrow    Arrow IPC file: id, label, weight, vector, used
+    snapshot-000007.arrow    Arrow IPC file: id, label, [weight], [used], vector or code (codec.py)
     wal-000008.arrows        write-ahead log segment (see :mod:`engine.wal`)
 
 Durability is fail-stop. A write is acknowledged only once its record is fsynced
@@ -44,7 +44,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import fsio, wal
-from .codec import Columns, slot_schema
+from .codec import CODEBOOK_KEY, Columns, snapshot_schema
 from .errors import (
     CorruptFileError,
     FormatVersionError,
@@ -455,8 +455,9 @@ def write_snapshot(directory: Path, dir_fd: int, name: str, dim: int, kind: str,
     Raises:
         StorageError: nothing is left behind.
     """
-    schema = slot_schema(dim, kind).with_metadata({"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    table = pa.Table.from_arrays(slots.arrays(dim, kind), schema=schema)
+    table = slots.snapshot_table(dim, kind, weights=bool((slots.weights != 1.0).any()), used=bool(slots.used.any()),
+                                 metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
+    schema = table.schema
     tmp, final = directory / (name + ".tmp"), directory / name
     sink = _HashingSink()
     try:
@@ -507,8 +508,14 @@ def _read_snapshot(file: Path, entry: dict, dim: int, kind: str | None) -> Colum
         kind = "int"
     try:
         table = pa.ipc.open_file(file).read_all()
-        if not table.schema.remove_metadata().equals(slot_schema(dim, kind)):
+        names, types = table.schema.names, table.schema.types
+        code_size = types[-1].byte_width if names[-1:] == ["code"] and pa.types.is_fixed_size_binary(types[-1]) \
+            else None
+        expected = snapshot_schema(dim, kind, weights="weight" in names, used="used" in names, code_size=code_size)
+        if not table.schema.remove_metadata().equals(expected):
             raise ValueError(f"unexpected schema {table.schema} for a memory of dim {dim} and {kind} labels")
+        if code_size is not None and not (table.schema.metadata or {}).get(CODEBOOK_KEY):
+            raise ValueError("a code column without its codebook")
         slots = Columns.from_arrow(table, dim)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise CorruptFileError(f"{file}: unreadable snapshot ({exc})") from None
