@@ -22,25 +22,7 @@ import numpy as np
 
 from engine import Memory
 from engine.data import clustered
-from engine.data.synthetic import LEARNED_LIKE
-
-
-def isotropic(n, dim, classes, seed, queries):
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((classes, dim))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-
-    def draw(m):
-        y = rng.integers(0, classes, m)
-        return (centres[y] + rng.standard_normal((m, dim)) / np.sqrt(dim)).astype(np.float32), y
-
-    return (*draw(n), *draw(queries)[:1])
-
-
-def uniform(n, dim, seed, queries):
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, dim)).astype(np.float32), rng.integers(0, 10, n),
-            rng.standard_normal((queries, dim)).astype(np.float32))
+from engine.data.synthetic import LEARNED_LIKE, isotropic, uniform
 
 
 def main(argv=None) -> list[dict]:
@@ -55,8 +37,8 @@ def main(argv=None) -> list[dict]:
     cases = {
         "learned-like clusters": lambda: clustered(n, d, n_classes=100, seed=1, queries=m, **LEARNED_LIKE)[::2],
         "clustered (default)": lambda: clustered(n, d, n_classes=100, seed=2, queries=m)[::2],
-        "isotropic, 2,000 classes": lambda: isotropic(n, d, 2000, 3, m),
-        "uniform": lambda: uniform(n, d, 4, m),
+        "isotropic, 2,000 classes": lambda: isotropic(n, d, n_classes=2000, seed=3, queries=m)[::2],
+        "uniform": lambda: uniform(n, d, seed=4, queries=m)[::2],
     }
     rows = []
     for name, make in cases.items():

@@ -3,9 +3,12 @@
     python bench/scale.py --out runs/bench          # 1k..1M slots at d=64, plus 100k at d=256
     python bench/scale.py --sizes 1000 10000 --no-extra --out runs/smoke
 
-Data: ``engine.data.clustered`` with :data:`engine.data.synthetic.LEARNED_LIKE`
+Data: by default ``engine.data.clustered`` with :data:`engine.data.synthetic.LEARNED_LIKE`
 settings (seeded; n/100 classes of 4 modes each, anisotropic noise calibrated
-on learned embeddings), and 1,000 queries drawn from the same distribution.
+on learned embeddings), and 1,000 queries drawn from the same distribution;
+``--data`` picks another of :data:`engine.data.synthetic.DISTRIBUTIONS`
+(clustered, isotropic with 2,000 classes, uniform) to check the defaults on data
+they were not tuned on.
 
 Every (size, method) runs in a fresh process, so peak RSS is its own. Methods:
 - ``dense``: full attention in torch over every slot, float32 (the plain
@@ -16,7 +19,7 @@ Every (size, method) runs in a fresh process, so peak RSS is its own. Methods:
   (up to ``--hnsw-max`` slots: its build is slow) as engine memories. For each:
   ingest rate (index training included), batched (1,000 queries) and single-query
   latency at k=64, the same FAISS index searched bare with the same parameters
-  (our overhead), bytes per slot, peak RSS, argmax agreement and total-variation
+  (our overhead), bytes per slot in RAM and on disk (a saved copy), peak RSS, argmax agreement and total-variation
   distance to dense attention, the tail bounds, and recall@k against exact search;
 - for IVF memories, a sweep of nprobe: latency, agreement and recall per value,
   from which the ``auto`` rule is read.
@@ -36,6 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.data.synthetic import DISTRIBUTIONS
 from engine.index import AUTO_FLAT_MAX
 
 K = 64
@@ -45,11 +49,13 @@ SINGLES = 200
 NPROBES = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
-def data(n: int, dim: int, queries: int, seed: int):
-    from engine.data import clustered
-    from engine.data.synthetic import LEARNED_LIKE
+DATA = "learned-like"  # which of engine.data.synthetic.DISTRIBUTIONS (--data)
 
-    return clustered(n, dim, n_classes=max(10, n // 100), seed=seed, queries=queries, **LEARNED_LIKE)
+
+def data(n: int, dim: int, queries: int, seed: int):
+    from engine.data.synthetic import DISTRIBUTIONS
+
+    return DISTRIBUTIONS[DATA](n, dim, seed, queries)
 
 
 def unit(x: np.ndarray) -> np.ndarray:
@@ -108,8 +114,8 @@ def spec_for(method: str, n: int, dim: int) -> tuple[str, dict]:
 
     if method == "IVF":  # auto's IVF rule at any size (auto itself stays Flat while small)
         return f"IVF{auto_nlist(n)},Flat", {}
-    if method == "IVF-PQ":  # codes only, d/4 bytes a vector
-        return f"IVF{auto_nlist(n)},PQ{dim // 4}", {"rescore": False}
+    if method == "IVF-PQ":  # codes only, d/4 bytes a vector, no usage times: the smallest memory
+        return f"IVF{auto_nlist(n)},PQ{dim // 4}", {"rescore": False, "track_usage": False}
     return method, {}
 
 
@@ -165,6 +171,9 @@ def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path:
         bare(one)
         bare_singles.append(time.perf_counter() - t0)
     stats = mem.stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        saved = mem.save(Path(tmp) / "m")
+        disk = sum(f.stat().st_size for f in saved.iterdir())
     row = {"method": method, "index": stats.index, "exact": stats.exact, "ingest_s": ingest_s,
            "ingest_slots_per_s": n / ingest_s, "batch_s": batch_s, "batch_qps": len(q) / batch_s,
            "faiss_batch_s": faiss_s, "overhead_batch": batch_s / faiss_s,
@@ -173,6 +182,7 @@ def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path:
            "overhead_single": percentile_ms(singles, 50) / percentile_ms(bare_singles, 50),
            "bytes_per_slot": stats.bytes_total / stats.slots,
            "bytes_per_slot_vs_raw": stats.bytes_total / stats.slots / (4 * dim),
+           "disk_bytes_per_slot": disk / stats.slots,
            "peak_rss_mb": peak_rss_mb(), **agreement(res, ref["probs"], ref["truth"])}
     if stats.nlist is not None:
         row["nprobe"] = baseline.nprobe
@@ -199,7 +209,9 @@ def nprobe_sweep(mem, q, ref, repeats: int) -> list[dict]:
     return out
 
 
-def child(kind: str, args: tuple, conn) -> None:
+def child(kind: str, args: tuple, conn, distribution: str) -> None:
+    global DATA
+    DATA = distribution
     try:
         conn.send(("ok", run_dense(*args) if kind == "dense" else run_memory(*args)))
     except Exception as exc:  # report it to the parent rather than leave it waiting
@@ -210,7 +222,7 @@ def in_process(kind: str, *args) -> dict:
     """Run one measurement in a fresh process (so its peak RSS is its own)."""
     ctx = mp.get_context("spawn")
     recv, send = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=child, args=(kind, args, send))
+    proc = ctx.Process(target=child, args=(kind, args, send, DATA))
     proc.start()
     status, payload = recv.recv()
     proc.join()
@@ -284,7 +296,8 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def table(rows: list[dict]) -> str:
     head = ("| slots | d | method | index | ingest slots/s | batch q/s | vs dense | vs bare FAISS (batch / single) "
-            "| single p50 ms | bytes/slot (x raw) | peak RSS MiB | argmax agree | mean TV | median recall@64 |")
+            "| single p50 ms | bytes/slot RAM (x raw) | disk (x raw) | nprobe | peak RSS MiB | argmax agree | mean TV "
+            "| median recall@64 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     dense = {(r["size"], r["dim"]): r for r in rows if r["method"] == "dense"}
     for r in rows:
@@ -293,9 +306,12 @@ def table(rows: list[dict]) -> str:
         over = (f"{r['overhead_batch']:.2f} / {r['overhead_single']:.2f}" if "overhead_batch" in r else "-")
         ingest = f"{r['ingest_slots_per_s']:,.0f}" if "ingest_slots_per_s" in r else "-"
         raw = r["bytes_per_slot"] / (4 * r["dim"])
+        disk = f"{r['disk_bytes_per_slot']:.0f} ({r['disk_bytes_per_slot'] / (4 * r['dim']):.2f}x)" \
+            if "disk_bytes_per_slot" in r else "-"
         lines.append(f"| {r['size']:,} | {r['dim']} | {r['method']} | {r.get('index', 'torch')} | {ingest} "
                      f"| {r['batch_qps']:,.0f} | {speedup} | {over} | {r['single_p50_ms']:.2f} "
-                     f"| {r['bytes_per_slot']:.0f} ({raw:.2f}x) | {r['peak_rss_mb']:,.0f} "
+                     f"| {r['bytes_per_slot']:.0f} ({raw:.2f}x) | {disk} | {r.get('nprobe') or '-'} "
+                     f"| {r['peak_rss_mb']:,.0f} "
                      f"| {r['argmax_agreement']:.4f} | {r['tv_mean']:.4f} | {r['recall_median']:.3f} |")
     return "\n".join(lines)
 
@@ -314,8 +330,14 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--sweep", action=argparse.BooleanOptionalAction, default=True, help="nprobe sweep for IVF")
     ap.add_argument("--singles", type=int, default=SINGLES, help="single queries timed per run")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", choices=sorted(DISTRIBUTIONS), default="learned-like",
+                    help="the distribution (engine.data.synthetic.DISTRIBUTIONS); not learned-like: "
+                         "results go to scale-<data>.*")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args(argv)
+    global DATA
+    DATA = args.data
+    stem = "scale" if args.data == "learned-like" else f"scale-{args.data}"
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
@@ -327,10 +349,10 @@ def main(argv=None) -> list[dict]:
             else:
                 row = in_process("memory", method, n, d, args.queries, args.seed, ref, args.singles, args.sweep)
             rows.append({"size": n, "dim": d, **row})
-            (args.out / "scale.json").write_text(json.dumps({"meta": meta(args), "results": rows}, indent=2))
-    plot(rows, args.out / "scale.png")
+            (args.out / f"{stem}.json").write_text(json.dumps({"meta": meta(args), "results": rows}, indent=2))
+    plot(rows, args.out / f"{stem}.png")
     text = table(rows)
-    (args.out / "scale.md").write_text(text + "\n")
+    (args.out / f"{stem}.md").write_text(text + "\n")
     print(text)
     return rows
 
@@ -342,7 +364,7 @@ def meta(args) -> dict:
     return {"machine": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpus": mp.cpu_count(), "python": platform.python_version(), "faiss": faiss.__version__,
             "torch": torch.__version__, "numpy": np.__version__, "k": K, "temperature": TEMPERATURE,
-            "queries": args.queries, "seed": args.seed, "data": "engine.data.clustered(**LEARNED_LIKE)"}
+            "queries": args.queries, "seed": args.seed, "data": f"engine.data.synthetic.DISTRIBUTIONS[{args.data!r}]"}
 
 
 if __name__ == "__main__":

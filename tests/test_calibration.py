@@ -12,31 +12,11 @@ import pytest
 import engine
 from engine import Memory
 from engine.data import clustered
-from engine.data.synthetic import LEARNED_LIKE
+from engine.data.synthetic import LEARNED_LIKE, isotropic, uniform
 
 from .reference import brute_force_topk
 
 N, DIM, K = 200_000, 64, 64
-
-
-def isotropic(n, dim, classes, seed, queries):
-    """Tight isotropic clusters, few slots per class: the data the old fixed rule lost points on."""
-    rng = np.random.default_rng(seed)
-    centres = rng.standard_normal((classes, dim))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-
-    def draw(m):
-        y = rng.integers(0, classes, m)
-        return (centres[y] + rng.standard_normal((m, dim)) / np.sqrt(dim)).astype(np.float32), y
-
-    return (*draw(n), *draw(queries))
-
-
-def uniform(n, dim, seed, queries):
-    """No structure at all: the hardest case for an inverted file."""
-    rng = np.random.default_rng(seed)
-    return (rng.standard_normal((n, dim)).astype(np.float32), rng.integers(0, 10, n),
-            rng.standard_normal((queries, dim)).astype(np.float32), None)
 
 
 def recall_at_k(mem, x, q):
@@ -49,7 +29,7 @@ def recall_at_k(mem, x, q):
 def test_auto_reaches_its_recall_on_three_distributions_without_a_set_nprobe():
     cases = {
         "learned-like": clustered(N, DIM, n_classes=100, seed=1, queries=200, **LEARNED_LIKE),
-        "isotropic, 2000 classes": isotropic(N, DIM, 2000, seed=3, queries=200),
+        "isotropic, 2000 classes": isotropic(N, DIM, n_classes=2000, seed=3, queries=200),
         "uniform": uniform(N, DIM, seed=4, queries=200),
     }
     chosen = {}
@@ -77,7 +57,7 @@ def test_explicit_breadth_wins_and_hnsw_is_calibrated_too():
 
 
 def test_a_lower_target_buys_a_cheaper_search_and_bad_targets_are_refused():
-    x, y, q, _ = isotropic(40_000, 32, 400, seed=6, queries=100)
+    x, y, q, _ = isotropic(40_000, 32, n_classes=400, seed=6, queries=100)
     strict, loose = Memory(32, index="IVF128,Flat"), Memory(32, index="IVF128,Flat", recall=0.8)
     strict.add(x, y)
     loose.add(x, y)

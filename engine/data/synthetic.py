@@ -75,3 +75,48 @@ def clustered(
 
 # Settings close to learned embeddings (see the module docstring): used by bench/scale.py.
 LEARNED_LIKE = {"modes": 4, "class_spread": 0.3, "mode_spread": 0.3, "noise": 0.6, "noise_decay": 1.0}
+
+
+def isotropic(n: int, dim: int, *, n_classes: int = 2000, seed: int = 0, queries: int = 0):
+    """Tight isotropic clusters around random unit centres, few slots per class when
+    ``n_classes`` is large: a harder case for an inverted file than :func:`clustered`.
+
+    Returns:
+        As :func:`clustered`.
+    """
+    rng = np.random.default_rng(seed)
+    centres = _unit(rng.standard_normal((n_classes, dim)))
+
+    def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, n_classes, m)
+        return (centres[y] + rng.standard_normal((m, dim)) / np.sqrt(dim)).astype(np.float32), y.astype(np.int64)
+
+    x, y = draw(n)
+    return (x, y, *draw(queries)) if queries else (x, y)
+
+
+def uniform(n: int, dim: int, *, n_classes: int = 10, seed: int = 0, queries: int = 0):
+    """Gaussian vectors with random labels, no structure at all: the hardest case for an
+    inverted file (labels carry no signal; only search recall means anything here).
+
+    Returns:
+        As :func:`clustered`.
+    """
+    rng = np.random.default_rng(seed)
+
+    def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
+        return rng.standard_normal((m, dim)).astype(np.float32), rng.integers(0, n_classes, m).astype(np.int64)
+
+    x, y = draw(n)
+    return (x, y, *draw(queries)) if queries else (x, y)
+
+
+# Distributions of different difficulty, by name: (n, dim, seed, queries) -> (x, y, qx, qy).
+# The benchmarks and tests check the engine's defaults on each.
+DISTRIBUTIONS = {
+    "learned-like": lambda n, dim, seed, queries: clustered(n, dim, n_classes=max(10, n // 100), seed=seed,
+                                                           queries=queries, **LEARNED_LIKE),
+    "clustered": lambda n, dim, seed, queries: clustered(n, dim, n_classes=100, seed=seed, queries=queries),
+    "isotropic": lambda n, dim, seed, queries: isotropic(n, dim, n_classes=2000, seed=seed, queries=queries),
+    "uniform": lambda n, dim, seed, queries: uniform(n, dim, seed=seed, queries=queries),
+}
