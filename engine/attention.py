@@ -53,8 +53,9 @@ def attend(
     *,
     n_classes: int,
     temperature: float,
-    omitted_weight: np.ndarray,
+    omitted_weight: np.ndarray | float | None = None,
     padded: bool | None = None,
+    omitted_log_mass: np.ndarray | None = None,
 ) -> Attention:
     """Weighted top-k softmax attention with the omitted-mass bound (numpy, float64).
 
@@ -65,8 +66,12 @@ def attend(
         class_idx: (n, k) class index of each slot in ``[0, n_classes)``, -1 for padding.
         n_classes: number of classes C.
         temperature: softmax temperature ``T > 0``.
-        omitted_weight: (n,) total mass of the slots not retrieved for each query.
+        omitted_weight: (n,) total mass of the slots not retrieved for each query; their
+            attention mass is then bounded by ``omitted_weight exp(s_k / T)``.
         padded: whether any ``class_idx`` is -1 (None: look).
+        omitted_log_mass: instead of ``omitted_weight``, the log of a bound already known on
+            the unnormalised mass ``sum w_i exp(s_i / T)`` of the slots left out (-inf: none),
+            as a merge of several memories' answers has it.
 
     Returns:
         An :class:`Attention`; its dense ``probs`` are computed when first read.
@@ -91,7 +96,10 @@ def attend(
         z = np.maximum(z, np.finfo(np.float64).tiny)
     attention /= z[:, None]
     # B and Z both scaled by exp(-m)
-    b = np.asarray(omitted_weight, dtype=np.float64) * np.exp(low - m[:, 0])
+    if omitted_log_mass is not None:
+        b = np.exp(np.asarray(omitted_log_mass, dtype=np.float64) - m[:, 0])
+    else:
+        b = np.asarray(omitted_weight, dtype=np.float64) * np.exp(low - m[:, 0])
     tail_bound = np.where(b > 0, b / (z + b), 0.0)
     return Attention(attention=attention, tail_bound=tail_bound, class_idx=class_idx, n_classes=n_classes)
 

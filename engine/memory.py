@@ -37,7 +37,7 @@ from .calibration import RECALL_TARGET, Calibration
 from .index import BareSearch, SearchSettings, VectorIndex, validate_spec
 from .labels import Vocabulary
 from .locks import RWLock
-from .results import CompactionReport, MemoryStats, QueryResult, Slots
+from .results import CompactionReport, MemoryStats, QueryResult, Retrieved, Slots
 from .slots import SlotTable
 from .state import State
 from .store import MANIFEST, Recovered, Store
@@ -47,7 +47,7 @@ METRICS = ("cosine", "ip")
 MAX_WAL_SEGMENTS = 8
 # The settings a durable memory keeps in its manifest (besides dim and next_id).
 SETTINGS = ("metric", "index", "temperature", "nprobe", "ef_search", "budget", "slack", "policy", "rescore",
-            "recall", "track_usage")
+            "recall", "track_usage", "id_stride", "id_offset")
 
 
 class Memory:
@@ -76,6 +76,8 @@ class Memory:
         track_usage: keep, per slot, when it was last written or retrieved (8 bytes a slot),
             which the "age" compaction policy needs. False saves the bytes and the stamp on
             every query; the "age" policy is then refused.
+        id_stride, id_offset: automatic ids are drawn from ``id % id_stride == id_offset``
+            (a shard of :class:`engine.cluster.ShardedMemory` owns one such class of ids).
 
     Raises:
         InvalidValueError: a bad dim, metric, temperature, index string, budget or policy.
@@ -98,6 +100,8 @@ class Memory:
         rescore: bool = True,
         recall: float = RECALL_TARGET,
         track_usage: bool = True,
+        id_stride: int = 1,
+        id_offset: int = 0,
     ):
         self.dim = checks.integer("dim", dim)
         if metric not in METRICS:
@@ -109,6 +113,10 @@ class Memory:
         if not isinstance(track_usage, bool):
             raise InvalidValueError(f"track_usage must be True or False, got {track_usage!r}")
         self._track_usage = track_usage
+        stride = checks.integer("id_stride", id_stride)
+        self._id_space = (checks.integer("id_offset", id_offset, low=0), stride)
+        if self._id_space[0] >= stride:
+            raise InvalidValueError(f"id_offset must be below id_stride ({stride}), got {id_offset}")
         self._check_policy(policy)
         self.metric = metric
         self._temperature = checks.temperature(temperature)
@@ -144,7 +152,7 @@ class Memory:
         return {"metric": self.metric, "index": self._state.index.spec, "temperature": self._temperature,
                 "nprobe": self._search.nprobe, "ef_search": self._search.ef_search, "budget": self._budget,
                 "slack": self._slack, "policy": self._policy, "rescore": self._rescore, "recall": self._recall,
-                "track_usage": self._track_usage,
+                "track_usage": self._track_usage, "id_stride": self._id_space[1], "id_offset": self._id_space[0],
                 "next_id": self._next_id, "calibration": self._calibration()}
 
     def _calibration(self, state: State | None = None) -> dict | None:
@@ -249,7 +257,7 @@ class Memory:
             n = len(v)
             labels, kind = self._vocab.check(labels, n)
             w = checks.weights(weights, n)
-            ids = self._state.new_ids(ids, n, upsert=upsert, next_id=self._next_id)
+            ids = self._state.new_ids(ids, n, upsert=upsert, next_id=self._next_id, space=self._id_space)
             if n == 0:
                 return ids
             now = time.time()
@@ -351,7 +359,7 @@ class Memory:
 
         def fresh(n: int) -> np.ndarray:
             nonlocal next_id
-            ids, next_id = self._state.fresh_ids(n, next_id, taken=live.ids)
+            ids, next_id = self._state.fresh_ids(n, next_id, taken=live.ids, space=self._id_space)
             return ids
 
         table, vectors = compaction.shrink(live, vectors, budget=budget, policy=policy,
@@ -436,6 +444,28 @@ class Memory:
             return query.answer(state, self._vocab, q, k=min(k, state.table.n_alive), k_requested=k, tail=tail,
                                 temperature=self._temperature)
 
+    def retrieve(self, queries, *, k: int = 64) -> Retrieved:
+        """Each query's top-k slots with their scores, masses and labels, and the mass left
+        out, without attention: what :class:`engine.cluster.ShardedMemory` merges across
+        shards. ``query`` is attention over the same slots.
+
+        Raises:
+            EmptyMemoryError: the memory holds no slots.
+            DimensionError, InvalidValueError: bad queries or k.
+        """
+        q = checks.vectors(queries, self.dim, self.metric, "queries")
+        k = checks.integer("k", k)
+        with self._lock.read():
+            state = self._state
+            if state.table.n_alive == 0:
+                raise EmptyMemoryError("the memory is empty: add slots before querying")
+            return query.retrieve(state, self._vocab, q, min(k, state.table.n_alive))
+
+    @property
+    def next_id(self) -> int:
+        """The id automatic ids start from: above every id the memory ever held."""
+        return self._next_id
+
     def get(self, ids) -> Slots:
         """Read slots back by id, in the order given.
 
@@ -447,6 +477,16 @@ class Memory:
             rows = self._state.rows_or_raise(ids)
             slots = self._state.columns(self._vocab, rows)
             return Slots(ids=ids.copy(), labels=slots.labels, weights=slots.weights.copy(), vectors=slots.vectors)
+
+    def classes(self) -> np.ndarray:
+        """The labels with at least one live slot (the columns ``query`` answers over)."""
+        with self._lock.read():
+            return self._state.classes(self._vocab)[0].copy()
+
+    @property
+    def label_kind(self) -> str | None:
+        """"int" or "str" once a label was written, else None."""
+        return self._vocab.kind
 
     def ids(self) -> np.ndarray:
         """The ids of every slot in the memory, ascending."""

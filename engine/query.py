@@ -14,7 +14,7 @@ import numpy as np
 
 from .attention import Attention, attend, top_class
 from .labels import Vocabulary
-from .results import QueryResult
+from .results import QueryResult, Retrieved
 from .state import State
 
 EPS = np.finfo(np.float64).eps
@@ -75,16 +75,37 @@ def attention(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndar
         class_idx = np.where(valid, columns[t.label_idx[safe]], -1)
         used = np.where(valid, weights, 0.0).sum(axis=1)
         n_used = valid.sum(axis=1)
-    if t.unit_weights:  # exact: a count of slots; 0 once every slot is used
-        omitted = np.maximum(t.n_alive - np.asarray(n_used, np.float64), 0.0) if padded else \
-            float(max(t.n_alive - n_used, 0))
-    else:
-        # an upper bound despite rounding: the running total's own error bound, plus the
-        # error of summing the k retrieved weights
-        err = t.weight_error + used * (rows.shape[1] + 2) * EPS
-        omitted = np.where(n_used >= t.n_alive, 0.0, np.maximum(t.total_weight - used, 0.0) + err)
+    omitted = omitted_weight(t, used, n_used, rows.shape[1], padded)
     return attend(scores, weights, class_idx, n_classes=len(classes), temperature=temperature,
                   omitted_weight=omitted, padded=padded)
+
+
+def omitted_weight(t, used, n_used, k: int, padded: bool):
+    """Mass of the live slots not retrieved: exact (a count) with unit weights, else an upper
+    bound despite rounding (the running total's own error bound, plus that of summing the k
+    retrieved weights ``used``)."""
+    if t.unit_weights:  # 0 once every slot is used
+        return np.maximum(t.n_alive - np.asarray(n_used, np.float64), 0.0) if padded else \
+            float(max(t.n_alive - n_used, 0))
+    err = t.weight_error + used * (k + 2) * EPS
+    return np.where(n_used >= t.n_alive, 0.0, np.maximum(t.total_weight - used, 0.0) + err)
+
+
+def retrieve(state: State, vocab: Vocabulary, q: np.ndarray, k: int) -> Retrieved:
+    """Each query's top-k slots (``k`` already clamped), with their masses and labels, and
+    the mass of the slots left out: no attention (see :class:`~engine.results.Retrieved`)."""
+    scores, rows = search(state, q, k)
+    t = state.table
+    valid = rows >= 0
+    safe = np.where(valid, rows, 0)
+    weights = np.where(valid, t.weights[safe], 1.0)
+    used = np.where(valid, weights, 0.0).sum(axis=1)
+    omitted = omitted_weight(t, used, valid.sum(axis=1), rows.shape[1], True)
+    t.touch(rows[valid], time.time())
+    labels = vocab.array(t.label_idx[safe].ravel()).reshape(rows.shape)
+    return Retrieved(ids=np.where(valid, t.ids[safe], -1), scores=np.where(valid, scores, -np.inf).astype(np.float32),
+                     weights=weights, labels=labels, omitted_weight=np.asarray(omitted, np.float64),
+                     total_weight=float(t.total_weight), exact=state.index.exact)
 
 
 def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature):

@@ -25,6 +25,8 @@ class QueryResult:
         k_requested: the ``k`` asked for; ``k < k_requested`` means it was clamped
             to the memory's size (or the index found fewer).
         slot_classes: (n, k) column of ``classes`` of each retrieved slot, -1 on padding.
+        missing_shards: shards of a :class:`~engine.cluster.ShardedMemory` that did not
+            answer a query made with ``allow_partial`` (``tail_bound`` covers their mass).
 
     ``probs``, the (n, C) class probabilities, is built from ``attention`` and
     ``slot_classes`` when first read: with many classes it is large, and most
@@ -41,6 +43,7 @@ class QueryResult:
     k: int
     k_requested: int
     slot_classes: np.ndarray | None = None
+    missing_shards: tuple = ()
     _probs: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -66,7 +69,8 @@ class QueryResult:
                       scores=self.scores[lo:hi, :width], attention=self.attention[lo:hi, :width],
                       tail_bound=self.tail_bound[lo:hi], exact_bound=self.exact_bound, k=used,
                       k_requested=self.k_requested,
-                      slot_classes=None if self.slot_classes is None else self.slot_classes[lo:hi, :width])
+                      slot_classes=None if self.slot_classes is None else self.slot_classes[lo:hi, :width],
+                      missing_shards=self.missing_shards)
         if self._probs is not None:
             return QueryResult.with_probs(self._probs[lo:hi], **sliced)
         return QueryResult(**sliced)
@@ -78,6 +82,40 @@ class QueryResult:
 
     def __len__(self) -> int:
         return len(self.labels)
+
+
+@dataclass(frozen=True)
+class Retrieved:
+    """Each query's top-k slots without attention (:meth:`engine.Memory.retrieve`): what a
+    merge of several memories' answers needs to compute exact attention over the union.
+
+    Attributes:
+        ids: (n, k) ids of the retrieved slots, best first; -1 where fewer were found.
+        scores: (n, k) float32 similarities (-inf on padding).
+        weights: (n, k) slot masses (1 on padding).
+        labels: (n, k) labels (int64, or object for str labels; arbitrary on padding).
+        omitted_weight: (n,) total mass of the live slots not retrieved (an upper bound).
+        total_weight: mass of every live slot.
+        exact: the index is exact, so every slot left out scores at most the last one retrieved.
+    """
+
+    ids: np.ndarray
+    scores: np.ndarray
+    weights: np.ndarray
+    labels: np.ndarray
+    omitted_weight: np.ndarray
+    total_weight: float
+    exact: bool
+
+    def omitted_log_mass(self, temperature: float) -> np.ndarray:
+        """(n,) log of a bound on ``sum w exp(s / T)`` over the slots left out: the mass left
+        out times exp(s_k / T), s_k the lowest score retrieved (-inf when nothing is left out).
+        A certificate for an exact index, an estimate otherwise."""
+        valid = self.ids >= 0
+        low = np.where(valid, self.scores.astype(np.float64), np.inf).min(axis=1) / temperature
+        with np.errstate(divide="ignore"):
+            out = np.log(self.omitted_weight) + low
+        return np.where(self.omitted_weight > 0, out, -np.inf)
 
 
 @dataclass(frozen=True)

@@ -61,14 +61,14 @@ class State:
             raise UnknownIdError(f"unknown ids: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}", unknown)
         return rows
 
-    def new_ids(self, ids, n: int, *, upsert: bool, next_id: int) -> np.ndarray:
+    def new_ids(self, ids, n: int, *, upsert: bool, next_id: int, space: tuple[int, int] = (0, 1)) -> np.ndarray:
         """The ids of n new slots: checked ones given by the caller, or fresh ones from ``next_id``.
 
         Raises:
             InvalidValueError, DuplicateIdError: bad, repeated or (without ``upsert``) existing ids.
         """
         if ids is None:
-            return self.fresh_ids(n, next_id)[0]
+            return self.fresh_ids(n, next_id, space=space)[0]
         ids = checks.ids(ids)
         if len(ids) != n:
             raise InvalidValueError(f"{n} vectors but {len(ids)} ids")
@@ -175,16 +175,24 @@ class State:
         """A new state over ``table`` (all rows live) and its ``vectors``, indexed like this one."""
         return State(table, self.index.build(vectors))
 
-    def fresh_ids(self, n: int, start: int, taken: np.ndarray | None = None) -> tuple[np.ndarray, int]:
+    def fresh_ids(self, n: int, start: int, taken: np.ndarray | None = None,
+                  space: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, int]:
         """n ids no live slot (and nothing in ``taken``) has, and the next id after them.
 
-        Counts up from ``start``; once that would pass the int64 limit (a caller wrote
-        ids near it), takes the lowest free ids instead.
+        Ids are drawn from ``space`` = (offset, stride): ids ``i`` with ``i % stride == offset``
+        (a shard of a sharded memory owns one such class). Counts up from ``start``; once
+        that would pass the int64 limit (a caller wrote ids near it), takes the lowest free
+        ids of the space instead.
         """
-        if start + n - 1 <= INT64_MAX:
-            return np.arange(start, start + n, dtype=np.int64), start + n
+        offset, stride = space
+        first = start + (offset - start) % stride
+        last = first + stride * (n - 1)
+        if last <= INT64_MAX:
+            return first + stride * np.arange(n, dtype=np.int64), last + 1
         used = self.table.sorted_ids if taken is None else np.union1d(self.table.sorted_ids, taken)
-        free = np.setdiff1d(np.arange(len(used) + n, dtype=np.int64), used)[:n]
+        used = used[used % stride == offset]
+        room = offset + stride * np.arange(len(used) + n, dtype=np.int64)
+        free = np.setdiff1d(room, used)[:n]
         if len(free) < n:  # pragma: no cover - 2**63 live slots
             raise InvalidValueError("no free ids left")
         return free, start

@@ -323,3 +323,26 @@ def test_k_covering_the_memory_returns_every_live_slot(rng, spec):
     for row in res.ids:
         assert sorted(row.tolist()) == m.ids().tolist()
     assert (res.tail_bound == 0).all()
+
+
+def test_automatic_ids_stay_in_their_id_space(tmp_path):
+    """id_stride / id_offset: every automatic id, added or made by a merge, is offset mod stride."""
+    rng = np.random.default_rng(9)
+    x = rng.standard_normal((600, 8)).astype(np.float32)
+    y = rng.integers(0, 5, 600)
+    mem = Memory(8, id_stride=3, id_offset=2, path=tmp_path / "m")
+    a = mem.add(x[:300], y[:300])
+    mem.add(x[300:310], y[300:310], ids=np.arange(1000, 1010))  # explicit ids are the caller's
+    b = mem.add(x[310:], y[310:])
+    assert (a % 3 == 2).all() and (b % 3 == 2).all() and b.min() > 1009
+    mem.compact(budget=40, policy="merge")
+    merged = np.setdiff1d(mem.ids(), np.concatenate([a, b, np.arange(1000, 1010)]))
+    assert len(merged) and (merged % 3 == 2).all()
+    mem.close()
+    again = Memory.open(tmp_path / "m")
+    c = again.add(x[:5], y[:5])
+    assert (c % 3 == 2).all() and c.min() > mem.ids().max()
+    again.close()
+    for bad in ({"id_stride": 0}, {"id_offset": 3, "id_stride": 3}, {"id_offset": -1}, {"id_stride": 2.5}):
+        with pytest.raises(engine.InvalidValueError):
+            Memory(8, **bad)

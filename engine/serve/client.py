@@ -4,7 +4,8 @@
     mem = Client("grpc://127.0.0.1:8815", memory="my-memory")        # served
 
 Both answer ``add``, ``query``, ``remove``, ``get``, ``compact``, ``stats``,
-``save`` and ``len()`` the same way and raise the same exception types.
+``save``, ``len()`` and ``in`` the same way (:class:`engine.protocol.MemoryLike`)
+and raise the same exception types.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from .. import codec, errors
+from ..checks import INT64_MAX
+from ..errors import UnknownIdError
 from ..labels import dtype as labels_dtype
 from ..labels import kind_of
 from ..results import CompactionReport, MemoryStats, QueryResult, Slots
@@ -127,6 +130,15 @@ class Client:
 
     def __len__(self) -> int:
         return self.stats().slots
+
+    def __contains__(self, id_) -> bool:
+        if isinstance(id_, bool) or not isinstance(id_, (int, np.integer)) or not 0 <= id_ <= INT64_MAX:
+            return False
+        try:
+            self.get([int(id_)])
+        except UnknownIdError:
+            return False
+        return True
 
     def close(self) -> None:
         self._flight.close()

@@ -1,0 +1,79 @@
+"""The exact merge of several memories' top-k answers (no Ray here: plain numpy).
+
+Each shard answers with its own top-k (:class:`~engine.results.Retrieved`). The global
+top-k by score is among the union of the shards' top-k, so attention over it is the
+attention a single memory holding every slot would compute. The mass left out is
+bounded by, per shard, its own omitted-mass bound (``W_omitted exp(s_k / T)``), plus
+the exact mass of slots a shard returned that the global top-k dropped, plus, for a
+shard that did not answer, a bound on its whole mass. All of it in log space.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..attention import attend, top_class
+from ..results import QueryResult, Retrieved
+
+
+def log_add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """log(exp(a) + exp(b)) elementwise, -inf safe."""
+    return np.logaddexp(a, b)
+
+
+def merge(parts: list[Retrieved], k: int, k_requested: int, temperature: float, *,
+          missing_log_mass: np.ndarray | float = -np.inf, exact: bool | None = None,
+          missing_shards: tuple[int, ...] = ()) -> QueryResult:
+    """Attention over the global top-k of the shards' answers.
+
+    Args:
+        parts: the answers of the shards that answered (at least one).
+        k: slots to keep per query (already clamped to the slots there are).
+        k_requested: the k the caller asked for.
+        temperature: the memories' shared temperature.
+        missing_log_mass: log of a bound on the mass of shards that did not answer (-inf: none).
+        exact: whether the bound is a certificate (default: every part is exact).
+        missing_shards: the shards that did not answer (recorded in the result).
+    """
+    ids = np.concatenate([p.ids for p in parts], axis=1)
+    scores = np.concatenate([p.scores for p in parts], axis=1)
+    weights = np.concatenate([p.weights for p in parts], axis=1)
+    labels = np.concatenate([p.labels for p in parts], axis=1)
+    valid = ids >= 0
+    order = np.argsort(np.where(valid, -scores.astype(np.float64), np.inf), axis=1, kind="stable")
+    take, drop = order[:, :k], order[:, k:]
+    pick = lambda a, o: np.take_along_axis(a, o, axis=1)  # noqa: E731
+    top_ids, top_scores, top_w, top_labels = pick(ids, take), pick(scores, take), pick(weights, take), \
+        pick(labels, take)
+    # what is left out: each shard's own bound, the slots the global top-k dropped, missing shards
+    bound = np.full(len(ids), -np.inf) + missing_log_mass
+    for p in parts:
+        bound = log_add(bound, p.omitted_log_mass(temperature))
+    if drop.shape[1]:
+        d_valid = pick(valid, drop)
+        with np.errstate(divide="ignore"):
+            d_mass = np.where(d_valid, np.log(pick(weights, drop)) + pick(scores, drop).astype(np.float64)
+                              / temperature, -np.inf)
+        bound = log_add(bound, np.logaddexp.reduce(d_mass, axis=1))
+    top_valid = top_ids >= 0
+    present = top_labels[top_valid]
+    classes = np.unique(present) if len(present) else top_labels[:0, 0]
+    class_idx = np.where(top_valid, np.searchsorted(classes, np.where(top_valid, top_labels, present[0])), -1)
+    padded = not bool(top_valid.all())
+    unit = bool((top_w[top_valid] == 1.0).all())
+    att = attend(np.where(top_valid, top_scores, -np.inf).astype(np.float32), None if unit else top_w, class_idx,
+                 n_classes=len(classes), temperature=temperature, omitted_log_mass=bound, padded=padded)
+    used = int(top_valid.sum(axis=1).max())
+    return QueryResult(
+        classes=classes,
+        labels=classes[top_class(att.attention, att.class_idx, len(classes))],
+        ids=np.where(top_valid, top_ids, -1)[:, :max(used, 1)],
+        scores=np.where(top_valid, top_scores, np.nan).astype(np.float32)[:, :max(used, 1)],
+        attention=att.attention[:, :max(used, 1)],
+        tail_bound=att.tail_bound,
+        exact_bound=all(p.exact for p in parts) if exact is None else exact,
+        k=used,
+        k_requested=k_requested,
+        slot_classes=att.class_idx[:, :max(used, 1)],
+        missing_shards=tuple(missing_shards),
+    )

@@ -1,0 +1,71 @@
+"""One shard of a :class:`~engine.cluster.ShardedMemory`: a durable :class:`engine.Memory`
+in its own directory, run by a Ray actor.
+
+Shard ``s`` of ``n`` owns the ids ``i`` with ``i % n == s``, and gives fresh slots ids of
+that residue itself, so ids stay global with no coordination between shards or drivers.
+Ray restarts a dead shard (``max_restarts``); its ``__init__`` then reopens the directory
+(snapshot + log replay), so every acknowledged write is back.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from ..memory import Memory
+from ..results import CompactionReport, MemoryStats, Retrieved, Slots
+from ..store import MANIFEST
+
+
+class Shard:
+    """The actor body (wrapped by ``ray.remote`` in :mod:`engine.cluster.sharded`)."""
+
+    def __init__(self, path: str, index: int, count: int, dim: int, options: dict):
+        self.index, self.count = index, count
+        path = Path(path)
+        if (path / MANIFEST).exists():
+            self.mem = Memory.open(path)
+        else:  # fresh ids (added or merged) of this shard's class: id % count == index
+            self.mem = Memory(dim, path=path, id_stride=count, id_offset=index, **options)
+
+    def add(self, vectors: np.ndarray, labels, ids: np.ndarray | None, weights: np.ndarray | None,
+            upsert: bool) -> np.ndarray:
+        return self.mem.add(vectors, labels, ids=ids, weights=weights, upsert=upsert)
+
+    def retrieve(self, queries: np.ndarray, k: int) -> Retrieved | None:
+        """Top-k of this shard; None when it holds no slot."""
+        if len(self.mem) == 0:
+            return None
+        return self.mem.retrieve(queries, k=k)
+
+    def contains(self, ids: np.ndarray) -> np.ndarray:
+        return np.array([int(i) in self.mem for i in ids], bool)
+
+    def remove(self, ids: np.ndarray) -> int:
+        return self.mem.remove(ids)
+
+    def get(self, ids: np.ndarray) -> Slots:
+        return self.mem.get(ids)
+
+    def compact(self, options: dict) -> CompactionReport | None:
+        if len(self.mem) == 0:
+            return None
+        return self.mem.compact(**options)
+
+    def stats(self) -> MemoryStats:
+        return self.mem.stats()
+
+    def describe(self) -> dict:
+        """What the driver needs to know of this shard: size, label kind, live classes."""
+        return {"slots": len(self.mem), "label_kind": self.mem.label_kind, "classes": self.mem.classes()}
+
+    def save(self) -> None:
+        self.mem.save()
+
+    def close(self) -> None:
+        self.mem.close()
+
+    def pid(self) -> int:
+        return os.getpid()

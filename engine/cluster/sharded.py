@@ -1,0 +1,425 @@
+"""ShardedMemory: the verbs of :class:`engine.Memory` over shards run by Ray actors.
+
+    mem = ShardedMemory(64, shards=4, path="/shared/mem")    # create
+    mem = ShardedMemory.open("/shared/mem")                   # reopen (Ray restarts, new drivers)
+
+Layout under ``path`` (a filesystem every node can read and write, e.g. NFS):
+
+    sharded.json     what the memory is: dim, shard count, the options of every shard
+    shard-000/ ...   one durable Memory directory per shard
+
+The driver checks every input before any shard changes, routes writes, removals
+and reads by id (shard ``id % n``), scatters queries to every shard and merges
+their top-k exactly (:mod:`engine.cluster.merge`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .. import checks, fsio
+from ..errors import (
+    CorruptFileError,
+    DuplicateIdError,
+    EmptyMemoryError,
+    InvalidValueError,
+    MemoryExistsError,
+    UnknownIdError,
+)
+from ..labels import Vocabulary
+from ..memory import METRICS
+from ..results import CompactionReport, MemoryStats, QueryResult, Slots
+from .merge import merge
+from .shard import Shard
+
+ROOT_FILE = "sharded.json"
+FORMAT = "engine-sharded"
+FORMAT_VERSION = 1
+# Options a ShardedMemory passes to each shard's Memory (path and budget are its own).
+SHARD_OPTIONS = ("metric", "index", "temperature", "nprobe", "ef_search", "slack", "policy", "rescore", "recall",
+                 "track_usage")
+
+
+def _as_sent(x, n: int, dim: int) -> np.ndarray:
+    """Checked vectors as the shards receive them: float32, not yet normalised, so that each
+    shard normalises them exactly as a single Memory would (normalising twice moves bits)."""
+    return np.ascontiguousarray(np.asarray(x).astype(np.float32).reshape(n, dim))
+
+
+class ShardUnavailableError(RuntimeError):
+    """A shard did not answer (its actor died and is being restarted, or its node is gone).
+
+    Attributes:
+        shards: the indexes of the shards that did not answer.
+        written: for an add, the ids the other shards wrote (durable, though the call failed).
+    """
+
+    def __init__(self, message: str, shards: list[int], written: np.ndarray | None = None):
+        super().__init__(message)
+        self.shards = shards
+        # for an add: the ids the shards that did answer wrote (acknowledged, durable)
+        self.written = np.empty(0, np.int64) if written is None else written
+
+
+def _ray():
+    try:
+        import ray
+    except ImportError:  # pragma: no cover - the extra is installed by make setup
+        raise ImportError("engine.cluster needs Ray: pip install 'engine[cluster]'") from None
+    return ray
+
+
+def connect(address: str | None = None) -> None:
+    """Join the Ray cluster at ``address`` (or RAY_ADDRESS), or start a local one; a no-op if
+    this process is connected already."""
+    ray = _ray()
+    if not ray.is_initialized():
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+
+
+class ShardedMemory:
+    """A memory split over ``shards`` Ray actors, each a durable :class:`engine.Memory`.
+
+    Args:
+        dim: vector dimension.
+        shards: number of shards (fixed for the memory's life).
+        path: the root directory, on a filesystem every node of the cluster can read.
+        address: the Ray cluster to join (default: RAY_ADDRESS, or a local instance).
+        budget: a slot budget for the whole memory; each shard keeps budget / shards.
+        **options: the options of :class:`engine.Memory` (metric, index, temperature, ...).
+
+    Raises:
+        InvalidValueError: bad options (checked before anything is written).
+        MemoryExistsError: ``path`` holds a memory already (use :meth:`open`).
+    """
+
+    def __init__(self, dim: int, *, shards: int, path: str | os.PathLike, address: str | None = None,
+                 budget: int | None = None, **options):
+        self.dim = checks.integer("dim", dim)
+        n = checks.integer("shards", shards)
+        unknown = set(options) - set(SHARD_OPTIONS)
+        if unknown:
+            raise InvalidValueError(f"unknown options {sorted(unknown)}; a shard takes {SHARD_OPTIONS}")
+        if options.get("metric", "cosine") not in METRICS:
+            raise InvalidValueError(f"metric must be one of {METRICS}, got {options['metric']!r}")
+        if budget is not None:
+            budget = checks.integer("budget", budget)
+            if budget < n:
+                raise InvalidValueError(f"a budget of {budget} slots cannot be split over {n} shards")
+        from ..memory import Memory
+
+        Memory(self.dim, **options)  # every option checked here, before anything is written
+        root = Path(path)
+        if (root / ROOT_FILE).exists() or any(root.glob("shard-*")):
+            raise MemoryExistsError(f"{root} holds a sharded memory already: use ShardedMemory.open")
+        root.mkdir(parents=True, exist_ok=True)
+        doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "dim": self.dim, "shards": n,
+               "budget": budget, "options": options}
+        dir_fd = os.open(root, os.O_RDONLY)
+        try:
+            fsio.write_atomic(dir_fd, root / ROOT_FILE, json.dumps(doc, sort_keys=True).encode())
+        finally:
+            os.close(dir_fd)
+        self._start(root, doc, address)
+
+    @classmethod
+    def open(cls, path: str | os.PathLike, *, address: str | None = None) -> "ShardedMemory":
+        """Reopen a sharded memory: every shard reopens its directory (snapshot + log).
+
+        Raises:
+            FileNotFoundError: no sharded memory at ``path``.
+            CorruptFileError: its root file is unreadable or malformed.
+        """
+        root = Path(path)
+        file = root / ROOT_FILE
+        if not file.exists():
+            raise FileNotFoundError(f"no sharded memory at {root} (expected {ROOT_FILE})")
+        try:
+            doc = json.loads(file.read_text())
+            ok = (doc.get("format") == FORMAT and doc.get("format_version") == FORMAT_VERSION
+                  and isinstance(doc.get("dim"), int) and isinstance(doc.get("shards"), int) and doc["shards"] > 0
+                  and isinstance(doc.get("options"), dict) and set(doc["options"]) <= set(SHARD_OPTIONS))
+        except (ValueError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise CorruptFileError(f"{file}: not a readable sharded-memory description")
+        mem = cls.__new__(cls)
+        mem.dim = doc["dim"]
+        mem._start(root, doc, address)
+        return mem
+
+    def _start(self, root: Path, doc: dict, address: str | None) -> None:
+        ray = _ray()
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        connect(address)
+        self.path = root
+        self.n = doc["shards"]
+        self._budget = doc.get("budget")
+        self._options = doc["options"]
+        self.metric = self._options.get("metric", "cosine")
+        self._temperature = float(self._options.get("temperature", 0.1))
+        # one bundle a shard, spread over the nodes where it can (SPREAD is best effort)
+        self._pg = placement_group([{"CPU": 0.01}] * self.n, strategy="SPREAD")
+        ray.get(self._pg.ready())
+        actor = ray.remote(Shard)
+        self._shards = [
+            actor.options(max_restarts=-1, max_task_retries=0, num_cpus=0.01,
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i))
+            .remote(str(root / f"shard-{i:03d}"), i, self.n, doc["dim"], self._options)
+            for i in range(self.n)
+        ]
+        info = self._all("describe")
+        kinds = {d["label_kind"] for d in info} - {None}
+        if len(kinds) > 1:
+            raise CorruptFileError(f"{root}: shards hold labels of different kinds {sorted(kinds)}")
+        self._vocab = Vocabulary(kinds.pop() if kinds else None)
+        self._last_weight = [float(d["slots"]) for d in info]  # refined by each query's answers
+
+    # -- calling shards -----------------------------------------------------------------
+    def _gather(self, refs: dict[int, object], *, allow_partial: bool = False) -> dict[int, object]:
+        """The results of calls to shards by shard index; ShardUnavailableError naming those that
+        failed (or, with ``allow_partial``, only those that answered)."""
+        ray = _ray()
+        out, down = {}, []
+        for i, ref in refs.items():
+            try:
+                out[i] = ray.get(ref)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+                down.append(i)
+            except ray.exceptions.RayTaskError as exc:  # the shard raised: an engine error, re-raised as
+                raise exc.as_instanceof_cause() from None  # an instance of its own class
+        if down and not allow_partial:
+            raise ShardUnavailableError(f"shards {down} of {self.path} did not answer (down or restarting)", down)
+        return out
+
+    def _all(self, method: str, *args, allow_partial: bool = False) -> list:
+        refs = {i: getattr(s, method).remote(*args) for i, s in enumerate(self._shards)}
+        got = self._gather(refs, allow_partial=allow_partial)
+        return [got.get(i) for i in range(self.n)] if allow_partial else [got[i] for i in range(self.n)]
+
+    def _owner(self, ids: np.ndarray) -> np.ndarray:
+        return ids % self.n
+
+    def _where(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each id is in the memory (asked of its owning shard)."""
+        owner = self._owner(ids)
+        refs = {s: self._shards[s].contains.remote(ids[owner == s]) for s in np.unique(owner).tolist()}
+        got = self._gather(refs)
+        found = np.zeros(len(ids), bool)
+        for s, hit in got.items():
+            found[owner == s] = hit
+        return found
+
+    # -- writing ------------------------------------------------------------------------
+    def add(self, vectors, labels, *, ids=None, weights=None, upsert: bool = False) -> np.ndarray:
+        """Write slots (see :meth:`engine.Memory.add`). Fresh slots are spread round-robin over
+        the shards, which give them ids; given ids go to their owning shard.
+
+        Every input is checked before any shard changes. A write spanning several shards is
+        durable per shard: if a shard fails meanwhile, the error names it, and the other
+        shards' parts may be written.
+
+        Raises:
+            DimensionError, InvalidValueError, DuplicateIdError: bad input; nothing written.
+            ShardUnavailableError: a shard did not answer.
+        """
+        n = len(checks.vectors(vectors, self.dim, self.metric, allow_empty=True))
+        v = _as_sent(vectors, n, self.dim)
+        values, kind = self._vocab.check(labels, n)
+        w = checks.weights(weights, n)
+        if ids is not None:
+            ids = checks.ids(ids)
+            if len(ids) != n:
+                raise InvalidValueError(f"{n} vectors but {len(ids)} ids")
+            if len(np.unique(ids)) != n:
+                raise DuplicateIdError("ids repeat within the batch")
+            if not upsert and n:
+                there = ids[self._where(ids)]
+                if len(there):
+                    raise DuplicateIdError(f"ids already in the memory (pass upsert=True to replace): "
+                                           f"{there[:10].tolist()}")
+        if n == 0:
+            return np.empty(0, np.int64)
+        labels_arr = np.array(values, dtype=object if kind == "str" else np.int64)
+        target = self._owner(ids) if ids is not None else (np.arange(n) + int(np.random.randint(self.n))) % self.n
+        refs = {}
+        for s in np.unique(target).tolist():
+            m = target == s
+            refs[s] = self._shards[s].add.remote(v[m], labels_arr[m].tolist(), None if ids is None else ids[m],
+                                                 w[m], upsert)
+        try:
+            got = self._gather(refs)
+        except ShardUnavailableError as exc:
+            done = self._gather({s: r for s, r in refs.items() if s not in exc.shards}, allow_partial=True)
+            written = np.concatenate([np.asarray(w) for w in done.values()]) if done else None
+            raise ShardUnavailableError(f"{exc} (the other shards wrote their part: see .written)", exc.shards,
+                                        written) from None
+        out = np.empty(n, np.int64)
+        for s, written in got.items():
+            out[target == s] = written
+        self._vocab.kind = kind
+        return out
+
+    def remove(self, ids) -> int:
+        """Remove slots by id, all of which must be present (checked on every owning shard
+        before any shard removes).
+
+        Raises:
+            UnknownIdError: some ids are not in the memory (listed); nothing removed.
+        """
+        ids = np.unique(checks.ids(ids))
+        if len(ids) == 0:
+            return 0
+        found = self._where(ids)
+        if not found.all():
+            unknown = ids[~found].tolist()
+            raise UnknownIdError(f"unknown ids: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}", unknown)
+        owner = self._owner(ids)
+        got = self._gather({s: self._shards[s].remove.remote(ids[owner == s]) for s in np.unique(owner).tolist()})
+        return int(sum(got.values()))
+
+    def compact(self, *, budget: int | None = None, policy: str = "merge", seed: int = 0,
+                **options) -> CompactionReport:
+        """Compact every shard to ``budget / shards`` slots (each keeps its classes' mass, so
+        the memory keeps every class's mass)."""
+        if budget is not None:
+            budget = checks.integer("budget", budget)
+            if budget < self.n:
+                raise InvalidValueError(f"a budget of {budget} slots cannot be split over {self.n} shards")
+        if len(self) == 0:
+            raise EmptyMemoryError("the memory is empty: nothing to compact")
+        each = {"policy": policy, "seed": seed, **options,
+                **({"budget": budget // self.n} if budget is not None else {})}
+        reports = [r for r in self._all("compact", each) if r is not None]
+        return CompactionReport(slots=sum(r.slots for r in reports), dropped=sum(r.dropped for r in reports),
+                                merged_away=sum(r.merged_away for r in reports), policy=reports[0].policy,
+                                budget=budget, seconds=max(r.seconds for r in reports))
+
+    def save(self) -> Path:
+        """Checkpoint every shard."""
+        self._all("save")
+        return self.path
+
+    def close(self) -> None:
+        """Close every shard's files and end its actor (the memory stays on disk)."""
+        ray = _ray()
+        try:
+            self._all("close", allow_partial=True)
+        finally:
+            for s in self._shards:
+                ray.kill(s, no_restart=True)
+            from ray.util.placement_group import remove_placement_group
+
+            remove_placement_group(self._pg)
+
+    # -- reading ------------------------------------------------------------------------
+    def query(self, queries, *, k: int = 64, tail: float | None = None, allow_partial: bool = False) -> QueryResult:
+        """Exact attention over the global top-k (see :meth:`engine.Memory.query`).
+
+        Args:
+            allow_partial: answer from the shards that are up; the tail bound then also
+                covers the missing shards' mass (cosine: their last known mass times
+                exp(1/T); inner product: no bound, so ``tail_bound`` is 1), and
+                ``result.missing_shards`` lists them.
+
+        Raises:
+            EmptyMemoryError: no shard holds a slot.
+            ShardUnavailableError: a shard did not answer (without ``allow_partial``).
+        """
+        q = _as_sent(queries, len(checks.vectors(queries, self.dim, self.metric, "queries")), self.dim)
+        k = checks.integer("k", k)
+        if tail is not None:
+            checks.fraction("tail", tail, low=0.0, high=1.0, closed_low=False)
+        want = k
+        while True:
+            res, exhausted = self._query_once(q, want, k, allow_partial)
+            if tail is None or exhausted or float(res.tail_bound.max()) <= tail:
+                return res
+            want *= 2
+
+    def _query_once(self, q: np.ndarray, k: int, k_requested: int, allow_partial: bool) -> tuple[QueryResult, bool]:
+        """(the merged answer at k, whether every shard that answered used all its slots)."""
+        got = self._gather({i: s.retrieve.remote(q, k) for i, s in enumerate(self._shards)},
+                           allow_partial=allow_partial)
+        missing = tuple(sorted(set(range(self.n)) - set(got)))
+        parts = [r for r in got.values() if r is not None]
+        for i, r in got.items():
+            self._last_weight[i] = 0.0 if r is None else r.total_weight
+        if not parts:
+            if missing:
+                raise ShardUnavailableError(f"no shard of {self.path} answered", list(missing))
+            raise EmptyMemoryError("the memory is empty: add slots before querying")
+        lost = sum(self._last_weight[i] for i in missing)
+        if lost == 0:
+            missing_log = -np.inf
+        elif self.metric == "cosine":
+            missing_log = np.log(lost) + 1.0 / self._temperature  # a cosine similarity is at most 1
+        else:
+            missing_log = np.inf  # inner products are unbounded: no bound
+        res = merge(parts, k, k_requested, self._temperature, missing_log_mass=missing_log,
+                    exact=all(r.exact for r in parts) and not missing, missing_shards=missing)
+        return res, all((r.omitted_weight <= 0).all() for r in parts)
+
+    def get(self, ids) -> Slots:
+        """Read slots back by id, in the order given.
+
+        Raises:
+            UnknownIdError: some ids are not in the memory (listed).
+        """
+        ids = checks.ids(ids)
+        found = self._where(ids) if len(ids) else np.zeros(0, bool)
+        if not found.all():
+            unknown = ids[~found].tolist()
+            raise UnknownIdError(f"unknown ids: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}", unknown)
+        owner = self._owner(ids)
+        got = self._gather({s: self._shards[s].get.remote(ids[owner == s]) for s in np.unique(owner).tolist()})
+        labels = [None] * len(ids)
+        weights = np.empty(len(ids))
+        vectors = np.empty((len(ids), self.dim), np.float32)
+        for s, part in got.items():
+            where = np.flatnonzero(owner == s)
+            weights[where], vectors[where] = part.weights, part.vectors
+            for j, lab in zip(where.tolist(), part.labels):
+                labels[j] = lab
+        return Slots(ids=ids.copy(), labels=labels, weights=weights, vectors=vectors)
+
+    def stats(self) -> MemoryStats:
+        """The shards' stats summed (classes counted once across shards)."""
+        per = self._all("stats")
+        info = self._all("describe")
+        classes = np.unique(np.concatenate([np.asarray(d["classes"]) for d in info])) if info else []
+        first = per[0]
+        return MemoryStats(
+            slots=sum(p.slots for p in per), classes=len(classes), dim=self.dim, metric=self.metric,
+            index=first.index, exact=all(p.exact for p in per), tombstones=sum(p.tombstones for p in per),
+            bytes_vectors=sum(p.bytes_vectors for p in per), bytes_index=sum(p.bytes_index for p in per),
+            bytes_ids=sum(p.bytes_ids for p in per), nlist=first.nlist, lossy=any(p.lossy for p in per),
+            nprobe=first.nprobe, ef_search=first.ef_search, recall=first.recall,
+            trained_on=sum(p.trained_on for p in per))
+
+    def shard_pids(self) -> list[int]:
+        """The process id of each shard's actor (for operators and failure tests)."""
+        return self._all("pid")
+
+    def __len__(self) -> int:
+        return sum(d["slots"] for d in self._all("describe"))
+
+    def __contains__(self, id_) -> bool:
+        if isinstance(id_, bool) or not isinstance(id_, (int, np.integer)) or not 0 <= id_ <= checks.INT64_MAX:
+            return False
+        return bool(self._where(np.array([id_], np.int64))[0])
+
+    def __enter__(self) -> "ShardedMemory":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"ShardedMemory(dim={self.dim}, shards={self.n}, path={str(self.path)!r})"

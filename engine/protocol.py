@@ -1,0 +1,47 @@
+"""The verbs every memory answers, wherever it lives.
+
+:class:`engine.Memory` (in process), :class:`engine.Client` (a served memory) and
+:class:`engine.cluster.ShardedMemory` (shards on Ray) all satisfy :class:`MemoryLike`,
+so code written against it runs unchanged on any of the three.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+
+from .results import CompactionReport, MemoryStats, QueryResult, Slots
+
+
+@runtime_checkable
+class MemoryLike(Protocol):
+    """A memory of (id, label, weight, vector) slots with top-k attention."""
+
+    def add(self, vectors, labels, *, ids=None, weights=None, upsert: bool = False) -> np.ndarray:
+        """Write slots; returns their ids."""
+
+    def query(self, queries, *, k: int = 64, tail: float | None = None) -> QueryResult:
+        """Attention over each query's top-k slots."""
+
+    def remove(self, ids) -> int:
+        """Remove slots by id; returns how many."""
+
+    def get(self, ids) -> Slots:
+        """Read slots back by id."""
+
+    def compact(self, **options) -> CompactionReport:
+        """Shrink to a budget, preserving each class's mass."""
+
+    def stats(self) -> MemoryStats:
+        """Size, index and bytes."""
+
+    def save(self):
+        """Make everything written so far durable in a snapshot."""
+
+    def close(self) -> None:
+        """Release the memory (its files, its connection)."""
+
+    def __len__(self) -> int: ...
+
+    def __contains__(self, id_) -> bool: ...
