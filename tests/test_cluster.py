@@ -200,3 +200,39 @@ def test_a_killed_shard_comes_back_with_every_acknowledged_write(tmp_path):
         assert outage_seen  # a restart takes a process start and an open: the next call sees it down
     finally:
         mem.close()
+
+
+def test_a_shard_that_stays_down_fails_queries_by_name_or_answers_partially(tmp_path):
+    x, y, q, _ = clustered(3000, DIM, n_classes=10, seed=8, queries=30)
+    mem = ShardedMemory(DIM, shards=3, path=tmp_path / "m", index="Flat", temperature=T)
+    ids = mem.add(x, y, ids=np.arange(len(x)))  # ids are rows of x
+    mem.query(q, k=8)  # every shard has answered once: its mass is known
+    ray.kill(mem.actors[2], no_restart=True)
+    with pytest.raises(ShardUnavailableError, match=r"\[2\]") as exc:
+        mem.query(q, k=8)
+    assert exc.value.shards == [2]
+    res = mem.query(q, k=8, allow_partial=True)
+    assert res.missing_shards == (2,) and not res.exact_bound
+    assert not (res.ids % 3 == 2).any()  # nothing from the missing shard
+    # the bound covers the missing shard's slots: check against dense float64 attention
+    xn = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)
+    qn = q.astype(np.float64) / np.linalg.norm(q, axis=1, keepdims=True)
+    logits = qn @ xn.T / T
+    logits -= logits.max(axis=1, keepdims=True)
+    a = np.exp(logits)
+    a /= a.sum(axis=1, keepdims=True)
+    truth = 1.0 - np.take_along_axis(a, res.ids, axis=1).sum(axis=1)
+    assert (res.tail_bound >= truth - 1e-12).all() and (res.tail_bound < 1).all()
+    with pytest.raises(ShardUnavailableError) as exc:  # the existence check asks the down shard first
+        mem.add(x[:3], y[:3], ids=[5000, 5001, 5002])  # 5000 % 3 == 2: its shard is down
+    assert len(exc.value.written) == 0 and 5001 not in mem
+    with pytest.raises(ShardUnavailableError) as exc:  # upsert: no check, the live shards write
+        mem.add(x[:3], y[:3], ids=[5000, 5001, 5002], upsert=True)
+    assert sorted(exc.value.written.tolist()) == [5001, 5002]  # the live shards' part, acknowledged
+    mem.close()
+    again = ShardedMemory.open(tmp_path / "m")  # a new driver: every shard is started again
+    try:
+        assert set(again.get(ids).ids.tolist()) == set(ids.tolist())
+        assert 5001 in again and 5002 in again and 5000 not in again
+    finally:
+        again.close()

@@ -69,3 +69,9 @@ class Shard:
 
     def pid(self) -> int:
         return os.getpid()
+
+    def node(self) -> str:
+        """The Ray node this shard runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()

@@ -403,9 +403,18 @@ class ShardedMemory:
             nprobe=first.nprobe, ef_search=first.ef_search, recall=first.recall,
             trained_on=sum(p.trained_on for p in per))
 
+    @property
+    def actors(self) -> list:
+        """The Ray actor handle of each shard (for operators: placement, killing, metrics)."""
+        return list(self._shards)
+
     def shard_pids(self) -> list[int]:
         """The process id of each shard's actor (for operators and failure tests)."""
         return self._all("pid")
+
+    def shard_nodes(self) -> list[str]:
+        """The Ray node id each shard runs on."""
+        return self._all("node")
 
     def __len__(self) -> int:
         return sum(d["slots"] for d in self._all("describe"))
