@@ -172,8 +172,11 @@ def serve(
     batch_wait_ms: float = typer.Option(1.0, help="Coalesce concurrent small queries for up to this long (0: off)."),
     tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate (with --tls-key) to serve over TLS."),
     tls_key: Optional[Path] = typer.Option(None, help="PEM private key."),
+    cluster: Optional[str] = typer.Option(None, help="A Ray cluster address ('auto': the local one): each "
+                                          "--memory is then a sharded memory's root directory."),
 ) -> None:
-    """Serve durable memories over Arrow Flight until SIGTERM or SIGINT."""
+    """Serve durable memories (or, with --cluster, sharded memories on Ray) over Arrow Flight
+    until SIGTERM or SIGINT."""
     from .serve.server import MemoryServer
 
     if (tls_cert is None) != (tls_key is None):
@@ -186,7 +189,12 @@ def serve(
         name, _, folder = spec.rpartition("=") if "=" in spec else (Path(spec).resolve().name, "", spec)
         if name in memories:
             raise ValueError(f"two memories named {name!r}; use NAME=DIR")
-        memories[name] = Memory.open(folder)
+        if cluster is not None:
+            from .cluster import ShardedMemory
+
+            memories[name] = ShardedMemory.open(folder, address=cluster)
+        else:
+            memories[name] = Memory.open(folder)
     scheme = "grpc+tls" if tls_cert else "grpc"
     tls = [(tls_cert.read_bytes(), tls_key.read_bytes())] if tls_cert else None
     server = MemoryServer(memories, f"{scheme}://{host}:{port}", token=token, open_reads=open_reads,

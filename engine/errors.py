@@ -6,6 +6,8 @@ Each one subclasses the built-in a caller would guess (ValueError, KeyError), so
 
 from __future__ import annotations
 
+import numpy as np
+
 
 class EngineError(Exception):
     """Base class of every error engine raises on purpose."""
@@ -82,3 +84,18 @@ class UnknownMemoryError(EngineError, KeyError):
 
     def __str__(self) -> str:
         return str(self.args[0])
+
+
+class ShardUnavailableError(EngineError, ConnectionError):
+    """A shard of a sharded memory did not answer (its actor died and is restarting, or its
+    node is gone).
+
+    Attributes:
+        shards: the indexes of the shards that did not answer.
+        written: for an add, the ids the other shards wrote (durable, though the call failed).
+    """
+
+    def __init__(self, message: str, shards=(), written=None):
+        super().__init__(message)
+        self.shards = list(shards)
+        self.written = np.empty(0, np.int64) if written is None else np.asarray(written, np.int64)

@@ -236,3 +236,54 @@ def test_a_shard_that_stays_down_fails_queries_by_name_or_answers_partially(tmp_
         assert 5001 in again and 5002 in again and 5000 not in again
     finally:
         again.close()
+
+
+def test_a_sharded_memory_served_over_flight_answers_as_itself(pair, slots):
+    from engine import Client
+    from engine.serve import MemoryServer
+
+    sharded, _, ids = pair
+    x, y, q, _ = slots
+    server = MemoryServer({"s": sharded}, "grpc://127.0.0.1:0", batch_wait_ms=0)
+    try:
+        c = Client(f"grpc://127.0.0.1:{server.port}", "s")
+        assert isinstance(c, MemoryLike) and len(c) == len(sharded)
+        got, want = c.query(q[:20], k=32), sharded.query(q[:20], k=32)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_allclose(got.attention, want.attention, atol=1e-12)
+        np.testing.assert_allclose(got.tail_bound, want.tail_bound, atol=1e-12)
+        assert int(ids[3]) in c and 10**15 not in c
+        with pytest.raises(engine.UnknownIdError):
+            c.remove([10**15])
+        new = c.add(x[:8], y[:8])
+        assert all(int(i) in sharded for i in new) and len(sharded) == len(ids) + 8
+        assert c.remove(new) == 8
+        assert c.stats().slots == len(ids)
+    finally:
+        server.shutdown()
+
+
+def test_engine_serve_cluster_serves_a_sharded_memory(tmp_path):
+    from engine import Client
+
+    x, y, q, _ = clustered(2000, DIM, n_classes=10, seed=4, queries=10)
+    mem = ShardedMemory(DIM, shards=2, path=tmp_path / "m", index="Flat", temperature=T)
+    ids = mem.add(x, y)
+    want = mem.query(q, k=16)
+    mem.close()  # the server's own actors open the shard directories
+    address = ray.get_runtime_context().gcs_address
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--cluster", address,
+                               "--memory", f"s={tmp_path / 'm'}", "--port", "0", "--batch-wait-ms", "0"],
+                              stdout=subprocess.PIPE, text=True, cwd=root)
+    try:
+        line = server.stdout.readline()
+        assert line.startswith("serving s on "), line
+        c = Client(line.split(" on ")[1].strip(), "s")
+        got = c.query(q, k=16)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_allclose(got.attention, want.attention, atol=1e-12)
+        assert len(c) == len(ids)
+    finally:
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=60)

@@ -28,6 +28,7 @@ from ..errors import (
     EmptyMemoryError,
     InvalidValueError,
     MemoryExistsError,
+    ShardUnavailableError,
     UnknownIdError,
 )
 from ..labels import Vocabulary
@@ -48,21 +49,6 @@ def _as_sent(x, n: int, dim: int) -> np.ndarray:
     """Checked vectors as the shards receive them: float32, not yet normalised, so that each
     shard normalises them exactly as a single Memory would (normalising twice moves bits)."""
     return np.ascontiguousarray(np.asarray(x).astype(np.float32).reshape(n, dim))
-
-
-class ShardUnavailableError(RuntimeError):
-    """A shard did not answer (its actor died and is being restarted, or its node is gone).
-
-    Attributes:
-        shards: the indexes of the shards that did not answer.
-        written: for an add, the ids the other shards wrote (durable, though the call failed).
-    """
-
-    def __init__(self, message: str, shards: list[int], written: np.ndarray | None = None):
-        super().__init__(message)
-        self.shards = shards
-        # for an add: the ids the shards that did answer wrote (acknowledged, durable)
-        self.written = np.empty(0, np.int64) if written is None else written
 
 
 def _ray():
@@ -402,6 +388,11 @@ class ShardedMemory:
             bytes_ids=sum(p.bytes_ids for p in per), nlist=first.nlist, lossy=any(p.lossy for p in per),
             nprobe=first.nprobe, ef_search=first.ef_search, recall=first.recall,
             trained_on=sum(p.trained_on for p in per))
+
+    @property
+    def temperature(self) -> float:
+        """The softmax temperature every shard shares."""
+        return self._temperature
 
     @property
     def actors(self) -> list:

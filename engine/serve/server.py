@@ -22,7 +22,7 @@ import pyarrow.flight as fl
 from .. import codec
 from ..labels import kind_of
 from ..errors import EngineError, UnknownMemoryError
-from ..memory import Memory
+from ..protocol import MemoryLike
 from . import wire
 from .batching import QueryBatcher
 
@@ -78,7 +78,9 @@ class MemoryServer(fl.FlightServerBase):
     """Serve named memories.
 
     Args:
-        memories: name -> durable Memory (the server closes them on shutdown).
+        memories: name -> a durable :class:`~engine.Memory` or a
+            :class:`~engine.cluster.ShardedMemory` (anything :class:`~engine.protocol.MemoryLike`
+            with ``dim`` and ``temperature``); the server closes them on shutdown.
         location: where to listen, e.g. "grpc://127.0.0.1:8815" (port 0 picks a free one).
         token: bearer token required for writes (and reads, unless ``open_reads``).
         open_reads: let reads through without a token.
@@ -90,7 +92,7 @@ class MemoryServer(fl.FlightServerBase):
             dynamic batching off.
     """
 
-    def __init__(self, memories: dict[str, Memory], location: str = "grpc://127.0.0.1:8815", *,
+    def __init__(self, memories: dict[str, MemoryLike], location: str = "grpc://127.0.0.1:8815", *,
                  token: str | None = None, open_reads: bool = False, max_rows: int = 1_000_000,
                  chunk_rows: int = 4096, tls_certificates=None, batch_wait_ms: float = 1.0):
         super().__init__(location, middleware={"auth": _AuthFactory(token)},
@@ -110,7 +112,7 @@ class MemoryServer(fl.FlightServerBase):
         if state is not None and not state.ok and (write or not self.open_reads):
             raise fl.FlightUnauthenticatedError("missing or wrong bearer token")
 
-    def _memory(self, cmd: dict) -> Memory:
+    def _memory(self, cmd: dict) -> MemoryLike:
         return self.memories[self._memory_name(cmd)]
 
     def _memory_name(self, cmd: dict) -> str:
