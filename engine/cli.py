@@ -205,6 +205,47 @@ def serve(
     typer.echo("stopped; every memory closed")
 
 
+@_command(app, "ingest")
+def ingest_cmd(
+    path: Path = PathArg,
+    sources: list[str] = typer.Argument(..., help="Parquet files or directories: label, [id], [weight], and "
+                                        "vector (floats) or image (encoded bytes)."),
+    checkpoint: Optional[Path] = typer.Option(None, help="A trained model's checkpoint folder (to embed images)."),
+    shards: Optional[int] = typer.Option(None, help="Create the sharded memory with this many shards "
+                                         "(default: it exists already)."),
+    dim: Optional[int] = typer.Option(None, help="Embedding dimension, when creating (default: the model's, "
+                                      "or the vectors')."),
+    index: str = typer.Option("auto", help="Each shard's index, when creating."),
+    temperature: float = typer.Option(0.1, help="Attention temperature, when creating."),
+    cluster: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local one)."),
+    image_size: int = typer.Option(28, help="Images are resized to this square."),
+    batch_size: int = typer.Option(4096, help="Rows an embedding call and a write take."),
+    replicas: int = typer.Option(2, help="Model replicas embedding in parallel."),
+) -> None:
+    """Write Parquet rows (vectors, or images embedded by a trained g) into a sharded memory on Ray."""
+    from .cluster import ShardedMemory
+    from .cluster.ingest import ingest
+
+    if shards is not None:
+        if dim is None:
+            if checkpoint is None:
+                raise ValueError("give --dim to create a memory for vectors")
+            from .train import load_checkpoint
+
+            dim = load_checkpoint(checkpoint).dim
+        mem = ShardedMemory(dim, shards=shards, path=path, address=cluster, index=index, temperature=temperature)
+    else:
+        mem = ShardedMemory.open(path, address=cluster)
+    try:
+        report = ingest(mem, sources, checkpoint=checkpoint, image_size=image_size, batch_size=batch_size,
+                        replicas=replicas)
+        mem.save()
+    finally:
+        mem.close()
+    typer.echo(f"ingested {report.slots:,} slots into {path} in {report.seconds:.1f} s"
+               f"{' (embedded with ' + str(checkpoint) + ')' if report.embedded else ''}")
+
+
 @_command(app, "train")
 def train_cmd(
     out: Path = typer.Option(Path("runs/omniglot"), help="Checkpoint folder."),

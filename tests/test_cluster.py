@@ -287,3 +287,77 @@ def test_engine_serve_cluster_serves_a_sharded_memory(tmp_path):
     finally:
         server.send_signal(signal.SIGTERM)
         server.wait(timeout=60)
+
+
+def _png(image: np.ndarray) -> bytes:
+    import io
+
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(image).save(out, format="PNG")
+    return out.getvalue()
+
+
+def test_ingest_parquet_vectors_and_images(tmp_path):
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from engine.cluster.ingest import ingest
+    from engine.data.images import as_input
+    from engine.nn import MatchingNetwork
+
+    # vectors, in two files, through the CLI (creating the memory)
+    x, y = clustered(3000, 8, n_classes=5, seed=6)
+    for part in range(2):
+        rows = slice(part * 1500, (part + 1) * 1500)
+        pq.write_table(pa.table({"vector": pa.array(list(x[rows])), "label": y[rows],
+                                 "id": np.arange(3000)[rows]}), tmp_path / f"v{part}.parquet")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "ingest", str(tmp_path / "vec"),
+                          str(tmp_path / "v0.parquet"), str(tmp_path / "v1.parquet"), "--shards", "2", "--dim", "8",
+                          "--index", "Flat", "--batch-size", "500", "--cluster", ray.get_runtime_context().gcs_address],
+                         capture_output=True, text=True, cwd=root, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "ingested 3,000 slots" in out.stdout
+    mem = ShardedMemory.open(tmp_path / "vec")
+    try:
+        assert len(mem) == 3000
+        got = mem.get(np.arange(0, 3000, 7))
+        want = x[::7] / np.linalg.norm(x[::7], axis=1, keepdims=True)
+        np.testing.assert_allclose(got.vectors, want, atol=1e-6)
+        assert got.labels == y[::7].tolist()
+    finally:
+        mem.close()
+    # images, embedded by a model's g (a fresh one: what is checked is the pipeline)
+    torch.manual_seed(0)
+    model = MatchingNetwork()
+    model.eval()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model": model.config()}))
+    torch.save(model.state_dict(), ckpt / "best.pt")
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (300, 28, 28), dtype=np.uint8)
+    pq.write_table(pa.table({"image": [_png(im) for im in images], "label": [f"c{i % 4}" for i in range(300)]}),
+                   tmp_path / "img.parquet")
+    mem = ShardedMemory(64, shards=2, path=tmp_path / "img", index="Flat")
+    try:
+        report = ingest(mem, [tmp_path / "img.parquet"], checkpoint=ckpt, batch_size=64, replicas=1, progress=False)
+        assert report.slots == 300 and report.embedded and len(mem) == 300
+        with torch.no_grad():
+            ref = model.g_backbone(as_input(images)).numpy()
+        ref /= np.linalg.norm(ref, axis=1, keepdims=True)
+        res = mem.query(ref[:10], k=1)  # each image's own embedding is its nearest slot
+        assert (res.scores[:, 0] > 1 - 1e-5).all()
+        assert sorted(set(res.labels.tolist())) <= ["c0", "c1", "c2", "c3"]
+        with pytest.raises(engine.InvalidValueError, match="checkpoint"):
+            ingest(mem, [tmp_path / "img.parquet"], progress=False)
+        pq.write_table(pa.table({"image": [b"not an image"], "label": ["c0"]}), tmp_path / "bad.parquet")
+        with pytest.raises(Exception, match="could not be decoded"):
+            ingest(mem, [tmp_path / "bad.parquet"], checkpoint=ckpt, progress=False)
+        assert len(mem) == 300
+    finally:
+        mem.close()
