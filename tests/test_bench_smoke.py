@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
@@ -78,3 +80,17 @@ def test_calibration_benchmark(tmp_path):
     rows = calibration.main(["--slots", "20000", "--dim", "16", "--queries", "100", "--out", str(tmp_path)])
     assert [r["data"] for r in rows][-1] == "uniform" and all(r["recall_measured"] >= 0.98 for r in rows)
     assert json.loads((tmp_path / "calibration.json").read_text())["results"] == rows
+
+
+def test_shards_script(tmp_path):
+    pytest.importorskip("ray")
+    import shards
+
+    report = shards.main(["--slots", "8000", "--shards", "1", "2", "--queries", "100", "--singles", "20",
+                          "--out", str(tmp_path)])
+    rows = report["results"]["rows"]
+    assert [r["shards"] for r in rows] == [1, 2]
+    for r in rows:  # small enough for auto to stay exact Flat: the same answers as the exact memory
+        assert r["index"] == "Flat" and r["argmax_agreement"] == 1.0 and r["recall_mean"] == 1.0
+        assert len(r["per_shard_batch_s"]) == r["shards"] and r["merge_s"] > 0
+    assert (tmp_path / "shards.png").stat().st_size > 10_000
