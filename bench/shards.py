@@ -14,7 +14,9 @@ shard, durable, on a local Ray instance) is filled with the same slots
 - per-shard time: each shard answering the batch alone, and the driver's merge per query.
 
 On this machine every shard shares the same 2 cores, so the end-to-end figures show
-contention, not scale-out. The projection for one shard a machine is stated as one:
+contention, not scale-out. Each shard calibrates its own nprobe for recall@64 of its
+own slots, which are sparser than the whole memory's: it may probe more lists than
+one memory of every slot would (the plot labels each point with it). The projection for one shard a machine is stated as one:
 a query costs the slowest shard's time alone plus the merge plus the measured RPC
 overhead, so ``batch / (max shard time + merge + rpc)`` queries/s per driver.
 Writes shards.json and shards.png to ``--out``.
@@ -112,8 +114,11 @@ def plot(report: dict, path: Path) -> None:
     axes[0].plot(n, [r["batch_qps"] for r in rows], "o-", label="measured here (shards share 2 cores)")
     axes[0].plot(n, [r["projected_qps_one_shard_a_machine"] for r in rows], "s--",
                  label="projection: one shard a machine")
+    for r in rows:
+        axes[0].annotate(f"{r['index']}, nprobe {r['nprobe']}", (r["shards"], r["batch_qps"]), fontsize=7,
+                         textcoords="offset points", xytext=(4, 6))
     axes[0].set_ylabel("queries / s (1,000 a call, k=64)")
-    axes[0].legend(fontsize=8)
+    axes[0].legend(fontsize=8, loc="center right")
     width = 0.8 / max(n)
     for j, r in enumerate(rows):
         for s, t in enumerate(r["per_shard_batch_s"]):

@@ -32,6 +32,9 @@ class UnknownIdError(EngineError, KeyError):
         super().__init__(message)
         self.ids = ids
 
+    def __reduce__(self):  # pickles whole (Ray sends a shard's errors to the driver)
+        return type(self), (self.args[0], self.ids)
+
     def __str__(self) -> str:  # KeyError would print the message quoted
         return str(self.args[0])
 
@@ -67,6 +70,9 @@ class StorageError(EngineError, OSError):
         self.errno = errno_
         self.uncertain = uncertain
 
+    def __reduce__(self):
+        return _storage_error, (type(self), self.args[0], self.errno, self.uncertain)
+
     def __str__(self) -> str:
         return str(self.args[0])
 
@@ -99,3 +105,10 @@ class ShardUnavailableError(EngineError, ConnectionError):
         super().__init__(message)
         self.shards = list(shards)
         self.written = np.empty(0, np.int64) if written is None else np.asarray(written, np.int64)
+
+    def __reduce__(self):
+        return type(self), (self.args[0], self.shards, self.written)
+
+
+def _storage_error(cls, message, errno_, uncertain):
+    return cls(message, errno_, uncertain=uncertain)

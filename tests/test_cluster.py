@@ -361,3 +361,36 @@ def test_ingest_parquet_vectors_and_images(tmp_path):
         assert len(mem) == 300
     finally:
         mem.close()
+
+
+def test_bad_compaction_changes_no_shard(tmp_path):
+    x, y = clustered(2000, DIM, n_classes=20, seed=12)
+    mem = ShardedMemory(DIM, shards=2, path=tmp_path / "m", index="Flat", temperature=T, track_usage=False)
+    try:
+        mem.add(x, y)
+        for call in (lambda: mem.compact(budget=30),  # 15 a shard, fewer than each shard's 20 classes
+                     lambda: mem.compact(budget=100, policy="nope"),
+                     lambda: mem.compact(budget=100, policy="age"),  # no usage times
+                     lambda: mem.compact(budget=100, policy="distill", steps=-1),
+                     lambda: mem.compact(budget=1)):
+            with pytest.raises(engine.InvalidValueError):
+                call()
+        assert len(mem) == 2000
+        mem.compact(budget=100)
+        assert len(mem) <= 100
+    finally:
+        mem.close()
+
+
+def test_an_error_raised_inside_a_shard_arrives_as_the_engine_error(tmp_path):
+    mem = ShardedMemory(DIM, shards=2, path=tmp_path / "m", index="Flat")
+    try:
+        with pytest.raises(engine.EmptyMemoryError):
+            mem.query(np.ones((1, DIM)))
+        mem.add(np.ones((3, DIM)), [1, 2, 3])
+        actor = mem.actors[0]
+        with pytest.raises(engine.UnknownIdError) as exc:  # straight from a shard, through Ray
+            ray.get(actor.get.remote(np.array([10**9])))
+        assert "unknown ids" in str(exc.value)
+    finally:
+        mem.close()

@@ -346,3 +346,18 @@ def test_automatic_ids_stay_in_their_id_space(tmp_path):
     for bad in ({"id_stride": 0}, {"id_offset": 3, "id_stride": 3}, {"id_offset": -1}, {"id_stride": 2.5}):
         with pytest.raises(engine.InvalidValueError):
             Memory(8, **bad)
+
+
+def test_engine_errors_pickle_whole():
+    """Errors cross process boundaries (Ray shards, multiprocessing) with their attributes."""
+    import pickle
+
+    cases = [engine.UnknownIdError("unknown ids: [3, 4]", [3, 4]), engine.StorageError("disk full", 28, uncertain=True),
+             engine.MemoryFailedError("refused"), engine.ShardUnavailableError("down", [1], [4, 5]),
+             engine.InvalidValueError("bad")]
+    for error in cases:
+        back = pickle.loads(pickle.dumps(error))
+        assert type(back) is type(error) and str(back) == str(error)
+        for attr in ("ids", "errno", "uncertain", "shards"):
+            assert getattr(back, attr, None) == getattr(error, attr, None)
+    assert pickle.loads(pickle.dumps(cases[3])).written.tolist() == [4, 5]

@@ -57,6 +57,9 @@ class Shard:
     def stats(self) -> MemoryStats:
         return self.mem.stats()
 
+    def size(self) -> int:
+        return len(self.mem)
+
     def describe(self) -> dict:
         """What the driver needs to know of this shard: size, label kind, live classes."""
         return {"slots": len(self.mem), "label_kind": self.mem.label_kind, "classes": self.mem.classes()}

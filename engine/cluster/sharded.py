@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import checks, fsio
+from .. import checks, compaction, fsio
 from ..errors import (
     CorruptFileError,
     DuplicateIdError,
@@ -278,8 +278,24 @@ class ShardedMemory:
             budget = checks.integer("budget", budget)
             if budget < self.n:
                 raise InvalidValueError(f"a budget of {budget} slots cannot be split over {self.n} shards")
-        if len(self) == 0:
+        if policy not in compaction.POLICIES:
+            raise InvalidValueError(f"unknown policy {policy!r}; choose one of {compaction.POLICIES}")
+        if policy == "age" and not self._options.get("track_usage", True):
+            raise InvalidValueError("the age policy needs usage times: this memory was made with track_usage=False")
+        seed = checks.integer("seed", seed, low=0)
+        try:
+            compaction.check_options(options)
+        except ValueError as exc:
+            raise InvalidValueError(str(exc)) from None
+        info = self._all("describe")
+        if sum(d["slots"] for d in info) == 0:
             raise EmptyMemoryError("the memory is empty: nothing to compact")
+        if budget is not None:  # refused before any shard compacts, not by one shard after others did
+            short = [i for i, d in enumerate(info) if budget // self.n < len(d["classes"])]
+            if short:
+                need = max(len(info[i]["classes"]) for i in short) * self.n
+                raise InvalidValueError(f"a budget of {budget} slots leaves {budget // self.n} a shard, fewer than "
+                                        f"the classes of shards {short}: give at least {need}")
         each = {"policy": policy, "seed": seed, **options,
                 **({"budget": budget // self.n} if budget is not None else {})}
         reports = [r for r in self._all("compact", each) if r is not None]
@@ -408,7 +424,7 @@ class ShardedMemory:
         return self._all("node")
 
     def __len__(self) -> int:
-        return sum(d["slots"] for d in self._all("describe"))
+        return sum(self._all("size"))
 
     def __contains__(self, id_) -> bool:
         if isinstance(id_, bool) or not isinstance(id_, (int, np.integer)) or not 0 <= id_ <= checks.INT64_MAX:
