@@ -394,3 +394,19 @@ def test_an_error_raised_inside_a_shard_arrives_as_the_engine_error(tmp_path):
         assert "unknown ids" in str(exc.value)
     finally:
         mem.close()
+
+
+def test_a_memory_open_in_another_driver_is_refused_by_name(tmp_path):
+    mem = ShardedMemory(DIM, shards=2, path=tmp_path / "m", index="Flat")
+    try:
+        mem.add(np.ones((4, DIM)), [1, 2, 3, 4])
+        with pytest.raises(ShardUnavailableError, match="could not start.*MemoryLockedError"):
+            ShardedMemory.open(tmp_path / "m")
+        assert len(mem) == 4  # the first driver's shards are untouched
+    finally:
+        mem.close()
+    with pytest.raises(FileNotFoundError):
+        ShardedMemory.open(tmp_path / "nothing")
+    (tmp_path / "m" / "sharded.json").write_text("{not json")
+    with pytest.raises(engine.CorruptFileError):
+        ShardedMemory.open(tmp_path / "m")

@@ -160,7 +160,11 @@ class ShardedMemory:
             .remote(str(root / f"shard-{i:03d}"), i, self.n, doc["dim"], self._options)
             for i in range(self.n)
         ]
-        info = self._all("describe")
+        try:
+            info = self._all("describe")
+        except BaseException:
+            self._stop()  # no actor or reservation outlives a failed open
+            raise
         kinds = {d["label_kind"] for d in info} - {None}
         if len(kinds) > 1:
             raise CorruptFileError(f"{root}: shards hold labels of different kinds {sorted(kinds)}")
@@ -176,7 +180,11 @@ class ShardedMemory:
         for i, ref in refs.items():
             try:
                 out[i] = ray.get(ref)
-            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                if getattr(exc, "actor_init_failed", False):  # the shard cannot open its directory
+                    lines = [ln.strip() for ln in str(getattr(exc, "error_msg", exc)).splitlines() if ln.strip()]
+                    raise ShardUnavailableError(f"shard {i} of {self.path} could not start: {lines[-1]}",
+                                                [i]) from None
                 down.append(i)
             except ray.exceptions.RayTaskError as exc:  # the shard raised: an engine error, re-raised as
                 raise exc.as_instanceof_cause() from None  # an instance of its own class
@@ -310,15 +318,19 @@ class ShardedMemory:
 
     def close(self) -> None:
         """Close every shard's files and end its actor (the memory stays on disk)."""
-        ray = _ray()
         try:
             self._all("close", allow_partial=True)
         finally:
-            for s in self._shards:
-                ray.kill(s, no_restart=True)
-            from ray.util.placement_group import remove_placement_group
+            self._stop()
 
-            remove_placement_group(self._pg)
+    def _stop(self) -> None:
+        """End every shard's actor and release the placement group."""
+        ray = _ray()
+        from ray.util.placement_group import remove_placement_group
+
+        for s in self._shards:
+            ray.kill(s, no_restart=True)
+        remove_placement_group(self._pg)
 
     # -- reading ------------------------------------------------------------------------
     def query(self, queries, *, k: int = 64, tail: float | None = None, allow_partial: bool = False) -> QueryResult:
