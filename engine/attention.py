@@ -100,7 +100,8 @@ def attend(
         b = np.exp(np.asarray(omitted_log_mass, dtype=np.float64) - m[:, 0])
     else:
         b = np.asarray(omitted_weight, dtype=np.float64) * np.exp(low - m[:, 0])
-    tail_bound = np.where(b > 0, b / (z + b), 0.0)
+    with np.errstate(invalid="ignore"):  # no bound (b inf or NaN) leaves everything in doubt: 1
+        tail_bound = np.where(np.isfinite(b), np.where(b > 0, b / (z + b), 0.0), 1.0)
     return Attention(attention=attention, tail_bound=tail_bound, class_idx=class_idx, n_classes=n_classes)
 
 

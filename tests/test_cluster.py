@@ -410,3 +410,18 @@ def test_a_memory_open_in_another_driver_is_refused_by_name(tmp_path):
     (tmp_path / "m" / "sharded.json").write_text("{not json")
     with pytest.raises(engine.CorruptFileError):
         ShardedMemory.open(tmp_path / "m")
+
+
+def test_a_missing_shard_of_an_inner_product_memory_leaves_the_tail_unbounded(tmp_path):
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((600, DIM)).astype(np.float32)
+    mem = ShardedMemory(DIM, shards=2, path=tmp_path / "m", index="Flat", metric="ip", temperature=1.0)
+    try:
+        mem.add(x, rng.integers(0, 3, 600), ids=np.arange(600))
+        mem.query(x[:4], k=8)
+        ray.kill(mem.actors[1], no_restart=True)
+        res = mem.query(x[:4], k=8, allow_partial=True)
+        assert res.missing_shards == (1,) and (res.tail_bound == 1.0).all()  # no bound, said as 1
+        assert np.isfinite(res.attention).all() and (res.ids % 2 == 0).all()
+    finally:
+        mem.close()

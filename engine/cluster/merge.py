@@ -46,7 +46,7 @@ def merge(parts: list[Retrieved], k: int, k_requested: int, temperature: float, 
     top_ids, top_scores, top_w, top_labels = pick(ids, take), pick(scores, take), pick(weights, take), \
         pick(labels, take)
     # what is left out: each shard's own bound, the slots the global top-k dropped, missing shards
-    bound = np.full(len(ids), -np.inf) + missing_log_mass
+    bound = np.full(len(ids), float(missing_log_mass))  # (-inf + inf would be NaN)
     for p in parts:
         bound = log_add(bound, p.omitted_log_mass(temperature))
     if drop.shape[1]:
