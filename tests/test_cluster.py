@@ -425,3 +425,15 @@ def test_a_missing_shard_of_an_inner_product_memory_leaves_the_tail_unbounded(tm
         assert np.isfinite(res.attention).all() and (res.ids % 2 == 0).all()
     finally:
         mem.close()
+
+
+def test_a_budget_is_kept_shard_by_shard(tmp_path):
+    x, y = clustered(1200, DIM, n_classes=8, seed=13)
+    mem = ShardedMemory(DIM, shards=2, path=tmp_path / "m", index="Flat", budget=400)
+    try:
+        for lo in range(0, 1200, 200):
+            mem.add(x[lo:lo + 200], y[lo:lo + 200])
+            assert len(mem) <= 400
+        assert len(mem) >= 8
+    finally:
+        mem.close()

@@ -153,11 +153,13 @@ class ShardedMemory:
         # one bundle a shard, spread over the nodes where it can (SPREAD is best effort)
         self._pg = placement_group([{"CPU": 0.01}] * self.n, strategy="SPREAD")
         ray.get(self._pg.ready())
+        # a budget for the whole memory is kept shard by shard (each compacts its own slots)
+        shard_options = {**self._options, **({"budget": self._budget // self.n} if self._budget else {})}
         actor = ray.remote(Shard)
         self._shards = [
             actor.options(max_restarts=-1, max_task_retries=0, num_cpus=0.01,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i))
-            .remote(str(root / f"shard-{i:03d}"), i, self.n, doc["dim"], self._options)
+            .remote(str(root / f"shard-{i:03d}"), i, self.n, doc["dim"], shard_options)
             for i in range(self.n)
         ]
         try:
