@@ -38,15 +38,6 @@ T = 0.03
 BATCH = 100_000
 
 
-def timed(fn, repeats: int = 3) -> float:
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
-
-
 def run(slots: int, shard_counts: list[int], queries: int, singles: int, seed: int, root: Path) -> dict:
     import ray
     from tqdm import tqdm
@@ -54,6 +45,7 @@ def run(slots: int, shard_counts: list[int], queries: int, singles: int, seed: i
     from engine import Memory
     from engine.cluster import ShardedMemory, merge
     from engine.data.synthetic import DISTRIBUTIONS
+    from scale import timed  # the same timing rule as the scale benchmark (fastest of a few)
 
     x, y, q, _ = DISTRIBUTIONS["learned-like"](slots, 64, seed, queries)
     ids = np.arange(slots, dtype=np.int64)
@@ -72,7 +64,7 @@ def run(slots: int, shard_counts: list[int], queries: int, singles: int, seed: i
             mem.add(x[lo:lo + BATCH], y[lo:lo + BATCH], ids=ids[lo:lo + BATCH])
         ingest_s = time.perf_counter() - t0
         res = mem.query(q, k=K)
-        batch_s = timed(lambda: mem.query(q, k=K))
+        batch_s = timed(lambda: mem.query(q, k=K), 3)
         lat = []
         for i in range(singles):
             t0 = time.perf_counter()
@@ -81,9 +73,9 @@ def run(slots: int, shard_counts: list[int], queries: int, singles: int, seed: i
         # each shard answering the batch alone, then the merge on the driver
         per_shard = []
         for actor in mem.actors:
-            per_shard.append(timed(lambda: ray.get(actor.retrieve.remote(q, K))))
+            per_shard.append(timed(lambda: ray.get(actor.retrieve.remote(q, K)), 3))
         parts = [ray.get(a.retrieve.remote(q, K)) for a in mem.actors]
-        merge_s = timed(lambda: merge(parts, K, K, T))
+        merge_s = timed(lambda: merge(parts, K, K, T), 3)
         rpc_s = max(0.0, batch_s - sum(per_shard) - merge_s)  # on a shared box the shards run one by one
         recall = np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(res.ids, ref.ids)])
         stats = mem.stats()

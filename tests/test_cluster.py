@@ -24,6 +24,8 @@ from engine.cluster import ShardedMemory, ShardUnavailableError  # noqa: E402
 from engine.data import clustered  # noqa: E402
 from engine.protocol import MemoryLike  # noqa: E402
 
+from .reference import dense_reference  # noqa: E402
+
 DIM, T = 32, 0.1
 
 
@@ -61,15 +63,9 @@ def test_four_flat_shards_answer_as_one_memory(pair, slots):
     np.testing.assert_allclose(got.attention, want.attention, rtol=0, atol=1e-9)
     assert got.exact_bound and got.missing_shards == ()
     # the certificate: at least the true mass outside the top-64, from dense float64 attention
-    xn = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)
-    qn = q.astype(np.float64) / np.linalg.norm(q, axis=1, keepdims=True)
-    logits = qn @ xn.T / T
-    logits -= logits.max(axis=1, keepdims=True)
-    dense = np.exp(logits)
-    dense /= dense.sum(axis=1, keepdims=True)
-    rows = np.searchsorted(ids, got.ids) if (np.diff(ids) > 0).all() else None
+    dense, _ = dense_reference(x, y, np.ones(len(x)), q, [y[0]], T)
     order = np.argsort(ids)
-    rows = order[np.searchsorted(ids[order], got.ids)] if rows is None else rows
+    rows = order[np.searchsorted(ids[order], got.ids)]
     true_omitted = 1.0 - np.take_along_axis(dense, rows, axis=1).sum(axis=1)
     assert (got.tail_bound >= true_omitted - 1e-12).all()
     # probabilities per label agree too (columns may differ: compare by label)
@@ -215,12 +211,7 @@ def test_a_shard_that_stays_down_fails_queries_by_name_or_answers_partially(tmp_
     assert res.missing_shards == (2,) and not res.exact_bound
     assert not (res.ids % 3 == 2).any()  # nothing from the missing shard
     # the bound covers the missing shard's slots: check against dense float64 attention
-    xn = x.astype(np.float64) / np.linalg.norm(x, axis=1, keepdims=True)
-    qn = q.astype(np.float64) / np.linalg.norm(q, axis=1, keepdims=True)
-    logits = qn @ xn.T / T
-    logits -= logits.max(axis=1, keepdims=True)
-    a = np.exp(logits)
-    a /= a.sum(axis=1, keepdims=True)
+    a, _ = dense_reference(x, y, np.ones(len(x)), q, [y[0]], T)
     truth = 1.0 - np.take_along_axis(a, res.ids, axis=1).sum(axis=1)
     assert (res.tail_bound >= truth - 1e-12).all() and (res.tail_bound < 1).all()
     with pytest.raises(ShardUnavailableError) as exc:  # the existence check asks the down shard first

@@ -16,6 +16,8 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from engine.cluster import ShardedMemory, ShardUnavailableError  # noqa: E402
 from engine.data import clustered  # noqa: E402
 
+from .reference import dense_reference  # noqa: E402
+
 DIM, T = 16, 0.1
 
 
@@ -32,12 +34,7 @@ def cluster():
 
 def dense_omitted(x, q, used_ids):
     """True attention mass outside ``used_ids`` for each query, float64 over every slot."""
-    xn = x / np.linalg.norm(x, axis=1, keepdims=True)
-    qn = q / np.linalg.norm(q, axis=1, keepdims=True)
-    logits = qn.astype(np.float64) @ xn.astype(np.float64).T / T
-    logits -= logits.max(axis=1, keepdims=True)
-    a = np.exp(logits)
-    a /= a.sum(axis=1, keepdims=True)
+    a, _ = dense_reference(x, np.zeros(len(x)), np.ones(len(x)), q, [0], T)
     return np.array([1.0 - a[i, ids[ids >= 0]].sum() for i, ids in enumerate(used_ids)])
 
 
