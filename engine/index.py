@@ -172,10 +172,7 @@ class VectorIndex:
 
     def build(self, vectors: np.ndarray) -> "VectorIndex":
         """A new index of the same spec over ``vectors`` (row i = position i), trained if due."""
-        new = VectorIndex.__new__(VectorIndex)
-        new._params_cache = {}
-        new.dim, new.spec, new.settings, new.spec_lossy = self.dim, self.spec, self.settings, self.spec_lossy
-        new.recall_target = self.recall_target
+        new = self._sibling()
         new._use(*self._fresh(len(vectors)))
         new._trained_on = 0
         if not new._index.is_trained:
@@ -184,6 +181,14 @@ class VectorIndex:
         if len(vectors):
             new._index.add(vectors)
         new.calibration = new._calibrated(vectors, self.calibration)
+        return new
+
+    def _sibling(self) -> "VectorIndex":
+        """A new index object of this spec, settings and recall target, not yet holding an index."""
+        new = VectorIndex.__new__(VectorIndex)
+        new._params_cache = {}
+        new.dim, new.spec, new.settings, new.spec_lossy = self.dim, self.spec, self.settings, self.spec_lossy
+        new.recall_target = self.recall_target
         return new
 
     # -- codes: what a snapshot keeps of an index that holds only compressed codes ---------
@@ -242,10 +247,7 @@ class VectorIndex:
             raise ValueError("a code names an inverted list the codebook does not have")
         if len(codes):
             index.add_sa_codes(np.ascontiguousarray(codes))
-        new = VectorIndex.__new__(VectorIndex)
-        new._params_cache = {}
-        new.dim, new.spec, new.settings, new.spec_lossy = self.dim, self.spec, self.settings, self.spec_lossy
-        new.recall_target = self.recall_target
+        new = self._sibling()
         new._use(index, self.spec)
         new._trained_on = trained_on
         saved = self.calibration
