@@ -25,6 +25,7 @@ from typing import Callable
 import faiss
 import numpy as np
 
+from .calibration import K as CALIBRATION_K
 from .calibration import RECALL_TARGET, Calibration, calibrate
 from .errors import InvalidValueError
 
@@ -97,15 +98,19 @@ class VectorIndex:
         dim: vector dimension.
         spec: "auto" or a FAISS factory string ("Flat", "HNSW32", "IVF1024,Flat", "IVF256,PQ16", ...).
         settings: search-time settings (nprobe, efSearch).
+        recall: the recall target of calibration.
+        share: the fraction of a sharded memory's slots this index holds (1/n for a shard of
+            n): its search breadth aims at its share of a query's top-k (see :func:`share_k`).
     """
 
     def __init__(self, dim: int, spec: str, settings: SearchSettings | None = None, *,
-                 recall: float = RECALL_TARGET, calibration: Calibration | None = None):
+                 recall: float = RECALL_TARGET, calibration: Calibration | None = None, share: float = 1.0):
         self.dim = dim
         self.spec = validate_spec(dim, spec)
         self._params_cache: dict = {}  # k -> search parameters without a selector
         self.settings = settings or SearchSettings()
         self.recall_target = recall
+        self.share = share
         # the breadth measured to meet recall_target (engine/calibration.py); a saved one is
         # reused by a build over as many vectors into the same index kind, else measured again
         self.calibration = calibration
@@ -188,7 +193,7 @@ class VectorIndex:
         new = VectorIndex.__new__(VectorIndex)
         new._params_cache = {}
         new.dim, new.spec, new.settings, new.spec_lossy = self.dim, self.spec, self.settings, self.spec_lossy
-        new.recall_target = self.recall_target
+        new.recall_target, new.share = self.recall_target, self.share
         return new
 
     # -- codes: what a snapshot keeps of an index that holds only compressed codes ---------
@@ -261,10 +266,12 @@ class VectorIndex:
         hnsw = self._hnsw if self.settings.ef_search is None else None
         if (ivf is None and hnsw is None) or len(vectors) < 2:
             return None
-        if saved is not None and saved.spec == self.active_spec and saved.trained_on == len(vectors):
+        k = share_k(CALIBRATION_K, self.share)
+        if saved is not None and saved.spec == self.active_spec and saved.trained_on == len(vectors) \
+                and saved.k == min(k, len(vectors) - 1):
             return saved
         return calibrate(self._index, vectors, self.active_spec, ivf=ivf, hnsw=hnsw if ivf is None else None,
-                         target=self.recall_target)
+                         target=self.recall_target, k=k)
 
     def stale_calibration(self) -> bool:
         """Whether this index should be calibrated now: approximate, no breadth set by the caller,
@@ -283,12 +290,14 @@ class VectorIndex:
     def breadth(self, k: int) -> tuple[int | None, int | None]:
         """(nprobe, efSearch) a query of ``k`` uses: the caller's, else calibrated, else the size rule."""
         cal = self.calibration
+        need = share_k(k, self.share)  # a shard needs only its share of the top-k
         if self._ivf is not None:
             nlist = self._ivf.nlist
-            nprobe = self.settings.nprobe or (cal.breadth(k, nlist) if cal else default_nprobe(nlist, self.ntotal, k))
+            nprobe = self.settings.nprobe or (cal.breadth(need, nlist) if cal else
+                                              default_nprobe(nlist, self.ntotal, need))
             return int(nprobe), None
         if self._hnsw is not None:
-            ef = self.settings.ef_search or (max(k, cal.breadth(k, 1 << 16)) if cal else default_ef_search(k))
+            ef = self.settings.ef_search or max(k, cal.breadth(need, 1 << 16) if cal else default_ef_search(need))
             return None, int(ef)
         return None, None
 
@@ -403,6 +412,21 @@ class BareSearch:
     search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     nprobe: int | None
     ef_search: int | None
+
+
+def share_k(k: int, share: float) -> int:
+    """How many of a query's top-k an index holding ``share`` of the slots must find: its
+    expected share ``k share`` plus two standard deviations of that count (binomial), at
+    most k. A whole memory (share 1) needs all k.
+
+    The global top-k of a sharded memory is spread over the shards like a random sample
+    (ids, and so slots, are dealt round-robin): calibrating a shard for recall of its
+    own top-k would make it search as if it had to find the whole top-k alone.
+    """
+    if share >= 1.0:
+        return k
+    mean = k * share
+    return int(min(k, np.ceil(mean + 2.0 * np.sqrt(mean * (1.0 - share)))))
 
 
 def default_ef_search(k: int) -> int:

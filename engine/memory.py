@@ -47,7 +47,7 @@ METRICS = ("cosine", "ip")
 MAX_WAL_SEGMENTS = 8
 # The settings a durable memory keeps in its manifest (besides dim and next_id).
 SETTINGS = ("metric", "index", "temperature", "nprobe", "ef_search", "budget", "slack", "policy", "rescore",
-            "recall", "track_usage", "id_stride", "id_offset")
+            "recall", "track_usage", "id_stride", "id_offset", "share")
 
 
 class Memory:
@@ -78,6 +78,9 @@ class Memory:
             every query; the "age" policy is then refused.
         id_stride, id_offset: automatic ids are drawn from ``id % id_stride == id_offset``
             (a shard of :class:`engine.cluster.ShardedMemory` owns one such class of ids).
+        share: the fraction of a sharded memory's slots this memory holds (1/n for a shard of
+            n): IVF / HNSW calibrate and search for its share of each query's top-k, which
+            is what the merge needs of it (see :func:`engine.index.share_k`).
 
     Raises:
         InvalidValueError: a bad dim, metric, temperature, index string, budget or policy.
@@ -102,6 +105,7 @@ class Memory:
         track_usage: bool = True,
         id_stride: int = 1,
         id_offset: int = 0,
+        share: float = 1.0,
     ):
         self.dim = checks.integer("dim", dim)
         if metric not in METRICS:
@@ -126,7 +130,12 @@ class Memory:
                 or not 0 < recall <= 1:
             raise InvalidValueError(f"recall must be a number in (0, 1], got {recall!r}")
         self._recall = float(recall)
-        vector_index = VectorIndex(self.dim, validate_spec(self.dim, index), self._search, recall=self._recall)
+        if isinstance(share, (bool, np.bool_)) or not isinstance(share, (int, float, np.floating)) \
+                or not 0 < share <= 1:
+            raise InvalidValueError(f"share must be a number in (0, 1], got {share!r}")
+        self._share = float(share)
+        vector_index = VectorIndex(self.dim, validate_spec(self.dim, index), self._search, recall=self._recall,
+                                   share=self._share)
         self._rescore = rescore
         # The slot table keeps vectors only when the index cannot give them back exactly.
         self._keep_vectors = vector_index.spec_lossy and rescore
@@ -153,6 +162,7 @@ class Memory:
                 "nprobe": self._search.nprobe, "ef_search": self._search.ef_search, "budget": self._budget,
                 "slack": self._slack, "policy": self._policy, "rescore": self._rescore, "recall": self._recall,
                 "track_usage": self._track_usage, "id_stride": self._id_space[1], "id_offset": self._id_space[0],
+                "share": self._share,
                 "next_id": self._next_id, "calibration": self._calibration()}
 
     def _calibration(self, state: State | None = None) -> dict | None:

@@ -428,3 +428,21 @@ def test_a_budget_is_kept_shard_by_shard(tmp_path):
         assert len(mem) >= 8
     finally:
         mem.close()
+
+
+def test_shards_of_an_approximate_memory_find_the_merged_top_k(tmp_path):
+    from engine.data.synthetic import isotropic
+
+    from .reference import brute_force_topk
+
+    x, y, q, _ = isotropic(60_000, DIM, n_classes=600, seed=21, queries=100)
+    mem = ShardedMemory(DIM, shards=4, path=tmp_path / "m", index="auto", temperature=T)
+    try:
+        mem.add(x, y, ids=np.arange(len(x)))
+        assert mem.stats().index.startswith("IVF")
+        res = mem.query(q, k=64)
+        _, truth = brute_force_topk(x, q, 64)
+        recall = np.mean([len(np.intersect1d(a, b)) / 64 for a, b in zip(res.ids, truth)])
+        assert recall >= 0.98 and not res.exact_bound
+    finally:
+        mem.close()

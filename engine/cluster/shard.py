@@ -27,8 +27,9 @@ class Shard:
         path = Path(path)
         if (path / MANIFEST).exists():
             self.mem = Memory.open(path)
-        else:  # fresh ids (added or merged) of this shard's class: id % count == index
-            self.mem = Memory(dim, path=path, id_stride=count, id_offset=index, **options)
+        else:  # fresh ids (added or merged) of this shard's class: id % count == index; a 1/count
+            # share of the slots, so its search aims at its share of each query's top-k
+            self.mem = Memory(dim, path=path, id_stride=count, id_offset=index, share=1.0 / count, **options)
 
     def add(self, vectors: np.ndarray, labels, ids: np.ndarray | None, weights: np.ndarray | None,
             upsert: bool) -> np.ndarray:
