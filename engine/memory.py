@@ -472,6 +472,12 @@ class Memory:
             return query.retrieve(state, self._vocab, q, min(k, state.table.n_alive))
 
     @property
+    def total_weight(self) -> float:
+        """The mass of every live slot (an upper bound, its rounding error included)."""
+        t = self._state.table
+        return t.total_weight + t.weight_error
+
+    @property
     def next_id(self) -> int:
         """The id automatic ids start from: above every id the memory ever held."""
         return self._next_id

@@ -69,15 +69,20 @@ def attention(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndar
         used = None if weights is None else weights.sum(axis=1)
     else:
         padded = True
-        valid = rows >= 0
-        safe = np.where(valid, rows, 0)
-        weights = np.where(valid, t.weights[safe], 1.0)
+        valid, safe, weights, used = _masses(t, rows)
         class_idx = np.where(valid, columns[t.label_idx[safe]], -1)
-        used = np.where(valid, weights, 0.0).sum(axis=1)
         n_used = valid.sum(axis=1)
     omitted = omitted_weight(t, used, n_used, rows.shape[1], padded)
     return attend(scores, weights, class_idx, n_classes=len(classes), temperature=temperature,
                   omitted_weight=omitted, padded=padded)
+
+
+def _masses(t, rows: np.ndarray):
+    """(valid, rows with padding at 0, masses with 1 on padding, mass retrieved per query)."""
+    valid = rows >= 0
+    safe = np.where(valid, rows, 0)
+    weights = np.where(valid, t.weights[safe], 1.0)
+    return valid, safe, weights, np.where(valid, weights, 0.0).sum(axis=1)
 
 
 def omitted_weight(t, used, n_used, k: int, padded: bool):
@@ -96,16 +101,13 @@ def retrieve(state: State, vocab: Vocabulary, q: np.ndarray, k: int) -> Retrieve
     the mass of the slots left out: no attention (see :class:`~engine.results.Retrieved`)."""
     scores, rows = search(state, q, k)
     t = state.table
-    valid = rows >= 0
-    safe = np.where(valid, rows, 0)
-    weights = np.where(valid, t.weights[safe], 1.0)
-    used = np.where(valid, weights, 0.0).sum(axis=1)
+    valid, safe, weights, used = _masses(t, rows)
     omitted = omitted_weight(t, used, valid.sum(axis=1), rows.shape[1], True)
     t.touch(rows[valid], time.time())
     labels = vocab.array(t.label_idx[safe].ravel()).reshape(rows.shape)
     return Retrieved(ids=np.where(valid, t.ids[safe], -1), scores=np.where(valid, scores, -np.inf).astype(np.float32),
                      weights=weights, labels=labels, omitted_weight=np.asarray(omitted, np.float64),
-                     total_weight=float(t.total_weight), exact=state.index.exact)
+                     total_weight=t.total_weight + t.weight_error, exact=state.index.exact)
 
 
 def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature):

@@ -95,7 +95,7 @@ class Retrieved:
         weights: (n, k) slot masses (1 on padding).
         labels: (n, k) labels (int64, or object for str labels; arbitrary on padding).
         omitted_weight: (n,) total mass of the live slots not retrieved (an upper bound).
-        total_weight: mass of every live slot.
+        total_weight: mass of every live slot (an upper bound, rounding included).
         exact: the index is exact, so every slot left out scores at most the last one retrieved.
     """
 

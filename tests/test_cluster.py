@@ -446,3 +446,21 @@ def test_shards_of_an_approximate_memory_find_the_merged_top_k(tmp_path):
         assert recall >= 0.98 and not res.exact_bound
     finally:
         mem.close()
+
+
+def test_a_shard_lost_before_any_query_is_bounded_by_its_mass_not_its_count(tmp_path):
+    x, y, q, _ = clustered(900, DIM, n_classes=6, seed=14, queries=20)
+    mem = ShardedMemory(DIM, shards=3, path=tmp_path / "m", index="Flat", temperature=T)
+    try:
+        w = np.where(np.arange(900) % 3 == 2, 1e6, 1.0)  # the shard that will be lost holds heavy slots
+        mem.add(x, y, ids=np.arange(900), weights=w)
+        mem.close()
+        mem = ShardedMemory.open(tmp_path / "m")  # a new driver: it knows the shards only from opening
+        ray.kill(mem.actors[2], no_restart=True)
+        res = mem.query(q, k=8, allow_partial=True)
+        assert res.missing_shards == (2,)
+        a, _ = dense_reference(x, y, w, q, [y[0]], T)
+        truth = 1.0 - np.take_along_axis(a, res.ids, axis=1).sum(axis=1)
+        assert (res.tail_bound >= truth - 1e-12).all()
+    finally:
+        mem.close()

@@ -16,11 +16,6 @@ from ..attention import attend, top_class
 from ..results import QueryResult, Retrieved
 
 
-def log_add(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """log(exp(a) + exp(b)) elementwise, -inf safe."""
-    return np.logaddexp(a, b)
-
-
 def merge(parts: list[Retrieved], k: int, k_requested: int, temperature: float, *,
           missing_log_mass: np.ndarray | float = -np.inf, exact: bool | None = None,
           missing_shards: tuple[int, ...] = ()) -> QueryResult:
@@ -48,13 +43,13 @@ def merge(parts: list[Retrieved], k: int, k_requested: int, temperature: float, 
     # what is left out: each shard's own bound, the slots the global top-k dropped, missing shards
     bound = np.full(len(ids), float(missing_log_mass))  # (-inf + inf would be NaN)
     for p in parts:
-        bound = log_add(bound, p.omitted_log_mass(temperature))
+        bound = np.logaddexp(bound, p.omitted_log_mass(temperature))
     if drop.shape[1]:
         d_valid = pick(valid, drop)
         with np.errstate(divide="ignore"):
             d_mass = np.where(d_valid, np.log(pick(weights, drop)) + pick(scores, drop).astype(np.float64)
                               / temperature, -np.inf)
-        bound = log_add(bound, np.logaddexp.reduce(d_mass, axis=1))
+        bound = np.logaddexp(bound, np.logaddexp.reduce(d_mass, axis=1))
     top_valid = top_ids >= 0
     present = top_labels[top_valid]
     classes = np.unique(present) if len(present) else top_labels[:0, 0]

@@ -62,8 +62,9 @@ class Shard:
         return len(self.mem)
 
     def describe(self) -> dict:
-        """What the driver needs to know of this shard: size, label kind, live classes."""
-        return {"slots": len(self.mem), "label_kind": self.mem.label_kind, "classes": self.mem.classes()}
+        """What the driver needs to know of this shard: size, mass, label kind, live classes."""
+        return {"slots": len(self.mem), "total_weight": self.mem.total_weight, "label_kind": self.mem.label_kind,
+                "classes": self.mem.classes()}
 
     def save(self) -> None:
         self.mem.save()

@@ -171,7 +171,7 @@ class ShardedMemory:
         if len(kinds) > 1:
             raise CorruptFileError(f"{root}: shards hold labels of different kinds {sorted(kinds)}")
         self._vocab = Vocabulary(kinds.pop() if kinds else None)
-        self._last_weight = [float(d["slots"]) for d in info]  # refined by each query's answers
+        self._last_weight = [d["total_weight"] for d in info]  # each shard's mass, refreshed by every answer
 
     # -- calling shards -----------------------------------------------------------------
     def _gather(self, refs: dict[int, object], *, allow_partial: bool = False) -> dict[int, object]:
