@@ -2,10 +2,11 @@
 
     python bench/shards.py --out runs/bench                  # 4M slots, d=64, 1/2/4 shards (~15 min)
     python bench/shards.py --slots 20000 --shards 1 2 --out runs/smoke
+    python bench/shards.py --slots 400000 --shards 4 --data isotropic   # another distribution
 
 For each shard count, a :class:`engine.cluster.ShardedMemory` (index ``auto`` on every
 shard, durable, on a local Ray instance) is filled with the same slots
-(``engine.data.synthetic.DISTRIBUTIONS["learned-like"]``) and measured:
+(``engine.data.synthetic.DISTRIBUTIONS["learned-like"]``, or ``--data``) and measured:
 
 - ingest time (written as a stream of 100k batches, WAL and index training included);
 - batched throughput (1,000 queries a call, k=64) and single-query p50 / p99;
@@ -38,7 +39,8 @@ T = 0.03
 BATCH = 100_000
 
 
-def run(slots: int, shard_counts: list[int], queries: int, singles: int, seed: int, root: Path) -> dict:
+def run(slots: int, shard_counts: list[int], queries: int, singles: int, seed: int, root: Path,
+        data: str = "learned-like") -> dict:
     import ray
     from tqdm import tqdm
 
@@ -47,7 +49,7 @@ def run(slots: int, shard_counts: list[int], queries: int, singles: int, seed: i
     from engine.data.synthetic import DISTRIBUTIONS
     from scale import timed  # the same timing rule as the scale benchmark (fastest of a few)
 
-    x, y, q, _ = DISTRIBUTIONS["learned-like"](slots, 64, seed, queries)
+    x, y, q, _ = DISTRIBUTIONS[data](slots, 64, seed, queries)
     ids = np.arange(slots, dtype=np.int64)
     exact = Memory(64, index="Flat", temperature=T)
     for lo in tqdm(range(0, slots, BATCH), desc="exact reference", unit="batch"):
@@ -124,7 +126,8 @@ def plot(report: dict, path: Path) -> None:
         ax.set_xlabel("shards")
         ax.grid(True, alpha=0.3)
     agree = ", ".join(f"{r['shards']}: {r['argmax_agreement']:.3f}" for r in rows)
-    fig.suptitle(f"ShardedMemory on Ray, {rows[0]['slots']:,} slots, d=64 (argmax agreement with one exact "
+    fig.suptitle(f"ShardedMemory on Ray, {rows[0]['slots']:,} {report['meta']['data']} slots, d=64 "
+                 f"(argmax agreement with one exact "
                  f"memory, by shards: {agree})", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -140,6 +143,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--singles", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default="learned-like", help="one of engine.data.synthetic.DISTRIBUTIONS")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
@@ -148,12 +152,12 @@ def main(argv=None) -> dict:
         ray.init(include_dashboard=False, log_to_driver=False)
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            results = run(args.slots, args.shards, args.queries, args.singles, args.seed, Path(tmp))
+            results = run(args.slots, args.shards, args.queries, args.singles, args.seed, Path(tmp), args.data)
     finally:
         if not started:
             ray.shutdown()
     report = {"meta": {"machine": platform.platform(), "slots": args.slots, "dim": 64, "k": K, "temperature": T,
-                       "queries": args.queries, "data": "learned-like"}, "results": results}
+                       "queries": args.queries, "data": args.data}, "results": results}
     (args.out / "shards.json").write_text(json.dumps(report, indent=2))
     plot(report, args.out / "shards.png")
     for r in results["rows"]:

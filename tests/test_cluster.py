@@ -150,6 +150,19 @@ def test_reopen_and_compact_keep_every_class_mass(tmp_path):
         mem.close()
 
 
+def _kill(actor, seconds=60.0):
+    """End a shard's actor for good and wait until Ray reports it dead (ray.kill returns at once)."""
+    ray.kill(actor, no_restart=True)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        try:
+            ray.get(actor.size.remote(), timeout=5)
+        except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError):
+            return
+        time.sleep(0.05)
+    raise AssertionError("the actor is still alive")
+
+
 def _until(fn, seconds=60.0):
     end = time.monotonic() + seconds
     while True:
@@ -203,7 +216,7 @@ def test_a_shard_that_stays_down_fails_queries_by_name_or_answers_partially(tmp_
     mem = ShardedMemory(DIM, shards=3, path=tmp_path / "m", index="Flat", temperature=T)
     ids = mem.add(x, y, ids=np.arange(len(x)))  # ids are rows of x
     mem.query(q, k=8)  # every shard has answered once: its mass is known
-    ray.kill(mem.actors[2], no_restart=True)
+    _kill(mem.actors[2])
     with pytest.raises(ShardUnavailableError, match=r"\[2\]") as exc:
         mem.query(q, k=8)
     assert exc.value.shards == [2]
@@ -410,7 +423,7 @@ def test_a_missing_shard_of_an_inner_product_memory_leaves_the_tail_unbounded(tm
     try:
         mem.add(x, rng.integers(0, 3, 600), ids=np.arange(600))
         mem.query(x[:4], k=8)
-        ray.kill(mem.actors[1], no_restart=True)
+        _kill(mem.actors[1])
         res = mem.query(x[:4], k=8, allow_partial=True)
         assert res.missing_shards == (1,) and (res.tail_bound == 1.0).all()  # no bound, said as 1
         assert np.isfinite(res.attention).all() and (res.ids % 2 == 0).all()
@@ -456,7 +469,7 @@ def test_a_shard_lost_before_any_query_is_bounded_by_its_mass_not_its_count(tmp_
         mem.add(x, y, ids=np.arange(900), weights=w)
         mem.close()
         mem = ShardedMemory.open(tmp_path / "m")  # a new driver: it knows the shards only from opening
-        ray.kill(mem.actors[2], no_restart=True)
+        _kill(mem.actors[2])
         res = mem.query(q, k=8, allow_partial=True)
         assert res.missing_shards == (2,)
         a, _ = dense_reference(x, y, w, q, [y[0]], T)
