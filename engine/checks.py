@@ -64,8 +64,12 @@ def vectors(x, dim: int, metric: str, what: str = "vectors", *, allow_empty: boo
 
 def _one_vector(x: np.ndarray, metric: str, what: str) -> np.ndarray:
     """:func:`vectors` for one float (dim,) vector, with the same checks in fewer steps."""
-    a = x.astype(np.float32)
-    a64 = a.astype(np.float64)
+    if x.dtype == np.float32:
+        a = x
+        a64 = x.astype(np.float64)
+    else:  # rounded to float32 first, as the batch path does
+        a = x.astype(np.float32)
+        a64 = a.astype(np.float64)
     sq = float(a64 @ a64)
     if not math.isfinite(sq):
         raise InvalidValueError(f"{what} contain NaN or inf (rows [0])")

@@ -351,9 +351,14 @@ class VectorIndex:
         Returns:
             (scores, rows), each (n, k); rows are -1 where fewer than k were found.
         """
-        if alive is None:
-            params = self._cached_params(k)
-            return self._index.search(queries, k) if params is None else self._index.search(queries, k, params=params)
+        if alive is None:  # FAISS's own entry point without its wrapper's checks (done at our boundary)
+            n = len(queries)
+            if queries.dtype != np.float32 or not queries.flags.c_contiguous:
+                queries = np.ascontiguousarray(queries, dtype=np.float32)
+            scores, rows = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+            self._index.search_c(n, faiss.swig_ptr(queries), k, faiss.swig_ptr(scores), faiss.swig_ptr(rows),
+                                 self._cached_params(k))
+            return scores, rows
         bitmap = np.packbits(alive, bitorder="little")
         sel = faiss.IDSelectorBitmap(len(alive), faiss.swig_ptr(bitmap))
         # `bitmap` and `sel` stay referenced here while FAISS reads them.

@@ -73,9 +73,9 @@ class Memory:
         recall: the recall@64 an approximate index (IVF, HNSW) must reach on the memory's own
             vectors: whenever it is built, the cheapest nprobe / ef_search that reaches it is
             measured (see :mod:`engine.calibration`). An explicit ``nprobe`` / ``ef_search`` wins.
-        track_usage: keep, per slot, when it was last written or retrieved (8 bytes a slot),
-            which the "age" compaction policy needs. False saves the bytes and the stamp on
-            every query; the "age" policy is then refused.
+        track_usage: keep, per slot, when it was last written or retrieved (8 bytes a slot,
+            and a stamp per retrieved slot on every query), which the "age" compaction policy
+            needs. Default: only when ``policy="age"``; without it, the "age" policy is refused.
         id_stride, id_offset: automatic ids are drawn from ``id % id_stride == id_offset``
             (a shard of :class:`engine.cluster.ShardedMemory` owns one such class of ids).
         share: the fraction of a sharded memory's slots this memory holds (1/n for a shard of
@@ -102,7 +102,7 @@ class Memory:
         policy: str = "merge",
         rescore: bool = True,
         recall: float = RECALL_TARGET,
-        track_usage: bool = True,
+        track_usage: bool | None = None,
         id_stride: int = 1,
         id_offset: int = 0,
         share: float = 1.0,
@@ -114,8 +114,10 @@ class Memory:
             raise InvalidValueError(f"index must be a string, got {index!r}")
         if not isinstance(rescore, bool):
             raise InvalidValueError(f"rescore must be True or False, got {rescore!r}")
+        if track_usage is None:
+            track_usage = policy == "age"
         if not isinstance(track_usage, bool):
-            raise InvalidValueError(f"track_usage must be True or False, got {track_usage!r}")
+            raise InvalidValueError(f"track_usage must be True, False or None, got {track_usage!r}")
         self._track_usage = track_usage
         stride = checks.integer("id_stride", id_stride)
         self._id_space = (checks.integer("id_offset", id_offset, low=0), stride)
@@ -155,7 +157,8 @@ class Memory:
         if policy not in compaction.POLICIES:
             raise InvalidValueError(f"unknown policy {policy!r}; choose one of {compaction.POLICIES}")
         if policy == "age" and not self._track_usage:
-            raise InvalidValueError("the age policy needs usage times: this memory was made with track_usage=False")
+            raise InvalidValueError("the age policy needs usage times: make the memory with track_usage=True "
+                                   "(or policy=\"age\")")
 
     def _settings(self) -> dict:
         return {"metric": self.metric, "index": self._state.index.spec, "temperature": self._temperature,

@@ -8,6 +8,7 @@ index top-k -> (rescore for lossy codes) -> attention with the omitted-mass boun
 
 from __future__ import annotations
 
+import math
 import time
 
 import numpy as np
@@ -24,12 +25,52 @@ def answer(state: State, vocab: Vocabulary, q: np.ndarray, *, k: int, k_requeste
            temperature: float) -> QueryResult:
     """Attention of each query over its top-k slots (``k`` already clamped to the memory's size)."""
     scores, rows = search(state, q, k)
+    if len(q) == 1 and tail is None and rows[0, -1] >= 0:
+        return _answer_one(state, vocab, scores, rows, k_requested, temperature)
     att = attention(state, vocab, scores, rows, temperature)
     if tail is not None:
         scores, rows, att = _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature)
     complete = bool(rows[:, -1].min() >= 0)  # padding (-1) only ever trails: none, nothing to mask
     state.table.touch(rows if complete else rows[rows >= 0], time.time())
     return _result(state, vocab, scores, rows, att, k_requested, complete)
+
+
+def _answer_one(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndarray, k_requested: int,
+                temperature: float) -> QueryResult:
+    """:func:`answer` for one query that found its k slots: the formula of
+    :func:`~engine.attention.attend` on one row in fewer numpy calls, since a lone query's
+    cost is mostly per-call overhead. FAISS returns a query's results best first (and
+    :func:`search` re-sorts rescored ones), so the first and last scores are the highest and
+    the lowest retrieved."""
+    t = state.table
+    r, s = rows[0], scores[0]
+    classes, columns = state.classes(vocab)
+    inv_t = 1.0 / temperature
+    logits = np.subtract(s, s[0], dtype=np.float64)
+    logits *= inv_t  # (s - s_1) / T <= 0: exp cannot overflow
+    low = float(logits[-1])  # the lowest retrieved similarity bounds every omitted one
+    if t.unit_weights:
+        omitted, m = float(max(t.n_alive - len(r), 0)), 0.0
+    else:
+        w = t.weights[r]
+        logits += np.log(w)
+        m = float(logits.max())
+        logits -= m
+        used = float(w.sum())
+        omitted = 0.0 if len(r) >= t.n_alive else \
+            max(t.total_weight - used, 0.0) + t.weight_error + used * (len(r) + 2) * EPS
+    attention = np.exp(logits, out=logits)
+    z = float(attention.sum())
+    attention /= z
+    b = omitted * math.exp(low - m) if omitted > 0 else 0.0
+    bound = b / (z + b) if math.isfinite(b) else 1.0
+    label_idx = t.label_idx[r]
+    slot_classes = label_idx if state.all_classes_live(vocab) else columns[label_idx]
+    t.touch(r, time.time())
+    best = np.bincount(slot_classes, weights=attention).argmax()
+    return QueryResult(classes=classes, labels=classes[best:best + 1], ids=t.ids_of(rows), scores=scores,
+                       attention=attention[None], tail_bound=np.array([bound]), exact_bound=state.index.exact,
+                       k=len(r), k_requested=k_requested, slot_classes=slot_classes[None])
 
 
 def search(state: State, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -140,7 +181,7 @@ def _result(state: State, vocab: Vocabulary, scores, rows, att: Attention, k_req
             complete: bool) -> QueryResult:
     classes = state.classes(vocab)[0]
     if complete:
-        ids, k = state.table.ids[rows], rows.shape[1]
+        ids, k = state.table.ids_of(rows), rows.shape[1]
     else:
         valid = rows >= 0
         ids = np.where(valid, state.table.ids[np.where(valid, rows, 0)], -1)

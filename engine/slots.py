@@ -76,6 +76,9 @@ class SlotTable:
         # ids of live rows, ascending, and their rows: None while the id column ascends
         self._sorted_ids: np.ndarray | None = None
         self._sorted_rows: np.ndarray | None = None
+        # ids as arithmetic in rows, id = first + step * row, while they are (automatic ids
+        # are): reads then compute ids instead of gathering them. step None: not yet known.
+        self._id_run: tuple[int, int | None] | None = (0, None)
         self.n_alive = 0
         self.total_weight = 0.0  # mass of the live slots, kept up to date by append and kill
         self.weight_error = 0.0  # a bound on the rounding error of total_weight
@@ -158,6 +161,7 @@ class SlotTable:
         if self._weights is None and not unit:
             self._weights = _Growable(np.float64)
             self._weights.extend(np.ones(start))
+        self._extend_id_run(ids, start)
         self._ids.extend(ids)
         self._label_idx.extend(label_idx)
         if self._weights is not None:
@@ -172,6 +176,27 @@ class SlotTable:
         self.n_alive += m
         self._add_weight(float(m) if unit else float(np.sum(weights)), m)
         self._count(label_idx, +1)
+
+    def ids_of(self, rows: np.ndarray) -> np.ndarray:
+        """Ids of rows (no padding): computed while the ids run arithmetically, else gathered
+        (a cache miss per row of a large table, which a read of many rows feels)."""
+        run = self._id_run
+        if run is not None and run[1] is not None:
+            return rows * run[1] + run[0]
+        return self.ids[rows]
+
+    def _extend_id_run(self, ids: np.ndarray, start: int) -> None:
+        run, m = self._id_run, len(ids)
+        if run is None or m == 0:
+            return
+        first, step = (int(ids[0]), None) if start == 0 else run
+        if step is None and start + m > 1:
+            step = int(ids[1] - ids[0]) if start == 0 else int(ids[0]) - first
+        if step is not None and (step <= 0 or not np.array_equal(
+                ids - first, step * np.arange(start, start + m, dtype=np.int64))):
+            self._id_run = None
+            return
+        self._id_run = (first, step)
 
     def _map(self, ids: np.ndarray, rows: np.ndarray) -> None:
         order = np.argsort(ids, kind="stable")

@@ -49,6 +49,11 @@ class State:
             cached = self._classes = (vocab.array(present), columns)
         return cached
 
+    def all_classes_live(self, vocab: Vocabulary) -> bool:
+        """Whether every class of the vocabulary has a live slot, so that a label index is
+        its own column of ``probs``."""
+        return len(self.classes(vocab)[0]) == len(vocab)
+
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Row of each id, -1 where the id is not live."""
         return self.table.rows_of(ids)

@@ -51,7 +51,7 @@ def child(path: str, seed: int, fault_rate: float, n_ops: int, fsize: int | None
     say = lambda **m: (sys.stdout.write(json.dumps(m) + "\n"), sys.stdout.flush())  # noqa: E731
     try:
         mem = Memory.open(path) if (Path(path) / "manifest.json").exists() else \
-            Memory(DIM, metric="ip", index="Flat", temperature=0.5, path=path)
+            Memory(DIM, metric="ip", index="Flat", temperature=0.5, path=path, track_usage=True)
     except engine.StorageError as exc:  # a full disk at create
         say(dead=-1, why=str(exc))
         return

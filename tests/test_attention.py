@@ -145,3 +145,51 @@ def test_query_labels_with_many_classes_match_dense_reference(rng):
     np.add.at(mass, (np.repeat(np.arange(100), 32), y[top].ravel()), a.ravel())
     np.testing.assert_array_equal(res.labels, np.argmax(mass, axis=1))
     np.testing.assert_allclose(res.probs.max(axis=1), mass.max(axis=1), atol=1e-5)
+
+
+LONE_QUERY_CASES = {
+    "Flat": dict(index="Flat"),
+    "Flat, weighted": dict(index="Flat", weighted=True),
+    "Flat, a class removed": dict(index="Flat", drop_class=True),
+    "inner product, weighted": dict(index="Flat", metric="ip", weighted=True),
+    "IVF-PQ rescored": dict(index="IVF8,PQ4x4", weighted=True),
+    "IVF-PQ codes only": dict(index="IVF8,PQ4x4", rescore=False),
+    "HNSW": dict(index="HNSW8"),
+}
+
+
+@pytest.mark.parametrize("case", LONE_QUERY_CASES, ids=list(LONE_QUERY_CASES))
+@pytest.mark.parametrize("temperature", [0.01, 0.3])
+def test_a_lone_query_gets_its_row_of_a_batch(rng, case, temperature):
+    """One query takes a shorter path than a batch: it must give the same answer, and on an
+    exact index its bound must hold against dense float64 attention."""
+    opts = dict(LONE_QUERY_CASES[case])
+    weighted, drop_class = opts.pop("weighted", False), opts.pop("drop_class", False)
+    n, dim = 2000, 16
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    y = rng.integers(0, 9, n)
+    w = rng.uniform(0.2, 5.0, n) if weighted else np.ones(n)
+    mem = Memory(dim, temperature=temperature, **opts)
+    ids = mem.add(x, y, weights=w)
+    if drop_class:  # label indices are then no longer the columns of probs
+        keep = y != 4
+        mem.remove(ids[~keep])
+        x, y, w, ids = x[keep], y[keep], w[keep], ids[keep]
+    q = x[:6] + 0.2 * rng.standard_normal((6, dim)).astype(np.float32)
+    batch = mem.query(q, k=24)
+    for i in range(len(q)):
+        one = mem.query(q[i], k=24)
+        assert one.ids.tolist() == batch.ids[i:i + 1].tolist()
+        assert one.labels.tolist() == batch.labels[i:i + 1].tolist()
+        np.testing.assert_allclose(one.attention, batch.attention[i:i + 1], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(one.probs, batch.probs[i:i + 1], rtol=1e-12, atol=1e-15)
+        np.testing.assert_allclose(one.tail_bound, batch.tail_bound[i:i + 1], rtol=1e-9, atol=1e-300)
+        assert one.classes.tolist() == batch.classes.tolist() and one.exact_bound == batch.exact_bound
+    if mem.stats().exact:
+        metric = opts.get("metric", "cosine")
+        a_full, p_full = dense_reference(x, y, w, q, batch.classes, temperature, metric=metric)
+        for i in range(len(q)):
+            one = mem.query(q[i], k=24)
+            kept = a_full[i, np.searchsorted(ids, one.ids[0])].sum()
+            assert 1 - kept <= one.tail_bound[0] + 1e-6  # float32 scores
+            assert total_variation(one.probs, p_full[i:i + 1])[0] <= one.tail_bound[0] + 1e-6

@@ -39,7 +39,7 @@ def filled():
     x, y = clustered(3000, 16, n_classes=12, seed=4)
     y = np.where(np.arange(3000) < 2, 99, y)  # a tiny class of 2 slots
     w = np.random.default_rng(0).uniform(0.5, 2.0, 3000)
-    mem = Memory(16, index="Flat", temperature=0.1)
+    mem = Memory(16, index="Flat", temperature=0.1, track_usage=True)
     mem.add(x, y, weights=w)
     return mem, x, y, w
 

@@ -35,7 +35,7 @@ def test_metadata_bytes_follow_what_is_used():
     x, y = data(4000)
     lean = Memory(DIM, index="Flat", track_usage=False)
     lean.add(x, y)
-    full = Memory(DIM, index="Flat")
+    full = Memory(DIM, index="Flat", policy="age")  # the age policy keeps usage times
     full.add(x, y, weights=np.full(len(x), 2.0))
     per_slot = lambda m: m.stats().bytes_ids / len(m)  # noqa: E731
     # ids 8, label index 4, tombstone 1 (growth slack aside); + weight 8 + usage 8
@@ -166,3 +166,48 @@ def _resign(path, snap):
     doc.pop("checksum")
     doc["snapshot"]["sha256"] = hashlib.sha256(snap.read_bytes()).hexdigest()
     manifest.write_bytes(store.manifest_bytes(doc))
+
+
+def test_usage_times_only_where_the_age_policy_is_asked_for():
+    x, y = data(300)
+    plain, aged = Memory(DIM, index="Flat"), Memory(DIM, index="Flat", policy="age")
+    for mem in (plain, aged):
+        mem.add(x, y)
+    assert aged.stats().bytes_ids - plain.stats().bytes_ids >= 8 * len(x)
+    with pytest.raises(engine.InvalidValueError, match="track_usage"):
+        plain.compact(budget=100, policy="age")
+    assert len(plain) == 300
+    aged.compact(budget=100)
+    assert len(aged) <= 100
+
+
+ID_RUNS = {
+    "automatic": [None, None, None],
+    "stepped": [np.arange(5, 500, 7), np.arange(5 + 7 * 71, 5 + 7 * 200, 7)],
+    "one, then a run": [np.array([40]), np.arange(43, 430, 3)],
+    "a run, then a gap": [np.arange(100, 200), np.arange(300, 400)],
+    "descending": [np.arange(900, 700, -1)],
+    "a run, then upserts": [np.arange(0, 300), np.arange(50, 120)],
+}
+
+
+@pytest.mark.parametrize("case", ID_RUNS, ids=list(ID_RUNS))
+def test_ids_read_back_by_rows_match_the_ids_written(case):
+    """Reads compute ids while they run arithmetically with rows: every shape of id
+    sequence must still give back the ids written, as a dict of id -> vector says."""
+    rng = np.random.default_rng(11)
+    mem = Memory(DIM, index="Flat", temperature=0.05)
+    ref: dict[int, np.ndarray] = {}
+    for ids in ID_RUNS[case]:
+        n = 150 if ids is None else len(ids)
+        x = rng.standard_normal((n, DIM)).astype(np.float32)
+        got = mem.add(x, rng.integers(0, 5, n), ids=ids, upsert=True)
+        ref.update(zip(got.tolist(), x / np.linalg.norm(x, axis=1, keepdims=True)))
+    keys = np.array(sorted(ref))
+    z = np.stack([ref[i] for i in keys])
+    q = rng.standard_normal((5, DIM)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    best = keys[np.argsort(-(q.astype(np.float64) @ z.T.astype(np.float64)), axis=1)[:, :3]]
+    assert mem.query(q, k=3).ids.tolist() == best.tolist()
+    for i in range(len(q)):
+        assert mem.query(q[i], k=3).ids.tolist() == best[i:i + 1].tolist()

@@ -290,8 +290,10 @@ class ShardedMemory:
                 raise InvalidValueError(f"a budget of {budget} slots cannot be split over {self.n} shards")
         if policy not in compaction.POLICIES:
             raise InvalidValueError(f"unknown policy {policy!r}; choose one of {compaction.POLICIES}")
-        if policy == "age" and not self._options.get("track_usage", True):
-            raise InvalidValueError("the age policy needs usage times: this memory was made with track_usage=False")
+        tracked = self._options.get("track_usage")
+        if policy == "age" and not (tracked or (tracked is None and self._options.get("policy") == "age")):
+            raise InvalidValueError("the age policy needs usage times: make the memory with track_usage=True "
+                                    "(or policy=\"age\")")
         seed = checks.integer("seed", seed, low=0)
         try:
             compaction.check_options(options)
