@@ -109,3 +109,28 @@ def test_a_share_of_a_sharded_memory_searches_for_its_share_of_the_top_k():
     for bad in (0, 1.5, True, "half", float("nan")):
         with pytest.raises(engine.InvalidValueError):
             Memory(32, share=bad)
+
+
+@pytest.mark.parametrize("target", [0.5, 0.9, 0.99])
+def test_recall_from_list_ranks_is_what_a_search_at_that_breadth_finds(target):
+    """IVF-Flat recall is counted from where each true neighbour's list ranks, not searched
+    breadth by breadth: it must equal a leave-one-out search at the breadth chosen, scored
+    against a float64 brute force."""
+    import faiss
+
+    from engine.calibration import calibrate
+
+    x, _ = isotropic(20_000, 16, n_classes=200, seed=5)[:2]
+    x = np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
+    index = faiss.index_factory(16, "IVF64,Flat", faiss.METRIC_INNER_PRODUCT)
+    index.train(x)
+    index.add(x)
+    cal = calibrate(index, x, "IVF64,Flat", ivf=faiss.extract_index_ivf(index), target=target, k=10, queries=100)
+    rows = np.sort(np.random.default_rng(0).choice(len(x), 100, replace=False))  # the sample calibrate draws
+    params = faiss.SearchParametersIVF()
+    params.nprobe = cal.nprobe
+    _, got = index.search(x[rows], 11, params=params)
+    _, truth = brute_force_topk(x, x[rows], 11)
+    hits = [len(np.intersect1d(g[g != r][:10], t[t != r][:10])) / 10 for g, t, r in zip(got, truth, rows)]
+    assert cal.recall == pytest.approx(float(np.mean(hits)), abs=1e-9)
+    assert cal.recall >= target
