@@ -112,7 +112,8 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
     else:
         ladder = [k * (1 << i) for i in range(8)]  # efSearch k .. 128k
 
-    ranks = _list_ranks(ivf, q, vectors, truth) if ivf is not None and not _lossy(ivf) else None
+    direct = ivf is not None and isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat)  # no transform
+    ranks = _list_ranks(ivf, q, vectors, truth) if direct and not _lossy(ivf) else None
 
     def recall(breadth: int) -> float:
         if ranks is not None:  # a neighbour is found exactly when its list is probed

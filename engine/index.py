@@ -319,6 +319,42 @@ class VectorIndex:
             finally:
                 self._ivf.make_direct_map(False)
 
+    # -- cells: the partition the tail summaries (engine/tail.py) group slots by ------------
+    @property
+    def _cell_ivf(self):
+        """The IVF layer when it takes the memory's vectors as they are (no transform before it)."""
+        return self._ivf if isinstance(faiss.downcast_index(self._index), faiss.IndexIVF) else None
+
+    @property
+    def n_cells(self) -> int:
+        """Cells of the partition: the IVF lists, or 1 (the whole memory) for other indexes."""
+        ivf = self._cell_ivf
+        return int(ivf.nlist) if ivf is not None else 1
+
+    def cells(self, vectors: np.ndarray) -> np.ndarray | None:
+        """The IVF list each of ``vectors`` goes to (None without lists)."""
+        ivf = self._cell_ivf
+        if ivf is None:
+            return None
+        if len(vectors) == 0:
+            return np.empty(0, np.int32)
+        return ivf.quantizer.assign(np.ascontiguousarray(vectors, dtype=np.float32), 1)[:, 0].astype(np.int32)
+
+    def row_cells(self) -> np.ndarray | None:
+        """The IVF list of every row the index holds, read from the lists (None without lists)."""
+        ivf = self._cell_ivf
+        if ivf is None:
+            return None
+        out = np.zeros(self.ntotal, np.int32)
+        lists = ivf.invlists
+        for cell in range(ivf.nlist):
+            size = lists.list_size(cell)
+            if size:
+                ptr = lists.get_ids(cell)
+                out[faiss.rev_swig_ptr(ptr, size)] = cell
+                lists.release_ids(cell, ptr)
+        return out
+
     # -- reading ------------------------------------------------------------------
     @property
     def ntotal(self) -> int:

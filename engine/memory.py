@@ -47,7 +47,8 @@ METRICS = ("cosine", "ip")
 MAX_WAL_SEGMENTS = 8
 # The settings a durable memory keeps in its manifest (besides dim and next_id).
 SETTINGS = ("metric", "index", "temperature", "nprobe", "ef_search", "budget", "slack", "policy", "rescore",
-            "recall", "track_usage", "id_stride", "id_offset", "share")
+            "recall", "track_usage", "id_stride", "id_offset", "share", "probs")
+PROBS = ("top-k", "full")
 
 
 class Memory:
@@ -76,6 +77,12 @@ class Memory:
         track_usage: keep, per slot, when it was last written or retrieved (8 bytes a slot,
             and a stamp per retrieved slot on every query), which the "age" compaction policy
             needs. Default: only when ``policy="age"``; without it, the "age" policy is refused.
+        probs: what ``probs`` of a query approximate. "top-k": attention renormalised over
+            the top-k slots. "full": attention over the whole memory, as Matching Networks
+            attend: the top-k exactly, plus the mass of every other slot estimated per class
+            from per-(IVF list, class) summaries (:mod:`engine.tail`; ``tail_estimate`` in
+            the result). The summaries are built on the first such query (a pass over the
+            vectors) and kept up to date by every write.
         id_stride, id_offset: automatic ids are drawn from ``id % id_stride == id_offset``
             (a shard of :class:`engine.cluster.ShardedMemory` owns one such class of ids).
         share: the fraction of a sharded memory's slots this memory holds (1/n for a shard of
@@ -106,6 +113,7 @@ class Memory:
         id_stride: int = 1,
         id_offset: int = 0,
         share: float = 1.0,
+        probs: str = "top-k",
     ):
         self.dim = checks.integer("dim", dim)
         if metric not in METRICS:
@@ -123,6 +131,9 @@ class Memory:
         self._id_space = (checks.integer("id_offset", id_offset, low=0), stride)
         if self._id_space[0] >= stride:
             raise InvalidValueError(f"id_offset must be below id_stride ({stride}), got {id_offset}")
+        if probs not in PROBS:
+            raise InvalidValueError(f"probs must be one of {PROBS}, got {probs!r}")
+        self._probs = probs
         self._check_policy(policy)
         self.metric = metric
         self._temperature = checks.temperature(temperature)
@@ -165,7 +176,7 @@ class Memory:
                 "nprobe": self._search.nprobe, "ef_search": self._search.ef_search, "budget": self._budget,
                 "slack": self._slack, "policy": self._policy, "rescore": self._rescore, "recall": self._recall,
                 "track_usage": self._track_usage, "id_stride": self._id_space[1], "id_offset": self._id_space[0],
-                "share": self._share,
+                "share": self._share, "probs": self._probs,
                 "next_id": self._next_id, "calibration": self._calibration()}
 
     def _calibration(self, state: State | None = None) -> dict | None:
@@ -455,7 +466,8 @@ class Memory:
             if state.table.n_alive == 0:
                 raise EmptyMemoryError("the memory is empty: add slots before querying")
             return query.answer(state, self._vocab, q, k=min(k, state.table.n_alive), k_requested=k, tail=tail,
-                                temperature=self._temperature)
+                                temperature=self._temperature,
+                                full_metric=self.metric if self._probs == "full" else None)
 
     def retrieve(self, queries, *, k: int = 64) -> Retrieved:
         """Each query's top-k slots with their scores, masses and labels, and the mass left

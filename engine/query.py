@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .attention import Attention, attend, top_class
+from .attention import Attention, attend, class_probs, top_class
 from .labels import Vocabulary
 from .results import QueryResult, Retrieved
 from .state import State
@@ -22,17 +22,43 @@ EPS = np.finfo(np.float64).eps
 
 
 def answer(state: State, vocab: Vocabulary, q: np.ndarray, *, k: int, k_requested: int, tail: float | None,
-           temperature: float) -> QueryResult:
-    """Attention of each query over its top-k slots (``k`` already clamped to the memory's size)."""
+           temperature: float, full_metric: str | None = None) -> QueryResult:
+    """Attention of each query over its top-k slots (``k`` already clamped to the memory's size);
+    with ``full_metric`` (the memory's metric), plus the estimated mass of every other slot
+    (:mod:`engine.tail`), so that ``probs`` approximate attention over the whole memory."""
     scores, rows = search(state, q, k)
-    if len(q) == 1 and tail is None and rows[0, -1] >= 0:
+    if len(q) == 1 and tail is None and full_metric is None and rows[0, -1] >= 0:
         return _answer_one(state, vocab, scores, rows, k_requested, temperature)
     att = attention(state, vocab, scores, rows, temperature)
     if tail is not None:
         scores, rows, att = _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature)
     complete = bool(rows[:, -1].min() >= 0)  # padding (-1) only ever trails: none, nothing to mask
     state.table.touch(rows if complete else rows[rows >= 0], time.time())
-    return _result(state, vocab, scores, rows, att, k_requested, complete)
+    estimated = None if full_metric is None else \
+        _estimated_tail(state, vocab, q, scores, rows, att, temperature, full_metric)
+    return _result(state, vocab, scores, rows, att, k_requested, complete, estimated)
+
+
+def _estimated_tail(state: State, vocab: Vocabulary, q, scores, rows, att: Attention, temperature: float,
+                    metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """(the (n, C) estimated attention mass per class of the slots each query left out, the
+    same summed), both as fractions of the whole estimated mass (top-k included)."""
+    t = state.table
+    valid = rows >= 0
+    safe = np.where(valid, rows, 0)
+    summaries = state.summaries(metric)
+    weights = t.weights[safe]
+    s64 = np.where(valid, scores, 0).astype(np.float64)
+    logits = np.where(valid, s64 / temperature + np.log(weights), -np.inf)
+    m = logits.max(axis=1)
+    shift = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))  # log Z of the top-k, the unit below
+    lowest = np.where(valid, s64, np.inf).min(axis=1)
+    per_label = summaries.estimate(q, state.group_keys(safe), weights, s64, valid, lowest, shift, temperature,
+                                   len(vocab))
+    _, columns = state.classes(vocab)
+    tail = per_label[:, np.flatnonzero(columns >= 0)]  # label index -> column of probs
+    total = tail.sum(axis=1)
+    return tail / (1 + total)[:, None], total / (1 + total)
 
 
 def _answer_one(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndarray, k_requested: int,
@@ -178,8 +204,14 @@ def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature):
 
 
 def _result(state: State, vocab: Vocabulary, scores, rows, att: Attention, k_requested: int,
-            complete: bool) -> QueryResult:
+            complete: bool, estimated: tuple[np.ndarray, np.ndarray] | None = None) -> QueryResult:
     classes = state.classes(vocab)[0]
+    if estimated is not None:  # the top-k's share of the estimated whole, and the rest per class
+        tail_probs, tail_estimate = estimated
+        attention_ = att.attention * (1 - tail_estimate)[:, None]
+        probs = class_probs(attention_, att.class_idx, len(classes)) + tail_probs
+        att = Attention(attention=attention_, tail_bound=att.tail_bound, class_idx=att.class_idx,
+                        n_classes=att.n_classes)
     if complete:
         ids, k = state.table.ids_of(rows), rows.shape[1]
     else:
@@ -187,6 +219,11 @@ def _result(state: State, vocab: Vocabulary, scores, rows, att: Attention, k_req
         ids = np.where(valid, state.table.ids[np.where(valid, rows, 0)], -1)
         scores = np.where(valid, scores, np.nan).astype(np.float32)
         k = int(valid.sum(axis=1).max())
+    if estimated is not None:
+        return QueryResult.with_probs(
+            probs, classes=classes, labels=classes[np.argmax(probs, axis=1)], ids=ids, scores=scores,
+            attention=att.attention, tail_bound=att.tail_bound, exact_bound=state.index.exact, k=k,
+            k_requested=k_requested, slot_classes=att.class_idx, tail_estimate=tail_estimate)
     return QueryResult(
         classes=classes,
         labels=classes[top_class(att.attention, att.class_idx, len(classes))],

@@ -27,6 +27,10 @@ class QueryResult:
         slot_classes: (n, k) column of ``classes`` of each retrieved slot, -1 on padding.
         missing_shards: shards of a :class:`~engine.cluster.ShardedMemory` that did not
             answer a query made with ``allow_partial`` (``tail_bound`` covers their mass).
+        tail_estimate: (n,) the estimated fraction of attention on the slots left out, when
+            the memory estimates it (``Memory(probs="full")``): ``attention`` then sums to
+            ``1 - tail_estimate`` and ``probs`` include the estimated rest per class.
+            None for top-k probabilities.
 
     ``probs``, the (n, C) class probabilities, is built from ``attention`` and
     ``slot_classes`` when first read: with many classes it is large, and most
@@ -44,11 +48,13 @@ class QueryResult:
     k_requested: int
     slot_classes: np.ndarray | None = None
     missing_shards: tuple = ()
+    tail_estimate: np.ndarray | None = None
     _probs: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def probs(self) -> np.ndarray:
-        """(n, C) class probabilities p(c) from top-k attention (columns: ``classes``)."""
+        """(n, C) class probabilities p(c) (columns: ``classes``): from top-k attention, plus the
+        estimated rest when the memory estimates it (``tail_estimate``)."""
         if self._probs is None:
             from .attention import class_probs
 
@@ -70,7 +76,8 @@ class QueryResult:
                       tail_bound=self.tail_bound[lo:hi], exact_bound=self.exact_bound, k=used,
                       k_requested=self.k_requested,
                       slot_classes=None if self.slot_classes is None else self.slot_classes[lo:hi, :width],
-                      missing_shards=self.missing_shards)
+                      missing_shards=self.missing_shards,
+                      tail_estimate=None if self.tail_estimate is None else self.tail_estimate[lo:hi])
         if self._probs is not None:
             return QueryResult.with_probs(self._probs[lo:hi], **sliced)
         return QueryResult(**sliced)

@@ -9,6 +9,8 @@ the current state in place, under the memory's exclusive lock, through
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 
 from . import checks
@@ -18,6 +20,7 @@ from .errors import DuplicateIdError, InvalidValueError, UnknownIdError
 from .index import VectorIndex
 from .labels import Vocabulary
 from .slots import SlotTable
+from .tail import CELL_SHIFT, Summaries
 
 # Rebuild (drop tombstones, renumber rows) once this fraction of rows is dead.
 MAX_DEAD_FRACTION = 0.25
@@ -30,6 +33,8 @@ class State:
         self.table = table
         self.index = index
         self._classes: tuple | None = None
+        self._summaries: Summaries | None = None  # built when a query first needs them
+        self._summaries_lock = threading.Lock()
 
     # -- reads ------------------------------------------------------------------------
     def vectors(self, rows: np.ndarray) -> np.ndarray:
@@ -53,6 +58,26 @@ class State:
         """Whether every class of the vocabulary has a live slot, so that a label index is
         its own column of ``probs``."""
         return len(self.classes(vocab)[0]) == len(vocab)
+
+    def summaries(self, metric: str) -> Summaries:
+        """The per-(cell, class) summaries the tail estimate reads (:mod:`engine.tail`): built
+        on first use (one pass over the vectors, the IVF lists read for the cells), then kept
+        up to date by :meth:`apply`. A rebuilt state builds its own."""
+        built = self._summaries
+        if built is None:
+            with self._summaries_lock:
+                built = self._summaries
+                if built is None:
+                    t = self.table
+                    built = self._summaries = Summaries.of(
+                        self.index.dim, metric, self.index.n_cells, self.index.row_cells(), t.live_rows(),
+                        t.label_idx, t.weights, self.vectors)
+        return built
+
+    def group_keys(self, rows: np.ndarray) -> np.ndarray:
+        """The summary group (cell, class) of each of ``rows`` (no padding)."""
+        cells = self._summaries.cells_of(rows).astype(np.int64)
+        return (cells << CELL_SHIFT) | self.table.label_idx[rows]
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Row of each id, -1 where the id is not live."""
@@ -148,10 +173,18 @@ class State:
         """Change this state in place (the caller holds the exclusive lock): tombstone rows,
         append rows ``(ids, label_idx, weights or None, vectors, used)`` to the table and the index."""
         self._classes = None
+        summaries = self._summaries
+        if summaries is not None and len(kill_rows):
+            t = self.table
+            summaries.remove(kill_rows, t.label_idx[kill_rows], t.weights[kill_rows], self.vectors(kill_rows))
         self.table.kill(kill_rows)
         if append is not None:
             self.table.append(*append)
             self.index.add(append[3])
+            if summaries is not None:
+                ids, label_idx, weights, vectors = append[:4]
+                summaries.append(self.index.cells(vectors), label_idx,
+                                 np.ones(len(ids)) if weights is None else weights, vectors)
 
     def too_dead(self, more_dead: int) -> bool:
         """Whether ``more_dead`` more tombstones call for a rebuild."""

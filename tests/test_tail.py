@@ -1,0 +1,133 @@
+"""The estimated tail (``Memory(probs="full")``) against exact dense attention in float64."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import engine
+from engine import Memory
+from engine.data import clustered
+
+from .reference import dense_reference
+
+DIM = 16
+
+
+def total_variation(p, q):
+    return 0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum(axis=1)
+
+
+def dense_probs(mem: Memory, res, metric="cosine"):
+    """Full attention over every live slot of ``mem`` (float64), columns as ``res.classes``."""
+    slots = mem.get(mem.ids())
+    return slots, dense_reference(slots.vectors, np.array(slots.labels), slots.weights, QUERIES, res.classes,
+                                  mem.temperature, metric=metric)[1]
+
+
+QUERIES = np.random.default_rng(99).standard_normal((12, DIM)).astype(np.float32)
+
+
+@pytest.mark.parametrize("index,metric", [("Flat", "cosine"), ("IVF4,Flat", "cosine"), ("Flat", "ip")])
+def test_the_estimate_is_exact_when_every_group_holds_identical_vectors(rng, index, metric):
+    """A group's model is exact for identical vectors, so probs must be full attention."""
+    n_classes = 10
+    base = rng.standard_normal((n_classes, DIM)).astype(np.float32)
+    if metric == "cosine":
+        base /= np.linalg.norm(base, axis=1, keepdims=True)
+    else:
+        base *= 0.3
+    y = np.repeat(np.arange(n_classes), 40)
+    x = base[y]
+    w = rng.uniform(0.5, 2.0, len(y))
+    mem = Memory(DIM, index=index, metric=metric, temperature=0.2, probs="full",
+                 nprobe=4 if index.startswith("IVF") else None)
+    mem.add(x, y, weights=w)
+    res = mem.query(QUERIES, k=5)
+    _, full = dense_probs(mem, res, metric)
+    np.testing.assert_allclose(res.probs, full, rtol=1e-6, atol=1e-7)  # float32 scores, as top-k
+    np.testing.assert_allclose(res.attention.sum(axis=1) + res.tail_estimate, 1.0, atol=1e-12)
+
+
+def test_full_probs_are_far_closer_to_full_attention_than_top_k(rng):
+    x, y = clustered(20_000, DIM, n_classes=40, seed=3)
+    topk, full = Memory(DIM, temperature=0.05), Memory(DIM, temperature=0.05, probs="full")
+    for mem in (topk, full):
+        mem.add(x, y)
+    q = x[rng.integers(0, len(x), 200)] + 0.2 * rng.standard_normal((200, DIM)).astype(np.float32)
+    a, b = topk.query(q, k=32), full.query(q, k=32)
+    _, ref = dense_reference(x, y, np.ones(len(y)), q, b.classes, 0.05)
+    tv_topk, tv_full = total_variation(a.probs, ref).mean(), total_variation(b.probs, ref).mean()
+    # a Flat memory has one cell, so a group is a whole class (multimodal here): 0.18 -> 0.06
+    assert tv_full < 0.08 and tv_full < tv_topk / 2.5, (tv_topk, tv_full)
+    assert np.all((b.tail_estimate >= 0) & (b.tail_estimate < 1))
+    np.testing.assert_allclose(b.probs.sum(axis=1), 1.0, atol=1e-9)
+    assert a.tail_estimate is None
+    # the certificate is what it was: the same top-k, the same bound
+    assert a.ids.tolist() == b.ids.tolist()
+    np.testing.assert_allclose(a.tail_bound, b.tail_bound)
+    # a lone query gets its row of the batch
+    one = full.query(q[3], k=32)
+    np.testing.assert_allclose(one.probs, b.probs[3:4], atol=1e-12)
+
+
+def answers(mem):
+    res = mem.query(QUERIES, k=8)
+    return res.classes.tolist(), res.probs, res.tail_estimate
+
+
+def same_slots_fresh(mem: Memory) -> Memory:
+    slots = mem.get(mem.ids())
+    fresh = Memory(DIM, temperature=mem.temperature, probs="full")
+    fresh.add(slots.vectors, slots.labels, ids=slots.ids, weights=slots.weights)
+    return fresh
+
+
+def test_summaries_follow_adds_removes_compaction_and_reopen(rng, tmp_path):
+    """After every change the estimate must be that of a memory freshly built from the
+    same slots (summaries kept up to date, not left stale)."""
+    x, y = clustered(3000, DIM, n_classes=12, seed=7)
+    mem = Memory(DIM, temperature=0.1, probs="full", path=tmp_path / "m")
+    ids = mem.add(x[:2000], y[:2000], weights=rng.uniform(0.5, 2.0, 2000))
+    answers(mem)  # the summaries now exist and must be kept up to date from here on
+
+    def check():
+        got, want = answers(mem), answers(same_slots_fresh(mem))
+        assert got[0] == want[0]
+        np.testing.assert_allclose(got[1], want[1], atol=1e-9)
+        np.testing.assert_allclose(got[2], want[2], atol=1e-9)
+
+    mem.remove(ids[y[:2000] == 3])  # a whole class goes
+    check()
+    mem.add(x[2000:], y[2000:])
+    mem.remove(ids[y[:2000] != 3][::7][:100])
+    check()
+    mem.compact(budget=500)
+    check()
+    before = answers(mem)
+    mem.close()
+    again = Memory.open(tmp_path / "m")
+    after = answers(again)
+    assert after[0] == before[0]
+    np.testing.assert_allclose(after[1], before[1], atol=1e-9)
+
+
+def test_probs_option_is_checked_and_kept(tmp_path):
+    with pytest.raises(engine.InvalidValueError, match="probs"):
+        Memory(DIM, probs="all")
+    mem = Memory(DIM, probs="full", path=tmp_path / "m")
+    mem.add(QUERIES, np.arange(len(QUERIES)) % 3)
+    mem.close()
+    assert Memory.open(tmp_path / "m").query(QUERIES[0]).tail_estimate is not None
+
+
+@pytest.mark.parametrize("spec,opts", [("PCA8,IVF4,Flat", {}), ("IVF4,PQ4x4", {"rescore": False}), ("HNSW8", {}),
+                                       ("IVF4,Flat", {"metric": "ip"})])
+def test_every_kind_of_index_answers_full_probs(rng, spec, opts):
+    x, y = clustered(3000, DIM, n_classes=6, seed=2)
+    mem = Memory(DIM, index=spec, temperature=0.1, probs="full", **opts)
+    ids = mem.add(x, y)
+    mem.remove(ids[:300])
+    res = mem.query(QUERIES, k=16)
+    assert np.isfinite(res.probs).all() and np.all((res.tail_estimate >= 0) & (res.tail_estimate < 1))
+    np.testing.assert_allclose(res.probs.sum(axis=1), 1.0, atol=1e-9)
