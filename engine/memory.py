@@ -441,7 +441,7 @@ class Memory:
         return compaction.parse_budget(budget, per_slot)
 
     # -- reading ----------------------------------------------------------------------
-    def query(self, queries, *, k: int = 64, tail: float | None = None) -> QueryResult:
+    def query(self, queries, *, k: int = 64, tail: float | None = None, probs: str | None = None) -> QueryResult:
         """Classify queries by exact softmax attention over their top-k slots.
 
         Args:
@@ -449,6 +449,7 @@ class Memory:
             k: slots per query; clamped to the memory's size (``result.k_clamped`` says so).
             tail: if set, k grows (doubling) per query until ``tail_bound <= tail``
                 or every slot is used.
+            probs: "full" or "top-k" for this call (default: the memory's ``probs``).
 
         Returns:
             A :class:`~engine.results.QueryResult`.
@@ -461,13 +462,15 @@ class Memory:
         k = checks.integer("k", k)
         if tail is not None:
             checks.fraction("tail", tail, low=0.0, high=1.0, closed_low=False)
+        if probs is not None and probs not in PROBS:
+            raise InvalidValueError(f"probs must be one of {PROBS}, got {probs!r}")
+        full = (probs or self._probs) == "full"
         with self._lock.read():
             state = self._state
             if state.table.n_alive == 0:
                 raise EmptyMemoryError("the memory is empty: add slots before querying")
             return query.answer(state, self._vocab, q, k=min(k, state.table.n_alive), k_requested=k, tail=tail,
-                                temperature=self._temperature,
-                                full_metric=self.metric if self._probs == "full" else None)
+                                temperature=self._temperature, full_metric=self.metric if full else None)
 
     def retrieve(self, queries, *, k: int = 64) -> Retrieved:
         """Each query's top-k slots with their scores, masses and labels, and the mass left

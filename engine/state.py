@@ -64,14 +64,15 @@ class State:
         on first use (one pass over the vectors, the IVF lists read for the cells), then kept
         up to date by :meth:`apply`. A rebuilt state builds its own."""
         built = self._summaries
-        if built is None:
+        if built is None or built.stale(self.table.n_alive):
             with self._summaries_lock:
                 built = self._summaries
-                if built is None:
-                    t = self.table
+                if built is None or built.stale(self.table.n_alive):
+                    t, index = self.table, self.index
+                    row_cells = index.row_cells()
                     built = self._summaries = Summaries.of(
-                        self.index.dim, metric, self.index.n_cells, self.index.row_cells(), t.live_rows(),
-                        t.label_idx, t.weights, self.vectors)
+                        index.dim, metric, t.n_rows, t.live_rows(), t.label_idx, t.weights, self.vectors,
+                        index_cells=None if row_cells is None else (row_cells, index.n_cells, index.cells))
         return built
 
     def group_keys(self, rows: np.ndarray) -> np.ndarray:
@@ -183,8 +184,7 @@ class State:
             self.index.add(append[3])
             if summaries is not None:
                 ids, label_idx, weights, vectors = append[:4]
-                summaries.append(self.index.cells(vectors), label_idx,
-                                 np.ones(len(ids)) if weights is None else weights, vectors)
+                summaries.append(label_idx, np.ones(len(ids)) if weights is None else weights, vectors)
 
     def too_dead(self, more_dead: int) -> bool:
         """Whether ``more_dead`` more tombstones call for a rebuild."""

@@ -57,6 +57,31 @@ def log_vmf_mgf(kappa: np.ndarray, c: np.ndarray, dim: int, inv_t: float) -> np.
     return a_b - nu * np.log1p(a_b / (nu + b)) - 0.5 * np.log1p(a_b / b)
 
 
+def partition_size(n: int) -> int:
+    """Cells of a partition made for ``n`` slots (an index without lists): about 2 sqrt(n),
+    each trained on 64 points or more; 1 below 4,096 slots."""
+    from .index import auto_nlist
+
+    return 1 if n < 4096 else min(auto_nlist(n), n // 64)
+
+
+def _kmeans(dim: int, metric: str, n_cells: int, vectors, live: np.ndarray, seed: int):
+    """assign(vectors) -> cells of a k-means partition trained on a sample of the live rows."""
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    sample = np.ascontiguousarray(vectors(np.sort(rng.choice(live, min(len(live), 256 * n_cells), replace=False))),
+                                  dtype=np.float32)
+    km = faiss.Kmeans(dim, n_cells, niter=10, seed=seed, spherical=metric == "cosine")
+    km.train(sample)
+    quantizer = km.index
+
+    def assign(v: np.ndarray) -> np.ndarray:
+        return quantizer.search(np.ascontiguousarray(v, dtype=np.float32), 1)[1][:, 0].astype(np.int32)
+
+    return assign
+
+
 def kappa_from_resultant(r: np.ndarray, dim: int) -> np.ndarray:
     """Concentration of a vMF whose mean resultant length is ``r`` (Banerjee et al. 2005)."""
     r = np.minimum(r, 1 - 1e-12)
@@ -74,6 +99,8 @@ class Summaries:
 
     def __init__(self, dim: int, metric: str, n_cells: int = 1):
         self.dim, self.metric, self.n_cells = dim, metric, n_cells
+        self.assign = None  # vectors -> their cells (with more than one cell)
+        self.trained_on, self.own_partition = 0, False
         self._cell = _Growable(np.int32) if n_cells > 1 else None  # each table row's cell
         self.keys = np.empty(0, np.int64)  # sorted group keys
         self.count = np.empty(0, np.int64)
@@ -91,26 +118,53 @@ class Summaries:
         return self._cell.view[rows] if self._cell is not None else np.zeros(np.shape(rows), np.int32)
 
     @classmethod
-    def of(cls, dim: int, metric: str, n_cells: int, row_cells: np.ndarray | None, live: np.ndarray,
-           label_idx: np.ndarray, weights: np.ndarray, vectors, chunk: int = 65536) -> "Summaries":
-        """Summaries of a whole table: ``row_cells`` the cell of every row (None: one cell),
-        ``live`` the live rows, ``label_idx`` and ``weights`` of every row, and ``vectors(rows)``
-        reading vectors back (in chunks, so a large memory is never copied whole)."""
-        out = cls(dim, metric, n_cells if row_cells is not None else 1)
+    def of(cls, dim: int, metric: str, n_rows: int, live: np.ndarray, label_idx: np.ndarray, weights: np.ndarray,
+           vectors, *, index_cells=None, chunk: int = 65536, seed: int = 0) -> "Summaries":
+        """Summaries of a whole table.
+
+        Args:
+            n_rows: rows of the table (live or not).
+            live: the live rows.
+            label_idx, weights: of every row.
+            vectors: ``vectors(rows)`` reads vectors back (in chunks: a large memory is never
+                copied whole).
+            index_cells: ``(cell of every row, cells, assign(vectors))`` of an index that has
+                cells (IVF lists); None: the slots are partitioned here by k-means
+                (:func:`partition_size` cells, trained on a sample of the live vectors).
+        """
+        if index_cells is not None:
+            row_cells, n_cells, assign = index_cells
+        else:
+            row_cells, n_cells, assign = None, partition_size(len(live)), None
+            if n_cells > 1:
+                assign = _kmeans(dim, metric, n_cells, vectors, live, seed)
+        out = cls(dim, metric, n_cells)
+        out.assign, out.trained_on, out.own_partition = assign, len(live), index_cells is None
         if out._cell is not None:
-            out._cell.extend(row_cells)
+            out._cell.extend(row_cells if row_cells is not None else np.zeros(n_rows, np.int32))
         for lo in range(0, len(live), chunk):
             rows = live[lo:lo + chunk]
-            out._change(row_cells[rows] if row_cells is not None else None, label_idx[rows], weights[rows],
-                        vectors(rows), +1)
+            v = vectors(rows)
+            cells = None
+            if out._cell is not None:
+                if row_cells is None:
+                    out._cell.view[rows] = assign(v)
+                cells = out._cell.view[rows]
+            out._change(cells, label_idx[rows], weights[rows], v, +1)
         return out
 
+    def stale(self, n_alive: int) -> bool:
+        """Whether a partition made here should be made again: the memory grew 4x since."""
+        return self.own_partition and partition_size(n_alive) > self.n_cells and n_alive >= 4 * self.trained_on
+
     # -- changes --------------------------------------------------------------------------
-    def append(self, cells: np.ndarray | None, label_idx: np.ndarray, weights: np.ndarray, vectors: np.ndarray) -> None:
+    def append(self, label_idx: np.ndarray, weights: np.ndarray, vectors: np.ndarray) -> None:
         """Count appended rows (in table order) into their groups."""
+        cells = None
         if self._cell is not None:
+            cells = self.assign(vectors)
             self._cell.extend(cells)
-        self._change(cells if self._cell is not None else None, label_idx, weights, vectors, +1)
+        self._change(cells, label_idx, weights, vectors, +1)
 
     def remove(self, rows: np.ndarray, label_idx: np.ndarray, weights: np.ndarray, vectors: np.ndarray) -> None:
         """Take tombstoned rows out of their groups."""
@@ -154,7 +208,10 @@ class Summaries:
         if derived is None:
             with self._lock:
                 live = self.mass > 0
-                keys, mass, sums = self.keys[live], self.mass[live], self.sums[live]
+                keys = self.keys[live]
+                labels = keys & ((1 << CELL_SHIFT) - 1)
+                order = np.argsort(labels, kind="stable")  # class-major: a class's groups are a run
+                mass, sums, labels = self.mass[live][order], self.sums[live][order], labels[order]
                 norm = np.linalg.norm(sums, axis=1)
                 kappa = resultant = None
                 if self.metric == "cosine":
@@ -163,9 +220,10 @@ class Summaries:
                     unit, scale = sums / np.maximum(norm, 1e-300)[:, None], resultant
                 else:
                     unit, scale = sums / mass[:, None], np.ones(len(mass))
-                derived = self._derived = _Groups(keys, keys & ((1 << CELL_SHIFT) - 1), mass,
-                                                  np.ascontiguousarray(unit.T, dtype=np.float32), scale,
-                                                  resultant, kappa)
+                at = np.empty(len(order), np.int64)
+                at[order] = np.arange(len(order))  # key order -> position in class order
+                derived = self._derived = _Groups(keys, at, labels, mass, np.ascontiguousarray(unit.T, np.float32),
+                                                  scale, resultant, kappa, self.dim)
         return derived
 
     def estimate(self, q: np.ndarray, retrieved_groups: np.ndarray, retrieved_weights: np.ndarray,
@@ -174,9 +232,10 @@ class Summaries:
         """(n, n_labels) estimated mass per label index of the slots each query left out,
         scaled by ``exp(-shift)`` (the caller's log-space offset).
 
-        Every group is first estimated whole (one matrix product and a few elementwise
-        steps per (query, group)); then the groups that hold retrieved slots, at most k
-        per query, are estimated again without them and the difference is applied.
+        Every group is first estimated whole: one matrix product and about fifteen
+        in-place float32 steps per (query, group), then a sum over each class's run of
+        groups. The groups that hold retrieved slots, at most k per query, are then
+        estimated again in float64 without them, and the difference is applied.
 
         Args:
             q: (n, dim) float32 checked queries.
@@ -191,54 +250,100 @@ class Summaries:
         if len(grp.keys) == 0:
             return out
         inv_t = 1.0 / temperature
+        consts = grp.constants(inv_t)
         for lo in range(0, len(q), 256):  # (256, groups) at a time
             hi = min(len(q), lo + 256)
             rows = np.arange(hi - lo)
             c = q[lo:hi] @ grp.unit_t  # q . mean direction (cosine) or q . mean (ip)
-            cap = (lowest[lo:hi] * inv_t)[:, None]  # no slot left out scores above the lowest retrieved
-            base = -shift[lo:hi, None]
-            e = np.exp(np.minimum(self._log_model(grp, c, inv_t, None), cap) + grp.log_mass + base)
-            flat = (grp.labels[None, :] + rows[:, None] * n_labels).ravel()
-            part = np.bincount(flat, weights=e.ravel(), minlength=(hi - lo) * n_labels).reshape(hi - lo, n_labels)
-            # the groups holding retrieved slots: estimated again without them
+            # the groups holding retrieved slots, as (query, group) pairs
             ok = valid[lo:hi]
             qi = np.broadcast_to(rows[:, None], ok.shape)[ok]
-            g = np.searchsorted(grp.keys, retrieved_groups[lo:hi][ok])
-            pair, first = np.unique(qi * len(grp.keys) + g, return_index=True)  # distinct (query, group)
-            taken_w = np.bincount(np.searchsorted(pair, qi * len(grp.keys) + g),
-                                  weights=retrieved_weights[lo:hi][ok], minlength=len(pair))
-            taken_ws = np.bincount(np.searchsorted(pair, qi * len(grp.keys) + g),
-                                   weights=(retrieved_weights[lo:hi] * retrieved_scores[lo:hi])[ok],
-                                   minlength=len(pair))
+            g = grp.at[np.minimum(np.searchsorted(grp.keys, retrieved_groups[lo:hi][ok]), len(grp.keys) - 1)]
+            pair_of = qi * len(grp.keys) + g
+            pair = np.unique(pair_of)
             pq, pg = pair // len(grp.keys), pair % len(grp.keys)
+            c_pairs = c[pq, pg].astype(np.float64)
+            cap = (lowest[lo:hi] * inv_t).astype(np.float32)[:, None]  # nothing left out scores above s_k
+            base = (-shift[lo:hi]).astype(np.float32)[:, None]
+            e = self._bulk(grp, consts, c, inv_t, cap, base)
+            e_pairs = e[pq, pg].astype(np.float64)
+            per_class = np.add.reduceat(e, grp.class_starts, axis=1, dtype=np.float64)
+            # ... estimated again without their retrieved slots
+            slot = np.searchsorted(pair, pair_of)
+            taken_w = np.bincount(slot, weights=retrieved_weights[lo:hi][ok], minlength=len(pair))
+            taken_ws = np.bincount(slot, weights=(retrieved_weights[lo:hi] * retrieved_scores[lo:hi])[ok],
+                                   minlength=len(pair))
             left = grp.mass[pg] - taken_w
             keep = left > grp.mass[pg] * 1e-9
-            q_sums = c[pq, pg] * grp.scale[pg] * grp.mass[pg]  # q . S
-            mean_sim = np.where(keep, (q_sums - taken_ws) / np.where(keep, left, 1.0), 0.0)
-            redo = np.minimum(self._log_model(grp, mean_sim, inv_t, pg), cap[pq, 0])
-            new = np.where(keep, np.exp(redo + np.log(np.where(keep, left, 1.0)) + base[pq, 0]), 0.0)
-            np.add.at(part, (pq, grp.labels[pg]), new - e[pq, pg])
+            left_safe = np.where(keep, left, 1.0)
+            mean_sim = (c_pairs * grp.scale[pg] * grp.mass[pg] - taken_ws) / left_safe  # q . S' / W'
+            redo = np.minimum(self._log_model(grp, mean_sim, inv_t, pg), lowest[lo:hi][pq] * inv_t)
+            new = np.where(keep, np.exp(redo + np.log(left_safe) - shift[lo:hi][pq]), 0.0)
+            part = np.zeros((hi - lo, n_labels))
+            part[:, grp.class_labels] = per_class
+            np.add.at(part, (pq, grp.labels[pg]), new - e_pairs)
             out[lo:hi] = np.maximum(part, 0.0)
         return out
 
-    def _log_model(self, grp: "_Groups", c: np.ndarray, inv_t: float, at: np.ndarray | None) -> np.ndarray:
-        """log of a group's mass estimate per unit of mass, from ``c``: q . mean direction
-        (cosine; vMF) or q . mean (ip; first order). ``at``: the groups ``c`` belongs to (None: all)."""
+    def _bulk(self, grp: "_Groups", consts, c: np.ndarray, inv_t: float, cap: np.ndarray,
+              base: np.ndarray) -> np.ndarray:
+        """exp(min(log model, cap) + log mass + base) of every (query, group), in place in ``c``
+        (float32): the vMF formula of :func:`log_vmf_mgf` with its per-group terms precomputed."""
+        if grp.kappa is None:
+            c *= np.float32(inv_t)
+        else:
+            k2t, b2, b, inv_nub, inv_b, nu = consts
+            c *= k2t
+            c += np.float32(inv_t * inv_t)  # r^2 - kappa^2
+            a = b2 + c
+            np.sqrt(a, out=a)
+            a += b
+            np.divide(c, a, out=c)  # A - B
+            np.multiply(c, inv_nub, out=a)
+            np.log1p(a, out=a)
+            a *= np.float32(nu)
+            c -= a
+            np.multiply(c + a, inv_b, out=a)  # (A - B) / B
+            np.log1p(a, out=a)
+            a *= np.float32(0.5)
+            c -= a
+        np.minimum(c, cap, out=c)
+        c += grp.log_mass32
+        c += base
+        return np.exp(c, out=c)
+
+    def _log_model(self, grp: "_Groups", c: np.ndarray, inv_t: float, at: np.ndarray) -> np.ndarray:
+        """log of the mass estimate per unit of mass of groups ``at``, from ``c`` = q . their
+        mean (float64): vMF for cosine, first order for ip."""
         if grp.kappa is None:
             return c * inv_t
-        kappa = grp.kappa if at is None else grp.kappa[at]
-        if at is not None:  # c was given as q . mean: back to the mean direction
-            c = np.clip(c / np.maximum(grp.resultant[at], 1e-12), -1.0, 1.0)
-        return log_vmf_mgf(kappa, c, self.dim, inv_t)
+        c = np.clip(c / np.maximum(grp.resultant[at], 1e-12), -1.0, 1.0)  # q . mean direction
+        return log_vmf_mgf(grp.kappa[at], c, self.dim, inv_t)
 
 
 class _Groups:
-    """The live groups as a query reads them: keys, label indices, mass and its log, and the
-    matrix the queries multiply (mean directions for cosine, means for ip; ``scale`` turns
-    ``q . column`` into ``q . S / W``)."""
+    """The live groups as a query reads them, in class order (a class's groups are a run):
+    key order ``keys`` and ``at`` (a key's position in class order), label indices, mass,
+    and the matrix the queries multiply (mean directions for cosine, means for ip; ``scale``
+    turns ``q . column`` into ``q . S / W``)."""
 
-    __slots__ = ("keys", "labels", "mass", "log_mass", "unit_t", "scale", "resultant", "kappa")
+    def __init__(self, keys, at, labels, mass, unit_t, scale, resultant, kappa, dim):
+        self.keys, self.at, self.labels, self.mass = keys, at, labels, mass
+        self.log_mass32 = np.log(mass).astype(np.float32)
+        self.unit_t, self.scale, self.resultant, self.kappa, self.dim = unit_t, scale, resultant, kappa, dim
+        self.class_starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]]) if len(labels) else labels
+        self.class_labels = labels[self.class_starts]
+        self._constants = {}
 
-    def __init__(self, keys, labels, mass, unit_t, scale, resultant, kappa):
-        self.keys, self.labels, self.mass, self.log_mass = keys, labels, mass, np.log(mass)
-        self.unit_t, self.scale, self.resultant, self.kappa = unit_t, scale, resultant, kappa
+    def constants(self, inv_t: float):
+        """The per-group float32 terms of the vMF formula at 1/T (cached per temperature)."""
+        if self.kappa is None:
+            return None
+        got = self._constants.get(inv_t)
+        if got is None:
+            nu = max(self.dim / 2 - 1, 0.5)
+            b = np.sqrt(nu * nu + self.kappa * self.kappa)
+            got = (np.float32(2 * inv_t) * self.kappa.astype(np.float32), (b * b).astype(np.float32),
+                   b.astype(np.float32), (1 / (nu + b)).astype(np.float32), (1 / b).astype(np.float32), nu)
+            self._constants = {inv_t: got}
+        return got

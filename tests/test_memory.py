@@ -191,7 +191,8 @@ def test_remove_unknown_lists_them_and_changes_nothing(mem, probes):
 
 
 @pytest.mark.parametrize("kwargs,exc", [
-    ({"k": 0}, ValueError), ({"k": 2.5}, ValueError), ({"tail": 0.0}, ValueError), ({"tail": 2}, ValueError)])
+    ({"k": 0}, ValueError), ({"k": 2.5}, ValueError), ({"tail": 0.0}, ValueError), ({"tail": 2}, ValueError),
+    ({"probs": "all"}, ValueError), ({"probs": 1}, ValueError)])
 def test_bad_query_arguments(mem, probes, kwargs, exc):
     with pytest.raises(exc):
         mem.query(probes, **kwargs)
