@@ -340,6 +340,19 @@ class VectorIndex:
             return np.empty(0, np.int32)
         return ivf.quantizer.assign(np.ascontiguousarray(vectors, dtype=np.float32), 1)[:, 0].astype(np.int32)
 
+    def seen(self, queries: np.ndarray, k: int, every: bool) -> str | np.ndarray:
+        """Where a search of ``k`` saw every slot with its exact score, so that none it left
+        out scores above the k-th it returned: "all" (an exhaustive search, or ``every``: all
+        rows were scored), the lists each query probed (n, nprobe) for an IVF-Flat index,
+        else "none"."""
+        if self.exact or every:
+            return "all"
+        ivf = self._cell_ivf
+        if ivf is None or self.lossy:
+            return "none"
+        nprobe = self.breadth(k)[0]
+        return ivf.quantizer.search(np.ascontiguousarray(queries, dtype=np.float32), nprobe)[1]
+
     def row_cells(self) -> np.ndarray | None:
         """The IVF list of every row the index holds, read from the lists (None without lists)."""
         ivf = self._cell_ivf

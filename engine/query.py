@@ -40,9 +40,11 @@ def answer(state: State, vocab: Vocabulary, q: np.ndarray, *, k: int, k_requeste
 
 
 def _estimated_tail(state: State, vocab: Vocabulary, q, scores, rows, att: Attention, temperature: float,
-                    metric: str) -> tuple[np.ndarray, np.ndarray]:
+                    metric: str) -> tuple[np.ndarray, np.ndarray, bool]:
     """(the (n, C) estimated attention mass per class of the slots each query left out, the
-    same summed), both as fractions of the whole estimated mass (top-k included)."""
+    same summed, both as fractions of the whole estimated mass (top-k included); whether
+    ``att.tail_bound`` is now a certificate from the summaries (it is replaced in place when
+    it is, or kept where the old one was already a tighter certificate))."""
     t = state.table
     valid = rows >= 0
     safe = np.where(valid, rows, 0)
@@ -53,12 +55,21 @@ def _estimated_tail(state: State, vocab: Vocabulary, q, scores, rows, att: Atten
     m = logits.max(axis=1)
     shift = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))  # log Z of the top-k, the unit below
     lowest = np.where(valid, s64, np.inf).min(axis=1)
-    per_label = summaries.estimate(q, state.group_keys(safe), weights, s64, valid, lowest, shift, temperature,
-                                   len(vocab))
+    index = state.index
+    certified = not (index.lossy and not t.keep_vectors)  # scores exact (codes only: they are not)
+    every = rows.shape[1] >= t.n_alive
+    capped = index.seen(q, rows.shape[1], every) if certified else None
+    per_label, bound = summaries.estimate(q, state.group_keys(safe), weights, s64, valid, lowest, shift,
+                                          temperature, len(vocab), capped)
     _, columns = state.classes(vocab)
     tail = per_label[:, np.flatnonzero(columns >= 0)]  # label index -> column of probs
     total = tail.sum(axis=1)
-    return tail / (1 + total)[:, None], total / (1 + total)
+    if bound is not None:  # a certificate from the summaries: kept where it is the tighter
+        certificate = np.where(np.isfinite(bound), bound / (1 + bound), 1.0)
+        if every:
+            certificate = np.zeros(len(q))
+        att.tail_bound = np.minimum(att.tail_bound, certificate) if index.exact else certificate
+    return tail / (1 + total)[:, None], total / (1 + total), bound is not None
 
 
 def _answer_one(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndarray, k_requested: int,
@@ -206,8 +217,10 @@ def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature):
 def _result(state: State, vocab: Vocabulary, scores, rows, att: Attention, k_requested: int,
             complete: bool, estimated: tuple[np.ndarray, np.ndarray] | None = None) -> QueryResult:
     classes = state.classes(vocab)[0]
+    exact_bound = state.index.exact
     if estimated is not None:  # the top-k's share of the estimated whole, and the rest per class
-        tail_probs, tail_estimate = estimated
+        tail_probs, tail_estimate, certified = estimated
+        exact_bound = exact_bound or certified
         attention_ = att.attention * (1 - tail_estimate)[:, None]
         probs = class_probs(attention_, att.class_idx, len(classes)) + tail_probs
         att = Attention(attention=attention_, tail_bound=att.tail_bound, class_idx=att.class_idx,
@@ -222,7 +235,7 @@ def _result(state: State, vocab: Vocabulary, scores, rows, att: Attention, k_req
     if estimated is not None:
         return QueryResult.with_probs(
             probs, classes=classes, labels=classes[np.argmax(probs, axis=1)], ids=ids, scores=scores,
-            attention=att.attention, tail_bound=att.tail_bound, exact_bound=state.index.exact, k=k,
+            attention=att.attention, tail_bound=att.tail_bound, exact_bound=exact_bound, k=k,
             k_requested=k_requested, slot_classes=att.class_idx, tail_estimate=tail_estimate)
     return QueryResult(
         classes=classes,

@@ -106,12 +106,16 @@ class Summaries:
         self.count = np.empty(0, np.int64)
         self.mass = np.empty(0, np.float64)
         self.sums = np.empty((0, dim), np.float64)
+        self.pivot = np.empty((0, dim), np.float32)  # a fixed point of each group (unit for cosine) ...
+        # ... and its reach: the smallest cosine of a slot to it (cosine), or the largest distance (ip)
+        self.radius = np.empty(0, np.float64)
         self._derived = None  # what queries read, computed once after each change
         self._lock = threading.Lock()
 
     @property
     def nbytes(self) -> int:
-        held = self.keys.nbytes + self.count.nbytes + self.mass.nbytes + self.sums.nbytes
+        held = self.keys.nbytes + self.count.nbytes + self.mass.nbytes + self.sums.nbytes + self.pivot.nbytes \
+            + self.radius.nbytes
         return int(held + (self._cell.nbytes if self._cell is not None else 0))
 
     def cells_of(self, rows: np.ndarray) -> np.ndarray:
@@ -187,16 +191,30 @@ class Summaries:
         pos = np.searchsorted(self.keys, uniq)
         new = (pos >= len(self.keys)) | (self.keys[np.minimum(pos, len(self.keys) - 1)] != uniq) \
             if len(self.keys) else np.ones(len(uniq), bool)
-        if new.any():  # insert empty groups, keeping keys sorted
-            at = pos[new]
+        if new.any():  # insert empty groups, keeping keys sorted; a new group's pivot is the
+            at = pos[new]  # mean of its first slots (fixed from then on)
+            first = sums[new] / mass[new][:, None]
+            if self.metric == "cosine":  # a unit pivot: the reach is an angle (its cosine)
+                first /= np.maximum(np.linalg.norm(first, axis=1, keepdims=True), 1e-300)
             self.keys = np.insert(self.keys, at, uniq[new])
             self.count = np.insert(self.count, at, 0)
             self.mass = np.insert(self.mass, at, 0.0)
             self.sums = np.insert(self.sums, at, 0.0, axis=0)
+            self.pivot = np.insert(self.pivot, at, first.astype(np.float32), axis=0)
+            self.radius = np.insert(self.radius, at, 1.0 if self.metric == "cosine" else 0.0)
             pos = np.searchsorted(self.keys, uniq)
         self.count[pos] += sign * count
         self.mass[pos] += sign * mass
         self.sums[pos] += sign * sums
+        if sign > 0:  # every slot a group ever held lies within its reach of the pivot
+            v = np.asarray(vectors, np.float64)[order]
+            pivots = self.pivot[np.repeat(pos, count)].astype(np.float64)
+            if self.metric == "cosine":  # the smallest cosine to the pivot
+                near = np.einsum("nd,nd->n", v, pivots)
+                self.radius[pos] = np.minimum(self.radius[pos], np.minimum.reduceat(near, starts))
+            else:  # the largest distance from it
+                dist = np.linalg.norm(v - pivots, axis=1)
+                self.radius[pos] = np.maximum(self.radius[pos], np.maximum.reduceat(dist, starts))
         empty = pos[self.count[pos] <= 0]  # exactly nothing left: no rounding residue
         self.count[empty], self.mass[empty], self.sums[empty] = 0, 0.0, 0.0
         self._derived = None
@@ -212,6 +230,8 @@ class Summaries:
                 labels = keys & ((1 << CELL_SHIFT) - 1)
                 order = np.argsort(labels, kind="stable")  # class-major: a class's groups are a run
                 mass, sums, labels = self.mass[live][order], self.sums[live][order], labels[order]
+                pivot, radius = self.pivot[live][order], self.radius[live][order]
+                cells = (keys >> CELL_SHIFT)[order]
                 norm = np.linalg.norm(sums, axis=1)
                 kappa = resultant = None
                 if self.metric == "cosine":
@@ -224,13 +244,33 @@ class Summaries:
                 at[order] = np.arange(len(order))  # key order -> position in class order
                 derived = self._derived = _Groups(keys, at, labels, mass, np.ascontiguousarray(unit.T, np.float32),
                                                   scale, resultant, kappa, self.dim)
+                derived.pivot_t = np.ascontiguousarray(pivot.T)
+                derived.radius32 = radius.astype(np.float32)
+                # float32 products (q . pivot) and radii rounded: a margin well above their error
+                if self.metric == "cosine":
+                    derived.slack = np.float32(1e-5)
+                else:
+                    derived.slack = np.float32(1e-5 * (1.0 + np.linalg.norm(pivot, axis=1).max() + radius.max())
+                                               if len(radius) else 0)
+                derived.cells = cells
+                # masses are running float64 sums: a relative margin far above their rounding
+                derived.mass_bound = mass * (1 + 1e-9)
+                derived.log_mass_bound = np.log(derived.mass_bound)
         return derived
 
     def estimate(self, q: np.ndarray, retrieved_groups: np.ndarray, retrieved_weights: np.ndarray,
                  retrieved_scores: np.ndarray, valid: np.ndarray, lowest: np.ndarray, shift: np.ndarray,
-                 temperature: float, n_labels: int) -> np.ndarray:
-        """(n, n_labels) estimated mass per label index of the slots each query left out,
+                 temperature: float, n_labels: int, capped=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(n, n_labels) estimated mass per label index of the slots each query left out, and
+        (n,) a certificate: an upper bound on their total mass (None without ``capped``); both
         scaled by ``exp(-shift)`` (the caller's log-space offset).
+
+        The certificate bounds each group by what is left of its mass times
+        ``exp(u / T)``, ``u`` the most any of its slots can score: ``q . pivot + |q| radius``
+        (every slot it ever held lies within ``radius`` of its fixed ``pivot``), at most 1 for
+        cosine, and at most ``s_k`` where the search saw every slot of the group (``capped``:
+        "all" for an exhaustive search, "none" where the search may have missed any slot, else
+        each query's probed cells, (n, nprobe)).
 
         Every group is first estimated whole: one matrix product and about fifteen
         in-place float32 steps per (query, group), then a sum over each class's run of
@@ -244,11 +284,13 @@ class Summaries:
             valid: (n, k) which retrieved entries are slots (not padding).
             lowest: (n,) the lowest retrieved score (the cap of every slot left out).
             shift: (n,) log-space offset of the result.
+            capped: where ``s_k`` caps the certificate (see above); None: no certificate.
         """
         grp = self._groups()
         out = np.zeros((len(q), n_labels))
+        bound = None if capped is None else np.zeros(len(q))
         if len(grp.keys) == 0:
-            return out
+            return out, bound
         inv_t = 1.0 / temperature
         consts = grp.constants(inv_t)
         for lo in range(0, len(q), 256):  # (256, groups) at a time
@@ -283,7 +325,39 @@ class Summaries:
             part[:, grp.class_labels] = per_class
             np.add.at(part, (pq, grp.labels[pg]), new - e_pairs)
             out[lo:hi] = np.maximum(part, 0.0)
-        return out
+            if capped is not None:
+                bound[lo:hi] = self._certificate(grp, q[lo:hi], pq, pg, taken_w, lowest[lo:hi], shift[lo:hi],
+                                                 inv_t, capped if isinstance(capped, str) else capped[lo:hi])
+        return out, bound
+
+    def _certificate(self, grp: "_Groups", q, pq, pg, taken_w, lowest, shift, inv_t: float, capped) -> np.ndarray:
+        """(n,) the certificate of :meth:`estimate` for one chunk of queries."""
+        n = len(q)
+        c = q @ grp.pivot_t
+        if self.metric == "cosine":  # q at angle a from the pivot, slots within angle r: q.z <= cos(a - r)
+            cos_r = grp.radius32
+            sin_r = np.sqrt(np.maximum(1 - cos_r * cos_r, 0))
+            top = c * cos_r + np.sqrt(np.maximum(1 - c * c, 0)) * sin_r
+            top = np.where(c >= cos_r, 1.0, top) + grp.slack
+            np.minimum(top, 1.0, out=top)
+        else:
+            top = c + np.linalg.norm(q, axis=1)[:, None] * (grp.radius32 + grp.slack)
+        if isinstance(capped, str):
+            if capped == "all":  # every slot was searched: none left out scores above s_k
+                np.minimum(top, lowest.astype(np.float32)[:, None], out=top)
+        else:  # the groups of each query's probed cells
+            probed = np.zeros((n, self.n_cells), bool)
+            probed[np.arange(n)[:, None], np.maximum(capped, 0)] = True
+            seen = probed[:, grp.cells]
+            top = np.where(seen, np.minimum(top, lowest.astype(np.float32)[:, None]), top)
+        log_w = np.broadcast_to(grp.log_mass_bound, top.shape).copy()
+        left = np.maximum(grp.mass_bound[pg] - taken_w, 0.0)  # what the retrieved slots leave of a group
+        with np.errstate(divide="ignore"):
+            log_w[pq, pg] = np.log(left)
+        logits = top.astype(np.float64) * inv_t + log_w - shift[:, None]
+        m = np.max(logits, axis=1, keepdims=True)
+        m = np.where(np.isfinite(m), m, 0.0)
+        return np.exp(m[:, 0]) * np.exp(logits - m).sum(axis=1)
 
     def _bulk(self, grp: "_Groups", consts, c: np.ndarray, inv_t: float, cap: np.ndarray,
               base: np.ndarray) -> np.ndarray:

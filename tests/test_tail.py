@@ -63,9 +63,9 @@ def test_full_probs_are_far_closer_to_full_attention_than_top_k(rng):
     assert np.all((b.tail_estimate >= 0) & (b.tail_estimate < 1))
     np.testing.assert_allclose(b.probs.sum(axis=1), 1.0, atol=1e-9)
     assert a.tail_estimate is None
-    # the certificate is what it was: the same top-k, the same bound
+    # the same top-k; the bound is now a certificate (IVF at 20k slots: it was an estimate)
     assert a.ids.tolist() == b.ids.tolist()
-    np.testing.assert_allclose(a.tail_bound, b.tail_bound)
+    assert b.exact_bound and not a.exact_bound
     # a lone query gets its row of the batch
     one = full.query(q[3], k=32)
     np.testing.assert_allclose(one.probs, b.probs[3:4], atol=1e-12)
@@ -131,3 +131,48 @@ def test_every_kind_of_index_answers_full_probs(rng, spec, opts):
     res = mem.query(QUERIES, k=16)
     assert np.isfinite(res.probs).all() and np.all((res.tail_estimate >= 0) & (res.tail_estimate < 1))
     np.testing.assert_allclose(res.probs.sum(axis=1), 1.0, atol=1e-9)
+
+
+CERTIFIED = {"Flat": {}, "IVF-Flat": {"index": "IVF32,Flat", "nprobe": 2}, "HNSW": {"index": "HNSW8"},
+             "IVF-PQ rescored": {"index": "IVF32,PQ4x4", "nprobe": 2},
+             "inner product": {"index": "IVF32,Flat", "nprobe": 2, "metric": "ip"}}
+
+
+@pytest.mark.parametrize("case", CERTIFIED, ids=list(CERTIFIED))
+@pytest.mark.parametrize("temperature", [0.02, 0.2])
+def test_the_certificate_bounds_the_true_omitted_mass(rng, case, temperature):
+    """With summaries, tail_bound is a certificate on every index that scores exactly,
+    approximate search included: at or above the attention mass dense float64 attention
+    puts outside the slots returned."""
+    opts = dict(CERTIFIED[case])
+    metric = opts.get("metric", "cosine")
+    x, y = clustered(12_000, DIM, n_classes=30, seed=5)
+    if metric == "ip":
+        x = x * rng.uniform(0.5, 2.0, (len(x), 1)).astype(np.float32)
+    mem = Memory(DIM, temperature=temperature, probs="full", **opts)
+    ids = mem.add(x, y, weights=rng.uniform(0.5, 2.0, len(x)))
+    mem.remove(ids[::10])  # the groups must forget removed slots' mass
+    q = x[rng.integers(0, len(x), 60)] + 0.3 * rng.standard_normal((60, DIM)).astype(np.float32)
+    res = mem.query(q, k=16)
+    assert res.exact_bound
+    slots = mem.get(mem.ids())
+    a_full, _ = dense_reference(slots.vectors, np.array(slots.labels), slots.weights, q, res.classes,
+                                temperature, metric=metric)
+    col = np.searchsorted(slots.ids, res.ids)
+    omitted = 1 - np.take_along_axis(a_full, col, axis=1).sum(axis=1)
+    assert (omitted <= res.tail_bound + 1e-6).all(), (omitted - res.tail_bound).max()
+
+
+def test_the_certificate_shows_a_small_tail_where_the_old_bound_could_not(rng):
+    """Well separated classes of 40 slots, k = 32: little mass outside the top-k, which the
+    worst-case bound (every omitted slot at s_k) cannot see and the summaries can."""
+    x, y = clustered(4000, DIM, n_classes=100, seed=8, class_spread=2.0, noise=0.2, modes=1)
+    mem = Memory(DIM, temperature=0.05, probs="full")
+    mem.add(x, y)
+    q = x[:100] + 0.05 * rng.standard_normal((100, DIM)).astype(np.float32)
+    res_old, res = mem.query(q, k=32, probs="top-k"), mem.query(q, k=32)
+    a_full, _ = dense_reference(x, y, np.ones(len(y)), q, res.classes, 0.05)
+    omitted = 1 - np.take_along_axis(a_full, res.ids, axis=1).sum(axis=1)
+    assert (omitted <= res.tail_bound + 1e-6).all()
+    assert np.median(res_old.tail_bound) > 0.9 and np.median(res.tail_bound) < 0.4, \
+        (np.median(omitted), np.median(res.tail_bound), np.median(res_old.tail_bound))
