@@ -448,7 +448,9 @@ class Memory:
             queries: (n, dim) or (dim,) finite floats.
             k: slots per query; clamped to the memory's size (``result.k_clamped`` says so).
             tail: if set, k grows (doubling) per query until ``tail_bound <= tail``
-                or every slot is used.
+                or every slot is used; with ``probs="full"``, until the *estimated* share
+                left out (``tail_estimate``) is at most ``tail``, which a large memory can
+                meet long before the worst-case bound.
             probs: "full" or "top-k" for this call (default: the memory's ``probs``).
 
         Returns:

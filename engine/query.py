@@ -31,7 +31,9 @@ def answer(state: State, vocab: Vocabulary, q: np.ndarray, *, k: int, k_requeste
         return _answer_one(state, vocab, scores, rows, k_requested, temperature)
     att = attention(state, vocab, scores, rows, temperature)
     if tail is not None:
-        scores, rows, att = _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature)
+        measure = None if full_metric is None else \
+            (lambda qs, s, r, a: _estimated_tail(state, vocab, qs, s, r, a, temperature, full_metric)[1])
+        scores, rows, att = _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature, measure)
     complete = bool(rows[:, -1].min() >= 0)  # padding (-1) only ever trails: none, nothing to mask
     state.table.touch(rows if complete else rows[rows >= 0], time.time())
     estimated = None if full_metric is None else \
@@ -188,9 +190,11 @@ def retrieve(state: State, vocab: Vocabulary, q: np.ndarray, k: int) -> Retrieve
                      total_weight=t.total_weight + t.weight_error, exact=state.index.exact)
 
 
-def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature):
-    """Re-run the queries whose tail bound is above ``tail`` with twice the k, until met."""
-    todo = np.flatnonzero(att.tail_bound > tail)
+def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature, measure=None):
+    """Re-run the queries whose tail bound (or ``measure(q, scores, rows, att)``, the estimated
+    tail) is above ``tail`` with twice the k, until met."""
+    left_out = (lambda qs, s, r, a: a.tail_bound) if measure is None else measure
+    todo = np.flatnonzero(left_out(q, scores, rows, att) > tail)
     if len(todo) == 0:
         return scores, rows, att
     n_alive = state.table.n_alive
@@ -200,9 +204,10 @@ def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature):
         k = min(2 * k, n_alive)
         s2, r2 = search(state, q[todo], k)
         a2 = attention(state, vocab, s2, r2, temperature)
+        still = left_out(q[todo], s2, r2, a2) > tail
         for j, i in enumerate(todo):
             per_query[i] = (s2[j], r2[j], a2.attention[j], a2.class_idx[j], a2.tail_bound[j])
-        todo = todo[a2.tail_bound > tail]
+        todo = todo[still]
     width = max(len(p[0]) for p in per_query)
     pad = lambda x, fill: np.concatenate([x, np.full(width - len(x), fill, dtype=x.dtype)])  # noqa: E731
     scores = np.stack([pad(p[0], -np.inf) for p in per_query])

@@ -176,3 +176,15 @@ def test_the_certificate_shows_a_small_tail_where_the_old_bound_could_not(rng):
     assert (omitted <= res.tail_bound + 1e-6).all()
     assert np.median(res_old.tail_bound) > 0.9 and np.median(res.tail_bound) < 0.4, \
         (np.median(omitted), np.median(res.tail_bound), np.median(res_old.tail_bound))
+
+
+def test_tail_target_grows_k_by_the_estimate_when_estimating(rng):
+    x, y = clustered(20_000, DIM, n_classes=40, seed=3)
+    mem = Memory(DIM, temperature=0.05, probs="full")
+    mem.add(x, y)
+    q = x[rng.integers(0, len(x), 50)] + 0.2 * rng.standard_normal((50, DIM)).astype(np.float32)
+    res = mem.query(q, k=16, tail=0.2)
+    assert (res.tail_estimate <= 0.2).all() and res.k > 16
+    assert res.k < len(mem)  # met well before the whole memory
+    _, ref = dense_reference(x, y, np.ones(len(y)), q, res.classes, 0.05)
+    assert total_variation(res.probs, ref).mean() < total_variation(mem.query(q, k=16).probs, ref).mean()
