@@ -421,3 +421,49 @@ class _Groups:
                    b.astype(np.float32), (1 / (nu + b)).astype(np.float32), (1 / b).astype(np.float32), nu)
             self._constants = {inv_t: got}
         return got
+
+
+def log_vmf_mgf_torch(kappa, c, dim: int, inv_t):
+    """:func:`log_vmf_mgf` in torch (autograd through ``kappa``, ``c`` and ``inv_t``)."""
+    import torch
+
+    nu = max(dim / 2 - 1, 0.5)
+    r2_k2 = 2 * inv_t * kappa * c + inv_t * inv_t
+    b = torch.sqrt(nu * nu + kappa * kappa)
+    a_b = r2_k2 / (torch.sqrt(torch.clamp(b * b + r2_k2, min=0.0)) + b)
+    return a_b - nu * torch.log1p(a_b / (nu + b)) - 0.5 * torch.log1p(a_b / b)
+
+
+def class_tail_torch(h, g, support_idx, top, scores, n_classes: int, temperature):
+    """(n, C) log of the estimated attention mass per class of the support slots each query
+    did not retrieve: one group per class (an episode's support is small), a vMF per group
+    as in :class:`Summaries`, the retrieved slots taken out, capped at ``s_k``. Torch, with
+    autograd through the query and support embeddings and the temperature.
+
+    Args:
+        h: (n, d) unit query embeddings.
+        g: (m, d) unit support embeddings.
+        support_idx: (m,) class index of each support slot.
+        top: (n, k) retrieved support rows.
+        scores: (n, k) their similarities (h . g[top]).
+        n_classes: C.
+        temperature: T (float or 0-d tensor).
+    """
+    import torch
+
+    onehot = torch.nn.functional.one_hot(support_idx, n_classes).to(g.dtype)  # (m, C)
+    mass = onehot.sum(0)  # (C,)
+    sums = onehot.T @ g  # (C, d)
+    taken = torch.zeros(len(h), n_classes, dtype=g.dtype, device=g.device)
+    taken.scatter_add_(1, support_idx[top], torch.ones_like(scores))
+    taken_s = torch.zeros_like(taken).scatter_add_(1, support_idx[top], scores)
+    left = mass[None, :] - taken
+    inv_t = 1.0 / temperature
+    resultant = torch.clamp(sums.norm(dim=1) / torch.clamp(mass, min=1.0), max=1 - 1e-6)
+    kappa = resultant * (h.shape[1] - resultant**2) / (1 - resultant**2)
+    mean_sim = (h @ sums.T - taken_s) / torch.clamp(left, min=1.0)  # q . (mean of what is left)
+    c = torch.clamp(mean_sim / torch.clamp(resultant, min=1e-6)[None, :], -1.0, 1.0)
+    log_e = torch.minimum(log_vmf_mgf_torch(kappa[None, :], c, h.shape[1], inv_t),
+                          scores.min(dim=1, keepdim=True).values * inv_t)
+    return torch.where(left > 0.5, torch.log(torch.clamp(left, min=1.0)) + log_e,
+                       torch.full_like(log_e, -torch.inf))

@@ -52,6 +52,7 @@ class TrainConfig:
     fce_steps: int = 5
     temperature: float = 0.1
     topk: int | None = None  # train with top-k attention (forward_topk) instead of the dense softmax
+    topk_tail: bool = False  # with topk: add the estimated rest of each class (engine.tail)
     val_every: int = 500
     val_episodes: int = 200
     val_way: int = 20
@@ -60,11 +61,12 @@ class TrainConfig:
     model: dict = field(default_factory=dict)
 
 
-def episode_loss(model: MatchingNetwork, ep: Episode, topk: int | None = None) -> tuple[torch.Tensor, float]:
+def episode_loss(model: MatchingNetwork, ep: Episode, topk: int | None = None,
+                 topk_tail: bool = False) -> tuple[torch.Tensor, float]:
     """NLL on log-probabilities of one episode's queries, and their accuracy."""
     model.process_support_set(as_input(ep.support_x), torch.from_numpy(ep.support_y))
     q = as_input(ep.query_x)
-    logp = model.forward_topk(q, topk) if topk else model(q)
+    logp = model.forward_topk(q, topk, estimate_tail=topk_tail) if topk else model(q)
     target = torch.as_tensor(np.searchsorted(model.classes.numpy(), ep.query_y))
     loss = torch.nn.functional.nll_loss(logp, target)
     return loss, float((logp.argmax(1) == target).float().mean())
@@ -178,7 +180,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
             for group in opt.param_groups:  # cosine decay over the planned episodes
                 group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * state["episode"] / cfg.episodes))
             episode = augment(sampler.sample(), cfg.shift, sampler.rng, rotate=cfg.rotate, scale=cfg.scale)
-            loss, acc = episode_loss(model, episode, cfg.topk)
+            loss, acc = episode_loss(model, episode, cfg.topk, cfg.topk_tail)
             opt.zero_grad()
             loss.backward()
             opt.step()

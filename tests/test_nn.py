@@ -145,3 +145,22 @@ def test_topk_path_with_small_k_still_trains():
     assert logp.shape == (15, 5)
     F.nll_loss(logp.clamp_min(-1e4), torch.arange(5).repeat_interleave(3)).backward()
     assert model.g_backbone.net[0][0].weight.grad is not None
+
+
+def test_topk_path_with_the_estimated_tail_is_closer_to_dense_attention():
+    """With the rest of each class estimated, a small top-k answers nearly as the dense
+    softmax does; without it, top-k probabilities are renormalised over k slots."""
+    sx, sy, qx = episode(n_way=5, k_shot=20, n_query=6)
+    torch.manual_seed(0)
+    model = MatchingNetwork(temperature=0.5).eval()
+    model.process_support_set(sx, sy)
+    target = torch.arange(5).repeat_interleave(6)
+    dense = model(qx).exp()
+    plain = model.forward_topk(qx, 8).exp()
+    logp = model.forward_topk(qx, 8, estimate_tail=True)
+    tv = lambda p: 0.5 * (p - dense).abs().sum(dim=1).mean().item()  # noqa: E731
+    assert tv(logp.exp()) < tv(plain) / 2, (tv(logp.exp()), tv(plain))
+    torch.testing.assert_close(logp.exp().sum(dim=1), torch.ones(len(qx)))
+    F.nll_loss(logp, target).backward()  # gradients reach both embeddings and T, all finite
+    for p in (model.g_backbone.net[0][0].weight, model.log_temperature):
+        assert p.grad is not None and torch.isfinite(p.grad).all()

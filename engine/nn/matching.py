@@ -98,13 +98,16 @@ class MatchingNetwork(nn.Module):
         return attend_torch(scores, torch.ones_like(scores), self._support_idx.expand_as(scores),
                             n_classes=len(self.classes), temperature=self.temperature)
 
-    def forward_topk(self, query: torch.Tensor, k: int) -> torch.Tensor:
+    def forward_topk(self, query: torch.Tensor, k: int, *, estimate_tail: bool = False) -> torch.Tensor:
         """Log-probabilities from attention over each query's top-k support slots only.
 
         For supports too large for one softmax: FAISS retrieves the top-k slots
         (no gradient), then their similarities are recomputed in torch, so
         gradients flow through both the query and the retrieved support
         embeddings. With k = the support size this equals :meth:`forward`.
+        With ``estimate_tail``, the slots not retrieved join as an estimated mass
+        per class (:func:`engine.tail.class_tail_torch`, what ``Memory(probs="full")``
+        adds), so the answer approximates :meth:`forward` rather than top-k alone.
         """
         self._require_support()
         h = F.normalize(self.embed_queries(query, self._support), dim=1)
@@ -114,8 +117,24 @@ class MatchingNetwork(nn.Module):
         _, top = index.search(np.ascontiguousarray(h.detach().cpu().numpy(), dtype=np.float32), k)
         top = torch.as_tensor(top, device=h.device)
         scores = torch.einsum("nd,nkd->nk", h, g[top])
+        if estimate_tail and k < len(g):
+            return self._with_tail(h, g, top, scores)
         return attend_torch(scores, torch.ones_like(scores), self._support_idx[top],
                             n_classes=len(self.classes), temperature=self.temperature)
+
+    def _with_tail(self, h, g, top, scores) -> torch.Tensor:
+        """log p(c) over the top-k slots plus the estimated rest of each class."""
+        from ..tail import class_tail_torch
+
+        n_classes = len(self.classes)
+        logits = scores / self.temperature
+        cls = self._support_idx[top]
+        per_class = torch.full((len(h), n_classes), -torch.inf, dtype=logits.dtype, device=logits.device)
+        onehot = torch.nn.functional.one_hot(cls, n_classes).to(torch.bool)
+        per_class = torch.logsumexp(torch.where(onehot, logits[..., None], per_class[:, None, :]), dim=1)
+        rest = class_tail_torch(h, g, self._support_idx, top, scores, n_classes, self.temperature)
+        joined = torch.logaddexp(per_class, rest)
+        return joined - torch.logsumexp(joined, dim=1, keepdim=True)
 
     def _require_support(self) -> None:
         if self._support is None:
