@@ -24,12 +24,13 @@ test: setup
 demo: setup
 	$(BIN)/python examples/demo.py --data $(DATA)
 
-# The full benchmarks and the crash soak (about 45 minutes on 2 cores): JSON and PNG into runs/bench/.
+# The full benchmarks and the crash soak (about an hour on 2 cores): JSON and PNG into runs/bench/.
 bench: setup
 	$(BIN)/python bench/scale.py --out runs/bench
 	$(BIN)/python bench/compaction.py --out runs/bench --data $(DATA)
 	$(BIN)/python bench/calibration.py --out runs/bench
 	$(BIN)/python bench/shards.py --out runs/bench
+	$(BIN)/python bench/tail.py --out runs/bench --data $(DATA)
 	$(BIN)/python -m pytest -q bench --benchmark-json=runs/bench/pytest-benchmark.json
 	$(BIN)/python -m tests.crasher soak runs/bench/soak --minutes 20 > runs/bench/soak.json
 

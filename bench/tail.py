@@ -90,14 +90,16 @@ def run_case(name: str, x, y, q, temperature: float, index: str, metric: str = "
     return row
 
 
-def fashion(data, episodes: int, out: Path):
-    """(PCA train/test, learned train/test embeddings and T, labels) of Fashion-MNIST."""
+def fashion(data, episodes: int, out: Path, learned: bool):
+    """(PCA train/test, learned train/test embeddings and T or None, labels) of Fashion-MNIST."""
     from engine.data import as_input, load_fashion_mnist, pca_embed
     from engine.train import load_checkpoint, recipe, train
 
     xtr, ytr = load_fashion_mnist(data, "train")
     xte, _ = load_fashion_mnist(data, "test")
     pca = pca_embed(xtr, xte, 64)
+    if not learned:
+        return pca, None, ytr
     cfg = recipe("fashion-mnist", episodes=episodes, val_every=episodes, val_episodes=20,
                  data=None if data is None else str(data))  # fce off: h needs no support to embed
     train(cfg, out / "fashion-model", progress=True)
@@ -107,7 +109,7 @@ def fashion(data, episodes: int, out: Path):
     with torch.no_grad():
         g = model.embed_support(torch.as_tensor(as_input(xtr)), batch_size=2000).numpy()
         h = model.embed_queries(torch.as_tensor(as_input(xte[:1000])), batch_size=1000).numpy()
-    return pca, (g, h, float(model.temperature)), ytr
+    return pca, (g, h, float(model.temperature.detach())), ytr
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -156,7 +158,8 @@ def main(argv=None) -> list[dict]:
             rows.append(run_case(case, x, y, q, 0.05, "auto"))
         elif case.startswith("fashion"):
             if not any(r["case"].startswith("fashion") for r in rows):
-                pca, learned, labels = fashion(args.data, args.fashion_episodes, args.out)
+                pca, learned, labels = fashion(args.data, args.fashion_episodes, args.out,
+                                               "fashion-learned" in args.cases)
             if case == "fashion-pca":
                 rows.append(run_case(case, pca[0], labels, pca[1][:args.queries], 0.01, "Flat"))
             else:

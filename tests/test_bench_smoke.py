@@ -94,3 +94,15 @@ def test_shards_script(tmp_path):
         assert r["index"] == "Flat" and r["argmax_agreement"] == 1.0 and r["recall_mean"] == 1.0
         assert len(r["per_shard_batch_s"]) == r["shards"] and r["merge_s"] > 0
     assert (tmp_path / "shards.png").stat().st_size > 10_000
+
+
+def test_tail_benchmark(tmp_path):
+    import tail
+
+    rows = tail.main(["--slots", "20000", "--queries", "60", "--cases", "learned-like", "fashion-pca",
+                      "--out", str(tmp_path)])
+    assert [r["case"] for r in rows] == ["learned-like", "fashion-pca"]
+    for r in rows:  # the estimated tail brings probabilities closer to dense attention
+        assert r["full_tv_mean"] <= r["topk_tv_mean"] + 1e-9
+        assert r["tail_bound_median"] >= r["true_omitted_median"] - 1e-6  # a certificate
+    assert (tmp_path / "tail.png").exists() and json.loads((tmp_path / "tail.json").read_text())["results"]
