@@ -93,7 +93,10 @@ def query(
     path: Path = PathArg,
     file: Path = VectorsArg,
     k: int = typer.Option(64, "-k", "--k", help="Slots per query."),
-    tail: Optional[float] = typer.Option(None, help="Grow k until the tail bound is below this."),
+    tail: Optional[float] = typer.Option(None, help="Grow k until the tail bound (with --probs full: the "
+                                         "estimated tail) is below this."),
+    probs: Optional[str] = typer.Option(None, help="'full': estimate attention over the whole memory; "
+                                        "'top-k': renormalise over the top-k (default: the memory's setting)."),
     top: int = typer.Option(3, help="Neighbours shown per query in table output."),
     vector_column: str = VectorColumnOpt,
     as_json: bool = JsonOpt,
@@ -101,7 +104,7 @@ def query(
     """Classify query vectors by top-k attention."""
     batch = read_batch(file, vector_column=vector_column)
     with Memory.open(path) as mem:
-        res = mem.query(batch.vectors, k=k, tail=tail)
+        res = mem.query(batch.vectors, k=k, tail=tail, probs=probs)
     if as_json:
         out = {
             "classes": res.classes.tolist(), "k": res.k, "k_requested": res.k_requested,
@@ -109,6 +112,7 @@ def query(
             "queries": [
                 {"label": _py(res.labels[i]), "probs": res.probs[i].round(6).tolist(),
                  "tail_bound": float(res.tail_bound[i]), "ids": res.ids[i].tolist(),
+                 **({} if res.tail_estimate is None else {"tail_estimate": float(res.tail_estimate[i])}),
                  "scores": [None if np.isnan(s) else round(float(s), 6) for s in res.scores[i]]}
                 for i in range(len(res))
             ],
@@ -117,12 +121,15 @@ def query(
         return
     table = Table(title=f"k={res.k}" + (f" (clamped from {res.k_requested})" if res.k_clamped else "")
                   + ("" if res.exact_bound else "; tail bound is an estimate (approximate index)"))
-    for col in ("query", "label", "p(label)", "tail bound", "nearest ids (score)"):
+    estimated = res.tail_estimate is not None
+    for col in ("query", "label", "p(label)", *(("tail (estimate)",) if estimated else ()), "tail bound",
+                "nearest ids (score)"):
         table.add_column(col)
     for i in range(len(res)):
         j = int(np.argmax(res.probs[i]))
         near = ", ".join(f"{res.ids[i, c]} ({res.scores[i, c]:.3f})" for c in range(min(top, res.k)) if res.ids[i, c] >= 0)
-        table.add_row(str(i), str(res.labels[i]), f"{res.probs[i, j]:.3f}", f"{res.tail_bound[i]:.2e}", near)
+        table.add_row(str(i), str(res.labels[i]), f"{res.probs[i, j]:.3f}",
+                      *((f"{res.tail_estimate[i]:.3f}",) if estimated else ()), f"{res.tail_bound[i]:.2e}", near)
     console.print(table)
 
 

@@ -42,6 +42,11 @@ def test_create_add_query_info_remove(tmp_path, mem_dir):
     assert [q["ids"][0] for q in res["queries"]] == [0, 1]
     assert [q["label"] for q in res["queries"]] == [0, 1]
     assert "tail bound" in run("memory", "query", mem_dir, tmp_path / "q.npy").output
+    full = json.loads(run("memory", "query", mem_dir, tmp_path / "q.npy", "--probs", "full", "--json").output)
+    assert all(0 <= q["tail_estimate"] < 1 and abs(sum(q["probs"]) - 1) < 1e-5 for q in full["queries"])
+    assert "tail (estimate)" in run("memory", "query", mem_dir, tmp_path / "q.npy", "--probs", "full").output
+    assert "probs must be one of" in run("memory", "query", mem_dir, tmp_path / "q.npy", "--probs", "all",
+                                         ok=False).output
 
     info = json.loads(run("memory", "info", mem_dir, "--json").output)
     assert info["slots"] == 30 and info["classes"] == 3 and info["temperature"] == 0.05

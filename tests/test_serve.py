@@ -331,3 +331,17 @@ def test_concurrent_single_queries_are_batched_and_answered_as_alone(tmp_path, d
     finally:
         server.shutdown()
         mem.close()
+
+
+def test_a_served_memory_with_full_probs_sends_its_tail_estimate(tmp_path, data):
+    x, y, q = data
+    mem = Memory(16, index="Flat", temperature=0.2, probs="full")
+    mem.add(x, y)
+    server = MemoryServer({"m": mem}, "grpc://127.0.0.1:0", token=TOKEN, open_reads=True, chunk_rows=8)
+    try:
+        got, want = client(server).query(q, k=10), mem.query(q, k=10)
+        same_result(got, want)
+        np.testing.assert_allclose(got.tail_estimate, want.tail_estimate, atol=1e-12)
+        np.testing.assert_allclose(got.attention.sum(axis=1) + got.tail_estimate, 1.0, atol=1e-9)
+    finally:
+        server.shutdown()

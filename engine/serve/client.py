@@ -186,7 +186,7 @@ def _merge(parts: list, k_requested: int) -> QueryResult:
     classes = list(dict.fromkeys(c for _, meta in parts for c in meta["classes"]))
     pos = {c: i for i, c in enumerate(classes)}
     width = max(meta["k"] for _, meta in parts)
-    ids, scores, attention, probs, labels, bounds = [], [], [], [], [], []
+    ids, scores, attention, probs, labels, bounds, estimates = [], [], [], [], [], [], []
     for batch, meta in parts:
         n = batch.num_rows
         pad = width - wire.rows_of(batch.column("ids")).shape[1]
@@ -198,10 +198,12 @@ def _merge(parts: list, k_requested: int) -> QueryResult:
         probs.append(p)
         labels += batch.column("label").to_pylist()
         bounds.append(batch.column("tail_bound").to_numpy())
+        if wire.TAIL_ESTIMATE in batch.schema.names:
+            estimates.append(batch.column(wire.TAIL_ESTIMATE).to_numpy())
     label_dtype = labels_dtype(kind_of(classes))
     return QueryResult.with_probs(
         np.concatenate(probs), classes=np.array(classes, dtype=label_dtype), labels=np.array(labels, dtype=label_dtype),
         ids=np.concatenate(ids), scores=np.concatenate(scores).astype(np.float32), attention=np.concatenate(attention),
         tail_bound=np.concatenate(bounds), exact_bound=all(m["exact_bound"] for _, m in parts), k=width,
-        k_requested=k_requested,
+        k_requested=k_requested, tail_estimate=np.concatenate(estimates) if len(estimates) == len(parts) else None,
     )

@@ -256,14 +256,16 @@ class MemoryServer(fl.FlightServerBase):
 
 
 def _result_batch(res) -> pa.RecordBatch:
-    return pa.record_batch(
-        [
-            wire.list_column(res.ids, pa.int64()),
-            wire.list_column(res.scores, pa.float32()),
-            wire.list_column(res.attention, pa.float64()),
-            wire.list_column(res.probs, pa.float64()),
-            codec.label_array(res.labels, kind_of(res.classes)),
-            pa.array(res.tail_bound),
-        ],
-        names=list(wire.RESULT_FIELDS),
-    )
+    columns = [
+        wire.list_column(res.ids, pa.int64()),
+        wire.list_column(res.scores, pa.float32()),
+        wire.list_column(res.attention, pa.float64()),
+        wire.list_column(res.probs, pa.float64()),
+        codec.label_array(res.labels, kind_of(res.classes)),
+        pa.array(res.tail_bound),
+    ]
+    names = list(wire.RESULT_FIELDS)
+    if res.tail_estimate is not None:  # a memory with probs="full"
+        columns.append(pa.array(np.asarray(res.tail_estimate, np.float64)))
+        names.append(wire.TAIL_ESTIMATE)
+    return pa.record_batch(columns, names=names)

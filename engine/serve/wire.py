@@ -7,8 +7,9 @@ body); bulk data moves as Arrow record batches.
           optional ``id`` (int64) and ``weight`` (float64). The server answers one
           metadata message: the new ids as little-endian int64 bytes.
 - query:  do_exchange, descriptor {"memory", "op": "query", "k", "tail"}; batches
-          with ``vector``; one result batch per chunk of queries (see RESULT_FIELDS)
-          with app metadata JSON {"classes", "exact_bound", "k", "k_requested"}.
+          with ``vector``; one result batch per chunk of queries (see RESULT_FIELDS,
+          plus ``tail_estimate`` from a memory with probs="full") with app metadata
+          JSON {"classes", "exact_bound", "k", "k_requested"}.
 - get:    do_get, ticket {"memory", "ids"}; a table id, label, weight, vector.
 - actions (JSON body, JSON result): remove {"memory", "ids"}, stats, compact,
           snapshot {"memory"}, health {}, list {}.
@@ -25,6 +26,7 @@ import pyarrow as pa
 from ..codec import vector_array, vectors_of  # noqa: F401  (vector_array is part of the wire's vocabulary)
 
 RESULT_FIELDS = ("ids", "scores", "attention", "probs", "label", "tail_bound")
+TAIL_ESTIMATE = "tail_estimate"  # a further column when the memory estimates the tail (probs="full")
 
 
 def command(**fields) -> bytes:
