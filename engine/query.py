@@ -13,7 +13,7 @@ import time
 
 import numpy as np
 
-from .attention import Attention, attend, class_probs, top_class
+from .attention import Attention, attend, top_class
 from .labels import Vocabulary
 from .results import QueryResult, Retrieved
 from .state import State
@@ -61,17 +61,17 @@ def _estimated_tail(state: State, vocab: Vocabulary, q, scores, rows, att: Atten
     certified = not (index.lossy and not t.keep_vectors)  # scores exact (codes only: they are not)
     every = rows.shape[1] >= t.n_alive
     capped = index.seen(q, rows.shape[1], every) if certified else None
-    per_label, bound = summaries.estimate(q, state.group_keys(safe), weights, s64, valid, lowest, shift,
-                                          temperature, len(vocab), capped)
-    _, columns = state.classes(vocab)
-    tail = per_label[:, np.flatnonzero(columns >= 0)]  # label index -> column of probs
+    classes, columns = state.classes(vocab)
+    tail, bound = summaries.estimate(q, state.group_keys(safe), weights, s64, valid, lowest, shift, temperature,
+                                     columns, len(classes), capped)
     total = tail.sum(axis=1)
     if bound is not None:  # a certificate from the summaries: kept where it is the tighter
         certificate = np.where(np.isfinite(bound), bound / (1 + bound), 1.0)
         if every:
             certificate = np.zeros(len(q))
         att.tail_bound = np.minimum(att.tail_bound, certificate) if index.exact else certificate
-    return tail / (1 + total)[:, None], total / (1 + total), bound is not None
+    tail /= (1 + total)[:, None]
+    return tail, total / (1 + total), bound is not None
 
 
 def _answer_one(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndarray, k_requested: int,
@@ -227,7 +227,9 @@ def _result(state: State, vocab: Vocabulary, scores, rows, att: Attention, k_req
         tail_probs, tail_estimate, certified = estimated
         exact_bound = exact_bound or certified
         attention_ = att.attention * (1 - tail_estimate)[:, None]
-        probs = class_probs(attention_, att.class_idx, len(classes)) + tail_probs
+        probs = tail_probs  # the top-k's attention joins its classes' columns (padding has none)
+        real = att.class_idx >= 0
+        np.add.at(probs, (np.nonzero(real)[0], att.class_idx[real]), attention_[real])
         att = Attention(attention=attention_, tail_bound=att.tail_bound, class_idx=att.class_idx,
                         n_classes=att.n_classes)
     if complete:

@@ -37,6 +37,7 @@ import numpy as np
 from .slots import _Growable
 
 CELL_SHIFT = 32  # group key = cell << 32 | label index
+CHUNK = 64  # queries estimated at a time: (CHUNK, groups) float32 arrays
 
 
 def log_vmf_mgf(kappa: np.ndarray, c: np.ndarray, dim: int, inv_t: float) -> np.ndarray:
@@ -256,12 +257,20 @@ class Summaries:
                 # masses are running float64 sums: a relative margin far above their rounding
                 derived.mass_bound = mass * (1 + 1e-9)
                 derived.log_mass_bound = np.log(derived.mass_bound)
+                derived.log_mass_bound32 = derived.log_mass_bound.astype(np.float32)
+                derived.sin_r32 = np.sqrt(np.maximum(1 - radius * radius, 0)).astype(np.float32)
+                by_cell = np.argsort(cells, kind="stable")  # each cell's groups, for probed-list caps
+                derived.cell_order = by_cell
+                derived.cell_count = np.bincount(cells, minlength=self.n_cells)
+                derived.cell_start = np.cumsum(derived.cell_count) - derived.cell_count
         return derived
 
     def estimate(self, q: np.ndarray, retrieved_groups: np.ndarray, retrieved_weights: np.ndarray,
                  retrieved_scores: np.ndarray, valid: np.ndarray, lowest: np.ndarray, shift: np.ndarray,
-                 temperature: float, n_labels: int, capped=None) -> tuple[np.ndarray, np.ndarray | None]:
-        """(n, n_labels) estimated mass per label index of the slots each query left out, and
+                 temperature: float, columns: np.ndarray, n_columns: int,
+                 capped=None) -> tuple[np.ndarray, np.ndarray | None]:
+        """(n, n_columns) estimated mass per class of the slots each query left out (a class's
+        column is ``columns[label index]``), and
         (n,) a certificate: an upper bound on their total mass (None without ``capped``); both
         scaled by ``exp(-shift)`` (the caller's log-space offset).
 
@@ -287,14 +296,16 @@ class Summaries:
             capped: where ``s_k`` caps the certificate (see above); None: no certificate.
         """
         grp = self._groups()
-        out = np.zeros((len(q), n_labels))
+        out = np.zeros((len(q), n_columns))
         bound = None if capped is None else np.zeros(len(q))
         if len(grp.keys) == 0:
             return out, bound
+        run_columns = columns[grp.class_labels]  # every live group's class has a column
+        group_columns = columns[grp.labels]
         inv_t = 1.0 / temperature
         consts = grp.constants(inv_t)
-        for lo in range(0, len(q), 256):  # (256, groups) at a time
-            hi = min(len(q), lo + 256)
+        def chunk(lo: int) -> None:
+            hi = min(len(q), lo + CHUNK)
             rows = np.arange(hi - lo)
             c = q[lo:hi] @ grp.unit_t  # q . mean direction (cosine) or q . mean (ip)
             # the groups holding retrieved slots, as (query, group) pairs
@@ -309,7 +320,7 @@ class Summaries:
             base = (-shift[lo:hi]).astype(np.float32)[:, None]
             e = self._bulk(grp, consts, c, inv_t, cap, base)
             e_pairs = e[pq, pg].astype(np.float64)
-            per_class = np.add.reduceat(e, grp.class_starts, axis=1, dtype=np.float64)
+            per_class = np.add.reduceat(e, grp.class_starts, axis=1)
             # ... estimated again without their retrieved slots
             slot = np.searchsorted(pair, pair_of)
             taken_w = np.bincount(slot, weights=retrieved_weights[lo:hi][ok], minlength=len(pair))
@@ -321,43 +332,62 @@ class Summaries:
             mean_sim = (c_pairs * grp.scale[pg] * grp.mass[pg] - taken_ws) / left_safe  # q . S' / W'
             redo = np.minimum(self._log_model(grp, mean_sim, inv_t, pg), lowest[lo:hi][pq] * inv_t)
             new = np.where(keep, np.exp(redo + np.log(left_safe) - shift[lo:hi][pq]), 0.0)
-            part = np.zeros((hi - lo, n_labels))
-            part[:, grp.class_labels] = per_class
-            np.add.at(part, (pq, grp.labels[pg]), new - e_pairs)
-            out[lo:hi] = np.maximum(part, 0.0)
+            part = out[lo:hi]
+            part[:, run_columns] = per_class
+            np.add.at(part, (pq, group_columns[pg]), new - e_pairs)
+            np.maximum(part, 0.0, out=part)
             if capped is not None:
                 bound[lo:hi] = self._certificate(grp, q[lo:hi], pq, pg, taken_w, lowest[lo:hi], shift[lo:hi],
                                                  inv_t, capped if isinstance(capped, str) else capped[lo:hi])
+
+        for lo in range(0, len(q), CHUNK):  # (threads over chunks were slower: BLAS and memory are shared)
+            chunk(lo)
         return out, bound
 
     def _certificate(self, grp: "_Groups", q, pq, pg, taken_w, lowest, shift, inv_t: float, capped) -> np.ndarray:
-        """(n,) the certificate of :meth:`estimate` for one chunk of queries."""
+        """(n,) the certificate of :meth:`estimate` for one chunk of queries.
+
+        In float32, in place, with each query's terms taken relative to ``s_k``; the sum is
+        then raised by a margin well above float32's rounding at this temperature."""
         n = len(q)
-        c = q @ grp.pivot_t
+        low32 = lowest.astype(np.float32)[:, None]
+        top = q @ grp.pivot_t
         if self.metric == "cosine":  # q at angle a from the pivot, slots within angle r: q.z <= cos(a - r)
-            cos_r = grp.radius32
-            sin_r = np.sqrt(np.maximum(1 - cos_r * cos_r, 0))
-            top = c * cos_r + np.sqrt(np.maximum(1 - c * c, 0)) * sin_r
-            top = np.where(c >= cos_r, 1.0, top) + grp.slack
-            np.minimum(top, 1.0, out=top)
+            c = top
+            far = np.sqrt(np.maximum(np.float32(1) - c * c, np.float32(0)))
+            far *= grp.sin_r32
+            inside = c >= grp.radius32
+            c *= grp.radius32
+            c += far
+            np.copyto(c, np.float32(1), where=inside)
+            c += grp.slack
+            np.minimum(c, np.float32(1), out=c)
         else:
-            top = c + np.linalg.norm(q, axis=1)[:, None] * (grp.radius32 + grp.slack)
+            top += np.linalg.norm(q, axis=1).astype(np.float32)[:, None] * (grp.radius32 + grp.slack)
         if isinstance(capped, str):
             if capped == "all":  # every slot was searched: none left out scores above s_k
-                np.minimum(top, lowest.astype(np.float32)[:, None], out=top)
+                np.minimum(top, low32, out=top)
         else:  # the groups of each query's probed cells
-            probed = np.zeros((n, self.n_cells), bool)
-            probed[np.arange(n)[:, None], np.maximum(capped, 0)] = True
-            seen = probed[:, grp.cells]
-            top = np.where(seen, np.minimum(top, lowest.astype(np.float32)[:, None]), top)
-        log_w = np.broadcast_to(grp.log_mass_bound, top.shape).copy()
+            cells = np.maximum(capped, 0)
+            size = grp.cell_count[cells]
+            qs = np.repeat(np.arange(n), size.sum(axis=1))
+            gs = grp.cell_order[np.repeat(grp.cell_start[cells].ravel(), size.ravel()) + _ranks(size.ravel())]
+            top[qs, gs] = np.minimum(top[qs, gs], low32[qs, 0])
+        touched = top[pq, pg]
+        top -= low32
+        top *= np.float32(inv_t)
+        top += grp.log_mass_bound32
+        base = (lowest * inv_t - shift).astype(np.float32)
+        top += base[:, None]
         left = np.maximum(grp.mass_bound[pg] - taken_w, 0.0)  # what the retrieved slots leave of a group
         with np.errstate(divide="ignore"):
-            log_w[pq, pg] = np.log(left)
-        logits = top.astype(np.float64) * inv_t + log_w - shift[:, None]
-        m = np.max(logits, axis=1, keepdims=True)
-        m = np.where(np.isfinite(m), m, 0.0)
-        return np.exp(m[:, 0]) * np.exp(logits - m).sum(axis=1)
+            top[pq, pg] = ((touched - low32[pq, 0]) * np.float32(inv_t) + np.log(left) + base[pq]).astype(np.float32)
+        m = top.max(axis=1, keepdims=True)
+        m = np.where(np.isfinite(m), m, np.float32(0))
+        top -= m
+        np.exp(top, out=top)
+        margin = np.exp(2.5e-7 * inv_t + 1e-5)
+        return np.exp(m[:, 0].astype(np.float64)) * top.sum(axis=1, dtype=np.float64) * margin
 
     def _bulk(self, grp: "_Groups", consts, c: np.ndarray, inv_t: float, cap: np.ndarray,
               base: np.ndarray) -> np.ndarray:
@@ -393,6 +423,12 @@ class Summaries:
             return c * inv_t
         c = np.clip(c / np.maximum(grp.resultant[at], 1e-12), -1.0, 1.0)  # q . mean direction
         return log_vmf_mgf(grp.kappa[at], c, self.dim, inv_t)
+
+
+def _ranks(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., c-1 for each count c, concatenated."""
+    counts = np.asarray(counts, np.int64)
+    return np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
 class _Groups:
