@@ -539,7 +539,8 @@ class Memory:
             return bool(self._state.rows_of(np.array([id_], np.int64))[0] >= 0)
 
     def stats(self) -> MemoryStats:
-        """Slots, classes, the active index, and the bytes held for vectors, the index and ids."""
+        """Slots, classes, the active index, and the bytes held for vectors, the index, ids and
+        (once ``probs="full"`` has built them) the tail summaries."""
         with self._lock.read():
             t, index = self._state.table, self._state.index
             return MemoryStats(
@@ -549,6 +550,7 @@ class Memory:
                 nlist=index.nlist, lossy=index.lossy, trained_on=index.trained_on,
                 nprobe=index.breadth(64)[0], ef_search=index.breadth(64)[1],
                 recall=index.calibration.recall if index.calibration is not None else None,
+                bytes_tail=self._state.summaries_nbytes,
             )
 
     def bare_search(self, k: int) -> BareSearch:

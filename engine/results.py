@@ -158,10 +158,11 @@ class MemoryStats:
     ef_search: int | None = None  # HNSW breadth a query of k=64 uses
     recall: float | None = None  # recall@64 measured when the breadth was calibrated (None if not)
     trained_on: int = 0  # vectors the active index was last trained on (0: needs no training)
+    bytes_tail: int = 0  # the tail summaries (engine.tail), once a probs="full" query built them
 
     @property
     def bytes_total(self) -> int:
-        return self.bytes_vectors + self.bytes_index + self.bytes_ids
+        return self.bytes_vectors + self.bytes_index + self.bytes_ids + self.bytes_tail
 
     def as_dict(self) -> dict:
         from dataclasses import asdict

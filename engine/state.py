@@ -75,6 +75,12 @@ class State:
                         index_cells=None if row_cells is None else (row_cells, index.n_cells, index.cells))
         return built
 
+    @property
+    def summaries_nbytes(self) -> int:
+        """Bytes of the tail summaries (0 until built)."""
+        built = self._summaries
+        return built.nbytes if built is not None else 0
+
     def group_keys(self, rows: np.ndarray) -> np.ndarray:
         """The summary group (cell, class) of each of ``rows`` (no padding)."""
         cells = self._summaries.cells_of(rows).astype(np.int64)

@@ -117,6 +117,9 @@ class Summaries:
     def nbytes(self) -> int:
         held = self.keys.nbytes + self.count.nbytes + self.mass.nbytes + self.sums.nbytes + self.pivot.nbytes \
             + self.radius.nbytes
+        derived = self._derived  # what queries read: the directions and pivots as float32 matrices
+        if derived is not None:
+            held += derived.unit_t.nbytes + derived.pivot_t.nbytes
         return int(held + (self._cell.nbytes if self._cell is not None else 0))
 
     def cells_of(self, rows: np.ndarray) -> np.ndarray:

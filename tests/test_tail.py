@@ -188,3 +188,16 @@ def test_tail_target_grows_k_by_the_estimate_when_estimating(rng):
     assert res.k < len(mem)  # met well before the whole memory
     _, ref = dense_reference(x, y, np.ones(len(y)), q, res.classes, 0.05)
     assert total_variation(res.probs, ref).mean() < total_variation(mem.query(q, k=16).probs, ref).mean()
+
+
+def test_stats_count_the_summaries_once_built():
+    x, y = clustered(6000, DIM, n_classes=12, seed=4)
+    mem = Memory(DIM, probs="full")
+    mem.add(x, y)
+    before = mem.stats()
+    assert before.bytes_tail == 0
+    mem.query(QUERIES)
+    after = mem.stats()
+    # a group per (cell, class): at least its count, mass, sums, pivot and reach
+    assert after.bytes_tail >= 12 * (8 + 8 + 8 * DIM + 4 * DIM + 8)
+    assert after.bytes_total == before.bytes_total + after.bytes_tail
