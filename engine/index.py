@@ -319,7 +319,7 @@ class VectorIndex:
             finally:
                 self._ivf.make_direct_map(False)
 
-    # -- cells: the partition the tail summaries (engine/tail.py) group slots by ------------
+    # -- cells: the partition the tail summaries (engine/tail/) group slots by --------------
     @property
     def _cell_ivf(self):
         """The IVF layer when it takes the memory's vectors as they are (no transform before it)."""

@@ -22,7 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 
-class _Growable:
+class Growable:
     """A numpy array with amortised O(1) appends (capacity grows by half)."""
 
     def __init__(self, dtype, width: int | None = None):
@@ -67,12 +67,12 @@ class SlotTable:
         self.dim = dim
         self.keep_vectors = keep_vectors
         self.track_usage = track_usage
-        self._ids = _Growable(np.int64)
-        self._label_idx = _Growable(np.int32)
-        self._weights: _Growable | None = None  # None while every weight is 1
-        self._vectors = _Growable(np.float32, dim) if keep_vectors else None
-        self._alive = _Growable(np.bool_)
-        self._used = _Growable(np.float64) if track_usage else None  # unix time last written or retrieved
+        self._ids = Growable(np.int64)
+        self._label_idx = Growable(np.int32)
+        self._weights: Growable | None = None  # None while every weight is 1
+        self._vectors = Growable(np.float32, dim) if keep_vectors else None
+        self._alive = Growable(np.bool_)
+        self._used = Growable(np.float64) if track_usage else None  # unix time last written or retrieved
         # ids of live rows, ascending, and their rows: None while the id column ascends
         self._sorted_ids: np.ndarray | None = None
         self._sorted_rows: np.ndarray | None = None
@@ -159,7 +159,7 @@ class SlotTable:
             self._sorted_ids, self._sorted_rows = self.ids[live], np.flatnonzero(live)
         unit = weights is None or bool(np.all(weights == 1.0))
         if self._weights is None and not unit:
-            self._weights = _Growable(np.float64)
+            self._weights = Growable(np.float64)
             self._weights.extend(np.ones(start))
         self._extend_id_run(ids, start)
         self._ids.extend(ids)
