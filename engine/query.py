@@ -220,7 +220,7 @@ def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature, measure=No
 
 
 def _result(state: State, vocab: Vocabulary, scores, rows, att: Attention, k_requested: int,
-            complete: bool, estimated: tuple[np.ndarray, np.ndarray] | None = None) -> QueryResult:
+            complete: bool, estimated: tuple[np.ndarray, np.ndarray, bool] | None = None) -> QueryResult:
     classes = state.classes(vocab)[0]
     exact_bound = state.index.exact
     if estimated is not None:  # the top-k's share of the estimated whole, and the rest per class

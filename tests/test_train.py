@@ -114,3 +114,4 @@ def test_augmentation_moves_strokes_and_keeps_labels():
     assert not np.allclose(turned.support_x, x) and np.isclose(turned.support_x.sum() / x.sum(), 1.0, rtol=0.15)
     same = Episode(x, y, x, y)
     assert augment(same, 0, np.random.default_rng(0)) is same
+
