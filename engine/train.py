@@ -140,10 +140,11 @@ def _load_sets(dataset: str, data: str | None):
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Meta-train a Matching Network episodically (see :func:`_train`).
 
-    With ``cfg.deterministic`` torch uses its deterministic kernels for the run; the
-    caller's setting is restored. Without them, 2 of 6 processes trained another model from
-    the same seed (150 FCE episodes); with them, runs still differ now and then in the last
-    bits (one process in three, 20 episodes), which one thread did not show.
+    With ``cfg.deterministic`` torch uses its deterministic kernels for the run (at no
+    measured cost); the caller's setting is restored. Without them, 2 of 6 processes trained
+    another model from the same seed (150 FCE episodes). With them, an idle machine gave the
+    same model 10 times in 10, but a loaded one now and then differs in the last bits (1 in
+    5); ``threads=1`` was identical under load too, at about half the speed.
     """
     previous = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(cfg.deterministic, warn_only=True)
