@@ -24,9 +24,11 @@ class Estimator:
         scaled by ``exp(-shift)`` (the caller's log-space offset).
 
         The certificate bounds each group by what is left of its mass times
-        ``exp(u / T)``, ``u`` the most any of its slots can score: ``q . pivot + |q| radius``
-        (every slot it ever held lies within ``radius`` of its fixed ``pivot``), at most 1 for
-        cosine, and at most ``s_k`` where the search saw every slot of the group (``capped``:
+        ``exp(u / T)``, ``u`` the most any of its slots can score: every slot it ever held
+        lies within its reach of its fixed pivot, so ``u = cos(max(0, a - r))`` for a query at
+        angle ``a`` from the pivot and a reach of angle ``r`` (cosine), or
+        ``q . pivot + |q| reach`` (ip); and ``u <= s_k`` where the search saw every slot of
+        the group (``capped``:
         "all" for an exhaustive search, "none" where the search may have missed any slot, else
         each query's probed cells, (n, nprobe)).
 
