@@ -112,8 +112,7 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
     else:
         ladder = [k * (1 << i) for i in range(8)]  # efSearch k .. 128k
 
-    direct = ivf is not None and isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat)  # no transform
-    ranks = _list_ranks(ivf, q, vectors, truth) if direct and not _lossy(ivf) else None
+    ranks = _list_ranks(ivf, q, vectors, truth) if ivf is not None and _exact_lists(index, ivf) else None
 
     def recall(breadth: int) -> float:
         if ranks is not None:  # a neighbour is found exactly when its list is probed
@@ -142,11 +141,12 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
                        seconds=time.perf_counter() - t0)
 
 
-def _lossy(ivf) -> bool:
-    """Whether the IVF index scores approximately (codes) or ranks lists approximately (a
-    quantizer that is not exact): then only searching says what a breadth finds."""
-    coarse = faiss.downcast_index(ivf.quantizer)
-    return not (isinstance(faiss.downcast_index(ivf), faiss.IndexIVFFlat) and isinstance(coarse, faiss.IndexFlat))
+def _exact_lists(index, ivf) -> bool:
+    """Whether ``index`` is itself an IVF-Flat (no transform before it, exact scores) with an
+    exact coarse quantizer: then a slot is found exactly when its list is probed. Otherwise
+    (codes, projections, an approximate quantizer) only searching says what a breadth finds."""
+    return isinstance(faiss.downcast_index(index), faiss.IndexIVFFlat) \
+        and isinstance(faiss.downcast_index(ivf.quantizer), faiss.IndexFlat)
 
 
 def _list_ranks(ivf, q: np.ndarray, vectors: np.ndarray, truth: np.ndarray, chunk: int = 32) -> np.ndarray:

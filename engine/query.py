@@ -104,7 +104,7 @@ def _answer_one(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.nd
     b = omitted * math.exp(low - m) if omitted > 0 else 0.0
     bound = b / (z + b) if math.isfinite(b) else 1.0
     label_idx = t.label_idx[r]
-    slot_classes = label_idx if state.all_classes_live(vocab) else columns[label_idx]
+    slot_classes = label_idx if len(classes) == len(vocab) else columns[label_idx]  # every class live: its own column
     t.touch(r, time.time())
     best = np.bincount(slot_classes, weights=attention).argmax()
     return QueryResult(classes=classes, labels=classes[best:best + 1], ids=t.ids_of(rows), scores=scores,

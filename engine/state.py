@@ -54,11 +54,6 @@ class State:
             cached = self._classes = (vocab.array(present), columns)
         return cached
 
-    def all_classes_live(self, vocab: Vocabulary) -> bool:
-        """Whether every class of the vocabulary has a live slot, so that a label index is
-        its own column of ``probs``."""
-        return len(self.classes(vocab)[0]) == len(vocab)
-
     def summaries(self, metric: str) -> Summaries:
         """The per-(cell, class) summaries the tail estimate reads (:mod:`engine.tail`): built
         on first use (one pass over the vectors, the IVF lists read for the cells), then kept
