@@ -21,6 +21,8 @@ Every (size, method) runs in a fresh process, so peak RSS is its own. Methods:
   latency at k=64, the same FAISS index searched bare with the same parameters
   (our overhead), bytes per slot in RAM and on disk (a saved copy), peak RSS, argmax agreement and total-variation
   distance to dense attention, the tail bounds, and recall@k against exact search;
+  then the same batch with ``probs="full"`` (top-k plus the estimated tail): its time
+  against top-k's, its agreement and total variation, and the median tail estimate;
 - for IVF memories, a sweep of nprobe: latency, agreement and recall per value,
   from which the ``auto`` rule is read.
 Writes ``scale.json`` and ``scale.png`` to ``--out``.
@@ -156,8 +158,8 @@ def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path:
     del x
     repeats = REPEATS
     qn = unit(q)
-    res = mem.query(q, k=K)
-    batch_s = timed(lambda: mem.query(q, k=K), repeats)
+    res = mem.query(q, k=K, probs="top-k")  # the search-and-attend path bare FAISS is held to
+    batch_s = timed(lambda: mem.query(q, k=K, probs="top-k"), repeats)
     baseline = mem.bare_search(K)  # the very FAISS index and search parameters the memory uses
     bare = baseline.search
     faiss_s = timed(lambda: bare(qn), repeats)
@@ -169,10 +171,13 @@ def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path:
             for i in range(n_singles // 2):
                 t0 = time.perf_counter()
                 if who == "engine":
-                    mem.query(q[i % len(q)], k=K)
+                    mem.query(q[i % len(q)], k=K, probs="top-k")
                 else:
                     bare(qn[i % len(q)][None])
                 (singles if who == "engine" else bare_singles).append(time.perf_counter() - t0)
+    full = mem.query(q, k=K, probs="full")  # top-k plus the estimated tail (builds the summaries)
+    full_s = timed(lambda: mem.query(q, k=K, probs="full"), repeats)
+    full_agree = agreement(full, ref["probs"], ref["truth"])
     stats = mem.stats()
     with tempfile.TemporaryDirectory() as tmp:
         saved = mem.save(Path(tmp) / "m")
@@ -186,7 +191,11 @@ def run_memory(method: str, n: int, dim: int, queries: int, seed: int, ref_path:
            "bytes_per_slot": stats.bytes_total / stats.slots,
            "bytes_per_slot_vs_raw": stats.bytes_total / stats.slots / (4 * dim),
            "disk_bytes_per_slot": disk / stats.slots,
-           "peak_rss_mb": peak_rss_mb(), **agreement(res, ref["probs"], ref["truth"])}
+           "peak_rss_mb": peak_rss_mb(), **agreement(res, ref["probs"], ref["truth"]),
+           "full_batch_s": full_s, "full_vs_topk_time": full_s / batch_s, "full_tv_mean": full_agree["tv_mean"],
+           "full_tv_max": full_agree["tv_max"], "full_argmax_agreement": full_agree["argmax_agreement"],
+           "full_tail_bound_median": full_agree["tail_bound_median"],
+           "tail_estimate_median": float(np.median(full.tail_estimate)), "bytes_tail": stats.bytes_tail}
     if stats.nlist is not None:
         row["nprobe"] = baseline.nprobe
         if sweep and not stats.lossy:
@@ -204,8 +213,8 @@ def nprobe_sweep(mem, q, ref, repeats: int) -> list[dict]:
             if nprobe > mem.stats().nlist:
                 break
             mem.search_settings = SearchSettings(nprobe=nprobe)
-            res = mem.query(q, k=K)
-            t = timed(lambda: mem.query(q, k=K), repeats)
+            res = mem.query(q, k=K, probs="top-k")
+            t = timed(lambda: mem.query(q, k=K, probs="top-k"), repeats)
             out.append({"nprobe": nprobe, "batch_qps": len(q) / t, **agreement(res, ref["probs"], ref["truth"])})
     finally:
         mem.search_settings = default
@@ -297,10 +306,15 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def both(row: dict, full_key: str) -> str:
+    """" / <full mode's figure>" where the row has one (engine memories; not dense)."""
+    return f" / {row[full_key]:.4f}" if full_key in row else ""
+
+
 def table(rows: list[dict]) -> str:
     head = ("| slots | d | method | index | ingest slots/s | batch q/s | vs dense | vs bare FAISS (batch / single) "
-            "| single p50 ms | bytes/slot RAM (x raw) | disk (x raw) | nprobe | peak RSS MiB | argmax agree | mean TV "
-            "| median recall@64 |")
+            "| single p50 ms | bytes/slot RAM (x raw) | disk (x raw) | nprobe | peak RSS MiB | argmax agree top-k / full "
+            "| mean TV top-k / full | full / top-k time | median recall@64 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     dense = {(r["size"], r["dim"]): r for r in rows if r["method"] == "dense"}
     for r in rows:
@@ -311,11 +325,15 @@ def table(rows: list[dict]) -> str:
         raw = r["bytes_per_slot"] / (4 * r["dim"])
         disk = f"{r['disk_bytes_per_slot']:.0f} ({r['disk_bytes_per_slot'] / (4 * r['dim']):.2f}x)" \
             if "disk_bytes_per_slot" in r else "-"
+        ratio = f"{r['full_vs_topk_time']:.2f}x" if "full_vs_topk_time" in r else "-"
         lines.append(f"| {r['size']:,} | {r['dim']} | {r['method']} | {r.get('index', 'torch')} | {ingest} "
                      f"| {r['batch_qps']:,.0f} | {speedup} | {over} | {r['single_p50_ms']:.2f} "
                      f"| {r['bytes_per_slot']:.0f} ({raw:.2f}x) | {disk} | {r.get('nprobe') or '-'} "
                      f"| {r['peak_rss_mb']:,.0f} "
-                     f"| {r['argmax_agreement']:.4f} | {r['tv_mean']:.4f} | {r['recall_median']:.3f} |")
+                     f"| {r['argmax_agreement']:.4f}{both(r, 'full_argmax_agreement')} "
+                     f"| {r['tv_mean']:.4f}{both(r, 'full_tv_mean')} "
+                     f"| {ratio} "
+                     f"| {r['recall_median']:.3f} |")
     return "\n".join(lines)
 
 

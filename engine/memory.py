@@ -113,7 +113,7 @@ class Memory:
         id_stride: int = 1,
         id_offset: int = 0,
         share: float = 1.0,
-        probs: str = "top-k",
+        probs: str = "full",
     ):
         self.dim = checks.integer("dim", dim)
         if metric not in METRICS:
@@ -229,7 +229,8 @@ class Memory:
         try:
             if unknown:
                 raise InvalidValueError(f"unknown settings {sorted(unknown)}")
-            mem = cls(rec.dim, **{k: s[k] for k in SETTINGS if k in s})
+            # a memory saved before ``probs`` existed answered with top-k probabilities and still does
+            mem = cls(rec.dim, **{"probs": "top-k", **{k: s[k] for k in SETTINGS if k in s}})
             next_id = checks.integer("next_id", s.get("next_id", 0), low=0)
             trained_on = checks.integer("trained_on", s.get("trained_on", 0), low=0)
         except InvalidValueError as exc:

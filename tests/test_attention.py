@@ -131,7 +131,7 @@ def test_query_labels_with_many_classes_match_dense_reference(rng):
     """A memory of 3,000 classes answers 100 queries through the sorted-runs path."""
     x = rng.standard_normal((6000, 16)).astype(np.float32)
     y = np.arange(6000) % 3000
-    mem = Memory(16, index="Flat", temperature=0.05)
+    mem = Memory(16, index="Flat", temperature=0.05, probs="top-k")
     mem.add(x, y)
     q = x[:100] + 0.1 * rng.standard_normal((100, 16)).astype(np.float32)
     res = mem.query(q, k=32)

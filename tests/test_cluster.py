@@ -47,7 +47,7 @@ def pair(slots, tmp_path_factory):
     x, y, q, _ = slots
     sharded = ShardedMemory(DIM, shards=4, path=tmp_path_factory.mktemp("c") / "m", index="Flat", temperature=T)
     ids = sharded.add(x, y)
-    single = Memory(DIM, index="Flat", temperature=T)
+    single = Memory(DIM, index="Flat", temperature=T, probs="top-k")  # what a sharded memory answers
     single.add(x, y, ids=ids)
     yield sharded, single, ids
     sharded.close()

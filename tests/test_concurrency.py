@@ -7,6 +7,7 @@ write would find a label with fewer than GROUP slots.
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections import Counter
 
@@ -65,3 +66,41 @@ def test_queries_never_see_half_a_write(index):
     assert not errors, errors[0]
     assert seen["queries"] > 20
     assert len(mem) == GROUP * len(live)
+
+
+def test_readers_estimating_the_tail_while_a_thread_writes():
+    """Every write makes the tail summaries' read view stale; readers racing to rebuild it
+    must each get a whole one (a serve load found readers seeing a half-built view)."""
+    rng = np.random.default_rng(1)
+    mem = Memory(16, temperature=0.1)  # probs="full" by default: every query reads the summaries
+    mem.add(rng.standard_normal((6000, 16)), rng.integers(0, 300, 6000))  # a partition of its own: many groups
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    seen = Counter()
+
+    def reader(seed):
+        r = np.random.default_rng(seed)
+        try:
+            while not stop.is_set():
+                res = mem.query(r.standard_normal((3, 16)), k=8)
+                assert np.isfinite(res.probs).all() and np.allclose(res.probs.sum(axis=1), 1)
+                assert ((res.tail_estimate >= 0) & (res.tail_estimate <= 1)).all()
+                seen["queries"] += 1
+        except BaseException as exc:  # noqa: BLE001 - report any failure to the main thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+    switch = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads interleave at every few bytecodes: races show
+    for t in threads:
+        t.start()
+    try:
+        for g in range(300):
+            mem.add(rng.standard_normal((5, 16)), rng.integers(0, 300, 5))
+    finally:
+        stop.set()
+        sys.setswitchinterval(switch)
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    assert seen["queries"] > 20

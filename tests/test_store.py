@@ -367,3 +367,18 @@ def test_an_empty_memory_saves_and_reopens_many_times(tmp_path):
         again.add(np.ones((1, 4)), ["a"])  # the first add still fixes the kind
     with Memory.open(tmp_path / "m") as again:
         assert again.get([0]).labels == ["a"]
+
+
+def test_a_memory_saved_before_probs_existed_keeps_top_k_probabilities(tmp_path, data):
+    """Its manifest names no ``probs``: it answers as it did when it was written."""
+    mem = build(tmp_path / "m", data)
+    want = mem.query(data[2], k=5, probs="top-k")
+    mem.close()
+    manifest = tmp_path / "m" / "manifest.json"
+    doc = json.loads(manifest.read_text())
+    doc.pop("checksum")
+    assert doc["settings"].pop("probs") == "full"
+    manifest.write_bytes(store.manifest_bytes(doc))
+    got = Memory.open(tmp_path / "m").query(data[2], k=5)
+    assert got.tail_estimate is None
+    np.testing.assert_array_equal(got.probs, want.probs)

@@ -51,7 +51,7 @@ def test_the_estimate_is_exact_when_every_group_holds_identical_vectors(rng, ind
 
 def test_full_probs_are_far_closer_to_full_attention_than_top_k(rng):
     x, y = clustered(20_000, DIM, n_classes=40, seed=3)
-    topk, full = Memory(DIM, temperature=0.05), Memory(DIM, temperature=0.05, probs="full")
+    topk, full = Memory(DIM, temperature=0.05, probs="top-k"), Memory(DIM, temperature=0.05)
     for mem in (topk, full):
         mem.add(x, y)
     q = x[rng.integers(0, len(x), 200)] + 0.2 * rng.standard_normal((200, DIM)).astype(np.float32)
@@ -119,6 +119,10 @@ def test_probs_option_is_checked_and_kept(tmp_path):
     mem.add(QUERIES, np.arange(len(QUERIES)) % 3)
     mem.close()
     assert Memory.open(tmp_path / "m").query(QUERIES[0]).tail_estimate is not None
+    fresh = Memory(DIM)  # the default: probabilities of attention over the whole memory
+    fresh.add(QUERIES, np.arange(len(QUERIES)) % 3)
+    assert fresh.query(QUERIES[0], k=2).tail_estimate is not None
+    assert fresh.query(QUERIES[0], k=2, probs="top-k").tail_estimate is None
 
 
 @pytest.mark.parametrize("spec,opts", [("PCA8,IVF4,Flat", {}), ("IVF4,PQ4x4", {"rescore": False}), ("HNSW8", {}),

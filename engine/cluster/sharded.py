@@ -338,7 +338,9 @@ class ShardedMemory:
 
     # -- reading ------------------------------------------------------------------------
     def query(self, queries, *, k: int = 64, tail: float | None = None, allow_partial: bool = False) -> QueryResult:
-        """Exact attention over the global top-k (see :meth:`engine.Memory.query`).
+        """Exact attention over the global top-k (see :meth:`engine.Memory.query`), with
+        top-k probabilities: a sharded memory does not estimate the tail yet, as a
+        ``Memory(probs="full")`` does by default.
 
         Args:
             allow_partial: answer from the shards that are up; the tail bound then also

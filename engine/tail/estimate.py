@@ -52,6 +52,8 @@ class Estimator:
         if len(grp.keys) == 0:
             return out, bound
         run_columns = columns[grp.class_labels]  # every live group's class has a column
+        if len(run_columns) and np.all(np.diff(run_columns) == 1):
+            run_columns = slice(int(run_columns[0]), int(run_columns[-1]) + 1)  # one block: no scatter
         group_columns = columns[grp.labels]
         inv_t = 1.0 / temperature
         consts = grp.constants(inv_t)
@@ -71,7 +73,7 @@ class Estimator:
             base = (-shift[lo:hi]).astype(np.float32)[:, None]
             e = self._bulk(grp, consts, c, inv_t, cap, base)
             e_pairs = e[pq, pg].astype(np.float64)
-            per_class = np.add.reduceat(e, grp.class_starts, axis=1)
+            per_class = grp.per_class(e)
             # ... estimated again without their retrieved slots
             slot = np.searchsorted(pair, pair_of)
             taken_w = np.bincount(slot, weights=retrieved_weights[lo:hi][ok], minlength=len(pair))
@@ -194,7 +196,23 @@ class GroupView:
         self.unit_t, self.scale, self.resultant, self.kappa, self.dim = unit_t, scale, resultant, kappa, dim
         self.class_starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]]) if len(labels) else labels
         self.class_labels = labels[self.class_starts]
+        # the r-th group of every class that has one, for r = 1, 2, ...: summing per class by a
+        # few column gathers beats a reduceat over many short runs (6 ms against 1.5 ms for
+        # 64 queries x 21k groups in 10k classes); a class spread over many cells takes reduceat
+        sizes = np.diff(np.r_[self.class_starts, len(labels)])
+        most = int(sizes.max()) if len(sizes) else 0
+        self._rounds = None if most > 32 else [
+            (np.flatnonzero(sizes > r), self.class_starts[sizes > r] + r) for r in range(1, most)]
         self._constants = {}
+
+    def per_class(self, e: np.ndarray) -> np.ndarray:
+        """(m, classes present) the sum of ``e`` (m, groups) over each class's run of groups."""
+        if self._rounds is None:
+            return np.add.reduceat(e, self.class_starts, axis=1)
+        out = e[:, self.class_starts]
+        for classes, groups in self._rounds:
+            out[:, classes] += e[:, groups]
+        return out
 
     def constants(self, inv_t: float):
         """The per-group float32 terms of the vMF formula at 1/T (cached per temperature)."""

@@ -178,42 +178,50 @@ class Summaries(Estimator):
         """What queries read of the live groups, computed once after each change."""
         derived = self._derived
         if derived is None:
-            with self._lock:
-                live = self.mass > 0
-                keys = self.keys[live]
-                labels = keys & ((1 << CELL_SHIFT) - 1)
-                order = np.argsort(labels, kind="stable")  # class-major: a class's groups are a run
-                mass, sums, labels = self.mass[live][order], self.sums[live][order], labels[order]
-                pivot, radius = self.pivot[live][order], self.radius[live][order]
-                cells = (keys >> CELL_SHIFT)[order]
-                norm = np.linalg.norm(sums, axis=1)
-                kappa = resultant = None
-                if self.metric == "cosine":
-                    resultant = np.minimum(norm / mass, 1.0)
-                    kappa = kappa_from_resultant(resultant, self.dim)
-                    unit, scale = sums / np.maximum(norm, 1e-300)[:, None], resultant
-                else:
-                    unit, scale = sums / mass[:, None], np.ones(len(mass))
-                at = np.empty(len(order), np.int64)
-                at[order] = np.arange(len(order))  # key order -> position in class order
-                derived = self._derived = GroupView(keys, at, labels, mass, np.ascontiguousarray(unit.T, np.float32),
-                                                  scale, resultant, kappa, self.dim)
-                derived.pivot_t = np.ascontiguousarray(pivot.T)
-                derived.radius32 = radius.astype(np.float32)
-                # float32 products (q . pivot) and radii rounded: a margin well above their error
-                if self.metric == "cosine":
-                    derived.slack = np.float32(1e-5)
-                else:
-                    derived.slack = np.float32(1e-5 * (1.0 + np.linalg.norm(pivot, axis=1).max() + radius.max())
-                                               if len(radius) else 0)
-                derived.cells = cells
-                # masses are running float64 sums: a relative margin far above their rounding
-                derived.mass_bound = mass * (1 + 1e-9)
-                derived.log_mass_bound = np.log(derived.mass_bound)
-                derived.log_mass_bound32 = derived.log_mass_bound.astype(np.float32)
-                derived.sin_r32 = np.sqrt(np.maximum(1 - radius * radius, 0)).astype(np.float32)
-                by_cell = np.argsort(cells, kind="stable")  # each cell's groups, for probed-list caps
-                derived.cell_order = by_cell
-                derived.cell_count = np.bincount(cells, minlength=self.n_cells)
-                derived.cell_start = np.cumsum(derived.cell_count) - derived.cell_count
+            with self._lock:  # readers share the state: one builds, the others wait for it
+                derived = self._derived
+                if derived is None:
+                    derived = self._derived = self._view()  # published whole, once built
+        return derived
+
+    def _view(self) -> "GroupView":
+        """The live groups in class order, with every derived term the estimate and the
+        certificate read (built aside, then published whole by :meth:`_groups`)."""
+        live = self.mass > 0
+        keys = self.keys[live]
+        labels = keys & ((1 << CELL_SHIFT) - 1)
+        order = np.argsort(labels, kind="stable")  # class-major: a class's groups are a run
+        mass, sums, labels = self.mass[live][order], self.sums[live][order], labels[order]
+        pivot, radius = self.pivot[live][order], self.radius[live][order]
+        cells = (keys >> CELL_SHIFT)[order]
+        norm = np.linalg.norm(sums, axis=1)
+        kappa = resultant = None
+        if self.metric == "cosine":
+            resultant = np.minimum(norm / mass, 1.0)
+            kappa = kappa_from_resultant(resultant, self.dim)
+            unit, scale = sums / np.maximum(norm, 1e-300)[:, None], resultant
+        else:
+            unit, scale = sums / mass[:, None], np.ones(len(mass))
+        at = np.empty(len(order), np.int64)
+        at[order] = np.arange(len(order))  # key order -> position in class order
+        derived = GroupView(keys, at, labels, mass, np.ascontiguousarray(unit.T, np.float32),
+                            scale, resultant, kappa, self.dim)
+        derived.pivot_t = np.ascontiguousarray(pivot.T)
+        derived.radius32 = radius.astype(np.float32)
+        # float32 products (q . pivot) and radii rounded: a margin well above their error
+        if self.metric == "cosine":
+            derived.slack = np.float32(1e-5)
+        else:
+            derived.slack = np.float32(1e-5 * (1.0 + np.linalg.norm(pivot, axis=1).max() + radius.max())
+                                       if len(radius) else 0)
+        derived.cells = cells
+        # masses are running float64 sums: a relative margin far above their rounding
+        derived.mass_bound = mass * (1 + 1e-9)
+        derived.log_mass_bound = np.log(derived.mass_bound)
+        derived.log_mass_bound32 = derived.log_mass_bound.astype(np.float32)
+        derived.sin_r32 = np.sqrt(np.maximum(1 - radius * radius, 0)).astype(np.float32)
+        by_cell = np.argsort(cells, kind="stable")  # each cell's groups, for probed-list caps
+        derived.cell_order = by_cell
+        derived.cell_count = np.bincount(cells, minlength=self.n_cells)
+        derived.cell_start = np.cumsum(derived.cell_count) - derived.cell_count
         return derived
