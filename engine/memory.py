@@ -77,12 +77,13 @@ class Memory:
         track_usage: keep, per slot, when it was last written or retrieved (8 bytes a slot,
             and a stamp per retrieved slot on every query), which the "age" compaction policy
             needs. Default: only when ``policy="age"``; without it, the "age" policy is refused.
-        probs: what ``probs`` of a query approximate. "top-k": attention renormalised over
-            the top-k slots. "full": attention over the whole memory, as Matching Networks
-            attend: the top-k exactly, plus the mass of every other slot estimated per class
-            from per-(IVF list, class) summaries (:mod:`engine.tail`; ``tail_estimate`` in
-            the result). The summaries are built on the first such query (a pass over the
-            vectors) and kept up to date by every write.
+        probs: what ``probs`` of a query approximate. "full" (the default): attention over
+            the whole memory, as Matching Networks attend: the top-k exactly, plus the mass
+            of every other slot estimated per class from per-(cell, class) summaries
+            (:mod:`engine.tail`; ``tail_estimate`` in the result). The summaries are built
+            on the first such query (a pass over the vectors) and kept up to date by every
+            write. "top-k": attention renormalised over the top-k slots, the cheaper answer
+            (a memory saved before this option existed reopens with it).
         id_stride, id_offset: automatic ids are drawn from ``id % id_stride == id_offset``
             (a shard of :class:`engine.cluster.ShardedMemory` owns one such class of ids).
         share: the fraction of a sharded memory's slots this memory holds (1/n for a shard of
