@@ -25,7 +25,7 @@ import torch
 from tqdm import tqdm
 
 from .data.episodes import Episode, EpisodeSampler
-from .data.images import as_input
+from .data.images import as_input, pixels
 from .nn import MatchingNetwork
 
 CHECKPOINT_FILES = ("config.json", "model.pt", "best.pt", "optimizer.pt", "state.pt", "state.json")
@@ -45,6 +45,9 @@ class TrainConfig:
     rotate: float = 10.0
     scale: float = 0.1
     episodes: int = 6000
+    pretrain_epochs: int = 0  # supervised stage first: every training class at once (see pretrain)
+    pretrain_batch: int = 128
+    width: int = 64  # filters per conv block: the embedding's dimension
     time_budget_s: float | None = None
     lr: float = 1e-3
     lr_min: float = 1e-5  # cosine decay to this
@@ -75,7 +78,16 @@ def episode_loss(model: MatchingNetwork, ep: Episode, topk: int | None = None,
 
 def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
             scale: float = 0.0) -> Episode:
-    """Random affine jitter of every image of an episode (labels unchanged).
+    """Random affine jitter of every image of an episode (labels unchanged; see :func:`jitter`)."""
+    if shift <= 0 and rotate <= 0 and scale <= 0:
+        return ep
+    return Episode(jitter(ep.support_x, shift, rng, rotate=rotate, scale=scale), ep.support_y,
+                   jitter(ep.query_x, shift, rng, rotate=rotate, scale=scale), ep.query_y)
+
+
+def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
+           scale: float = 0.0) -> np.ndarray:
+    """(n, H, W) images, each moved by its own random affine map.
 
     Args:
         shift: largest translation in pixels, each way.
@@ -83,20 +95,66 @@ def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: floa
         scale: largest relative zoom, each way (0.1 is 0.9x to 1.1x).
     """
     if shift <= 0 and rotate <= 0 and scale <= 0:
-        return ep
+        return images
+    n, h, w = images.shape
+    angle = np.deg2rad(rng.uniform(-rotate, rotate, n))
+    zoom = 1.0 + rng.uniform(-scale, scale, n)
+    t = rng.uniform(-shift, shift, (n, 2)) * 2.0 / np.array([w, h])  # pixels to [-1, 1] units
+    cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
+    theta = np.stack([np.stack([cos, -sin, t[:, 0]], 1), np.stack([sin, cos, t[:, 1]], 1)], 1)
+    grid = torch.nn.functional.affine_grid(torch.from_numpy(theta).float(), (n, 1, h, w), align_corners=False)
+    out = torch.nn.functional.grid_sample(torch.from_numpy(images).unsqueeze(1), grid, align_corners=False)
+    return out[:, 0].numpy()
 
-    def move(images: np.ndarray) -> np.ndarray:
-        n, h, w = images.shape
-        angle = np.deg2rad(rng.uniform(-rotate, rotate, n))
-        zoom = 1.0 + rng.uniform(-scale, scale, n)
-        t = rng.uniform(-shift, shift, (n, 2)) * 2.0 / np.array([w, h])  # pixels to [-1, 1] units
-        cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
-        theta = np.stack([np.stack([cos, -sin, t[:, 0]], 1), np.stack([sin, cos, t[:, 1]], 1)], 1)
-        grid = torch.nn.functional.affine_grid(torch.from_numpy(theta).float(), (n, 1, h, w), align_corners=False)
-        out = torch.nn.functional.grid_sample(torch.from_numpy(images).unsqueeze(1), grid, align_corners=False)
-        return out[:, 0].numpy()
 
-    return Episode(move(ep.support_x), ep.support_y, move(ep.query_x), ep.query_y)
+def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng: np.random.Generator, *,
+             progress: bool = True) -> list[dict]:
+    """The supervised stage before episodes: g learns to tell every training class from
+    every other at once, through a cosine classifier (a learned unit direction per class,
+    logits = cos / T at the model's temperature), the loss the episodes later refine.
+
+    The head is dropped afterwards; only g (and h, when shared) keep what it learned.
+    Augmented as the episodes are; Adam with a cosine decay over the stage.
+
+    Args:
+        images: (classes, per class, H, W) training images.
+
+    Returns:
+        One row per epoch: loss and training accuracy.
+    """
+    n_classes, per = images.shape[:2]
+    x = images.reshape(n_classes * per, *images.shape[2:])
+    y = torch.as_tensor(np.repeat(np.arange(n_classes), per))
+    head = torch.nn.Parameter(torch.randn(n_classes, model.dim) * 0.01)
+    params = list(model.g_backbone.parameters()) + [head, model.log_temperature]
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    per_epoch = max(len(x) // cfg.pretrain_batch, 1)  # whole batches (batch norm needs more than one image)
+    steps = cfg.pretrain_epochs * per_epoch
+    model.train()
+    rows, step = [], 0
+    with tqdm(total=steps, desc="pre-training", unit="batch", disable=not progress) as bar:
+        for epoch in range(cfg.pretrain_epochs):
+            losses, hits, seen = [], 0, 0
+            order = rng.permutation(len(x))
+            for b in range(per_epoch):
+                for group in opt.param_groups:
+                    group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / steps))
+                pick = order[b * cfg.pretrain_batch:(b + 1) * cfg.pretrain_batch]
+                xb = jitter(pixels(x[pick]), cfg.shift, rng, rotate=cfg.rotate, scale=cfg.scale)
+                z = torch.nn.functional.normalize(model.g_backbone(as_input(xb)), dim=1)
+                logits = z @ torch.nn.functional.normalize(head, dim=1).T / model.temperature
+                loss = torch.nn.functional.cross_entropy(logits, y[pick])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                losses.append(loss.item())
+                hits += int((logits.argmax(1) == y[pick]).sum())
+                seen += len(pick)
+                step += 1
+                bar.update(1)
+            rows.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "train_acc": hits / seen})
+            bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", acc=f"{rows[-1]['train_acc']:.3f}")
+    return rows
 
 
 def recipe(dataset: str, **overrides) -> TrainConfig:
@@ -175,7 +233,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     within = cfg.within_alphabet if train_groups is not None else 0.0
     sampler = EpisodeSampler(train_x, cfg.n_way, cfg.k_shot, cfg.n_query, groups=train_groups,
                              within_group=within, seed=cfg.seed)
-    model = MatchingNetwork(fce=cfg.fce, fce_steps=cfg.fce_steps, temperature=cfg.temperature)
+    model = MatchingNetwork(fce=cfg.fce, fce_steps=cfg.fce_steps, temperature=cfg.temperature, width=cfg.width)
     cfg.model = model.config()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = {"episode": 0, "best_val": -1.0, "elapsed_s": 0.0}
@@ -186,6 +244,10 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         sampler.rng.bit_generator.state = state.pop("sampler_rng")
         torch.set_rng_state(torch.load(out / "state.pt", weights_only=True)["torch_rng"])
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    if cfg.pretrain_epochs and not resume:
+        with open(out / "log.jsonl", "a") as log:
+            for row in pretrain(model, train_x, cfg, sampler.rng, progress=progress):
+                log.write(json.dumps({"pretrain": True, **row}) + "\n")
 
     start = time.perf_counter() - state["elapsed_s"]
     model.train()

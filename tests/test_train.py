@@ -12,7 +12,15 @@ from engine.data import as_input, data_root
 from engine.data.episodes import EpisodeSampler
 from engine.data.omniglot import load_oneshot_runs
 from engine.nn import MatchingNetwork
-from engine.train import TrainConfig, episode_loss, eval_oneshot, evaluate_episodes, load_checkpoint, train
+from engine.train import (
+    TrainConfig,
+    episode_loss,
+    eval_oneshot,
+    evaluate_episodes,
+    load_checkpoint,
+    pretrain,
+    train,
+)
 
 RUNS = data_root() / "omniglot" / "one-shot-sample"
 
@@ -115,3 +123,39 @@ def test_augmentation_moves_strokes_and_keeps_labels():
     same = Episode(x, y, x, y)
     assert augment(same, 0, np.random.default_rng(0)) is same
 
+
+
+def test_pretraining_teaches_g_to_separate_the_training_classes():
+    """The supervised stage alone: held-out drawings of its classes, classified by a memory
+    of other drawings (episodes of the same classes), get better; the head is not kept."""
+    torch.manual_seed(0)
+    rng = np.random.default_rng(0)
+    protos = rng.random((8, 28, 28)) < 0.15
+    noise = rng.random((8, 12, 28, 28)) < 0.08
+    images = ((protos[:, None] ^ noise) * 255).astype(np.uint8)  # 8 classes of noisy copies
+    fixed = [EpisodeSampler(images[:, 8:], 8, 1, 3, seed=s).sample() for s in range(6)]
+    model = MatchingNetwork()
+    model.eval()
+    with torch.no_grad():
+        before = np.mean([episode_loss(model, ep)[0].item() for ep in fixed])
+    cfg = TrainConfig(pretrain_epochs=6, pretrain_batch=16, shift=0, rotate=0, scale=0, lr=3e-3)
+    rows = pretrain(model, images[:, :8], cfg, rng, progress=False)
+    assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
+    assert set(model.state_dict()) == set(MatchingNetwork().state_dict())  # no head left behind
+    model.eval()
+    with torch.no_grad():
+        after = np.mean([episode_loss(model, ep)[0].item() for ep in fixed])
+    assert after < 0.7 * before, (before, after)
+
+
+def test_a_run_with_pretraining_and_a_wider_embedding_checkpoints(tmp_path):
+    """Omniglot: one supervised epoch over the background classes, then two episodes."""
+    cfg = TrainConfig(episodes=2, n_way=5, val_way=5, val_episodes=2, val_every=2, pretrain_epochs=1,
+                      pretrain_batch=256, width=16)
+    summary = train(cfg, tmp_path / "ck", progress=False)
+    assert summary["episodes"] == 2
+    log = [json.loads(line) for line in (tmp_path / "ck" / "log.jsonl").read_text().splitlines()]
+    assert log[0]["pretrain"] and log[0]["epoch"] == 1 and 0 <= log[0]["train_acc"] <= 1
+    assert "val_acc" in log[1]
+    model = load_checkpoint(tmp_path / "ck")
+    assert model.dim == 16 and model.embed_support(torch.zeros(2, 28, 28)).shape == (2, 16)

@@ -37,20 +37,21 @@ class MatchingNetwork(nn.Module):
         temperature: initial softmax temperature T.
         learn_temperature: learn T (as log T) with the rest.
         in_channels: image channels of the default backbone.
+        width: filters per block of the default backbone (the embedding's dimension).
     """
 
     def __init__(self, backbone: nn.Module | None = None, *, shared: bool = True, fce: bool = False,
                  fce_steps: int = 5, temperature: float = 0.1, learn_temperature: bool = True,
-                 in_channels: int = 1):
+                 in_channels: int = 1, width: int = 64):
         super().__init__()
-        self.g_backbone = backbone if backbone is not None else ConvEmbedding(in_channels)
+        self.g_backbone = backbone if backbone is not None else ConvEmbedding(in_channels, width)
         self.h_backbone = self.g_backbone if shared else copy.deepcopy(self.g_backbone)
         self.dim = int(getattr(self.g_backbone, "out_dim", 64))
         self.support_lstm = SupportBiLSTM(self.dim) if fce else None
         self.query_lstm = AttentionLSTM(self.dim, fce_steps) if fce else None
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
         self.options = {"shared": shared, "fce": fce, "fce_steps": fce_steps, "temperature": temperature,
-                        "learn_temperature": learn_temperature, "in_channels": in_channels}
+                        "learn_temperature": learn_temperature, "in_channels": in_channels, "width": width}
         self._support: torch.Tensor | None = None
         self._support_idx: torch.Tensor | None = None
         self.classes: torch.Tensor | None = None
@@ -203,7 +204,7 @@ class MatchingNetwork(nn.Module):
     @classmethod
     def from_config(cls, config: dict) -> "MatchingNetwork":
         return cls(**{k: config[k] for k in ("shared", "fce", "fce_steps", "temperature", "learn_temperature",
-                                             "in_channels") if k in config})
+                                             "in_channels", "width") if k in config})
 
 
 def _chunked(net: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
