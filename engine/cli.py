@@ -259,6 +259,8 @@ def train_cmd(
     dataset: str = typer.Option("omniglot", help="omniglot or fashion-mnist."),
     data: Optional[Path] = typer.Option(None, help="Data directory (default: $ENGINE_DATA or ../shared/data)."),
     episodes: int = typer.Option(6000, help="Training episodes."),
+    pretrain_epochs: int = typer.Option(0, help="Supervised epochs over every training class before the episodes."),
+    width: int = typer.Option(64, help="Filters per conv block: the embedding's dimension."),
     time_budget: Optional[float] = typer.Option(None, help="Stop after this many seconds."),
     n_way: int = typer.Option(20, help="Classes per training episode."),
     k_shot: int = typer.Option(1, help="Support examples per class."),
@@ -277,7 +279,8 @@ def train_cmd(
 
     cfg = TrainConfig(dataset=dataset, data=str(data) if data else None, episodes=episodes, time_budget_s=time_budget,
                       n_way=n_way, k_shot=k_shot, n_query=n_query, fce=fce, fce_steps=fce_steps, lr=lr,
-                      topk=topk, val_every=val_every, val_episodes=val_episodes, seed=seed)
+                      topk=topk, val_every=val_every, val_episodes=val_episodes, seed=seed,
+                      pretrain_epochs=pretrain_epochs, width=width)
     summary = train(cfg, out, resume=resume)
     typer.echo(json.dumps(summary))
 

@@ -97,8 +97,9 @@ def test_train_and_evaluate_commands(tmp_path):
     runs = data_root() / "omniglot" / "one-shot-sample"
     out = tmp_path / "ckpt"
     summary = json.loads(run("train", "--out", out, "--episodes", 2, "--n-way", 5, "--n-query", 1,
-                             "--val-every", 2, "--val-episodes", 2).stdout.strip().splitlines()[-1])
+                             "--val-every", 2, "--val-episodes", 2, "--width", 16).stdout.strip().splitlines()[-1])
     assert summary["episodes"] == 2
+    assert json.loads((out / "config.json").read_text())["model"]["width"] == 16
     res = json.loads(run("eval-oneshot", "--checkpoint", out, "--runs", runs, "--json").output)
     assert res["runs"] == 1 and 0 <= res["error_rate"] <= 1 and set(res["per_run"]) == {"run01"}
     assert "overall: error" in run("eval-oneshot", "--checkpoint", out, "--runs", runs).output
