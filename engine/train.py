@@ -44,6 +44,7 @@ class TrainConfig:
     shift: float = 2.0  # augmentation: random translation (pixels), rotation (degrees), zoom (relative)
     rotate: float = 10.0
     scale: float = 0.1
+    elastic: float = 0.0  # augmentation: smooth random displacement of the strokes, at most this many pixels
     episodes: int = 6000
     pretrain_epochs: int = 0  # supervised stage first: every training class at once (see pretrain)
     pretrain_batch: int = 128
@@ -77,24 +78,27 @@ def episode_loss(model: MatchingNetwork, ep: Episode, topk: int | None = None,
 
 
 def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
-            scale: float = 0.0) -> Episode:
-    """Random affine jitter of every image of an episode (labels unchanged; see :func:`jitter`)."""
-    if shift <= 0 and rotate <= 0 and scale <= 0:
+            scale: float = 0.0, elastic: float = 0.0) -> Episode:
+    """Random jitter of every image of an episode (labels unchanged; see :func:`jitter`)."""
+    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0:
         return ep
-    return Episode(jitter(ep.support_x, shift, rng, rotate=rotate, scale=scale), ep.support_y,
-                   jitter(ep.query_x, shift, rng, rotate=rotate, scale=scale), ep.query_y)
+    return Episode(jitter(ep.support_x, shift, rng, rotate=rotate, scale=scale, elastic=elastic), ep.support_y,
+                   jitter(ep.query_x, shift, rng, rotate=rotate, scale=scale, elastic=elastic), ep.query_y)
 
 
 def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
-           scale: float = 0.0) -> np.ndarray:
-    """(n, H, W) images, each moved by its own random affine map.
+           scale: float = 0.0, elastic: float = 0.0) -> np.ndarray:
+    """(n, H, W) images, each moved by its own random affine map, then (``elastic``) by a
+    smooth random displacement field: pen strokes bend as another hand would draw them
+    (Simard et al., 2003: Gaussian-smoothed noise, here of width H/9).
 
     Args:
         shift: largest translation in pixels, each way.
         rotate: largest rotation in degrees, each way.
         scale: largest relative zoom, each way (0.1 is 0.9x to 1.1x).
+        elastic: largest displacement of the field in pixels (0: none).
     """
-    if shift <= 0 and rotate <= 0 and scale <= 0:
+    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0:
         return images
     n, h, w = images.shape
     angle = np.deg2rad(rng.uniform(-rotate, rotate, n))
@@ -103,8 +107,25 @@ def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate
     cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
     theta = np.stack([np.stack([cos, -sin, t[:, 0]], 1), np.stack([sin, cos, t[:, 1]], 1)], 1)
     grid = torch.nn.functional.affine_grid(torch.from_numpy(theta).float(), (n, 1, h, w), align_corners=False)
+    if elastic > 0:
+        grid = grid + _displacement(n, h, w, elastic, rng)
     out = torch.nn.functional.grid_sample(torch.from_numpy(images).unsqueeze(1), grid, align_corners=False)
     return out[:, 0].numpy()
+
+
+def _displacement(n: int, h: int, w: int, most: float, rng: np.random.Generator) -> torch.Tensor:
+    """(n, h, w, 2) smooth random displacements in grid units, each field's largest ``most`` pixels."""
+    sigma = max(h, w) / 9.0
+    radius = int(3 * sigma)
+    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
+    taps = torch.from_numpy((taps / taps.sum()).astype(np.float32))
+    field = torch.from_numpy(rng.standard_normal((n * 2, 1, h, w)).astype(np.float32))
+    pad = torch.nn.functional.pad(field, (radius, radius, radius, radius), mode="reflect")
+    field = torch.nn.functional.conv2d(torch.nn.functional.conv2d(pad, taps.view(1, 1, 1, -1)), taps.view(1, 1, -1, 1))
+    field = field.view(n, 2, h, w)
+    field = field / field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
+    field = field * torch.tensor([2.0 * most / w, 2.0 * most / h]).view(1, 2, 1, 1)  # pixels to [-1, 1] units
+    return field.permute(0, 2, 3, 1)
 
 
 def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng: np.random.Generator, *,
@@ -140,7 +161,7 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / steps))
                 pick = order[b * cfg.pretrain_batch:(b + 1) * cfg.pretrain_batch]
-                xb = jitter(pixels(x[pick]), cfg.shift, rng, rotate=cfg.rotate, scale=cfg.scale)
+                xb = jitter(pixels(x[pick]), cfg.shift, rng, rotate=cfg.rotate, scale=cfg.scale, elastic=cfg.elastic)
                 z = torch.nn.functional.normalize(model.g_backbone(as_input(xb)), dim=1)
                 logits = z @ torch.nn.functional.normalize(head, dim=1).T / model.temperature
                 loss = torch.nn.functional.cross_entropy(logits, y[pick])
@@ -259,7 +280,8 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
                 break
             for group in opt.param_groups:  # cosine decay over the planned episodes
                 group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * state["episode"] / cfg.episodes))
-            episode = augment(sampler.sample(), cfg.shift, sampler.rng, rotate=cfg.rotate, scale=cfg.scale)
+            episode = augment(sampler.sample(), cfg.shift, sampler.rng, rotate=cfg.rotate, scale=cfg.scale,
+                              elastic=cfg.elastic)
             loss, acc = episode_loss(model, episode, cfg.topk, cfg.topk_tail)
             opt.zero_grad()
             loss.backward()

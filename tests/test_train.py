@@ -124,6 +124,21 @@ def test_augmentation_moves_strokes_and_keeps_labels():
     assert augment(same, 0, np.random.default_rng(0)) is same
 
 
+def test_elastic_jitter_bends_a_stroke_by_at_most_its_reach():
+    from engine.train import jitter
+
+    x = np.zeros((40, 28, 28), np.float32)
+    x[:, 2:26, 13:15] = 1.0  # a vertical stroke two pixels wide
+    out = jitter(x, 0, np.random.default_rng(0), elastic=2.0)
+    rows = np.arange(6, 22)  # away from the ends
+    centre = np.array([[(img[r] * np.arange(28)).sum() / max(img[r].sum(), 1e-9) for r in rows] for img in out])
+    assert np.abs(centre - 13.5).max() <= 2.05  # no point moved further than 2 px
+    bent = centre.max(axis=1) - centre.min(axis=1)
+    assert np.median(bent) > 0.3  # not a rigid shift: the stroke curves
+    ink = out.sum(axis=(1, 2)) / x[0].sum()  # a field stretches or squeezes a stroke here and there
+    assert abs(np.median(ink) - 1) < 0.05 and ((ink > 0.7) & (ink < 1.3)).all(), ink
+
+
 
 def test_pretraining_teaches_g_to_separate_the_training_classes():
     """The supervised stage alone: held-out drawings of its classes, classified by a memory
