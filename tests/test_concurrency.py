@@ -19,13 +19,9 @@ from engine import Memory
 GROUP = 10
 
 
-@pytest.mark.parametrize("index", ["Flat", "HNSW16"])
-def test_queries_never_see_half_a_write(index):
-    rng = np.random.default_rng(0)
-    mem = Memory(16, index=index)
-    live: list[np.ndarray] = []
-    for g in range(20):
-        live.append(mem.add(rng.standard_normal((GROUP, 16)), [f"g{g}"] * GROUP))
+def readers_during(writes, check, *, switch_interval: float | None = None) -> int:
+    """Run ``check(rng)`` over and over in 4 reader threads while ``writes()`` runs in this
+    one; re-raise the first failure of a reader. Returns how many checks ran."""
     stop = threading.Event()
     errors: list[BaseException] = []
     seen = Counter()
@@ -34,23 +30,48 @@ def test_queries_never_see_half_a_write(index):
         r = np.random.default_rng(seed)
         try:
             while not stop.is_set():
-                res = mem.query(r.standard_normal((4, 16)), k=100_000)
-                for row in res.ids:
-                    used = row[row >= 0]
-                    labels = Counter(mem_label[i] for i in used)
-                    assert all(c == GROUP for c in labels.values()), labels
-                    assert len(used) == GROUP * len(labels)
+                check(r)
                 seen["queries"] += 1
         except BaseException as exc:  # noqa: BLE001 - report any failure to the main thread
             errors.append(exc)
 
-    mem_label = {}
-    for g, ids in enumerate(live):
-        mem_label.update({int(i): f"g{g}" for i in ids})
     threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
+    switch = sys.getswitchinterval()
+    if switch_interval is not None:
+        sys.setswitchinterval(switch_interval)
     for t in threads:
         t.start()
     try:
+        writes()
+    finally:
+        stop.set()
+        sys.setswitchinterval(switch)
+        for t in threads:
+            t.join()
+    assert not errors, errors[0]
+    return seen["queries"]
+
+
+@pytest.mark.parametrize("index", ["Flat", "HNSW16"])
+def test_queries_never_see_half_a_write(index):
+    rng = np.random.default_rng(0)
+    mem = Memory(16, index=index)
+    live: list[np.ndarray] = []
+    for g in range(20):
+        live.append(mem.add(rng.standard_normal((GROUP, 16)), [f"g{g}"] * GROUP))
+    mem_label = {}
+    for g, ids in enumerate(live):
+        mem_label.update({int(i): f"g{g}" for i in ids})
+
+    def check(r):
+        res = mem.query(r.standard_normal((4, 16)), k=100_000)
+        for row in res.ids:
+            used = row[row >= 0]
+            labels = Counter(mem_label[i] for i in used)
+            assert all(c == GROUP for c in labels.values()), labels
+            assert len(used) == GROUP * len(labels)
+
+    def writes():
         for g in range(20, 400):
             if g % 3 == 0 and len(live) > 5:
                 mem.remove(live.pop(int(rng.integers(0, len(live)))))
@@ -59,12 +80,8 @@ def test_queries_never_see_half_a_write(index):
                 mem_label.update({int(i): f"g{g}" for i in ids})
                 mem.add(rng.standard_normal((GROUP, 16)), [f"g{g}"] * GROUP, ids=ids)
                 live.append(ids)
-    finally:
-        stop.set()
-        for t in threads:
-            t.join()
-    assert not errors, errors[0]
-    assert seen["queries"] > 20
+
+    assert readers_during(writes, check) > 20
     assert len(mem) == GROUP * len(live)
 
 
@@ -74,33 +91,15 @@ def test_readers_estimating_the_tail_while_a_thread_writes():
     rng = np.random.default_rng(1)
     mem = Memory(16, temperature=0.1)  # probs="full" by default: every query reads the summaries
     mem.add(rng.standard_normal((6000, 16)), rng.integers(0, 300, 6000))  # a partition of its own: many groups
-    stop = threading.Event()
-    errors: list[BaseException] = []
-    seen = Counter()
 
-    def reader(seed):
-        r = np.random.default_rng(seed)
-        try:
-            while not stop.is_set():
-                res = mem.query(r.standard_normal((3, 16)), k=8)
-                assert np.isfinite(res.probs).all() and np.allclose(res.probs.sum(axis=1), 1)
-                assert ((res.tail_estimate >= 0) & (res.tail_estimate <= 1)).all()
-                seen["queries"] += 1
-        except BaseException as exc:  # noqa: BLE001 - report any failure to the main thread
-            errors.append(exc)
+    def check(r):
+        res = mem.query(r.standard_normal((3, 16)), k=8)
+        assert np.isfinite(res.probs).all() and np.allclose(res.probs.sum(axis=1), 1)
+        assert ((res.tail_estimate >= 0) & (res.tail_estimate <= 1)).all()
 
-    threads = [threading.Thread(target=reader, args=(s,)) for s in range(4)]
-    switch = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)  # threads interleave at every few bytecodes: races show
-    for t in threads:
-        t.start()
-    try:
-        for g in range(300):
+    def writes():
+        for _ in range(300):
             mem.add(rng.standard_normal((5, 16)), rng.integers(0, 300, 5))
-    finally:
-        stop.set()
-        sys.setswitchinterval(switch)
-        for t in threads:
-            t.join()
-    assert not errors, errors[0]
-    assert seen["queries"] > 20
+
+    # threads interleave every few bytecodes, so a half-built view would be seen
+    assert readers_during(writes, check, switch_interval=1e-6) > 20
