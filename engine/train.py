@@ -45,6 +45,7 @@ class TrainConfig:
     rotate: float = 10.0
     scale: float = 0.1
     elastic: float = 0.0  # augmentation: smooth random displacement of the strokes, at most this many pixels
+    flip: bool = False  # augmentation: mirror half the images left to right (garments, not characters)
     episodes: int = 6000
     pretrain_epochs: int = 0  # supervised stage first: every training class at once (see pretrain)
     pretrain_batch: int = 128
@@ -78,16 +79,17 @@ def episode_loss(model: MatchingNetwork, ep: Episode, topk: int | None = None,
 
 
 def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
-            scale: float = 0.0, elastic: float = 0.0) -> Episode:
+            scale: float = 0.0, elastic: float = 0.0, flip: bool = False) -> Episode:
     """Random jitter of every image of an episode (labels unchanged; see :func:`jitter`)."""
-    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0:
+    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0 and not flip:
         return ep
-    return Episode(jitter(ep.support_x, shift, rng, rotate=rotate, scale=scale, elastic=elastic), ep.support_y,
-                   jitter(ep.query_x, shift, rng, rotate=rotate, scale=scale, elastic=elastic), ep.query_y)
+    how = {"rotate": rotate, "scale": scale, "elastic": elastic, "flip": flip}
+    return Episode(jitter(ep.support_x, shift, rng, **how), ep.support_y, jitter(ep.query_x, shift, rng, **how),
+                   ep.query_y)
 
 
 def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
-           scale: float = 0.0, elastic: float = 0.0) -> np.ndarray:
+           scale: float = 0.0, elastic: float = 0.0, flip: bool = False) -> np.ndarray:
     """(n, H, W) images, each moved by its own random affine map, then (``elastic``) by a
     smooth random displacement field: pen strokes bend as another hand would draw them
     (Simard et al., 2003: Gaussian-smoothed noise, here of width H/9).
@@ -97,8 +99,9 @@ def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate
         rotate: largest rotation in degrees, each way.
         scale: largest relative zoom, each way (0.1 is 0.9x to 1.1x).
         elastic: largest displacement of the field in pixels (0: none).
+        flip: mirror each image left to right with probability 1/2.
     """
-    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0:
+    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0 and not flip:
         return images
     n, h, w = images.shape
     angle = np.deg2rad(rng.uniform(-rotate, rotate, n))
@@ -106,6 +109,8 @@ def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate
     t = rng.uniform(-shift, shift, (n, 2)) * 2.0 / np.array([w, h])  # pixels to [-1, 1] units
     cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
     theta = np.stack([np.stack([cos, -sin, t[:, 0]], 1), np.stack([sin, cos, t[:, 1]], 1)], 1)
+    if flip:  # read x from -x: the picture mirrored about its vertical axis
+        theta[:, :, 0] *= np.where(rng.random(n) < 0.5, -1.0, 1.0)[:, None]
     grid = torch.nn.functional.affine_grid(torch.from_numpy(theta).float(), (n, 1, h, w), align_corners=False)
     if elastic > 0:
         grid = grid + _displacement(n, h, w, elastic, rng)
@@ -161,7 +166,8 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng
                 for group in opt.param_groups:
                     group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / steps))
                 pick = order[b * cfg.pretrain_batch:(b + 1) * cfg.pretrain_batch]
-                xb = jitter(pixels(x[pick]), cfg.shift, rng, rotate=cfg.rotate, scale=cfg.scale, elastic=cfg.elastic)
+                xb = jitter(pixels(x[pick]), cfg.shift, rng, rotate=cfg.rotate, scale=cfg.scale, elastic=cfg.elastic,
+                            flip=cfg.flip)
                 z = torch.nn.functional.normalize(model.g_backbone(as_input(xb)), dim=1)
                 logits = z @ torch.nn.functional.normalize(head, dim=1).T / model.temperature
                 loss = torch.nn.functional.cross_entropy(logits, y[pick])
@@ -281,7 +287,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
             for group in opt.param_groups:  # cosine decay over the planned episodes
                 group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * state["episode"] / cfg.episodes))
             episode = augment(sampler.sample(), cfg.shift, sampler.rng, rotate=cfg.rotate, scale=cfg.scale,
-                              elastic=cfg.elastic)
+                              elastic=cfg.elastic, flip=cfg.flip)
             loss, acc = episode_loss(model, episode, cfg.topk, cfg.topk_tail)
             opt.zero_grad()
             loss.backward()

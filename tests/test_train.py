@@ -124,6 +124,17 @@ def test_augmentation_moves_strokes_and_keeps_labels():
     assert augment(same, 0, np.random.default_rng(0)) is same
 
 
+def test_flip_mirrors_about_half_the_images_and_nothing_else():
+    from engine.train import jitter
+
+    x = np.zeros((200, 28, 28), np.float32)
+    x[:, 5:20, 3:7] = 1.0  # a bar on the left
+    out = jitter(x, 0, np.random.default_rng(0), flip=True)
+    mirrored = np.array([np.allclose(o, img[:, ::-1], atol=1e-5) for o, img in zip(out, x)])
+    kept = np.array([np.allclose(o, img, atol=1e-5) for o, img in zip(out, x)])
+    assert (mirrored ^ kept).all() and 70 < mirrored.sum() < 130
+
+
 def test_elastic_jitter_bends_a_stroke_by_at_most_its_reach():
     from engine.train import jitter
 
