@@ -27,7 +27,11 @@ def test_whole_demo_quick(tmp_path):
     report = run_demo(out=tmp_path, quick=True, progress=False)
     assert report["oneshot"]["runs"] == 1 and 0 <= report["oneshot"]["error_rate"] <= 1
     assert [r["n_way"] for r in report["omniglot_validation"]] == [20, 5, 20]
-    assert 0 <= report["fashion_learned"]["accuracy"] <= 1 and report["fashion_learned"]["slots"] == 2000
+    learned = report["fashion_learned"]
+    assert 0 <= learned["accuracy"] <= 1 and learned["slots"] == 2000
+    # the memory's temperature: the best of the candidates on held-out training images
+    tried = {float(t): a for t, a in learned["held_out_accuracy_by_temperature"].items()}
+    assert len(tried) >= 5 and tried[learned["temperature"]] == max(tried.values())
     for name in ("training.png", "oneshot.png", "fashion.png"):  # real pictures, not blank canvases
         with Image.open(tmp_path / name) as img:
             pixels = np.asarray(img.convert("L"))

@@ -187,7 +187,7 @@ class MatchingNetwork(nn.Module):
         reader = None
         if self.query_lstm is not None:
             def reader(h: torch.Tensor) -> torch.Tensor:
-                res = memory.query(h.cpu().numpy(), k=k)
+                res = memory.query(h.cpu().numpy(), k=k, probs="top-k")  # the read needs ids, not a tail
                 v = torch.as_tensor(memory.get(np.where(res.ids >= 0, res.ids, res.ids[:, :1]).ravel()).vectors)
                 v = v.reshape(len(h), -1, self.dim).to(h)
                 a = torch.softmax(torch.einsum("nd,nkd->nk", h, v).masked_fill(torch.as_tensor(res.ids < 0), -torch.inf), 1)
