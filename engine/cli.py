@@ -256,31 +256,35 @@ def ingest_cmd(
 @_command(app, "train")
 def train_cmd(
     out: Path = typer.Option(Path("runs/omniglot"), help="Checkpoint folder."),
-    dataset: str = typer.Option("omniglot", help="omniglot or fashion-mnist."),
+    dataset: str = typer.Option("omniglot", help="omniglot or fashion-mnist (each has its recipe)."),
     data: Optional[Path] = typer.Option(None, help="Data directory (default: $ENGINE_DATA or ../shared/data)."),
-    episodes: int = typer.Option(6000, help="Training episodes."),
-    pretrain_epochs: int = typer.Option(0, help="Supervised epochs over every training class before the episodes."),
-    width: int = typer.Option(64, help="Filters per conv block: the embedding's dimension."),
+    episodes: Optional[int] = typer.Option(None, help="Training episodes (recipe: 6000)."),
+    pretrain_epochs: Optional[int] = typer.Option(
+        None, help="Supervised epochs over every training class before the episodes (see the recipe)."),
+    width: Optional[int] = typer.Option(None, help="Filters per conv block: the embedding's dimension (64)."),
+    elastic: Optional[float] = typer.Option(None, help="Elastic deformation of strokes, largest pixels (0: off)."),
     time_budget: Optional[float] = typer.Option(None, help="Stop after this many seconds."),
-    n_way: int = typer.Option(20, help="Classes per training episode."),
-    k_shot: int = typer.Option(1, help="Support examples per class."),
-    n_query: int = typer.Option(5, help="Queries per class."),
-    fce: bool = typer.Option(False, help="Full Context Embeddings."),
-    fce_steps: int = typer.Option(5, help="Read steps K of the attention LSTM."),
-    lr: float = typer.Option(1e-3, help="Adam learning rate (cosine decay)."),
+    n_way: Optional[int] = typer.Option(None, help="Classes per training episode."),
+    k_shot: Optional[int] = typer.Option(None, help="Support examples per class."),
+    n_query: Optional[int] = typer.Option(None, help="Queries per class."),
+    fce: Optional[bool] = typer.Option(None, help="Full Context Embeddings."),
+    fce_steps: Optional[int] = typer.Option(None, help="Read steps K of the attention LSTM."),
+    lr: Optional[float] = typer.Option(None, help="Adam learning rate (cosine decay)."),
     topk: Optional[int] = typer.Option(None, help="Train with top-k attention over the support set."),
-    val_every: int = typer.Option(500, help="Validate every this many episodes."),
-    val_episodes: int = typer.Option(200, help="Validation episodes (within-alphabet 20-way 1-shot)."),
-    seed: int = typer.Option(0, help="Seed."),
+    val_every: Optional[int] = typer.Option(None, help="Validate every this many episodes."),
+    val_episodes: Optional[int] = typer.Option(None, help="Validation episodes (within-alphabet 20-way 1-shot)."),
+    seed: Optional[int] = typer.Option(None, help="Seed."),
     resume: bool = typer.Option(False, help="Continue the run in --out."),
 ) -> None:
-    """Episodic meta-training of a Matching Network (default: the Omniglot recipe)."""
-    from .train import TrainConfig, train
+    """Episodic meta-training of a Matching Network: the dataset's recipe (engine.train.recipe),
+    with any option given here in its place."""
+    from .train import recipe, train
 
-    cfg = TrainConfig(dataset=dataset, data=str(data) if data else None, episodes=episodes, time_budget_s=time_budget,
-                      n_way=n_way, k_shot=k_shot, n_query=n_query, fce=fce, fce_steps=fce_steps, lr=lr,
-                      topk=topk, val_every=val_every, val_episodes=val_episodes, seed=seed,
-                      pretrain_epochs=pretrain_epochs, width=width)
+    given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "elastic": elastic,
+             "time_budget_s": time_budget, "n_way": n_way, "k_shot": k_shot, "n_query": n_query, "fce": fce,
+             "fce_steps": fce_steps, "lr": lr, "topk": topk, "val_every": val_every, "val_episodes": val_episodes,
+             "seed": seed}
+    cfg = recipe(dataset, data=str(data) if data else None, **{k: v for k, v in given.items() if v is not None})
     summary = train(cfg, out, resume=resume)
     typer.echo(json.dumps(summary))
 

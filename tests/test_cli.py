@@ -106,6 +106,8 @@ def test_train_and_evaluate_commands(tmp_path):
     rows = json.loads(run("eval-episodes", "--checkpoint", out, "--n-way", 5, "--k-shot", 1, "--episodes", 3,
                           "--json").output)
     assert [r["within_alphabet"] for r in rows] == [False, True]
+    r = run("train", "--out", tmp_path / "x", "--dataset", "mnist", ok=False)
+    assert r.exit_code == 2 and "unknown dataset" in r.output
     r = run("eval-oneshot", "--checkpoint", tmp_path / "none", "--runs", runs, ok=False)
     assert r.exit_code == 2 and "config.json" in r.output
     r = run("eval-oneshot", "--checkpoint", out, "--runs", tmp_path, ok=False)
