@@ -187,11 +187,16 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng
 def recipe(dataset: str, **overrides) -> TrainConfig:
     """The training recipe of a dataset (the one place each is written), with ``overrides``.
 
-    omniglot: 20-way 1-shot episodes, half within one alphabet (TrainConfig's defaults).
-    fashion-mnist: 10-way 5-shot episodes with 10 queries a class, validated 10-way.
+    omniglot: 20 supervised epochs over the background classes, then 20-way 1-shot
+    episodes, half within one alphabet; strokes jittered (affine, then elastic by up to
+    1.5 px). Each step was kept because it raised within-alphabet validation accuracy
+    (README, "Matching Networks").
+    fashion-mnist: 4 supervised epochs (shifts and mirror images; no rotation or zoom),
+    then 10-way 5-shot episodes with 10 queries a class, validated 10-way.
     """
-    base = {"omniglot": {}, "fashion-mnist": {"n_way": 10, "k_shot": 5, "n_query": 10, "val_way": 10,
-                                             "val_episodes": 50}}
+    base = {"omniglot": {"pretrain_epochs": 20, "elastic": 1.5},
+            "fashion-mnist": {"n_way": 10, "k_shot": 5, "n_query": 10, "val_way": 10, "val_episodes": 50,
+                              "pretrain_epochs": 4, "flip": True, "rotate": 0.0, "scale": 0.0}}
     if dataset not in base:
         raise ValueError(f"unknown dataset {dataset!r}: use 'omniglot' or 'fashion-mnist'")
     return TrainConfig(dataset=dataset, **{**base[dataset], **overrides})

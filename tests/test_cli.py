@@ -97,7 +97,7 @@ def test_train_and_evaluate_commands(tmp_path):
     runs = data_root() / "omniglot" / "one-shot-sample"
     out = tmp_path / "ckpt"
     summary = json.loads(run("train", "--out", out, "--episodes", 2, "--n-way", 5, "--n-query", 1,
-                             "--val-every", 2, "--val-episodes", 2, "--width", 16).stdout.strip().splitlines()[-1])
+                             "--val-every", 2, "--val-episodes", 2, "--width", 16, "--pretrain-epochs", 0).stdout.strip().splitlines()[-1])
     assert summary["episodes"] == 2
     assert json.loads((out / "config.json").read_text())["model"]["width"] == 16
     res = json.loads(run("eval-oneshot", "--checkpoint", out, "--runs", runs, "--json").output)
