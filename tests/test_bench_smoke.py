@@ -108,3 +108,15 @@ def test_tail_benchmark(tmp_path):
         assert r["full_tv_mean"] <= r["topk_tv_mean"] + 1e-9
         assert r["tail_bound_median"] >= r["true_omitted_median"] - 1e-6  # a certificate
     assert (tmp_path / "tail.png").exists() and json.loads((tmp_path / "tail.json").read_text())["results"]
+
+
+def test_recipes_script(tmp_path):
+    import recipes
+
+    rows = recipes.main(["--steps", "episodes", "pretrain-only", "--episodes", "2", "--pretrain-epochs", "1",
+                         "--eval-episodes", "3", "--out", str(tmp_path)])
+    by = {r["step"]: r for r in rows}
+    assert by["episodes"]["pretrain_epochs"] == 0 and by["episodes"]["episodes"] == 2
+    assert by["pretrain-only"]["pretrain_epochs"] == 1 and by["pretrain-only"]["episodes"] == 0
+    assert all(0 <= r["val_within_20way"] <= 1 and 0 <= r["run01_error"] <= 1 for r in rows)
+    assert "| episodes only |" in (tmp_path / "recipes.md").read_text()
