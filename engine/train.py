@@ -276,10 +276,13 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         sampler.rng.bit_generator.state = state.pop("sampler_rng")
         torch.set_rng_state(torch.load(out / "state.pt", weights_only=True)["torch_rng"])
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    pretrain_s = 0.0
     if cfg.pretrain_epochs and not resume:
+        t0 = time.perf_counter()
         with open(out / "log.jsonl", "a") as log:
             for row in pretrain(model, train_x, cfg, sampler.rng, progress=progress):
                 log.write(json.dumps({"pretrain": True, **row}) + "\n")
+        pretrain_s = time.perf_counter() - t0
 
     start = time.perf_counter() - state["elapsed_s"]
     model.train()
@@ -323,7 +326,8 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     _save(out, model, opt, state, sampler)
     if not (out / "best.pt").exists():
         torch.save(model.state_dict(), out / "best.pt")
-    return {"episodes": state["episode"], "best_val_acc": state["best_val"], "seconds": state["elapsed_s"]}
+    return {"episodes": state["episode"], "best_val_acc": state["best_val"], "seconds": state["elapsed_s"],
+            "pretrain_epochs": cfg.pretrain_epochs if not resume else 0, "pretrain_s": pretrain_s}
 
 
 def _save(out: Path, model, opt, state: dict, sampler: EpisodeSampler) -> None:

@@ -309,8 +309,9 @@ def write_report(report: dict, out: Path, run, model) -> None:
     lines = [
         "# engine demo",
         "",
-        f"Omniglot: Matching Network{' with FCE' if model.query_lstm is not None else ''}, meta-trained "
-        f"{om['episodes']} episodes on `images_background_small1` (+ rotations) in {om['seconds'] / 60:.1f} min.",
+        f"Omniglot: Matching Network{' with FCE' if model.query_lstm is not None else ''} on "
+        f"`images_background_small1` (+ rotations): {om['pretrain_epochs']} supervised epochs "
+        f"({om['pretrain_s'] / 60:.1f} min), then {om['episodes']} episodes ({om['seconds'] / 60:.1f} min).",
         "",
         "| evaluation | result |",
         "|---|---|",
@@ -333,7 +334,9 @@ def write_report(report: dict, out: Path, run, model) -> None:
         "|---|---|---|---|---|",
         f"| 64-d PCA pixels | {pca['accuracy']:.4f} | {pca['tail_bound_median']:.3g} | {pca['queries_per_s']:,.0f} "
         f"| {pca['bytes_per_slot']:.0f} |",
-        f"| learned Matching Network (trained {report['fashion_training']['episodes']} episodes) | {fl['accuracy']:.4f} "
+        f"| learned Matching Network ({report['fashion_training']['pretrain_epochs']} supervised epochs, "
+        f"{report['fashion_training']['episodes']} episodes; T = {fl['temperature']:.3g}, chosen on held-out "
+        f"training images) | {fl['accuracy']:.4f} "
         f"| {fl['tail_bound_median']:.3g} | {fl['embed_and_query_per_s']:,.0f} (incl. embedding) | {fl['bytes_per_slot']:.0f} |",
         "",
         f"Against dense attention over all slots (PCA memory, {pca['full_attention_checked']:,} queries): top-k "
