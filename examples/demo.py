@@ -126,7 +126,7 @@ def _against_full_attention(mem: Memory, z: np.ndarray, y: np.ndarray, q: np.nda
 
 
 def run_demo(data=None, *, out: str | Path = "runs/demo", quick: bool = False, fce: bool = False,
-             omniglot_episodes: int = 3000, omniglot_budget_s: float | None = None, fashion_episodes: int = 300,
+             omniglot_episodes: int = 3000, omniglot_budget_s: float | None = None, fashion_episodes: int = 0,
              fashion_budget_s: float | None = None, progress: bool = True) -> dict:
     """The whole demo: Omniglot meta-training and evaluation, Fashion-MNIST memories, a report.
 
@@ -139,8 +139,9 @@ def run_demo(data=None, *, out: str | Path = "runs/demo", quick: bool = False, f
         omniglot_episodes, omniglot_budget_s: Omniglot episodes after the recipe's supervised
             stage, and an optional time cap (off: a capped run depends on how busy the machine
             is).
-        fashion_episodes, fashion_budget_s: Fashion-MNIST episodes after its supervised stage,
-            and their optional time cap.
+        fashion_episodes, fashion_budget_s: Fashion-MNIST episodes after its supervised stage
+            (none: 300 of them lowered the memory's accuracy from 0.918 to 0.912), and their
+            optional time cap.
         progress: progress bars.
 
     Returns:
@@ -259,10 +260,19 @@ def write_report(report: dict, out: Path, run, model) -> None:
                                ("Omniglot: within-alphabet 20-way 1-shot (validation alphabets)",
                                 "Fashion-MNIST: 10-way 1-shot episodes (test images)")):
         rows = [r for r in logs[name] if "episode" in r]  # the episodes (not a supervised stage's epochs)
-        ax.plot([r["episode"] for r in rows], [r["train_acc"] for r in rows], marker="o", label="training episodes")
-        ax.plot([r["episode"] for r in rows], [r["val_acc"] for r in rows], marker="o", label="validation")
-        ax.set_xlabel("episode")
-        ax.set_ylabel("query accuracy")
+        if rows:
+            ax.plot([r["episode"] for r in rows], [r["train_acc"] for r in rows], marker="o",
+                    label="training episodes")
+            ax.plot([r["episode"] for r in rows], [r["val_acc"] for r in rows], marker="o", label="validation")
+            ax.set_xlabel("episode")
+            ax.set_ylabel("query accuracy")
+        else:  # a supervised stage only
+            rows = [r for r in logs[name] if r.get("pretrain")]
+            ax.plot([r["epoch"] for r in rows], [r["train_acc"] for r in rows], marker="o",
+                    label="supervised stage: training accuracy")
+            ax.set_xlabel("supervised epoch")
+            ax.set_ylabel("accuracy")
+            title = title.split(":")[0] + ": supervised training (no episodes)"
         ax.set_title(title, fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend()
