@@ -24,7 +24,7 @@ test: setup
 demo: setup
 	$(BIN)/python examples/demo.py --data $(DATA)
 
-# The full benchmarks and the crash soak (about an hour on 2 cores): JSON and PNG into runs/bench/.
+# The full benchmarks, the recipe ablation and the crash soak (about two hours on 2 cores): JSON and PNG into runs/bench/.
 bench: setup
 	$(BIN)/python bench/scale.py --out runs/bench
 	$(BIN)/python bench/compaction.py --out runs/bench --data $(DATA)

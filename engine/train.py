@@ -133,6 +133,12 @@ def _displacement(n: int, h: int, w: int, most: float, rng: np.random.Generator)
     return field.permute(0, 2, 3, 1)
 
 
+def _check_stage(cfg: "TrainConfig") -> None:
+    if cfg.pretrain_epochs < 0 or cfg.pretrain_batch < 2:
+        raise ValueError(f"pretrain_epochs must be >= 0 and pretrain_batch >= 2 (batch norm), got "
+                         f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
+
+
 def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng: np.random.Generator, *,
              progress: bool = True) -> list[dict]:
     """The supervised stage before episodes: g learns to tell every training class from
@@ -148,6 +154,7 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng
     Returns:
         One row per epoch: loss and training accuracy.
     """
+    _check_stage(cfg)
     n_classes, per = images.shape[:2]
     x = images.reshape(n_classes * per, *images.shape[2:])
     y = torch.as_tensor(np.repeat(np.arange(n_classes), per))
@@ -256,6 +263,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     Returns:
         A summary: episodes run, final and best validation accuracy, seconds.
     """
+    _check_stage(cfg)  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
