@@ -70,7 +70,7 @@ def rows(args) -> dict:
     if "fashion-learned" in args.rows:
         model = checkpoint(args.fashion_checkpoint, "fashion-mnist", args.train_budget, args.out)
         g, h = embed(model, xtr, xte)
-        out["fashion-learned"] = (g, ytr, h, yte, model.temperature.item())
+        out["fashion-learned"] = (g, ytr, h, yte, args.fashion_temperature or model.temperature.item())
     if "fashion-pca" in args.rows:
         ptr, pte = pca_embed(xtr, xte, 64)
         out["fashion-pca"] = (ptr, ytr, pte, yte, 0.01)
@@ -137,6 +137,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--data", type=Path, default=None)
     ap.add_argument("--fashion-checkpoint", type=Path, default=Path("runs/demo/fashion"))
     ap.add_argument("--omniglot-checkpoint", type=Path, default=Path("runs/demo/omniglot"))
+    ap.add_argument("--fashion-temperature", type=float, default=None,
+                    help="the learned Fashion-MNIST memory's temperature (default: the model's; make demo "
+                         "chooses one on held-out training images and reports it)")
     ap.add_argument("--rows", nargs="+", default=["fashion-learned", "fashion-pca", "omniglot-learned"])
     ap.add_argument("--policies", nargs="+", default=list(POLICIES))
     ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
