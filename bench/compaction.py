@@ -87,7 +87,7 @@ def rows(args) -> dict:
 
 
 def measure(name, z, y, q, qy, temperature, fraction, policy, k, seed) -> dict:
-    mem = Memory(z.shape[1], index="Flat", temperature=temperature)
+    mem = Memory(z.shape[1], index="Flat", temperature=temperature, track_usage=policy == "age")  # "age" reads them
     mem.add(z, y)
     n, classes = len(mem), len(np.unique(y))
     budget = max(classes, int(round(fraction * n)))

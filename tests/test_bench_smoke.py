@@ -59,9 +59,9 @@ def test_serve_load_script(tmp_path):
 def test_compaction_benchmark(tmp_path):
     import compaction
 
-    results = compaction.main(["--rows", "fashion-pca", "--limit", "2000", "--policies", "merge", "reservoir",
+    results = compaction.main(["--rows", "fashion-pca", "--limit", "2000", "--policies", "merge", "reservoir", "age",
                                "--fractions", "1.0", "0.1", "0.001", "--out", str(tmp_path)])
-    assert [r["policy"] for r in results] == ["full", "merge", "reservoir", "merge", "reservoir"]
+    assert [r["policy"] for r in results] == ["full", "merge", "reservoir", "age", "merge", "reservoir", "age"]
     assert results[-1]["budget"] == 10 and results[-1]["slots"] == 10  # raised to one slot per class
     assert all(0 < r["accuracy"] <= 1 for r in results)
     assert (tmp_path / "compaction.png").stat().st_size > 10_000
