@@ -197,7 +197,7 @@ class GroupView:
         self.class_starts = np.flatnonzero(np.r_[True, labels[1:] != labels[:-1]]) if len(labels) else labels
         self.class_labels = labels[self.class_starts]
         # the r-th group of every class that has one, for r = 1, 2, ...: summing per class by a
-        # few column gathers beats a reduceat over many short runs (6 ms against 1.5 ms for
+        # few column gathers beats a reduceat over many short runs (6.4 ms against 2.7 ms for
         # 64 queries x 21k groups in 10k classes); a class spread over many cells takes reduceat
         sizes = np.diff(np.r_[self.class_starts, len(labels)])
         most = int(sizes.max()) if len(sizes) else 0
