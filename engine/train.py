@@ -134,9 +134,12 @@ def _displacement(n: int, h: int, w: int, most: float, rng: np.random.Generator)
 
 
 def _check_stage(cfg: "TrainConfig") -> None:
+    """Refuse the options this module reads first whose error would otherwise surface deep in torch."""
     if cfg.pretrain_epochs < 0 or cfg.pretrain_batch < 2:
         raise ValueError(f"pretrain_epochs must be >= 0 and pretrain_batch >= 2 (batch norm), got "
                          f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
+    if cfg.width < 1 or not cfg.elastic >= 0:
+        raise ValueError(f"width must be >= 1 and elastic >= 0, got {cfg.width} and {cfg.elastic}")
 
 
 def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng: np.random.Generator, *,

@@ -165,8 +165,9 @@ def test_pretraining_teaches_g_to_separate_the_training_classes():
     with torch.no_grad():
         before = np.mean([episode_loss(model, ep)[0].item() for ep in fixed])
     cfg = TrainConfig(pretrain_epochs=6, pretrain_batch=16, shift=0, rotate=0, scale=0, lr=3e-3)
-    for bad in ({"pretrain_batch": 1}, {"pretrain_epochs": -1}):
-        with pytest.raises(ValueError, match="pretrain"):
+    for bad, word in (({"pretrain_batch": 1}, "pretrain"), ({"pretrain_epochs": -1}, "pretrain"),
+                      ({"width": 0}, "width"), ({"elastic": float("nan")}, "elastic")):
+        with pytest.raises(ValueError, match=word):
             pretrain(model, images[:, :8], TrainConfig(**{"pretrain_epochs": 1, **bad}), rng, progress=False)
     rows = pretrain(model, images[:, :8], cfg, rng, progress=False)
     assert len(rows) == 6 and rows[-1]["loss"] < rows[0]["loss"]
