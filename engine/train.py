@@ -24,10 +24,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from .data.augment import jitter
 from .data.episodes import Episode, EpisodeSampler
 from .data.images import as_input, pixels
 from .nn import MatchingNetwork
 
+FASHION_HELD_OUT = 100  # training images a class kept out of Fashion-MNIST training, for its validation
 CHECKPOINT_FILES = ("config.json", "model.pt", "best.pt", "optimizer.pt", "state.pt", "state.json")
 
 
@@ -50,6 +52,7 @@ class TrainConfig:
     pretrain_epochs: int = 0  # supervised stage first: every training class at once (see pretrain)
     pretrain_batch: int = 128
     width: int = 64  # filters per conv block: the embedding's dimension
+    views: int = 1  # test-time views averaged per image (MatchingNetwork(views=)); training sees one
     time_budget_s: float | None = None
     lr: float = 1e-3
     lr_min: float = 1e-5  # cosine decay to this
@@ -86,51 +89,6 @@ def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: floa
     how = {"rotate": rotate, "scale": scale, "elastic": elastic, "flip": flip}
     return Episode(jitter(ep.support_x, shift, rng, **how), ep.support_y, jitter(ep.query_x, shift, rng, **how),
                    ep.query_y)
-
-
-def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
-           scale: float = 0.0, elastic: float = 0.0, flip: bool = False) -> np.ndarray:
-    """(n, H, W) images, each moved by its own random affine map, then (``elastic``) by a
-    smooth random displacement field: pen strokes bend as another hand would draw them
-    (Simard et al., 2003: Gaussian-smoothed noise, here of width H/9).
-
-    Args:
-        shift: largest translation in pixels, each way.
-        rotate: largest rotation in degrees, each way.
-        scale: largest relative zoom, each way (0.1 is 0.9x to 1.1x).
-        elastic: largest displacement of the field in pixels (0: none).
-        flip: mirror each image left to right with probability 1/2.
-    """
-    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0 and not flip:
-        return images
-    n, h, w = images.shape
-    angle = np.deg2rad(rng.uniform(-rotate, rotate, n))
-    zoom = 1.0 + rng.uniform(-scale, scale, n)
-    t = rng.uniform(-shift, shift, (n, 2)) * 2.0 / np.array([w, h])  # pixels to [-1, 1] units
-    cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
-    theta = np.stack([np.stack([cos, -sin, t[:, 0]], 1), np.stack([sin, cos, t[:, 1]], 1)], 1)
-    if flip:  # read x from -x: the picture mirrored about its vertical axis
-        theta[:, :, 0] *= np.where(rng.random(n) < 0.5, -1.0, 1.0)[:, None]
-    grid = torch.nn.functional.affine_grid(torch.from_numpy(theta).float(), (n, 1, h, w), align_corners=False)
-    if elastic > 0:
-        grid = grid + _displacement(n, h, w, elastic, rng)
-    out = torch.nn.functional.grid_sample(torch.from_numpy(images).unsqueeze(1), grid, align_corners=False)
-    return out[:, 0].numpy()
-
-
-def _displacement(n: int, h: int, w: int, most: float, rng: np.random.Generator) -> torch.Tensor:
-    """(n, h, w, 2) smooth random displacements in grid units, each field's largest ``most`` pixels."""
-    sigma = max(h, w) / 9.0
-    radius = int(3 * sigma)
-    taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
-    taps = torch.from_numpy((taps / taps.sum()).astype(np.float32))
-    field = torch.from_numpy(rng.standard_normal((n * 2, 1, h, w)).astype(np.float32))
-    pad = torch.nn.functional.pad(field, (radius, radius, radius, radius), mode="reflect")
-    field = torch.nn.functional.conv2d(torch.nn.functional.conv2d(pad, taps.view(1, 1, 1, -1)), taps.view(1, 1, -1, 1))
-    field = field.view(n, 2, h, w)
-    field = field / field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
-    field = field * torch.tensor([2.0 * most / w, 2.0 * most / h]).view(1, 2, 1, 1)  # pixels to [-1, 1] units
-    return field.permute(0, 2, 3, 1)
 
 
 def _check_stage(cfg: "TrainConfig") -> None:
@@ -225,15 +183,13 @@ def _load_sets(dataset: str, data: str | None):
         train = load_background("small1", data).with_rotations()
         val = load_background("small2", data, alphabets=VALIDATION_ALPHABETS)
         return train.images, train.alphabets, val.images, val.alphabets
-    if dataset == "fashion-mnist":
+    if dataset == "fashion-mnist":  # validated on training images held out of training, never on the test set
         from .data.fashion_mnist import load_fashion_mnist
 
-        def by_class(split):
-            x, y = load_fashion_mnist(data, split)
-            n = np.bincount(y).min()
-            return np.stack([x[y == c][:n] for c in range(10)])
-
-        return by_class("train"), None, by_class("test"), None
+        x, y = load_fashion_mnist(data, "train")
+        n = np.bincount(y).min()
+        by_class = np.stack([x[y == c][:n] for c in range(10)])
+        return by_class[:, :-FASHION_HELD_OUT], None, by_class[:, -FASHION_HELD_OUT:], None
     raise ValueError(f"unknown dataset {dataset!r}: use 'omniglot' or 'fashion-mnist'")
 
 
@@ -276,7 +232,8 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     within = cfg.within_alphabet if train_groups is not None else 0.0
     sampler = EpisodeSampler(train_x, cfg.n_way, cfg.k_shot, cfg.n_query, groups=train_groups,
                              within_group=within, seed=cfg.seed)
-    model = MatchingNetwork(fce=cfg.fce, fce_steps=cfg.fce_steps, temperature=cfg.temperature, width=cfg.width)
+    model = MatchingNetwork(fce=cfg.fce, fce_steps=cfg.fce_steps, temperature=cfg.temperature, width=cfg.width,
+                             views=cfg.views)
     cfg.model = model.config()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = {"episode": 0, "best_val": -1.0, "elapsed_s": 0.0}

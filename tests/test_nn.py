@@ -164,3 +164,47 @@ def test_topk_path_with_the_estimated_tail_is_closer_to_dense_attention():
     F.nll_loss(logp, target).backward()  # gradients reach both embeddings and T, all finite
     for p in (model.g_backbone.net[0][0].weight, model.log_temperature):
         assert p.grad is not None and torch.isfinite(p.grad).all()
+
+
+def test_a_view_moves_every_image_by_its_map():
+    """A one-pixel translation map equals rolling the pixels (away from the edges)."""
+    from engine.data.augment import apply_view, view_maps
+
+    x = torch.zeros(3, 1, 28, 28)
+    x[:, 0, 10:14, 9:12] = 1.0
+    x[1, 0, 18, 20] = 0.5
+    theta = torch.tensor([[1.0, 0.0, 2.0 / 28], [0.0, 1.0, 0.0]])  # read one pixel to the right
+    np.testing.assert_allclose(apply_view(x, theta).numpy(), np.roll(x.numpy(), -1, axis=3), atol=1e-6)
+    maps = view_maps(5, shift=1.0, rotate=5.0, scale=0.05)
+    assert maps.shape == (5, 2, 3) and torch.equal(maps[0], torch.tensor([[1.0, 0, 0], [0, 1.0, 0]]))
+    assert torch.equal(maps, view_maps(5, shift=1.0, rotate=5.0, scale=0.05))  # fixed, not drawn per call
+    assert (maps[1:, :, 2].abs() <= 2.0 / 28 + 1e-7).all() and not torch.allclose(maps[1], maps[2])
+    with pytest.raises(ValueError, match="views"):
+        view_maps(0)
+
+
+def test_test_time_views_average_the_backbone_over_fixed_moves():
+    from engine.data.augment import apply_view, view_maps
+
+    torch.manual_seed(0)
+    model = MatchingNetwork(views=4)
+    x = (torch.rand(6, 28, 28) < 0.2).float()
+    with torch.no_grad():
+        model.train()
+        assert torch.equal(model.embed_support(x), model.g_backbone(x))  # training sees one view
+        model.eval()
+        together = model.embed_support(x)
+        reference = torch.stack([model.g_backbone(apply_view(x.unsqueeze(1), m)) for m in view_maps(4)]).mean(0)
+        np.testing.assert_allclose(together.numpy(), reference.numpy(), atol=1e-5)
+        alone = torch.cat([model.embed_queries(x[i : i + 1]) for i in range(6)])  # h alike, batch or not
+        np.testing.assert_allclose(alone.numpy(), together.numpy(), atol=1e-5)
+        np.testing.assert_allclose(model.embed_support(x, batch_size=4).numpy(), together.numpy(), atol=1e-5)
+        model.views = 1
+        assert torch.equal(model.embed_support(x), model.g_backbone(x))
+    model.views = 3
+    assert MatchingNetwork.from_config(model.config()).views == 3
+    assert MatchingNetwork.from_config({k: v for k, v in model.config().items() if k != "views"}).views == 1
+    for bad in (0, -2, 1.5, True, "4"):
+        with pytest.raises(ValueError, match="views"):
+            model.views = bad
+    assert model.views == 3

@@ -38,11 +38,15 @@ class MatchingNetwork(nn.Module):
         learn_temperature: learn T (as log T) with the rest.
         in_channels: image channels of the default backbone.
         width: filters per block of the default backbone (the embedding's dimension).
+        views: test-time views: out of training, each image is embedded as the mean of the
+            backbone's outputs on itself and ``views - 1`` slightly moved copies (the same
+            fixed maps for support and query images alike, :func:`engine.data.augment.view_maps`).
+            Training always sees single images. Settable later (``model.views = 8``).
     """
 
     def __init__(self, backbone: nn.Module | None = None, *, shared: bool = True, fce: bool = False,
                  fce_steps: int = 5, temperature: float = 0.1, learn_temperature: bool = True,
-                 in_channels: int = 1, width: int = 64):
+                 in_channels: int = 1, width: int = 64, views: int = 1):
         super().__init__()
         self.g_backbone = backbone if backbone is not None else ConvEmbedding(in_channels, width)
         self.h_backbone = self.g_backbone if shared else copy.deepcopy(self.g_backbone)
@@ -51,7 +55,9 @@ class MatchingNetwork(nn.Module):
         self.query_lstm = AttentionLSTM(self.dim, fce_steps) if fce else None
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
         self.options = {"shared": shared, "fce": fce, "fce_steps": fce_steps, "temperature": temperature,
-                        "learn_temperature": learn_temperature, "in_channels": in_channels, "width": width}
+                        "learn_temperature": learn_temperature, "in_channels": in_channels, "width": width,
+                        "views": 1}
+        self.views = views
         self._support: torch.Tensor | None = None
         self._support_idx: torch.Tensor | None = None
         self.classes: torch.Tensor | None = None
@@ -60,19 +66,41 @@ class MatchingNetwork(nn.Module):
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp()
 
+    @property
+    def views(self) -> int:
+        return self.options["views"]
+
+    @views.setter
+    def views(self, count: int) -> None:
+        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+            raise ValueError(f"views must be an integer >= 1, got {count!r}")
+        self.options["views"] = int(count)
+
+    def _backbone(self, net: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+        """The backbone's embeddings of x: one pass while training, else the mean over the views."""
+        if self.training or self.views == 1:
+            return _chunked(net, x, batch_size)
+        from ..data.augment import apply_view, view_maps
+
+        if x.dim() == 3:
+            x = x.unsqueeze(1)
+        maps = view_maps(self.views, size=tuple(x.shape[-2:]))
+        return torch.stack([_chunked(net, apply_view(x, theta) if v else x, batch_size)
+                            for v, theta in enumerate(maps)]).mean(0)
+
     # -- embeddings --------------------------------------------------------------------
     def embed_support(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
         """g(x_i, S): (m, ...) support images -> (m, d) embeddings (full context with FCE).
 
         ``batch_size`` runs the backbone in chunks (for large supports at inference).
         """
-        g = _chunked(self.g_backbone, x, batch_size)
+        g = self._backbone(self.g_backbone, x, batch_size)
         return self.support_lstm(g) if self.support_lstm is not None else g
 
     def embed_queries(self, x: torch.Tensor, support: torch.Tensor | None = None, reader=None,
                       batch_size: int | None = None) -> torch.Tensor:
         """h(x, S): (n, ...) query images -> (n, d); with FCE, K read steps over ``support`` (or ``reader``)."""
-        h = _chunked(self.h_backbone, x, batch_size)
+        h = self._backbone(self.h_backbone, x, batch_size)
         if self.query_lstm is not None:
             if support is None and reader is None:
                 raise ValueError("FCE queries need the support embeddings: call process_support_set first")
@@ -204,7 +232,7 @@ class MatchingNetwork(nn.Module):
     @classmethod
     def from_config(cls, config: dict) -> "MatchingNetwork":
         return cls(**{k: config[k] for k in ("shared", "fce", "fce_steps", "temperature", "learn_temperature",
-                                             "in_channels", "width") if k in config})
+                                             "in_channels", "width", "views") if k in config})
 
 
 def _chunked(net: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
