@@ -48,6 +48,7 @@ class TrainConfig:
     scale: float = 0.1
     elastic: float = 0.0  # augmentation: smooth random displacement of the strokes, at most this many pixels
     flip: bool = False  # augmentation: mirror half the images left to right (garments, not characters)
+    thickness: float = 0.0  # augmentation: strokes thicker or thinner, by up to this share of a pixel's dilation
     episodes: int = 6000
     pretrain_epochs: int = 0  # supervised stage first: every training class at once (see pretrain)
     pretrain_batch: int = 128
@@ -82,11 +83,11 @@ def episode_loss(model: MatchingNetwork, ep: Episode, topk: int | None = None,
 
 
 def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
-            scale: float = 0.0, elastic: float = 0.0, flip: bool = False) -> Episode:
+            scale: float = 0.0, elastic: float = 0.0, flip: bool = False, thickness: float = 0.0) -> Episode:
     """Random jitter of every image of an episode (labels unchanged; see :func:`jitter`)."""
-    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0 and not flip:
+    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0 and not flip and thickness <= 0:
         return ep
-    how = {"rotate": rotate, "scale": scale, "elastic": elastic, "flip": flip}
+    how = {"rotate": rotate, "scale": scale, "elastic": elastic, "flip": flip, "thickness": thickness}
     return Episode(jitter(ep.support_x, shift, rng, **how), ep.support_y, jitter(ep.query_x, shift, rng, **how),
                    ep.query_y)
 
@@ -98,6 +99,9 @@ def _check_stage(cfg: "TrainConfig") -> None:
                          f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
     if cfg.width < 1 or not cfg.elastic >= 0:
         raise ValueError(f"width must be >= 1 and elastic >= 0, got {cfg.width} and {cfg.elastic}")
+    if not 0 <= cfg.thickness <= 1 or isinstance(cfg.views, bool) or not isinstance(cfg.views, int) or cfg.views < 1:
+        raise ValueError(f"thickness must be in [0, 1] and views an integer >= 1, got {cfg.thickness} and "
+                         f"{cfg.views!r}")
 
 
 def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng: np.random.Generator, *,
@@ -135,7 +139,7 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng
                     group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / steps))
                 pick = order[b * cfg.pretrain_batch:(b + 1) * cfg.pretrain_batch]
                 xb = jitter(pixels(x[pick]), cfg.shift, rng, rotate=cfg.rotate, scale=cfg.scale, elastic=cfg.elastic,
-                            flip=cfg.flip)
+                            flip=cfg.flip, thickness=cfg.thickness)
                 z = torch.nn.functional.normalize(model.g_backbone(as_input(xb)), dim=1)
                 logits = z @ torch.nn.functional.normalize(head, dim=1).T / model.temperature
                 loss = torch.nn.functional.cross_entropy(logits, y[pick])
@@ -263,7 +267,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
             for group in opt.param_groups:  # cosine decay over the planned episodes
                 group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * state["episode"] / cfg.episodes))
             episode = augment(sampler.sample(), cfg.shift, sampler.rng, rotate=cfg.rotate, scale=cfg.scale,
-                              elastic=cfg.elastic, flip=cfg.flip)
+                              elastic=cfg.elastic, flip=cfg.flip, thickness=cfg.thickness)
             loss, acc = episode_loss(model, episode, cfg.topk, cfg.topk_tail)
             opt.zero_grad()
             loss.backward()

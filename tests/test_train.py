@@ -150,6 +150,22 @@ def test_elastic_jitter_bends_a_stroke_by_at_most_its_reach():
     assert abs(np.median(ink) - 1) < 0.05 and ((ink > 0.7) & (ink < 1.3)).all(), ink
 
 
+def test_thickness_makes_strokes_thicker_or_thinner_in_place():
+    from engine.train import jitter
+
+    x = np.zeros((200, 28, 28), np.float32)
+    x[:, 4:24, 12:15] = 1.0  # a vertical stroke three pixels wide
+    out = jitter(x, 0, np.random.default_rng(0), thickness=1.0)
+    ink = out.sum(axis=(1, 2)) / x[0].sum()
+    # a full dilation adds a pixel each side (22 x 5 = 110 of 60), a full erosion keeps the middle column
+    # (18 x 1 = 18): every blend lies between, and both ways occur
+    assert (ink >= 18 / 60 - 1e-5).all() and (ink <= 110 / 60 + 1e-5).all()
+    assert (ink < 0.7).sum() > 40 and (ink > 1.3).sum() > 40
+    assert np.abs(out[:, 5:23, 13] - 1).max() < 1e-5  # the stroke's middle (ends aside) is never lost
+    assert np.abs(out[:, :, :11]).max() < 1e-6 and np.abs(out[:, :, 16:]).max() < 1e-6  # nothing moves away
+    half = jitter(x, 0, np.random.default_rng(0), thickness=0.25)
+    assert np.abs(half.sum(axis=(1, 2)) / x[0].sum() - 1).max() <= 0.25 * 50 / 60 + 1e-5
+
 
 def test_pretraining_teaches_g_to_separate_the_training_classes():
     """The supervised stage alone: held-out drawings of its classes, classified by a memory
@@ -166,7 +182,9 @@ def test_pretraining_teaches_g_to_separate_the_training_classes():
         before = np.mean([episode_loss(model, ep)[0].item() for ep in fixed])
     cfg = TrainConfig(pretrain_epochs=6, pretrain_batch=16, shift=0, rotate=0, scale=0, lr=3e-3)
     for bad, word in (({"pretrain_batch": 1}, "pretrain"), ({"pretrain_epochs": -1}, "pretrain"),
-                      ({"width": 0}, "width"), ({"elastic": float("nan")}, "elastic")):
+                      ({"width": 0}, "width"), ({"elastic": float("nan")}, "elastic"),
+                      ({"thickness": 1.5}, "thickness"), ({"thickness": float("nan")}, "thickness"),
+                      ({"views": 0}, "views"), ({"views": 2.0}, "views")):
         with pytest.raises(ValueError, match=word):
             pretrain(model, images[:, :8], TrainConfig(**{"pretrain_epochs": 1, **bad}), rng, progress=False)
     rows = pretrain(model, images[:, :8], cfg, rng, progress=False)

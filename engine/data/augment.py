@@ -16,10 +16,11 @@ import torch.nn.functional as F
 
 
 def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
-           scale: float = 0.0, elastic: float = 0.0, flip: bool = False) -> np.ndarray:
+           scale: float = 0.0, elastic: float = 0.0, flip: bool = False, thickness: float = 0.0) -> np.ndarray:
     """(n, H, W) images, each moved by its own random affine map, then (``elastic``) by a
     smooth random displacement field: pen strokes bend as another hand would draw them
-    (Simard et al., 2003: Gaussian-smoothed noise, here of width H/9).
+    (Simard et al., 2003: Gaussian-smoothed noise, here of width H/9). With ``thickness``
+    the strokes first get thicker or thinner, as another pen would draw them.
 
     Args:
         shift: largest translation in pixels, each way.
@@ -27,8 +28,10 @@ def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate
         scale: largest relative zoom, each way (0.1 is 0.9x to 1.1x).
         elastic: largest displacement of the field in pixels (0: none).
         flip: mirror each image left to right with probability 1/2.
+        thickness: largest share (at most 1) of a one-pixel dilation, or erosion, blended into
+            each image (strokes are bright): a share drawn uniformly from [-thickness, thickness].
     """
-    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0 and not flip:
+    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0 and not flip and thickness <= 0:
         return images
     n, h, w = images.shape
     angle = np.deg2rad(rng.uniform(-rotate, rotate, n))
@@ -41,7 +44,10 @@ def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate
     grid = F.affine_grid(torch.from_numpy(theta).float(), (n, 1, h, w), align_corners=False)
     if elastic > 0:
         grid = grid + _displacement(n, h, w, elastic, rng)
-    out = F.grid_sample(torch.from_numpy(images).unsqueeze(1), grid, align_corners=False)
+    x = torch.from_numpy(images).unsqueeze(1)
+    if thickness > 0:
+        x = _pen(x, np.clip(rng.uniform(-thickness, thickness, n), -1.0, 1.0))
+    out = F.grid_sample(x, grid, align_corners=False)
     return out[:, 0].numpy()
 
 
@@ -54,6 +60,14 @@ def _displacement(n: int, h: int, w: int, most: float, rng: np.random.Generator)
     field = field / field.abs().amax(dim=(1, 2, 3), keepdim=True).clamp_min(1e-12)
     field = field * torch.tensor([2.0 * most / w, 2.0 * most / h]).view(1, 2, 1, 1)  # pixels to [-1, 1] units
     return field.permute(0, 2, 3, 1)
+
+
+def _pen(x: torch.Tensor, share: np.ndarray) -> torch.Tensor:
+    """(n, 1, H, W) bright strokes each blended towards its 3x3 dilation (share > 0) or erosion (< 0)."""
+    share = torch.from_numpy(share.astype(np.float32)).view(-1, 1, 1, 1)
+    thicker = F.max_pool2d(x, 3, stride=1, padding=1)
+    thinner = -F.max_pool2d(-x, 3, stride=1, padding=1)
+    return x + share.clamp_min(0) * (thicker - x) + (-share).clamp_min(0) * (thinner - x)
 
 
 @functools.lru_cache(maxsize=8)
