@@ -263,6 +263,8 @@ def train_cmd(
         None, help="Supervised epochs over every training class before the episodes (see the recipe)."),
     width: Optional[int] = typer.Option(None, help="Filters per conv block: the embedding's dimension (64)."),
     elastic: Optional[float] = typer.Option(None, help="Elastic deformation of strokes, largest pixels (0: off)."),
+    thickness: Optional[float] = typer.Option(None, help="Strokes thicker or thinner, largest share of a pixel (0: off)."),
+    views: Optional[int] = typer.Option(None, help="Test-time views averaged per image (1: the image alone)."),
     time_budget: Optional[float] = typer.Option(None, help="Stop after this many seconds."),
     n_way: Optional[int] = typer.Option(None, help="Classes per training episode."),
     k_shot: Optional[int] = typer.Option(None, help="Support examples per class."),
@@ -281,7 +283,7 @@ def train_cmd(
     from .train import recipe, train
 
     given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "elastic": elastic,
-             "time_budget_s": time_budget, "n_way": n_way, "k_shot": k_shot, "n_query": n_query, "fce": fce,
+             "thickness": thickness, "views": views, "time_budget_s": time_budget, "n_way": n_way, "k_shot": k_shot, "n_query": n_query, "fce": fce,
              "fce_steps": fce_steps, "lr": lr, "topk": topk, "val_every": val_every, "val_episodes": val_episodes,
              "seed": seed}
     cfg = recipe(dataset, data=str(data) if data else None, **{k: v for k, v in given.items() if v is not None})
@@ -293,13 +295,14 @@ def train_cmd(
 def eval_oneshot_cmd(
     checkpoint: Path = typer.Option(..., help="Checkpoint folder of engine train."),
     runs: Path = typer.Option(..., help="A folder of runNN folders, one runNN folder, or all_runs.zip."),
+    views: Optional[int] = typer.Option(None, help="Test-time views per image (default: the checkpoint's)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """The official 20-way within-alphabet one-shot task, each run's memory an engine.Memory."""
     from .data.omniglot import load_oneshot_runs
     from .train import eval_oneshot, load_checkpoint
 
-    out = eval_oneshot(load_checkpoint(checkpoint), load_oneshot_runs(runs))
+    out = eval_oneshot(load_checkpoint(checkpoint, views=views), load_oneshot_runs(runs))
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -315,12 +318,13 @@ def eval_episodes_cmd(
     n_way: list[int] = typer.Option([5, 20], help="Ways to evaluate."),
     k_shot: list[int] = typer.Option([1, 5], help="Shots to evaluate."),
     episodes: int = typer.Option(1000, help="Episodes per setting."),
+    views: Optional[int] = typer.Option(None, help="Test-time views per image (default: the checkpoint's)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Mean accuracy with a 95% CI over N-way K-shot episodes of the validation set (random and within-alphabet)."""
     from .train import evaluate_episodes, load_checkpoint, load_sets, TrainConfig
 
-    model = load_checkpoint(checkpoint)
+    model = load_checkpoint(checkpoint, views=views)
     cfg = json.loads((checkpoint / "config.json").read_text())
     _, _, val_x, val_groups = load_sets(TrainConfig(dataset=cfg.get("dataset", "omniglot"),
                                                     data=str(data) if data else cfg.get("data")))

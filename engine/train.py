@@ -309,11 +309,13 @@ def _save(out: Path, model, opt, state: dict, sampler: EpisodeSampler) -> None:
     (out / "state.json").write_text(json.dumps({**state, "sampler_rng": sampler.rng.bit_generator.state}))
 
 
-def load_checkpoint(path: str | Path, *, which: str = "best") -> MatchingNetwork:
-    """Load a trained model from a checkpoint folder (``which``: "best" or "model", the last).
+def load_checkpoint(path: str | Path, *, which: str = "best", views: int | None = None) -> MatchingNetwork:
+    """Load a trained model from a checkpoint folder (``which``: "best" or "model", the last),
+    with its test-time views (``views``: another count instead).
 
     Raises:
         FileNotFoundError: the folder lacks config.json or the weights.
+        ValueError: views is not an integer >= 1.
     """
     path = Path(path)
     for name in ("config.json", f"{which}.pt"):
@@ -321,6 +323,8 @@ def load_checkpoint(path: str | Path, *, which: str = "best") -> MatchingNetwork
             raise FileNotFoundError(f"{path} is not a checkpoint: {name} is missing")
     cfg = json.loads((path / "config.json").read_text())
     model = MatchingNetwork.from_config(cfg["model"])
+    if views is not None:
+        model.views = views
     model.load_state_dict(torch.load(path / f"{which}.pt", weights_only=True))
     model.eval()
     return model
