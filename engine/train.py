@@ -54,7 +54,6 @@ class TrainConfig:
     pretrain_batch: int = 128
     width: int = 64  # filters per conv block: the embedding's dimension
     views: int = 1  # test-time views averaged per image (MatchingNetwork(views=)); training sees one
-    view_flip: bool = False  # every second test-time view mirrored (garments, not characters)
     time_budget_s: float | None = None
     lr: float = 1e-3
     lr_min: float = 1e-5  # cosine decay to this
@@ -238,7 +237,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     sampler = EpisodeSampler(train_x, cfg.n_way, cfg.k_shot, cfg.n_query, groups=train_groups,
                              within_group=within, seed=cfg.seed)
     model = MatchingNetwork(fce=cfg.fce, fce_steps=cfg.fce_steps, temperature=cfg.temperature, width=cfg.width,
-                             views=cfg.views, view_flip=cfg.view_flip)
+                             views=cfg.views)
     cfg.model = model.config()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = {"episode": 0, "best_val": -1.0, "elapsed_s": 0.0}

@@ -181,9 +181,6 @@ def test_a_view_moves_every_image_by_its_map():
     assert (maps[1:, :, 2].abs() <= 2.0 / 28 + 1e-7).all() and not torch.allclose(maps[1], maps[2])
     with pytest.raises(ValueError, match="views"):
         view_maps(0)
-    flipped = view_maps(5, shift=0.0, rotate=0.0, scale=0.0, flip=True)  # mirrors only: views 1 and 3
-    np.testing.assert_allclose(apply_view(x, flipped[1]).numpy(), x.numpy()[..., ::-1], atol=1e-6)
-    np.testing.assert_allclose(apply_view(x, flipped[2]).numpy(), x.numpy(), atol=1e-6)
 
 
 def test_test_time_views_average_the_backbone_over_fixed_moves():
@@ -206,7 +203,6 @@ def test_test_time_views_average_the_backbone_over_fixed_moves():
         assert torch.equal(model.embed_support(x), model.g_backbone(x))
     model.views = 3
     assert MatchingNetwork.from_config(model.config()).views == 3
-    assert MatchingNetwork.from_config(MatchingNetwork(view_flip=True).config()).options["view_flip"]
     assert MatchingNetwork.from_config({k: v for k, v in model.config().items() if k != "views"}).views == 1
     for bad in (0, -2, 1.5, True, "4"):
         with pytest.raises(ValueError, match="views"):

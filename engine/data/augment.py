@@ -88,10 +88,9 @@ def _smoothing(size: int, sigma: float) -> torch.Tensor:
 
 
 def view_maps(count: int, *, shift: float = 1.0, rotate: float = 5.0, scale: float = 0.05,
-              size: tuple[int, int] = (28, 28), seed: int = 0, flip: bool = False) -> torch.Tensor:
+              size: tuple[int, int] = (28, 28), seed: int = 0) -> torch.Tensor:
     """(count, 2, 3) affine maps for test-time views: the identity first, then ``count - 1``
-    small maps drawn once from ``seed`` (the same for every image and every call); with
-    ``flip`` every second view is also mirrored left to right."""
+    small maps drawn once from ``seed`` (the same for every image and every call)."""
     if count < 1:
         raise ValueError(f"views must be >= 1, got {count}")
     rng = np.random.default_rng(seed)
@@ -103,10 +102,7 @@ def view_maps(count: int, *, shift: float = 1.0, rotate: float = 5.0, scale: flo
     cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
     theta = np.stack([np.stack([cos, -sin, t[:, 0]], 1), np.stack([sin, cos, t[:, 1]], 1)], 1)
     identity = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
-    maps = np.concatenate([identity, theta])
-    if flip:  # read x from -x, as jitter's flip does
-        maps[1::2, :, 0] *= -1.0
-    return torch.from_numpy(maps).float()
+    return torch.from_numpy(np.concatenate([identity, theta])).float()
 
 
 def apply_view(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

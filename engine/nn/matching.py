@@ -42,14 +42,11 @@ class MatchingNetwork(nn.Module):
             backbone's outputs on itself and ``views - 1`` slightly moved copies (the same
             fixed maps for support and query images alike, :func:`engine.data.augment.view_maps`).
             Training always sees single images. Settable later (``model.views = 8``).
-        view_flip: mirror every second view left to right (for pictures whose mirror image
-            is the same class, such as garments; not for characters).
     """
 
     def __init__(self, backbone: nn.Module | None = None, *, shared: bool = True, fce: bool = False,
                  fce_steps: int = 5, temperature: float = 0.1, learn_temperature: bool = True,
-                 in_channels: int = 1, width: int = 64, views: int = 1,
-                 view_flip: bool = False):
+                 in_channels: int = 1, width: int = 64, views: int = 1):
         super().__init__()
         self.g_backbone = backbone if backbone is not None else ConvEmbedding(in_channels, width)
         self.h_backbone = self.g_backbone if shared else copy.deepcopy(self.g_backbone)
@@ -59,7 +56,7 @@ class MatchingNetwork(nn.Module):
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
         self.options = {"shared": shared, "fce": fce, "fce_steps": fce_steps, "temperature": temperature,
                         "learn_temperature": learn_temperature, "in_channels": in_channels, "width": width,
-                        "views": 1, "view_flip": bool(view_flip)}
+                        "views": 1}
         self.views = views
         self._support: torch.Tensor | None = None
         self._support_idx: torch.Tensor | None = None
@@ -87,7 +84,7 @@ class MatchingNetwork(nn.Module):
 
         if x.dim() == 3:
             x = x.unsqueeze(1)
-        maps = view_maps(self.views, size=tuple(x.shape[-2:]), flip=self.options["view_flip"])
+        maps = view_maps(self.views, size=tuple(x.shape[-2:]))
         return torch.stack([_chunked(net, apply_view(x, theta) if v else x, batch_size)
                             for v, theta in enumerate(maps)]).mean(0)
 
@@ -235,8 +232,7 @@ class MatchingNetwork(nn.Module):
     @classmethod
     def from_config(cls, config: dict) -> "MatchingNetwork":
         return cls(**{k: config[k] for k in ("shared", "fce", "fce_steps", "temperature", "learn_temperature",
-                                             "in_channels", "width", "views", "view_flip")
-                     if k in config})
+                                             "in_channels", "width", "views") if k in config})
 
 
 def _chunked(net: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
