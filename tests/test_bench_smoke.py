@@ -118,5 +118,5 @@ def test_recipes_script(tmp_path):
     by = {r["step"]: r for r in rows}
     assert by["episodes"]["pretrain_epochs"] == 0 and by["episodes"]["episodes"] == 2
     assert by["pretrain-only"]["pretrain_epochs"] == 1 and by["pretrain-only"]["episodes"] == 0
-    assert all(0 <= r["val_within_20way"] <= 1 and 0 <= r["run01_error"] <= 1 for r in rows)
+    assert all(0 <= r[f"val_within_20way{s}"] <= 1 and 0 <= r[f"run01_error{s}"] <= 1 for r in rows for s in ("", "_views"))
     assert "| episodes only |" in (tmp_path / "recipes.md").read_text()

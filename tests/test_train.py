@@ -106,6 +106,24 @@ def test_evaluate_episodes_reports_a_confidence_interval():
     assert exact["accuracy"] == 1.0 and exact["ci95"] == 0.0
 
 
+@pytest.mark.parametrize("fce", [False, True])
+def test_evaluating_from_cached_features_scores_the_episodes_the_images_would(fce):
+    """evaluate_episodes embeds each image once; the reference runs every episode from its images."""
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    protos = rng.random((12, 1, 28, 28)) < 0.15
+    images = ((protos ^ (rng.random((12, 6, 28, 28)) < 0.12)) * 255).astype(np.uint8)
+    groups = ["a"] * 6 + ["b"] * 6
+    model = MatchingNetwork(fce=fce, views=2)
+    model.eval()
+    sampler = EpisodeSampler(images, 5, 1, 3, groups=groups, within_group=0.5, seed=3)
+    with torch.no_grad():
+        reference = [episode_loss(model, sampler.sample())[1] for _ in range(25)]
+    out = evaluate_episodes(model, images, groups, n_way=5, k_shot=1, n_query=3, episodes=25, within_group=0.5, seed=3)
+    assert out["accuracy"] == pytest.approx(np.mean(reference), abs=1e-9)
+    assert 0.2 < out["accuracy"] < 1.0  # neither chance nor trivially perfect, so the comparison means something
+
+
 def test_augmentation_moves_strokes_and_keeps_labels():
     from engine.data.episodes import Episode
     from engine.train import augment

@@ -89,40 +89,55 @@ class MatchingNetwork(nn.Module):
                             for v, theta in enumerate(maps)]).mean(0)
 
     # -- embeddings --------------------------------------------------------------------
-    def embed_support(self, x: torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+    def embed_support(self, x: torch.Tensor, batch_size: int | None = None, *, features: bool = False) -> torch.Tensor:
         """g(x_i, S): (m, ...) support images -> (m, d) embeddings (full context with FCE).
 
         ``batch_size`` runs the backbone in chunks (for large supports at inference).
+        ``features``: x are already g'(x_i), the backbone's outputs (:meth:`backbone_features`).
         """
-        g = self._backbone(self.g_backbone, x, batch_size)
+        g = x if features else self._backbone(self.g_backbone, x, batch_size)
         return self.support_lstm(g) if self.support_lstm is not None else g
 
     def embed_queries(self, x: torch.Tensor, support: torch.Tensor | None = None, reader=None,
-                      batch_size: int | None = None) -> torch.Tensor:
-        """h(x, S): (n, ...) query images -> (n, d); with FCE, K read steps over ``support`` (or ``reader``)."""
-        h = self._backbone(self.h_backbone, x, batch_size)
+                      batch_size: int | None = None, *, features: bool = False) -> torch.Tensor:
+        """h(x, S): (n, ...) query images -> (n, d); with FCE, K read steps over ``support`` (or ``reader``).
+        ``features``: x are already f'(x), the backbone's outputs."""
+        h = x if features else self._backbone(self.h_backbone, x, batch_size)
         if self.query_lstm is not None:
             if support is None and reader is None:
                 raise ValueError("FCE queries need the support embeddings: call process_support_set first")
             h = self.query_lstm(h, support, reader=reader)
         return h
 
+    @torch.no_grad()
+    def backbone_features(self, x: torch.Tensor, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+        """(g'(x), f'(x)): the per-image part of the embeddings (test-time views included), out of
+        training. Episodes that reuse images can embed them once and pass these with
+        ``features=True``; only FCE's LSTMs, which see the whole support set, run per episode."""
+        was = self.training
+        self.eval()
+        g = self._backbone(self.g_backbone, x, batch_size)
+        h = g if self.h_backbone is self.g_backbone else self._backbone(self.h_backbone, x, batch_size)
+        self.train(was)
+        return g, h
+
     # -- the easyfsl-style contract -------------------------------------------------------
-    def process_support_set(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def process_support_set(self, x: torch.Tensor, y: torch.Tensor, *, features: bool = False) -> None:
         """Embed and keep a support set.
 
         Args:
-            x: (m, ...) support images.
+            x: (m, ...) support images (or, with ``features``, their g' outputs).
             y: (m,) integer labels; the output's columns are ``self.classes`` (sorted).
         """
         y = torch.as_tensor(y)
-        self._support = self.embed_support(x)
+        self._support = self.embed_support(x, features=features)
         self.classes, self._support_idx = torch.unique(y, sorted=True, return_inverse=True)
 
-    def forward(self, query: torch.Tensor) -> torch.Tensor:
-        """(n, C) log-probabilities over ``self.classes`` by attention over the whole support set."""
+    def forward(self, query: torch.Tensor, *, features: bool = False) -> torch.Tensor:
+        """(n, C) log-probabilities over ``self.classes`` by attention over the whole support set
+        (``features``: the queries are already f' outputs)."""
         self._require_support()
-        h = self.embed_queries(query, self._support)
+        h = self.embed_queries(query, self._support, features=features)
         scores = F.normalize(h, dim=1) @ F.normalize(self._support, dim=1).T
         return attend_torch(scores, torch.ones_like(scores), self._support_idx.expand_as(scores),
                             n_classes=len(self.classes), temperature=self.temperature)
