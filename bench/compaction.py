@@ -145,7 +145,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--fractions", type=float, nargs="+", default=list(FRACTIONS))
     ap.add_argument("--k", type=int, default=64)
     ap.add_argument("--limit", type=int, default=None, help="use only this many Fashion-MNIST images (smoke runs)")
-    ap.add_argument("--train-budget", type=float, default=300.0, help="seconds of episodes for a missing Omniglot checkpoint (a missing Fashion-MNIST one gets the demo's 4 supervised epochs)")
+    ap.add_argument("--train-budget", type=float, default=300.0,
+                    help="seconds of episodes for a missing Omniglot checkpoint (a missing Fashion-MNIST one gets "
+                         "the demo's 4 supervised epochs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args(argv)
