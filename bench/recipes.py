@@ -1,6 +1,6 @@
 """The Omniglot recipe's ablation ladder: each step's within-alphabet validation accuracy.
 
-    python bench/recipes.py --out runs/bench                 # every step (about 45 min)
+    python bench/recipes.py --out runs/bench                 # every step (about an hour)
     python bench/recipes.py --steps episodes pretrain+elastic  # some of them
 
 Each step trains a Matching Network from seed 0 on ``images_background_small1`` with
@@ -19,7 +19,8 @@ import time
 from pathlib import Path
 
 EPISODES = 3000
-# name: (what it adds, overrides of the recipe); the recipe itself is the last step without FCE
+# name: (what it adds, overrides of the recipe); "pretrain+elastic" is the recipe itself (its test-time
+# views are scored for every step, since they change no training)
 STEPS = {
     "episodes+fce": ("episodes only, FCE", {"pretrain_epochs": 0, "elastic": 0.0, "fce": True}),
     "episodes": ("episodes only", {"pretrain_epochs": 0, "elastic": 0.0}),
@@ -27,6 +28,7 @@ STEPS = {
     "pretrain": ("+ 20 supervised epochs first", {"elastic": 0.0}),
     "pretrain+elastic": ("+ elastic strokes (1.5 px): the recipe", {}),
     "pretrain+elastic+fce": ("the recipe, FCE", {"fce": True}),
+    "pretrain+elastic+thickness": ("+ thicker or thinner strokes (0.5): dropped", {"thickness": 0.5}),
     "pretrain-only": ("20 supervised epochs, no episodes", {"elastic": 0.0, "episodes": 0}),
 }
 
