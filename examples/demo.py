@@ -370,7 +370,7 @@ def write_report(report: dict, out: Path, run, model) -> None:
 
 
 def main() -> None:
-    """``python examples/demo.py [--data DIR] [--out DIR] [--quick] [--fce] [--json]``."""
+    """``python examples/demo.py [--data DIR] [--out DIR] [--quick] [--fce] [--fashion-epochs N] [--json]``."""
     import argparse
 
     from rich.console import Console
@@ -382,10 +382,13 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/demo"), help="where report.md, plots and checkpoints go")
     ap.add_argument("--fce", action=argparse.BooleanOptionalAction, default=False,
                     help="Full Context Embeddings for the Omniglot model")
+    ap.add_argument("--fashion-epochs", type=int, default=4,
+                    help="Fashion-MNIST supervised epochs (the recipe's 20 add about 13 minutes)")
     ap.add_argument("--quick", action="store_true", help="a few episodes and small sets: a smoke run")
     ap.add_argument("--json", action="store_true", help="print JSON")
     args = ap.parse_args()
-    report = run_demo(args.data, out=args.out, quick=args.quick, fce=args.fce, progress=not args.json)
+    report = run_demo(args.data, out=args.out, quick=args.quick, fce=args.fce, fashion_epochs=args.fashion_epochs,
+                      progress=not args.json)
     if args.json:
         print(json.dumps(report))
         return
