@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.augment import jitter
+from .data.augment import check_views, jitter
 from .data.episodes import Episode, EpisodeSampler
 from .data.images import as_input, pixels
 from .nn import MatchingNetwork
@@ -99,9 +99,9 @@ def _check_stage(cfg: "TrainConfig") -> None:
                          f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
     if cfg.width < 1 or not cfg.elastic >= 0:
         raise ValueError(f"width must be >= 1 and elastic >= 0, got {cfg.width} and {cfg.elastic}")
-    if not 0 <= cfg.thickness <= 1 or isinstance(cfg.views, bool) or not isinstance(cfg.views, int) or cfg.views < 1:
-        raise ValueError(f"thickness must be in [0, 1] and views an integer >= 1, got {cfg.thickness} and "
-                         f"{cfg.views!r}")
+    if not 0 <= cfg.thickness <= 1:
+        raise ValueError(f"thickness must be in [0, 1], got {cfg.thickness}")
+    check_views(cfg.views)
 
 
 def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng: np.random.Generator, *,

@@ -199,6 +199,10 @@ def test_test_time_views_average_the_backbone_over_fixed_moves():
         alone = torch.cat([model.embed_queries(x[i : i + 1]) for i in range(6)])  # h alike, batch or not
         np.testing.assert_allclose(alone.numpy(), together.numpy(), atol=1e-5)
         np.testing.assert_allclose(model.embed_support(x, batch_size=4).numpy(), together.numpy(), atol=1e-5)
+        many = (torch.rand(70, 28, 28) < 0.2).float()  # 280 image views: the bulk, channels-last path
+        np.testing.assert_allclose(model.embed_support(many).numpy(),
+                                   torch.cat([model.embed_support(many[i : i + 1]) for i in range(70)]).numpy(),
+                                   atol=1e-5)
     with_grad = model.embed_support(x)  # eval mode with gradients: the same answer, and they reach g
     np.testing.assert_allclose(with_grad.detach().numpy(), together.numpy(), atol=1e-5)
     with_grad.sum().backward()

@@ -34,11 +34,7 @@ def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate
     if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0 and not flip and thickness <= 0:
         return images
     n, h, w = images.shape
-    angle = np.deg2rad(rng.uniform(-rotate, rotate, n))
-    zoom = 1.0 + rng.uniform(-scale, scale, n)
-    t = rng.uniform(-shift, shift, (n, 2)) * 2.0 / np.array([w, h])  # pixels to [-1, 1] units
-    cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
-    theta = np.stack([np.stack([cos, -sin, t[:, 0]], 1), np.stack([sin, cos, t[:, 1]], 1)], 1)
+    theta = _affine_maps(n, shift, rotate, scale, (h, w), rng)
     if flip:  # read x from -x: the picture mirrored about its vertical axis
         theta[:, :, 0] *= np.where(rng.random(n) < 0.5, -1.0, 1.0)[:, None]
     grid = F.affine_grid(torch.from_numpy(theta).float(), (n, 1, h, w), align_corners=False)
@@ -73,7 +69,8 @@ def _pen(x: torch.Tensor, share: np.ndarray) -> torch.Tensor:
 @functools.lru_cache(maxsize=8)
 def _smoothing(size: int, sigma: float) -> torch.Tensor:
     """(size, size) matrix of a Gaussian blur (3 sigma each way, edges mirrored): one matmul
-    blurs every column of a batch, ten times faster than a 1-channel convolution here."""
+    blurs every column of a batch (elastic jitter of 128 images: 7 ms, against 21 ms with a
+    1-channel convolution here)."""
     radius = int(3 * sigma)
     taps = np.exp(-0.5 * (np.arange(-radius, radius + 1) / sigma) ** 2)
     taps /= taps.sum()
@@ -91,18 +88,27 @@ def view_maps(count: int, *, shift: float = 1.0, rotate: float = 5.0, scale: flo
               size: tuple[int, int] = (28, 28), seed: int = 0) -> torch.Tensor:
     """(count, 2, 3) affine maps for test-time views: the identity first, then ``count - 1``
     small maps drawn once from ``seed`` (the same for every image and every call)."""
-    if count < 1:
-        raise ValueError(f"views must be >= 1, got {count}")
-    rng = np.random.default_rng(seed)
-    m = count - 1
-    h, w = size
-    angle = np.deg2rad(rng.uniform(-rotate, rotate, m))
-    zoom = 1.0 + rng.uniform(-scale, scale, m)
-    t = rng.uniform(-shift, shift, (m, 2)) * 2.0 / np.array([w, h])
-    cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
-    theta = np.stack([np.stack([cos, -sin, t[:, 0]], 1), np.stack([sin, cos, t[:, 1]], 1)], 1)
+    theta = _affine_maps(check_views(count) - 1, shift, rotate, scale, size, np.random.default_rng(seed))
     identity = np.array([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
     return torch.from_numpy(np.concatenate([identity, theta])).float()
+
+
+def check_views(count) -> int:
+    """A count of test-time views: an integer >= 1 (not a bool), or ValueError."""
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
+        raise ValueError(f"views must be an integer >= 1, got {count!r}")
+    return int(count)
+
+
+def _affine_maps(n: int, shift: float, rotate: float, scale: float, size: tuple[int, int],
+                 rng: np.random.Generator) -> np.ndarray:
+    """(n, 2, 3) random affine maps in affine_grid's [-1, 1] units: a turn, a zoom and a shift each."""
+    h, w = size
+    angle = np.deg2rad(rng.uniform(-rotate, rotate, n))
+    zoom = 1.0 + rng.uniform(-scale, scale, n)
+    t = rng.uniform(-shift, shift, (n, 2)) * 2.0 / np.array([w, h])  # pixels to [-1, 1] units
+    cos, sin = np.cos(angle) / zoom, np.sin(angle) / zoom
+    return np.stack([np.stack([cos, -sin, t[:, 0]], 1), np.stack([sin, cos, t[:, 1]], 1)], 1)
 
 
 def apply_view(x: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..attention import attend_torch
+from ..data.augment import apply_view, check_views, view_maps
 from ..index import VectorIndex
 from .backbone import ConvEmbedding
 from .fce import AttentionLSTM, SupportBiLSTM
@@ -72,28 +73,27 @@ class MatchingNetwork(nn.Module):
 
     @views.setter
     def views(self, count: int) -> None:
-        if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-            raise ValueError(f"views must be an integer >= 1, got {count!r}")
-        self.options["views"] = int(count)
+        self.options["views"] = check_views(count)
 
     def _backbone(self, net: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
         """The backbone's embeddings of x: one pass while training, else the mean over the views.
 
-        Out of training and without gradients, images and a copy of the backbone go
-        channels-last, whose CPU convolutions ran 1.8x faster here (training, and anything
-        that needs gradients, keeps the backbone itself in torch's default layout). A custom
-        backbone with one view gets x untouched."""
+        Bulk embedding out of training and without gradients (at least 256 image views) runs
+        a channels-last copy of the backbone, whose CPU convolutions ran 1.8x faster here;
+        smaller calls, such as a lone query, skip the copy (1.3 ms against 0.5 ms for the
+        image). Training, and anything that needs gradients, keeps the backbone itself.
+        A custom backbone with one view gets x untouched."""
         if self.training or (self.views == 1 and not isinstance(net, ConvEmbedding)):
             return _chunked(net, x, batch_size)
-        from ..data.augment import apply_view, view_maps
-
         images = x.unsqueeze(1) if x.dim() == 3 else x
-        layout = torch.contiguous_format if torch.is_grad_enabled() else torch.channels_last
-        if layout is torch.channels_last:
+        bulk = not torch.is_grad_enabled() and len(images) * self.views >= 256
+        layout = torch.channels_last if bulk else torch.contiguous_format
+        if bulk:
             net = copy.deepcopy(net).to(memory_format=layout)
         maps = view_maps(self.views, size=tuple(images.shape[-2:]))
-        views = (apply_view(images, theta) if v else images for v, theta in enumerate(maps))
-        return torch.stack([_chunked(net, view.contiguous(memory_format=layout), batch_size) for view in views]).mean(0)
+        views = [apply_view(images, theta) if v else images for v, theta in enumerate(maps)]
+        embedded = [_chunked(net, view.contiguous(memory_format=layout), batch_size) for view in views]
+        return embedded[0] if len(embedded) == 1 else torch.stack(embedded).mean(0)
 
     # -- embeddings --------------------------------------------------------------------
     def embed_support(self, x: torch.Tensor, batch_size: int | None = None, *, features: bool = False) -> torch.Tensor:
