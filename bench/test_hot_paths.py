@@ -1,4 +1,5 @@
-"""pytest-benchmark suites for the hot paths: query, write, attention kernel, compaction step.
+"""pytest-benchmark suites for the hot paths: query, write, attention kernel, compaction step,
+the conv embedding (inference and a training step, channels-last against the default layout).
 
     make bench                                   # 10k and 100k slots, JSON in runs/bench/
     BENCH_SIZES=1000 pytest bench --benchmark-disable   # the smoke run in make test
@@ -79,3 +80,44 @@ def test_compaction_step(benchmark, size, dim, policy):
 
     out = benchmark.pedantic(compact, setup=setup, rounds=3, iterations=1)
     assert out.slots <= size // 10
+
+
+LAYOUTS = ["channels_last", "contiguous_format"]  # the backbone's own layout, and the default as the baseline
+
+
+def _backbone(layout: str):
+    import torch
+
+    from engine.nn.backbone import ConvEmbedding
+
+    torch.manual_seed(0)
+    return ConvEmbedding().to(memory_format=getattr(torch, layout)), torch
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("n", [1, 64, 1024])
+def test_embedding(benchmark, n, layout):
+    net, torch = _backbone(layout)
+    benchmark.group = f"embedding-inference-{n}"
+    x = (torch.rand(n, 1, 28, 28) < 0.2).float()
+    net.eval()
+    with torch.no_grad():
+        z = benchmark(net, x)
+    assert z.shape == (n, 64) and torch.isfinite(z).all()
+
+
+@pytest.mark.benchmark(group="embedding-training-step-128")
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_embedding_training_step(benchmark, layout):
+    net, torch = _backbone(layout)
+    opt = torch.optim.Adam(net.parameters())
+    x = (torch.rand(128, 1, 28, 28) < 0.2).float()
+
+    def step():
+        loss = net(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        return loss.item()
+
+    assert np.isfinite(benchmark(step))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -217,3 +219,27 @@ def test_test_time_views_average_the_backbone_over_fixed_moves():
         with pytest.raises(ValueError, match="views"):
             model.views = bad
     assert model.views == 3
+
+
+def test_backbone_runs_channels_last_with_the_default_layouts_answers():
+    """The backbone keeps its weights channels-last; its embeddings (and their gradients) are the
+    ones the default layout gives, and a checkpoint written in the default layout loads unchanged."""
+    torch.manual_seed(0)
+    net = ConvEmbedding()
+    conv = net.net[1][0].weight  # 64 -> 64 channels (with one input channel both layouts are one)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    x = (torch.rand(9, 1, 28, 28) < 0.2).float()
+    reference = copy.deepcopy(net).to(memory_format=torch.contiguous_format)
+    for mode in ("train", "eval"):
+        getattr(net, mode)(), getattr(reference, mode)()
+        ours, theirs = net(x), reference.net(x.contiguous()).flatten(1)  # reference: no layout change at all
+        np.testing.assert_allclose(ours.detach().numpy(), theirs.detach().numpy(), rtol=1e-4, atol=1e-5)
+    ours.sum().backward(), theirs.sum().backward()
+    np.testing.assert_allclose(conv.grad.numpy(), reference.net[1][0].weight.grad.numpy(), rtol=1e-4, atol=1e-5)
+    old = {k: v.contiguous() for k, v in reference.state_dict().items()}  # a checkpoint from before
+    loaded = ConvEmbedding()
+    loaded.load_state_dict(old)
+    loaded.eval()
+    assert loaded.net[1][0].weight.is_contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        np.testing.assert_allclose(loaded(x[:, 0]).numpy(), theirs.detach().numpy(), rtol=1e-4, atol=1e-5)
