@@ -29,6 +29,7 @@ STEPS = {
     "pretrain+elastic": ("+ elastic strokes (1.5 px): the recipe", {}),
     "pretrain+elastic+fce": ("the recipe, FCE", {"fce": True}),
     "pretrain+elastic+thickness": ("+ thicker or thinner strokes (0.5): dropped", {"thickness": 0.5}),
+    "pretrain+elastic+wide": ("+ a wider embedding (128 filters a block)", {"width": 128}),
     "pretrain-only": ("20 supervised epochs, no episodes", {"elastic": 0.0, "episodes": 0}),
 }
 
@@ -48,8 +49,8 @@ def run_step(name: str, data, out: Path, episodes: int = EPISODES, pretrain_epoc
     summary = train(cfg, out / name, progress=True)
     train_s = time.perf_counter() - t0
     row = {"step": name, "what": what, "fce": cfg.fce, "pretrain_epochs": cfg.pretrain_epochs,
-           "elastic": cfg.elastic, "thickness": cfg.thickness, "episodes": summary["episodes"], "train_s": train_s,
-           "views": cfg.views}
+           "elastic": cfg.elastic, "thickness": cfg.thickness, "width": cfg.width, "episodes": summary["episodes"],
+           "train_s": train_s, "views": cfg.views}
     for suffix, views in (("", 1), ("_views", cfg.views)):
         row.update(score(out / name, cfg, views, data, eval_episodes, suffix))
     return row
