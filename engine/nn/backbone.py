@@ -4,8 +4,8 @@ Four blocks of a 3x3 convolution with 64 filters, batch normalisation, ReLU and
 2x2 max-pooling: a 28x28 image becomes a 64-dimensional vector.
 
 The network keeps its weights, and runs its inputs, channels-last: on this CPU that
-made inference 1.4-1.8x faster at every batch size, a lone image included, and a
-training step 1.3x faster (``bench/test_hot_paths.py::test_embedding``).
+made inference 1.45-1.9x faster at every batch size, a lone image included, and a
+training step 1.1-1.2x faster (``bench/test_hot_paths.py::test_embedding``).
 """
 
 from __future__ import annotations
