@@ -3,7 +3,7 @@
     python bench/recipes.py --out runs/bench                 # every step (about an hour)
     python bench/recipes.py --steps episodes pretrain+elastic  # some of them
 
-Each step trains a Matching Network from seed 0 on ``images_background_small1`` with
+Each step trains a Matching Network from seed 0 (``--seed``) on ``images_background_small1`` with
 ``engine.train.recipe("omniglot")`` and the step's overrides (3,000 episodes after any
 supervised stage), then measures, on the validation alphabets, within-alphabet 20-way
 1-shot accuracy over 1,000 episodes (95% CI) and the error on ``one-shot-sample``, each
@@ -35,7 +35,7 @@ STEPS = {
 
 
 def run_step(name: str, data, out: Path, episodes: int = EPISODES, pretrain_epochs: int | None = None,
-             eval_episodes: int = 1000) -> dict:
+             eval_episodes: int = 1000, seed: int = 0) -> dict:
     from engine.train import recipe, train
 
     what, overrides = STEPS[name]
@@ -43,14 +43,14 @@ def run_step(name: str, data, out: Path, episodes: int = EPISODES, pretrain_epoc
         overrides = {**overrides, "pretrain_epochs": pretrain_epochs}
     episodes = overrides.get("episodes", episodes)
     cfg = recipe("omniglot", **{"episodes": episodes, "val_every": max(episodes // 3, 1),
-                                "val_episodes": min(100, eval_episodes),
+                                "val_episodes": min(100, eval_episodes), "seed": seed,
                                 "data": None if data is None else str(data), **overrides})
     t0 = time.perf_counter()
     summary = train(cfg, out / name, progress=True)
     train_s = time.perf_counter() - t0
     row = {"step": name, "what": what, "fce": cfg.fce, "pretrain_epochs": cfg.pretrain_epochs,
            "elastic": cfg.elastic, "thickness": cfg.thickness, "width": cfg.width, "episodes": summary["episodes"],
-           "train_s": train_s, "views": cfg.views}
+           "train_s": train_s, "views": cfg.views, "seed": cfg.seed}
     for suffix, views in (("", 1), ("_views", cfg.views)):
         row.update(score(out / name, cfg, views, data, eval_episodes, suffix))
     return row
@@ -81,17 +81,18 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--episodes", type=int, default=EPISODES, help="episodes after the supervised stage")
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="another length of the supervised stage")
     ap.add_argument("--eval-episodes", type=int, default=1000)
+    ap.add_argument("--seed", type=int, default=0, help="training seed (evaluation episodes stay the same)")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.steps:
-        rows.append(run_step(name, args.data, args.out / "recipes", args.episodes, args.pretrain_epochs,
-                             args.eval_episodes))
+        rows.append(run_step(name, args.data, args.out / "recipes" / f"seed{args.seed}", args.episodes,
+                             args.pretrain_epochs, args.eval_episodes, args.seed))
         r = rows[-1]
         print(f"{name:22s} {100 * r['val_within_20way']:.2f}% ± {100 * r['val_ci95']:.2f} "
               f"({r['views']} views: {100 * r['val_within_20way_views']:.2f}%), run01 error "
               f"{100 * r['run01_error']:.0f}% ({100 * r['run01_error_views']:.0f}%), {r['train_s']:.0f} s", flush=True)
-    (args.out / "recipes.json").write_text(json.dumps({"episodes": args.episodes, "results": rows}, indent=2))
+    (args.out / "recipes.json").write_text(json.dumps({"episodes": args.episodes, "seed": args.seed, "results": rows}, indent=2))
     views = rows[0]["views"] if rows else 1
     lines = [f"| step | FCE | within-alphabet 20-way 1-shot (validation, {args.eval_episodes:,} episodes) | the same, "
              f"{views} test-time views | run01 error (1 / {views} views) | training s |",
