@@ -120,7 +120,12 @@ def plot(results: list[dict], path: Path) -> None:
             ax.plot([r["bytes"] for r in pts], [r["accuracy"] for r in pts], marker="o", label=policy)
         ax.axhline(full["accuracy"], color="k", ls="--", lw=1, label=f"full memory ({full['accuracy']:.3f})")
         ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # narrow ranges label minor ticks
+        # ticks at 1 and 3 x 10^k bytes, or at 1, 2 and 5 x 10^k for a range under a decade (Omniglot's)
+        sizes = [r["bytes"] for r in mine]
+        subs = (1.0, 3.0) if max(sizes) / min(sizes) >= 10 else (1.0, 2.0, 5.0)
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=subs))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.EngFormatter(unit="B", places=0))
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("bytes held by the memory")
         ax.set_ylabel("test accuracy")
         ax.set_title(name, fontsize=10)
