@@ -140,7 +140,7 @@ def run_demo(data=None, *, out: str | Path = "runs/demo", quick: bool = False, f
         omniglot_episodes, omniglot_budget_s: Omniglot episodes after the recipe's supervised
             stage, and an optional time cap (off: a capped run depends on how busy the machine
             is).
-        fashion_epochs: Fashion-MNIST's supervised epochs. The recipe's 20 take about 16
+        fashion_epochs: Fashion-MNIST's supervised epochs. The recipe's 20 take about 14
             minutes alone; the demo's 15-minute budget holds 4 (README, "Fashion-MNIST").
         fashion_episodes, fashion_budget_s: Fashion-MNIST episodes after its supervised stage
             (none: 300 of them lowered the memory's accuracy from 0.918 to 0.912), and their
@@ -383,7 +383,7 @@ def main() -> None:
     ap.add_argument("--fce", action=argparse.BooleanOptionalAction, default=False,
                     help="Full Context Embeddings for the Omniglot model")
     ap.add_argument("--fashion-epochs", type=int, default=4,
-                    help="Fashion-MNIST supervised epochs (the recipe's 20 add about 13 minutes)")
+                    help="Fashion-MNIST supervised epochs (the recipe's 20 add about 11 minutes)")
     ap.add_argument("--quick", action="store_true", help="a few episodes and small sets: a smoke run")
     ap.add_argument("--json", action="store_true", help="print JSON")
     args = ap.parse_args()
