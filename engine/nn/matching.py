@@ -76,15 +76,14 @@ class MatchingNetwork(nn.Module):
         self.options["views"] = check_views(count)
 
     def _backbone(self, net: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
-        """The backbone's embeddings of x: one pass while training, else the mean over the views.
-        A custom backbone with one view gets x untouched."""
-        if self.training or (self.views == 1 and not isinstance(net, ConvEmbedding)):
+        """The backbone's embeddings of x: one pass while training or with one view, else the
+        mean over the views (each view made only when it is embedded)."""
+        if self.training or self.views == 1:
             return _chunked(net, x, batch_size)
         images = x.unsqueeze(1) if x.dim() == 3 else x
         maps = view_maps(self.views, size=tuple(images.shape[-2:]))
-        views = [apply_view(images, theta) if v else images for v, theta in enumerate(maps)]
-        embedded = [_chunked(net, view, batch_size) for view in views]
-        return embedded[0] if len(embedded) == 1 else torch.stack(embedded).mean(0)
+        return torch.stack([_chunked(net, apply_view(images, theta) if v else images, batch_size)
+                            for v, theta in enumerate(maps)]).mean(0)
 
     # -- embeddings --------------------------------------------------------------------
     def embed_support(self, x: torch.Tensor, batch_size: int | None = None, *, features: bool = False) -> torch.Tensor:
