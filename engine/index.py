@@ -143,6 +143,7 @@ class VectorIndex:
         """Make ``index`` the active one, and note once what the query path asks of it."""
         self._index, self.active_spec = index, spec
         self._params_cache = {}
+        self._centroids_t = None
         self._ivf = _try_extract_ivf(index)
         # lossy: scores and stored vectors are approximations (compressed codes, projections)
         self.lossy = _is_lossy(index)
@@ -339,6 +340,65 @@ class VectorIndex:
         if len(vectors) == 0:
             return np.empty(0, np.int32)
         return ivf.quantizer.assign(np.ascontiguousarray(vectors, dtype=np.float32), 1)[:, 0].astype(np.int32)
+
+    @property
+    def list_scan(self) -> bool:
+        """Whether a query can scan whole lists with exact scores (IVF-Flat on the vectors)."""
+        return self._cell_ivf is not None and not self.lossy
+
+    def centroids(self) -> np.ndarray:
+        """(nlist, dim) float32 centroids of the IVF lists."""
+        ivf = self._cell_ivf
+        return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+
+    @property
+    def centroids_t(self) -> np.ndarray:
+        """(dim, nlist) float32: the centroids as the coarse product reads them (cached)."""
+        got = getattr(self, "_centroids_t", None)
+        if got is None or got.shape[1] != self._cell_ivf.nlist:
+            c = self.centroids()
+            self._inv_norm = (1.0 / np.maximum(np.linalg.norm(c, axis=1), 1e-30)).astype(np.float32)
+            got = self._centroids_t = np.ascontiguousarray(c.T)
+        return got
+
+    @property
+    def inv_centroid_norm(self) -> np.ndarray:
+        """(nlist,) float32: 1 / |centroid| of each list (q . pivot = q . centroid / |centroid|)."""
+        self.centroids_t  # noqa: B018 - computed with the centroids
+        return self._inv_norm
+
+    def scan_lists(self, queries: np.ndarray, lists: np.ndarray, list_scores: np.ndarray,
+                   alive: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Every row of the given lists of each query with its score: FAISS's range search
+        over exactly those lists, with no threshold (``lims``, ``scores``, ``rows`` as
+        :meth:`faiss.Index.range_search` returns them).
+
+        Args:
+            queries: (n, dim) float32.
+            lists: (n, m) int64 lists to scan per query; list_scores: (n, m) float32 q . centroid.
+            alive: optional bool mask over rows; dead rows are skipped.
+        """
+        ivf = faiss.downcast_index(self._cell_ivf)
+        n, m = lists.shape
+        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        lists = np.ascontiguousarray(lists, dtype=np.int64)
+        list_scores = np.ascontiguousarray(list_scores, dtype=np.float32)
+        params = faiss.SearchParametersIVF()
+        params.nprobe = m
+        bitmap = sel = None
+        if alive is not None:
+            bitmap = np.packbits(alive, bitorder="little")
+            sel = faiss.IDSelectorBitmap(len(alive), faiss.swig_ptr(bitmap))
+            params.sel = sel
+        result = faiss.RangeSearchResult(n)
+        ivf.range_search_preassigned_c(n, faiss.swig_ptr(queries), float(-np.finfo(np.float32).max),
+                                       faiss.swig_ptr(lists), faiss.swig_ptr(list_scores), result, False, params)
+        del bitmap, sel  # referenced until FAISS is done with them
+        lims = faiss.rev_swig_ptr(result.lims, n + 1).copy()
+        total = int(lims[-1])
+        scores = faiss.rev_swig_ptr(result.distances, total).copy()
+        rows = faiss.rev_swig_ptr(result.labels, total).copy()
+        return lims, scores, rows
 
     def seen(self, queries: np.ndarray, k: int, every: bool) -> str | np.ndarray:
         """Where a search of ``k`` saw every slot with its exact score, so that none it left

@@ -77,13 +77,13 @@ class Memory:
         track_usage: keep, per slot, when it was last written or retrieved (8 bytes a slot,
             and a stamp per retrieved slot on every query), which the "age" compaction policy
             needs. Default: only when ``policy="age"``; without it, the "age" policy is refused.
-        probs: what ``probs`` of a query approximate. "full" (the default): attention over
-            the whole memory, as Matching Networks attend: the top-k exactly, plus the mass
-            of every other slot estimated per class from per-(cell, class) summaries
-            (:mod:`engine.tail`; ``tail_estimate`` in the result). The summaries are built
-            on the first such query (a pass over the vectors) and kept up to date by every
-            write. "top-k": attention renormalised over the top-k slots, the cheaper answer
-            (a memory saved before this option existed reopens with it).
+        probs: what ``probs`` of a query approximate. "top-k" (the default): attention
+            renormalised over the top-k slots, at the cost of the search. "full": attention
+            over the whole memory, as Matching Networks attend: every slot the search scored
+            counts exactly (all of them on a Flat index, the probed lists of an IVF-Flat
+            index, the top-k otherwise) and the rest is estimated per cell and shared among
+            classes (:mod:`engine.tail`; ``tail_estimate`` in the result). It costs about 6x
+            top-k on IVF at 200k slots (bench/tail.py), which is why it is not the default.
         id_stride, id_offset: automatic ids are drawn from ``id % id_stride == id_offset``
             (a shard of :class:`engine.cluster.ShardedMemory` owns one such class of ids).
         share: the fraction of a sharded memory's slots this memory holds (1/n for a shard of
@@ -114,7 +114,7 @@ class Memory:
         id_stride: int = 1,
         id_offset: int = 0,
         share: float = 1.0,
-        probs: str = "full",
+        probs: str = "top-k",
     ):
         self.dim = checks.integer("dim", dim)
         if metric not in METRICS:
@@ -449,10 +449,9 @@ class Memory:
         Args:
             queries: (n, dim) or (dim,) finite floats.
             k: slots per query; clamped to the memory's size (``result.k_clamped`` says so).
-            tail: if set, k grows (doubling) per query until ``tail_bound <= tail``
-                or every slot is used; with ``probs="full"``, until the *estimated* share
-                left out (``tail_estimate``) is at most ``tail``, which a large memory can
-                meet long before the worst-case bound.
+            tail: if set, the search widens per query until ``tail_bound <= tail`` or every
+                slot is scored: k doubles; with ``probs="full"`` on IVF-Flat, the lists
+                probed double (``tail_bound`` then covers the slots not scored).
             probs: "full" or "top-k" for this call (default: the memory's ``probs``).
 
         Returns:
@@ -552,7 +551,7 @@ class Memory:
                 nlist=index.nlist, lossy=index.lossy, trained_on=index.trained_on,
                 nprobe=index.breadth(64)[0], ef_search=index.breadth(64)[1],
                 recall=index.calibration.recall if index.calibration is not None else None,
-                bytes_tail=self._state.summaries_nbytes,
+                bytes_tail=self._state.cells_nbytes,
             )
 
     def bare_search(self, k: int) -> BareSearch:

@@ -21,8 +21,9 @@ class MemoryLike(Protocol):
     def add(self, vectors, labels, *, ids=None, weights=None, upsert: bool = False) -> np.ndarray:
         """Write slots; returns their ids."""
 
-    def query(self, queries, *, k: int = 64, tail: float | None = None) -> QueryResult:
-        """Attention over each query's top-k slots."""
+    def query(self, queries, *, k: int = 64, tail: float | None = None, probs: str | None = None) -> QueryResult:
+        """Attention over each query's top-k slots (``probs="full"``: over every slot, exact
+        where scored and estimated beyond; default: the memory's own choice, "top-k")."""
 
     def remove(self, ids) -> int:
         """Remove slots by id; returns how many."""

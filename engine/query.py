@@ -17,6 +17,7 @@ from .attention import Attention, attend, top_class
 from .labels import Vocabulary
 from .results import QueryResult, Retrieved
 from .state import State
+from .tail import full
 
 EPS = np.finfo(np.float64).eps
 
@@ -26,52 +27,83 @@ def answer(state: State, vocab: Vocabulary, q: np.ndarray, *, k: int, k_requeste
     """Attention of each query over its top-k slots (``k`` already clamped to the memory's size);
     with ``full_metric`` (the memory's metric), plus the estimated mass of every other slot
     (:mod:`engine.tail`), so that ``probs`` approximate attention over the whole memory."""
+    if full_metric is not None:
+        res = full.answer(state, vocab, q, k, temperature, full_metric)
+        if tail is not None:
+            res = _grow_full(state, vocab, q, res, tail, k, temperature, full_metric)
+        return _full_result(state, vocab, res, k_requested)
     scores, rows = search(state, q, k)
-    if len(q) == 1 and tail is None and full_metric is None and rows[0, -1] >= 0:
+    if len(q) == 1 and tail is None and rows[0, -1] >= 0:
         return _answer_one(state, vocab, scores, rows, k_requested, temperature)
     att = attention(state, vocab, scores, rows, temperature)
     if tail is not None:
-        measure = None if full_metric is None else \
-            (lambda qs, s, r, a: _estimated_tail(state, vocab, qs, s, r, a, temperature, full_metric)[1])
-        scores, rows, att = _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature, measure)
+        scores, rows, att = _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature)
     complete = bool(rows[:, -1].min() >= 0)  # padding (-1) only ever trails: none, nothing to mask
     state.table.touch(rows if complete else rows[rows >= 0], time.time())
-    estimated = None if full_metric is None else \
-        _estimated_tail(state, vocab, q, scores, rows, att, temperature, full_metric)
-    return _result(state, vocab, scores, rows, att, k_requested, complete, estimated)
+    return _result(state, vocab, scores, rows, att, k_requested, complete)
 
 
-def _estimated_tail(state: State, vocab: Vocabulary, q, scores, rows, att: Attention, temperature: float,
-                    metric: str) -> tuple[np.ndarray, np.ndarray, bool]:
-    """(the (n, C) estimated attention mass per class of the slots each query left out, the
-    same summed, both as fractions of the whole estimated mass (top-k included); whether
-    ``att.tail_bound`` is now a certificate from the summaries (it is replaced in place when
-    it is, or kept where the old one was already a tighter certificate))."""
+def _grow_full(state: State, vocab: Vocabulary, q, res: full.FullAnswer, tail: float, k: int, temperature: float,
+               metric: str) -> full.FullAnswer:
+    """Answer again, wider, the queries whose bound on the unscored share is above ``tail``:
+    twice the lists probed (IVF-Flat) or twice the k (other approximate indexes), until met
+    or every slot is scored."""
+    index, n_alive = state.index, state.table.n_alive
+    todo = np.flatnonzero(res.tail_bound > tail)
+    nprobe = index.breadth(k)[0] if index.list_scan else None
+    nlist = index.nlist or 1
+    width = k
+    parts = [(np.arange(len(q)), res)]
+    while len(todo) and width < n_alive and (nprobe is None or nprobe < nlist):
+        if nprobe is not None:
+            nprobe = min(2 * nprobe, nlist)
+        else:
+            width = min(2 * width, n_alive)
+        again = full.answer(state, vocab, q[todo], width, temperature, metric, nprobe)
+        parts.append((todo, again))
+        todo = todo[again.tail_bound > tail]
+    if len(parts) == 1:
+        return res
+    widest = max(p.rows.shape[1] for _, p in parts)
+    wide = (("scores", -np.inf), ("rows", -1), ("attention", 0.0))
+    out = {name: _padded(getattr(res, name), widest, fill) for name, fill in wide}
+    out.update(probs=res.probs.copy(), tail_bound=res.tail_bound.copy(), scored=res.scored.copy())
+    for at, p in parts[1:]:
+        for name, fill in wide:
+            out[name][at] = _padded(getattr(p, name), widest, fill)
+        for name in ("probs", "tail_bound", "scored"):
+            out[name][at] = getattr(p, name)
+    return full.FullAnswer(certified=all(p.certified for _, p in parts), **out)
+
+
+def _padded(x: np.ndarray, width: int, fill) -> np.ndarray:
+    if x.shape[1] == width:
+        return x.copy()
+    return np.concatenate([x, np.full((len(x), width - x.shape[1]), fill, dtype=x.dtype)], axis=1)
+
+
+def _full_result(state: State, vocab: Vocabulary, res: full.FullAnswer, k_requested: int) -> QueryResult:
+    """The :class:`QueryResult` of a full answer: its top-k slots, their share of the whole
+    attention, and the probabilities over every slot."""
     t = state.table
-    valid = rows >= 0
-    safe = np.where(valid, rows, 0)
-    summaries = state.summaries(metric)
-    weights = t.weights[safe]
-    s64 = np.where(valid, scores, 0).astype(np.float64)
-    logits = np.where(valid, s64 / temperature + np.log(weights), -np.inf)
-    m = logits.max(axis=1)
-    shift = m + np.log(np.exp(logits - m[:, None]).sum(axis=1))  # log Z of the top-k, the unit below
-    lowest = np.where(valid, s64, np.inf).min(axis=1)
-    index = state.index
-    certified = not (index.lossy and not t.keep_vectors)  # scores exact (codes only: they are not)
-    every = rows.shape[1] >= t.n_alive
-    capped = index.seen(q, rows.shape[1], every) if certified else None
     classes, columns = state.classes(vocab)
-    tail, bound = summaries.estimate(q, state.group_keys(safe), weights, s64, valid, lowest, shift, temperature,
-                                     columns, len(classes), capped)
-    total = tail.sum(axis=1)
-    if bound is not None:  # a certificate from the summaries: kept where it is the tighter
-        certificate = np.where(np.isfinite(bound), bound / (1 + bound), 1.0)
-        if every:
-            certificate = np.zeros(len(q))
-        att.tail_bound = np.minimum(att.tail_bound, certificate) if index.exact else certificate
-    tail /= (1 + total)[:, None]
-    return tail, total / (1 + total), bound is not None
+    rows = res.rows
+    valid = rows >= 0
+    complete = bool(valid.all())
+    safe = np.where(valid, rows, 0)
+    t.touch(rows if complete else rows[valid], time.time())
+    if complete:
+        ids, k, scores = t.ids_of(rows), rows.shape[1], res.scores
+    else:
+        ids = np.where(valid, t.ids[safe], -1)
+        scores = np.where(valid, res.scores, np.nan).astype(np.float32)
+        k = int(valid.sum(axis=1).max()) if len(rows) else 0
+    slot_classes = np.where(valid, columns[t.label_idx[safe]], -1)
+    return QueryResult.with_probs(
+        res.probs, classes=classes, labels=classes[np.argmax(res.probs, axis=1)], ids=ids, scores=scores,
+        attention=res.attention, tail_bound=res.tail_bound, exact_bound=res.certified, k=k,
+        k_requested=k_requested, slot_classes=slot_classes,
+        tail_estimate=np.maximum(1.0 - res.attention.sum(axis=1), 0.0))
 
 
 def _answer_one(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.ndarray, k_requested: int,
@@ -190,11 +222,9 @@ def retrieve(state: State, vocab: Vocabulary, q: np.ndarray, k: int) -> Retrieve
                      total_weight=t.total_weight + t.weight_error, exact=state.index.exact)
 
 
-def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature, measure=None):
-    """Re-run the queries whose tail bound (or ``measure(q, scores, rows, att)``, the estimated
-    tail) is above ``tail`` with twice the k, until met."""
-    left_out = (lambda qs, s, r, a: a.tail_bound) if measure is None else measure
-    todo = np.flatnonzero(left_out(q, scores, rows, att) > tail)
+def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature):
+    """Re-run the queries whose tail bound is above ``tail`` with twice the k, until met."""
+    todo = np.flatnonzero(att.tail_bound > tail)
     if len(todo) == 0:
         return scores, rows, att
     n_alive = state.table.n_alive
@@ -204,7 +234,7 @@ def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature, measure=No
         k = min(2 * k, n_alive)
         s2, r2 = search(state, q[todo], k)
         a2 = attention(state, vocab, s2, r2, temperature)
-        still = left_out(q[todo], s2, r2, a2) > tail
+        still = a2.tail_bound > tail
         for j, i in enumerate(todo):
             per_query[i] = (s2[j], r2[j], a2.attention[j], a2.class_idx[j], a2.tail_bound[j])
         todo = todo[still]
@@ -220,18 +250,8 @@ def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature, measure=No
 
 
 def _result(state: State, vocab: Vocabulary, scores, rows, att: Attention, k_requested: int,
-            complete: bool, estimated: tuple[np.ndarray, np.ndarray, bool] | None = None) -> QueryResult:
+            complete: bool) -> QueryResult:
     classes = state.classes(vocab)[0]
-    exact_bound = state.index.exact
-    if estimated is not None:  # the top-k's share of the estimated whole, and the rest per class
-        tail_probs, tail_estimate, certified = estimated
-        exact_bound = exact_bound or certified
-        attention_ = att.attention * (1 - tail_estimate)[:, None]
-        probs = tail_probs  # the top-k's attention joins its classes' columns (padding has none)
-        real = att.class_idx >= 0
-        np.add.at(probs, (np.nonzero(real)[0], att.class_idx[real]), attention_[real])
-        att = Attention(attention=attention_, tail_bound=att.tail_bound, class_idx=att.class_idx,
-                        n_classes=att.n_classes)
     if complete:
         ids, k = state.table.ids_of(rows), rows.shape[1]
     else:
@@ -239,11 +259,6 @@ def _result(state: State, vocab: Vocabulary, scores, rows, att: Attention, k_req
         ids = np.where(valid, state.table.ids[np.where(valid, rows, 0)], -1)
         scores = np.where(valid, scores, np.nan).astype(np.float32)
         k = int(valid.sum(axis=1).max())
-    if estimated is not None:
-        return QueryResult.with_probs(
-            probs, classes=classes, labels=classes[np.argmax(probs, axis=1)], ids=ids, scores=scores,
-            attention=att.attention, tail_bound=att.tail_bound, exact_bound=exact_bound, k=k,
-            k_requested=k_requested, slot_classes=att.class_idx, tail_estimate=tail_estimate)
     return QueryResult(
         classes=classes,
         labels=classes[top_class(att.attention, att.class_idx, len(classes))],

@@ -20,7 +20,7 @@ from .errors import DuplicateIdError, InvalidValueError, UnknownIdError
 from .index import VectorIndex
 from .labels import Vocabulary
 from .slots import SlotTable
-from .tail import CELL_SHIFT, Summaries
+from .tail import Cells
 
 # Rebuild (drop tombstones, renumber rows) once this fraction of rows is dead.
 MAX_DEAD_FRACTION = 0.25
@@ -33,8 +33,9 @@ class State:
         self.table = table
         self.index = index
         self._classes: tuple | None = None
-        self._summaries: Summaries | None = None  # built when a query first needs them
-        self._summaries_lock = threading.Lock()
+        self._cells: Cells | None = None  # built when a full answer first needs them
+        self._cells_lock = threading.Lock()
+        self._row_columns: tuple | None = None
 
     # -- reads ------------------------------------------------------------------------
     def vectors(self, rows: np.ndarray) -> np.ndarray:
@@ -54,32 +55,35 @@ class State:
             cached = self._classes = (vocab.array(present), columns)
         return cached
 
-    def summaries(self, metric: str) -> Summaries:
-        """The per-(cell, class) summaries the tail estimate reads (:mod:`engine.tail`): built
-        on first use (one pass over the vectors, the IVF lists read for the cells), then kept
-        up to date by :meth:`apply`. A rebuilt state builds its own."""
-        built = self._summaries
+    def cells(self, metric: str) -> Cells:
+        """The cells the full answer estimates by (:mod:`engine.tail`): built on first use (one
+        pass over the vectors, the IVF lists read for the cells), then kept up to date by
+        :meth:`apply`. A rebuilt state builds its own."""
+        built = self._cells
         if built is None or built.stale(self.table.n_alive):
-            with self._summaries_lock:
-                built = self._summaries
+            with self._cells_lock:
+                built = self._cells
                 if built is None or built.stale(self.table.n_alive):
                     t, index = self.table, self.index
                     row_cells = index.row_cells()
-                    built = self._summaries = Summaries.of(
+                    built = self._cells = Cells.of(
                         index.dim, metric, t.n_rows, t.live_rows(), t.label_idx, t.weights, self.vectors,
-                        index_cells=None if row_cells is None else (row_cells, index.n_cells, index.cells))
+                        index_cells=None if row_cells is None else (row_cells, index.centroids(), index.cells))
         return built
 
     @property
-    def summaries_nbytes(self) -> int:
-        """Bytes of the tail summaries (0 until built)."""
-        built = self._summaries
+    def cells_nbytes(self) -> int:
+        """Bytes of the cells (0 until built)."""
+        built = self._cells
         return built.nbytes if built is not None else 0
 
-    def group_keys(self, rows: np.ndarray) -> np.ndarray:
-        """The summary group (cell, class) of each of ``rows`` (no padding)."""
-        cells = self._summaries.cells_of(rows).astype(np.int64)
-        return (cells << CELL_SHIFT) | self.table.label_idx[rows]
+    def row_columns(self, columns: np.ndarray) -> np.ndarray:
+        """The probs column of every row's class (``columns`` from :meth:`classes`), cached
+        until the state changes."""
+        cached = self._row_columns
+        if cached is None or cached[0] is not columns or len(cached[1]) != self.table.n_rows:
+            cached = self._row_columns = (columns, np.ascontiguousarray(columns[self.table.label_idx], np.int64))
+        return cached[1]
 
     def rows_of(self, ids: np.ndarray) -> np.ndarray:
         """Row of each id, -1 where the id is not live."""
@@ -175,17 +179,22 @@ class State:
         """Change this state in place (the caller holds the exclusive lock): tombstone rows,
         append rows ``(ids, label_idx, weights or None, vectors, used)`` to the table and the index."""
         self._classes = None
-        summaries = self._summaries
-        if summaries is not None and len(kill_rows):
-            t = self.table
-            summaries.remove(kill_rows, t.label_idx[kill_rows], t.weights[kill_rows], self.vectors(kill_rows))
+        self._row_columns = None
+        cells = self._cells
+        t = self.table
+        if cells is not None and len(kill_rows):
+            lost = cells.remove(kill_rows, t.label_idx[kill_rows], t.weights[kill_rows], self.vectors(kill_rows))
+        else:
+            lost = np.empty(0, np.int64)
         self.table.kill(kill_rows)
+        if len(lost):  # running sums that lost their precision: built afresh when next read
+            self._cells = cells = None
         if append is not None:
             self.table.append(*append)
             self.index.add(append[3])
-            if summaries is not None:
+            if cells is not None:
                 ids, label_idx, weights, vectors = append[:4]
-                summaries.append(label_idx, np.ones(len(ids)) if weights is None else weights, vectors)
+                cells.append(label_idx, np.ones(len(ids)) if weights is None else weights, vectors)
 
     def too_dead(self, more_dead: int) -> bool:
         """Whether ``more_dead`` more tombstones call for a rebuild."""

@@ -106,7 +106,7 @@ def test_tail_benchmark(tmp_path):
     assert [r["case"] for r in rows] == ["learned-like", "fashion-pca"]
     for r in rows:  # the estimated tail brings probabilities closer to dense attention
         assert r["full_tv_mean"] <= r["topk_tv_mean"] + 1e-9
-        assert r["tail_bound_median"] >= r["true_omitted_median"] - 1e-6  # a certificate
+        assert r["bound_covers_tv"] == 1.0  # the certificate covers what was estimated
     assert (tmp_path / "tail.png").exists() and json.loads((tmp_path / "tail.json").read_text())["results"]
 
 

@@ -86,11 +86,11 @@ def test_queries_never_see_half_a_write(index):
 
 
 def test_readers_estimating_the_tail_while_a_thread_writes():
-    """Every write makes the tail summaries' read view stale; readers racing to rebuild it
+    """Every write makes the cells' read view stale; readers racing to rebuild it
     must each get a whole one (a serve load found readers seeing a half-built view)."""
     rng = np.random.default_rng(1)
-    mem = Memory(16, temperature=0.1)  # probs="full" by default: every query reads the summaries
-    mem.add(rng.standard_normal((6000, 16)), rng.integers(0, 300, 6000))  # a partition of its own: many groups
+    mem = Memory(16, index="HNSW8", temperature=0.1, probs="full")  # every query reads the cells
+    mem.add(rng.standard_normal((6000, 16)), rng.integers(0, 300, 6000))  # a partition of its own
 
     def check(r):
         res = mem.query(r.standard_normal((3, 16)), k=8)

@@ -377,7 +377,7 @@ def test_a_memory_saved_before_probs_existed_keeps_top_k_probabilities(tmp_path,
     manifest = tmp_path / "m" / "manifest.json"
     doc = json.loads(manifest.read_text())
     doc.pop("checksum")
-    assert doc["settings"].pop("probs") == "full"
+    assert doc["settings"].pop("probs") == "top-k"
     manifest.write_bytes(store.manifest_bytes(doc))
     got = Memory.open(tmp_path / "m").query(data[2], k=5)
     assert got.tail_estimate is None

@@ -337,10 +337,11 @@ class ShardedMemory:
         remove_placement_group(self._pg)
 
     # -- reading ------------------------------------------------------------------------
-    def query(self, queries, *, k: int = 64, tail: float | None = None, allow_partial: bool = False) -> QueryResult:
+    def query(self, queries, *, k: int = 64, tail: float | None = None, probs: str | None = None,
+              allow_partial: bool = False) -> QueryResult:
         """Exact attention over the global top-k (see :meth:`engine.Memory.query`), with
-        top-k probabilities: a sharded memory does not estimate the tail yet, as a
-        ``Memory(probs="full")`` does by default.
+        top-k probabilities, the default of every memory; ``probs="full"`` is refused (a
+        sharded memory does not merge full answers).
 
         Args:
             allow_partial: answer from the shards that are up; the tail bound then also
@@ -352,6 +353,8 @@ class ShardedMemory:
             EmptyMemoryError: no shard holds a slot.
             ShardUnavailableError: a shard did not answer (without ``allow_partial``).
         """
+        if probs not in (None, "top-k"):
+            raise InvalidValueError(f"a sharded memory answers probs='top-k' only, got probs={probs!r}")
         q = _as_sent(queries, len(checks.vectors(queries, self.dim, self.metric, "queries")), self.dim)
         k = checks.integer("k", k)
         if tail is not None:

@@ -25,10 +25,10 @@ from ..results import QueryResult
 
 
 class _Request:
-    __slots__ = ("queries", "k", "result", "error", "done")
+    __slots__ = ("queries", "k", "probs", "result", "error", "done")
 
-    def __init__(self, queries: np.ndarray, k: int):
-        self.queries, self.k = queries, k
+    def __init__(self, queries: np.ndarray, k: int, probs: str | None):
+        self.queries, self.k, self.probs = queries, k, probs
         self.result: QueryResult | None = None
         self.error: BaseException | None = None
         self.done = False
@@ -52,13 +52,13 @@ class QueryBatcher:
         self.requests = 0  # requests answered through the batcher
         self.calls = 0  # Memory.query calls they took
 
-    def query(self, queries: np.ndarray, *, k: int, tail: float | None = None) -> QueryResult:
-        """Answer like ``memory.query(queries, k=k, tail=tail)``."""
+    def query(self, queries: np.ndarray, *, k: int, tail: float | None = None, probs: str | None = None) -> QueryResult:
+        """Answer like ``memory.query(queries, k=k, tail=tail, probs=probs)``."""
         queries = np.asarray(queries)
         if (self.max_wait <= 0 or tail is not None or queries.ndim != 2 or len(queries) > self.max_rows
                 or queries.shape[1] != self.memory.dim):
-            return self.memory.query(queries, k=k, tail=tail)
-        req = _Request(queries, k)
+            return self._ask(queries, k=k, tail=tail, probs=probs)
+        req = _Request(queries, k, probs)
         with self._cond:
             self._pending.append(req)
             self.requests += 1
@@ -76,17 +76,24 @@ class QueryBatcher:
                 self._cond.wait(left)
             batch, self._pending = self._pending, []
             self._leading = False
-        for group_k in dict.fromkeys(r.k for r in batch):
-            self._answer([r for r in batch if r.k == group_k], group_k)
+        for key in dict.fromkeys((r.k, r.probs) for r in batch):  # one call per (k, probs)
+            self._answer([r for r in batch if (r.k, r.probs) == key], *key)
         with self._cond:
             self._cond.notify_all()
         return self._outcome(req)
 
-    def _answer(self, group: list[_Request], k: int) -> None:
+    def _ask(self, queries, *, k: int, tail: float | None = None, probs: str | None = None) -> QueryResult:
+        """``memory.query``, passing ``probs`` only when a caller chose it (a memory of another
+        kind may not take it)."""
+        if probs is None:
+            return self.memory.query(queries, k=k, tail=tail)
+        return self.memory.query(queries, k=k, tail=tail, probs=probs)
+
+    def _answer(self, group: list[_Request], k: int, probs: str | None) -> None:
         """One query for the whole group; if it fails, each request on its own."""
         self.calls += 1
         try:
-            res = self.memory.query(np.concatenate([r.queries for r in group]), k=k)
+            res = self._ask(np.concatenate([r.queries for r in group]), k=k, probs=probs)
         except Exception:
             res = None
         lo = 0
@@ -96,7 +103,7 @@ class QueryBatcher:
                     r.result = res.rows(lo, lo + len(r.queries))
                 else:
                     self.calls += 1
-                    r.result = self.memory.query(r.queries, k=k)
+                    r.result = self._ask(r.queries, k=k, probs=probs)
             except Exception as exc:  # handed to the caller, not raised in the leader
                 r.error = exc
             lo += len(r.queries)

@@ -90,14 +90,18 @@ class Client:
         self._action("snapshot")
 
     # -- reads -----------------------------------------------------------------------------
-    def query(self, queries, *, k: int = 64, tail: float | None = None) -> QueryResult:
-        """Classify queries on the server (see :meth:`engine.Memory.query`); large batches stream in chunks."""
+    def query(self, queries, *, k: int = 64, tail: float | None = None, probs: str | None = None) -> QueryResult:
+        """Classify queries on the server (see :meth:`engine.Memory.query`; ``probs`` "full" or
+        "top-k" for this call, default the served memory's); large batches stream in chunks."""
+        if probs is not None and probs not in ("full", "top-k"):
+            raise errors.InvalidValueError(f"probs must be one of ('full', 'top-k'), got {probs!r}")
         q = np.asarray(queries, dtype=np.float32)
         if q.ndim == 1:
             q = q[None, :]
         if q.ndim != 2:
             raise errors.DimensionError(f"queries must be 2-d, got shape {q.shape}")
-        descriptor = fl.FlightDescriptor.for_command(wire.command(memory=self.memory, op="query", k=k, tail=tail))
+        descriptor = fl.FlightDescriptor.for_command(wire.command(memory=self.memory, op="query", k=k, tail=tail,
+                                                                    **({} if probs is None else {"probs": probs})))
         parts = []
         with _errors():
             writer, reader = self._flight.do_exchange(descriptor, self._options)

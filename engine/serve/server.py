@@ -36,7 +36,8 @@ _PUT = {"memory": wire.MEMORY, "op": (lambda v: v == "add", "'add'", False),
         "upsert": (lambda v: isinstance(v, bool), "true or false", False)}
 _EXCHANGE = {"memory": wire.MEMORY, "op": (lambda v: v == "query", "'query'", False),
              "k": (lambda v: wire.is_int(v) and v >= 1, "an integer >= 1", False),
-             "tail": (lambda v: v is None or (wire.is_number(v) and 0 < v < 1), "a number in (0, 1) or null", False)}
+             "tail": (lambda v: v is None or (wire.is_number(v) and 0 < v < 1), "a number in (0, 1) or null", False),
+             "probs": (lambda v: v is None or v in ("full", "top-k"), "'full', 'top-k' or null", False)}
 _GET = {"memory": wire.MEMORY, "ids": (wire.is_int_list, "a list of integers", True)}
 _ACTIONS = {
     "remove": {"memory": wire.MEMORY, "ids": (wire.is_int_list, "a list of integers", True)},
@@ -172,7 +173,7 @@ class MemoryServer(fl.FlightServerBase):
         def body():
             cmd = wire.fields(wire.parse_command(descriptor.command or b"", "descriptor"), "descriptor", _EXCHANGE)
             batcher = self._batchers[self._memory_name(cmd)]
-            k, tail = cmd.get("k", 64), cmd.get("tail")
+            k, tail, probs = cmd.get("k", 64), cmd.get("tail"), cmd.get("probs")
             started = False
             for chunk in reader:
                 if chunk.data is None:
@@ -181,7 +182,7 @@ class MemoryServer(fl.FlightServerBase):
                     raise ValueError(f"query batch of {chunk.data.num_rows} rows exceeds max_rows={self.max_rows}")
                 queries = wire.vectors_from(chunk.data)
                 for lo in range(0, len(queries), self.chunk_rows):
-                    res = batcher.query(queries[lo : lo + self.chunk_rows], k=k, tail=tail)
+                    res = batcher.query(queries[lo : lo + self.chunk_rows], k=k, tail=tail, probs=probs)
                     batch = _result_batch(res)
                     if not started:
                         writer.begin(batch.schema)

@@ -1,44 +1,33 @@
-"""The attention mass top-k leaves out, estimated from per-partition summaries.
+"""Full-attention probabilities: the attention mass of every slot, exact where the search
+scored it and estimated beyond, with a certificate on what was not scored.
 
-Matching Networks attend over the whole support set; the engine reads only the top-k
-slots exactly. With many slots and a moderate temperature most of the mass lies outside
-the top-k (at 1M slots and T = 0.05, 59-66% at the median on bench/tail.py's data), so
-top-k probabilities are not those of the model that was trained. This module estimates,
-per class, the mass of the slots left out, at a cost that depends on the number of
-groups, not of slots, and bounds it (a certificate).
+Matching Networks attend over the whole support set; the engine reads only what its
+index scores. With many slots and a moderate temperature most of the mass lies outside
+the top-k, so top-k probabilities are not those of the model that was trained. A full
+answer (:func:`engine.tail.full.answer`) counts every slot the search scored exactly
+(every slot of a Flat memory, every slot of the lists an IVF-Flat query probes, the
+retrieved slots otherwise) and estimates the rest cell by cell (:mod:`engine.tail.cells`),
+at a cost that grows with the cells and the classes that carry mass, not with
+cells x classes.
 
-Slots are split into groups, one per (cell, class): a cell is an IVF list when the index
-has them, else a cell of a k-means partition made here (:func:`partition_size` cells;
-one, the whole memory, below 4,096 slots). A group keeps its slot count, its mass
-``W = sum w_i``, the mass-weighted sum of its vectors ``S = sum w_i z_i``, a fixed
-pivot and its reach (how far any slot it held lies from the pivot), kept up to date on
-every write and rebuilt with the state.
-
-The estimate of a group's attention mass ``sum w_i exp(q.z_i / T)``:
+The estimate of a cell's attention mass ``sum w_i exp(q.z_i / T)``:
 
 - cosine memories: the slots are modelled as a von Mises-Fisher distribution on the unit
   sphere with mean direction ``S / |S|`` and a concentration ``kappa`` fitted to the mean
   resultant length ``R = |S| / W`` (Banerjee et al. 2005, "Clustering on the unit
   hypersphere using von Mises-Fisher distributions", eq. 4.4). The mass is then ``W``
-  times the distribution's moment generating function at ``q / T``,
-  ``C_d(kappa) / C_d(|kappa mu + q / T|)``, computed in log space through the uniform
-  (Debye) expansion of the Bessel function ``I_{d/2-1}``;
+  times the distribution's moment generating function at ``q / T``, computed in log space
+  through the uniform (Debye) expansion of the Bessel function ``I_{d/2-1}``;
 - inner-product memories: the first-order ``W exp(q.mu / T)``, ``mu = S / W``.
 
-Both are exact when a group's slots are identical (``R = 1``). For a query, the slots
-it retrieved are taken out of their groups first (their mass from ``W``, their scores
-from ``q.S``), and each group's estimate is capped at ``W' exp(s_k / T)``: with an exact
-index no slot left out scores above the k-th.
-
-The certificate (:meth:`Summaries.estimate` with ``capped``) bounds each group by its
-remaining mass times ``exp(u / T)``, ``u`` the most a slot within the reach of the pivot
-can score, capped at ``s_k`` where the search saw the whole group.
+Each cell's estimate is capped by its certificate: its mass bound times ``exp(u / T)``,
+``u`` the most a slot within the cell's reach of its pivot can score.
 """
 
 from __future__ import annotations
 
-from .summaries import CELL_SHIFT, Summaries, partition_size
+from .cells import Cells, partition_size
 from .vmf import class_tail_torch, kappa_from_resultant, log_vmf_mgf, log_vmf_mgf_torch
 
-__all__ = ["CELL_SHIFT", "Summaries", "class_tail_torch", "kappa_from_resultant", "log_vmf_mgf",
+__all__ = ["Cells", "class_tail_torch", "kappa_from_resultant", "log_vmf_mgf",
            "log_vmf_mgf_torch", "partition_size"]
