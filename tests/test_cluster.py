@@ -123,6 +123,17 @@ def test_every_memory_kind_speaks_the_protocol(pair):
     assert issubclass(engine.Client, MemoryLike)
 
 
+def test_every_memory_kind_answers_top_k_by_default_and_a_sharded_one_refuses_full(pair, slots):
+    sharded, single, _ = pair
+    q = slots[2][:20]
+    got, want = sharded.query(q, k=16), single.query(q, k=16, probs="top-k")
+    np.testing.assert_array_equal(got.labels, want.labels)
+    np.testing.assert_allclose(got.attention, want.attention, atol=1e-9)
+    assert sharded.query(q, k=16, probs="top-k").tail_estimate is None
+    with pytest.raises(engine.InvalidValueError, match="top-k"):
+        sharded.query(q, k=16, probs="full")
+
+
 def test_import_engine_does_not_import_ray():
     code = "import sys, engine; assert 'ray' not in sys.modules, 'ray imported'"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))

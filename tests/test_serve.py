@@ -345,3 +345,20 @@ def test_a_served_memory_with_full_probs_sends_its_tail_estimate(tmp_path, data)
         np.testing.assert_allclose(got.attention.sum(axis=1) + got.tail_estimate, 1.0, atol=1e-9)
     finally:
         server.shutdown()
+
+
+def test_a_client_chooses_the_probability_mode_per_call(served, data):
+    """Client.query(probs=) answers as the embedded memory does in that mode, and a bad
+    mode is refused before anything is sent."""
+    server, mem = served
+    x, y, q = data
+    mem.add(x, y)
+    c = client(server)
+    for probs in ("full", "top-k"):
+        got, want = c.query(q, k=10, probs=probs), mem.query(q, k=10, probs=probs)
+        same_result(got, want)
+        assert (got.tail_estimate is None) == (probs == "top-k")
+    same_result(c.query(q, k=10), mem.query(q, k=10))  # the memory's own mode, top-k
+    assert c.query(q, k=10).tail_estimate is None
+    with pytest.raises(engine.InvalidValueError, match="probs"):
+        c.query(q, k=10, probs="all")
