@@ -15,7 +15,7 @@ import numpy as np
 
 from .attention import Attention, attend, top_class
 from .labels import Vocabulary
-from .results import QueryResult, Retrieved
+from .results import QueryResult, Retrieved, SparseProbs
 from .state import State
 from .tail import full
 
@@ -67,13 +67,18 @@ def _grow_full(state: State, vocab: Vocabulary, q, res: full.FullAnswer, tail: f
     widest = max(p.rows.shape[1] for _, p in parts)
     wide = (("scores", -np.inf), ("rows", -1), ("attention", 0.0))
     out = {name: _padded(getattr(res, name), widest, fill) for name, fill in wide}
-    out.update(probs=res.probs.copy(), tail_bound=res.tail_bound.copy(), scored=res.scored.copy())
+    probs = _dense_probs(res.probs).copy()
+    out.update(tail_bound=res.tail_bound.copy())
     for at, p in parts[1:]:
         for name, fill in wide:
             out[name][at] = _padded(getattr(p, name), widest, fill)
-        for name in ("probs", "tail_bound", "scored"):
-            out[name][at] = getattr(p, name)
-    return full.FullAnswer(certified=all(p.certified for _, p in parts), **out)
+        out["tail_bound"][at] = p.tail_bound
+        probs[at] = _dense_probs(p.probs)
+    return full.FullAnswer(probs=probs, certified=all(p.certified for _, p in parts), **out)
+
+
+def _dense_probs(probs) -> np.ndarray:
+    return probs.dense() if isinstance(probs, SparseProbs) else probs
 
 
 def _padded(x: np.ndarray, width: int, fill) -> np.ndarray:
@@ -100,7 +105,7 @@ def _full_result(state: State, vocab: Vocabulary, res: full.FullAnswer, k_reques
         k = int(valid.sum(axis=1).max()) if len(rows) else 0
     slot_classes = np.where(valid, columns[t.label_idx[safe]], -1)
     return QueryResult.with_probs(
-        res.probs, classes=classes, labels=classes[np.argmax(res.probs, axis=1)], ids=ids, scores=scores,
+        res.probs, classes=classes, labels=classes[res.labels()], ids=ids, scores=scores,
         attention=res.attention, tail_bound=res.tail_bound, exact_bound=res.certified, k=k,
         k_requested=k_requested, slot_classes=slot_classes,
         tail_estimate=np.maximum(1.0 - res.attention.sum(axis=1), 0.0))

@@ -8,6 +8,53 @@ import numpy as np
 
 
 @dataclass(frozen=True)
+class SparseProbs:
+    """Class probabilities that carry mass on few of many classes: per query, the classes
+    scored or estimated by name (CSR: ``indptr``, ``columns``, ``values``), plus a rest
+    ``rest`` shared by every class in proportion to ``prior``. ``dense()`` is the (n, C)
+    matrix; ``argmax()`` the most probable column without building it."""
+
+    indptr: np.ndarray
+    columns: np.ndarray
+    values: np.ndarray
+    rest: np.ndarray
+    prior: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.indptr) - 1
+
+    def dense(self) -> np.ndarray:
+        out = self.rest[:, None] * self.prior[None, :]
+        rows = np.repeat(np.arange(len(self)), np.diff(self.indptr))
+        np.add.at(out, (rows, self.columns), self.values)
+        return out
+
+    def rows(self, lo: int, hi: int) -> "SparseProbs":
+        a, b = self.indptr[lo], self.indptr[hi]
+        return SparseProbs(self.indptr[lo:hi + 1] - a, self.columns[a:b], self.values[a:b], self.rest[lo:hi],
+                           self.prior)
+
+    def argmax(self) -> np.ndarray:
+        n = len(self)
+        counts = np.diff(self.indptr)
+        rows = np.repeat(np.arange(n), counts)
+        full = self.values + self.rest[rows] * self.prior[self.columns]
+        best = np.full(n, -1, np.int64)
+        best_value = np.full(n, -np.inf)
+        named = np.flatnonzero(counts > 0)
+        if len(named):
+            best_value[named] = np.maximum.reduceat(full, self.indptr[:-1][named])
+            at = np.flatnonzero(full == best_value[rows])  # the first column reaching its row's largest
+            first = at[np.unique(rows[at], return_index=True)[1]]
+            best[rows[first]] = self.columns[first]
+        # a class named in no row can still win through the rest alone: those rows get the dense answer
+        doubt = self.rest * (self.prior.max() if len(self.prior) else 0.0) >= best_value
+        for i in np.flatnonzero(doubt):
+            best[i] = int(np.argmax(self.rows(i, i + 1).dense()[0]))
+        return best
+
+
+@dataclass(frozen=True)
 class QueryResult:
     """The answer to a batch of queries.
 
@@ -55,6 +102,8 @@ class QueryResult:
     def probs(self) -> np.ndarray:
         """(n, C) class probabilities p(c) (columns: ``classes``): from top-k attention, plus the
         estimated rest when the memory estimates it (``tail_estimate``)."""
+        if isinstance(self._probs, SparseProbs):
+            object.__setattr__(self, "_probs", self._probs.dense())
         if self._probs is None:
             from .attention import class_probs
 
@@ -63,7 +112,8 @@ class QueryResult:
 
     @classmethod
     def with_probs(cls, probs: np.ndarray, **fields) -> "QueryResult":
-        """A result whose dense ``probs`` are already known (e.g. received from a server)."""
+        """A result whose ``probs`` are already known: dense (e.g. received from a server), or
+        :class:`SparseProbs`, made dense when first read."""
         return cls(**fields, _probs=probs)
 
     def rows(self, lo: int, hi: int) -> "QueryResult":
@@ -79,7 +129,9 @@ class QueryResult:
                       missing_shards=self.missing_shards,
                       tail_estimate=None if self.tail_estimate is None else self.tail_estimate[lo:hi])
         if self._probs is not None:
-            return QueryResult.with_probs(self._probs[lo:hi], **sliced)
+            probs = self._probs
+            return QueryResult.with_probs(probs.rows(lo, hi) if isinstance(probs, SparseProbs) else probs[lo:hi],
+                                          **sliced)
         return QueryResult(**sliced)
 
     @property

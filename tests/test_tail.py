@@ -219,3 +219,38 @@ def test_stats_count_the_cells_once_built():
     # each slot's cell (4 bytes) and each class's mass and vector sum
     assert after.bytes_tail >= 6000 * 4 + 12 * 8 * (DIM + 1)
     assert after.bytes_total == before.bytes_total + after.bytes_tail
+
+
+@pytest.mark.parametrize("index", ["HNSW32", "IVF16,Flat"])
+@pytest.mark.parametrize("temperature", [1e-1, 1e-2, 5e-4])
+@pytest.mark.parametrize("spread", [2.0, 1e30])
+def test_small_temperatures_huge_masses_and_few_dimensions_stay_finite(index, temperature, spread):
+    """Low dimensions and a tiny T are where a cell's model is worst and exponentials
+    overflow first; masses up to 1e30 push them further. The answer must stay finite and
+    within twice its bound of dense attention; with masses of one order, where dense
+    attention is nearly one-hot, the full answer must name the same class."""
+    rng = np.random.default_rng(0)
+    d, n = 8, 1500
+    x = rng.standard_normal((n, d)).astype(np.float32)
+    y = rng.integers(0, 3, n)
+    mem = Memory(d, index=index, temperature=temperature, probs="full", nprobe=1 if index.startswith("IVF") else None)
+    mem.add(x, y, weights=np.exp(rng.uniform(0, np.log(spread), n)))
+    q = x[:20] + 0.3 * rng.standard_normal((20, d)).astype(np.float32)
+    res = mem.query(q, k=4)
+    assert np.isfinite(res.probs).all() and np.isfinite(res.attention).all() and np.isfinite(res.tail_bound).all()
+    np.testing.assert_allclose(res.probs.sum(axis=1), 1.0, atol=1e-9)
+    _, p, _ = reference(mem, q, res.classes)
+    assert (total_variation(res.probs, p) <= 2 * res.tail_bound + 1e-6).all()
+    sharp = p.max(axis=1) > 0.99
+    if spread < 10 and sharp.any():  # at least as often right as top-k (which misses what the search missed)
+        topk = mem.query(q, k=4, probs="top-k")
+        right = lambda r: (np.argmax(r.probs, axis=1)[sharp] == np.argmax(p, axis=1)[sharp]).mean()  # noqa: E731
+        assert right(res) >= right(topk)
+
+
+def test_a_lossy_index_asked_for_every_slot_is_not_certified(rng):
+    x, y = clustered(3000, DIM, n_classes=6, seed=2)
+    mem = Memory(DIM, index="IVF4,PQ4x4", rescore=False, temperature=0.1, probs="full")
+    mem.add(x, y)
+    res = mem.query(QUERIES, k=len(mem))
+    assert not res.exact_bound

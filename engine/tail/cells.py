@@ -102,8 +102,11 @@ class Cells:
             row_cells, n_cells = None, partition_size(len(live))
             if n_cells > 1:
                 assign, centroids = kmeans_partition(dim, metric, n_cells, vectors, live, seed)
-            else:
-                centroids = np.zeros((1, dim), np.float32)
+            else:  # one cell, its pivot the mean of the slots
+                total = np.zeros(dim)
+                for lo in range(0, len(live), chunk):
+                    total += np.asarray(vectors(live[lo:lo + chunk]), np.float64).sum(axis=0)
+                centroids = (total / max(len(live), 1))[None, :].astype(np.float32)
                 assign = lambda v: np.zeros(len(v), np.int32)  # noqa: E731
         out = cls(dim, metric, centroids, assign, own=index_cells is None, trained_on=len(live))
         out._row_cell.extend(row_cells if row_cells is not None else np.zeros(n_rows, np.int32))
@@ -252,5 +255,7 @@ class CellView:
         else:
             self.label_resultant = self.label_kappa = None
             lunit = cells.label_sums / lsafe[:, None]
-        self.label_unit_t = np.ascontiguousarray(lunit.T, np.float32)
-        self.nbytes = int(self.unit_t.nbytes + self.pivot_t.nbytes + self.label_unit_t.nbytes)
+        self.label_means = np.ascontiguousarray(lunit, np.float64)  # what the (query, class) kernel reads
+        self.label_kappa_or_empty = np.empty(0) if self.label_kappa is None else self.label_kappa
+        self.label_log_mass64 = self.label_log_mass.astype(np.float64)
+        self.nbytes = int(self.unit_t.nbytes + self.pivot_t.nbytes + self.label_means.nbytes)

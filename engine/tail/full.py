@@ -10,11 +10,20 @@ Three routes, by what the index scores:
 - *the top-k* (HNSW, codes, transforms): the retrieved slots count exactly; every cell of
   the memory's own partition is estimated, less what the query retrieved from it.
 
-The rest's total is the sum of its cells' estimates; it is shared among classes by
-what each class's own estimate exceeds the mass already scored of it. The certificate bounds what was not scored, cell by cell (its mass
-bound times ``exp(u / T)``, ``u`` the most a slot within its reach of the pivot can
-score); it is exact for the first route (0) and a certificate for the others wherever
-scores are exact.
+The rest's total is the sum of its cells' estimates, each capped at its mass times
+``exp(s_k / T)``: what the search left out scores at most the k-th it found, as far as
+its recall goes (calibrated for 0.98 of the top-64). Without the cap, a diffuse cell's
+model (in few dimensions, at a small T) claims mass its few slots do not have. It goes to candidate classes,
+each up to what its own vMF estimate exceeds its scored mass, and what is left is shared
+by every class in proportion to its mass. Up to :data:`EVERY_CLASS` classes (and always
+on the top-k route) every class is a candidate; beyond, only the classes the search
+scored, so the answer (:class:`~engine.results.SparseProbs`) names those alone.
+
+The certificate bounds what was not scored, cell by cell (its mass bound times
+``exp(u / T)``, ``u`` the most a slot within its reach of the pivot can score), in log
+space; it is 0 on the first route and a certificate on the others wherever scores are
+exact. Every mass is taken relative to the query's best score, and the estimate to its
+own largest term, so no temperature or mass overflows.
 """
 
 from __future__ import annotations
@@ -23,23 +32,33 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..results import SparseProbs
 from .cells import CellView
 
 CHUNK = 256  # queries estimated at a time
 DENSE_CHUNK = 4096  # slots scored at a time by the dense route
+# up to this many classes each is a candidate for the estimated rest; above it only the classes
+# the search scored are (the rest of the rest is shared by class mass)
+EVERY_CLASS = 4096
+MARGIN = 1e-5  # the certificate's margin above float32 rounding, in log units (plus 2.5e-7 / T)
 
 
 @dataclass
 class FullAnswer:
-    """What a query result needs of a full answer (every mass in the query's own unit)."""
+    """What a query result needs of a full answer."""
 
     scores: np.ndarray  # (n, k) float32, best first, -inf padding
     rows: np.ndarray  # (n, k) table rows, -1 padding
     attention: np.ndarray  # (n, k) share of the whole (estimated) attention of each top-k slot
-    probs: np.ndarray  # (n, C)
+    probs: np.ndarray | SparseProbs  # (n, C)
     tail_bound: np.ndarray  # (n,) bound on the share of attention that was not scored
     certified: bool  # whether tail_bound is a certificate (scores exact, masses bounded)
-    scored: np.ndarray  # (n,) share of the attention that was scored exactly
+
+    def labels(self) -> np.ndarray:
+        """The most probable column of each query."""
+        if isinstance(self.probs, SparseProbs):
+            return self.probs.argmax()
+        return np.argmax(self.probs, axis=1)
 
 
 def answer(state, vocab, q: np.ndarray, k: int, temperature: float, metric: str,
@@ -59,96 +78,194 @@ def answer(state, vocab, q: np.ndarray, k: int, temperature: float, metric: str,
 # -- routes ---------------------------------------------------------------------------------
 def _dense(state, q, k, inv_t, n_classes, columns) -> FullAnswer:
     from ..query import search
+    from . import kernels  # numba loads only where a full answer is asked for
 
     table = state.table
     scores, rows = search(state, q, k)
     valid = rows >= 0
     q64 = q.astype(np.float64)
     safe = np.where(valid, rows, 0)
-    s64 = np.where(valid, np.einsum("nd,nkd->nk", q64, state.vectors(safe.ravel()).reshape(*rows.shape, -1)
-                                    .astype(np.float64)), -np.inf)
-    log_shift = np.where(valid, s64, -np.inf).max(axis=1) * inv_t
-    log_shift = np.where(np.isfinite(log_shift), log_shift, 0.0)
+    top = state.vectors(safe.ravel()).reshape(*rows.shape, -1).astype(np.float64)
+    s64 = np.where(valid, np.einsum("nd,nkd->nk", q64, top), -np.inf)
+    log_shift = _finite(s64.max(axis=1) * inv_t)
     mass = np.zeros((len(q), n_classes))
     row_columns = np.where(table.alive, columns[table.label_idx], -1)
     weights = np.ascontiguousarray(table.weights, np.float64)
-    from . import kernels  # numba loads only where a full answer is asked for
-
     for lo in range(0, table.n_rows, DENSE_CHUNK):
         hi = min(table.n_rows, lo + DENSE_CHUNK)
         v = state.vectors(np.arange(lo, hi)).astype(np.float64)
         kernels.add_dense(q64 @ v.T, row_columns[lo:hi], weights[lo:hi], inv_t, log_shift, mass)
     z = mass.sum(axis=1)
     att = _top_attention(table, s64, rows, valid, inv_t, log_shift, z)
-    return FullAnswer(scores, rows, att, mass / z[:, None], np.zeros(len(q)), True, np.ones(len(q)))
+    certified = not (state.index.lossy and not table.keep_vectors)  # scores from codes are not exact
+    return FullAnswer(scores, rows, att, mass / z[:, None], np.zeros(len(q)), certified)
 
 
 def _lists(state, q, k, inv_t, n_classes, columns, metric, nprobe) -> FullAnswer:
+    from . import kernels  # numba loads only where a full answer is asked for
+
     table, index = state.table, state.index
-    cells = state.cells(metric)
-    view = cells.view()
-    n = len(q)
-    nprobe = min(nprobe or index.breadth(k)[0], view.n_cells)
+    view = state.cells(metric).view()
+    n, n_cells = len(q), view.n_cells
+    nprobe = min(nprobe or index.breadth(k)[0], n_cells)
     near = q @ index.centroids_t  # q . centroid of every list: the coarse search, once
-    probed = np.argpartition(-near, nprobe - 1, axis=1)[:, :nprobe] if nprobe < view.n_cells else \
-        np.broadcast_to(np.arange(view.n_cells), (n, view.n_cells))
+    probed = np.argpartition(-near, nprobe - 1, axis=1)[:, :nprobe] if nprobe < n_cells else \
+        np.broadcast_to(np.arange(n_cells), (n, n_cells))
     probed = np.ascontiguousarray(probed, np.int64)
     lims, d, r = index.scan_lists(q, probed, np.take_along_axis(near, probed, 1),
                                   table.alive if table.n_dead else None)
-    mass, top_s, top_r, log_shift = _scan(state, lims, d, r, inv_t, k, n_classes, columns)
-    scored = mass.sum(axis=1)
-    unprobed = np.ones((n, view.n_cells), bool)
-    np.put_along_axis(unprobed, probed, False, 1)
-    pivot_cos = near * index.inv_centroid_norm if metric == "cosine" else None
-    est_total, bound = _estimate(view, q, unprobed, None, inv_t, log_shift, scored, columns, mass,
-                                 pivot_cos=pivot_cos)
-    z = scored + est_total
+    out_columns = np.empty(len(d), np.int64)
+    out_values = np.empty(len(d))
+    out_count = np.empty(n, np.int64)
+    top_s, top_r = np.empty((n, k), np.float32), np.empty((n, k), np.int64)
+    log_shift = np.empty(n)
+    weights = np.empty(0) if table.unit_weights else np.ascontiguousarray(table.weights, np.float64)
+    kernels.scan_scored(lims, d, r, state.row_columns(columns), weights, inv_t, k, n_classes,
+                        max(1, min(n, 64)), out_columns, out_values, out_count, top_s, top_r, log_shift)
+    keep = np.repeat(lims[:-1].astype(np.int64), out_count) + _ranks(out_count)
+    pair_query = np.repeat(np.arange(n), out_count)
+    exact = _Exact(pair_query, out_columns[keep], out_values[keep], n)
+    unscored = np.ones((n, n_cells), bool)
+    np.put_along_axis(unscored, probed, False, 1)
     valid = top_r >= 0
-    att = _top_attention(table, top_s.astype(np.float64), top_r, valid, inv_t, log_shift, z)
-    certified = not index.lossy
-    return FullAnswer(top_s, top_r, att, mass / z[:, None], _share(bound, scored), certified, scored / z)
+    lowest = np.where(valid, top_s, np.inf).min(axis=1).astype(np.float64)
+    probs, delta, log_bound = _rest(view, kernels, q, exact, unscored, None, inv_t, log_shift, lowest, columns)
+    att = _top_attention(table, top_s.astype(np.float64), top_r, valid, inv_t, log_shift + delta, probs.z)
+    return FullAnswer(top_s, top_r, att, probs.result, _share(log_bound, exact.total), not index.lossy)
 
 
 def _retrieved(state, q, k, inv_t, n_classes, columns, metric) -> FullAnswer:
     from ..query import search
+    from . import kernels  # numba loads only where a full answer is asked for
 
     table = state.table
     scores, rows = search(state, q, k)
+    n = len(q)
     valid = rows >= 0
     safe = np.where(valid, rows, 0)
     s64 = np.where(valid, scores, -np.inf).astype(np.float64)
-    log_shift = s64.max(axis=1) * inv_t
-    log_shift = np.where(np.isfinite(log_shift), log_shift, 0.0)
+    log_shift = _finite(s64.max(axis=1) * inv_t)
     w = table.weights[safe]
     e = np.where(valid, w * np.exp(s64 * inv_t - log_shift[:, None]), 0.0)
-    mass = np.zeros((len(q), n_classes))
-    qi = np.broadcast_to(np.arange(len(q))[:, None], rows.shape)
-    np.add.at(mass, (qi[valid], columns[table.label_idx[safe[valid]]]), e[valid])
-    scored = mass.sum(axis=1)
+    qi = np.broadcast_to(np.arange(n)[:, None], rows.shape)
+    key = qi[valid] * max(n_classes, 1) + columns[table.label_idx[safe[valid]]]
+    pairs, inv = np.unique(key, return_inverse=True)
+    exact = _Exact(pairs // max(n_classes, 1), pairs % max(n_classes, 1),
+                   np.bincount(inv, weights=e[valid], minlength=len(pairs)), n)
     cells = state.cells(metric)
     view = cells.view()
     taken = (qi[valid], cells.cells_of(safe[valid]).astype(np.int64), w[valid], s64[valid])
-    est_total, bound = _estimate(view, q, None, taken, inv_t, log_shift, scored, columns, mass)
-    z = scored + est_total
-    att = _top_attention(table, s64, rows, valid, inv_t, log_shift, z)
+    lowest = np.where(valid, s64, np.inf).min(axis=1)
+    probs, delta, log_bound = _rest(view, kernels, q, exact, None, taken, inv_t, log_shift, lowest, columns)
+    att = _top_attention(table, s64, rows, valid, inv_t, log_shift + delta, probs.z)
     certified = not (state.index.lossy and not table.keep_vectors)
-    return FullAnswer(scores, rows, att, mass / z[:, None], _share(bound, scored), certified, scored / z)
+    return FullAnswer(scores, rows, att, probs.result, _share(log_bound, exact.total), certified)
 
 
 # -- pieces ---------------------------------------------------------------------------------
-def _scan(state, lims, d, r, inv_t, k, n_classes, columns):
-    table = state.table
-    n = len(lims) - 1
-    mass = np.zeros((n, n_classes))
-    top_s = np.empty((n, k), np.float32)
-    top_r = np.empty((n, k), np.int64)
-    log_shift = np.empty(n)
-    weights = np.empty(0) if table.unit_weights else np.ascontiguousarray(table.weights, np.float64)
-    from . import kernels  # numba loads only where a full answer is asked for
+class _Exact:
+    """Each query's exactly scored mass per class, as (query, column, mass) pairs sorted by
+    query, in the unit ``exp(log_shift)``."""
 
-    kernels.scan_scored(lims, d, r, state.row_columns(columns), weights, inv_t, k, mass, top_s, top_r, log_shift)
-    log_shift = np.where(np.isfinite(log_shift), log_shift, 0.0)
-    return mass, top_s, top_r, log_shift
+    def __init__(self, query, column, mass, n):
+        self.query, self.column, self.mass = query, np.asarray(column, np.int64), mass
+        self.total = np.bincount(query, weights=mass, minlength=n)
+        self.indptr = np.r_[0, np.cumsum(np.bincount(query, minlength=n))]
+        self.n = n
+
+    def every_column(self, n_columns: int) -> "_Exact":
+        """The same masses as (query, column) pairs for every column (0 where none was scored)."""
+        mass = np.zeros(self.n * n_columns)
+        mass[self.query * n_columns + self.column] = self.mass
+        return _Exact(np.repeat(np.arange(self.n), n_columns), np.tile(np.arange(n_columns), self.n), mass, self.n)
+
+
+@dataclass
+class _Probs:
+    result: SparseProbs
+    z: np.ndarray  # (n,) the whole mass, in the unit exp(log_shift + delta)
+
+
+def _rest(view: CellView, kernels, q, exact: _Exact, unscored, taken, inv_t, log_shift, lowest,
+          columns) -> tuple[_Probs, np.ndarray, np.ndarray]:
+    """(the probabilities, each query's extra log shift ``delta``, the log of the
+    certificate on what was not scored, relative to ``log_shift``).
+
+    ``unscored``: (n, cells) which cells were not scanned (None: every cell is estimated);
+    ``taken``: (query, cell, mass, score) of slots scored outside whole scanned cells,
+    taken out of their cells' estimates and bounds."""
+    n = len(q)
+    rest = np.zeros(n)
+    log_bound = np.full(n, -np.inf)
+    delta = np.zeros(n)
+    margin = np.float32(2.5e-7 * inv_t + MARGIN)
+    for lo in range(0, n, CHUNK):
+        hi = min(n, lo + CHUNK)
+        qc = q[lo:hi]
+        shift32 = log_shift[lo:hi].astype(np.float32)[:, None]
+        top = _most(view, qc, inv_t)  # u / T per cell
+        est = _log_model(view.kappa, view.dim, qc @ view.unit_t, inv_t)
+        np.minimum(est, top, out=est)  # no cell holds more than its bound allows ...
+        np.minimum(est, (lowest[lo:hi] * inv_t).astype(np.float32)[:, None], out=est)  # ... nor beats s_k
+        est += view.log_mass.astype(np.float32)
+        est -= shift32
+        top += view.log_mass_bound.astype(np.float32)
+        top -= shift32
+        if unscored is not None:
+            est[~unscored[lo:hi]] = -np.inf
+            top[~unscored[lo:hi]] = -np.inf
+        est64, top64 = est.astype(np.float64), top.astype(np.float64)
+        d = np.maximum(_finite(est64.max(axis=1)), 0.0)  # the estimate's own largest term, if above the best score
+        b = _finite(top64.max(axis=1))
+        est64 = np.exp(est64 - d[:, None])
+        bound = np.exp(top64 - b[:, None])
+        if taken is not None:
+            _take_out(view, qc, est64, bound, taken, lo, hi, inv_t, log_shift[lo:hi] + d, log_shift[lo:hi] + b,
+                      lowest[lo:hi] * inv_t)
+        with np.errstate(divide="ignore"):
+            log_bound[lo:hi] = np.log(bound.sum(axis=1)) + b + margin
+        rest[lo:hi] = est64.sum(axis=1)
+        delta[lo:hi] = d
+    label_of_column = np.flatnonzero(columns >= 0)  # columns number the live labels in order
+    every = taken is not None or len(label_of_column) <= EVERY_CLASS  # every class a candidate for the rest
+    if every:
+        exact = exact.every_column(len(label_of_column))
+    # the rest goes to the classes scored, each up to what its own estimate exceeds its scored mass
+    scale = np.exp(-delta)
+    scored = exact.total * scale
+    have = exact.mass * scale[exact.query]
+    groups = label_of_column[exact.column] if len(exact.column) else np.empty(0, np.int64)
+    log_e = np.empty(len(groups))
+    nu = max(view.dim / 2 - 1, 0.5)
+    if every:  # one product with every class's mean direction
+        dots = (q @ np.ascontiguousarray(view.label_means[label_of_column].T, np.float32)).ravel()
+        kernels.log_mass_of_dots(dots.astype(np.float64), groups, view.label_kappa_or_empty,
+                                 view.label_log_mass64, inv_t, nu, log_e)
+    else:
+        kernels.pair_log_mass(q, exact.query, groups, view.label_means, view.label_kappa_or_empty,
+                              view.label_log_mass64, inv_t, nu, log_e)
+    log_e = np.minimum(log_e, view.label_log_mass64[groups] + lowest[exact.query] * inv_t)  # nor here
+    log_e -= log_shift[exact.query] + delta[exact.query]
+    excess = np.maximum(np.exp(log_e) - have, 0.0)
+    claimed = np.bincount(exact.query, weights=excess, minlength=n)
+    # every class a candidate: the rest is theirs, in proportion; else up to what they claim
+    fill = np.where((claimed > rest) | (every & (claimed > 0)), rest / np.maximum(claimed, 1e-300), 1.0)
+    values = have + excess * fill[exact.query]
+    spread = np.maximum(rest - claimed * fill, 0.0)
+    z = scored + rest
+    z_safe = np.where(z > 0, z, 1.0)
+    prior = np.maximum(view.label_mass[label_of_column], 0.0)
+    prior /= max(prior.sum(), 1e-300)
+    probs = SparseProbs(exact.indptr, exact.column, values / z_safe[exact.query], spread / z_safe, prior)
+    return _Probs(probs, z_safe), delta, log_bound
+
+
+def _share(log_bound, scored) -> np.ndarray:
+    """The share of the attention a bound on the unscored mass allows it: B / (S + B)."""
+    with np.errstate(divide="ignore", over="ignore"):
+        log_s = np.log(scored)
+        out = 1.0 / (1.0 + np.exp(log_s - log_bound))
+    return np.where(np.isnan(out), np.where(np.isneginf(log_bound), 0.0, 1.0), out)
 
 
 def _top_attention(table, s64, rows, valid, inv_t, log_shift, z):
@@ -157,74 +274,20 @@ def _top_attention(table, s64, rows, valid, inv_t, log_shift, z):
         return np.where(valid, w * np.exp(s64 * inv_t - log_shift[:, None]), 0.0) / z[:, None]
 
 
-def _share(bound, scored):
-    """The share of the attention a bound on the unscored mass allows it (1 if unbounded)."""
-    with np.errstate(invalid="ignore", over="ignore"):
-        out = bound / (scored + bound)
-    return np.where(np.isfinite(bound), np.nan_to_num(out, nan=1.0), 1.0)
+def _finite(x):
+    return np.where(np.isfinite(x), x, 0.0)
 
 
-def _estimate(view: CellView, q, unscored, taken, inv_t, log_shift, scored, columns, mass, *,
-              pivot_cos=None) -> tuple[np.ndarray, np.ndarray]:
-    """Estimate each query's unscored rest, add it to ``mass`` per class (in place), and
-    return (the estimated total, the certificate), both in the query's unit.
-
-    The rest's total is the sum of its cells' estimates; it is shared among the classes in
-    proportion to what each class's own vMF estimate (over all its slots) exceeds the mass
-    scored of it, or by class mass where no class exceeds it.
-
-    ``unscored``: (n, cells) which cells were not scanned (None: every cell is estimated);
-    ``taken``: (query, cell, mass, score) of slots scored outside whole scanned cells,
-    taken out of their cells' estimates and bounds."""
-    n = len(q)
-    est_total, bound = np.zeros(n), np.zeros(n)
-    n_labels = min(len(view.label_mass), len(columns))
-    labels = np.flatnonzero((columns[:n_labels] >= 0) & (view.label_mass[:n_labels] > 0))
-    label_cols = columns[labels]
-    prior = np.zeros(mass.shape[1])
-    prior[label_cols] = view.label_mass[labels]
-    prior /= max(prior.sum(), 1e-300)
-    label_t = view.label_unit_t[:, labels]
-    label_kappa = None if view.label_kappa is None else view.label_kappa[labels]
-    label_log_mass = view.label_log_mass[labels]
-    for lo in range(0, n, CHUNK):
-        hi = min(n, lo + CHUNK)
-        qc = q[lo:hi]
-        shift32 = log_shift[lo:hi].astype(np.float32)[:, None]
-        top = _most(view, qc, None if pivot_cos is None else pivot_cos[lo:hi], inv_t)  # u / T per cell
-        est = _log_model(view.kappa, view.dim, qc @ view.unit_t, inv_t)
-        np.minimum(est, top, out=est)  # no cell holds more than its bound allows
-        est += view.log_mass.astype(np.float32)
-        est -= shift32
-        top += view.log_mass_bound.astype(np.float32)
-        top -= shift32
-        if unscored is not None:
-            est[~unscored[lo:hi]] = -np.inf
-            top[~unscored[lo:hi]] = -np.inf
-        np.exp(est, out=est)
-        b = np.exp(top.astype(np.float64))
-        if taken is not None:
-            _take_out(view, qc, est, b, taken, lo, hi, inv_t, log_shift[lo:hi])
-        bound[lo:hi] = b.sum(axis=1) * np.exp(2.5e-7 * inv_t + 1e-5)
-        rest = est.sum(axis=1, dtype=np.float64)
-        est_total[lo:hi] = rest
-        per_class = _log_model(label_kappa, view.dim, qc @ label_t, inv_t)
-        per_class += label_log_mass
-        per_class -= shift32
-        np.exp(per_class, out=per_class)
-        part = mass[lo:hi]
-        excess = np.maximum(per_class - part[:, label_cols], 0.0)
-        total = excess.sum(axis=1)
-        scale = np.where(total > 0, rest / np.maximum(total, 1e-300), 0.0)
-        part[:, label_cols] += excess * scale[:, None]
-        part += np.where(total > 0, 0.0, rest)[:, None] * prior[None, :]
-    return est_total, bound
+def _ranks(counts: np.ndarray) -> np.ndarray:
+    """0, 1, ..., c-1 for each count c, concatenated."""
+    counts = np.asarray(counts, np.int64)
+    return np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
 
 
-def _most(view: CellView, q, pivot_cos, inv_t: float) -> np.ndarray:
+def _most(view: CellView, q, inv_t: float) -> np.ndarray:
     """(n, cells) float32: the most a slot of each cell can score, over T (from its pivot and
     reach, with a margin above float32 rounding)."""
-    c = q @ view.pivot_t if pivot_cos is None else pivot_cos.astype(np.float32, copy=True)
+    c = q @ view.pivot_t
     if view.metric == "cosine":  # q at angle a from the pivot, slots within angle r: q.z <= cos(a - r)
         far = np.sqrt(np.maximum(np.float32(1) - c * c, np.float32(0)))
         far *= view.sin_reach32
@@ -269,8 +332,10 @@ def _log_model(kappa, dim: int, c: np.ndarray, inv_t: float) -> np.ndarray:
     return c
 
 
-def _take_out(view: CellView, q, est, bound, taken, lo, hi, inv_t, shift) -> None:
-    """Estimate again, without the slots a query scored, the cells those slots lie in."""
+def _take_out(view: CellView, q, est, bound, taken, lo, hi, inv_t, est_shift, bound_shift, cap) -> None:
+    """Estimate again, without the slots a query scored, the cells those slots lie in
+    (``est`` and ``bound`` are linear, in the units ``exp(est_shift)`` and ``exp(bound_shift)``;
+    ``cap``: s_k / T per query)."""
     qi, cell, w, s = taken
     sel = (qi >= lo) & (qi < hi)
     qi, cell, w, s = qi[sel] - lo, cell[sel], w[sel], s[sel]
@@ -297,5 +362,7 @@ def _take_out(view: CellView, q, est, bound, taken, lo, hi, inv_t, shift) -> Non
     whole_bound = np.exp(view.log_mass_bound[pc])
     scale = np.where(whole_bound > 0, np.maximum(whole_bound - taken_w, 0.0) / np.maximum(whole_bound, 1e-300), 0.0)
     bound[pq, pc] *= scale  # each slot left still scores at most u: its mass is what is left
-    model = np.where(keep, np.exp(log_e + np.log(left_safe) - shift[pq]), 0.0)
-    est[pq, pc] = np.minimum(model, bound[pq, pc])
+    with np.errstate(divide="ignore"):
+        ceiling = np.log(bound[pq, pc]) + bound_shift[pq] - est_shift[pq]
+    model = np.minimum(log_e, cap[pq]) + np.log(left_safe) - est_shift[pq]
+    est[pq, pc] = np.where(keep, np.exp(np.minimum(model, ceiling)), 0.0)

@@ -1,11 +1,14 @@
 """Compiled kernels of the full answer (numba, cached on disk next to this file).
 
 Each fuses what numpy would do in several passes over arrays as large as the scored
-slots: exponentials of scores, sums per (query, class), and a top-k selection. The first call in a fresh environment compiles
-(a few seconds, measured by ``bench/tail.py``); later processes load the cache.
+slots: exponentials of scores, sums per (query, class) kept sparse, a top-k selection,
+and the vMF estimate of (query, class) pairs. The first call in a fresh environment
+compiles (a few seconds); later processes load the cache.
 """
 
 from __future__ import annotations
+
+import math
 
 import numpy as np
 from numba import njit, prange
@@ -31,7 +34,8 @@ def _sift_down(hs, hr, n, i):
 
 
 @njit(cache=True, parallel=True)
-def scan_scored(lims, scores, rows, row_column, row_weight, inv_t, k, class_mass, top_s, top_r, log_shift):
+def scan_scored(lims, scores, rows, row_column, row_weight, inv_t, k, n_columns, blocks,
+                out_columns, out_values, out_count, top_s, top_r, log_shift):
     """For each query: the exact mass per class of every slot it scored, and its top-k.
 
     Args:
@@ -41,48 +45,67 @@ def scan_scored(lims, scores, rows, row_column, row_weight, inv_t, k, class_mass
         row_weight: (n_rows,) float64 slot masses (an empty array: every mass is 1).
         inv_t: 1 / T.
         k: top-k width.
-        class_mass: (n, C) float64 out (zeroed by the caller): sum of w exp(s / T - log_shift).
+        n_columns: C.
+        blocks: queries are split in this many blocks, one scratch row of C each.
+        out_columns, out_values: (lims[n],) out: query i's classes and their masses (summed
+            ``w exp(s / T - log_shift)``) at ``lims[i]:lims[i] + out_count[i]``.
         top_s, top_r: (n, k) out: the top-k scores (best first, -inf padding) and rows (-1).
-        log_shift: (n,) out: the largest score / T of each query (the unit of class_mass).
+        log_shift: (n,) out: the largest score / T of each query (the unit of the masses).
     """
     n = len(lims) - 1
     unit = len(row_weight) == 0
-    for i in prange(n):
-        lo, hi = lims[i], lims[i + 1]
-        m = -np.inf
-        for j in range(lo, hi):
-            if scores[j] > m:
-                m = scores[j]
-        shift = m * inv_t
-        log_shift[i] = shift
+    inv32 = np.float32(inv_t)
+    for b in prange(blocks):
+        scratch = np.zeros(n_columns)
+        seen = np.zeros(n_columns, np.bool_)
         hs = np.empty(k, np.float32)
         hr = np.empty(k, np.int64)
-        filled = 0
-        for j in range(lo, hi):
-            s = scores[j]
-            r = rows[j]
-            e = np.exp(s * inv_t - shift)
-            if not unit:
-                e *= row_weight[r]
-            class_mass[i, row_column[r]] += e
-            if filled < k:  # build the heap, then keep the k largest
-                hs[filled] = s
-                hr[filled] = r
-                filled += 1
-                if filled == k:
-                    for p in range(k // 2 - 1, -1, -1):
-                        _sift_down(hs, hr, k, p)
-            elif s > hs[0]:
-                hs[0] = s
-                hr[0] = r
-                _sift_down(hs, hr, k, 0)
-        order = np.argsort(-hs[:filled], kind="mergesort")
-        for p in range(filled):
-            top_s[i, p] = hs[order[p]]
-            top_r[i, p] = hr[order[p]]
-        for p in range(filled, k):
-            top_s[i, p] = -np.inf
-            top_r[i, p] = -1
+        for i in range(b * n // blocks, (b + 1) * n // blocks):
+            lo, hi = lims[i], lims[i + 1]
+            m = -np.inf
+            for j in range(lo, hi):
+                if scores[j] > m:
+                    m = scores[j]
+            shift = np.float32(m * inv32) if hi > lo else np.float32(0.0)
+            log_shift[i] = shift
+            filled = 0
+            count = 0
+            for j in range(lo, hi):
+                s = scores[j]
+                r = rows[j]
+                e = np.float64(math.exp(s * inv32 - shift))  # float32: as exact as the scores
+                if not unit:
+                    e *= row_weight[r]
+                c = row_column[r]
+                if not seen[c]:
+                    seen[c] = True
+                    out_columns[lo + count] = c
+                    count += 1
+                scratch[c] += e
+                if filled < k:  # build the heap, then keep the k largest
+                    hs[filled] = s
+                    hr[filled] = r
+                    filled += 1
+                    if filled == k:
+                        for p in range(k // 2 - 1, -1, -1):
+                            _sift_down(hs, hr, k, p)
+                elif s > hs[0]:
+                    hs[0] = s
+                    hr[0] = r
+                    _sift_down(hs, hr, k, 0)
+            for p in range(count):
+                c = out_columns[lo + p]
+                out_values[lo + p] = scratch[c]
+                scratch[c] = 0.0
+                seen[c] = False
+            out_count[i] = count
+            order = np.argsort(-hs[:filled], kind="mergesort")
+            for p in range(filled):
+                top_s[i, p] = hs[order[p]]
+                top_r[i, p] = hr[order[p]]
+            for p in range(filled, k):
+                top_s[i, p] = -np.inf
+                top_r[i, p] = -1
 
 
 @njit(cache=True, parallel=True)
@@ -95,4 +118,48 @@ def add_dense(scores, columns, weights, inv_t, log_shift, class_mass):
         for j in range(m):
             c = columns[j]
             if c >= 0:
-                class_mass[i, c] += weights[j] * np.exp(scores[i, j] * inv_t - shift)
+                class_mass[i, c] += weights[j] * math.exp(scores[i, j] * inv_t - shift)
+
+
+@njit(cache=True, parallel=True)
+def pair_log_mass(q, pair_query, pair_group, means, kappa, log_mass, inv_t, nu, out):
+    """log of the estimated attention mass of group ``pair_group[p]`` for query
+    ``pair_query[p]``: log W + the vMF log moment generating function at q / T (see
+    :func:`engine.tail.vmf.log_vmf_mgf`; ``kappa`` empty: first order, inner product),
+    float64, the dot product fused in.
+
+    Args:
+        q: (n, d) float32 queries; means: (groups, d) float64 mean directions (or means).
+    """
+    d = q.shape[1]
+    first_order = len(kappa) == 0
+    for p in prange(len(pair_query)):
+        i, g = pair_query[p], pair_group[p]
+        c = 0.0
+        for j in range(d):
+            c += q[i, j] * means[g, j]
+        if first_order:
+            out[p] = log_mass[g] + c * inv_t
+            continue
+        kap = kappa[g]
+        r2_k2 = 2.0 * inv_t * kap * c + inv_t * inv_t
+        b = math.sqrt(nu * nu + kap * kap)
+        a_b = r2_k2 / (math.sqrt(max(b * b + r2_k2, 0.0)) + b)
+        out[p] = log_mass[g] + a_b - nu * math.log1p(a_b / (nu + b)) - 0.5 * math.log1p(a_b / b)
+
+
+@njit(cache=True, parallel=True)
+def log_mass_of_dots(c, pair_group, kappa, log_mass, inv_t, nu, out):
+    """:func:`pair_log_mass` for pairs whose dot product ``c`` (q . the group's mean
+    direction, or mean) is already known."""
+    first_order = len(kappa) == 0
+    for p in prange(len(c)):
+        g = pair_group[p]
+        if first_order:
+            out[p] = log_mass[g] + c[p] * inv_t
+            continue
+        kap = kappa[g]
+        r2_k2 = 2.0 * inv_t * kap * c[p] + inv_t * inv_t
+        b = math.sqrt(nu * nu + kap * kap)
+        a_b = r2_k2 / (math.sqrt(max(b * b + r2_k2, 0.0)) + b)
+        out[p] = log_mass[g] + a_b - nu * math.log1p(a_b / (nu + b)) - 0.5 * math.log1p(a_b / b)
