@@ -84,7 +84,7 @@ def run_case(name: str, x, y, q, temperature: float, index: str, metric: str = "
     ref, attention = dense(x, y_idx, len(classes), q, temperature, metric)
     kept = np.take_along_axis(attention, np.maximum(full.ids, 0), axis=1).sum(axis=1, where=full.ids >= 0)
     row = {"case": name, "slots": len(x), "classes": int(len(classes)), "temperature": temperature,
-           "index": mem.stats().index, "k": K, "queries": int(len(q)),
+           "index": mem.stats().index, "nprobe": mem.stats().nprobe, "k": K, "queries": int(len(q)),
            "true_omitted_median": float(np.median(1 - kept)), "tail_estimate_median": float(np.median(full.tail_estimate)),
            "tail_bound_median": float(np.median(full.tail_bound)), "exact_bound": bool(full.exact_bound),
            "cells_build_s": summaries_s, "topk_batch_s": topk_s, "full_batch_s": full_s,

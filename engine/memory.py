@@ -31,6 +31,7 @@ from typing import Sequence
 import numpy as np
 
 from . import checks, compaction, query
+from . import temperature as tuning
 from .codec import Columns
 from .errors import CorruptFileError, EmptyMemoryError, InvalidValueError, StorageError
 from .calibration import RECALL_TARGET, Calibration
@@ -58,7 +59,11 @@ class Memory:
         dim: embedding dimension.
         metric: "cosine" (vectors and queries L2-normalised) or "ip" (inner product).
         index: "auto", or a FAISS factory string ("Flat", "HNSW32", "IVF1024,Flat", "IVF256,PQ16", ...).
-        temperature: softmax temperature T of the attention kernel, in [1e-6, 1e6].
+        temperature: softmax temperature T of the attention kernel, in [1e-6, 1e6], or
+            "auto" (the default): chosen on the memory's own slots by leave-one-out
+            log-likelihood (:mod:`engine.temperature`) once it holds 20 slots of two classes,
+            and again whenever it has grown or shrunk 2x (0.1 until then);
+            ``temperature_report`` says what was measured. A number is kept as given.
         path: a directory to make the memory durable: every write is logged and fsynced
             before it returns. None keeps it in process only.
         nprobe: IVF lists visited per query (default: from the number of lists).
@@ -101,7 +106,7 @@ class Memory:
         *,
         metric: str = "cosine",
         index: str = "auto",
-        temperature: float = 0.1,
+        temperature: float | str = "auto",
         path: str | os.PathLike | None = None,
         nprobe: int | None = None,
         ef_search: int | None = None,
@@ -137,7 +142,9 @@ class Memory:
         self._probs = probs
         self._check_policy(policy)
         self.metric = metric
-        self._temperature = checks.temperature(temperature)
+        self._auto_temperature = isinstance(temperature, str) and temperature == "auto"
+        self._temperature = tuning.FALLBACK if self._auto_temperature else checks.temperature(temperature)
+        self._temperature_report: tuning.TemperatureReport | None = None
         self._search = SearchSettings(nprobe=checks.integer("nprobe", nprobe, optional=True),
                                       ef_search=checks.integer("ef_search", ef_search, optional=True))
         if isinstance(recall, (bool, np.bool_)) or not isinstance(recall, (int, float, np.floating)) \
@@ -173,12 +180,18 @@ class Memory:
                                    "(or policy=\"age\")")
 
     def _settings(self) -> dict:
-        return {"metric": self.metric, "index": self._state.index.spec, "temperature": self._temperature,
+        return {"metric": self.metric, "index": self._state.index.spec,
+                "temperature": "auto" if self._auto_temperature else self._temperature,
+                "temperature_report": self._report_dict(),
                 "nprobe": self._search.nprobe, "ef_search": self._search.ef_search, "budget": self._budget,
                 "slack": self._slack, "policy": self._policy, "rescore": self._rescore, "recall": self._recall,
                 "track_usage": self._track_usage, "id_stride": self._id_space[1], "id_offset": self._id_space[0],
                 "share": self._share, "probs": self._probs,
                 "next_id": self._next_id, "calibration": self._calibration()}
+
+    def _report_dict(self) -> dict | None:
+        report = self._temperature_report
+        return report.as_dict() if report is not None else None
 
     def _calibration(self, state: State | None = None) -> dict | None:
         """The calibration of ``state``'s index (default: the current one), as the manifest keeps it."""
@@ -226,7 +239,7 @@ class Memory:
     def _recover(cls, rec: Recovered, path: Path) -> "Memory":
         """An in-process memory holding the recovered slots."""
         s = rec.settings
-        unknown = set(s) - set(SETTINGS) - {"next_id", "calibration", "trained_on"}
+        unknown = set(s) - set(SETTINGS) - {"next_id", "calibration", "trained_on", "temperature_report"}
         try:
             if unknown:
                 raise InvalidValueError(f"unknown settings {sorted(unknown)}")
@@ -245,6 +258,12 @@ class Memory:
             raise CorruptFileError(f"{path}: the snapshot's codes cannot be loaded ({exc})") from None
         # ids of removed slots are never reused by counting up
         mem._next_id = max(next_id, rec.max_id + 1, mem._state.table.max_id() + 1)
+        if mem._auto_temperature:  # the choice saved, if it was made on as many slots; else made again
+            saved = tuning.TemperatureReport.from_dict(s.get("temperature_report"))
+            if saved is not None and saved.slots == mem._state.table.n_alive:
+                mem._temperature_report, mem._temperature = saved, checks.temperature(saved.temperature)
+            else:
+                mem._retune()
         return mem
 
     # -- writing ----------------------------------------------------------------------
@@ -295,6 +314,7 @@ class Memory:
             if budget is not None and n_after > budget:
                 target = max(1, int(budget * (1 - self._slack)))
                 self._commit_compacted(*self._state.live(old, append), target, self._policy, 0, {}, kind)
+                self._retune()
                 return ids
             if self._store is not None:
                 self._store.log_add(Columns(ids, labels, w, v, np.full(n, now)), kind, upsert=upsert)
@@ -303,6 +323,7 @@ class Memory:
                 self._vocab.kind = kind
                 self._next_id = max(self._next_id, int(ids.max()) + 1)
             self._recalibrate()
+            self._retune()
             return ids
 
     def remove(self, ids) -> int:
@@ -327,6 +348,7 @@ class Memory:
                 self._store.log_remove(ids)
             with self._applying("remove"):
                 self._change(rows)
+            self._retune()
             return len(rows)
 
     def compact(self, *, budget: int | str | None = None, policy: str = "merge", seed: int = 0,
@@ -371,6 +393,7 @@ class Memory:
             before, dropped = self._state.table.n_alive, self._state.table.n_dead
             after = self._commit_compacted(*self._state.live(), slots, policy, seed, options, self._vocab.kind,
                                            required=self._store is not None or dropped > 0)
+            self._retune()
             return CompactionReport(slots=after, dropped=dropped, merged_away=before - after,
                                     policy=policy if slots is not None else None, budget=slots,
                                     seconds=time.perf_counter() - t0)
@@ -398,7 +421,7 @@ class Memory:
         if self._store is not None:
             self._store.checkpoint(state.snapshot(self._vocab, vectors), kind,
                                    {"next_id": next_id, "calibration": self._calibration(state),
-                                    "trained_on": state.index.trained_on})
+                                    "trained_on": state.index.trained_on, "temperature_report": self._report_dict()})
         with self._applying("compaction"):
             self._swap(state)
             self._vocab.kind = kind
@@ -423,6 +446,57 @@ class Memory:
                 index.calibration = index.calibrated()  # one reference: readers see old or new
             except Exception:  # noqa: BLE001 - a search setting, never worth failing a durable write
                 pass
+
+    def _retune(self) -> None:
+        """Choose the temperature again (``temperature="auto"``) once the memory can measure it
+        and whenever it has grown or shrunk 2x since; the write before it is done, so a
+        failure here keeps the previous temperature."""
+        if not self._auto_temperature:
+            return
+        n, last = self._state.table.n_alive, self._temperature_report
+        if last is not None and last.slots / 2 < n < 2 * last.slots:
+            return
+        try:
+            report = tuning.calibrate(self._state, self._temperature)
+        except Exception:  # noqa: BLE001 - a setting measured on the side, never worth failing a durable write
+            return
+        if report is not None:
+            with self._lock.write():
+                self._temperature, self._temperature_report = report.temperature, report
+
+    def calibrate_temperature(self, *, k: int = 64, sample: int = tuning.SAMPLE, seed: int = 0
+                              ) -> tuning.TemperatureReport:
+        """Choose the temperature now, on a sample of the memory's own slots (see
+        :mod:`engine.temperature`), and use it from here on: a memory made with
+        ``temperature="auto"`` keeps choosing as it grows, one given a number keeps this one
+        (persisted like ``temperature = T``).
+
+        Args:
+            k: slots each sampled query attends over.
+            sample: slots answered as queries, each left out of its own answer.
+            seed: of the sample.
+
+        Returns:
+            A :class:`~engine.temperature.TemperatureReport`.
+
+        Raises:
+            EmptyMemoryError: fewer than 20 slots, or a single class: nothing to measure.
+        """
+        k, sample, seed = checks.integer("k", k), checks.integer("sample", sample), checks.integer("seed", seed, low=0)
+        with self._write_mutex:
+            report = tuning.calibrate(self._state, self._temperature, k=k, sample=sample, seed=seed)
+            if report is None:
+                raise EmptyMemoryError(f"choosing a temperature needs {tuning.MIN_SLOTS} slots of two classes or more")
+            if self._store is not None and not self._auto_temperature:
+                self._store.update(temperature=report.temperature)
+            with self._lock.write():
+                self._temperature, self._temperature_report = report.temperature, report
+            return report
+
+    @property
+    def temperature_report(self) -> "tuning.TemperatureReport | None":
+        """What the last choice of the temperature measured (None if none was made)."""
+        return self._temperature_report
 
     def _swap(self, state: State) -> None:
         """Install a state built aside: readers see the old one or the new, never half."""
@@ -579,7 +653,7 @@ class Memory:
             if self._store is not None:
                 self._store.update(temperature=value)
             with self._lock.write():
-                self._temperature = value
+                self._temperature, self._auto_temperature = value, False
 
     @property
     def search_settings(self) -> SearchSettings:
@@ -626,7 +700,8 @@ class Memory:
             if self._store is not None and target.resolve() == self._store.path.resolve():
                 self._store.checkpoint(slots, self._vocab.kind, {"next_id": self._next_id,
                                                                  "calibration": self._calibration(),
-                                                                 "trained_on": self._state.index.trained_on})
+                                                                 "trained_on": self._state.index.trained_on,
+                                                                 "temperature_report": self._report_dict()})
             else:
                 out = Store.create(target, self.dim, self._settings())
                 try:
@@ -640,7 +715,7 @@ class Memory:
         already on disk; later writes are refused, queries still answer."""
         with self._write_mutex:
             if self._store is not None:
-                self._store.close({"calibration": self._calibration()})
+                self._store.close({"calibration": self._calibration(), "temperature_report": self._report_dict()})
 
     def __enter__(self) -> "Memory":
         return self

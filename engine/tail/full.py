@@ -2,8 +2,10 @@
 
 Three routes, by what the index scores:
 
-- *every slot* (a Flat index, or k covering the memory): the answer is dense attention,
-  in float64, chunked over slots; nothing is estimated and ``tail_bound`` is 0;
+- *every slot* (a Flat index, k covering the memory, or an IVF-Flat search probing a
+  quarter of its lists or more): the answer is dense attention, chunked over slots, in
+  float64 up to 65,536 rows (float32 products beyond); nothing is estimated and
+  ``tail_bound`` is 0;
 - *whole lists* (IVF-Flat): the lists a query probes are found once (one product with
   the centroids), scanned by FAISS's own range search over exactly those lists, and every
   slot in them counts exactly; only unprobed lists are estimated;
@@ -37,6 +39,8 @@ from .cells import CellView
 
 CHUNK = 256  # queries estimated at a time
 DENSE_CHUNK = 4096  # slots scored at a time by the dense route
+DENSE_FLOAT64 = 65536  # up to this many rows the dense route scores in float64, beyond in float32
+DENSE_SHARE = 4  # IVF-Flat probing a quarter of its lists or more scores every slot instead
 # up to this many classes each is a candidate for the estimated rest; above it only the classes
 # the search scored are (the rest of the rest is shared by class mass)
 EVERY_CLASS = 4096
@@ -71,6 +75,9 @@ def answer(state, vocab, q: np.ndarray, k: int, temperature: float, metric: str,
     if index.exact or k >= table.n_alive:
         return _dense(state, q, k, inv_t, len(classes), columns)
     if index.list_scan:
+        nprobe = nprobe or index.breadth(k)[0]
+        if DENSE_SHARE * nprobe >= index.nlist:  # a matrix product over every slot costs less than the lists
+            return _dense(state, q, k, inv_t, len(classes), columns)
         return _lists(state, q, k, inv_t, len(classes), columns, metric, nprobe)
     return _retrieved(state, q, k, inv_t, len(classes), columns, metric)
 
@@ -84,6 +91,8 @@ def _dense(state, q, k, inv_t, n_classes, columns) -> FullAnswer:
     scores, rows = search(state, q, k)
     valid = rows >= 0
     q64 = q.astype(np.float64)
+    wide = np.float64 if table.n_rows <= DENSE_FLOAT64 else np.float32  # float32 products: as FAISS scores
+    qd = q.astype(wide)
     safe = np.where(valid, rows, 0)
     top = state.vectors(safe.ravel()).reshape(*rows.shape, -1).astype(np.float64)
     s64 = np.where(valid, np.einsum("nd,nkd->nk", q64, top), -np.inf)
@@ -93,8 +102,8 @@ def _dense(state, q, k, inv_t, n_classes, columns) -> FullAnswer:
     weights = np.ascontiguousarray(table.weights, np.float64)
     for lo in range(0, table.n_rows, DENSE_CHUNK):
         hi = min(table.n_rows, lo + DENSE_CHUNK)
-        v = state.vectors(np.arange(lo, hi)).astype(np.float64)
-        kernels.add_dense(q64 @ v.T, row_columns[lo:hi], weights[lo:hi], inv_t, log_shift, mass)
+        v = state.vectors(np.arange(lo, hi)).astype(wide)
+        kernels.add_dense(qd @ v.T, row_columns[lo:hi], weights[lo:hi], inv_t, log_shift, mass)
     z = mass.sum(axis=1)
     att = _top_attention(table, s64, rows, valid, inv_t, log_shift, z)
     certified = not (state.index.lossy and not table.keep_vectors)  # scores from codes are not exact
@@ -173,16 +182,10 @@ class _Exact:
         self.indptr = np.r_[0, np.cumsum(np.bincount(query, minlength=n))]
         self.n = n
 
-    def every_column(self, n_columns: int) -> "_Exact":
-        """The same masses as (query, column) pairs for every column (0 where none was scored)."""
-        mass = np.zeros(self.n * n_columns)
-        mass[self.query * n_columns + self.column] = self.mass
-        return _Exact(np.repeat(np.arange(self.n), n_columns), np.tile(np.arange(n_columns), self.n), mass, self.n)
-
 
 @dataclass
 class _Probs:
-    result: SparseProbs
+    result: SparseProbs | np.ndarray
     z: np.ndarray  # (n,) the whole mass, in the unit exp(log_shift + delta)
 
 
@@ -227,37 +230,61 @@ def _rest(view: CellView, kernels, q, exact: _Exact, unscored, taken, inv_t, log
         rest[lo:hi] = est64.sum(axis=1)
         delta[lo:hi] = d
     label_of_column = np.flatnonzero(columns >= 0)  # columns number the live labels in order
-    every = taken is not None or len(label_of_column) <= EVERY_CLASS  # every class a candidate for the rest
-    if every:
-        exact = exact.every_column(len(label_of_column))
-    # the rest goes to the classes scored, each up to what its own estimate exceeds its scored mass
+    n_columns = len(label_of_column)
     scale = np.exp(-delta)
     scored = exact.total * scale
-    have = exact.mass * scale[exact.query]
-    groups = label_of_column[exact.column] if len(exact.column) else np.empty(0, np.int64)
-    log_e = np.empty(len(groups))
-    nu = max(view.dim / 2 - 1, 0.5)
-    if every:  # one product with every class's mean direction
-        dots = (q @ np.ascontiguousarray(view.label_means[label_of_column].T, np.float32)).ravel()
-        kernels.log_mass_of_dots(dots.astype(np.float64), groups, view.label_kappa_or_empty,
-                                 view.label_log_mass64, inv_t, nu, log_e)
-    else:
-        kernels.pair_log_mass(q, exact.query, groups, view.label_means, view.label_kappa_or_empty,
-                              view.label_log_mass64, inv_t, nu, log_e)
-    log_e = np.minimum(log_e, view.label_log_mass64[groups] + lowest[exact.query] * inv_t)  # nor here
-    log_e -= log_shift[exact.query] + delta[exact.query]
-    excess = np.maximum(np.exp(log_e) - have, 0.0)
-    claimed = np.bincount(exact.query, weights=excess, minlength=n)
-    # every class a candidate: the rest is theirs, in proportion; else up to what they claim
-    fill = np.where((claimed > rest) | (every & (claimed > 0)), rest / np.maximum(claimed, 1e-300), 1.0)
-    values = have + excess * fill[exact.query]
-    spread = np.maximum(rest - claimed * fill, 0.0)
     z = scored + rest
     z_safe = np.where(z > 0, z, 1.0)
     prior = np.maximum(view.label_mass[label_of_column], 0.0)
     prior /= max(prior.sum(), 1e-300)
+    if taken is not None or n_columns <= EVERY_CLASS:  # every class a candidate: dense, in proportion
+        return _Probs(_every_class(view, q, exact, scale, rest, z_safe, label_of_column, prior, inv_t,
+                                   log_shift + delta, lowest), z_safe), delta, log_bound
+    # the rest goes to the classes scored, each up to what its own estimate exceeds its scored mass,
+    # and what they do not claim is shared by every class's mass
+    have = exact.mass * scale[exact.query]
+    groups = label_of_column[exact.column] if len(exact.column) else np.empty(0, np.int64)
+    log_e = np.empty(len(groups))
+    kernels.pair_log_mass(q, exact.query, groups, view.label_means, view.label_kappa_or_empty,
+                          view.label_log_mass64, inv_t, max(view.dim / 2 - 1, 0.5), log_e)
+    log_e = np.minimum(log_e, view.label_log_mass64[groups] + lowest[exact.query] * inv_t)  # nothing beats s_k
+    log_e -= log_shift[exact.query] + delta[exact.query]
+    excess = np.maximum(np.exp(log_e) - have, 0.0)
+    claimed = np.bincount(exact.query, weights=excess, minlength=n)
+    fill = np.where(claimed > rest, rest / np.maximum(claimed, 1e-300), 1.0)
+    values = have + excess * fill[exact.query]
+    spread = np.maximum(rest - claimed * fill, 0.0)
     probs = SparseProbs(exact.indptr, exact.column, values / z_safe[exact.query], spread / z_safe, prior)
     return _Probs(probs, z_safe), delta, log_bound
+
+
+def _every_class(view: CellView, q, exact: _Exact, scale, rest, z, label_of_column, prior, inv_t, unit,
+                 lowest) -> np.ndarray:
+    """(n, C) probabilities when every class is a candidate for the rest: each class's vMF
+    estimate (over all its slots) less its scored mass, scaled to the rest's total (float32,
+    a chunk of queries at a time)."""
+    n, n_columns = len(q), len(label_of_column)
+    out = np.zeros((n, n_columns))
+    np.add.at(out, (exact.query, exact.column), exact.mass * scale[exact.query])
+    means_t = np.ascontiguousarray(view.label_means[label_of_column].T, np.float32)
+    kappa = None if view.label_kappa is None else view.label_kappa[label_of_column]
+    log_mass = view.label_log_mass[label_of_column].astype(np.float32)
+    for lo in range(0, n, CHUNK):
+        hi = min(n, lo + CHUNK)
+        e = _log_model(kappa, view.dim, q[lo:hi] @ means_t, inv_t)
+        np.minimum(e, (lowest[lo:hi] * inv_t).astype(np.float32)[:, None], out=e)  # nothing beats s_k
+        e += log_mass
+        e -= unit[lo:hi].astype(np.float32)[:, None]
+        np.exp(e, out=e)
+        part = out[lo:hi]
+        e -= part  # what each class's estimate exceeds its scored mass ...
+        np.maximum(e, 0, out=e)
+        claimed = e.sum(axis=1, dtype=np.float64)
+        fill = np.where(claimed > 0, rest[lo:hi] / np.maximum(claimed, 1e-300), 0.0)
+        part += e * fill[:, None]  # ... takes its share of the rest
+        part += np.where(claimed > 0, 0.0, rest[lo:hi])[:, None] * prior[None, :]  # none claims: by mass
+        part /= z[lo:hi, None]
+    return out
 
 
 def _share(log_bound, scored) -> np.ndarray:

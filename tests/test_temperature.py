@@ -1,0 +1,86 @@
+"""temperature="auto": chosen on the memory's own slots, checked on queries it never saw."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import engine
+from engine import Memory
+from engine.data.synthetic import DISTRIBUTIONS
+
+from .reference import brute_force_topk
+
+DIM = 32
+
+
+def held_out_nll(x, y, qx, qy, temperature, k=64):
+    """Mean NLL of each held-out query's class under top-k attention at ``temperature``:
+    brute-force float64 search and softmax, independent of the engine."""
+    scores, top = brute_force_topk(x, qx, k)
+    logits = scores / temperature
+    logits -= logits.max(axis=1, keepdims=True)
+    a = np.exp(logits)
+    a /= a.sum(axis=1, keepdims=True)
+    own = (a * (y[top] == qy[:, None])).sum(axis=1)
+    return float(-np.log(np.maximum(own, 1e-6)).mean())
+
+
+@pytest.mark.parametrize("name", ["learned-like", "isotropic"])
+def test_the_chosen_temperature_lowers_held_out_nll(name):
+    x, y, qx, qy = DISTRIBUTIONS[name](8000, DIM, 3, 500)
+    mem = Memory(DIM, index="Flat")
+    mem.add(x, y)
+    report = mem.temperature_report
+    assert report is not None and report.temperature == mem.temperature and report.slots == len(x)
+    assert report.nll <= report.nll_previous
+    chosen = held_out_nll(x, y, qx, qy, mem.temperature)
+    for other in (0.1, 0.01, 1.0):  # the old default and a decade either side
+        assert chosen <= held_out_nll(x, y, qx, qy, other) + 1e-9, (mem.temperature, other)
+    assert 0 <= report.ece <= 1 and 0 <= report.accuracy <= 1
+
+
+def test_a_given_temperature_is_kept_and_auto_follows_growth(tmp_path):
+    x, y = DISTRIBUTIONS["learned-like"](4000, DIM, 1, 1)[:2]
+    fixed = Memory(DIM, temperature=0.07)
+    fixed.add(x, y)
+    assert fixed.temperature == 0.07 and fixed.temperature_report is None
+    auto = Memory(DIM, path=tmp_path / "m")
+    assert auto.temperature == 0.1  # nothing to measure yet
+    auto.add(x[:10], y[:10])
+    assert auto.temperature_report is None  # too few slots
+    auto.add(x[10:1000], y[10:1000])
+    first = auto.temperature_report
+    assert first is not None and first.slots == 1000
+    auto.add(x[1000:1500], y[1000:1500])
+    assert auto.temperature_report is first  # grown less than 2x: kept
+    auto.add(x[1500:], y[1500:])
+    assert auto.temperature_report.slots == 4000
+    chosen = auto.temperature
+    auto.close()
+    again = Memory.open(tmp_path / "m")
+    assert again.temperature == chosen and again.temperature_report == auto.temperature_report
+    again.temperature = 0.2  # a number given: kept from here on, and persisted
+    again.add(x[:3000] * 1.01, y[:3000])
+    assert again.temperature == 0.2
+    again.close()
+    assert Memory.open(tmp_path / "m").temperature == 0.2
+
+
+def test_calibrating_on_demand_and_bad_input():
+    x, y = DISTRIBUTIONS["isotropic"](3000, DIM, 2, 1)[:2]
+    with pytest.raises(engine.InvalidValueError, match="temperature"):
+        Memory(DIM, temperature="hot")
+    mem = Memory(DIM, temperature=0.5)
+    with pytest.raises(engine.EmptyMemoryError):
+        mem.calibrate_temperature()
+    mem.add(x[:5], np.zeros(5, int))
+    with pytest.raises(engine.EmptyMemoryError):  # too few slots, one class
+        mem.calibrate_temperature()
+    assert mem.temperature == 0.5
+    mem.add(x, y)
+    report = mem.calibrate_temperature(sample=300)
+    assert report.previous == 0.5 and mem.temperature == report.temperature and report.queries == 300
+    assert report.nll <= report.nll_previous
+    with pytest.raises(engine.InvalidValueError):
+        mem.calibrate_temperature(sample=0)
