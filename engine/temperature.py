@@ -3,10 +3,12 @@
 A temperature learned on 50-slot episodes is too soft for a 60k-slot memory, and a
 hand-set one fits one memory only. ``Memory(temperature="auto")`` answers each of a
 sample of its own slots as a query, with that slot left out (a test query is not in
-memory either), and keeps the temperature of a log-spaced grid under which the slot's
-own class is most probable on average: the smallest negative log-likelihood of top-k
-attention. The answer is reported with its expected calibration error, next to the
-temperature it replaces.
+memory either). Of a log-spaced grid it keeps, among the temperatures whose top class is
+right (nearly) as often as under any, the one under which the slot's own class is most
+probable on average: the smallest negative log-likelihood of top-k attention. (The
+likelihood alone can prefer a temperature sharper than the best classifier's.) The
+answer is reported with its expected calibration error, next to the temperature it
+replaces.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ SAMPLE = 1000  # slots answered as queries
 FALLBACK = 0.1  # what an "auto" memory uses before it can measure (fewer than MIN_SLOTS, one class)
 MIN_SLOTS = 20
 FLOOR = 1e-6  # the least probability a query's own class is given (its class may be outside the top-k)
+ACCURACY_SLACK = 0.002  # temperatures within this of the best leave-one-out accuracy are considered
 BINS = 15  # of the expected calibration error
 
 
@@ -90,12 +93,38 @@ def calibrate(state, previous: float, *, k: int = 64, sample: int = SAMPLE, seed
     labels = np.where(valid, table.label_idx[safe], -1)
     same = labels == table.label_idx[rows][:, None]
     nll = np.array([_nll(scores, log_w, same, t) for t in grid])
-    best = float(grid[int(np.argmin(nll))])
+    slot_class = _row_classes(labels)
+    acc = np.array([_accuracy(scores, log_w, labels, slot_class, table.label_idx[rows], t) for t in grid])
+    # the most likely temperature among those that classify (nearly) as well as any
+    fit = acc >= acc.max() - ACCURACY_SLACK
+    best = float(grid[int(np.argmin(np.where(fit, nll, np.inf)))])
     ece, acc = _ece(scores, log_w, labels, table.label_idx[rows], best)
     ece_prev, _ = _ece(scores, log_w, labels, table.label_idx[rows], previous)
     return TemperatureReport(temperature=best, previous=float(previous), nll=float(nll.min()),
                              nll_previous=_nll(scores, log_w, same, previous), ece=ece, ece_previous=ece_prev,
                              accuracy=acc, queries=len(rows), k=k, slots=int(table.n_alive))
+
+
+def _row_classes(labels: np.ndarray) -> np.ndarray:
+    """(m, k) each slot's class numbered within its row (0 .. classes in the row - 1)."""
+    order = np.argsort(labels, axis=1, kind="stable")
+    sorted_ = np.take_along_axis(labels, order, 1)
+    starts = np.concatenate([np.ones((len(labels), 1), bool), sorted_[:, 1:] != sorted_[:, :-1]], axis=1)
+    rank = np.cumsum(starts, axis=1) - 1
+    out = np.empty_like(rank)
+    np.put_along_axis(out, order, rank, 1)
+    return out
+
+
+def _accuracy(scores, log_w, labels, slot_class, truth, t: float) -> float:
+    """How often the class of most attention is the query's own."""
+    a = _attention(scores, log_w, t)
+    m, k = a.shape
+    mass = np.zeros((m, k))
+    np.add.at(mass, (np.repeat(np.arange(m), k), slot_class.ravel()), a.ravel())
+    top = mass.argmax(axis=1)
+    first = (slot_class == top[:, None]).argmax(axis=1)  # a slot of the top class gives its label
+    return float((labels[np.arange(m), first] == truth).mean())
 
 
 def _attention(scores, log_w, t: float) -> np.ndarray:

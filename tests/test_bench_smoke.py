@@ -120,3 +120,13 @@ def test_recipes_script(tmp_path):
     assert by["pretrain-only"]["pretrain_epochs"] == 1 and by["pretrain-only"]["episodes"] == 0
     assert all(0 <= r[f"val_within_20way{s}"] <= 1 and 0 <= r[f"run01_error{s}"] <= 1 for r in rows for s in ("", "_views"))
     assert "| episodes only |" in (tmp_path / "recipes.md").read_text()
+
+
+def test_temperature_benchmark(tmp_path):
+    import temperature
+
+    rows = temperature.main(["--cases", "learned-like", "--slots", "5000", "--queries", "200", "--out", str(tmp_path)])
+    r = rows[0]
+    assert r["case"] == "learned-like" and 1e-3 <= r["chosen_temperature"] <= 1
+    assert 0 <= r["auto_top-k_accuracy"] <= 1 and r["knn1_accuracy"] >= 0
+    assert (tmp_path / "temperature.md").exists() and json.loads((tmp_path / "temperature.json").read_text())["results"]
