@@ -254,3 +254,19 @@ def test_a_lossy_index_asked_for_every_slot_is_not_certified(rng):
     mem.add(x, y)
     res = mem.query(QUERIES, k=len(mem))
     assert not res.exact_bound
+
+
+def test_the_list_route_in_chunks_of_queries_answers_as_one_batch(rng, monkeypatch):
+    from engine.tail import full
+
+    x, y = clustered(20_000, DIM, n_classes=40, seed=3)
+    mem = Memory(DIM, index="IVF32,Flat", nprobe=4, temperature=0.05, probs="full")
+    mem.add(x, y)
+    q = x[rng.integers(0, len(x), 100)] + 0.2 * rng.standard_normal((100, DIM)).astype(np.float32)
+    whole = mem.query(q, k=16)
+    monkeypatch.setattr(full, "SCAN_RESULTS", 20_000)  # about 8 queries a chunk
+    chunked = mem.query(q, k=16)
+    np.testing.assert_array_equal(chunked.ids, whole.ids)
+    np.testing.assert_allclose(chunked.probs, whole.probs, atol=1e-9)
+    np.testing.assert_allclose(chunked.tail_bound, whole.tail_bound, atol=1e-9)
+    assert chunked.labels.tolist() == whole.labels.tolist()

@@ -2,13 +2,14 @@
 
 Three routes, by what the index scores:
 
-- *every slot* (a Flat index, k covering the memory, or an IVF-Flat search probing a
-  quarter of its lists or more): the answer is dense attention, chunked over slots, in
-  float64 up to 65,536 rows (float32 products beyond); nothing is estimated and
-  ``tail_bound`` is 0;
+- *every slot* (a Flat index, k covering the memory, or a batch of 64 IVF-Flat queries or
+  more probing half the lists or more): the answer is dense attention, chunked over
+  slots, in float64 up to 65,536 rows (float32 products beyond); nothing is estimated
+  and ``tail_bound`` is 0;
 - *whole lists* (IVF-Flat): the lists a query probes are found once (one product with
-  the centroids), scanned by FAISS's own range search over exactly those lists, and every
-  slot in them counts exactly; only unprobed lists are estimated;
+  the centroids), scanned by FAISS's own range search over exactly those lists (in chunks
+  of queries holding at most 4M scored slots), and every slot in them counts exactly;
+  only unprobed lists are estimated;
 - *the top-k* (HNSW, codes, transforms): the retrieved slots count exactly; every cell of
   the memory's own partition is estimated, less what the query retrieved from it.
 
@@ -40,7 +41,9 @@ from .cells import CellView
 CHUNK = 256  # queries estimated at a time
 DENSE_CHUNK = 4096  # slots scored at a time by the dense route
 DENSE_FLOAT64 = 65536  # up to this many rows the dense route scores in float64, beyond in float32
-DENSE_SHARE = 4  # IVF-Flat probing a quarter of its lists or more scores every slot instead
+DENSE_SHARE = 2  # a batch of IVF-Flat queries probing half its lists or more scores every slot instead ...
+DENSE_BATCH = 64  # ... if it has this many queries (a product over every slot is paid once a batch)
+SCAN_RESULTS = 4_000_000  # scanned (query, slot) pairs held at once: the list route goes in chunks of queries
 # up to this many classes each is a candidate for the estimated rest; above it only the classes
 # the search scored are (the rest of the rest is shared by class mass)
 EVERY_CLASS = 4096
@@ -76,9 +79,14 @@ def answer(state, vocab, q: np.ndarray, k: int, temperature: float, metric: str,
         return _dense(state, q, k, inv_t, len(classes), columns)
     if index.list_scan:
         nprobe = nprobe or index.breadth(k)[0]
-        if DENSE_SHARE * nprobe >= index.nlist:  # a matrix product over every slot costs less than the lists
+        if DENSE_SHARE * nprobe >= index.nlist and len(q) >= DENSE_BATCH:  # one product beats the lists
             return _dense(state, q, k, inv_t, len(classes), columns)
-        return _lists(state, q, k, inv_t, len(classes), columns, metric, nprobe)
+        per_query = nprobe * table.n_rows / max(index.nlist, 1)  # slots a query scans
+        step = max(1, int(SCAN_RESULTS // max(per_query, 1)))
+        if step >= len(q):
+            return _lists(state, q, k, inv_t, len(classes), columns, metric, nprobe)
+        return _joined([_lists(state, q[lo:lo + step], k, inv_t, len(classes), columns, metric, nprobe)
+                        for lo in range(0, len(q), step)])
     return _retrieved(state, q, k, inv_t, len(classes), columns, metric)
 
 
@@ -169,6 +177,23 @@ def _retrieved(state, q, k, inv_t, n_classes, columns, metric) -> FullAnswer:
     att = _top_attention(table, s64, rows, valid, inv_t, log_shift + delta, probs.z)
     certified = not (state.index.lossy and not table.keep_vectors)
     return FullAnswer(scores, rows, att, probs.result, _share(log_bound, exact.total), certified)
+
+
+def _joined(parts: list[FullAnswer]) -> FullAnswer:
+    """The answers of consecutive chunks of queries as one."""
+    def rows(name):
+        return np.concatenate([getattr(p, name) for p in parts])
+
+    probs = [p.probs for p in parts]
+    if all(isinstance(p, SparseProbs) for p in probs):
+        offsets = np.cumsum([0] + [len(p.columns) for p in probs[:-1]])
+        joined = SparseProbs(np.concatenate([probs[0].indptr[:1]] + [p.indptr[1:] + o for p, o in zip(probs, offsets)]),
+                             np.concatenate([p.columns for p in probs]), np.concatenate([p.values for p in probs]),
+                             np.concatenate([p.rest for p in probs]), probs[0].prior)
+    else:
+        joined = np.concatenate([p.dense() if isinstance(p, SparseProbs) else p for p in probs])
+    return FullAnswer(rows("scores"), rows("rows"), rows("attention"), joined, rows("tail_bound"),
+                      all(p.certified for p in parts))
 
 
 # -- pieces ---------------------------------------------------------------------------------
