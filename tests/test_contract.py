@@ -1,0 +1,60 @@
+"""One protocol: the same adds, removes and queries, in both probability modes, against an
+embedded Memory and a served one through Client must give the same answers."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import engine
+from engine import Client, Memory
+from engine.protocol import MemoryLike
+from engine.data import clustered
+from engine.serve import MemoryServer
+
+DIM = 16
+
+
+@pytest.fixture
+def pair(tmp_path):
+    served = Memory(DIM, index="IVF16,Flat", nprobe=4, path=tmp_path / "m")
+    server = MemoryServer({"m": served}, "grpc://127.0.0.1:0", open_reads=True, token="t")
+    client = Client(f"grpc://127.0.0.1:{server.port}", "m", token="t")
+    local = Memory(DIM, index="IVF16,Flat", nprobe=4)
+    yield local, client
+    server.shutdown()
+    served.close()
+
+
+def same(a, b):
+    assert a.classes.tolist() == b.classes.tolist()
+    np.testing.assert_array_equal(a.ids, b.ids)
+    assert list(a.labels) == list(b.labels)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-12)
+    np.testing.assert_allclose(a.tail_bound, b.tail_bound, atol=1e-12)
+    assert (a.tail_estimate is None) == (b.tail_estimate is None)
+    if a.tail_estimate is not None:
+        np.testing.assert_allclose(a.tail_estimate, b.tail_estimate, atol=1e-12)
+    assert a.exact_bound == b.exact_bound
+
+
+def test_memory_and_client_answer_alike_through_writes_in_both_modes(pair, rng):
+    local, client = pair
+    assert isinstance(local, MemoryLike) and isinstance(client, MemoryLike)
+    x, y = clustered(3000, DIM, n_classes=20, seed=9)
+    q = x[rng.integers(0, len(x), 40)] + 0.2 * rng.standard_normal((40, DIM)).astype(np.float32)
+    for mem in (local, client):
+        ids = mem.add(x[:2000], y[:2000], weights=np.linspace(0.5, 2.0, 2000))
+    steps = [lambda m: None, lambda m: m.remove(ids[::5]), lambda m: m.add(x[2000:], y[2000:])]
+    for step in steps:
+        step(local), step(client)
+        for probs in (None, "top-k", "full"):
+            for k in (1, 8, 64):
+                kw = {} if probs is None else {"probs": probs}
+                same(local.query(q, k=k, **kw), client.query(q, k=k, **kw))
+        same(local.query(q[0], k=8, probs="full"), client.query(q[0], k=8, probs="full"))  # a lone query
+        same(local.query(q, k=8, tail=0.5, probs="full"), client.query(q, k=8, tail=0.5, probs="full"))
+    assert len(local) == len(client)
+    for mem in (local, client):
+        with pytest.raises(engine.InvalidValueError, match="probs"):
+            mem.query(q, k=8, probs="every")
