@@ -12,6 +12,8 @@ from engine.protocol import MemoryLike
 from engine.data import clustered
 from engine.serve import MemoryServer
 
+from .test_serve import same_result
+
 DIM = 16
 
 
@@ -27,15 +29,10 @@ def pair(tmp_path):
 
 
 def same(a, b):
-    assert a.classes.tolist() == b.classes.tolist()
-    np.testing.assert_array_equal(a.ids, b.ids)
-    assert list(a.labels) == list(b.labels)
-    np.testing.assert_allclose(a.probs, b.probs, atol=1e-12)
-    np.testing.assert_allclose(a.tail_bound, b.tail_bound, atol=1e-12)
+    same_result(a, b)
     assert (a.tail_estimate is None) == (b.tail_estimate is None)
     if a.tail_estimate is not None:
         np.testing.assert_allclose(a.tail_estimate, b.tail_estimate, atol=1e-12)
-    assert a.exact_bound == b.exact_bound
 
 
 def test_memory_and_client_answer_alike_through_writes_in_both_modes(pair, rng):
