@@ -258,12 +258,15 @@ class Memory:
             raise CorruptFileError(f"{path}: the snapshot's codes cannot be loaded ({exc})") from None
         # ids of removed slots are never reused by counting up
         mem._next_id = max(next_id, rec.max_id + 1, mem._state.table.max_id() + 1)
-        if mem._auto_temperature:  # the choice saved, if it was made on as many slots; else made again
+        if mem._auto_temperature:  # the choice saved, kept as a running memory would keep it; else made again
             saved = tuning.TemperatureReport.from_dict(s.get("temperature_report"))
-            if saved is not None and saved.slots == mem._state.table.n_alive:
-                mem._temperature_report, mem._temperature = saved, checks.temperature(saved.temperature)
-            else:
-                mem._retune()
+            if saved is not None:
+                try:
+                    mem._temperature = checks.temperature(saved.temperature)
+                    mem._temperature_report = saved
+                except InvalidValueError:
+                    pass
+            mem._retune()
         return mem
 
     # -- writing ----------------------------------------------------------------------
@@ -463,6 +466,11 @@ class Memory:
         if report is not None:
             with self._lock.write():
                 self._temperature, self._temperature_report = report.temperature, report
+            if self._store is not None:  # so that a reopen answers at the same temperature
+                try:
+                    self._store.update(temperature_report=report.as_dict())
+                except StorageError:
+                    pass  # the data is durable; the next checkpoint writes the choice
 
     def calibrate_temperature(self, *, k: int = 64, sample: int = tuning.SAMPLE, seed: int = 0
                               ) -> tuning.TemperatureReport:

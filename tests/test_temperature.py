@@ -88,3 +88,21 @@ def test_calibrating_on_demand_and_bad_input():
     assert report.nll <= report.nll_previous
     with pytest.raises(engine.InvalidValueError):
         mem.calibrate_temperature(sample=0)
+
+
+def test_a_reopened_memory_answers_at_the_temperature_it_had(tmp_path):
+    """The choice is written when made, so a reopen (clean or not) answers at the same T,
+    whatever was added or removed since within the 2x window."""
+    x, y = DISTRIBUTIONS["clustered"](3000, DIM, 4, 1)[:2]
+    mem = Memory(DIM, path=tmp_path / "m")
+    ids = mem.add(x[:2000], y[:2000])
+    chosen = mem.temperature
+    mem.remove(ids[::9])
+    mem.add(x[2000:2300], y[2000:2300])
+    assert mem.temperature == chosen
+    q = x[2300:2400]
+    before = mem.query(q, k=16)
+    mem.close()
+    after = Memory.open(tmp_path / "m").query(q, k=16)
+    assert after.labels.tolist() == before.labels.tolist()
+    np.testing.assert_allclose(after.probs, before.probs, atol=1e-12)

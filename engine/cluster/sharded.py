@@ -92,6 +92,8 @@ class ShardedMemory:
             raise InvalidValueError(f"unknown options {sorted(unknown)}; a shard takes {SHARD_OPTIONS}")
         if options.get("metric", "cosine") not in METRICS:
             raise InvalidValueError(f"metric must be one of {METRICS}, got {options['metric']!r}")
+        if "temperature" in options:  # shards share the driver's: a number (a shard choosing its own would not merge)
+            options["temperature"] = checks.temperature(options["temperature"])
         if budget is not None:
             budget = checks.integer("budget", budget)
             if budget < n:
@@ -154,7 +156,9 @@ class ShardedMemory:
         self._pg = placement_group([{"CPU": 0.01}] * self.n, strategy="SPREAD")
         ray.get(self._pg.ready())
         # a budget for the whole memory is kept shard by shard (each compacts its own slots)
-        shard_options = {**self._options, **({"budget": self._budget // self.n} if self._budget else {})}
+        # every shard attends at the driver's temperature (a shard choosing its own would not match the merge)
+        shard_options = {**self._options, "temperature": self._temperature,
+                         **({"budget": self._budget // self.n} if self._budget else {})}
         actor = ray.remote(Shard)
         self._shards = [
             actor.options(max_restarts=-1, max_task_retries=0, num_cpus=0.01,
