@@ -93,7 +93,9 @@ def answer(state, vocab, q: np.ndarray, k: int, temperature: float, metric: str,
 # -- routes ---------------------------------------------------------------------------------
 def _dense(state, q, k, inv_t, n_classes, columns) -> FullAnswer:
     from ..query import search
-    from . import kernels  # numba loads only where a full answer is asked for
+    from . import kernels as compiled  # numba loads only where a full answer is asked for
+
+    kernels = compiled.pick(len(q))
 
     table = state.table
     scores, rows = search(state, q, k)
@@ -119,7 +121,9 @@ def _dense(state, q, k, inv_t, n_classes, columns) -> FullAnswer:
 
 
 def _lists(state, q, k, inv_t, n_classes, columns, metric, nprobe) -> FullAnswer:
-    from . import kernels  # numba loads only where a full answer is asked for
+    from . import kernels as compiled  # numba loads only where a full answer is asked for
+
+    kernels = compiled.pick(len(q))
 
     table, index = state.table, state.index
     view = state.cells(metric).view()
@@ -153,7 +157,9 @@ def _lists(state, q, k, inv_t, n_classes, columns, metric, nprobe) -> FullAnswer
 
 def _retrieved(state, q, k, inv_t, n_classes, columns, metric) -> FullAnswer:
     from ..query import search
-    from . import kernels  # numba loads only where a full answer is asked for
+    from . import kernels as compiled  # numba loads only where a full answer is asked for
+
+    kernels = compiled.pick(len(q))
 
     table = state.table
     scores, rows = search(state, q, k)
