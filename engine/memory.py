@@ -143,6 +143,8 @@ class Memory:
         self._check_policy(policy)
         self.metric = metric
         self._auto_temperature = isinstance(temperature, str) and temperature == "auto"
+        if isinstance(temperature, str) and not self._auto_temperature:
+            raise InvalidValueError(f'temperature must be a number or "auto", got {temperature!r}')
         self._temperature = tuning.FALLBACK if self._auto_temperature else checks.temperature(temperature)
         self._temperature_report: tuning.TemperatureReport | None = None
         self._search = SearchSettings(nprobe=checks.integer("nprobe", nprobe, optional=True),
@@ -460,7 +462,7 @@ class Memory:
         if last is not None and last.slots / 2 < n < 2 * last.slots:
             return
         try:
-            report = tuning.calibrate(self._state, self._temperature)
+            report = tuning.calibrate(self._state, self._temperature, metric=self.metric)
         except Exception:  # noqa: BLE001 - a setting measured on the side, never worth failing a durable write
             return
         if report is not None:
@@ -469,7 +471,7 @@ class Memory:
             if self._store is not None:  # so that a reopen answers at the same temperature
                 try:
                     self._store.update(temperature_report=report.as_dict())
-                except StorageError:
+                except (StorageError, ValueError):
                     pass  # the data is durable; the next checkpoint writes the choice
 
     def calibrate_temperature(self, *, k: int = 64, sample: int = tuning.SAMPLE, seed: int = 0
@@ -491,12 +493,19 @@ class Memory:
             EmptyMemoryError: fewer than 20 slots, or a single class: nothing to measure.
         """
         k, sample, seed = checks.integer("k", k), checks.integer("sample", sample), checks.integer("seed", seed, low=0)
+        if k > tuning.MAX_K or sample > tuning.MAX_SAMPLE:
+            raise InvalidValueError(f"k must be at most {tuning.MAX_K} and sample at most {tuning.MAX_SAMPLE}, "
+                                    f"got k={k}, sample={sample}")
         with self._write_mutex:
-            report = tuning.calibrate(self._state, self._temperature, k=k, sample=sample, seed=seed)
+            report = tuning.calibrate(self._state, self._temperature, metric=self.metric, k=k, sample=sample,
+                                      seed=seed)
             if report is None:
                 raise EmptyMemoryError(f"choosing a temperature needs {tuning.MIN_SLOTS} slots of two classes or more")
-            if self._store is not None and not self._auto_temperature:
-                self._store.update(temperature=report.temperature)
+            if self._store is not None:  # the choice is persisted before it is used
+                if self._auto_temperature:
+                    self._store.update(temperature_report=report.as_dict())
+                else:
+                    self._store.update(temperature=report.temperature)
             with self._lock.write():
                 self._temperature, self._temperature_report = report.temperature, report
             return report

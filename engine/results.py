@@ -44,9 +44,10 @@ class SparseProbs:
         named = np.flatnonzero(counts > 0)
         if len(named):
             best_value[named] = np.maximum.reduceat(full, self.indptr[:-1][named])
-            at = np.flatnonzero(full == best_value[rows])  # the first column reaching its row's largest
-            first = at[np.unique(rows[at], return_index=True)[1]]
-            best[rows[first]] = self.columns[first]
+            at = np.flatnonzero(full == best_value[rows])  # the lowest column reaching its row's largest
+            lowest = np.full(n, np.iinfo(np.int64).max)
+            np.minimum.at(lowest, rows[at], self.columns[at])
+            best[named] = lowest[named]
         # a class named in no row can still win through the rest alone: those rows get the dense answer
         doubt = self.rest * (self.prior.max() if len(self.prior) else 0.0) >= best_value
         for i in np.flatnonzero(doubt):

@@ -21,6 +21,7 @@ GRID = np.geomspace(1e-3, 1.0, 37)  # the temperatures tried
 SAMPLE = 1000  # slots answered as queries
 FALLBACK = 0.1  # what an "auto" memory uses before it can measure (fewer than MIN_SLOTS, one class)
 MIN_SLOTS = 20
+MAX_K, MAX_SAMPLE = 4096, 100_000  # of calibrate_temperature: its arrays are (sample, k)
 FLOOR = 1e-6  # the least probability a query's own class is given (its class may be outside the top-k)
 ACCURACY_SLACK = 0.002  # temperatures within this of the best leave-one-out accuracy are considered
 BINS = 15  # of the expected calibration error
@@ -65,10 +66,11 @@ class TemperatureReport:
             return None
 
 
-def calibrate(state, previous: float, *, k: int = 64, sample: int = SAMPLE, seed: int = 0,
+def calibrate(state, previous: float, *, metric: str = "cosine", k: int = 64, sample: int = SAMPLE, seed: int = 0,
               grid: np.ndarray = GRID) -> TemperatureReport | None:
-    """The grid temperature of least leave-one-out NLL on ``state``'s own slots (None if the
-    memory has fewer than MIN_SLOTS slots or a single class)."""
+    """The temperature chosen on ``state``'s own slots (see the module), or None where there
+    is nothing to measure: fewer than MIN_SLOTS slots, a single class, or too few slots with
+    a neighbour. For inner product the grid is scaled by the median top score."""
     from .query import search
 
     table = state.table
@@ -79,30 +81,46 @@ def calibrate(state, previous: float, *, k: int = 64, sample: int = SAMPLE, seed
     rows = np.sort(rng.choice(live, min(sample, len(live)), replace=False))
     k = int(min(k, len(live) - 1))
     q = np.ascontiguousarray(state.vectors(rows), dtype=np.float32)
-    scores, found = search(state, q, k + 1)
-    # leave each query's own slot out (the last one if the search did not return it)
-    own = found == rows[:, None]
-    drop = np.where(own.any(axis=1), own.argmax(axis=1), k)
-    keep = np.ones_like(own)
-    keep[np.arange(len(rows)), drop] = False
-    scores = scores[keep].reshape(len(rows), k).astype(np.float64)
-    found = found[keep].reshape(len(rows), k)
+    wide = int(min(2 * k + 1, len(live)))
+    scores, found = search(state, q, wide)
+    # leave each query's own slot out, and its exact copies (a slot written twice would
+    # answer itself at score 1 and push the choice to the sharpest temperature)
+    own = np.einsum("nd,nd->n", q.astype(np.float64), q.astype(np.float64))
+    twin = (found == rows[:, None]) | (np.abs(scores - own[:, None]) <= 1e-6 * np.maximum(1.0, np.abs(own))[:, None])
+    keep = (found >= 0) & ~twin
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the first k kept, in score order
+    scores = np.take_along_axis(scores, order, 1).astype(np.float64)
+    found = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(found, order, 1), -1)
+    answered = (found >= 0).any(axis=1)  # a slot alone in what the search saw answers nothing
+    if answered.sum() < MIN_SLOTS // 2:
+        return None
+    rows, scores, found = rows[answered], scores[answered], found[answered]
     valid = found >= 0
     safe = np.where(valid, found, 0)
+    scores = np.where(valid, scores, -np.inf)
     log_w = np.where(valid, np.log(table.weights[safe]), -np.inf)
     labels = np.where(valid, table.label_idx[safe], -1)
-    same = labels == table.label_idx[rows][:, None]
+    truth = table.label_idx[rows]
+    same = labels == truth[:, None]
+    # temperatures relative to the scores' own scale (1 for cosine; inner products may be large)
+    scale = float(np.median(np.abs(scores[:, 0]))) if metric == "ip" else 1.0
+    grid = np.asarray(grid) * max(scale, 1e-12)
     nll = np.array([_nll(scores, log_w, same, t) for t in grid])
     slot_class = _row_classes(labels)
-    acc = np.array([_accuracy(scores, log_w, labels, slot_class, table.label_idx[rows], t) for t in grid])
+    acc = np.array([_accuracy(scores, log_w, labels, slot_class, truth, t)[1] for t in grid])
+    if not (np.isfinite(nll).all() and np.isfinite(acc).all()):
+        return None
     # the most likely temperature among those that classify (nearly) as well as any
     fit = acc >= acc.max() - ACCURACY_SLACK
-    best = float(grid[int(np.argmin(np.where(fit, nll, np.inf)))])
-    ece, acc = _ece(scores, log_w, labels, table.label_idx[rows], best)
-    ece_prev, _ = _ece(scores, log_w, labels, table.label_idx[rows], previous)
-    return TemperatureReport(temperature=best, previous=float(previous), nll=float(nll.min()),
-                             nll_previous=_nll(scores, log_w, same, previous), ece=ece, ece_previous=ece_prev,
-                             accuracy=acc, queries=len(rows), k=k, slots=int(table.n_alive))
+    at = int(np.argmin(np.where(fit, nll, np.inf)))
+    best = float(grid[at])
+    accuracy = acc[at]
+    ece = _accuracy(scores, log_w, labels, slot_class, truth, best)[0]
+    ece_prev = _accuracy(scores, log_w, labels, slot_class, truth, previous)[0]
+    return TemperatureReport(temperature=best, previous=float(previous), nll=float(nll[at]),
+                             nll_previous=_nll(scores, log_w, same, previous), ece=float(ece),
+                             ece_previous=float(ece_prev), accuracy=float(accuracy), queries=len(rows), k=k,
+                             slots=int(table.n_alive))
 
 
 def _row_classes(labels: np.ndarray) -> np.ndarray:
@@ -116,19 +134,27 @@ def _row_classes(labels: np.ndarray) -> np.ndarray:
     return out
 
 
-def _accuracy(scores, log_w, labels, slot_class, truth, t: float) -> float:
-    """How often the class of most attention is the query's own."""
+def _accuracy(scores, log_w, labels, slot_class, truth, t: float) -> tuple[float, float]:
+    """(expected calibration error, accuracy) of the class of most attention."""
     a = _attention(scores, log_w, t)
     m, k = a.shape
     mass = np.zeros((m, k))
     np.add.at(mass, (np.repeat(np.arange(m), k), slot_class.ravel()), a.ravel())
     top = mass.argmax(axis=1)
+    confidence = mass[np.arange(m), top]
     first = (slot_class == top[:, None]).argmax(axis=1)  # a slot of the top class gives its label
-    return float((labels[np.arange(m), first] == truth).mean())
+    correct = labels[np.arange(m), first] == truth
+    bins = np.minimum((confidence * BINS).astype(int), BINS - 1)
+    ece = 0.0
+    for b in range(BINS):
+        inside = bins == b
+        if inside.any():
+            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
+    return float(ece), float(correct.mean())
 
 
 def _attention(scores, log_w, t: float) -> np.ndarray:
-    logits = scores / t + log_w
+    logits = scores / t + log_w  # -inf where no slot (every row has one)
     logits -= logits.max(axis=1, keepdims=True)
     a = np.exp(logits)
     return a / a.sum(axis=1, keepdims=True)
@@ -137,20 +163,3 @@ def _attention(scores, log_w, t: float) -> np.ndarray:
 def _nll(scores, log_w, same, t: float) -> float:
     own = (_attention(scores, log_w, t) * same).sum(axis=1)
     return float(-np.log(np.maximum(own, FLOOR)).mean())
-
-
-def _ece(scores, log_w, labels, truth, t: float) -> tuple[float, float]:
-    """(expected calibration error, accuracy) of the top class of top-k attention."""
-    a = _attention(scores, log_w, t)
-    per_slot = ((labels[:, :, None] == labels[:, None, :]) * a[:, None, :]).sum(axis=2)  # its class's share
-    per_slot = np.where(labels >= 0, per_slot, -1.0)
-    top = per_slot.argmax(axis=1)
-    confidence = per_slot[np.arange(len(top)), top]
-    correct = labels[np.arange(len(top)), top] == truth
-    bins = np.minimum((confidence * BINS).astype(int), BINS - 1)
-    ece = 0.0
-    for b in range(BINS):
-        inside = bins == b
-        if inside.any():
-            ece += inside.mean() * abs(correct[inside].mean() - confidence[inside].mean())
-    return float(ece), float(correct.mean())

@@ -106,3 +106,45 @@ def test_a_reopened_memory_answers_at_the_temperature_it_had(tmp_path):
     after = Memory.open(tmp_path / "m").query(q, k=16)
     assert after.labels.tolist() == before.labels.tolist()
     np.testing.assert_allclose(after.probs, before.probs, atol=1e-12)
+
+
+def test_isolated_slots_copies_and_inner_products_do_not_mislead_the_choice(tmp_path):
+    rng = np.random.default_rng(7)
+    # two tight clusters and two isolated points, searched one list at a time: some slots
+    # see nothing but themselves; the choice must stay finite and the durable add succeed
+    x = np.concatenate([rng.normal(0, 0.01, (100, 4)) + [1, 0, 0, 0], rng.normal(0, 0.01, (100, 4)) + [0, 1, 0, 0],
+                        [[0, 0, 1, 0], [0, 0, 0, 1]]]).astype(np.float32)
+    y = np.r_[np.zeros(100), np.ones(100), 0, 1].astype(int)
+    mem = Memory(4, index="IVF4,Flat", nprobe=1, path=tmp_path / "m")
+    mem.add(x, y)
+    assert np.isfinite(mem.temperature) and mem.temperature > 1e-3
+    mem.close()
+    assert Memory.open(tmp_path / "m").temperature == mem.temperature
+    # every slot written twice: a copy is not a neighbour that answers for it
+    x2, y2 = DISTRIBUTIONS["clustered"](1500, DIM, 8, 1)[:2]
+    once, twice = Memory(DIM, index="Flat"), Memory(DIM, index="Flat")
+    once.add(x2, y2)
+    twice.add(np.concatenate([x2, x2]), np.concatenate([y2, y2]))
+    assert twice.temperature >= once.temperature / 3, (once.temperature, twice.temperature)
+    # inner products of vectors 30x longer: the temperature scales with them
+    ip1, ip30 = Memory(DIM, index="Flat", metric="ip"), Memory(DIM, index="Flat", metric="ip")
+    unit = x2 / np.linalg.norm(x2, axis=1, keepdims=True)
+    ip1.add(unit, y2)
+    ip30.add(unit * 30, y2)
+    assert 300 <= ip30.temperature / ip1.temperature <= 3000  # scores 900x larger, the grid's steps apart
+
+
+def test_an_on_demand_choice_is_written_at_once_and_bad_spellings_are_refused(tmp_path):
+    import json
+
+    x, y = DISTRIBUTIONS["clustered"](2000, DIM, 6, 1)[:2]
+    mem = Memory(DIM, path=tmp_path / "m")
+    mem.add(x, y)
+    report = mem.calibrate_temperature(k=8, seed=3)
+    saved = json.loads((tmp_path / "m" / "manifest.json").read_text())["settings"]["temperature_report"]
+    assert saved["temperature"] == report.temperature == mem.temperature and saved["k"] == 8
+    for bad in ("AUTO", "auto ", "0.1"):
+        with pytest.raises(engine.InvalidValueError, match='"auto"'):
+            Memory(DIM, temperature=bad)
+    with pytest.raises(engine.InvalidValueError, match="at most"):
+        mem.calibrate_temperature(k=10_000)
