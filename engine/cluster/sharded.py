@@ -77,6 +77,8 @@ class ShardedMemory:
         address: the Ray cluster to join (default: RAY_ADDRESS, or a local instance).
         budget: a slot budget for the whole memory; each shard keeps budget / shards.
         **options: the options of :class:`engine.Memory` (metric, index, temperature, ...).
+            The temperature is a number every shard shares (default 0.1): "auto" is refused,
+            as shards choosing their own would not merge into one attention.
 
     Raises:
         InvalidValueError: bad options (checked before anything is written).
