@@ -32,6 +32,7 @@ bench: setup
 	$(BIN)/python bench/shards.py --out runs/bench
 	$(BIN)/python bench/recipes.py --out runs/bench --data $(DATA)
 	$(BIN)/python bench/tail.py --out runs/bench --data $(DATA)
+	$(BIN)/python bench/temperature.py --out runs/bench --data $(DATA)
 	$(BIN)/python -m pytest -q bench --benchmark-json=runs/bench/pytest-benchmark.json
 	$(BIN)/python -m tests.crasher soak runs/bench/soak --minutes 20 > runs/bench/soak.json
 
