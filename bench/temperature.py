@@ -2,6 +2,7 @@
 
     python bench/temperature.py --out runs/bench              # Fashion-MNIST PCA + synthetic
     python bench/temperature.py --cases learned-like --slots 20000
+    python bench/temperature.py --cases learned-like --ingest-slots 1000000   # the cost of choosing at 1M
 
 For each case a default ``Memory`` (``temperature="auto"``, top-k probabilities, k = 64)
 holds the training vectors and answers held-out queries. Recorded: accuracy and held-out
@@ -68,6 +69,30 @@ def run_case(name, x, y, q, qy) -> dict:
     return row
 
 
+def ingest_cost(slots: int) -> dict:
+    """Seconds to write ``slots`` learned-like slots in batches of 100k, and a batch of
+    1,000 queries then, with ``temperature="auto"`` against a fixed T = 0.1, in one run."""
+    import time
+
+    from engine.data.synthetic import DISTRIBUTIONS
+
+    x, y, q, _ = DISTRIBUTIONS["learned-like"](slots, 64, 0, 1000)
+    out = {"slots": slots}
+    for label, t in (("auto", "auto"), ("fixed", 0.1)):
+        t0 = time.perf_counter()
+        mem = Memory(64, temperature=t)
+        for lo in range(0, slots, 100_000):
+            mem.add(x[lo:lo + 100_000], y[lo:lo + 100_000])
+        out[f"{label}_ingest_s"] = time.perf_counter() - t0
+        mem.query(q, k=K)
+        t0 = time.perf_counter()
+        mem.query(q, k=K)
+        out[f"{label}_query_s"] = time.perf_counter() - t0
+        out[f"{label}_temperature"] = mem.temperature
+    out["ingest_ratio"] = out["auto_ingest_s"] / out["fixed_ingest_s"]
+    return out
+
+
 def main(argv=None) -> list[dict]:
     from engine.data.synthetic import DISTRIBUTIONS
 
@@ -77,6 +102,8 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--queries", type=int, default=2000)
     ap.add_argument("--data", type=Path, default=None, help="datasets folder (default: $ENGINE_DATA or ../shared/data)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--ingest-slots", type=int, default=0,
+                    help="also time writing this many slots with auto against a fixed temperature")
     args = ap.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -94,8 +121,11 @@ def main(argv=None) -> list[dict]:
         else:
             raise SystemExit(f"unknown case {case!r}")
         print(json.dumps(rows[-1]), flush=True)
+    cost = ingest_cost(args.ingest_slots) if args.ingest_slots else None
+    if cost:
+        print(json.dumps(cost), flush=True)
     (args.out / "temperature.json").write_text(json.dumps({"meta": {"machine": platform.platform(), "k": K},
-                                                           "results": rows}, indent=2))
+                                                           "results": rows, "ingest": cost}, indent=2))
     lines = ["| case | slots | classes | T chosen | accuracy auto / T=0.1 (top-k) | accuracy auto / T=0.1 (full) "
              "| held-out NLL auto / T=0.1 (top-k) | best kNN accuracy |", "|" + "---|" * 8]
     for r in rows:

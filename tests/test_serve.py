@@ -175,6 +175,8 @@ def test_request_fields_are_checked_by_type_not_coerced(served, data):
         (lambda: put(server, row.append_column("weight", pa.array(["2"])), b'{"memory": "m"}'), "'weight' must be"),
         (lambda: exchange(server, b'{"memory": "m", "k": "5"}', q[:1]), "'k'"),
         (lambda: exchange(server, b'{"memory": "m", "k": 5.0}', q[:1]), "'k'"),
+        (lambda: exchange(server, b'{"memory": "m", "probs": "every"}', q[:1]), "'probs'"),
+        (lambda: exchange(server, b'{"memory": "m", "probs": 1}', q[:1]), "'probs'"),
         (lambda: exchange(server, b'{"memory": "m", "op": "add"}', q[:1]), "'op'"),
         (lambda: action(server, "remove", b'{"memory": "m"}'), "'ids' is required"),
         (lambda: action(server, "remove", b'{"memory": "m", "ids": [1.0]}'), "ids"),

@@ -148,3 +148,33 @@ def test_an_on_demand_choice_is_written_at_once_and_bad_spellings_are_refused(tm
             Memory(DIM, temperature=bad)
     with pytest.raises(engine.InvalidValueError, match="at most"):
         mem.calibrate_temperature(k=10_000)
+
+
+@pytest.mark.parametrize("primitive", ["rename", "fsync", "fsync_dir"])
+def test_a_failing_disk_while_the_choice_is_written_loses_no_acknowledged_slot(tmp_path, monkeypatch, primitive):
+    """The choice is written after the add it follows is durable: a disk failing then keeps
+    the add (it returns), keeps the choice in process, and at worst stops later writes (an
+    uncertain fsync, the store's rule); a reopen has every acknowledged slot and chooses the same T."""
+    import errno
+
+    from .faults import Faults
+
+    x, y = DISTRIBUTIONS["clustered"](400, DIM, 5, 1)[:2]
+    mem = Memory(DIM, path=tmp_path / "m")
+    mem.add(x[:10], y[:10])  # too few to choose: nothing but the log written
+    faults = Faults(monkeypatch.setattr)
+    skip = 1 if primitive == "fsync" else 0  # the add's own log fsync goes first
+    faults.arm(primitive, errno.EIO, skip=skip)
+    ids = mem.add(x[10:], y[10:])  # durable, then the choice is made and written
+    assert len(ids) == 390 and mem.temperature_report is not None and faults.injected == 1
+    chosen = mem.temperature
+    try:
+        mem.add(x[:5], y[:5])
+        acknowledged = 405
+    except engine.StorageError:
+        acknowledged = 400  # the store refuses writes after an uncertain failure, as for any write
+    faults.disarm()
+    mem.close()
+    again = Memory.open(tmp_path / "m")
+    assert len(again) == acknowledged
+    assert again.temperature == pytest.approx(chosen)  # chosen again on the same slots, or kept

@@ -211,7 +211,6 @@ class _Exact:
         self.query, self.column, self.mass = query, np.asarray(column, np.int64), mass
         self.total = np.bincount(query, weights=mass, minlength=n)
         self.indptr = np.r_[0, np.cumsum(np.bincount(query, minlength=n))]
-        self.n = n
 
 
 @dataclass
