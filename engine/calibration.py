@@ -1,21 +1,32 @@
-"""Calibrated search breadth: the cheapest nprobe / efSearch that meets a recall target on the
-memory's own data.
+"""Calibrated search breadth: the cheapest nprobe / efSearch whose answer stays close to
+exact search on the memory's own data.
 
-A fixed rule (probe enough lists to scan so many candidates) holds on the data it
-was tuned on and can lose points elsewhere: on isotropic clusters with few slots per
-class it missed a tenth of the true top-64. So whenever an IVF or HNSW index is
-built, a sample of the indexed vectors is used as queries (each one's own slot left
-out) and their top-k is compared with exact search (``faiss.knn``). The breadth
-chosen is the smallest of a doubling ladder whose recall@k reaches the target
-(default 0.98); where the index cannot reach it at all (lossy codes), the smallest
-breadth within 0.005 of what its widest search reaches.
+A fixed rule (probe enough lists to scan so many candidates) holds on the data it was
+tuned on and can lose points elsewhere. So whenever an IVF or HNSW index is built, a
+sample of the indexed vectors is used as queries (each one's own slot and its exact
+copies left out) and what a breadth answers is compared with what exact search
+(``faiss.knn``) answers. The breadth chosen is the smallest of a doubling ladder that
+meets the target, climbed from the bottom so the cost stays about twice that of the
+rung chosen; where no rung meets it (lossy codes), the smallest rung within a small
+margin of what the widest one reaches.
 
-IVF-Flat needs no search per rung: it scores exactly, so a true neighbour is found
-exactly when its list is probed, and one ranking of the lists per query gives the
-recall of every nprobe at once. The exact top-k of the sample is then the whole cost
-(about a tenth of the build at 200k slots, less above). Other indexes (codes, HNSW)
-are searched rung by rung, climbed from the bottom so the cost stays about twice
-that of the rung chosen.
+Two targets:
+
+- **the answer** (the default): at the memory's temperature, the top-k attention's
+  class answer agrees with exact search's on at least ``AGREEMENT`` of the queries
+  and its class probabilities are within ``ANSWER_TV`` total variation of exact
+  search's on average. Attention sits mostly on the first few neighbours, so the
+  64th neighbour may be missed at no cost to the answer: on hard isotropic data
+  (2,000 classes, 100 slots each) recall@64 0.98 needs half the lists, the answer
+  an eighth. A sharper temperature needs fewer lists: the same searches give the
+  breadth of a ladder of sharper temperatures (down to a seventeenth), so a memory whose
+  temperature is chosen after its index is built (``temperature="auto"``) uses its own
+  breadth without searching again; a softer one than measured is measured again.
+- **recall** (``Memory(recall=r)``): recall@k of the exact top-k reaches ``r``. For
+  IVF-Flat no search per rung is needed: it scores exactly, so a true neighbour is
+  found exactly when its list is probed, and one ranking of the lists per query
+  gives the recall of every nprobe at once.
+
 This is what autofaiss does for its recall targets, done at build time in the engine.
 """
 
@@ -27,10 +38,25 @@ from dataclasses import asdict, dataclass
 import faiss
 import numpy as np
 
-RECALL_TARGET = 0.98
+RECALL_TARGET = 0.98  # of the recall target
+AGREEMENT = 0.995  # of the answer target: the share of queries whose top class is exact search's
+ANSWER_TV = 0.1  # and the mean total variation of their class probabilities to exact search's
+SHARPER = 1.5 ** -np.arange(8)  # the answer is also measured at these multiples of the temperature
+TEMPERATURE_DRIFT = 1.1  # and measured again once the temperature is softer than this times it
 K = 64  # the default k of a query
-QUERIES = 200  # sample size: each query averages 64 neighbours; the estimate is good to ~0.005
-SHORTFALL = 0.005  # a lossy index: how far below its best recall the chosen breadth may be
+QUERIES = 200  # recall sample: each query averages 64 neighbours; the estimate is good to ~0.005
+ANSWER_QUERIES = 1000  # answer sample: one agreement per query, good to ~0.002 at 0.995
+SHORTFALL = 0.005  # a lossy index: how far below its best the chosen breadth may be
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What the answer target needs besides the vectors: each position's label code and
+    log weight, and the temperature queries attend at."""
+
+    labels: np.ndarray
+    log_weights: np.ndarray
+    temperature: float
 
 
 @dataclass(frozen=True)
@@ -46,6 +72,13 @@ class Calibration:
         trained_on: vectors in the index when measured (a rebuild over other vectors re-measures).
         spec: the FAISS factory string of the index measured.
         seconds: what it took.
+        target: "answer" or "recall", what the breadth was chosen for.
+        temperature: the temperature the answer was measured at (None for recall).
+        agreement: the share of sampled queries whose top class matched exact search's
+            (None for recall).
+        tv: their mean total variation to exact search's class probabilities (None for recall).
+        sharper: (temperature, breadth) pairs, the breadth the answer target needs at each of
+            a ladder of temperatures sharper than ``temperature`` (empty for recall).
     """
 
     nprobe: int | None
@@ -56,9 +89,16 @@ class Calibration:
     trained_on: int
     spec: str
     seconds: float
+    target: str = "recall"  # what a saved calibration without the field was chosen for
+    temperature: float | None = None
+    agreement: float | None = None
+    tv: float | None = None
+    sharper: tuple = ()
 
     def as_dict(self) -> dict:
-        return asdict(self)
+        doc = asdict(self)
+        doc["sharper"] = [list(p) for p in self.sharper]
+        return doc
 
     @classmethod
     def from_dict(cls, doc) -> "Calibration | None":
@@ -67,25 +107,44 @@ class Calibration:
             return isinstance(v, int) and not isinstance(v, bool) and v >= low
 
         try:
-            cal = cls(**doc)
+            cal = cls(**{**doc, "sharper": tuple(tuple(p) for p in doc.get("sharper", ()))})
         except TypeError:
             return None
         breadths = (cal.nprobe, cal.ef_search)
         valid = (sum(b is not None for b in breadths) == 1 and all(b is None or count(b, 1) for b in breadths)
                  and isinstance(cal.recall, float) and 0.0 <= cal.recall <= 1.0 and count(cal.k, 1)
                  and count(cal.queries, 1) and count(cal.trained_on, 2) and isinstance(cal.spec, str)
-                 and isinstance(cal.seconds, float))
+                 and isinstance(cal.seconds, float) and cal.target in ("answer", "recall"))
+        if valid and cal.target == "answer":
+            valid = all(isinstance(v, float) and np.isfinite(v) for v in (cal.temperature, cal.agreement, cal.tv)) \
+                and cal.temperature > 0 and all(len(p) == 2 and isinstance(p[0], float) and p[0] > 0
+                                                and count(p[1], 1) for p in cal.sharper)
         return cal if valid else None
 
-    def breadth(self, k: int, limit: int) -> int:
-        """The breadth for a query of ``k``: calibrated at K, scaled up for a larger k."""
+    def fits(self, recall: float | None, temperature: float) -> bool:
+        """Whether this calibration was measured for the target asked now: the same recall,
+        or the answer at a temperature within ``TEMPERATURE_DRIFT`` of ``temperature``."""
+        if recall is not None:
+            return self.target == "recall"
+        return self.target == "answer" and self.temperature is not None \
+            and temperature <= TEMPERATURE_DRIFT * self.temperature
+
+    def breadth(self, k: int, limit: int, temperature: float | None = None) -> int:
+        """The breadth for a query of ``k`` at ``temperature``: calibrated at K (and, for the
+        answer, at the softest measured temperature not sharper than ``temperature``),
+        scaled up for a larger k."""
         value = self.nprobe if self.nprobe is not None else self.ef_search
+        if temperature is not None:
+            for t, b in self.sharper:  # softest first
+                if t >= temperature * (1 - 1e-9):
+                    value = b
         return int(min(limit, value * max(1.0, k / self.k)))
 
 
 def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, hnsw=None,
-              target: float = RECALL_TARGET, k: int = K, queries: int = QUERIES, seed: int = 0) -> Calibration:
-    """Measure recall@k of ``index`` (holding ``vectors``) over a doubling ladder of breadths.
+              target: float | None = RECALL_TARGET, answer: Answer | None = None, k: int = K,
+              queries: int | None = None, seed: int = 0) -> Calibration:
+    """Measure ``index`` (holding ``vectors``) over a doubling ladder of breadths.
 
     Args:
         index: the FAISS index, built over ``vectors`` (row i = position i).
@@ -93,17 +152,22 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
         spec: its factory string (kept in the result).
         ivf: the IVF layer of ``index``, if it has one.
         hnsw: the HNSW layer of ``index``, if it has one.
-        target: the recall@k to reach.
+        target: the recall@k to reach; None: the answer target (``answer`` is then needed).
+        answer: labels, weights and temperature of the answer target.
         k: neighbours per query.
-        queries: how many of ``vectors`` to use as queries.
+        queries: how many of ``vectors`` to use as queries (default: QUERIES for recall,
+            ANSWER_QUERIES for the answer).
         seed: seed of the sample.
     """
     t0 = time.perf_counter()
+    if target is None and answer is None:
+        raise ValueError("the answer target needs labels, weights and a temperature")
     n = len(vectors)
     k = max(1, min(k, n - 1))
+    queries = queries or (QUERIES if target is not None else ANSWER_QUERIES)
     rows = np.sort(np.random.default_rng(seed).choice(n, min(queries, n), replace=False))
     q = np.ascontiguousarray(vectors[rows])
-    _, exact = faiss.knn(q, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    d_exact, exact = faiss.knn(q, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
     truth = _without_self(exact, rows, k)
     if ivf is not None:
         ladder = [1 << i for i in range(int(np.log2(ivf.nlist)) + 1)]
@@ -112,33 +176,128 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
     else:
         ladder = [k * (1 << i) for i in range(8)]  # efSearch k .. 128k
 
-    ranks = _list_ranks(ivf, q, vectors, truth) if ivf is not None and _exact_lists(index, ivf) else None
-
-    def recall(breadth: int) -> float:
-        if ranks is not None:  # a neighbour is found exactly when its list is probed
-            return float(np.mean(ranks < breadth))
+    def searched(breadth: int) -> tuple[np.ndarray, np.ndarray]:
         if ivf is not None:
             params = faiss.SearchParametersIVF()
             params.nprobe = breadth
         else:
             params = faiss.SearchParametersHNSW()
             params.efSearch = breadth
-        _, got = index.search(q, k + 1, params=params)
-        found = _without_self(got, rows, k)
-        return float(np.mean([len(np.intersect1d(a, b)) / k for a, b in zip(found, truth)]))
+        return index.search(q, k + 1, params=params)
 
-    measured: dict[int, float] = {}
+    if target is None:
+        own = np.einsum("nd,nd->n", q, q)
+        temps = float(answer.temperature) * SHARPER
+        exact_answer = _neighbours(d_exact, exact, rows, own, k, answer)
+        measured: dict[int, list[tuple[float, float]]] = {}  # breadth -> (agreement, tv) per temperature
+        found: dict[int, np.ndarray] = {}
+        for breadth in ladder:  # bottom up: the cost is about twice that of the rung chosen
+            d, found[breadth] = searched(breadth)
+            pair = _Comparison(exact_answer, _neighbours(d, found[breadth], rows, own, k, answer))
+            measured[breadth] = [pair.at(t) for t in temps]
+            if _meets(measured[breadth][0]):
+                break
+        first = next((b for b in ladder if b in measured and _meets(measured[b][0])), None)
+        if first is None:  # never met (lossy codes): the smallest rung close to the widest one
+            top = measured[ladder[-1]][0]
+            first = next(b for b in ladder if measured[b][0][0] >= top[0] - SHORTFALL
+                         and measured[b][0][1] <= top[1] + SHORTFALL)
+        # a sharper temperature takes the first rung that met the target for it, never more
+        chosen = [first] + [min(first, next((b for b in ladder if b in measured and _meets(measured[b][j])),
+                                            first)) for j in range(1, len(temps))]
+        agree, tv = measured[chosen[0]][0]
+        return Calibration(nprobe=chosen[0] if ivf is not None else None,
+                           ef_search=chosen[0] if ivf is None else None,
+                           recall=_recall(_without_self(found[chosen[0]], rows, k), truth), k=k, queries=len(rows), trained_on=n, spec=spec,
+                           seconds=time.perf_counter() - t0, target="answer",
+                           temperature=float(answer.temperature), agreement=agree, tv=tv,
+                           sharper=tuple((float(t), int(b)) for t, b in zip(temps, chosen)))
+
+    ranks = _list_ranks(ivf, q, vectors, truth) if ivf is not None and _exact_lists(index, ivf) else None
+
+    def recall(breadth: int) -> float:
+        if ranks is not None:  # a neighbour is found exactly when its list is probed
+            return float(np.mean(ranks < breadth))
+        return _recall(_without_self(searched(breadth)[1], rows, k), truth)
+
+    found: dict[int, float] = {}
     for breadth in ladder:  # bottom up: the cost is about twice that of the rung chosen
-        measured[breadth] = recall(breadth)
-        if measured[breadth] >= target:
+        found[breadth] = recall(breadth)
+        if found[breadth] >= target:
             break
-    best = next((b for b in ladder if b in measured and measured[b] >= target), None)
+    best = next((b for b in ladder if b in found and found[b] >= target), None)
     if best is None:  # never reached (lossy codes): the smallest rung close to the widest one
-        top = measured[ladder[-1]]
-        best = next(b for b in ladder if measured[b] >= top - SHORTFALL)
+        top_recall = found[ladder[-1]]
+        best = next(b for b in ladder if found[b] >= top_recall - SHORTFALL)
     return Calibration(nprobe=best if ivf is not None else None, ef_search=best if ivf is None else None,
-                       recall=measured[best], k=k, queries=len(rows), trained_on=n, spec=spec,
+                       recall=found[best], k=k, queries=len(rows), trained_on=n, spec=spec,
                        seconds=time.perf_counter() - t0)
+
+
+def _recall(found: np.ndarray, truth: np.ndarray, chunk: int = 256) -> float:
+    """Mean share of each row of ``truth`` found in the same row of ``found`` (ids unique per row)."""
+    k, hits = truth.shape[1], 0
+    for lo in range(0, len(truth), chunk):
+        f, t = found[lo:lo + chunk], truth[lo:lo + chunk]
+        hits += int(((f[:, :, None] == t[:, None, :]) & (f[:, :, None] >= 0)).any(axis=1).sum())
+    return hits / max(truth.size, 1) if k else 0.0
+
+
+def _meets(measure: tuple[float, float]) -> bool:
+    return measure[0] >= AGREEMENT and measure[1] <= ANSWER_TV
+
+
+def _neighbours(scores: np.ndarray, ids: np.ndarray, rows: np.ndarray, own: np.ndarray, k: int,
+                answer: Answer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(labels, scores, log weights), each (m, k), of each query's top-k less its own slot
+    and exact copies of it (which score ``own``, its squared norm); a label of -1 and a
+    score of -inf mark no slot."""
+    twin = (ids == rows[:, None]) | (np.abs(scores - own[:, None]) <= 1e-6 * np.maximum(1.0, np.abs(own))[:, None])
+    keep = (ids >= 0) & ~twin
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    keep = np.take_along_axis(keep, order, 1)
+    ids = np.where(keep, np.take_along_axis(ids, order, 1), 0)
+    scores = np.where(keep, np.take_along_axis(scores, order, 1).astype(np.float64), -np.inf)
+    return np.where(keep, answer.labels[ids], -1), scores, np.where(keep, answer.log_weights[ids], 0.0)
+
+
+def _attention(scores: np.ndarray, log_w: np.ndarray, temperature: float) -> np.ndarray:
+    """(m, k) softmax attention of each row at ``temperature`` (0 where no slot)."""
+    logits = scores / temperature + log_w
+    best = logits.max(axis=1, keepdims=True)
+    att = np.exp(logits - np.where(np.isfinite(best), best, 0.0))
+    return att / np.maximum(att.sum(axis=1, keepdims=True), 1e-300)
+
+
+class _Comparison:
+    """Two answers over the same queries (exact search's and a breadth's) grouped by class
+    once, compared at any temperature."""
+
+    def __init__(self, exact: tuple, got: tuple):
+        self.exact, self.got = exact, got
+        labels = np.concatenate([exact[0], got[0]], axis=1)
+        m, w = labels.shape
+        self.order = np.argsort(labels, axis=1, kind="stable")
+        lab = np.take_along_axis(labels, self.order, 1)
+        start = np.concatenate([np.ones((m, 1), bool), lab[:, 1:] != lab[:, :-1]], axis=1)
+        within = np.cumsum(start, axis=1) - 1
+        self.group = (within + (np.arange(m) * w)[:, None]).ravel()
+        self.real = np.zeros((m, w), bool)  # groups that are a class, not "no slot"
+        np.put_along_axis(self.real, within, lab >= 0, axis=1)
+        self.shape = (m, w)
+
+    def at(self, temperature: float) -> tuple[float, float]:
+        """(share of queries whose top class agrees, mean total variation of class probabilities)."""
+        m, w = self.shape
+        a = np.take_along_axis(np.concatenate([_attention(*self.exact[1:], temperature),
+                                               np.zeros_like(self.got[1])], axis=1), self.order, 1)
+        b = np.take_along_axis(np.concatenate([np.zeros_like(self.exact[1]),
+                                               _attention(*self.got[1:], temperature)], axis=1), self.order, 1)
+        pa = np.bincount(self.group, a.ravel(), m * w).reshape(m, w)
+        pb = np.bincount(self.group, b.ravel(), m * w).reshape(m, w)
+        tv = 0.5 * np.where(self.real, np.abs(pa - pb), 0.0).sum(axis=1)
+        agree = np.where(self.real, pa, -1).argmax(axis=1) == np.where(self.real, pb, -1).argmax(axis=1)
+        return float(agree.mean()), float(tv.mean())
 
 
 def _exact_lists(index, ivf) -> bool:

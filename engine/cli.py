@@ -57,10 +57,15 @@ def create(
     dim: int = typer.Option(..., help="Embedding dimension."),
     metric: str = typer.Option("cosine", help="cosine or ip."),
     index: str = typer.Option("auto", help="auto or a FAISS factory string (Flat, HNSW32, IVF1024,Flat, ...)."),
-    temperature: float = typer.Option(0.1, help="Attention temperature."),
+    temperature: str = typer.Option("auto", help='Attention temperature: a number, or "auto" (chosen by the '
+                                    "memory on its own slots, leave-one-out, as it grows)."),
 ) -> None:
     """Create an empty durable memory."""
-    mem = Memory(dim, metric=metric, index=index, temperature=temperature, path=path)
+    try:
+        t = temperature if temperature == "auto" else float(temperature)
+    except ValueError:
+        raise typer.BadParameter(f'a number or "auto", got {temperature!r}', param_hint="--temperature") from None
+    mem = Memory(dim, metric=metric, index=index, temperature=t, path=path)
     mem.close()
     typer.echo(f"created {mem!r}")
 

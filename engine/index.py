@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 
 from .calibration import K as CALIBRATION_K
-from .calibration import RECALL_TARGET, Calibration, calibrate
+from .calibration import RECALL_TARGET, Answer, Calibration, calibrate
 from .errors import InvalidValueError
 
 # FAISS warns below 39 training points per centroid; we train only past that.
@@ -98,18 +98,22 @@ class VectorIndex:
         dim: vector dimension.
         spec: "auto" or a FAISS factory string ("Flat", "HNSW32", "IVF1024,Flat", "IVF256,PQ16", ...).
         settings: search-time settings (nprobe, efSearch).
-        recall: the recall target of calibration.
+        recall: the recall target of calibration; None (the default) calibrates on the answer
+            at ``temperature`` (see engine/calibration.py).
+        temperature: the temperature queries attend at, for the answer target.
         share: the fraction of a sharded memory's slots this index holds (1/n for a shard of
             n): its search breadth aims at its share of a query's top-k (see :func:`share_k`).
     """
 
     def __init__(self, dim: int, spec: str, settings: SearchSettings | None = None, *,
-                 recall: float = RECALL_TARGET, calibration: Calibration | None = None, share: float = 1.0):
+                 recall: float | None = None, temperature: float = 0.1, calibration: Calibration | None = None,
+                 share: float = 1.0):
         self.dim = dim
         self.spec = validate_spec(dim, spec)
         self._params_cache: dict = {}  # k -> search parameters without a selector
         self.settings = settings or SearchSettings()
         self.recall_target = recall
+        self.temperature = temperature
         self.share = share
         # the breadth measured to meet recall_target (engine/calibration.py); a saved one is
         # reused by a build over as many vectors into the same index kind, else measured again
@@ -176,8 +180,11 @@ class VectorIndex:
             return probe.is_trained or n_after >= min_train_points(probe)
         return self._trained_on > 0 and n_after >= RETRAIN_GROWTH * self._trained_on
 
-    def build(self, vectors: np.ndarray) -> "VectorIndex":
-        """A new index of the same spec over ``vectors`` (row i = position i), trained if due."""
+    def build(self, vectors: np.ndarray, labels: np.ndarray | None = None,
+              weights: np.ndarray | None = None) -> "VectorIndex":
+        """A new index of the same spec over ``vectors`` (row i = position i), trained if due;
+        ``labels`` (codes) and ``weights`` of the same rows are what the answer target of
+        calibration measures with."""
         new = self._sibling()
         new._use(*self._fresh(len(vectors)))
         new._trained_on = 0
@@ -186,7 +193,7 @@ class VectorIndex:
             new._trained_on = len(vectors)
         if len(vectors):
             new._index.add(vectors)
-        new.calibration = new._calibrated(vectors, self.calibration)
+        new.calibration = new._calibrated(vectors, self.calibration, labels, weights)
         return new
 
     def _sibling(self) -> "VectorIndex":
@@ -194,7 +201,7 @@ class VectorIndex:
         new = VectorIndex.__new__(VectorIndex)
         new._params_cache = {}
         new.dim, new.spec, new.settings, new.spec_lossy = self.dim, self.spec, self.settings, self.spec_lossy
-        new.recall_target, new.share = self.recall_target, self.share
+        new.recall_target, new.share, new.temperature = self.recall_target, self.share, self.temperature
         return new
 
     # -- codes: what a snapshot keeps of an index that holds only compressed codes ---------
@@ -260,33 +267,46 @@ class VectorIndex:
         new.calibration = saved if saved is not None and saved.spec == self.spec else None
         return new
 
-    def _calibrated(self, vectors: np.ndarray, saved: Calibration | None) -> Calibration | None:
+    def _calibrated(self, vectors: np.ndarray, saved: Calibration | None, labels: np.ndarray | None = None,
+                    weights: np.ndarray | None = None) -> Calibration | None:
         """The calibration of this freshly built index: none for exact indexes or breadths set
-        by the caller, the saved one if it was measured on the same index over as many vectors."""
+        by the caller, the saved one if it was measured on the same index over as many vectors
+        for the same target. Without labels the answer cannot be measured: recall is."""
         ivf = self._ivf if self.settings.nprobe is None else None
         hnsw = self._hnsw if self.settings.ef_search is None else None
         if (ivf is None and hnsw is None) or len(vectors) < 2:
             return None
         k = share_k(CALIBRATION_K, self.share)
-        if saved is not None and saved.spec == self.active_spec and saved.trained_on == len(vectors) \
-                and saved.k == min(k, len(vectors) - 1):
+        recall = self.recall_target
+        if recall is None and labels is None:
+            recall = RECALL_TARGET
+        if saved is not None and saved.spec == self.active_spec \
+                and saved.trained_on == len(vectors) and saved.k == min(k, len(vectors) - 1) \
+                and saved.fits(recall, self.temperature):
             return saved
+        answer = None
+        if recall is None:
+            w = np.ones(len(vectors)) if weights is None else np.asarray(weights, np.float64)[:len(vectors)]
+            answer = Answer(np.asarray(labels)[:len(vectors)], np.log(np.maximum(w, 1e-300)), self.temperature)
         return calibrate(self._index, vectors, self.active_spec, ivf=ivf, hnsw=hnsw if ivf is None else None,
-                         target=self.recall_target, k=k)
+                         target=recall, answer=answer, k=k)
 
     def stale_calibration(self) -> bool:
         """Whether this index should be calibrated now: approximate, no breadth set by the caller,
-        at least CALIBRATE_MIN vectors, and never measured or grown 4x since (HNSW grows in place)."""
+        at least CALIBRATE_MIN vectors, and never measured, grown 4x since (HNSW grows in place),
+        or measured for another target or a temperature that has since moved."""
         if (self._ivf is None or self.settings.nprobe is not None) and \
                 (self._hnsw is None or self.settings.ef_search is not None):
             return False
         cal, n = self.calibration, self.ntotal
         return n >= CALIBRATE_MIN and (cal is None or cal.spec != self.active_spec
-                                       or n >= RETRAIN_GROWTH * cal.trained_on)
+                                       or n >= RETRAIN_GROWTH * cal.trained_on
+                                       or not cal.fits(self.recall_target, self.temperature))
 
-    def calibrated(self) -> Calibration | None:
-        """A calibration measured on the vectors the index holds now (see :meth:`stale_calibration`)."""
-        return self._calibrated(self.reconstruct(np.arange(self.ntotal)), None)
+    def calibrated(self, labels: np.ndarray | None = None, weights: np.ndarray | None = None) -> Calibration | None:
+        """A calibration measured on the vectors the index holds now (see :meth:`stale_calibration`),
+        ``labels`` and ``weights`` given per position."""
+        return self._calibrated(self.reconstruct(np.arange(self.ntotal)), None, labels, weights)
 
     def breadth(self, k: int) -> tuple[int | None, int | None]:
         """(nprobe, efSearch) a query of ``k`` uses: the caller's, else calibrated, else the size rule."""
@@ -294,11 +314,12 @@ class VectorIndex:
         need = share_k(k, self.share)  # a shard needs only its share of the top-k
         if self._ivf is not None:
             nlist = self._ivf.nlist
-            nprobe = self.settings.nprobe or (cal.breadth(need, nlist) if cal else
+            nprobe = self.settings.nprobe or (cal.breadth(need, nlist, self.temperature) if cal else
                                               default_nprobe(nlist, self.ntotal, need))
             return int(nprobe), None
         if self._hnsw is not None:
-            ef = self.settings.ef_search or max(k, cal.breadth(need, 1 << 16) if cal else default_ef_search(need))
+            ef = self.settings.ef_search or max(k, cal.breadth(need, 1 << 16, self.temperature) if cal
+                                                else default_ef_search(need))
             return None, int(ef)
         return None, None
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from .attention import Attention, attend, top_class
 from .labels import Vocabulary
-from .results import QueryResult, Retrieved, SparseProbs
+from .results import ClassMass, QueryResult, Retrieved, SparseProbs
 from .state import State
 from .tail import full
 
@@ -68,11 +68,13 @@ def _grow_full(state: State, vocab: Vocabulary, q, res: full.FullAnswer, tail: f
     wide = (("scores", -np.inf), ("rows", -1), ("attention", 0.0))
     out = {name: _padded(getattr(res, name), widest, fill) for name, fill in wide}
     probs = _dense_probs(res.probs).copy()
-    out.update(tail_bound=res.tail_bound.copy())
+    per_query = ("tail_bound", "log_z", "log_scored", "log_bound")
+    out.update({name: getattr(res, name).copy() for name in per_query})
     for at, p in parts[1:]:
         for name, fill in wide:
             out[name][at] = _padded(getattr(p, name), widest, fill)
-        out["tail_bound"][at] = p.tail_bound
+        for name in per_query:
+            out[name][at] = getattr(p, name)
         probs[at] = _dense_probs(p.probs)
     return full.FullAnswer(probs=probs, certified=all(p.certified for _, p in parts), **out)
 
@@ -213,10 +215,21 @@ def omitted_weight(t, used, n_used, k: int, padded: bool):
     return np.where(n_used >= t.n_alive, 0.0, np.maximum(t.total_weight - used, 0.0) + err)
 
 
-def retrieve(state: State, vocab: Vocabulary, q: np.ndarray, k: int) -> Retrieved:
+def retrieve(state: State, vocab: Vocabulary, q: np.ndarray, k: int, *, temperature: float | None = None,
+             full_metric: str | None = None) -> Retrieved:
     """Each query's top-k slots (``k`` already clamped), with their masses and labels, and
-    the mass of the slots left out: no attention (see :class:`~engine.results.Retrieved`)."""
-    scores, rows = search(state, q, k)
+    the mass of the slots left out: no attention (see :class:`~engine.results.Retrieved`).
+    With ``full_metric`` (the memory's metric), also every class's mass in the full answer
+    at ``temperature`` (``Retrieved.full``), in absolute log units, for a merge to add up."""
+    mass = None
+    classes, _ = state.classes(vocab)
+    if full_metric is not None:
+        res = full.answer(state, vocab, q, k, temperature, full_metric)
+        scores, rows = res.scores, res.rows
+        mass = ClassMass(classes=classes, probs=_dense_probs(res.probs), attention=res.attention, log_z=res.log_z, log_scored=res.log_scored,
+                         log_bound=res.log_bound, certified=res.certified)
+    else:
+        scores, rows = search(state, q, k)
     t = state.table
     valid, safe, weights, used = _masses(t, rows)
     omitted = omitted_weight(t, used, valid.sum(axis=1), rows.shape[1], True)
@@ -224,7 +237,8 @@ def retrieve(state: State, vocab: Vocabulary, q: np.ndarray, k: int) -> Retrieve
     labels = vocab.array(t.label_idx[safe].ravel()).reshape(rows.shape)
     return Retrieved(ids=np.where(valid, t.ids[safe], -1), scores=np.where(valid, scores, -np.inf).astype(np.float32),
                      weights=weights, labels=labels, omitted_weight=np.asarray(omitted, np.float64),
-                     total_weight=t.total_weight + t.weight_error, exact=state.index.exact)
+                     total_weight=t.total_weight + t.weight_error, exact=state.index.exact, full=mass,
+                     classes=classes)
 
 
 def _grow_k(state, vocab, q, scores, rows, att, tail, k, temperature):

@@ -145,6 +145,29 @@ class QueryResult:
 
 
 @dataclass(frozen=True)
+class ClassMass:
+    """A memory's full answer as masses a merge can add up: per query, in absolute log units
+    (``log sum w exp(s / T)``), the whole mass, the part scored exactly and the bound on the
+    part not scored, and how the whole splits among ``classes``.
+
+    Attributes:
+        classes: (C,) the memory's live labels, sorted.
+        probs: (n, C) each class's share of the whole mass.
+        attention: (n, k) each retrieved slot's share of the whole mass (0 on padding).
+        log_z, log_scored, log_bound: (n,) as above (``log_bound`` -inf: every slot scored).
+        certified: whether ``log_bound`` is a certificate.
+    """
+
+    classes: np.ndarray
+    probs: np.ndarray
+    attention: np.ndarray
+    log_z: np.ndarray
+    log_scored: np.ndarray
+    log_bound: np.ndarray
+    certified: bool
+
+
+@dataclass(frozen=True)
 class Retrieved:
     """Each query's top-k slots without attention (:meth:`engine.Memory.retrieve`): what a
     merge of several memories' answers needs to compute exact attention over the union.
@@ -157,6 +180,8 @@ class Retrieved:
         omitted_weight: (n,) total mass of the live slots not retrieved (an upper bound).
         total_weight: mass of every live slot (an upper bound, rounding included).
         exact: the index is exact, so every slot left out scores at most the last one retrieved.
+        full: with ``probs="full"``, every class's mass in the memory's full answer.
+        classes: the memory's live labels, sorted (the columns its own ``probs`` would have).
     """
 
     ids: np.ndarray
@@ -166,6 +191,8 @@ class Retrieved:
     omitted_weight: np.ndarray
     total_weight: float
     exact: bool
+    full: "ClassMass | None" = None
+    classes: np.ndarray | None = None
 
     def omitted_log_mass(self, temperature: float) -> np.ndarray:
         """(n,) log of a bound on ``sum w exp(s / T)`` over the slots left out: the mass left

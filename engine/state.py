@@ -172,7 +172,8 @@ class State:
                 table.append(slots.ids, vocab.intern(slots.labels, vocab.kind), slots.weights, slots.vectors,
                              slots.used)
         full = table.compacted()
-        return cls(full if keep_vectors else full.compacted(keep_vectors=False), index.build(full.vectors))
+        return cls(full if keep_vectors else full.compacted(keep_vectors=False),
+                   index.build(full.vectors, full.label_idx, full.weights))
 
     # -- changes ------------------------------------------------------------------------
     def apply(self, kill_rows: np.ndarray, append: tuple | None = None) -> None:
@@ -217,11 +218,16 @@ class State:
         if append is not None:
             table.append(*append)
             vectors = np.concatenate([vectors, append[3]])
-        return State(table, self.index.build(vectors))
+        return State(table, self.index.build(vectors, table.label_idx, table.weights))
 
     def rebuilt_from(self, table: SlotTable, vectors: np.ndarray) -> "State":
         """A new state over ``table`` (all rows live) and its ``vectors``, indexed like this one."""
-        return State(table, self.index.build(vectors))
+        return State(table, self.index.build(vectors, table.label_idx, table.weights))
+
+    def calibrated(self):
+        """The search breadth measured on this state's index, labels and weights now."""
+        t = self.table
+        return self.index.calibrated(t.label_idx, t.weights)
 
     def fresh_ids(self, n: int, start: int, taken: np.ndarray | None = None,
                   space: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, int]:

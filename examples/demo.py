@@ -26,8 +26,8 @@ from engine import Memory
 from engine.data import as_input, load_fashion_mnist, pca_embed
 
 
-def pca_memory_report(data=None, *, k: int = 64, dim: int = 64, temperature: float = 0.01, index: str = "Flat",
-             limit: int | None = None, batch: int = 500, out: str | Path | None = "runs/demo",
+def pca_memory_report(data=None, *, k: int = 64, dim: int = 64, temperature: float | str = "auto",
+                      index: str = "Flat", limit: int | None = None, batch: int = 500, out: str | Path | None = "runs/demo",
              progress: bool = True, check: int = 1000) -> dict:
     """Fashion-MNIST as a memory of 64-d PCA pixels: build it, answer the test set, report.
 
@@ -35,7 +35,7 @@ def pca_memory_report(data=None, *, k: int = 64, dim: int = 64, temperature: flo
         data: the data directory (default: ``$ENGINE_DATA`` or ``../shared/data``).
         k: slots per query.
         dim: PCA dimensions.
-        temperature: attention temperature.
+        temperature: attention temperature ("auto": the memory chooses it on its own slots).
         index: FAISS index spec.
         limit: use only the first ``limit`` train and test images (smoke runs).
         batch: queries per batch.
@@ -70,6 +70,7 @@ def pca_memory_report(data=None, *, k: int = 64, dim: int = 64, temperature: flo
             bar.update(len(res))
     query_s = time.perf_counter() - t0
     predicted, bounds = np.concatenate(predicted), np.concatenate(bounds)
+    temperature = mem.temperature  # the one chosen, with "auto"
     agreement, tv = _against_full_attention(mem, ztr, ytr, zte[:check], k, temperature, "top-k")
     agreement_full, tv_full = _against_full_attention(mem, ztr, ytr, zte[:check], k, temperature, "full")
     stats = mem.stats()
@@ -196,43 +197,28 @@ def _s(path) -> str | None:
     return None if path is None else str(path)
 
 
-TEMPERATURES = (0.005, 0.01, 0.02, 0.05, 0.1)  # the memory temperatures a held-out split chooses from
 
 
-def learned_memory_report(model, data=None, *, k: int = 64, limit: int | None = None, progress: bool = True,
-                          held_out: int = 5000) -> dict:
+def learned_memory_report(model, data=None, *, k: int = 64, limit: int | None = None, progress: bool = True) -> dict:
     """Fashion-MNIST as a memory of learned g embeddings; test images embedded with h and queried.
 
-    The memory's temperature is chosen on the training images alone: the last ``held_out``
-    (at most a fifth) of them query a memory of the others at each of :data:`TEMPERATURES`
-    and the model's own, and the most accurate is kept (the model's temperature was learned
-    on 50-slot episodes; a 60k-slot memory wants a sharper one). Each training image is
-    embedded once (test-time views included) for both the choice and the memory. FCE
-    models, whose g sees the whole support set and whose h reads the memory, keep their own
-    temperature.
+    The memory chooses its own temperature (``temperature="auto"``: leave-one-out on its
+    own slots, see :mod:`engine.temperature`); the model's was learned on 50-slot episodes,
+    and a 60k-slot memory wants a sharper one. FCE models, whose g sees the whole support
+    set and whose h reads the memory, keep their own temperature.
     """
     xtr, ytr = load_fashion_mnist(data, "train")
     xte, yte = load_fashion_mnist(data, "test")
     if limit:
         xtr, ytr, xte, yte = xtr[:limit], ytr[:limit], xte[:limit], yte[:limit]
     own = float(model.temperature.detach())
-    chosen, by_temperature = own, {}
-    held_out = min(held_out, len(xtr) // 5)
     t0 = time.perf_counter()
-    if model.query_lstm is None:  # every slot is g'(x) alone: embed the training images once for both uses
-        g, h = (f.numpy() for f in model.backbone_features(as_input(xtr), batch_size=2000))
-        choosing = time.perf_counter()
-        for t in sorted({*TEMPERATURES, own}) if held_out else ():
-            split = Memory(model.dim, index="Flat", temperature=t)
-            split.add(g[:-held_out], ytr[:-held_out])
-            by_temperature[t] = float((split.query(h[-held_out:], k=k).labels == ytr[-held_out:]).mean())
-        if by_temperature:
-            chosen = max(by_temperature, key=lambda t: (by_temperature[t], -abs(np.log(t / own))))
-        t0 += time.perf_counter() - choosing  # the choice is not part of building the memory
-        memory = Memory(model.dim, metric="cosine", index="Flat", temperature=chosen)
+    if model.query_lstm is None:  # every slot is g'(x) alone
+        g = model.backbone_features(as_input(xtr), batch_size=2000)[0].numpy()
+        memory = Memory(model.dim, metric="cosine", index="Flat")  # temperature="auto"
         memory.add(g, ytr.tolist())
     else:  # FCE: g sees the whole support set, and h reads the memory with the model's own temperature
-        memory = model.to_memory(as_input(xtr), ytr, temperature=chosen)
+        memory = model.to_memory(as_input(xtr), ytr, temperature=own)
     build_s = time.perf_counter() - t0
     predicted, bounds = [], []
     t0 = time.perf_counter()
@@ -246,7 +232,7 @@ def learned_memory_report(model, data=None, *, k: int = 64, limit: int | None = 
     return {"embedding": f"matching-network g/h ({model.dim}-d)", "views": model.views, "slots": stats.slots,
             "queries": int(len(xte)),
             "k": k, "temperature": memory.temperature, "model_temperature": own,
-            "held_out_accuracy_by_temperature": {str(t): a for t, a in by_temperature.items()},
+            "temperature_report": None if memory.temperature_report is None else memory.temperature_report.as_dict(),
             "accuracy": float((predicted == yte).mean()),
             "tail_bound_median": float(np.median(bounds)), "embed_and_write_s": build_s,
             "embed_and_query_per_s": float(len(xte) / query_s), "bytes_per_slot": stats.bytes_total / stats.slots}
@@ -355,7 +341,7 @@ def write_report(report: dict, out: Path, run, model) -> None:
         f"| {pca['bytes_per_slot']:.0f} |",
         f"| learned Matching Network ({report['fashion_training']['pretrain_epochs']} supervised epochs, "
         f"{report['fashion_training']['episodes']} episodes, {fl['views']} test-time views; T = "
-        f"{fl['temperature']:.3g}, chosen on held-out training images) | {fl['accuracy']:.4f} "
+        f"{fl['temperature']:.3g}, chosen by the memory on its own slots) | {fl['accuracy']:.4f} "
         f"| {fl['tail_bound_median']:.3g} | {fl['embed_and_query_per_s']:,.0f} (incl. embedding) | {fl['bytes_per_slot']:.0f} |",
         "",
         f"Against dense attention over all slots (PCA memory, {pca['full_attention_checked']:,} queries): top-k "

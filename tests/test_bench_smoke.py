@@ -79,9 +79,13 @@ def test_stream_benchmark(tmp_path):
 def test_calibration_benchmark(tmp_path):
     import calibration
 
-    rows = calibration.main(["--slots", "20000", "--dim", "16", "--queries", "100", "--out", str(tmp_path)])
-    assert [r["data"] for r in rows][-1] == "uniform" and all(r["recall_measured"] >= 0.98 for r in rows)
+    rows = calibration.main(["--slots", "20000", "--dim", "16", "--queries", "100", "--data", "isotropic-hard",
+                             "uniform", "--out", str(tmp_path)])
+    assert [r["data"] for r in rows] == ["isotropic-hard", "uniform"]
+    assert all(r["recall"]["recall_measured"] >= 0.98 and r["answer"]["target"] == "answer" for r in rows)
+    assert all(r["answer"]["nprobe"] <= r["recall"]["nprobe"] for r in rows)
     assert json.loads((tmp_path / "calibration.json").read_text())["results"] == rows
+    assert (tmp_path / "calibration.png").stat().st_size > 10_000
 
 
 def test_shards_script(tmp_path):

@@ -133,3 +133,18 @@ def test_the_library_cli_carries_no_demo_or_benchmarks_and_the_scripts_run_from_
     for script, flag in (("examples/demo.py", "--quick"), ("bench/scale.py", "--sizes")):
         out = subprocess.run([sys.executable, str(root / script), "--help"], capture_output=True, text=True, cwd=root)
         assert out.returncode == 0 and flag in out.stdout, out.stderr
+
+
+def test_create_chooses_the_temperature_unless_one_is_given(tmp_path):
+    run("memory", "create", tmp_path / "a", "--dim", 4, "--index", "Flat")
+    x = np.random.default_rng(1).standard_normal((60, 4)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    (tmp_path / "y.txt").write_text("\n".join(str(i % 3) for i in range(60)))
+    run("memory", "add", tmp_path / "a", tmp_path / "x.npy", "--labels", tmp_path / "y.txt")
+    from engine import Memory
+
+    with Memory.open(tmp_path / "a") as mem:
+        assert mem.temperature_report is not None and mem.temperature == mem.temperature_report.temperature
+    for bad in ("warm", "nan", "-1"):
+        out = run("memory", "create", tmp_path / f"b{bad}", "--dim", 4, "--temperature", bad, ok=False)
+        assert out.exit_code != 0 and "temperature" in out.output and not (tmp_path / f"b{bad}").exists()

@@ -55,3 +55,40 @@ def test_memory_and_client_answer_alike_through_writes_in_both_modes(pair, rng):
     for mem in (local, client):
         with pytest.raises(engine.InvalidValueError, match="probs"):
             mem.query(q, k=8, probs="every")
+
+
+def test_a_sharded_memory_answers_as_one_memory_through_writes_in_both_modes(tmp_path, rng):
+    """Flat shards score every slot, so the sharded answer is one memory's in both modes,
+    whatever was added and removed (ids may swap places only where float32 scores tie)."""
+    ray = pytest.importorskip("ray")
+    from engine.cluster import ShardedMemory
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        sharded = ShardedMemory(DIM, shards=2, path=tmp_path / "s", index="Flat", temperature=0.1)
+        local = Memory(DIM, index="Flat", temperature=0.1)
+        assert isinstance(sharded, MemoryLike)
+        x, y = clustered(3000, DIM, n_classes=20, seed=9)
+        q = x[rng.integers(0, len(x), 30)] + 0.2 * rng.standard_normal((30, DIM)).astype(np.float32)
+        w = np.linspace(0.5, 2.0, 3000)
+        ids = np.arange(3000, dtype=np.int64) * 7
+        steps = [lambda m: m.add(x[:2000], y[:2000], ids=ids[:2000], weights=w[:2000]),
+                 lambda m: m.remove(ids[:2000:5]), lambda m: m.add(x[2000:], y[2000:], ids=ids[2000:], weights=w[2000:])]
+        for step in steps:
+            step(local), step(sharded)
+            assert len(local) == len(sharded)
+            for probs in ("top-k", "full"):
+                for k in (1, 8, 64):
+                    a, b = local.query(q, k=k, probs=probs), sharded.query(q, k=k, probs=probs)
+                    np.testing.assert_array_equal(a.labels, b.labels)
+                    np.testing.assert_array_equal(np.sort(a.ids, axis=1), np.sort(b.ids, axis=1))
+                    np.testing.assert_allclose(a.probs, b.probs, atol=1e-9)
+                    np.testing.assert_allclose(np.sort(a.attention, axis=1), np.sort(b.attention, axis=1), atol=1e-9)
+                    if probs == "full":  # every slot scored: nothing left to bound
+                        assert (a.tail_bound == 0).all() and (b.tail_bound == 0).all()
+                    else:  # each bounds the mass it left out (a merge's own way): both certificates
+                        true = 1.0 - local.query(q, k=k, probs="full").attention.sum(axis=1)
+                        assert (a.tail_bound >= true - 1e-9).all() and (b.tail_bound >= true - 1e-9).all()
+        sharded.close()
+    finally:
+        ray.shutdown()

@@ -267,6 +267,8 @@ def test_the_list_route_in_chunks_of_queries_answers_as_one_batch(rng, monkeypat
     monkeypatch.setattr(full, "SCAN_RESULTS", 20_000)  # about 8 queries a chunk
     chunked = mem.query(q, k=16)
     np.testing.assert_array_equal(chunked.ids, whole.ids)
-    np.testing.assert_allclose(chunked.probs, whole.probs, atol=1e-9)
-    np.testing.assert_allclose(chunked.tail_bound, whole.tail_bound, atol=1e-9)
+    # the estimate of unprobed lists is float32 products with the cells' means, whose BLAS
+    # rounding depends on how many queries a product holds: equal to float32 rounding
+    np.testing.assert_allclose(chunked.probs, whole.probs, atol=1e-6)
+    np.testing.assert_allclose(chunked.tail_bound, whole.tail_bound, atol=1e-6)
     assert chunked.labels.tolist() == whole.labels.tolist()

@@ -6,6 +6,11 @@ attention a single memory holding every slot would compute. The mass left out is
 bounded by, per shard, its own omitted-mass bound (``W_omitted exp(s_k / T)``), plus
 the exact mass of slots a shard returned that the global top-k dropped, plus, for a
 shard that did not answer, a bound on its whole mass. All of it in log space.
+
+Full answers (``probs="full"``) merge by mass: each shard gives every class's mass in its
+own full answer (scored exactly plus estimated) in absolute log units, so the class
+masses add up across shards and the top-k slots take their share of the sum; nothing a
+shard scored is dropped, and with Flat shards the result is dense attention over every slot.
 """
 
 from __future__ import annotations
@@ -51,8 +56,14 @@ def merge(parts: list[Retrieved], k: int, k_requested: int, temperature: float, 
                               / temperature, -np.inf)
         bound = np.logaddexp(bound, np.logaddexp.reduce(d_mass, axis=1))
     top_valid = top_ids >= 0
+    if parts and all(p.full is not None for p in parts):
+        return _merge_full(parts, take, top_ids, top_scores, top_labels, top_valid, k_requested,
+                           missing_log_mass, missing_shards)
     present = top_labels[top_valid]
-    classes = np.unique(present) if len(present) else top_labels[:0, 0]
+    if all(p.classes is not None for p in parts):  # every class of every shard: one memory's columns
+        classes = np.unique(np.concatenate([p.classes for p in parts]))
+    else:
+        classes = np.unique(present) if len(present) else top_labels[:0, 0]
     class_idx = np.where(top_valid, np.searchsorted(classes, np.where(top_valid, top_labels, present[0])), -1)
     padded = not bool(top_valid.all())
     unit = bool((top_w[top_valid] == 1.0).all())
@@ -72,3 +83,38 @@ def merge(parts: list[Retrieved], k: int, k_requested: int, temperature: float, 
         slot_classes=att.class_idx[:, :max(used, 1)],
         missing_shards=tuple(missing_shards),
     )
+
+
+def _merge_full(parts, take, top_ids, top_scores, top_labels, top_valid, k_requested, missing_log_mass,
+                missing_shards) -> QueryResult:
+    """The full answer over every shard: class masses added up, the top-k's share of the sum.
+    Its bound is a certificate where every shard's is and every shard answered."""
+    n = len(top_ids)
+    log_z = np.logaddexp.reduce(np.stack([p.full.log_z for p in parts]), axis=0)
+    classes = np.unique(np.concatenate([p.full.classes for p in parts]))
+    probs = np.zeros((n, len(classes)))
+    shares = []
+    for p in parts:
+        with np.errstate(invalid="ignore"):
+            share = np.where(np.isneginf(p.full.log_z), 0.0, np.exp(p.full.log_z - log_z))
+        probs[:, np.searchsorted(classes, p.full.classes)] += p.full.probs * share[:, None]
+        shares.append(p.full.attention * share[:, None])  # each slot's share of the whole
+    attention = np.where(top_valid, np.take_along_axis(np.concatenate(shares, axis=1), take, axis=1), 0.0)
+    log_scored = np.logaddexp.reduce(np.stack([p.full.log_scored for p in parts]), axis=0)
+    log_bound = np.logaddexp.reduce(np.stack([p.full.log_bound for p in parts]
+                                             + [np.full(n, float(missing_log_mass))]), axis=0)
+    with np.errstate(divide="ignore", over="ignore", invalid="ignore"):
+        tail_bound = 1.0 / (1.0 + np.exp(log_scored - log_bound))
+    tail_bound = np.where(np.isnan(tail_bound), np.where(np.isneginf(log_bound), 0.0, 1.0), tail_bound)
+    used = max(int(top_valid.sum(axis=1).max()), 1)
+    present = top_labels[top_valid]
+    slot_classes = np.where(top_valid, np.searchsorted(classes, np.where(top_valid, top_labels, present[0])
+                                                       if len(present) else classes[0]), -1)
+    return QueryResult.with_probs(
+        probs, classes=classes, labels=classes[np.argmax(probs, axis=1)],
+        ids=np.where(top_valid, top_ids, -1)[:, :used],
+        scores=np.where(top_valid, top_scores, np.nan).astype(np.float32)[:, :used],
+        attention=attention[:, :used], tail_bound=tail_bound,
+        exact_bound=all(p.full.certified for p in parts) and not missing_shards, k=used, k_requested=k_requested,
+        slot_classes=slot_classes[:, :used], missing_shards=tuple(missing_shards),
+        tail_estimate=np.maximum(1.0 - attention.sum(axis=1), 0.0))

@@ -35,11 +35,12 @@ class Shard:
             upsert: bool) -> np.ndarray:
         return self.mem.add(vectors, labels, ids=ids, weights=weights, upsert=upsert)
 
-    def retrieve(self, queries: np.ndarray, k: int) -> Retrieved | None:
-        """Top-k of this shard; None when it holds no slot."""
+    def retrieve(self, queries: np.ndarray, k: int, probs: str = "top-k") -> Retrieved | None:
+        """Top-k of this shard (and its class masses, with ``probs="full"``); None when it
+        holds no slot."""
         if len(self.mem) == 0:
             return None
-        return self.mem.retrieve(queries, k=k)
+        return self.mem.retrieve(queries, k=k, probs=probs)
 
     def contains(self, ids: np.ndarray) -> np.ndarray:
         return np.array([int(i) in self.mem for i in ids], bool)

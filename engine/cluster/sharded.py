@@ -346,8 +346,9 @@ class ShardedMemory:
     def query(self, queries, *, k: int = 64, tail: float | None = None, probs: str | None = None,
               allow_partial: bool = False) -> QueryResult:
         """Exact attention over the global top-k (see :meth:`engine.Memory.query`), with
-        top-k probabilities, the default of every memory; ``probs="full"`` is refused (a
-        sharded memory does not merge full answers).
+        top-k probabilities (the default of every memory) or, with ``probs="full"``,
+        attention over every slot of every shard: each shard answers its own full answer
+        as class masses and the merge adds them up (with Flat shards, dense attention).
 
         Args:
             allow_partial: answer from the shards that are up; the tail bound then also
@@ -359,22 +360,24 @@ class ShardedMemory:
             EmptyMemoryError: no shard holds a slot.
             ShardUnavailableError: a shard did not answer (without ``allow_partial``).
         """
-        if probs not in (None, "top-k"):
-            raise InvalidValueError(f"a sharded memory answers probs='top-k' only, got probs={probs!r}")
+        probs = "top-k" if probs is None else probs
+        if probs not in ("top-k", "full"):
+            raise InvalidValueError(f"probs must be one of ('top-k', 'full'), got {probs!r}")
         q = _as_sent(queries, len(checks.vectors(queries, self.dim, self.metric, "queries")), self.dim)
         k = checks.integer("k", k)
         if tail is not None:
             checks.fraction("tail", tail, low=0.0, high=1.0, closed_low=False)
         want = k
         while True:
-            res, exhausted = self._query_once(q, want, k, allow_partial)
+            res, exhausted = self._query_once(q, want, k, allow_partial, probs)
             if tail is None or exhausted or float(res.tail_bound.max()) <= tail:
                 return res
             want *= 2
 
-    def _query_once(self, q: np.ndarray, k: int, k_requested: int, allow_partial: bool) -> tuple[QueryResult, bool]:
+    def _query_once(self, q: np.ndarray, k: int, k_requested: int, allow_partial: bool,
+                    probs: str = "top-k") -> tuple[QueryResult, bool]:
         """(the merged answer at k, whether every shard that answered used all its slots)."""
-        got = self._gather({i: s.retrieve.remote(q, k) for i, s in enumerate(self._shards)},
+        got = self._gather({i: s.retrieve.remote(q, k, probs) for i, s in enumerate(self._shards)},
                            allow_partial=allow_partial)
         missing = tuple(sorted(set(range(self.n)) - set(got)))
         parts = [r for r in got.values() if r is not None]

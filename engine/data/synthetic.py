@@ -77,9 +77,10 @@ def clustered(
 LEARNED_LIKE = {"modes": 4, "class_spread": 0.3, "mode_spread": 0.3, "noise": 0.6, "noise_decay": 1.0}
 
 
-def isotropic(n: int, dim: int, *, n_classes: int = 2000, seed: int = 0, queries: int = 0):
-    """Tight isotropic clusters around random unit centres, few slots per class when
-    ``n_classes`` is large: a harder case for an inverted file than :func:`clustered`.
+def isotropic(n: int, dim: int, *, n_classes: int = 2000, noise: float = 1.0, seed: int = 0, queries: int = 0):
+    """Isotropic clusters around random unit centres (Gaussian noise of ``noise`` per unit
+    of norm), few slots per class when ``n_classes`` is large: a harder case for an
+    inverted file than :func:`clustered`, harder still as ``noise`` grows.
 
     Returns:
         As :func:`clustered`.
@@ -89,7 +90,7 @@ def isotropic(n: int, dim: int, *, n_classes: int = 2000, seed: int = 0, queries
 
     def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
         y = rng.integers(0, n_classes, m)
-        return (centres[y] + rng.standard_normal((m, dim)) / np.sqrt(dim)).astype(np.float32), y.astype(np.int64)
+        return (centres[y] + noise * rng.standard_normal((m, dim)) / np.sqrt(dim)).astype(np.float32), y.astype(np.int64)
 
     x, y = draw(n)
     return (x, y, *draw(queries)) if queries else (x, y)
@@ -118,5 +119,7 @@ DISTRIBUTIONS = {
                                                            queries=queries, **LEARNED_LIKE),
     "clustered": lambda n, dim, seed, queries: clustered(n, dim, n_classes=100, seed=seed, queries=queries),
     "isotropic": lambda n, dim, seed, queries: isotropic(n, dim, n_classes=2000, seed=seed, queries=queries),
+    "isotropic-hard": lambda n, dim, seed, queries: isotropic(n, dim, n_classes=2000, noise=1.2, seed=seed,
+                                                           queries=queries),
     "uniform": lambda n, dim, seed, queries: uniform(n, dim, seed=seed, queries=queries),
 }

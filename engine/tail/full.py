@@ -60,6 +60,10 @@ class FullAnswer:
     probs: np.ndarray | SparseProbs  # (n, C)
     tail_bound: np.ndarray  # (n,) bound on the share of attention that was not scored
     certified: bool  # whether tail_bound is a certificate (scores exact, masses bounded)
+    # absolute log units, log sum w exp(s / T): what a merge of several memories' answers adds up
+    log_z: np.ndarray  # (n,) the whole mass, scored plus estimated
+    log_scored: np.ndarray  # (n,) the mass of the slots scored
+    log_bound: np.ndarray  # (n,) the bound on the mass not scored (-inf: every slot was scored)
 
     def labels(self) -> np.ndarray:
         """The most probable column of each query."""
@@ -117,7 +121,9 @@ def _dense(state, q, k, inv_t, n_classes, columns) -> FullAnswer:
     z = mass.sum(axis=1)
     att = _top_attention(table, s64, rows, valid, inv_t, log_shift, z)
     certified = not (state.index.lossy and not table.keep_vectors)  # scores from codes are not exact
-    return FullAnswer(scores, rows, att, mass / z[:, None], np.zeros(len(q)), certified)
+    log_z = _log(z) + log_shift
+    return FullAnswer(scores, rows, att, mass / z[:, None], np.zeros(len(q)), certified, log_z, log_z,
+                      np.full(len(q), -np.inf))
 
 
 def _lists(state, q, k, inv_t, n_classes, columns, metric, nprobe) -> FullAnswer:
@@ -152,7 +158,8 @@ def _lists(state, q, k, inv_t, n_classes, columns, metric, nprobe) -> FullAnswer
     lowest = np.where(valid, top_s, np.inf).min(axis=1).astype(np.float64)
     probs, delta, log_bound = _rest(view, kernels, q, exact, unscored, None, inv_t, log_shift, lowest, columns)
     att = _top_attention(table, top_s.astype(np.float64), top_r, valid, inv_t, log_shift + delta, probs.z)
-    return FullAnswer(top_s, top_r, att, probs.result, _share(log_bound, exact.total), not index.lossy)
+    return FullAnswer(top_s, top_r, att, probs.result, _share(log_bound, exact.total), not index.lossy,
+                      _log(probs.z) + log_shift + delta, _log(exact.total) + log_shift, log_bound + log_shift)
 
 
 def _retrieved(state, q, k, inv_t, n_classes, columns, metric) -> FullAnswer:
@@ -182,7 +189,8 @@ def _retrieved(state, q, k, inv_t, n_classes, columns, metric) -> FullAnswer:
     probs, delta, log_bound = _rest(view, kernels, q, exact, None, taken, inv_t, log_shift, lowest, columns)
     att = _top_attention(table, s64, rows, valid, inv_t, log_shift + delta, probs.z)
     certified = not (state.index.lossy and not table.keep_vectors)
-    return FullAnswer(scores, rows, att, probs.result, _share(log_bound, exact.total), certified)
+    return FullAnswer(scores, rows, att, probs.result, _share(log_bound, exact.total), certified,
+                      _log(probs.z) + log_shift + delta, _log(exact.total) + log_shift, log_bound + log_shift)
 
 
 def _joined(parts: list[FullAnswer]) -> FullAnswer:
@@ -199,7 +207,7 @@ def _joined(parts: list[FullAnswer]) -> FullAnswer:
     else:
         joined = np.concatenate([p.dense() if isinstance(p, SparseProbs) else p for p in probs])
     return FullAnswer(rows("scores"), rows("rows"), rows("attention"), joined, rows("tail_bound"),
-                      all(p.certified for p in parts))
+                      all(p.certified for p in parts), rows("log_z"), rows("log_scored"), rows("log_bound"))
 
 
 # -- pieces ---------------------------------------------------------------------------------
@@ -329,6 +337,11 @@ def _top_attention(table, s64, rows, valid, inv_t, log_shift, z):
     w = table.weights[np.where(valid, rows, 0)]
     with np.errstate(invalid="ignore"):
         return np.where(valid, w * np.exp(s64 * inv_t - log_shift[:, None]), 0.0) / z[:, None]
+
+
+def _log(x):
+    with np.errstate(divide="ignore"):
+        return np.log(x)
 
 
 def _finite(x):
