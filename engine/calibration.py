@@ -117,13 +117,17 @@ class Calibration:
                  and isinstance(cal.seconds, float) and cal.target in ("answer", "recall"))
         if valid and cal.target == "answer":
             valid = all(isinstance(v, float) and np.isfinite(v) for v in (cal.temperature, cal.agreement, cal.tv)) \
-                and cal.temperature > 0 and all(len(p) == 2 and isinstance(p[0], float) and p[0] > 0
-                                                and count(p[1], 1) for p in cal.sharper)
+                and cal.temperature > 0 and 0 <= cal.agreement <= 1 and 0 <= cal.tv <= 1 \
+                and all(len(p) == 2 and isinstance(p[0], float) and p[0] > 0 and count(p[1], 1) for p in cal.sharper) \
+                and [p[0] for p in cal.sharper] == sorted((p[0] for p in cal.sharper), reverse=True)
+        elif valid:
+            valid = cal.sharper == () and cal.temperature is None
         return cal if valid else None
 
     def fits(self, recall: float | None, temperature: float) -> bool:
-        """Whether this calibration was measured for the target asked now: the same recall,
-        or the answer at a temperature within ``TEMPERATURE_DRIFT`` of ``temperature``."""
+        """Whether this calibration was measured for the target asked now: recall (``recall``
+        a number), or the answer at a temperature at most ``TEMPERATURE_DRIFT`` times
+        softer than the one measured."""
         if recall is not None:
             return self.target == "recall"
         return self.target == "answer" and self.temperature is not None \
@@ -131,8 +135,8 @@ class Calibration:
 
     def breadth(self, k: int, limit: int, temperature: float | None = None) -> int:
         """The breadth for a query of ``k`` at ``temperature``: calibrated at K (and, for the
-        answer, at the softest measured temperature not sharper than ``temperature``),
-        scaled up for a larger k."""
+        answer, at the sharpest measured temperature that is still at least as soft as
+        ``temperature``), scaled up for a larger k."""
         value = self.nprobe if self.nprobe is not None else self.ef_search
         if temperature is not None:
             for t, b in self.sharper:  # softest first

@@ -115,8 +115,8 @@ class VectorIndex:
         self.recall_target = recall
         self.temperature = temperature
         self.share = share
-        # the breadth measured to meet recall_target (engine/calibration.py); a saved one is
-        # reused by a build over as many vectors into the same index kind, else measured again
+        # the breadth measured for the answer or recall_target (engine/calibration.py); a saved one
+        # is reused by a build over as many vectors into the same index kind, else measured again
         self.calibration = calibration
         # whether the configured index (once trained) stores approximate vectors
         self.spec_lossy = spec != "auto" and _is_lossy(faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT))
@@ -134,8 +134,19 @@ class VectorIndex:
         self._params_cache = {}  # a fresh dict: readers holding the old one finish with it
 
     @property
+    def temperature(self) -> float:
+        """The temperature queries attend at: the answer target's breadth depends on it."""
+        return self._temperature
+
+    @temperature.setter
+    def temperature(self, value: float) -> None:
+        self._temperature = value
+        self._params_cache = {}  # the breadth of a query may change with it
+
+    @property
     def calibration(self) -> Calibration | None:
-        """The breadth measured to meet ``recall_target`` (see engine/calibration.py), or None."""
+        """The breadth measured for the target (the answer or ``recall_target``; see
+        engine/calibration.py), or None."""
         return self._calibration
 
     @calibration.setter
@@ -278,7 +289,9 @@ class VectorIndex:
             return None
         k = share_k(CALIBRATION_K, self.share)
         recall = self.recall_target
-        if recall is None and labels is None:
+        if recall is None and (self.share < 1 or labels is None or _single_class(labels[:len(vectors)])):
+            # recall, where the answer cannot be measured here: a shard's answer is the merge's,
+            # not its own; without labels; one class answers alike at any breadth
             recall = RECALL_TARGET
         if saved is not None and saved.spec == self.active_spec \
                 and saved.trained_on == len(vectors) and saved.k == min(k, len(vectors) - 1) \
@@ -299,9 +312,12 @@ class VectorIndex:
                 (self._hnsw is None or self.settings.ef_search is not None):
             return False
         cal, n = self.calibration, self.ntotal
+        if cal is not None and self.recall_target is None and cal.target == "recall":
+            moved = False  # recall stood in for the answer (a shard, one class): until the next build
+        else:
+            moved = cal is not None and not cal.fits(self.recall_target, self.temperature)
         return n >= CALIBRATE_MIN and (cal is None or cal.spec != self.active_spec
-                                       or n >= RETRAIN_GROWTH * cal.trained_on
-                                       or not cal.fits(self.recall_target, self.temperature))
+                                       or n >= RETRAIN_GROWTH * cal.trained_on or moved)
 
     def calibrated(self, labels: np.ndarray | None = None, weights: np.ndarray | None = None) -> Calibration | None:
         """A calibration measured on the vectors the index holds now (see :meth:`stale_calibration`),
@@ -547,6 +563,10 @@ class BareSearch:
     search: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]
     nprobe: int | None
     ef_search: int | None
+
+
+def _single_class(labels: np.ndarray) -> bool:
+    return len(labels) == 0 or bool((labels == labels[0]).all())
 
 
 def share_k(k: int, share: float) -> int:

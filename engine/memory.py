@@ -80,8 +80,10 @@ class Memory:
             memory's own vectors, whenever it is built (see :mod:`engine.calibration`). None
             (the default): the answer, i.e. the cheapest nprobe / ef_search at which the top-k
             attention's class answer agrees with exact search's on 99.5% of a leave-one-out
-            sample, its class probabilities within 0.05 total variation on average, measured
-            at the memory's temperature. A number r in (0, 1]: the cheapest breadth whose
+            sample, its class probabilities within 0.1 total variation on average, measured
+            at the memory's temperature (a shard of a sharded memory, whose answer is the
+            merge's, and a memory of one class calibrate for recall 0.98 instead). A number
+            r in (0, 1]: the cheapest breadth whose
             recall@64 of the exact top-64 reaches r. An explicit ``nprobe`` / ``ef_search`` wins.
         track_usage: keep, per slot, when it was last written or retrieved (8 bytes a slot,
             and a stamp per retrieved slot on every query), which the "age" compaction policy
@@ -448,7 +450,8 @@ class Memory:
                 state.apply(kill_rows, append)
 
     def _recalibrate(self) -> None:
-        """Measure the breadth again of an index that grew in place (HNSW) 4x, outside the readers'
+        """Measure the breadth again of an index that grew in place (HNSW) 4x, or whose answer
+        was measured at a temperature the memory has since softened past, outside the readers'
         lock. The write before it is done: if measuring fails, the previous breadth stays."""
         index = self._state.index
         if index.stale_calibration():

@@ -222,3 +222,33 @@ def test_recall_from_list_ranks_is_what_a_search_at_that_breadth_finds(target):
     hits = [len(np.intersect1d(g[g != r][:10], t[t != r][:10])) / 10 for g, t, r in zip(got, truth, rows)]
     assert cal.recall == pytest.approx(float(np.mean(hits)), abs=1e-9)
     assert cal.recall >= target
+
+
+def test_a_shard_and_a_memory_of_one_class_calibrate_for_recall():
+    """A shard's answer is the merge's, not its own, and one class answers alike at any
+    breadth: both fall back to recall 0.98 rather than trusting a trivial agreement."""
+    x, y = isotropic(20_000, 16, n_classes=100, seed=3)[:2]
+    shard = Memory(16, index="IVF64,Flat", share=0.5)
+    shard.add(x, y)
+    alone = Memory(16, index="IVF64,Flat")
+    alone.add(x, np.zeros(len(x), np.int64))
+    for mem in (shard, alone):
+        assert mem.calibration.target == "recall" and mem.calibration.recall >= 0.98
+        mem.add(x[:10] + 0.01, y[:10])  # a write does not measure it again
+        assert mem.calibration.target == "recall"
+
+
+def test_the_breadth_a_query_uses_follows_the_temperature():
+    x, y = isotropic(20_000, 16, n_classes=200, noise=1.2, seed=4)[:2]
+    mem = Memory(16, index="IVF64,Flat", temperature=0.2)
+    mem.add(x, y)
+    cal = mem.calibration
+    soft = mem.stats().nprobe
+    mem.query(x[:5])  # a query caches its search parameters
+    mem.temperature = cal.sharper[-1][0]  # the sharpest measured: its own breadth, no new search
+    sharp = mem.stats().nprobe
+    mem.query(x[:5])
+    assert mem._state.index._cached_params(64).nprobe == sharp < soft  # not the one cached at 0.2
+    mem.temperature = 0.2  # back: the breadth of 0.2 again, not one cached at the sharper temperature
+    assert mem.calibration is cal and mem.stats().nprobe == soft >= sharp
+    assert mem._state.index._cached_params(64).nprobe == soft  # what the queries search with
