@@ -1,0 +1,117 @@
+"""A property test of the certificate: random memories and random sequences of writes,
+removes of heavy slots, upserts, compaction and ``tail=`` growth, every answer that says
+``exact_bound=True`` checked against dense float64 attention over every live slot.
+
+What a certificate promises, checkable from outside:
+- top-k answers: ``tail_bound`` is at least the true attention share outside the
+  returned top-k;
+- full answers: every slot scored counts exactly and ``tail_bound`` bounds the share
+  not scored, so the probabilities differ from dense attention by at most the larger of
+  the true unscored share and the estimated one: TV <= max(tail_bound, tail_estimate);
+  on a Flat index nothing is unscored (bound 0, probabilities dense to float32 rounding).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from engine import Memory
+
+from .test_tail import omitted, reference, total_variation
+
+DIM = 6
+INDEXES = [{"index": "Flat"}, {"index": "IVF4,Flat", "nprobe": 1}, {"index": "HNSW8"}, {"index": "IVF8,Flat"}]
+TRIALS = 60
+
+
+def _weights(rng, n):
+    kind = rng.integers(0, 3)
+    if kind == 0:
+        return None
+    if kind == 1:
+        return rng.lognormal(0.0, 1.0, n)
+    w = np.ones(n)
+    w[rng.random(n) < 0.05] = 10.0 ** rng.uniform(3, 30)  # a few heavy slots
+    return w
+
+
+def _unscored_lists(mem, q, k, a, ids):
+    """The true attention share of the slots in the IVF-Flat lists a full query did not probe
+    (None where the query does not take the list route), from the index's own centroids."""
+    index = mem._state.index
+    if not index.list_scan or k >= len(mem):
+        return None
+    nprobe = index.breadth(k)[0]
+    vectors = np.ascontiguousarray(mem.get(ids).vectors, np.float32)
+    _, home = index._cell_ivf.quantizer.search(vectors, 1)  # the list each slot was put in
+    qn = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float32)
+    probed = np.argsort(-(qn @ index.centroids().T), axis=1)[:, :nprobe]
+    unscored = ~(home[:, 0][None, :, None] == probed[:, None, :]).any(axis=2)
+    return (a * unscored).sum(axis=1)
+
+
+def _check(mem, q, res, k, tail, counts):
+    if not res.exact_bound:
+        return
+    a, p, ids = reference(mem, q, res.classes)
+    counts["answers"] += len(q)
+    if res.tail_estimate is None:  # top-k
+        assert (omitted(a, ids, res) <= res.tail_bound + 1e-9).all(), (omitted(a, ids, res), res.tail_bound)
+        return
+    tv = total_variation(res.probs, p)
+    assert (tv <= np.maximum(res.tail_bound, res.tail_estimate) + 1e-6).all(), (tv, res.tail_bound)
+    spec = mem.stats().index
+    if spec == "Flat":
+        assert (res.tail_bound == 0).all()
+        np.testing.assert_allclose(res.probs, p, atol=1e-6)  # float32-stored vectors at T down to 0.02
+    elif spec.startswith("HNSW"):  # it scores the retrieved slots: the rest is unscored
+        assert (omitted(a, ids, res) <= res.tail_bound + 1e-9).all(), (omitted(a, ids, res), res.tail_bound)
+    elif tail is None:  # IVF-Flat: what the unprobed lists hold (growth would probe more)
+        unscored = _unscored_lists(mem, q, k, a, ids)
+        if unscored is not None:
+            counts["lists"] = counts.get("lists", 0) + len(q)
+            assert (unscored <= res.tail_bound + 1e-9).all(), (unscored, res.tail_bound)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_every_certified_answer_holds_after_random_writes(seed):
+    rng = np.random.default_rng(seed)
+    counts = {"answers": 0}
+    for trial in range(TRIALS):
+        opts = INDEXES[rng.integers(len(INDEXES))]
+        classes = int(rng.integers(2, 6))
+        centres = rng.standard_normal((classes, DIM))
+        temperature = float(10 ** rng.uniform(-1.7, 0))
+        mem = Memory(DIM, temperature=temperature, probs=str(rng.choice(["top-k", "full"])), **opts)
+
+        def draw(n):
+            y = rng.integers(0, classes, n)
+            return (centres[y] + rng.uniform(0.2, 1.5) * rng.standard_normal((n, DIM))).astype(np.float32), y
+
+        x, y = draw(int(rng.integers(40, 400)))
+        ids = list(mem.add(x, y, weights=_weights(rng, len(x))))
+        for _ in range(int(rng.integers(2, 6))):
+            q = draw(int(rng.integers(1, 12)))[0]
+            k = int(rng.integers(1, 40))
+            probs = str(rng.choice(["top-k", "full"]))
+            tail = float(rng.choice([0.5, 0.1, 0.01])) if rng.random() < 0.3 else None
+            _check(mem, q, mem.query(q, k=k, probs=probs, tail=tail), k, tail, counts)
+            op = rng.integers(0, 4)
+            if op == 0 and len(ids) > 10:  # remove some, the heaviest first half the time
+                slots = mem.get(ids)
+                order = np.argsort(-slots.weights) if rng.random() < 0.5 else rng.permutation(len(ids))
+                gone = [ids[i] for i in order[: int(rng.integers(1, max(2, len(ids) // 3)))]]
+                mem.remove(gone)
+                ids = [i for i in ids if i not in set(gone)]
+            elif op == 1:
+                nx, ny = draw(int(rng.integers(1, 100)))
+                ids += list(mem.add(nx, ny, weights=_weights(rng, len(nx))))
+            elif op == 2 and ids:  # upsert: same ids, new vectors and masses
+                some = [ids[i] for i in rng.choice(len(ids), min(len(ids), 20), replace=False)]
+                nx, ny = draw(len(some))
+                mem.add(nx, ny, ids=some, weights=_weights(rng, len(some)), upsert=True)
+            elif op == 3 and len(ids) > classes:
+                mem.compact(budget=int(rng.integers(classes, len(ids) + 1)))
+                ids = list(mem.ids())
+    assert counts["answers"] >= 200, counts
