@@ -525,3 +525,24 @@ def test_a_shard_lost_before_any_query_is_bounded_by_its_mass_not_its_count(tmp_
         assert (res.tail_bound >= truth - 1e-12).all()
     finally:
         mem.close()
+
+
+def test_a_partial_answer_is_bounded_by_every_mass_written_since_the_last_query(tmp_path):
+    x, y, q, _ = clustered(600, DIM, n_classes=6, seed=15, queries=20)
+    mem = ShardedMemory(DIM, shards=2, path=tmp_path / "m", index="Flat", temperature=T)
+    try:
+        mem.add(x[:300], y[:300], ids=np.arange(300))
+        mem.query(q, k=8)  # the driver's view of each shard's mass, as of now
+        heavy = np.arange(301, 600, 2)  # odd ids: all on shard 1, each of mass 1e8
+        mem.add(x[heavy], y[heavy], ids=heavy, weights=np.full(len(heavy), 1e8))
+        _kill(mem.actors[1])
+        res = mem.query(q, k=8, allow_partial=True)
+        assert res.missing_shards == (1,) and not res.exact_bound
+        ids = np.r_[np.arange(300), heavy]
+        w = np.r_[np.ones(300), np.full(len(heavy), 1e8)]
+        a, _ = dense_reference(np.r_[x[:300], x[heavy]], np.r_[y[:300], y[heavy]], w, q, [y[0]], T)
+        rows = np.searchsorted(ids, res.ids)
+        truth = 1.0 - np.take_along_axis(a, rows, axis=1).sum(axis=1)
+        assert (res.tail_bound >= truth - 1e-12).all(), (res.tail_bound, truth)
+    finally:
+        mem.close()

@@ -177,7 +177,8 @@ class ShardedMemory:
         if len(kinds) > 1:
             raise CorruptFileError(f"{root}: shards hold labels of different kinds {sorted(kinds)}")
         self._vocab = Vocabulary(kinds.pop() if kinds else None)
-        self._last_weight = [d["total_weight"] for d in info]  # each shard's mass, refreshed by every answer
+        # each shard's mass: refreshed by every answer, raised by every write sent to it
+        self._last_weight = [d["total_weight"] for d in info]
 
     # -- calling shards -----------------------------------------------------------------
     def _gather(self, refs: dict[int, object], *, allow_partial: bool = False) -> dict[int, object]:
@@ -253,6 +254,8 @@ class ShardedMemory:
         refs = {}
         for s in np.unique(target).tolist():
             m = target == s
+            # a missing shard is bounded by every mass sent to it (written or not: an upper bound)
+            self._last_weight[s] += float(np.sum(w[m]))
             refs[s] = self._shards[s].add.remote(v[m], labels_arr[m].tolist(), None if ids is None else ids[m],
                                                  w[m], upsert)
         try:
