@@ -546,3 +546,56 @@ def test_a_partial_answer_is_bounded_by_every_mass_written_since_the_last_query(
         assert (res.tail_bound >= truth - 1e-12).all(), (res.tail_bound, truth)
     finally:
         mem.close()
+
+
+def test_a_sharded_directory_that_is_not_what_it_says_is_refused_by_name(tmp_path):
+    """Deleted, extra, swapped and foreign shard directories, and a root that disagrees with
+    its shards, are refused at open with CorruptFileError naming the shard; none is made anew."""
+    import json
+    import shutil
+
+    x, y = clustered(200, DIM, n_classes=4, seed=16)
+    for name in ("a", "other"):
+        mem = ShardedMemory(DIM, shards=2, path=tmp_path / name, index="Flat", temperature=T)
+        mem.add(x, y)
+        mem.close()
+
+    def variant(name):
+        shutil.copytree(tmp_path / "a", tmp_path / name)
+        return tmp_path / name
+
+    def refused(root, match):
+        with pytest.raises(engine.CorruptFileError, match=match):
+            ShardedMemory.open(root)
+
+    b = variant("b")
+    shutil.rmtree(b / "shard-001")
+    refused(b, "missing")
+    assert not (b / "shard-001").exists()  # open made no empty shard in its place
+
+    c = variant("c")
+    doc = json.loads((c / "sharded.json").read_text())
+    (c / "sharded.json").write_text(json.dumps({**doc, "shards": 1}))
+    refused(c, "unexpected")
+
+    d = variant("d")
+    (d / "shard-000").rename(d / "tmp")
+    (d / "shard-001").rename(d / "shard-000")
+    (d / "tmp").rename(d / "shard-001")
+    refused(d, "shard-000.*shard 1 of 2")
+
+    e = variant("e")
+    shutil.rmtree(e / "shard-001")
+    shutil.copytree(tmp_path / "other" / "shard-001", e / "shard-001")
+    refused(e, "another sharded memory")
+
+    f = variant("f")
+    doc = json.loads((f / "sharded.json").read_text())
+    doc["options"]["temperature"] = 0.5
+    (f / "sharded.json").write_text(json.dumps(doc))
+    refused(f, "temperature")
+
+    with pytest.raises(engine.MemoryExistsError):
+        ShardedMemory(DIM, shards=3, path=tmp_path / "a")
+    with ShardedMemory.open(tmp_path / "a") as mem:  # the original is untouched
+        assert len(mem) == 200

@@ -14,19 +14,26 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import CorruptFileError
 from ..memory import Memory
 from ..results import CompactionReport, MemoryStats, Retrieved, Slots
 from ..store import MANIFEST
 
 
+SHARD_FILE = "shard.json"  # in each shard's directory: which sharded memory it belongs to, as which shard
+
+
 class Shard:
     """The actor body (wrapped by ``ray.remote`` in :mod:`engine.cluster.sharded`)."""
 
-    def __init__(self, path: str, index: int, count: int, dim: int, options: dict):
+    def __init__(self, path: str, index: int, count: int, dim: int, options: dict, create: bool = False):
         self.index, self.count = index, count
         path = Path(path)
         if (path / MANIFEST).exists():
             self.mem = Memory.open(path)
+        elif not create or not (path / SHARD_FILE).exists():
+            # a reopened (or restarted) shard whose memory is gone is never made anew: its slots would be lost
+            raise CorruptFileError(f"{path}: no memory in the shard's directory")
         else:  # fresh ids (added or merged) of this shard's class: id % count == index; a 1/count
             # share of the slots, so its search aims at its share of each query's top-k
             self.mem = Memory(dim, path=path, id_stride=count, id_offset=index, share=1.0 / count, **options)
@@ -65,7 +72,8 @@ class Shard:
     def describe(self) -> dict:
         """What the driver needs to know of this shard: size, mass, label kind, live classes."""
         return {"slots": len(self.mem), "total_weight": self.mem.total_weight, "label_kind": self.mem.label_kind,
-                "classes": self.mem.classes()}
+                "classes": self.mem.classes(), "dim": self.mem.dim, "metric": self.mem.metric,
+                "temperature": self.mem.temperature}
 
     def save(self) -> None:
         self.mem.save()

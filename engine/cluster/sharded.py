@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +35,9 @@ from ..errors import (
 from ..labels import Vocabulary
 from ..memory import METRICS
 from ..results import CompactionReport, MemoryStats, QueryResult, Slots
+from ..store import MANIFEST
 from .merge import merge
-from .shard import Shard
+from .shard import SHARD_FILE, Shard
 
 ROOT_FILE = "sharded.json"
 FORMAT = "engine-sharded"
@@ -43,6 +45,45 @@ FORMAT_VERSION = 1
 # Options a ShardedMemory passes to each shard's Memory (path and budget are its own).
 SHARD_OPTIONS = ("metric", "index", "temperature", "nprobe", "ef_search", "slack", "policy", "rescore", "recall",
                  "track_usage")
+
+
+def _write_durably(directory: Path, name: str, doc: dict) -> None:
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        fsio.write_atomic(dir_fd, directory / name, json.dumps(doc, sort_keys=True).encode())
+    finally:
+        os.close(dir_fd)
+
+
+def _check_shards(root: Path, doc: dict) -> None:
+    """Refuse a sharded memory whose directories are not the shards ``doc`` describes: one
+    missing, extra, swapped, from another sharded memory, or never written."""
+    n = doc["shards"]
+    found = sorted(p.name for p in root.glob("shard-*"))
+    expected = [f"shard-{i:03d}" for i in range(n)]
+    if found != expected:
+        extra, missing = sorted(set(found) - set(expected)), sorted(set(expected) - set(found))
+        raise CorruptFileError(f"{root}: {ROOT_FILE} describes {n} shards, but "
+                               + "; ".join(filter(None, [f"missing {missing}" if missing else "",
+                                                         f"unexpected {extra}" if extra else ""])))
+    legacy = "memory_id" not in doc  # written before shards knew themselves: their manifests are checked
+    for i, name in enumerate(expected):
+        shard_dir = root / name
+        if not (shard_dir / MANIFEST).exists():
+            raise CorruptFileError(f"{shard_dir}: no memory in the shard's directory")
+        if legacy:
+            continue
+        try:
+            ident = json.loads((shard_dir / SHARD_FILE).read_text())
+        except FileNotFoundError:
+            raise CorruptFileError(f"{shard_dir}: not a shard of this memory (no {SHARD_FILE})") from None
+        except (ValueError, UnicodeDecodeError):
+            raise CorruptFileError(f"{shard_dir / SHARD_FILE}: unreadable") from None
+        want = {"memory_id": doc["memory_id"], "shard": i, "shards": n}
+        if ident != want:
+            what = "another sharded memory's shard" if ident.get("memory_id") != doc["memory_id"] else \
+                f"shard {ident.get('shard')} of {ident.get('shards')}"
+            raise CorruptFileError(f"{shard_dir}: holds {what}, expected shard {i} of {n} of this memory")
 
 
 def _as_sent(x, n: int, dim: int) -> np.ndarray:
@@ -108,13 +149,13 @@ class ShardedMemory:
             raise MemoryExistsError(f"{root} holds a sharded memory already: use ShardedMemory.open")
         root.mkdir(parents=True, exist_ok=True)
         doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "dim": self.dim, "shards": n,
-               "budget": budget, "options": options}
-        dir_fd = os.open(root, os.O_RDONLY)
-        try:
-            fsio.write_atomic(dir_fd, root / ROOT_FILE, json.dumps(doc, sort_keys=True).encode())
-        finally:
-            os.close(dir_fd)
-        self._start(root, doc, address)
+               "budget": budget, "options": options, "memory_id": uuid.uuid4().hex}
+        for i in range(n):  # each shard's identity first: a shard directory without one is never a shard
+            shard_dir = root / f"shard-{i:03d}"
+            shard_dir.mkdir()
+            _write_durably(shard_dir, SHARD_FILE, {"memory_id": doc["memory_id"], "shard": i, "shards": n})
+        _write_durably(root, ROOT_FILE, doc)  # the commit point: from here on it opens
+        self._start(root, doc, address, create=True)
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, address: str | None = None) -> "ShardedMemory":
@@ -132,17 +173,19 @@ class ShardedMemory:
             doc = json.loads(file.read_text())
             ok = (doc.get("format") == FORMAT and doc.get("format_version") == FORMAT_VERSION
                   and isinstance(doc.get("dim"), int) and isinstance(doc.get("shards"), int) and doc["shards"] > 0
-                  and isinstance(doc.get("options"), dict) and set(doc["options"]) <= set(SHARD_OPTIONS))
+                  and isinstance(doc.get("options"), dict) and set(doc["options"]) <= set(SHARD_OPTIONS)
+                  and isinstance(doc.get("memory_id", ""), str))
         except (ValueError, UnicodeDecodeError):
             ok = False
         if not ok:
             raise CorruptFileError(f"{file}: not a readable sharded-memory description")
+        _check_shards(root, doc)
         mem = cls.__new__(cls)
         mem.dim = doc["dim"]
         mem._start(root, doc, address)
         return mem
 
-    def _start(self, root: Path, doc: dict, address: str | None) -> None:
+    def _start(self, root: Path, doc: dict, address: str | None, create: bool = False) -> None:
         ray = _ray()
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
@@ -165,11 +208,16 @@ class ShardedMemory:
         self._shards = [
             actor.options(max_restarts=-1, max_task_retries=0, num_cpus=0.01,
                           scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i))
-            .remote(str(root / f"shard-{i:03d}"), i, self.n, doc["dim"], shard_options)
+            .remote(str(root / f"shard-{i:03d}"), i, self.n, doc["dim"], shard_options, create)
             for i in range(self.n)
         ]
         try:
             info = self._all("describe")
+            for i, d in enumerate(info):  # what each shard's own manifest says against the root's
+                want = {"dim": doc["dim"], "metric": self.metric, "temperature": self._temperature}
+                if {key: d[key] for key in want} != want:
+                    raise CorruptFileError(f"{root / f'shard-{i:03d}'}: the shard holds a memory of "
+                                           f"{ {key: d[key] for key in want} }, {ROOT_FILE} says {want}")
         except BaseException:
             self._stop()  # no actor or reservation outlives a failed open
             raise
