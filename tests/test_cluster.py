@@ -491,6 +491,33 @@ def test_a_budget_is_kept_shard_by_shard(tmp_path):
         mem.close()
 
 
+def test_an_add_a_shard_budget_cannot_hold_is_refused_before_any_shard_writes(tmp_path):
+    mem = ShardedMemory(DIM, shards=2, path=tmp_path / "m", index="Flat", budget=4)  # 2 slots a shard
+    try:
+        x = np.random.default_rng(3).standard_normal((6, DIM)).astype(np.float32)
+        ids = np.arange(6)  # even ids to shard 0 (one class), odd ones to shard 1 (three classes)
+        with pytest.raises(engine.InvalidValueError, match="shard 1 would hold 3 classes"):
+            mem.add(x, [0, 0, 0, 1, 0, 2], ids=ids)
+        assert len(mem) == 0  # shard 0's part was not written either
+        mem.add(x[:4], [0, 0, 0, 1], ids=ids[:4])
+        assert len(mem) == 4
+    finally:
+        mem.close()
+
+
+def test_errors_from_inside_a_shard_arrive_clean_as_their_engine_type(tmp_path):
+    mem = ShardedMemory(DIM, shards=2, path=tmp_path / "m", index="Flat")
+    try:
+        mem.add(np.ones((2, DIM)), [1, 2], ids=[0, 1])
+        with pytest.raises(engine.UnknownIdError) as exc:  # through the driver's own gathering
+            mem._gather({0: mem.actors[0].get.remote(np.array([10**9]))})
+        text = str(exc.value)
+        assert "unknown ids" in text and exc.value.ids == [10**9]
+        assert not any(word in text for word in ("Traceback", "pid=", "ip=", "ActorID", "ray::"))
+    finally:
+        mem.close()
+
+
 def test_shards_of_an_approximate_memory_find_the_merged_top_k(tmp_path):
     from engine.data.synthetic import isotropic
 

@@ -364,3 +364,30 @@ def test_a_client_chooses_the_probability_mode_per_call(served, data):
     assert c.query(q, k=10).tail_estimate is None
     with pytest.raises(engine.InvalidValueError, match="probs"):
         c.query(q, k=10, probs="all")
+
+
+def test_a_failed_write_tells_a_client_what_was_written():
+    """A sharded write that fails after some shards wrote carries the ids written (and the
+    shards down) in ``.written``: over Flight too, as its own engine type."""
+    from engine.cluster import ShardUnavailableError
+
+    class HalfWritten(Memory):
+        def add(self, vectors, labels, **kwargs):
+            if len(vectors) == 3:
+                raise ShardUnavailableError("shard 1 did not answer", [1], [10, 12])
+            err = engine.InvalidValueError("shard 1 refused its part")
+            err.written = np.array([4, 6])
+            raise err
+
+    mem = HalfWritten(4, index="Flat")
+    server = MemoryServer({"m": mem}, "grpc://127.0.0.1:0")
+    try:
+        client = Client(f"grpc://127.0.0.1:{server.port}", "m")
+        with pytest.raises(engine.InvalidValueError, match="refused") as exc:
+            client.add(np.ones((2, 4), np.float32), [0, 1])
+        assert exc.value.written.tolist() == [4, 6]
+        with pytest.raises(ShardUnavailableError) as down:
+            client.add(np.ones((3, 4), np.float32), [0, 1, 2])
+        assert down.value.shards == [1] and down.value.written.tolist() == [10, 12]
+    finally:
+        server.shutdown()

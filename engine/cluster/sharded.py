@@ -26,6 +26,7 @@ from .. import checks, compaction, fsio
 from ..errors import (
     CorruptFileError,
     DuplicateIdError,
+    EngineError,
     EmptyMemoryError,
     InvalidValueError,
     MemoryExistsError,
@@ -84,6 +85,17 @@ def _check_shards(root: Path, doc: dict) -> None:
             what = "another sharded memory's shard" if ident.get("memory_id") != doc["memory_id"] else \
                 f"shard {ident.get('shard')} of {ident.get('shards')}"
             raise CorruptFileError(f"{shard_dir}: holds {what}, expected shard {i} of {n} of this memory")
+
+
+def _clean(exc, shard: int) -> Exception:
+    """What a shard raised, as the error it was: an engine error as itself (its attributes
+    kept), anything else as an EngineError naming the shard; no Ray traceback either way."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, EngineError):
+        cause.__traceback__ = None
+        return cause
+    text = str(cause).strip().splitlines()[0] if cause is not None and str(cause).strip() else type(cause).__name__
+    return EngineError(f"shard {shard} failed: {type(cause).__name__}: {text}")
 
 
 def _as_sent(x, n: int, dim: int) -> np.ndarray:
@@ -243,11 +255,22 @@ class ShardedMemory:
                     raise ShardUnavailableError(f"shard {i} of {self.path} could not start: {lines[-1]}",
                                                 [i]) from None
                 down.append(i)
-            except ray.exceptions.RayTaskError as exc:  # the shard raised: an engine error, re-raised as
-                raise exc.as_instanceof_cause() from None  # an instance of its own class
+            except ray.exceptions.RayTaskError as exc:  # the shard raised: re-raised as itself, without
+                raise _clean(exc, i) from None  # Ray's traceback, pid, address or actor id
         if down and not allow_partial:
             raise ShardUnavailableError(f"shards {down} of {self.path} did not answer (down or restarting)", down)
         return out
+
+    def _written(self, refs: dict[int, object]) -> np.ndarray:
+        """The ids the shards that succeeded wrote, of an add sent as ``refs``."""
+        ray = _ray()
+        done = []
+        for ref in refs.values():
+            try:
+                done.append(np.asarray(ray.get(ref), np.int64))
+            except Exception:  # noqa: BLE001 - a shard that refused or failed wrote nothing
+                pass
+        return np.concatenate(done) if done else np.empty(0, np.int64)
 
     def _all(self, method: str, *args, allow_partial: bool = False) -> list:
         refs = {i: getattr(s, method).remote(*args) for i, s in enumerate(self._shards)}
@@ -272,9 +295,10 @@ class ShardedMemory:
         """Write slots (see :meth:`engine.Memory.add`). Fresh slots are spread round-robin over
         the shards, which give them ids; given ids go to their owning shard.
 
-        Every input is checked before any shard changes. A write spanning several shards is
-        durable per shard: if a shard fails meanwhile, the error names it, and the other
-        shards' parts may be written.
+        Every input is checked before any shard changes (a budget's room for every class
+        included). A write spanning several shards is durable per shard: if a shard fails or
+        refuses meanwhile, the error (its engine type, without Ray's traceback) names it, and
+        its ``.written`` lists the ids the other shards wrote.
 
         Raises:
             DimensionError, InvalidValueError, DuplicateIdError: bad input; nothing written.
@@ -299,6 +323,15 @@ class ShardedMemory:
             return np.empty(0, np.int64)
         labels_arr = np.array(values, dtype=object if kind == "str" else np.int64)
         target = self._owner(ids) if ids is not None else (np.arange(n) + int(np.random.randint(self.n))) % self.n
+        if self._budget:  # a shard's budget must hold every class it would hold: checked before any writes
+            per_shard = self._budget // self.n
+            parts = np.unique(target).tolist()
+            held = self._gather({i: self._shards[i].describe.remote() for i in parts})
+            for i in parts:
+                classes = set(np.asarray(held[i]["classes"]).tolist()) | set(labels_arr[target == i].tolist())
+                if len(classes) > per_shard:
+                    raise InvalidValueError(f"shard {i} would hold {len(classes)} classes, more than its budget of "
+                                            f"{per_shard} slots can keep (every class keeps a slot); nothing written")
         refs = {}
         for s in np.unique(target).tolist():
             m = target == s
@@ -313,6 +346,13 @@ class ShardedMemory:
             written = np.concatenate([np.asarray(w) for w in done.values()]) if done else None
             raise ShardUnavailableError(f"{exc} (the other shards wrote their part: see .written)", exc.shards,
                                         written) from None
+        except EngineError as exc:  # a shard refused its part: say what the others wrote
+            written = self._written(refs)
+            exc.written = written
+            if len(written):
+                exc.args = (f"{exc.args[0] if exc.args else exc} (the other shards wrote their part: "
+                            f"{len(written)} ids, see .written)", *exc.args[1:])
+            raise exc from None
         out = np.empty(n, np.int64)
         for s, written in got.items():
             out[target == s] = written

@@ -177,8 +177,13 @@ class _errors:
         message = info.get("message", str(exc))
         if cls is errors.UnknownIdError:
             raise cls(message, info.get("ids", [])) from None
+        if cls is errors.ShardUnavailableError:
+            raise cls(message, info.get("shards", []), info.get("written")) from None
         if isinstance(cls, type) and issubclass(cls, errors.EngineError):
-            raise cls(message) from None
+            err = cls(message)
+            if "written" in info:  # a sharded write that failed after some shards wrote
+                err.written = np.asarray(info["written"], np.int64)
+            raise err from None
         builtin = {"ValueError": ValueError, "KeyError": KeyError, "TypeError": TypeError}.get(info.get("type"))
         raise (builtin or errors.EngineError)(message) from None
 

@@ -107,4 +107,11 @@ def rows_of(column: pa.Array) -> np.ndarray:
 
 
 def error_info(exc: BaseException, **extra) -> bytes:
-    return json.dumps({"type": type(exc).__name__, "message": str(exc), **extra}).encode()
+    """An error as the client rebuilds it: its type, message, and what a failed sharded
+    write says it did (``written`` ids, unavailable ``shards``)."""
+    doc = {"type": type(exc).__name__, "message": str(exc)}
+    for name in ("written", "shards"):
+        value = getattr(exc, name, None)
+        if value is not None:
+            doc[name] = [int(v) for v in value]
+    return json.dumps({**doc, **extra}).encode()
