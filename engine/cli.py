@@ -236,8 +236,9 @@ def ingest_cmd(
 ) -> None:
     """Write Parquet rows (vectors, or images embedded by a trained g) into a sharded memory on Ray."""
     from .cluster import ShardedMemory
-    from .cluster.ingest import ingest
+    from .cluster.ingest import check_sources, ingest
 
+    check_sources(sources)  # a refused input leaves no memory behind
     if shards is not None:
         if dim is None:
             if checkpoint is None:

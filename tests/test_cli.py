@@ -148,3 +148,23 @@ def test_create_chooses_the_temperature_unless_one_is_given(tmp_path):
     for bad in ("warm", "nan", "-1"):
         out = run("memory", "create", tmp_path / f"b{bad}", "--dim", 4, "--temperature", bad, ok=False)
         assert out.exit_code != 0 and "temperature" in out.output and not (tmp_path / f"b{bad}").exists()
+
+
+def test_ingest_refuses_ill_typed_sources_and_leaves_no_memory_behind(tmp_path):
+    """Checked from the files' schemas before Ray starts or a memory is made."""
+    x = np.ones((4, 3), np.float32)
+    cases = {
+        "no label": pa.table({"vector": pa.array(list(x))}),
+        "float labels": pa.table({"vector": pa.array(list(x)), "label": [0.5, 1.0, 2.0, 3.0]}),
+        "bool labels": pa.table({"vector": pa.array(list(x)), "label": [True, False, True, True]}),
+        "string vectors": pa.table({"vector": [["a"]] * 4, "label": [0, 1, 2, 3]}),
+        "float ids": pa.table({"vector": pa.array(list(x)), "label": [0, 1, 2, 3], "id": [0.5, 1, 2, 3]}),
+        "string weights": pa.table({"vector": pa.array(list(x)), "label": [0, 1, 2, 3], "weight": ["1"] * 4}),
+        "neither": pa.table({"label": [0, 1, 2, 3]}),
+    }
+    for name, table in cases.items():
+        src = tmp_path / f"{name}.parquet"
+        pq.write_table(table, src)
+        out = run("ingest", tmp_path / name, src, "--shards", 2, "--dim", 3, ok=False)
+        assert out.exit_code == 2 and len(out.output.strip().splitlines()) <= 3, (name, out.output)
+        assert not (tmp_path / name).exists(), name  # the corrected rerun can create it

@@ -626,3 +626,48 @@ def test_a_sharded_directory_that_is_not_what_it_says_is_refused_by_name(tmp_pat
         ShardedMemory(DIM, shards=3, path=tmp_path / "a")
     with ShardedMemory.open(tmp_path / "a") as mem:  # the original is untouched
         assert len(mem) == 200
+
+
+def test_ingest_errors_name_their_rows_and_arrive_as_one_line(tmp_path):
+    import io
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import torch
+    from PIL import Image
+
+    from engine.cluster.ingest import MAX_PIXELS, decode, ingest
+    from engine.nn import MatchingNetwork
+
+    x, y = clustered(400, 8, n_classes=4, seed=7)
+    x[350, 2] = np.nan
+    pq.write_table(pa.table({"vector": pa.array(list(x)), "label": y}), tmp_path / "nan.parquet")
+    mem = ShardedMemory(8, shards=2, path=tmp_path / "m", index="Flat")
+    try:
+        with pytest.raises(engine.InvalidValueError, match=r"input rows 300-399.*300 rows were written"):
+            ingest(mem, tmp_path / "nan.parquet", batch_size=100, progress=False)
+        assert len(mem) == 300
+    finally:
+        mem.close()
+    # images: undecodable bytes, and a small file that decodes to a huge image
+    buf = io.BytesIO()
+    Image.new("L", (5000, 5000)).save(buf, format="PNG")
+    assert len(buf.getvalue()) < 100_000 and 5000 * 5000 > MAX_PIXELS // 2
+    with pytest.raises(engine.InvalidValueError, match="larger than"):
+        decode(buf.getvalue(), 28, max_pixels=4096)
+    torch.manual_seed(0)
+    model = MatchingNetwork()
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "config.json").write_text(json.dumps({"model": model.config()}))
+    torch.save(model.state_dict(), ckpt / "best.pt")
+    pq.write_table(pa.table({"image": [b"not an image"] * 8, "label": list(range(8))}), tmp_path / "bad.parquet")
+    mem = ShardedMemory(64, shards=2, path=tmp_path / "img", index="Flat")
+    try:
+        with pytest.raises(engine.InvalidValueError, match="could not be decoded") as exc:
+            ingest(mem, tmp_path / "bad.parquet", checkpoint=ckpt, batch_size=8, replicas=1, progress=False)
+        assert len(str(exc.value).splitlines()) == 1 and "Traceback" not in str(exc.value)
+        assert len(mem) == 0
+    finally:
+        mem.close()

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import InvalidValueError
+from ..errors import EngineError, InvalidValueError
+
+MAX_PIXELS = 4096 * 4096  # an encoded image decoding to more is refused (a decompression bomb)
 
 
 @dataclass(frozen=True)
@@ -41,41 +43,125 @@ class IngestReport:
 class Embedder:
     """A Ray Data batch function: image bytes -> g embeddings (one model replica an actor)."""
 
-    def __init__(self, checkpoint: str, image_size: int):
+    def __init__(self, checkpoint: str, image_size: int, max_pixels: int = MAX_PIXELS):
         from ..train import load_checkpoint
 
         self.model = load_checkpoint(checkpoint)
         if self.model.support_lstm is not None:
             raise InvalidValueError("an FCE model embeds a whole support set at once; ingest embeds each image "
                                     "alone: use a checkpoint trained without --fce")
-        self.size = image_size
+        self.size, self.max_pixels = image_size, max_pixels
 
     def __call__(self, batch: dict) -> dict:
         import torch
 
         from ..data.images import as_input
 
-        images = np.stack([decode(b, self.size) for b in batch.pop("image")])
+        raw = batch.pop("image")
+        try:
+            images = np.stack([decode(b, self.size, self.max_pixels) for b in raw])
+        except InvalidValueError as exc:  # passed on as data: Ray Data would wrap it in its own text
+            batch["vector"] = np.zeros((len(raw), self.model.dim), np.float32)
+            batch["error"] = np.array([str(exc)] * len(raw), dtype=object)
+            return batch
         with torch.no_grad():
             batch["vector"] = self.model.g_backbone(as_input(images)).numpy().astype(np.float32)
+        batch["error"] = np.array([""] * len(raw), dtype=object)
         return batch
 
 
-def decode(item, size: int) -> np.ndarray:
-    """Encoded image bytes (or {"bytes": ...}) as a (size, size) uint8 grayscale array."""
+def decode(item, size: int, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """Encoded image bytes (or {"bytes": ...}) as a (size, size) uint8 grayscale array; an
+    image of more than ``max_pixels`` pixels is refused before it is decoded."""
     from PIL import Image
 
     data = item.get("bytes") if isinstance(item, dict) else item
     if not isinstance(data, (bytes, bytearray, memoryview, np.bytes_)):
         raise InvalidValueError(f"an image must be encoded bytes, got {type(data).__name__}")
     try:
-        with Image.open(io.BytesIO(bytes(data))) as im:
+        with Image.open(io.BytesIO(bytes(data))) as im:  # reads the header only
+            if im.size[0] * im.size[1] > max_pixels:
+                raise InvalidValueError(f"an image of {im.size[0]} x {im.size[1]} pixels is larger than the "
+                                        f"{max_pixels:,} pixels allowed")
             im = im.convert("L")
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
             return np.asarray(im, dtype=np.uint8)
-    except (OSError, ValueError) as exc:
-        raise InvalidValueError(f"an image could not be decoded: {exc}") from None
+    except (OSError, ValueError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, InvalidValueError):
+            raise
+        raise InvalidValueError(f"an image could not be decoded: {str(exc).splitlines()[0]}") from None
+
+
+def check_sources(sources) -> tuple[list[str], bool]:
+    """(the columns, whether rows carry images) of Parquet ``sources``, checked by type before
+    anything is written (read from the files' schemas, no Ray needed).
+
+    Raises:
+        InvalidValueError: no file, no ``label`` column, neither ``vector`` nor ``image``, or
+            a column of the wrong type (labels must be integers or strings, vectors lists of
+            numbers, ids integers, weights numbers, images binary or a struct with ``bytes``).
+    """
+    import pyarrow as pa
+    import pyarrow.dataset as pds
+
+    paths = [str(sources)] if isinstance(sources, (str, Path)) else [str(p) for p in sources]
+    try:
+        schema = pds.dataset(paths, format="parquet").schema
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        raise InvalidValueError(f"cannot read Parquet from {paths}: {str(exc).splitlines()[0]}") from None
+    names = schema.names
+    if "label" not in names:
+        raise InvalidValueError(f"no 'label' column in {paths} (columns: {names})")
+    if "vector" not in names and "image" not in names:
+        raise InvalidValueError(f"rows need a 'vector' or an 'image' column (columns: {names})")
+    t = schema.field("label").type
+    if not (pa.types.is_integer(t) or pa.types.is_string(t) or pa.types.is_large_string(t)):
+        raise InvalidValueError(f"labels must be integers or strings, got {t}")
+    if "vector" in names:
+        t = schema.field("vector").type
+        if not (pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t)) or not (
+                pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
+            raise InvalidValueError(f"vectors must be lists of numbers, got {t}")
+    elif "image" in names:
+        t = schema.field("image").type
+        ok = pa.types.is_binary(t) or pa.types.is_large_binary(t) or (
+            pa.types.is_struct(t) and t.get_field_index("bytes") >= 0)
+        if not ok:
+            raise InvalidValueError(f"images must be encoded bytes (binary, or a struct with 'bytes'), got {t}")
+    if "id" in names and not pa.types.is_integer(schema.field("id").type):
+        raise InvalidValueError(f"ids must be integers, got {schema.field('id').type}")
+    if "weight" in names:
+        t = schema.field("weight").type
+        if not (pa.types.is_floating(t) or pa.types.is_integer(t)):
+            raise InvalidValueError(f"weights must be numbers, got {t}")
+    return names, "vector" not in names
+
+
+def _engine_error(exc: BaseException) -> BaseException:
+    """The engine error inside what Ray Data raised from a worker (or the error itself)."""
+    seen, todo = set(), [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        if isinstance(e, EngineError):
+            e.__traceback__ = None
+            return e
+        todo += [getattr(e, "cause", None), e.__cause__, e.__context__]
+    # Ray Data passes a worker's error on as text: the engine error named in it, rebuilt
+    import re
+
+    from .. import errors
+
+    text = "\n".join(str(e) for e in [exc, getattr(exc, "cause", None), exc.__cause__] if e is not None)
+    for name, message in re.findall(r"(\w+Error): ([^\n]+)", text):
+        cls = getattr(errors, name, None)
+        if isinstance(cls, type) and issubclass(cls, EngineError) and cls.__init__ is EngineError.__init__:
+            return cls(message.strip())
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return EngineError(f"ingest failed: {type(exc).__name__}: {lines[-1] if lines else ''}")
 
 
 def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size: int = 28,
@@ -99,30 +185,52 @@ def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size:
     from tqdm import tqdm
 
     t0 = time.perf_counter()
+    names, embedded = check_sources(sources)  # before anything is read by workers or written
     # Reads and model replicas reserve a quarter of a CPU each (a reservation for the scheduler,
     # not a limit: torch still uses the node's cores), so that on a small machine, where the
     # shards hold a sliver of CPU, a read and the replicas fit together instead of each
     # waiting for a whole CPU the other holds.
     ds = ray.data.read_parquet(str(sources) if isinstance(sources, (str, Path)) else [str(s) for s in sources],
                                num_cpus=0.25)
-    names = ds.schema().names
     total = ds.count()  # from the Parquet metadata: nothing is embedded twice
-    if "label" not in names:
-        raise InvalidValueError(f"no 'label' column in {sources} (columns: {names})")
-    embedded = "vector" not in names
     if embedded:
-        if "image" not in names:
-            raise InvalidValueError(f"rows need a 'vector' or an 'image' column (columns: {names})")
         if checkpoint is None:
             raise InvalidValueError("rows carry images: give the checkpoint of a trained model to embed them")
         Embedder(str(checkpoint), image_size)  # checked here, before any worker starts: exists, not FCE
         ds = ds.map_batches(Embedder, fn_constructor_args=(str(checkpoint), image_size), batch_size=batch_size,
                             batch_format="numpy", concurrency=replicas, num_cpus=0.25)
     written = 0
+    batches = iter(ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
     with tqdm(total=total, desc="ingest", unit="slot", disable=not progress) as bar:
-        for batch in ds.iter_batches(batch_size=batch_size, batch_format="numpy"):
-            vectors = np.stack(batch["vector"]) if batch["vector"].dtype == object else batch["vector"]
-            memory.add(vectors, batch["label"], ids=batch.get("id"), weights=batch.get("weight"))
+        while True:
+            try:
+                batch = next(batches)
+            except StopIteration:
+                break
+            except Exception as exc:  # noqa: BLE001 - a worker's error, as the engine error it carries
+                raise _at_rows(_engine_error(exc), written, None) from None
+            try:
+                if "error" in batch and len(batch["error"]) and batch["error"][0]:
+                    raise InvalidValueError(str(batch["error"][0]))
+                for c in ("label", "id"):  # a null integer arrives as a float NaN, a null string as None
+                    if c in batch and (batch[c].dtype.kind == "f" or (
+                            batch[c].dtype == object and any(v is None for v in batch[c]))):
+                        raise InvalidValueError(f"the '{c}' column holds nulls")
+                if batch["vector"].dtype == object and any(v is None for v in batch["vector"]):
+                    raise InvalidValueError("the 'vector' column holds nulls")
+                vectors = np.stack(batch["vector"]) if batch["vector"].dtype == object else batch["vector"]
+                memory.add(vectors, batch["label"], ids=batch.get("id"), weights=batch.get("weight"))
+            except (EngineError, ValueError, TypeError) as exc:
+                raise _at_rows(exc if isinstance(exc, EngineError) else InvalidValueError(str(exc)), written,
+                               len(batch["label"])) from None
             written += len(vectors)
             bar.update(len(vectors))
     return IngestReport(rows=total, slots=written, seconds=time.perf_counter() - t0, embedded=embedded)
+
+
+def _at_rows(exc: BaseException, written: int, n: int | None) -> BaseException:
+    """``exc`` with where it happened: the input rows of the batch, and how many were written."""
+    where = f"input rows {written:,}-{written + n - 1:,}" if n else f"after input row {written:,}"
+    note = f" ({where}; positions are within that batch; {written:,} rows were written before it)"
+    exc.args = (f"{exc.args[0] if exc.args else exc}{note}", *exc.args[1:])
+    return exc
