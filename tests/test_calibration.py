@@ -240,15 +240,21 @@ def test_a_shard_and_a_memory_of_one_class_calibrate_for_recall():
 
 def test_the_breadth_a_query_uses_follows_the_temperature():
     x, y = isotropic(20_000, 16, n_classes=200, noise=1.2, seed=4)[:2]
+    q = x[:200] + 0.05
     mem = Memory(16, index="IVF64,Flat", temperature=0.2)
     mem.add(x, y)
     cal = mem.calibration
     soft = mem.stats().nprobe
-    mem.query(x[:5])  # a query caches its search parameters
+    at = {}
+    for nprobe in {soft, cal.sharper[-1][1]}:  # the same index trained on the same data, breadth fixed
+        fixed = Memory(16, index="IVF64,Flat", nprobe=nprobe, temperature=0.2)
+        fixed.add(x, y)
+        at[nprobe] = fixed.query(q, probs="top-k").ids
+    mem.query(q)  # a query caches its search parameters
     mem.temperature = cal.sharper[-1][0]  # the sharpest measured: its own breadth, no new search
     sharp = mem.stats().nprobe
-    mem.query(x[:5])
-    assert mem._state.index._cached_params(64).nprobe == sharp < soft  # not the one cached at 0.2
-    mem.temperature = 0.2  # back: the breadth of 0.2 again, not one cached at the sharper temperature
-    assert mem.calibration is cal and mem.stats().nprobe == soft >= sharp
-    assert mem._state.index._cached_params(64).nprobe == soft  # what the queries search with
+    assert sharp < soft
+    np.testing.assert_array_equal(mem.query(q, probs="top-k").ids, at[sharp])  # not the breadth cached at 0.2
+    mem.temperature = 0.2
+    assert mem.calibration is cal and mem.stats().nprobe == soft
+    np.testing.assert_array_equal(mem.query(q, probs="top-k").ids, at[soft])

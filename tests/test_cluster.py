@@ -508,12 +508,14 @@ def test_an_add_a_shard_budget_cannot_hold_is_refused_before_any_shard_writes(tm
 def test_errors_from_inside_a_shard_arrive_clean_as_their_engine_type(tmp_path):
     mem = ShardedMemory(DIM, shards=2, path=tmp_path / "m", index="Flat")
     try:
-        mem.add(np.ones((2, DIM)), [1, 2], ids=[0, 1])
-        with pytest.raises(engine.UnknownIdError) as exc:  # through the driver's own gathering
-            mem._gather({0: mem.actors[0].get.remote(np.array([10**9]))})
+        x = np.random.default_rng(5).standard_normal((8, DIM)).astype(np.float32)
+        mem.add(x, [0, 1, 2, 3, 0, 1, 2, 3], ids=np.arange(8))
+        with pytest.raises(engine.EngineError) as exc:  # each shard holds 4 classes: 1 slot cannot keep them
+            mem.compact(budget=2)
         text = str(exc.value)
-        assert "unknown ids" in text and exc.value.ids == [10**9]
-        assert not any(word in text for word in ("Traceback", "pid=", "ip=", "ActorID", "ray::"))
+        assert isinstance(exc.value, engine.InvalidValueError) and "budget" in text, text
+        assert not any(word in text for word in ("Traceback", "pid=", "ip=", "ActorID", "ray::")), text
+        assert len(mem) == 8
     finally:
         mem.close()
 
