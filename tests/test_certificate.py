@@ -23,7 +23,7 @@ from .test_tail import omitted, reference, total_variation
 
 DIM = 6
 INDEXES = [{"index": "Flat"}, {"index": "IVF4,Flat", "nprobe": 1}, {"index": "HNSW8"}, {"index": "IVF8,Flat"}]
-TRIALS = 60
+TRIALS = 40
 
 
 def _weights(rng, n):
@@ -55,7 +55,7 @@ def _check(mem, q, res, k, tail, counts):
         assert (omitted(a, ids, res) <= res.tail_bound + 1e-9).all(), (omitted(a, ids, res), res.tail_bound)
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(3))
 def test_every_certified_answer_holds_after_random_writes(seed):
     rng = np.random.default_rng(seed)
     counts = {"answers": 0}

@@ -626,6 +626,13 @@ def test_a_sharded_directory_that_is_not_what_it_says_is_refused_by_name(tmp_pat
 
     with pytest.raises(engine.MemoryExistsError):
         ShardedMemory(DIM, shards=3, path=tmp_path / "a")
+    # a create that died before its commit point (sharded.json) left only identities: a retry creates
+    g = tmp_path / "g"
+    (g / "shard-000").mkdir(parents=True)
+    (g / "shard-000" / "shard.json").write_text("{}")
+    with pytest.raises(FileNotFoundError):
+        ShardedMemory.open(g)
+    ShardedMemory(DIM, shards=2, path=g, index="Flat", temperature=T).close()
     with ShardedMemory.open(tmp_path / "a") as mem:  # the original is untouched
         assert len(mem) == 200
 

@@ -157,6 +157,11 @@ class ShardedMemory:
 
         Memory(self.dim, **options)  # every option checked here, before anything is written
         root = Path(path)
+        if not (root / ROOT_FILE).exists():  # a create interrupted before its commit point left only identities
+            for shard_dir in root.glob("shard-*"):
+                if shard_dir.is_dir() and {p.name for p in shard_dir.iterdir()} <= {SHARD_FILE}:
+                    (shard_dir / SHARD_FILE).unlink(missing_ok=True)
+                    shard_dir.rmdir()
         if (root / ROOT_FILE).exists() or any(root.glob("shard-*")):
             raise MemoryExistsError(f"{root} holds a sharded memory already: use ShardedMemory.open")
         root.mkdir(parents=True, exist_ok=True)
