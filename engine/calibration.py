@@ -212,7 +212,8 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
         agree, tv = measured[chosen[0]][0]
         return Calibration(nprobe=chosen[0] if ivf is not None else None,
                            ef_search=chosen[0] if ivf is None else None,
-                           recall=_recall(_without_self(found[chosen[0]], rows, k), truth), k=k, queries=len(rows), trained_on=n, spec=spec,
+                           recall=_recall(_without_self(found[chosen[0]], rows, k), truth), k=k,
+                           queries=len(rows), trained_on=n, spec=spec,
                            seconds=time.perf_counter() - t0, target="answer",
                            temperature=float(answer.temperature), agreement=agree, tv=tv,
                            sharper=tuple((float(t), int(b)) for t, b in zip(temps, chosen)))
@@ -224,17 +225,17 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
             return float(np.mean(ranks < breadth))
         return _recall(_without_self(searched(breadth)[1], rows, k), truth)
 
-    found: dict[int, float] = {}
+    reached: dict[int, float] = {}
     for breadth in ladder:  # bottom up: the cost is about twice that of the rung chosen
-        found[breadth] = recall(breadth)
-        if found[breadth] >= target:
+        reached[breadth] = recall(breadth)
+        if reached[breadth] >= target:
             break
-    best = next((b for b in ladder if b in found and found[b] >= target), None)
+    best = next((b for b in ladder if b in reached and reached[b] >= target), None)
     if best is None:  # never reached (lossy codes): the smallest rung close to the widest one
-        top_recall = found[ladder[-1]]
-        best = next(b for b in ladder if found[b] >= top_recall - SHORTFALL)
+        top_recall = reached[ladder[-1]]
+        best = next(b for b in ladder if reached[b] >= top_recall - SHORTFALL)
     return Calibration(nprobe=best if ivf is not None else None, ef_search=best if ivf is None else None,
-                       recall=found[best], k=k, queries=len(rows), trained_on=n, spec=spec,
+                       recall=reached[best], k=k, queries=len(rows), trained_on=n, spec=spec,
                        seconds=time.perf_counter() - t0)
 
 

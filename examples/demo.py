@@ -27,8 +27,8 @@ from engine.data import as_input, load_fashion_mnist, pca_embed
 
 
 def pca_memory_report(data=None, *, k: int = 64, dim: int = 64, temperature: float | str = "auto",
-                      index: str = "Flat", limit: int | None = None, batch: int = 500, out: str | Path | None = "runs/demo",
-             progress: bool = True, check: int = 1000) -> dict:
+                      index: str = "Flat", limit: int | None = None, batch: int = 500,
+                      out: str | Path | None = "runs/demo", progress: bool = True, check: int = 1000) -> dict:
     """Fashion-MNIST as a memory of 64-d PCA pixels: build it, answer the test set, report.
 
     Args:

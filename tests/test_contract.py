@@ -73,7 +73,8 @@ def test_a_sharded_memory_answers_as_one_memory_through_writes_in_both_modes(tmp
         w = np.linspace(0.5, 2.0, 3000)
         ids = np.arange(3000, dtype=np.int64) * 7
         steps = [lambda m: m.add(x[:2000], y[:2000], ids=ids[:2000], weights=w[:2000]),
-                 lambda m: m.remove(ids[:2000:5]), lambda m: m.add(x[2000:], y[2000:], ids=ids[2000:], weights=w[2000:])]
+                 lambda m: m.remove(ids[:2000:5]),
+                 lambda m: m.add(x[2000:], y[2000:], ids=ids[2000:], weights=w[2000:])]
         for step in steps:
             step(local), step(sharded)
             assert len(local) == len(sharded)

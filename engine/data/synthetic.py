@@ -90,7 +90,8 @@ def isotropic(n: int, dim: int, *, n_classes: int = 2000, noise: float = 1.0, se
 
     def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
         y = rng.integers(0, n_classes, m)
-        return (centres[y] + noise * rng.standard_normal((m, dim)) / np.sqrt(dim)).astype(np.float32), y.astype(np.int64)
+        x = centres[y] + noise * rng.standard_normal((m, dim)) / np.sqrt(dim)
+        return x.astype(np.float32), y.astype(np.int64)
 
     x, y = draw(n)
     return (x, y, *draw(queries)) if queries else (x, y)
