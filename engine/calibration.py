@@ -218,12 +218,29 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
                            temperature=float(answer.temperature), agreement=agree, tv=tv,
                            sharper=tuple((float(t), int(b)) for t, b in zip(temps, chosen)))
 
+    # recall of what a fresh query would find: the query's exact copies are left out with it
+    # (data written many times over would otherwise find its copies at any breadth)
+    own = np.einsum("nd,nd->n", q, q)
+    wide = min(n, 2 * k)
+    d_wide, i_wide = faiss.knn(q, vectors, wide, metric=faiss.METRIC_INNER_PRODUCT)
+    truth = _without_copies(d_wide, i_wide, rows, own, k)
     ranks = _list_ranks(ivf, q, vectors, truth) if ivf is not None and _exact_lists(index, ivf) else None
 
     def recall(breadth: int) -> float:
         if ranks is not None:  # a neighbour is found exactly when its list is probed
-            return float(np.mean(ranks < breadth))
-        return _recall(_without_self(searched(breadth)[1], rows, k), truth)
+            return float(np.mean(ranks[truth >= 0] < breadth)) if (truth >= 0).any() else 1.0
+        if ivf is not None:  # as many results as the truth was drawn from: nprobe alone sets the breadth
+            params = faiss.SearchParametersIVF()
+            params.nprobe = breadth
+            d, got = index.search(q, wide, params=params)
+        else:  # HNSW returns at most efSearch results: the ladder starts at as many as the truth's
+            params = faiss.SearchParametersHNSW()
+            params.efSearch = breadth
+            d, got = index.search(q, wide, params=params)
+        return _recall(_without_copies(d, got, rows, own, k), truth)
+
+    if ivf is None:
+        ladder = [b for b in ladder if b >= wide] or [wide]
 
     reached: dict[int, float] = {}
     for breadth in ladder:  # bottom up: the cost is about twice that of the rung chosen
@@ -240,12 +257,13 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
 
 
 def _recall(found: np.ndarray, truth: np.ndarray, chunk: int = 256) -> float:
-    """Mean share of each row of ``truth`` found in the same row of ``found`` (ids unique per row)."""
-    k, hits = truth.shape[1], 0
+    """The share of ``truth``'s ids (-1: none) found in the same row of ``found`` (ids unique per row)."""
+    hits = 0
     for lo in range(0, len(truth), chunk):
         f, t = found[lo:lo + chunk], truth[lo:lo + chunk]
         hits += int(((f[:, :, None] == t[:, None, :]) & (f[:, :, None] >= 0)).any(axis=1).sum())
-    return hits / max(truth.size, 1) if k else 0.0
+    total = int((truth >= 0).sum())
+    return hits / total if total else 1.0
 
 
 def _meets(measure: tuple[float, float]) -> bool:
@@ -331,6 +349,18 @@ def _list_ranks(ivf, q: np.ndarray, vectors: np.ndarray, truth: np.ndarray, chun
         np.put_along_axis(rank, order, np.arange(nlist)[None, :], axis=1)
         ranks[lo:lo + chunk] = np.take_along_axis(rank, home[lo:lo + chunk], axis=1)
     return ranks
+
+
+def _without_copies(scores: np.ndarray, ids: np.ndarray, rows: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+    """(m, k) each row's first ``k`` neighbours that are neither the query's own row nor an
+    exact copy of it (scoring its squared norm ``own``); -1 where fewer remain."""
+    twin = (ids == rows[:, None]) | (np.abs(scores - own[:, None]) <= 1e-6 * np.maximum(1.0, np.abs(own))[:, None])
+    keep = (ids >= 0) & ~twin
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
+    out = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(ids, order, 1), -1)
+    if out.shape[1] < k:
+        out = np.concatenate([out, np.full((len(out), k - out.shape[1]), -1, out.dtype)], axis=1)
+    return out
 
 
 def _without_self(ids: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
