@@ -168,3 +168,17 @@ def test_ingest_refuses_ill_typed_sources_and_leaves_no_memory_behind(tmp_path):
         out = run("ingest", tmp_path / name, src, "--shards", 2, "--dim", 3, ok=False)
         assert out.exit_code == 2 and len(out.output.strip().splitlines()) <= 3, (name, out.output)
         assert not (tmp_path / name).exists(), name  # the corrected rerun can create it
+
+
+def test_ingest_sources_may_be_directories_and_must_agree_on_columns(tmp_path):
+    from engine import InvalidValueError
+    from engine.cluster.ingest import check_sources
+
+    (tmp_path / "d").mkdir()
+    good = pa.table({"vector": pa.array(list(np.ones((2, 3), np.float32))), "label": [0, 1]})
+    pq.write_table(good, tmp_path / "d" / "part-0.parquet")
+    assert check_sources(tmp_path / "d") == (["vector", "label"], False)
+    assert check_sources([tmp_path / "d", tmp_path / "d" / "part-0.parquet"])[0] == ["vector", "label"]
+    pq.write_table(pa.table({"label": [0, 1], "vector": good["vector"]}), tmp_path / "other.parquet")
+    with pytest.raises(InvalidValueError, match="columns"):
+        check_sources([tmp_path / "d", tmp_path / "other.parquet"])

@@ -630,6 +630,7 @@ def test_a_sharded_directory_that_is_not_what_it_says_is_refused_by_name(tmp_pat
     g = tmp_path / "g"
     (g / "shard-000").mkdir(parents=True)
     (g / "shard-000" / "shard.json").write_text("{}")
+    (g / "shard-000" / "manifest.json").write_text("{}")  # its shard's empty memory made, never written to
     with pytest.raises(FileNotFoundError):
         ShardedMemory.open(g)
     ShardedMemory(DIM, shards=2, path=g, index="Flat", temperature=T).close()

@@ -106,11 +106,19 @@ def check_sources(sources) -> tuple[list[str], bool]:
     import pyarrow.dataset as pds
 
     paths = [str(sources)] if isinstance(sources, (str, Path)) else [str(p) for p in sources]
-    try:
-        schema = pds.dataset(paths, format="parquet").schema
-    except (OSError, ValueError, pa.ArrowException) as exc:
-        raise InvalidValueError(f"cannot read Parquet from {paths}: {str(exc).splitlines()[0]}") from None
-    names = schema.names
+    if not paths:
+        raise InvalidValueError("no Parquet sources given")
+    schemas = []
+    for path in paths:  # a file or a directory each (pyarrow reads a directory given alone)
+        try:
+            schemas.append(pds.dataset(path, format="parquet").schema)
+        except (OSError, ValueError, pa.ArrowException) as exc:
+            raise InvalidValueError(f"cannot read Parquet from {path}: {str(exc).splitlines()[0]}") from None
+    names = schemas[0].names
+    for path, other in zip(paths[1:], schemas[1:]):
+        if other.names != names:
+            raise InvalidValueError(f"{path} has columns {other.names}, {paths[0]} has {names}")
+    schema = schemas[0]
     if "label" not in names:
         raise InvalidValueError(f"no 'label' column in {paths} (columns: {names})")
     if "vector" not in names and "image" not in names:
@@ -210,8 +218,9 @@ def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size:
             except Exception as exc:  # noqa: BLE001 - a worker's error, as the engine error it carries
                 raise _at_rows(_engine_error(exc), written, None) from None
             try:
-                if "error" in batch and len(batch["error"]) and batch["error"][0]:
-                    raise InvalidValueError(str(batch["error"][0]))
+                failed = [e for e in batch.get("error", ()) if e]  # batches regroup rows: any row
+                if failed:
+                    raise InvalidValueError(str(failed[0]))
                 for c in ("label", "id"):  # a null integer arrives as a float NaN, a null string as None
                     if c in batch and (batch[c].dtype.kind == "f" or (
                             batch[c].dtype == object and any(v is None for v in batch[c]))):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import uuid
 from pathlib import Path
 
@@ -76,6 +77,8 @@ def _check_shards(root: Path, doc: dict) -> None:
             continue
         try:
             ident = json.loads((shard_dir / SHARD_FILE).read_text())
+            if not isinstance(ident, dict):
+                raise ValueError("not an object")
         except FileNotFoundError:
             raise CorruptFileError(f"{shard_dir}: not a shard of this memory (no {SHARD_FILE})") from None
         except (ValueError, UnicodeDecodeError):
@@ -157,11 +160,10 @@ class ShardedMemory:
 
         Memory(self.dim, **options)  # every option checked here, before anything is written
         root = Path(path)
-        if not (root / ROOT_FILE).exists():  # a create interrupted before its commit point left only identities
+        if not (root / ROOT_FILE).exists():  # a create that failed before its commit point: never written to
             for shard_dir in root.glob("shard-*"):
-                if shard_dir.is_dir() and {p.name for p in shard_dir.iterdir()} <= {SHARD_FILE}:
-                    (shard_dir / SHARD_FILE).unlink(missing_ok=True)
-                    shard_dir.rmdir()
+                if shard_dir.is_dir() and (shard_dir / SHARD_FILE).exists():
+                    shutil.rmtree(shard_dir)
         if (root / ROOT_FILE).exists() or any(root.glob("shard-*")):
             raise MemoryExistsError(f"{root} holds a sharded memory already: use ShardedMemory.open")
         root.mkdir(parents=True, exist_ok=True)
@@ -171,8 +173,12 @@ class ShardedMemory:
             shard_dir = root / f"shard-{i:03d}"
             shard_dir.mkdir()
             _write_durably(shard_dir, SHARD_FILE, {"memory_id": doc["memory_id"], "shard": i, "shards": n})
-        _write_durably(root, ROOT_FILE, doc)  # the commit point: from here on it opens
-        self._start(root, doc, address, create=True)
+        self._start(root, doc, address, create=True)  # every shard's memory made
+        try:
+            _write_durably(root, ROOT_FILE, doc)  # the commit point: from here on it opens
+        except BaseException:
+            self._stop()
+            raise
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, address: str | None = None) -> "ShardedMemory":
