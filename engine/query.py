@@ -226,9 +226,8 @@ def retrieve(state: State, vocab: Vocabulary, q: np.ndarray, k: int, *, temperat
     if full_metric is not None:
         res = full.answer(state, vocab, q, k, temperature, full_metric)
         scores, rows = res.scores, res.rows
-        mass = ClassMass(classes=classes, probs=_dense_probs(res.probs), attention=res.attention, log_z=res.log_z,
-                         log_scored=res.log_scored,
-                         log_bound=res.log_bound, certified=res.certified)
+        mass = ClassMass(probs=_dense_probs(res.probs), attention=res.attention, log_z=res.log_z,
+                         log_scored=res.log_scored, log_bound=res.log_bound, certified=res.certified)
     else:
         scores, rows = search(state, q, k)
     t = state.table

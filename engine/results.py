@@ -148,17 +148,16 @@ class QueryResult:
 class ClassMass:
     """A memory's full answer as masses a merge can add up: per query, in absolute log units
     (``log sum w exp(s / T)``), the whole mass, the part scored exactly and the bound on the
-    part not scored, and how the whole splits among ``classes``.
+    part not scored, and how the whole splits among the memory's classes
+    (``Retrieved.classes``).
 
     Attributes:
-        classes: (C,) the memory's live labels, sorted.
-        probs: (n, C) each class's share of the whole mass.
+        probs: (n, C) each class's share of the whole mass, columns as ``Retrieved.classes``.
         attention: (n, k) each retrieved slot's share of the whole mass (0 on padding).
         log_z, log_scored, log_bound: (n,) as above (``log_bound`` -inf: every slot scored).
         certified: whether ``log_bound`` is a certificate.
     """
 
-    classes: np.ndarray
     probs: np.ndarray
     attention: np.ndarray
     log_z: np.ndarray

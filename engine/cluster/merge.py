@@ -45,6 +45,9 @@ def merge(parts: list[Retrieved], k: int, k_requested: int, temperature: float, 
     pick = lambda a, o: np.take_along_axis(a, o, axis=1)  # noqa: E731
     top_ids, top_scores, top_w, top_labels = pick(ids, take), pick(scores, take), pick(weights, take), \
         pick(labels, take)
+    if all(p.full is not None for p in parts):  # full answers: class masses, no top-k bound needed
+        return _merge_full(parts, take, top_ids, top_scores, top_labels, top_ids >= 0, k_requested,
+                           missing_log_mass, missing_shards)
     # what is left out: each shard's own bound, the slots the global top-k dropped, missing shards
     bound = np.full(len(ids), float(missing_log_mass))  # (-inf + inf would be NaN)
     for p in parts:
@@ -56,9 +59,6 @@ def merge(parts: list[Retrieved], k: int, k_requested: int, temperature: float, 
                               / temperature, -np.inf)
         bound = np.logaddexp(bound, np.logaddexp.reduce(d_mass, axis=1))
     top_valid = top_ids >= 0
-    if parts and all(p.full is not None for p in parts):
-        return _merge_full(parts, take, top_ids, top_scores, top_labels, top_valid, k_requested,
-                           missing_log_mass, missing_shards)
     present = top_labels[top_valid]
     if all(p.classes is not None for p in parts):  # every class of every shard: one memory's columns
         classes = np.unique(np.concatenate([p.classes for p in parts]))
@@ -91,13 +91,13 @@ def _merge_full(parts, take, top_ids, top_scores, top_labels, top_valid, k_reque
     Its bound is a certificate where every shard's is and every shard answered."""
     n = len(top_ids)
     log_z = np.logaddexp.reduce(np.stack([p.full.log_z for p in parts]), axis=0)
-    classes = np.unique(np.concatenate([p.full.classes for p in parts]))
+    classes = np.unique(np.concatenate([p.classes for p in parts]))
     probs = np.zeros((n, len(classes)))
     shares = []
     for p in parts:
         with np.errstate(invalid="ignore"):
             share = np.where(np.isneginf(p.full.log_z), 0.0, np.exp(p.full.log_z - log_z))
-        probs[:, np.searchsorted(classes, p.full.classes)] += p.full.probs * share[:, None]
+        probs[:, np.searchsorted(classes, p.classes)] += p.full.probs * share[:, None]
         shares.append(p.full.attention * share[:, None])  # each slot's share of the whole
     attention = np.where(top_valid, np.take_along_axis(np.concatenate(shares, axis=1), take, axis=1), 0.0)
     log_scored = np.logaddexp.reduce(np.stack([p.full.log_scored for p in parts]), axis=0)
