@@ -108,12 +108,27 @@ def write_atomic(dir_fd: int, path: Path, data: bytes) -> None:
         raise storage_error(f"making {path.name} durable", exc, uncertain=True) from None
 
 
-def remove_quietly(path: Path) -> None:
-    """Unlink a file we own if it is there; a failure leaves an orphan, never damage."""
+def remove_quietly(path: Path, dir_fd: int | None = None) -> None:
+    """Unlink a file we own if it is there; a failure leaves an orphan, never damage.
+    With ``dir_fd``, ``path``'s name is unlinked in that open directory, wherever it has
+    been moved since (never in another directory put at its old path)."""
     try:
-        os.unlink(path)
+        if dir_fd is None:
+            os.unlink(path)
+        else:
+            os.unlink(Path(path).name, dir_fd=dir_fd)
     except OSError:
         pass
+
+
+def same_directory(path: Path, dir_fd: int) -> bool:
+    """Whether ``path`` still names the directory open as ``dir_fd`` (not moved away, nor
+    replaced by another directory moved to its path)."""
+    try:
+        here, held = os.stat(path), os.fstat(dir_fd)
+    except OSError:
+        return False
+    return (here.st_dev, here.st_ino) == (held.st_dev, held.st_ino)
 
 
 class FdSink:

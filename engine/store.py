@@ -235,10 +235,23 @@ class Store:
         return len(self.manifest["wal"])
 
     # -- writes -------------------------------------------------------------------
-    def _check_writable(self) -> None:
+    def _check_home(self) -> None:
+        """Refuse every later write once the memory's path names another directory than the
+        one it opened and locked (moved away, or replaced by another memory's directory, as
+        a restore or deploy script does): its next manifest or snapshot would land in the
+        other directory, beside another memory's files and outside this one's lock."""
+        if self._dir_fd is not None and not fsio.same_directory(self.path, self._dir_fd):
+            self.fail(f"its directory {self.path} was moved or replaced while the memory was open "
+                      f"(its files stay in the directory it opened, wherever that is now)")
+
+    def _refuse_if_failed(self) -> None:
+        self._check_home()
         if self.failed is not None:
             raise MemoryFailedError(f"{self.path}: writes are refused since {self.failed}; reopen the memory "
                                     f"(every acknowledged write is on disk)", None, uncertain=False)
+
+    def _check_writable(self) -> None:
+        self._refuse_if_failed()
         if self._writer is None:
             raise MemoryFailedError(f"{self.path}: the memory is closed", None)
 
@@ -305,8 +318,8 @@ class Store:
             if not exc.uncertain:
                 fsio.remove_quietly(self.path / name)
             raise
-        for f in old:  # no manifest names them any more
-            fsio.remove_quietly(self.path / f)
+        for f in old:  # no manifest names them any more (removed where they are, not by path)
+            fsio.remove_quietly(self.path / f, self._dir_fd)
 
     def update(self, **settings) -> None:
         """Change settings (temperature, ...) in the manifest, atomically.
@@ -318,6 +331,7 @@ class Store:
         self._commit({**self.manifest, "settings": {**self.manifest["settings"], **settings}})
 
     def _commit(self, manifest: dict) -> None:
+        self._refuse_if_failed()  # the manifest is written by path: only into the directory held
         try:
             fsio.write_atomic(self._dir_fd, self.path / MANIFEST, manifest_bytes(manifest))
         except StorageError as exc:
@@ -446,6 +460,26 @@ def _check_manifest(file: Path, m: dict) -> None:
         if e["file"] in names:
             bad(f"log segment {e['file']} is listed twice")
         names.add(e["file"])
+    _check_history(m, bad)
+
+
+def _generation(name: str) -> int:
+    return int(re.search(r"-([0-9]+)\.", name).group(1))
+
+
+def _check_history(m: dict, bad) -> None:
+    """The manifest's fields agree with one another as the store writes them: a manifest
+    without a snapshot has logged nothing before its log (``seq`` 0), and file generations
+    rise from the snapshot through the log segments, none above ``generation``. A manifest
+    edited and signed again (a snapshot dropped, a segment's place changed) is refused,
+    never opened with fewer slots."""
+    if m["snapshot"] is None and m["seq"] != 0:
+        bad(f"no snapshot, but sequence number {m['seq']} says one was taken")
+    order = ([_generation(m["snapshot"]["file"])] if m["snapshot"] is not None else []) + \
+        [_generation(e["file"]) for e in m["wal"]]
+    if any(b <= a for a, b in zip(order, order[1:])) or any(g > m["generation"] for g in order):
+        bad(f"its files are out of order for generation {m['generation']}: "
+            f"{[m['snapshot']['file']] if m['snapshot'] else []} {[e['file'] for e in m['wal']]}")
 
 
 # -- snapshots ---------------------------------------------------------------------------

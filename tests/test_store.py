@@ -382,3 +382,73 @@ def test_a_memory_saved_before_probs_existed_keeps_top_k_probabilities(tmp_path,
     got = Memory.open(tmp_path / "m").query(data[2], k=5)
     assert got.tail_estimate is None
     np.testing.assert_array_equal(got.probs, want.probs)
+
+
+@pytest.mark.parametrize("change", ["snapshot dropped", "segments reordered", "generation behind its files"])
+def test_a_manifest_signed_again_with_fields_that_disagree_is_refused(tmp_path, data, change):
+    doc = closed_memory(tmp_path / "m", data, reopen_adds=2)
+    assert doc["snapshot"] is not None and doc["seq"] > 0 and len(doc["wal"]) >= 3
+    if change == "snapshot dropped":  # the slots it held would silently be gone
+        resign(tmp_path / "m" / "manifest.json", snapshot=None)
+        match = "no snapshot"
+    elif change == "segments reordered":
+        resign(tmp_path / "m" / "manifest.json", wal=[doc["wal"][1], doc["wal"][0], *doc["wal"][2:]])
+        match = "out of order"
+    else:
+        resign(tmp_path / "m" / "manifest.json", generation=1)
+        match = "out of order"
+    with pytest.raises(engine.CorruptFileError, match=match):
+        Memory.open(tmp_path / "m")
+
+
+def _swap_in(path, other):
+    """What a restore or deploy script does: the directory at ``path`` moves away, ``other``
+    takes its place."""
+    path.rename(path.with_name(path.name + ".old"))
+    other.rename(path)
+    return path.with_name(path.name + ".old")
+
+
+@pytest.mark.parametrize("verb", ["add", "remove", "save", "temperature", "close"])
+def test_a_memory_whose_directory_was_replaced_never_writes_into_the_new_one(tmp_path, data, verb):
+    x, y, _ = data
+    mine = Memory(8, index="Flat", temperature=0.2, path=tmp_path / "m")
+    mine.add(x[:30], y[:30])
+    other = Memory(8, index="Flat", temperature=0.2, path=tmp_path / "other")
+    other.add(x[100:125], y[100:125])
+    other.close()
+    moved = _swap_in(tmp_path / "m", tmp_path / "other")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    if verb == "close":
+        mine.close()  # sealing its log would rewrite the manifest at the old path
+    else:
+        write = {"add": lambda: mine.add(x[30:40], y[30:40]), "remove": lambda: mine.remove([0, 1]),
+                 "save": mine.save, "temperature": lambda: setattr(mine, "temperature", 0.5)}[verb]
+        with pytest.raises(engine.MemoryFailedError, match="moved or replaced"):
+            write()
+        with pytest.raises(engine.MemoryFailedError):  # and every later write
+            mine.add(x[40:41], y[40:41])
+        assert len(mine.query(x[:2], k=5).ids) == 2  # queries still answer
+        mine.close()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before  # not one byte changed
+    with Memory.open(tmp_path / "m") as theirs:
+        assert len(theirs) == 25 and set(theirs.ids().tolist()) == set(range(25))
+    with Memory.open(moved) as again:  # the acknowledged writes are where the memory was opened
+        assert len(again) == 30
+
+
+def test_a_second_writer_in_a_replaced_directory_is_alone(tmp_path, data):
+    x, y, _ = data
+    first = Memory(8, index="Flat", path=tmp_path / "m")
+    first.add(x[:10], y[:10])
+    Memory(8, index="Flat", path=tmp_path / "other").close()
+    _swap_in(tmp_path / "m", tmp_path / "other")
+    second = Memory.open(tmp_path / "m")  # the other directory is not locked: a second writer opens it
+    second.add(x[10:15], y[10:15])
+    with pytest.raises(engine.MemoryFailedError, match="moved or replaced"):
+        first.add(x[15:20], y[15:20])  # the first writer no longer writes at this path
+    second.add(x[20:25], y[20:25])
+    first.close()
+    second.close()
+    with Memory.open(tmp_path / "m") as again:
+        assert len(again) == 10
