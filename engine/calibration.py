@@ -47,6 +47,8 @@ K = 64  # the default k of a query
 QUERIES = 200  # recall sample: each query averages 64 neighbours; the estimate is good to ~0.005
 ANSWER_QUERIES = 1000  # answer sample: one agreement per query, good to ~0.002 at 0.995
 SHORTFALL = 0.005  # a lossy index: how far below its best the chosen breadth may be
+DRIFT_GROWTH = 1.5  # the breadth is checked on the new slots once the index has grown this much since
+DRIFT_MARGIN = 0.01  # and measured again when they fall this far short of the target
 
 
 @dataclass(frozen=True)
@@ -145,9 +147,56 @@ class Calibration:
         return int(min(limit, value * max(1.0, k / self.k)))
 
 
+@dataclass(frozen=True)
+class DriftCheck:
+    """A check of the calibrated breadth on the slots written since it was measured (or last
+    checked): the data may have moved away from what the breadth was measured on.
+
+    Attributes:
+        slots: vectors in the index when checked.
+        since: vectors in the index when the breadth was measured or last checked; the
+            queries were drawn from the rows written after.
+        queries: how many of them were asked.
+        breadth: the nprobe / efSearch checked (the one queries use).
+        recall: their recall@k of the exact top-k at that breadth.
+        agreement: the share whose top class agrees with exact search's (answer target).
+        tv: their mean total variation to exact search's class probabilities (answer target).
+        drifted: whether they fell short of the target by more than ``DRIFT_MARGIN`` (the
+            breadth is then measured again on the whole memory).
+        seconds: what the check took.
+    """
+
+    slots: int
+    since: int
+    queries: int
+    breadth: int
+    recall: float
+    agreement: float | None
+    tv: float | None
+    drifted: bool
+    seconds: float
+
+
+def check_drift(index: faiss.Index, vectors: np.ndarray, cal: Calibration, rows: np.ndarray, breadth: int, *,
+                since: int, ivf=None, hnsw=None, target: float | None = None, answer: Answer | None = None
+                ) -> DriftCheck:
+    """Measure ``breadth`` on ``rows`` of ``vectors`` as :func:`calibrate` measures a rung (each
+    query's own slot and its copies left out, against exact search), for ``cal``'s target:
+    the answer (``target`` None) or recall ``target``."""
+    got = calibrate(index, vectors, cal.spec, ivf=ivf, hnsw=hnsw, target=target, answer=answer, k=cal.k,
+                    rows=rows, breadths=[breadth])
+    if target is None:
+        drifted = got.agreement < AGREEMENT - DRIFT_MARGIN or got.tv > ANSWER_TV + DRIFT_MARGIN
+    else:
+        drifted = got.recall < target - DRIFT_MARGIN
+    return DriftCheck(slots=len(vectors), since=since, queries=got.queries, breadth=breadth, recall=got.recall,
+                      agreement=got.agreement, tv=got.tv, drifted=bool(drifted), seconds=got.seconds)
+
+
 def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, hnsw=None,
               target: float | None = RECALL_TARGET, answer: Answer | None = None, k: int = K,
-              queries: int | None = None, seed: int = 0) -> Calibration:
+              queries: int | None = None, seed: int = 0, rows: np.ndarray | None = None,
+              breadths: list[int] | None = None) -> Calibration:
     """Measure ``index`` (holding ``vectors``) over a doubling ladder of breadths.
 
     Args:
@@ -162,6 +211,8 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
         queries: how many of ``vectors`` to use as queries (default: QUERIES for recall,
             ANSWER_QUERIES for the answer).
         seed: seed of the sample.
+        rows: the positions to use as queries instead of a sample.
+        breadths: the rungs to measure instead of the doubling ladder.
     """
     t0 = time.perf_counter()
     if target is None and answer is None:
@@ -169,7 +220,9 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
     n = len(vectors)
     k = max(1, min(k, n - 1))
     queries = queries or (QUERIES if target is not None else ANSWER_QUERIES)
-    rows = np.sort(np.random.default_rng(seed).choice(n, min(queries, n), replace=False))
+    if rows is None:
+        rows = np.random.default_rng(seed).choice(n, min(queries, n), replace=False)
+    rows = np.sort(np.asarray(rows, np.int64))
     q = np.ascontiguousarray(vectors[rows])
     d_exact, exact = faiss.knn(q, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
     truth = _without_self(exact, rows, k)
@@ -179,6 +232,8 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
             ladder.append(int(ivf.nlist))
     else:
         ladder = [k * (1 << i) for i in range(8)]  # efSearch k .. 128k
+    if breadths is not None:
+        ladder = sorted(breadths)
 
     def searched(breadth: int) -> tuple[np.ndarray, np.ndarray]:
         if ivf is not None:

@@ -26,7 +26,9 @@ import faiss
 import numpy as np
 
 from .calibration import K as CALIBRATION_K
-from .calibration import RECALL_TARGET, Answer, Calibration, calibrate
+from .calibration import (DRIFT_GROWTH, QUERIES, RECALL_TARGET, Answer, Calibration, DriftCheck, calibrate,
+                          check_drift)
+from .calibration import ANSWER_QUERIES
 from .errors import InvalidValueError
 
 # FAISS warns below 39 training points per centroid; we train only past that.
@@ -122,6 +124,8 @@ class VectorIndex:
         self.spec_lossy = spec != "auto" and _is_lossy(faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT))
         self._use(*self._fresh(0))
         self._trained_on = 0
+        self._checked_at = 0  # vectors held when the breadth was last checked for drift
+        self.drift_checks: list[DriftCheck] = []  # the latest checks, newest last
 
     @property
     def settings(self) -> SearchSettings:
@@ -213,6 +217,7 @@ class VectorIndex:
         new._params_cache = {}
         new.dim, new.spec, new.settings, new.spec_lossy = self.dim, self.spec, self.settings, self.spec_lossy
         new.recall_target, new.share, new.temperature = self.recall_target, self.share, self.temperature
+        new._checked_at, new.drift_checks = 0, list(self.drift_checks)
         return new
 
     # -- codes: what a snapshot keeps of an index that holds only compressed codes ---------
@@ -318,6 +323,45 @@ class VectorIndex:
             moved = cal is not None and not cal.fits(self.recall_target, self.temperature)
         return n >= CALIBRATE_MIN and (cal is None or cal.spec != self.active_spec
                                        or n >= RETRAIN_GROWTH * cal.trained_on or moved)
+
+    def drift_due(self) -> bool:
+        """Whether the calibrated breadth should be checked on the rows written since it was
+        measured: the index has grown ``DRIFT_GROWTH`` times since it was measured or last
+        checked (a full measure comes anyway at 4x, see :meth:`stale_calibration`)."""
+        cal = self.calibration
+        if cal is None or self.stale_calibration():
+            return False
+        return self.ntotal >= DRIFT_GROWTH * max(cal.trained_on, self._checked_at)
+
+    def check_drift(self, live: np.ndarray, labels: np.ndarray | None = None,
+                    weights: np.ndarray | None = None, seed: int = 0) -> DriftCheck | None:
+        """Check the breadth queries use on a sample of the live rows written since it was
+        measured or last checked (``live`` per position), against exact search over every
+        vector, for the calibration's target; see :func:`engine.calibration.check_drift`.
+        None if every such row has been removed."""
+        cal = self.calibration
+        since = max(cal.trained_on, self._checked_at)
+        target = self.recall_target
+        if target is None and cal.target == "recall":
+            target = RECALL_TARGET  # recall stood in for the answer (a shard, one class)
+        recent = since + np.flatnonzero(np.asarray(live[since:self.ntotal], bool))
+        m = min(len(recent), ANSWER_QUERIES if target is None else QUERIES)
+        if m == 0:  # every row written since is removed already: nothing new to check
+            self._checked_at = self.ntotal
+            return None
+        rows = np.random.default_rng(seed + self.ntotal).choice(recent, m, replace=False)
+        vectors = self.reconstruct(np.arange(self.ntotal))
+        answer = None
+        if target is None:
+            w = np.ones(len(vectors)) if weights is None else np.asarray(weights, np.float64)[:len(vectors)]
+            answer = Answer(np.asarray(labels)[:len(vectors)], np.log(np.maximum(w, 1e-300)), self.temperature)
+        nprobe, ef = self.breadth(CALIBRATION_K)  # what a query of the default k uses
+        ivf = self._ivf if nprobe is not None else None
+        check = check_drift(self._index, vectors, cal, rows, nprobe if nprobe is not None else ef, since=since,
+                            ivf=ivf, hnsw=self._hnsw if ivf is None else None, target=target, answer=answer)
+        self._checked_at = self.ntotal
+        self.drift_checks = (self.drift_checks + [check])[-16:]
+        return check
 
     def calibrated(self, labels: np.ndarray | None = None, weights: np.ndarray | None = None) -> Calibration | None:
         """A calibration measured on the vectors the index holds now (see :meth:`stale_calibration`),

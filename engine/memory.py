@@ -450,15 +450,24 @@ class Memory:
                 state.apply(kill_rows, append)
 
     def _recalibrate(self) -> None:
-        """Measure the breadth again of an index that grew in place (HNSW) 4x, or whose answer
-        was measured at a temperature the memory has since softened past, outside the readers'
-        lock. The write before it is done: if measuring fails, the previous breadth stays."""
+        """Measure the breadth again of an index that grew in place (HNSW) 4x, whose answer was
+        measured at a temperature the memory has since softened past, or whose new slots (once
+        it has grown 1.5x) no longer get the answer or recall it was measured for (an IVF whose
+        lists were fit to other data is trained again), outside the readers' lock. The write before it is done: if measuring fails, the previous breadth stays."""
         index = self._state.index
-        if index.stale_calibration():
-            try:
+        try:
+            if index.stale_calibration():
                 index.calibration = self._state.calibrated()  # one reference: readers see old or new
-            except Exception:  # noqa: BLE001 - a search setting, never worth failing a durable write
-                pass
+            elif index.drift_due():  # grown 1.5x since: do the new slots still get the answer?
+                check = self._state.check_drift()
+                if check is not None and check.drifted and index.trained_on and not index.codes_only:
+                    # no, and the lists were fit to other data: train them on the memory as it
+                    # is now (aside, readers go on) and measure its breadth
+                    self._swap(self._state.rebuilt())
+                elif check is not None and check.drifted:  # no (a graph, or codes): measure again
+                    index.calibration = self._state.calibrated()
+        except Exception:  # noqa: BLE001 - a search setting, never worth failing a durable write
+            pass
 
     def _retune(self) -> None:
         """Choose the temperature again (``temperature="auto"``) once the memory can measure it
@@ -678,6 +687,13 @@ class Memory:
         """What calibrating the search breadth chose and measured (None for an exact index or a
         breadth set by the caller); see :mod:`engine.calibration`."""
         return self._state.index.calibration
+
+    @property
+    def calibration_checks(self) -> tuple:
+        """The latest checks of the calibrated breadth on the slots written since it was
+        measured (:class:`~engine.calibration.DriftCheck`, newest last): one each time the
+        index has grown 1.5x; one that fell short had the breadth measured again."""
+        return tuple(self._state.index.drift_checks)
 
     # -- settings and persistence -------------------------------------------------------
     @property

@@ -224,6 +224,12 @@ class State:
         """A new state over ``table`` (all rows live) and its ``vectors``, indexed like this one."""
         return State(table, self.index.build(vectors, table.label_idx, table.weights))
 
+    def check_drift(self):
+        """Check the search breadth on the rows written since it was measured (see
+        :meth:`VectorIndex.check_drift`)."""
+        t = self.table
+        return self.index.check_drift(t.alive, t.label_idx, t.weights)
+
     def calibrated(self):
         """The search breadth measured on this state's index, labels and weights now."""
         t = self.table

@@ -272,3 +272,38 @@ def test_recall_measured_on_data_written_many_times_is_what_fresh_queries_find(s
     q = base[:200] + 0.05 * np.random.default_rng(1).standard_normal((200, 16)).astype(np.float32)
     fresh = recall_at_k(mem, x, q)
     assert mem.calibration.recall >= 0.98 and fresh >= 0.9, (mem.calibration, fresh)
+
+
+@pytest.mark.parametrize("spec,recall", [("IVF64,Flat", 0.98), ("IVF64,Flat", None), ("HNSW16", 0.98)])
+def test_data_that_drifts_below_the_rebuild_growth_is_measured_again(spec, recall):
+    """Written first from one distribution, then 2.5x more from a harder one elsewhere: the
+    breadth measured on the first no longer serves the second, and is checked on the new
+    slots long before the index would be rebuilt at 4x."""
+    xa, ya = clustered(6000, 16, n_classes=30, seed=1, **LEARNED_LIKE)
+    xb, yb, qb, _ = isotropic(15000, 16, n_classes=300, noise=1.2, seed=2, queries=300)
+    yb = yb + 100
+    mem = Memory(16, index=spec, recall=recall, temperature=0.05)
+    mem.add(xa, ya)
+    first = mem.calibration
+    for lo in range(0, len(xb), 1500):
+        mem.add(xb[lo:lo + 1500], yb[lo:lo + 1500])
+    x, y = np.concatenate([xa, xb]), np.concatenate([ya, yb])
+    if recall is not None:  # what fresh queries from the new data find is what the memory reports
+        fresh = recall_at_k(mem, x, qb)
+        assert fresh >= 0.95 and abs(mem.stats().recall - fresh) <= 0.04, (mem.stats().recall, fresh)
+    else:
+        agree = np.mean(mem.query(qb, k=K).labels == exact_answer(mem, x, y, qb))
+        assert agree >= 0.98, agree
+    assert mem.calibration is not first and any(c.drifted for c in mem.calibration_checks)
+
+
+def test_a_drift_check_on_data_that_did_not_move_keeps_the_breadth():
+    x, y = clustered(24000, 16, n_classes=50, seed=4, **LEARNED_LIKE)
+    mem = Memory(16, index="IVF64,Flat", recall=0.98, temperature=0.05)
+    mem.add(x[:8000], y[:8000])
+    first = mem.calibration
+    for lo in range(8000, 24000, 2000):
+        mem.add(x[lo:lo + 2000], y[lo:lo + 2000])
+    checks = mem.calibration_checks
+    assert len(checks) >= 2 and not any(c.drifted for c in checks) and mem.calibration is first
+    assert all(c.recall >= 0.97 and c.since >= 8000 and c.queries > 0 for c in checks)
