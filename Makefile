@@ -24,7 +24,7 @@ test: setup
 demo: setup
 	$(BIN)/python examples/demo.py --data $(DATA)
 
-# The full benchmarks, the recipe ablation and the crash soak (about two hours on 2 cores): JSON and PNG into runs/bench/.
+# The full benchmarks, the recipe ablation and the crash soaks (about two hours on 2 cores): JSON and PNG into runs/bench/.
 bench: setup
 	$(BIN)/python bench/scale.py --out runs/bench
 	$(BIN)/python bench/compaction.py --out runs/bench --data $(DATA)
@@ -35,6 +35,7 @@ bench: setup
 	$(BIN)/python bench/temperature.py --out runs/bench --data $(DATA)
 	$(BIN)/python -m pytest -q bench --benchmark-json=runs/bench/pytest-benchmark.json
 	$(BIN)/python -m tests.crasher soak runs/bench/soak --minutes 20 > runs/bench/soak.json
+	$(BIN)/python -m tests.sharded_crasher soak runs/bench/sharded-soak --minutes 10 > runs/bench/sharded-soak.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

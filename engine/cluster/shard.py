@@ -52,6 +52,9 @@ class Shard:
     def contains(self, ids: np.ndarray) -> np.ndarray:
         return np.array([int(i) in self.mem for i in ids], bool)
 
+    def ids(self) -> np.ndarray:
+        return self.mem.ids()
+
     def remove(self, ids: np.ndarray) -> int:
         return self.mem.remove(ids)
 

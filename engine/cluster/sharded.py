@@ -523,6 +523,10 @@ class ShardedMemory:
                 labels[j] = lab
         return Slots(ids=ids.copy(), labels=labels, weights=weights, vectors=vectors)
 
+    def ids(self) -> np.ndarray:
+        """The ids of every slot in the memory, ascending (asked of every shard)."""
+        return np.sort(np.concatenate([np.asarray(i, np.int64) for i in self._all("ids")]))
+
     def stats(self) -> MemoryStats:
         """The shards' stats summed (classes counted once across shards)."""
         per = self._all("stats")
