@@ -652,12 +652,18 @@ def test_ingest_errors_name_their_rows_and_arrive_as_one_line(tmp_path):
 
     x, y = clustered(400, 8, n_classes=4, seed=7)
     x[350, 2] = np.nan
-    pq.write_table(pa.table({"vector": pa.array(list(x)), "label": y}), tmp_path / "nan.parquet")
+    (tmp_path / "parts").mkdir()
+    for i, (lo, hi) in enumerate([(0, 170), (170, 260), (260, 400)]):  # read in order of the file names
+        pq.write_table(pa.table({"vector": pa.array(list(x[lo:hi])), "label": y[lo:hi]}),
+                       tmp_path / "parts" / f"part-{i}.parquet", row_group_size=37)
     mem = ShardedMemory(8, shards=2, path=tmp_path / "m", index="Flat")
     try:
-        with pytest.raises(engine.InvalidValueError, match=r"input rows 300-399.*300 rows were written"):
-            ingest(mem, tmp_path / "nan.parquet", batch_size=100, progress=False)
-        assert len(mem) == 300
+        with pytest.raises(engine.InvalidValueError, match=r"input rows 300-399: part-2.parquet rows 40-139.*"
+                                                           r"300 rows were written"):
+            ingest(mem, tmp_path / "parts", batch_size=100, progress=False)
+        assert len(mem) == 300  # the rows before the batch, in the files' order
+        unit = x[:300] / np.linalg.norm(x[:300], axis=1, keepdims=True)  # cosine: kept normalised
+        np.testing.assert_allclose(np.sort(mem.get(mem.ids()).vectors[:, 0]), np.sort(unit[:, 0]), atol=1e-6)
     finally:
         mem.close()
     # images: undecodable bytes, and a small file that decodes to a huge image

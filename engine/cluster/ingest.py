@@ -146,6 +146,31 @@ def check_sources(sources) -> tuple[list[str], bool]:
     return names, "vector" not in names
 
 
+def parquet_files(sources) -> list[tuple[str, int]]:
+    """The Parquet files of ``sources`` in the order they are read (each directory's files
+    sorted by name), with their row counts from the files' footers."""
+    import pyarrow.dataset as pds
+    import pyarrow.parquet as pq
+
+    paths = [str(sources)] if isinstance(sources, (str, Path)) else [str(p) for p in sources]
+    files = []
+    for path in paths:
+        found = [path] if Path(path).is_file() else sorted(pds.dataset(path, format="parquet").files)
+        files += [(f, pq.ParquetFile(f).metadata.num_rows) for f in found]
+    return files
+
+
+def _where(files: list[tuple[str, int]], start: int, n: int) -> str:
+    """The files and rows within them of input rows ``start`` .. ``start + n - 1``."""
+    parts, offset, end = [], 0, start + n
+    for name, rows in files:
+        lo, hi = max(start, offset), min(end, offset + rows)
+        if lo < hi:
+            parts.append(f"{Path(name).name} rows {lo - offset:,}-{hi - offset - 1:,}")
+        offset += rows
+    return ", ".join(parts)
+
+
 def _engine_error(exc: BaseException) -> BaseException:
     """The engine error inside what Ray Data raised from a worker (or the error itself)."""
     seen, todo = set(), [exc]
@@ -190,17 +215,32 @@ def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size:
     import time
 
     import ray
-    from tqdm import tqdm
 
     t0 = time.perf_counter()
     names, embedded = check_sources(sources)  # before anything is read by workers or written
-    # Reads and model replicas reserve a quarter of a CPU each (a reservation for the scheduler,
-    # not a limit: torch still uses the node's cores), so that on a small machine, where the
-    # shards hold a sliver of CPU, a read and the replicas fit together instead of each
-    # waiting for a whole CPU the other holds.
-    ds = ray.data.read_parquet(str(sources) if isinstance(sources, (str, Path)) else [str(s) for s in sources],
-                               num_cpus=0.25)
-    total = ds.count()  # from the Parquet metadata: nothing is embedded twice
+    files = parquet_files(sources)
+    # rows arrive in the order of the files and of their rows, so that an error names its rows
+    context = ray.data.DataContext.get_current()
+    kept_order = context.execution_options.preserve_order
+    context.execution_options.preserve_order = True
+    try:
+        # Reads and model replicas reserve a quarter of a CPU each (a reservation for the scheduler,
+        # not a limit: torch still uses the node's cores), so that on a small machine, where the
+        # shards hold a sliver of CPU, a read and the replicas fit together instead of each
+        # waiting for a whole CPU the other holds.
+        ds = ray.data.read_parquet([f for f, _ in files], num_cpus=0.25)
+        return _ingest(memory, ds, files, embedded, checkpoint, image_size, batch_size, replicas, progress, t0)
+    finally:
+        context.execution_options.preserve_order = kept_order
+
+
+def _ingest(memory, ds, files, embedded, checkpoint, image_size, batch_size, replicas, progress, t0) -> IngestReport:
+    """Embed (if rows carry images) and write the rows of ``ds``, read from ``files``, in order."""
+    import time
+
+    from tqdm import tqdm
+
+    total = sum(rows for _, rows in files)  # from the Parquet metadata: nothing is embedded twice
     if embedded:
         if checkpoint is None:
             raise InvalidValueError("rows carry images: give the checkpoint of a trained model to embed them")
@@ -216,7 +256,7 @@ def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size:
             except StopIteration:
                 break
             except Exception as exc:  # noqa: BLE001 - a worker's error, as the engine error it carries
-                raise _at_rows(_engine_error(exc), written, None) from None
+                raise _at_rows(_engine_error(exc), written, None, files) from None
             try:
                 failed = [e for e in batch.get("error", ()) if e]  # batches regroup rows: any row
                 if failed:
@@ -231,15 +271,17 @@ def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size:
                 memory.add(vectors, batch["label"], ids=batch.get("id"), weights=batch.get("weight"))
             except (EngineError, ValueError, TypeError) as exc:
                 raise _at_rows(exc if isinstance(exc, EngineError) else InvalidValueError(str(exc)), written,
-                               len(batch["label"])) from None
+                               len(batch["label"]), files) from None
             written += len(vectors)
             bar.update(len(vectors))
     return IngestReport(rows=total, slots=written, seconds=time.perf_counter() - t0, embedded=embedded)
 
 
-def _at_rows(exc: BaseException, written: int, n: int | None) -> BaseException:
-    """``exc`` with where it happened: the input rows of the batch, and how many were written."""
-    where = f"input rows {written:,}-{written + n - 1:,}" if n else f"after input row {written:,}"
+def _at_rows(exc: BaseException, written: int, n: int | None, files: list[tuple[str, int]]) -> BaseException:
+    """``exc`` with where it happened: the input rows of the batch (and the files and rows
+    within them), and how many were written."""
+    where = f"input rows {written:,}-{written + n - 1:,}: {_where(files, written, n)}" if n else \
+        f"after input row {written:,}"
     note = f" ({where}; positions are within that batch; {written:,} rows were written before it)"
     exc.args = (f"{exc.args[0] if exc.args else exc}{note}", *exc.args[1:])
     return exc
