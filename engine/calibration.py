@@ -49,6 +49,7 @@ ANSWER_QUERIES = 1000  # answer sample: one agreement per query, good to ~0.002 
 SHORTFALL = 0.005  # a lossy index: how far below its best the chosen breadth may be
 DRIFT_GROWTH = 1.5  # the breadth is checked on the new slots once the index has grown this much since
 DRIFT_MARGIN = 0.01  # and measured again when they fall this far short of the target
+DRIFT_QUERIES = 500  # new slots asked (answer target; recall asks QUERIES): 0.01 is 3 standard errors at 0.995
 
 
 @dataclass(frozen=True)

@@ -26,9 +26,8 @@ import faiss
 import numpy as np
 
 from .calibration import K as CALIBRATION_K
-from .calibration import (DRIFT_GROWTH, QUERIES, RECALL_TARGET, Answer, Calibration, DriftCheck, calibrate,
-                          check_drift)
-from .calibration import ANSWER_QUERIES
+from .calibration import (DRIFT_GROWTH, DRIFT_QUERIES, QUERIES, RECALL_TARGET, Answer, Calibration, DriftCheck,
+                          calibrate, check_drift)
 from .errors import InvalidValueError
 
 # FAISS warns below 39 training points per centroid; we train only past that.
@@ -345,7 +344,7 @@ class VectorIndex:
         if target is None and cal.target == "recall":
             target = RECALL_TARGET  # recall stood in for the answer (a shard, one class)
         recent = since + np.flatnonzero(np.asarray(live[since:self.ntotal], bool))
-        m = min(len(recent), ANSWER_QUERIES if target is None else QUERIES)
+        m = min(len(recent), DRIFT_QUERIES if target is None else QUERIES)
         if m == 0:  # every row written since is removed already: nothing new to check
             self._checked_at = self.ntotal
             return None

@@ -88,6 +88,18 @@ def test_calibration_benchmark(tmp_path):
     assert (tmp_path / "calibration.png").stat().st_size > 10_000
 
 
+def test_drift_benchmark(tmp_path):
+    import drift
+
+    doc = drift.main(["--first", "12000", "--then", "18000", "--batch", "3000", "--dim", "16", "--queries", "100",
+                      "--out", str(tmp_path)])
+    arms = doc["arms"]
+    assert arms["answer"]["checks"] >= 1 and arms["stale"]["checks"] == 0
+    assert arms["stale"]["nprobe"] == doc["first_calibration"]["nprobe"]
+    assert all(0 <= arms[a][p]["recall_fresh"] <= 1 for a in arms for p in ("first", "then"))
+    assert json.loads((tmp_path / "drift.json").read_text())["arms"]["recall"]["checks"] >= 1
+
+
 def test_shards_script(tmp_path):
     pytest.importorskip("ray")
     import shards

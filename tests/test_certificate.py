@@ -57,9 +57,17 @@ def _check(mem, q, res, k, tail, counts):
 
 @pytest.mark.parametrize("seed", range(3))
 def test_every_certified_answer_holds_after_random_writes(seed):
+    counts = trials(seed, TRIALS)
+    assert counts["answers"] >= 200, counts
+
+
+def trials(seed: int, memories: int) -> dict:
+    """``memories`` random memories and operation sequences; every certified answer checked.
+    Returns counts (memories, certified answers checked)."""
     rng = np.random.default_rng(seed)
-    counts = {"answers": 0}
-    for trial in range(TRIALS):
+    counts = {"memories": 0, "answers": 0}
+    for trial in range(memories):
+        counts["memories"] += 1
         opts = INDEXES[rng.integers(len(INDEXES))]
         classes = int(rng.integers(2, 6))
         centres = rng.standard_normal((classes, DIM))
@@ -95,4 +103,18 @@ def test_every_certified_answer_holds_after_random_writes(seed):
             elif op == 3 and len(ids) > classes:
                 mem.compact(budget=int(rng.integers(classes, len(ids) + 1)))
                 ids = list(mem.ids())
-    assert counts["answers"] >= 200, counts
+    return counts
+
+
+if __name__ == "__main__":  # the soak of make bench: python -m tests.test_certificate MEMORIES [SEED]
+    import json
+    import sys
+
+    from tqdm import tqdm
+
+    total = {"memories": 0, "answers": 0}
+    n, first = int(sys.argv[1]) if len(sys.argv) > 1 else 3000, int(sys.argv[2]) if len(sys.argv) > 2 else 100
+    for seed in tqdm(range(first, first + -(-n // TRIALS)), desc="certificate", unit="seed", file=sys.stderr):
+        for key, value in trials(seed, TRIALS).items():
+            total[key] += value
+    print(json.dumps(total))
