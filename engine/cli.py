@@ -181,7 +181,10 @@ def serve(
     token_file: Optional[Path] = typer.Option(None, help="File holding the bearer token writes need."),
     open_reads: bool = typer.Option(False, help="Let reads through without the token."),
     max_rows: int = typer.Option(1_000_000, help="Most rows in one add request or one query batch."),
-    batch_wait_ms: float = typer.Option(1.0, help="Coalesce concurrent small queries for up to this long (0: off)."),
+    batching: bool = typer.Option(True, help="Answer concurrent small queries together (a batch forms while a "
+                                  "query runs; an idle server answers at once)."),
+    batch_wait_ms: float = typer.Option(0.0, help="Under load, let a batch wait up to this long for more rows."),
+    max_queue: int = typer.Option(4096, help="Most query rows waiting per memory; past it, ServerBusyError (0: no bound)."),
     tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate (with --tls-key) to serve over TLS."),
     tls_key: Optional[Path] = typer.Option(None, help="PEM private key."),
     cluster: Optional[str] = typer.Option(None, help="A Ray cluster address ('auto': the local one): each "
@@ -210,7 +213,8 @@ def serve(
     scheme = "grpc+tls" if tls_cert else "grpc"
     tls = [(tls_cert.read_bytes(), tls_key.read_bytes())] if tls_cert else None
     server = MemoryServer(memories, f"{scheme}://{host}:{port}", token=token, open_reads=open_reads,
-                          max_rows=max_rows, tls_certificates=tls, batch_wait_ms=batch_wait_ms)
+                          max_rows=max_rows, tls_certificates=tls, batching=batching, batch_wait_ms=batch_wait_ms,
+                          max_queue=max_queue)
     typer.echo(f"serving {', '.join(sorted(memories))} on {scheme}://{host}:{server.port}", err=False)
     sys.stdout.flush()
     server.serve_until_signalled()

@@ -92,6 +92,11 @@ class UnknownMemoryError(EngineError, KeyError):
         return str(self.args[0])
 
 
+class ServerBusyError(EngineError):
+    """A server has more queries waiting than it is configured to hold: try again shortly
+    (the request was not answered, and nothing changed)."""
+
+
 class ShardUnavailableError(EngineError, ConnectionError):
     """A shard of a sharded memory did not answer (its actor died and is restarting, or its
     node is gone).

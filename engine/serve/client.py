@@ -25,6 +25,9 @@ from ..results import CompactionReport, MemoryStats, QueryResult, Slots
 from . import wire
 
 
+SMALL_QUERY_ROWS = 256  # queries of at most this many rows travel as one action each way
+
+
 class Client:
     """A connection to one memory of an engine server.
 
@@ -45,6 +48,7 @@ class Client:
         self.chunk_rows = chunk_rows
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._options = fl.FlightCallOptions(headers=headers, timeout=timeout)
+        self._classes: tuple[int, np.ndarray] | None = None  # (token, labels) of the last class list received
 
     # -- writes ----------------------------------------------------------------------------
     def add(self, vectors, labels, *, ids=None, weights=None, upsert: bool = False) -> np.ndarray:
@@ -100,6 +104,8 @@ class Client:
             q = q[None, :]
         if q.ndim != 2:
             raise errors.DimensionError(f"queries must be 2-d, got shape {q.shape}")
+        if 0 < len(q) <= SMALL_QUERY_ROWS:  # one message each way: a stream's set-up would cost more than the query
+            return self._small_query(q, k, tail, probs)
         descriptor = fl.FlightDescriptor.for_command(wire.command(memory=self.memory, op="query", k=k, tail=tail,
                                                                     **({} if probs is None else {"probs": probs})))
         parts = []
@@ -114,6 +120,34 @@ class Client:
                 for chunk in reader:
                     parts.append((chunk.data, json.loads(chunk.app_metadata.to_pybytes())))
         return _merge(parts, k)
+
+    def _small_query(self, q: np.ndarray, k: int, tail: float | None, probs: str | None) -> QueryResult:
+        """A query in one action each way (see :mod:`engine.serve.wire`); the memory's class
+        list travels only when it changed since this client last saw it."""
+        known = self._classes
+        header = {"memory": self.memory, "k": k, "tail": tail, "classes_token": known[0] if known else None,
+                  **({} if probs is None else {"probs": probs})}
+        with _errors():
+            results = list(self._flight.do_action(fl.Action("query", wire.small_query(header, q)), self._options))
+        reader = pa.ipc.open_stream(results[0].body)
+        batch = reader.read_next_batch()
+        meta = json.loads(reader.schema.metadata[wire.QUERY_META])
+        if "classes" in meta:
+            known = self._classes = (meta["classes_token"], np.array(meta["classes"],
+                                                                      dtype=labels_dtype(kind_of(meta["classes"]))))
+        elif known is None or known[0] != meta["classes_token"]:
+            raise errors.EngineError("the server named a class list this client does not hold")
+        classes = known[1]
+        cols = batch.schema.names
+        fields = dict(classes=classes, labels=classes[batch.column("label_column").to_numpy()],
+                      ids=wire.rows_of(batch.column("ids")), scores=wire.rows_of(batch.column("scores")),
+                      attention=wire.rows_of(batch.column("attention")),
+                      tail_bound=batch.column("tail_bound").to_numpy(), exact_bound=meta["exact_bound"], k=meta["k"],
+                      k_requested=meta["k_requested"],
+                      tail_estimate=batch.column(wire.TAIL_ESTIMATE).to_numpy() if wire.TAIL_ESTIMATE in cols else None)
+        if "slot_classes" in cols:  # probabilities from attention, built when read, as a memory builds them
+            return QueryResult(**fields, slot_classes=wire.rows_of(batch.column("slot_classes")).astype(np.int64))
+        return QueryResult.with_probs(wire.rows_of(batch.column("probs")), **fields)
 
     def get(self, ids) -> Slots:
         """Read slots back by id (see :meth:`engine.Memory.get`)."""
@@ -131,6 +165,12 @@ class Client:
     def health(self) -> dict:
         """{"status": "ok", "memories": [...]} from the server."""
         return self._action("health")
+
+    def metrics(self) -> dict:
+        """The server's own counts: requests and errors by kind, latency p50 / p99 (queries
+        also by stage: parse, wait for a batch, query, encode), and per memory the query
+        rows waiting, requests refused as busy and calls by requests batched."""
+        return self._action("metrics")
 
     def __len__(self) -> int:
         return self.stats().slots

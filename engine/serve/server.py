@@ -9,11 +9,14 @@ too unless ``open_reads`` is set. Bad input gets a FlightServerError whose
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import re
+import secrets
 import signal
 import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -25,9 +28,10 @@ from ..errors import EngineError, UnknownMemoryError
 from ..protocol import MemoryLike
 from . import wire
 from .batching import QueryBatcher
+from .metrics import Metrics
 
 WRITE_ACTIONS = {"remove", "compact", "snapshot"}
-READ_ACTIONS = {"stats", "health", "list"}
+READ_ACTIONS = {"stats", "health", "list", "metrics", "query"}
 log = logging.getLogger("engine.serve")
 # Anything that looks like a filesystem path is cut out of error messages sent to clients.
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s:'\",()]+)+/?")
@@ -38,6 +42,10 @@ _EXCHANGE = {"memory": wire.MEMORY, "op": (lambda v: v == "query", "'query'", Fa
              "k": (lambda v: wire.is_int(v) and v >= 1, "an integer >= 1", False),
              "tail": (lambda v: v is None or (wire.is_number(v) and 0 < v < 1), "a number in (0, 1) or null", False),
              "probs": (lambda v: v is None or v in ("full", "top-k"), "'full', 'top-k' or null", False)}
+_QUERY = {**{name: check for name, check in _EXCHANGE.items() if name != "op"},
+          "classes_token": (lambda v: v is None or wire.is_int(v), "an integer or null", False),
+          "rows": (lambda v: wire.is_int(v) and v >= 1, "an integer >= 1", True),
+          "dim": (lambda v: wire.is_int(v) and v >= 1, "an integer >= 1", True)}
 _GET = {"memory": wire.MEMORY, "ids": (wire.is_int_list, "a list of integers", True)}
 _ACTIONS = {
     "remove": {"memory": wire.MEMORY, "ids": (wire.is_int_list, "a list of integers", True)},
@@ -52,6 +60,7 @@ _ACTIONS = {
                    for name in ("steps", "lr", "queries", "learn_weights", "k", "holdout", "eval_every")}},
     "health": {"memory": (lambda v: isinstance(v, str), "a memory name", False)},
     "list": {"memory": (lambda v: isinstance(v, str), "a memory name", False)},
+    "metrics": {"memory": (lambda v: isinstance(v, str), "a memory name", False)},
 }
 
 
@@ -88,24 +97,39 @@ class MemoryServer(fl.FlightServerBase):
         max_rows: the most rows one add request, or one query batch, may carry.
         chunk_rows: queries answered per result batch (large batches stream back in chunks).
         tls_certificates: [(cert_pem, key_pem)] to serve over TLS (grpc+tls://).
-        batch_wait_ms: concurrent small query requests to one memory wait at most this long to
-            be answered together by one FAISS call (see :mod:`engine.serve.batching`); 0 turns
-            dynamic batching off.
+        batching: answer concurrent small query requests to one memory together, in one FAISS
+            call each batch (see :mod:`engine.serve.batching`): a request that finds none running
+            is answered at once, those that arrive meanwhile form the next batch.
+        batch_wait_ms: under load (batches of several requests already), a batch waits at most
+            this long for more rows; 0 (the default) never waits.
+        max_queue: the most query rows waiting at once per memory; past it a request gets
+            ``ServerBusyError`` at once (0: no bound).
     """
 
     def __init__(self, memories: dict[str, MemoryLike], location: str = "grpc://127.0.0.1:8815", *,
                  token: str | None = None, open_reads: bool = False, max_rows: int = 1_000_000,
-                 chunk_rows: int = 4096, tls_certificates=None, batch_wait_ms: float = 1.0):
+                 chunk_rows: int = 4096, tls_certificates=None, batching: bool = True, batch_wait_ms: float = 0.0,
+                 max_queue: int = 4096):
         super().__init__(location, middleware={"auth": _AuthFactory(token)},
                          tls_certificates=tls_certificates or [])
         self.memories = dict(memories)
         self.token, self.open_reads = token, open_reads
         self.max_rows, self.chunk_rows = max_rows, chunk_rows
-        self._batchers = {name: QueryBatcher(mem, max_wait=batch_wait_ms / 1000) for name, mem in self.memories.items()}
+        self._batchers = {name: QueryBatcher(mem, max_wait=batch_wait_ms / 1000, max_queue=max_queue,
+                                             enabled=batching)
+                          for name, mem in self.memories.items()}
+        self.metrics = Metrics()
+        self._classes_lock = threading.Lock()
+        self._class_lists: dict[str, tuple] = {}
+        # class-list tokens start at a random point: a client never takes another server's list for its own
+        self._tokens = itertools.count(secrets.randbits(52))
 
     def batching_stats(self) -> dict:
-        """Per memory: small query requests answered by the batcher, and the query calls they took."""
-        return {name: {"requests": b.requests, "calls": b.calls} for name, b in self._batchers.items()}
+        """Per memory: query requests answered by the batcher, the query calls they took,
+        requests refused as busy, query rows waiting now, and calls by requests batched."""
+        return {name: {"requests": b.requests, "calls": b.calls, "busy": b.busy, "queued_rows": b.queued,
+                       "batch_sizes": {str(size): n for size, n in sorted(b.sizes.items())}}
+                for name, b in self._batchers.items()}
 
     # -- helpers -------------------------------------------------------------------------
     def _authorize(self, context, *, write: bool) -> None:
@@ -122,8 +146,19 @@ class MemoryServer(fl.FlightServerBase):
             raise UnknownMemoryError(f"no memory named {name!r}; this server has {sorted(self.memories)}")
         return name
 
-    def _guarded(self, fn):
-        """Run a handler body; engine and input errors become FlightServerError with extra_info."""
+    def _guarded(self, fn, kind: str, stages: dict | None = None):
+        """Run a handler body, counted in :attr:`metrics` as ``kind``; engine and input errors
+        become FlightServerError with extra_info."""
+        t0, ok = time.perf_counter(), False
+        try:
+            out = self._answered(fn)
+            ok = True
+            return out
+        finally:
+            self.metrics.record(kind, time.perf_counter() - t0, ok, stages if ok else None)
+
+    def _answered(self, fn):
+        """Run ``fn``; engine and input errors become FlightServerError with extra_info."""
         try:
             return fn()
         except fl.FlightError:
@@ -164,7 +199,7 @@ class MemoryServer(fl.FlightServerBase):
             new = memory.add(vectors, labels, ids=ids, weights=weights, upsert=cmd.get("upsert", False))
             writer.write(pa.py_buffer(np.ascontiguousarray(new, dtype="<i8").tobytes()))
 
-        self._guarded(body)
+        self._guarded(body, "add")
 
     # -- query ---------------------------------------------------------------------------
     def do_exchange(self, context, descriptor, reader, writer):
@@ -191,7 +226,7 @@ class MemoryServer(fl.FlightServerBase):
                             "k_requested": res.k_requested}
                     writer.write_with_metadata(batch, pa.py_buffer(json.dumps(meta).encode()))
 
-        self._guarded(body)
+        self._guarded(body, "query")
 
     # -- get -----------------------------------------------------------------------------
     def do_get(self, context, ticket):
@@ -207,13 +242,15 @@ class MemoryServer(fl.FlightServerBase):
                               "vector": codec.vector_array(slots.vectors.reshape(len(slots.ids), memory.dim))})
             return fl.RecordBatchStream(table)
 
-        return self._guarded(body)
+        return self._guarded(body, "get")
 
     # -- actions -------------------------------------------------------------------------
     def list_actions(self, context):
         return [("remove", "Remove slots: {memory, ids}"), ("stats", "Memory statistics: {memory}"),
                 ("compact", "Compact to a budget with a policy, or drop removed slots: {memory, budget?, policy?}"), ("snapshot", "Checkpoint: {memory}"),
-                ("health", "Liveness and memory names"), ("list", "Memory names")]
+                ("health", "Liveness and memory names"), ("list", "Memory names"),
+                ("metrics", "Requests, latencies (p50/p99, by stage for queries), queue depth and batch sizes"),
+                ("query", "A small query in one message: length, JSON header, float32 rows (see docs/serve.md)")]
 
     def do_action(self, context, action):
         kind = action.type
@@ -221,6 +258,8 @@ class MemoryServer(fl.FlightServerBase):
             raise fl.FlightServerError(f"unknown action {kind!r}",
                                        extra_info=wire.error_info(ValueError(f"unknown action {kind!r}")))
         self._authorize(context, write=kind in WRITE_ACTIONS)
+        if kind == "query":
+            return self._small_query(action)
 
         def body():
             cmd = wire.parse_command(action.body.to_pybytes() if action.body else b"{}", "action body")
@@ -229,6 +268,8 @@ class MemoryServer(fl.FlightServerBase):
                 return {"status": "ok", "memories": sorted(self.memories)}
             if kind == "list":
                 return {"memories": sorted(self.memories)}
+            if kind == "metrics":
+                return {**self.metrics.as_dict(), "batching": self.batching_stats()}
             memory = self._memory(cmd)
             if kind == "remove":
                 return {"removed": memory.remove(np.asarray(cmd["ids"], dtype=np.int64))}
@@ -240,8 +281,52 @@ class MemoryServer(fl.FlightServerBase):
             memory.save()
             return {"snapshot": cmd["memory"]}
 
-        result = self._guarded(body)
-        yield fl.Result(pa.py_buffer(json.dumps(result).encode()))
+        result = self._guarded(body, kind)
+        return [fl.Result(pa.py_buffer(json.dumps(result).encode()))]
+
+    def _small_query(self, action) -> list:
+        """A query in one message each way (see :mod:`engine.serve.wire`): the path of small
+        requests, which a bidirectional stream's set-up would dominate."""
+        stages: dict = {}
+
+        def body():
+            t0 = time.perf_counter()
+            header, queries = wire.parse_small_query(action.body.to_pybytes() if action.body else b"")
+            wire.fields(header, "query action header", _QUERY)
+            if len(queries) > self.max_rows:
+                raise ValueError(f"query batch of {len(queries)} rows exceeds max_rows={self.max_rows}")
+            batcher = self._batchers[self._memory_name(header)]
+            stages["parse"] = time.perf_counter() - t0
+            res = batcher.query(queries, k=header.get("k", 64), tail=header.get("tail"), probs=header.get("probs"),
+                                timing=stages)
+            t1 = time.perf_counter()
+            token, names, column_of = self._class_list(header["memory"], res.classes)
+            meta = {"classes_token": token, "exact_bound": res.exact_bound, "k": res.k,
+                    "k_requested": res.k_requested}
+            if header.get("classes_token") != token:  # the client does not hold this class list yet
+                meta["classes"] = names
+            batch = _small_result_batch(res, column_of)
+            batch = batch.replace_schema_metadata({wire.QUERY_META: json.dumps(meta)})
+            sink = pa.BufferOutputStream()
+            with pa.ipc.new_stream(sink, batch.schema) as out:
+                out.write_batch(batch)
+            body = sink.getvalue()
+            stages["encode"] = time.perf_counter() - t1
+            return body
+
+        return [fl.Result(self._guarded(body, "query", stages))]
+
+    def _class_list(self, name: str, classes: np.ndarray) -> tuple[int, list, dict]:
+        """(a token naming ``classes``, their labels as a list, each label's column). A memory
+        hands out the same array until its classes change, so its list is encoded once and
+        sent to a client only when the client's token is another."""
+        with self._classes_lock:
+            cached = self._class_lists.get(name)
+            if cached is None or cached[0] is not classes:  # held: the array's id is not reused meanwhile
+                names = classes.tolist()
+                cached = (classes, next(self._tokens), names, {c: i for i, c in enumerate(names)})
+                self._class_lists[name] = cached
+        return cached[1], cached[2], cached[3]
 
     # -- lifecycle -----------------------------------------------------------------------
     def serve_until_signalled(self) -> None:
@@ -254,6 +339,28 @@ class MemoryServer(fl.FlightServerBase):
         finally:
             for memory in self.memories.values():
                 memory.close()
+
+
+def _small_result_batch(res, column_of: dict) -> pa.RecordBatch:
+    """A small query's answer: each retrieved slot's class column instead of the (n, C)
+    probabilities (the client builds them from attention, as a memory does), the label as
+    its column (``column_of`` maps a label to it); probabilities only when they include an
+    estimated rest (probs="full")."""
+    columns = [wire.list_column(res.ids, pa.int64()), wire.list_column(res.scores, pa.float32()),
+               wire.list_column(res.attention, pa.float64()), pa.array(res.tail_bound)]
+    names = ["ids", "scores", "attention", "tail_bound"]
+    if res.tail_estimate is None and res.slot_classes is not None:
+        columns.append(wire.list_column(np.asarray(res.slot_classes, np.int32), pa.int32()))
+        names.append("slot_classes")
+    else:
+        columns.append(wire.list_column(res.probs, pa.float64()))
+        names.append("probs")
+    if res.tail_estimate is not None:
+        columns.append(pa.array(np.asarray(res.tail_estimate, np.float64)))
+        names.append(wire.TAIL_ESTIMATE)
+    columns.append(pa.array(np.array([column_of[c] for c in res.labels.tolist()], np.int32)))
+    names.append("label_column")
+    return pa.record_batch(columns, names=names)
 
 
 def _result_batch(res) -> pa.RecordBatch:

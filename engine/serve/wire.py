@@ -11,8 +11,13 @@ body); bulk data moves as Arrow record batches.
           plus ``tail_estimate`` from a memory with probs="full") with app metadata
           JSON {"classes", "exact_bound", "k", "k_requested"}.
 - get:    do_get, ticket {"memory", "ids"}; a table id, label, weight, vector.
+- query (small): DoAction "query", one message each way (a bidirectional stream
+          costs a lone query about 2 ms of set-up): body = 4-byte little-endian
+          length, a JSON header {"memory", "k", "tail", "probs", "rows", "dim"},
+          then rows x dim little-endian float32; result = an Arrow IPC stream of
+          one result batch, the JSON metadata above in its schema's metadata.
 - actions (JSON body, JSON result): remove {"memory", "ids"}, stats, compact,
-          snapshot {"memory"}, health {}, list {}.
+          snapshot {"memory"}, health {}, list {}, metrics {}.
 Errors travel as FlightServerError whose extra_info is JSON {"type", "message", ...}.
 """
 
@@ -57,6 +62,33 @@ def fields(cmd: dict, what: str, allowed: dict) -> dict:
         elif not ok(cmd[name]):
             raise ValueError(f"malformed {what}: {name!r} must be {description}, got {cmd[name]!r}"[:300])
     return cmd
+
+
+QUERY_META = b"engine.query"  # the schema metadata key of a small query's result
+
+
+def small_query(header: dict, queries: np.ndarray) -> bytes:
+    """The body of a small query action: header length, JSON header, float32 rows."""
+    head = json.dumps({**header, "rows": int(queries.shape[0]), "dim": int(queries.shape[1])}).encode()
+    return len(head).to_bytes(4, "little") + head + np.ascontiguousarray(queries, dtype="<f4").tobytes()
+
+
+def parse_small_query(body: bytes) -> tuple[dict, np.ndarray]:
+    """(header, (rows, dim) float32 queries) of a small query action; ValueError if malformed."""
+    body = memoryview(body)
+    if len(body) < 4:
+        raise ValueError("malformed query action: too short")
+    size = int.from_bytes(body[:4], "little")
+    if size > len(body) - 4:
+        raise ValueError("malformed query action: its header length runs past the body")
+    header = parse_command(bytes(body[4:4 + size]), "query action header")
+    rows, dim = header.get("rows"), header.get("dim")
+    if not (is_int(rows) and rows >= 1 and is_int(dim) and dim >= 1):
+        raise ValueError("malformed query action header: 'rows' and 'dim' must be integers >= 1")
+    raw = body[4 + size:]
+    if len(raw) != rows * dim * 4:
+        raise ValueError(f"malformed query action: {len(raw)} bytes of vectors for {rows} x {dim} float32")
+    return header, np.frombuffer(raw, dtype="<f4").reshape(rows, dim)
 
 
 def is_int(v) -> bool:
