@@ -108,15 +108,10 @@ def write_atomic(dir_fd: int, path: Path, data: bytes) -> None:
         raise storage_error(f"making {path.name} durable", exc, uncertain=True) from None
 
 
-def remove_quietly(path: Path, dir_fd: int | None = None) -> None:
-    """Unlink a file we own if it is there; a failure leaves an orphan, never damage.
-    With ``dir_fd``, ``path``'s name is unlinked in that open directory, wherever it has
-    been moved since (never in another directory put at its old path)."""
+def remove_quietly(path: Path) -> None:
+    """Unlink a file we own if it is there; a failure leaves an orphan, never damage."""
     try:
-        if dir_fd is None:
-            os.unlink(path)
-        else:
-            os.unlink(Path(path).name, dir_fd=dir_fd)
+        os.unlink(path)
     except OSError:
         pass
 

@@ -54,6 +54,7 @@ from .errors import (
     StorageError,
 )
 
+_PROC_FD = Path("/proc/self/fd") if Path("/proc/self/fd").is_dir() else None
 FORMAT = "engine-memory"
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
@@ -111,7 +112,7 @@ class Store:
             MemoryLockedError: another writer holds ``path``.
             StorageError: the files could not be written; nothing is left behind.
         """
-        path = Path(path)
+        path = Path(path).absolute()  # a later chdir must not move the memory
         try:
             path.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -142,14 +143,17 @@ class Store:
             FormatVersionError: written by an unknown format version.
             CorruptFileError: a file is missing, short, extra or altered.
         """
-        path = Path(path)
+        path = Path(path).absolute()
         if not (path / MANIFEST).is_file():
             raise FileNotFoundError(f"no memory at {path}: {MANIFEST} is missing")
         dir_fd = _lock(path)
         try:
             manifest = read_manifest(path)
             store = cls(path, dir_fd, manifest)
-            return store, store._recover()
+            recovered = store._recover()
+            if not fsio.same_directory(path, dir_fd):  # what was read may be another directory's
+                raise StorageError(f"{path} was moved or replaced while it was being opened; open it again", None)
+            return store, recovered
         except BaseException:
             os.close(dir_fd)
             raise
@@ -198,7 +202,7 @@ class Store:
         if self._tail is not None:
             name = wal_list[-1]["file"]
             if self._tail.torn:
-                wal.truncate(self.path / name, self._tail.good_bytes)
+                wal.truncate(self._held / name, self._tail.good_bytes)
             wal_list[-1] = {"file": name, "records": len(self._tail.records), "bytes": self._tail.good_bytes,
                             "crc32": self._tail.crc}
             self._tail = None
@@ -208,14 +212,14 @@ class Store:
         """Create a new open segment and commit ``manifest`` with it listed last."""
         name, generation = self._fresh_name("wal", "arrows", manifest["generation"])
         header = wal.segment_header(manifest["memory_id"], name, manifest["dim"])
-        writer = wal.SegmentWriter.create(self.path, self._dir_fd, name, header, self.seq)
+        writer = wal.SegmentWriter.create(self._held, self._dir_fd, name, header, self.seq)
         new = {**manifest, "wal": manifest["wal"] + [{"file": name}], "generation": generation}
         try:
             self._commit(new)
         except StorageError as exc:
             writer.close()
             if not exc.uncertain:
-                fsio.remove_quietly(self.path / name)
+                fsio.remove_quietly(self._held / name)
             raise
         if self._writer is not None:
             self._writer.close()
@@ -226,7 +230,7 @@ class Store:
         while True:
             generation += 1
             name = f"{stem}-{generation:06d}.{ext}"
-            if not (self.path / name).exists() and not (self.path / (name + ".tmp")).exists():
+            if not (self._held / name).exists() and not (self._held / (name + ".tmp")).exists():
                 return name, generation
 
     @property
@@ -235,6 +239,17 @@ class Store:
         return len(self.manifest["wal"])
 
     # -- writes -------------------------------------------------------------------
+    @property
+    def _held(self) -> Path:
+        """The directory this store opened and locked, as the path every file it writes, renames,
+        cuts or removes goes through: ``/proc/self/fd/N`` names the directory of the descriptor
+        it holds wherever that directory is now, so no file operation can land in another
+        directory put at :attr:`path` (between a check of :meth:`_check_home` and the
+        operation, say). Where there is no /proc, :attr:`path`."""
+        if self._dir_fd is not None and _PROC_FD is not None:
+            return _PROC_FD / str(self._dir_fd)
+        return self.path
+
     def _check_home(self) -> None:
         """Refuse every later write once the memory's path names another directory than the
         one it opened and locked (moved away, or replaced by another memory's directory, as
@@ -307,7 +322,7 @@ class Store:
         self._check_writable()
         m = self.manifest
         name, generation = self._fresh_name("snapshot", "arrow", m["generation"])
-        digest = write_snapshot(self.path, self._dir_fd, name, m["dim"], label_kind or "int", slots)
+        digest = write_snapshot(self._held, self._dir_fd, name, m["dim"], label_kind or "int", slots)
         old = ([m["snapshot"]["file"]] if m["snapshot"] else []) + [e["file"] for e in m["wal"]]
         new = {**m, "settings": {**m["settings"], **(settings or {})}, "label_kind": label_kind, "wal": [],
                "seq": self.seq, "generation": generation,
@@ -316,10 +331,10 @@ class Store:
             self._start(new)
         except StorageError as exc:
             if not exc.uncertain:
-                fsio.remove_quietly(self.path / name)
+                fsio.remove_quietly(self._held / name)
             raise
-        for f in old:  # no manifest names them any more (removed where they are, not by path)
-            fsio.remove_quietly(self.path / f, self._dir_fd)
+        for f in old:  # no manifest names them any more
+            fsio.remove_quietly(self._held / f)
 
     def update(self, **settings) -> None:
         """Change settings (temperature, ...) in the manifest, atomically.
@@ -333,7 +348,7 @@ class Store:
     def _commit(self, manifest: dict) -> None:
         self._refuse_if_failed()  # the manifest is written by path: only into the directory held
         try:
-            fsio.write_atomic(self._dir_fd, self.path / MANIFEST, manifest_bytes(manifest))
+            fsio.write_atomic(self._dir_fd, self._held / MANIFEST, manifest_bytes(manifest))
         except StorageError as exc:
             if exc.uncertain:
                 self.fail(f"an I/O error made the manifest uncertain ({exc})")

@@ -452,3 +452,96 @@ def test_a_second_writer_in_a_replaced_directory_is_alone(tmp_path, data):
     second.close()
     with Memory.open(tmp_path / "m") as again:
         assert len(again) == 10
+
+
+@pytest.mark.parametrize("when", ["snapshot written", "snapshot fsync"])
+def test_a_checkpoint_the_swap_lands_in_never_touches_the_other_memorys_files(tmp_path, data, monkeypatch, when):
+    """The swap lands inside a checkpoint, after the check before it: every file operation
+    goes through the directory the memory holds, so the other memory's files (named alike:
+    both number their files from 1) stay as they were."""
+    from engine import fsio, wal
+
+    x, y, _ = data
+    mine = Memory(8, index="Flat", path=tmp_path / "m")
+    mine.add(x[:10], y[:10])
+    other = Memory(8, index="Flat", path=tmp_path / "other")
+    other.add(x[100:120], y[100:120])
+    other.save()
+    other.add(x[120:122], y[120:122])
+    other.close()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "other").iterdir()}
+    swapped = []
+
+    def swap():
+        if not swapped:
+            swapped.append(_swap_in(tmp_path / "m", tmp_path / "other"))
+
+    if when == "snapshot written":
+        create = wal.SegmentWriter.create.__func__
+        monkeypatch.setattr(wal.SegmentWriter, "create", classmethod(lambda cls, *a: (swap(), create(cls, *a))[1]))
+    else:
+        fsync = fsio.fsync
+        monkeypatch.setattr(fsio, "fsync", lambda fd: (swap(), fsync(fd))[1])
+    with pytest.raises(engine.StorageError):
+        mine.save()
+    monkeypatch.undo()
+    mine.close()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+    with Memory.open(tmp_path / "m") as theirs:
+        assert len(theirs) == 22
+    with Memory.open(swapped[0]) as again:
+        assert len(again) == 10
+
+
+def test_a_directory_replaced_while_it_opens_is_not_written(tmp_path, data, monkeypatch):
+    """Recovery reads a memory whose log ends in a torn record; the directory is replaced
+    meanwhile: the open is refused, and the other memory's segment is not cut."""
+    from engine import wal
+
+    import subprocess
+    import sys
+
+    x, y, _ = data
+    code = ("import os, sys, numpy as np, engine\n"
+            "m = engine.Memory(8, index='Flat', path=sys.argv[1])\n"
+            "x = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)\n"
+            "m.add(x[:10], list(range(10))); m.add(x[10:], list(range(10)))\n"
+            "os._exit(0)\n")  # the process dies with its log open
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "m")], check=True)
+    seg = sorted((tmp_path / "m").glob("wal-*.arrows"))[-1]
+    seg.write_bytes(seg.read_bytes()[:-7])  # a torn final record
+    other = Memory(8, index="Flat", path=tmp_path / "other")
+    for i in range(4):
+        other.add(x[100 + 10 * i:110 + 10 * i], y[100 + 10 * i:110 + 10 * i])
+    other.close()
+    before = {p.name: p.read_bytes() for p in (tmp_path / "other").iterdir()}
+    read = wal.read_segment
+    swapped = []
+
+    def read_then_swap(*args, **kwargs):
+        out = read(*args, **kwargs)
+        if not swapped:
+            swapped.append(_swap_in(tmp_path / "m", tmp_path / "other"))
+        return out
+
+    monkeypatch.setattr(wal, "read_segment", read_then_swap)
+    with pytest.raises(engine.StorageError, match="moved or replaced"):
+        Memory.open(tmp_path / "m")
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+    with Memory.open(swapped[0]) as again:  # its own files, opened where they are now
+        assert len(again) == 10
+
+
+def test_a_memory_opened_by_a_relative_path_keeps_writing_after_a_chdir(tmp_path, data, monkeypatch):
+    x, y, _ = data
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "elsewhere").mkdir()
+    mem = Memory(8, index="Flat", path="rel")
+    mem.add(x[:5], y[:5])
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    mem.add(x[5:8], y[5:8])
+    mem.save()
+    mem.close()
+    with Memory.open(tmp_path / "rel") as again:
+        assert len(again) == 8
