@@ -85,7 +85,7 @@ def main(argv=None) -> dict:
         arms[name] = {"ingest_s": ingest, "index": stats.index, "nprobe": stats.nprobe,
                       "recall_reported": stats.recall, "checks": len(checks),
                       "drifted": sum(c.drifted for c in checks), "checks_s": float(sum(c.seconds for c in checks)),
-                      "check_log": [{"slots": c.slots, "since": c.since, "recall": c.recall,
+                      "check_log": [{"slots": c.slots, "written": c.written, "recall": c.recall,
                                      "agreement": c.agreement, "drifted": c.drifted, "seconds": c.seconds}
                                     for c in checks]}
         print(f"{name:7s} written in {ingest:.1f} s ({len(checks)} checks, {arms[name]['checks_s']:.2f} s, "

@@ -47,7 +47,7 @@ K = 64  # the default k of a query
 QUERIES = 200  # recall sample: each query averages 64 neighbours; the estimate is good to ~0.005
 ANSWER_QUERIES = 1000  # answer sample: one agreement per query, good to ~0.002 at 0.995
 SHORTFALL = 0.005  # a lossy index: how far below its best the chosen breadth may be
-DRIFT_GROWTH = 1.5  # the breadth is checked on the new slots once the index has grown this much since
+DRIFT_GROWTH = 1.5  # the breadth is checked on the new slots once (this - 1) x the vectors it was measured on are written
 DRIFT_MARGIN = 0.01  # and measured again when they fall this far short of the target
 DRIFT_QUERIES = 500  # new slots asked (answer target; recall asks QUERIES): 0.01 is 3 standard errors at 0.995
 
@@ -155,8 +155,8 @@ class DriftCheck:
 
     Attributes:
         slots: vectors in the index when checked.
-        since: vectors in the index when the breadth was measured or last checked; the
-            queries were drawn from the rows written after.
+        written: rows written since the breadth was measured or last checked; the queries
+            were drawn from those still live.
         queries: how many of them were asked.
         breadth: the nprobe / efSearch checked (the one queries use).
         recall: their recall@k of the exact top-k at that breadth.
@@ -168,7 +168,7 @@ class DriftCheck:
     """
 
     slots: int
-    since: int
+    written: int
     queries: int
     breadth: int
     recall: float
@@ -179,7 +179,7 @@ class DriftCheck:
 
 
 def check_drift(index: faiss.Index, vectors: np.ndarray, cal: Calibration, rows: np.ndarray, breadth: int, *,
-                since: int, ivf=None, hnsw=None, target: float | None = None, answer: Answer | None = None
+                written: int, ivf=None, hnsw=None, target: float | None = None, answer: Answer | None = None
                 ) -> DriftCheck:
     """Measure ``breadth`` on ``rows`` of ``vectors`` as :func:`calibrate` measures a rung (each
     query's own slot and its copies left out, against exact search), for ``cal``'s target:
@@ -190,7 +190,7 @@ def check_drift(index: faiss.Index, vectors: np.ndarray, cal: Calibration, rows:
         drifted = got.agreement < AGREEMENT - DRIFT_MARGIN or got.tv > ANSWER_TV + DRIFT_MARGIN
     else:
         drifted = got.recall < target - DRIFT_MARGIN
-    return DriftCheck(slots=len(vectors), since=since, queries=got.queries, breadth=breadth, recall=got.recall,
+    return DriftCheck(slots=len(vectors), written=written, queries=got.queries, breadth=breadth, recall=got.recall,
                       agreement=got.agreement, tv=got.tv, drifted=bool(drifted), seconds=got.seconds)
 
 

@@ -123,7 +123,7 @@ class VectorIndex:
         self.spec_lossy = spec != "auto" and _is_lossy(faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT))
         self._use(*self._fresh(0))
         self._trained_on = 0
-        self._checked_at = 0  # vectors held when the breadth was last checked for drift
+        self._written = 0  # rows written since the breadth was measured or last checked for drift
         self.drift_checks: list[DriftCheck] = []  # the latest checks, newest last
 
     @property
@@ -156,6 +156,7 @@ class VectorIndex:
     def calibration(self, value: Calibration | None) -> None:
         self._calibration = value
         self._params_cache = {}
+        self._written = 0  # measured now: drift counts from here
 
     def _use(self, index: faiss.Index, spec: str) -> None:
         """Make ``index`` the active one, and note once what the query path asks of it."""
@@ -195,7 +196,7 @@ class VectorIndex:
         return self._trained_on > 0 and n_after >= RETRAIN_GROWTH * self._trained_on
 
     def build(self, vectors: np.ndarray, labels: np.ndarray | None = None,
-              weights: np.ndarray | None = None) -> "VectorIndex":
+              weights: np.ndarray | None = None, written: int = 0) -> "VectorIndex":
         """A new index of the same spec over ``vectors`` (row i = position i), trained if due;
         ``labels`` (codes) and ``weights`` of the same rows are what the answer target of
         calibration measures with."""
@@ -208,6 +209,8 @@ class VectorIndex:
         if len(vectors):
             new._index.add(vectors)
         new.calibration = new._calibrated(vectors, self.calibration, labels, weights)
+        if new.calibration is self.calibration:  # reused: the rows written since it was measured still count
+            new._written = self._written + written
         return new
 
     def _sibling(self) -> "VectorIndex":
@@ -216,7 +219,7 @@ class VectorIndex:
         new._params_cache = {}
         new.dim, new.spec, new.settings, new.spec_lossy = self.dim, self.spec, self.settings, self.spec_lossy
         new.recall_target, new.share, new.temperature = self.recall_target, self.share, self.temperature
-        new._checked_at, new.drift_checks = 0, list(self.drift_checks)
+        new._written, new.drift_checks = 0, list(self.drift_checks)
         return new
 
     # -- codes: what a snapshot keeps of an index that holds only compressed codes ---------
@@ -325,28 +328,31 @@ class VectorIndex:
 
     def drift_due(self) -> bool:
         """Whether the calibrated breadth should be checked on the rows written since it was
-        measured: the index has grown ``DRIFT_GROWTH`` times since it was measured or last
-        checked (a full measure comes anyway at 4x, see :meth:`stale_calibration`)."""
+        measured or last checked: as many as half the vectors it was measured on (growth, or
+        upserts and removes that replace the data at one size; a full measure comes anyway at
+        4x growth, see :meth:`stale_calibration`). Never for a breadth the caller fixed."""
         cal = self.calibration
-        if cal is None or self.stale_calibration():
+        fixed = (self._ivf is not None and self.settings.nprobe is not None) or \
+            (self._hnsw is not None and self.settings.ef_search is not None)
+        if cal is None or fixed or self.stale_calibration():
             return False
-        return self.ntotal >= DRIFT_GROWTH * max(cal.trained_on, self._checked_at)
+        return self._written >= (DRIFT_GROWTH - 1) * cal.trained_on
 
     def check_drift(self, live: np.ndarray, labels: np.ndarray | None = None,
                     weights: np.ndarray | None = None, seed: int = 0) -> DriftCheck | None:
         """Check the breadth queries use on a sample of the live rows written since it was
-        measured or last checked (``live`` per position), against exact search over every
-        vector, for the calibration's target; see :func:`engine.calibration.check_drift`.
-        None if every such row has been removed."""
-        cal = self.calibration
-        since = max(cal.trained_on, self._checked_at)
+        measured or last checked (``live`` per position: rows are appended, and a rebuild keeps
+        their order, so they are the last live ones), against exact search over every vector,
+        for the calibration's target; see :func:`engine.calibration.check_drift`. None if
+        every such row has been removed."""
+        cal, written = self.calibration, self._written
+        self._written = 0  # checked (also if checking fails: the next check waits as long)
         target = self.recall_target
         if target is None and cal.target == "recall":
             target = RECALL_TARGET  # recall stood in for the answer (a shard, one class)
-        recent = since + np.flatnonzero(np.asarray(live[since:self.ntotal], bool))
+        recent = np.flatnonzero(np.asarray(live[:self.ntotal], bool))[-written:]
         m = min(len(recent), DRIFT_QUERIES if target is None else QUERIES)
         if m == 0:  # every row written since is removed already: nothing new to check
-            self._checked_at = self.ntotal
             return None
         rows = np.random.default_rng(seed + self.ntotal).choice(recent, m, replace=False)
         vectors = self.reconstruct(np.arange(self.ntotal))
@@ -356,9 +362,8 @@ class VectorIndex:
             answer = Answer(np.asarray(labels)[:len(vectors)], np.log(np.maximum(w, 1e-300)), self.temperature)
         nprobe, ef = self.breadth(CALIBRATION_K)  # what a query of the default k uses
         ivf = self._ivf if nprobe is not None else None
-        check = check_drift(self._index, vectors, cal, rows, nprobe if nprobe is not None else ef, since=since,
+        check = check_drift(self._index, vectors, cal, rows, nprobe if nprobe is not None else ef, written=written,
                             ivf=ivf, hnsw=self._hnsw if ivf is None else None, target=target, answer=answer)
-        self._checked_at = self.ntotal
         self.drift_checks = (self.drift_checks + [check])[-16:]
         return check
 
@@ -385,6 +390,7 @@ class VectorIndex:
     def add(self, vectors: np.ndarray) -> None:
         """Append ``vectors`` as the next rows."""
         self._index.add(vectors)
+        self._written += len(vectors)
 
     def reconstruct(self, rows: np.ndarray) -> np.ndarray:
         """The stored vectors of ``rows`` (m, dim) float32: exact unless the index is lossy."""

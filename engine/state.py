@@ -218,7 +218,8 @@ class State:
         if append is not None:
             table.append(*append)
             vectors = np.concatenate([vectors, append[3]])
-        return State(table, self.index.build(vectors, table.label_idx, table.weights))
+        return State(table, self.index.build(vectors, table.label_idx, table.weights,
+                                             written=0 if append is None else len(append[3])))
 
     def rebuilt_from(self, table: SlotTable, vectors: np.ndarray) -> "State":
         """A new state over ``table`` (all rows live) and its ``vectors``, indexed like this one."""

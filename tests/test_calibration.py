@@ -306,4 +306,27 @@ def test_a_drift_check_on_data_that_did_not_move_keeps_the_breadth():
         mem.add(x[lo:lo + 2000], y[lo:lo + 2000])
     checks = mem.calibration_checks
     assert len(checks) >= 2 and not any(c.drifted for c in checks) and mem.calibration is first
-    assert all(c.recall >= 0.97 and c.since >= 8000 and c.queries > 0 for c in checks)
+    assert all(c.recall >= 0.97 and c.written >= 4000 and c.queries > 0 for c in checks)
+
+
+def test_data_replaced_at_one_size_is_checked_too():
+    """Every slot upserted with data from elsewhere: the memory never grows, and a rebuild
+    over as many vectors would reuse the breadth measured on the old data."""
+    xa, ya = clustered(3000, 16, n_classes=20, seed=1, **LEARNED_LIKE)
+    xb, yb, qb, _ = isotropic(3000, 16, n_classes=100, noise=1.2, seed=2, queries=200)
+    mem = Memory(16, index="IVF16,Flat", recall=0.98, temperature=0.05)
+    ids = mem.add(xa, ya)
+    for lo in range(0, 3000, 500):
+        mem.add(xb[lo:lo + 500], yb[lo:lo + 500], ids=ids[lo:lo + 500], upsert=True)
+    fresh = recall_at_k(mem, xb, qb)
+    assert fresh >= 0.9, (fresh, mem.calibration, mem.calibration_checks)  # the breadth of the old data: 0.34
+
+
+def test_a_breadth_the_caller_fixes_is_never_checked_for_drift():
+    x, y = clustered(8000, 16, n_classes=20, seed=3, **LEARNED_LIKE)
+    mem = Memory(16, index="IVF32,Flat", recall=0.98, temperature=0.05)
+    mem.add(x[:3000], y[:3000])
+    mem.search_settings = engine.SearchSettings(nprobe=1)
+    for lo in range(3000, 8000, 1000):
+        mem.add(x[lo:lo + 1000], y[lo:lo + 1000])
+    assert mem.calibration_checks == () and mem.stats().nprobe == 1
