@@ -210,33 +210,45 @@ def _mass(slots: dict) -> dict:
 
 def _allowed(shard: int, prev: dict, got: dict, op: dict | None, outcome: str, out) -> bool:
     """Whether shard ``shard``'s ``got`` is what ``op`` may have left of its ``prev``: applied exactly
-    (acknowledged), untouched (refused), or either (failed, or its driver killed)."""
+    (acknowledged), untouched (refused), or either (failed, or its driver killed): a shard
+    applies its part of an operation wholly or not at all."""
     if op is None or op["op"] in ("save", "query") or outcome == "refused":
         return got == prev
     applied = outcome == "ack"
     if op["op"] == "remove":
         after = {i: v for i, v in prev.items() if i not in set(op["ids"])}
         return got == after if applied else got in (prev, after)
-    if op["op"] == "compact":  # within its share of the budget, every class's mass kept
+    if op["op"] == "compact":
+        share = op["budget"] // SHARDS
+        if len(prev) <= share:  # within its share already: nothing to merge
+            return got == prev
         a, b = _mass(got), _mass(prev)
-        compacted = len(got) <= max(op["budget"] // SHARDS, len(prev)) and a.keys() == b.keys() \
-            and all(np.isclose(a[c], b[c], rtol=1e-9) for c in a)
+        compacted = len(got) <= share and a.keys() == b.keys() and all(np.isclose(a[c], b[c], rtol=1e-9) for c in a) \
+            and all(prev[i] == v for i, v in got.items() if i in prev)  # a slot kept keeps its values
         return compacted or (not applied and got == prev)
     rows = _rows(op)  # an add or upsert
     ids = op["ids"] if op["ids"] is not None else out
     if ids is not None:
         after = {**prev, **{int(i): row for i, row in zip(ids, rows) if int(i) % SHARDS == shard}}
         return got == after if applied else got in (prev, after)
-    # fresh ids the shard chose, unknown to the driver that died or failed: the shard kept its
-    # slots and gained some rows of the batch, or none
+    # fresh ids the shard chose, unknown to a driver that died or failed: the shard kept its
+    # slots and gained its part of the batch (the rows dealt to it from one of the driver's
+    # round-robin offsets), or nothing
     if any(prev[i] != got.get(i) for i in prev):
         return False
     new = Counter(got[i] for i in set(got) - set(prev))
-    return not new or all(new[row] <= Counter(rows)[row] for row in new)
+    parts = [Counter(row for i, row in enumerate(rows) if (i + o) % SHARDS == shard) for o in range(SHARDS)]
+    return not new or any(new == part for part in parts)
 
 
-def check(state: dict, got: dict, op: dict | None, outcome: str, out) -> str | None:
-    """None if ``got`` is allowed shard by shard, else what is wrong."""
+def check(state: dict, got: dict, op: dict | None, outcome: str, out, seen: set) -> str | None:
+    """None if ``got`` is allowed shard by shard, else what is wrong. An id that appears is one
+    the operation named, or one never seen before (``seen``: every id the memory ever held):
+    ids are never reused, and no removed slot comes back."""
+    named = set(op["ids"]) if op is not None and op["op"] == "add" and op["ids"] is not None else set()
+    reused = sorted(i for i in set(got) - set(state) if i in seen and i not in named)
+    if reused:
+        return f"after {op and op['op']} ({outcome}): ids that were held before came back: {reused[:5]}"
     for s in range(SHARDS):
         if not _allowed(s, _shard(state, s), _shard(got, s), op, outcome, out):
             lost = sorted(set(_shard(state, s)) - set(got))[:5]
@@ -253,9 +265,33 @@ def run(workdir: Path, *, rounds: int, seed: int, ops_per_child: int = 30, kill_
     path = workdir / "sharded"
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     state: dict = {}
+    seen: set = set()
     counts = Counter()
     proc = None
     pending, outcome, out = None, "doubt", None  # a killed driver's last operation, settled by the next
+
+    def take(msg: dict, rnd: int) -> None:
+        nonlocal state, pending, outcome, out
+        if "ready" in msg or "state" in msg:
+            got = _slots(msg["contents"])
+            problem = check(state, got, pending, outcome, out, seen)
+            assert problem is None, f"round {rnd}: {problem}"
+            counts["in_doubt_applied"] += outcome in ("fail", "doubt") and pending is not None and got != state
+            state, pending, outcome, out = got, None, "doubt", None
+            seen.update(got)
+            counts["states"] += 1
+            if "state" in msg:
+                assert msg["query_ok"], f"round {rnd}: a query disagreed with brute force"
+                counts["queries_checked"] += 1
+                counts["shard_kills"] += msg["shard_killed"]
+        elif "op" in msg:
+            pending, outcome = msg, "doubt"
+            counts["ops"] += 1
+        else:
+            outcome = next(key for key in ("ack", "fail", "refused") if key in msg)
+            out = msg.get("out")
+            counts[outcome] += 1
+
     try:
         for rnd in range(rounds):
             if deadline is not None and time.monotonic() > deadline:
@@ -268,33 +304,18 @@ def run(workdir: Path, *, rounds: int, seed: int, ops_per_child: int = 30, kill_
             for line in proc.stdout:
                 if not line.endswith("\n"):
                     break
-                msg = json.loads(line)
+                take(json.loads(line), rnd)
                 lines += 1
-                if "ready" in msg or "state" in msg:
-                    got = _slots(msg["contents"])
-                    problem = check(state, got, pending, outcome, out)
-                    assert problem is None, f"round {rnd}: {problem}"
-                    counts["in_doubt_applied"] += outcome in ("fail", "doubt") and pending is not None \
-                        and got != state
-                    state, pending, outcome, out = got, None, "doubt", None
-                    counts["states"] += 1
-                    if "state" in msg:
-                        assert msg["query_ok"], f"round {rnd}: a query disagreed with brute force"
-                        counts["queries_checked"] += 1
-                        counts["shard_kills"] += msg["shard_killed"]
-                elif "op" in msg:
-                    pending, outcome = msg, "doubt"
-                    counts["ops"] += 1
-                else:
-                    outcome = next(key for key in ("ack", "fail", "refused") if key in msg)
-                    out = msg.get("out")
-                    counts[outcome] += 1
                 if lines >= kill_after and pending is not None:
                     time.sleep(rng.uniform(0, 0.02))  # somewhere inside the operation
                     proc.kill()
                     killed = True
                     counts["driver_kills"] += 1
                     break
+            if killed:  # what the driver reported before the kill counts too
+                for line in proc.stdout:
+                    if line.endswith("\n"):
+                        take(json.loads(line), rnd)
             proc.wait()
             assert killed or proc.returncode == 0, f"round {rnd}: the driver died of an error (see stderr)"
             if not killed:
