@@ -1,6 +1,6 @@
 """Bulk ingest on Ray Data: Parquet of vectors or images into a sharded memory.
 
-    engine ingest /shared/mem 's3-or-nfs/part-*.parquet' --checkpoint runs/omniglot
+    engine ingest /shared/mem /shared/data/part-*.parquet --checkpoint runs/omniglot   # or a directory
 
 Each Parquet row is one slot: a ``label`` column (int or str), an optional ``id``
 column, an optional ``weight`` column, and either
@@ -147,15 +147,24 @@ def check_sources(sources) -> tuple[list[str], bool]:
 
 
 def parquet_files(sources) -> list[tuple[str, int]]:
-    """The Parquet files of ``sources`` in the order they are read (each directory's files
-    sorted by name), with their row counts from the files' footers."""
+    """The Parquet files of ``sources`` in the order they are read (each local directory's
+    files by name, numbers in names compared as numbers: part-2 before part-10), with their
+    row counts from the files' footers. A URI (s3://...) is read as given, counted whole."""
+    import re
+
     import pyarrow.dataset as pds
     import pyarrow.parquet as pq
+
+    def natural(name: str) -> list:
+        return [int(t) if t.isdigit() else t for t in re.split(r"([0-9]+)", name)]
 
     paths = [str(sources)] if isinstance(sources, (str, Path)) else [str(p) for p in sources]
     files = []
     for path in paths:
-        found = [path] if Path(path).is_file() else sorted(pds.dataset(path, format="parquet").files)
+        if "://" in path:  # a remote filesystem: Ray Data lists it itself
+            files.append((path, pds.dataset(path, format="parquet").count_rows()))
+            continue
+        found = [path] if Path(path).is_file() else sorted(pds.dataset(path, format="parquet").files, key=natural)
         files += [(f, pq.ParquetFile(f).metadata.num_rows) for f in found]
     return files
 
