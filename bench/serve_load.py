@@ -1,18 +1,24 @@
 """Load test of the Flight server, loopback only, bounded in time and count.
 
-    python bench/serve_load.py --slots 1000000 --clients 8 --seconds 60 --out runs/bench
-    python bench/serve_load.py --batch 1 --clients 32 --compare-batching   # single-query clients
+    python bench/serve_load.py --slots 1000000 --clients 1 4 16 64 --seconds 20 --out runs/bench
+    python bench/serve_load.py --slots 200000 --clients 4 --seconds 20 --batch 1 --compare-batching
 
-1. Builds a durable memory of ``--slots`` clustered embeddings (engine.data.clustered,
-   seeded) in a temporary directory (or reuses ``--memory-dir``).
-2. Embedded baselines: ``--clients`` threads query the memory in-process for
-   ``--baseline-seconds`` with the same batches; and one thread sends batches of
-   1,000 queries (the batched ceiling a server could approach by coalescing).
-3. Served: starts ``engine serve`` on a free loopback port; ``--clients`` client
-   processes send query batches for ``--seconds`` while one more process writes
-   batches of new slots. Every request is timed.
-Reports queries/s, request latency p50/p99, the error count (must be 0) and the
-served/embedded throughput ratio, as JSON and a PNG.
+1. Builds a durable memory of ``--slots`` learned-like embeddings
+   (``engine.data.synthetic``, seeded) in a temporary directory (or reuses
+   ``--memory-dir``), with the default options (index and temperature "auto",
+   top-k probabilities).
+2. For each number of clients, with no writer and then with one writer adding
+   ``--write-rate`` slots a second (batches of 100):
+   - embedded: that many threads query the memory in process (single queries by
+     default), the writer a thread of the same process;
+   - served: ``engine serve`` on a free loopback port (started once); that many
+     client processes send requests of ``--batch`` queries, the writer one more
+     process. Every request is timed, and the server's own metrics (the Flight
+     action ``metrics``: its time per request by stage, batch sizes, busy
+     refusals) are read after each phase.
+Reports queries/s, request latency p50/p99, errors (must be 0), served/embedded
+throughput, and where a served request's time goes (server: parse, wait for a
+batch, query, encode; the rest is transport and the client), as JSON and PNG.
 """
 
 from __future__ import annotations
@@ -34,33 +40,66 @@ import numpy as np
 from tqdm import tqdm
 
 ROOT = Path(__file__).resolve().parents[1]
+WRITE_BATCH = 100
 
 
 def build_memory(path: Path, slots: int, dim: int, index: str, seed: int) -> None:
     from engine import Memory
-    from engine.data import clustered
+    from engine.data.synthetic import DISTRIBUTIONS
 
-    x, y = clustered(slots, dim, n_classes=max(10, slots // 1000), seed=seed)
+    x, y = DISTRIBUTIONS["learned-like"](slots, dim, seed, 0)
     mem = Memory(dim, index=index, path=path)
-    step = max(1, slots // 20)
+    step = max(1, min(100_000, slots // 10))
     for lo in tqdm(range(0, slots, step), desc=f"writing {slots:,} slots", unit="chunk"):
-        mem.add(x[lo : lo + step], y[lo : lo + step])
+        mem.add(x[lo:lo + step], y[lo:lo + step])
     mem.save()
     mem.close()
 
 
-def query_worker(location: str, memory: str, dim: int, batch: int, k: int, seconds: float, seed: int) -> dict:
-    from engine import Client
+def _queries(dim: int, seed: int, n: int = 4096) -> np.ndarray:
+    """Fresh queries from the memory's own distribution (a class centre plus noise)."""
+    from engine.data.synthetic import DISTRIBUTIONS
 
-    rng = np.random.default_rng(seed)
-    client = Client(location, memory)
-    lat, errors, queries = [], 0, 0
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        q = rng.standard_normal((batch, dim)).astype(np.float32)
+    return DISTRIBUTIONS["learned-like"](n, dim, 0, 0)[0] + 0.05 * np.random.default_rng(seed).standard_normal(
+        (n, dim)).astype(np.float32)
+
+
+def _paced(rate: float, seconds: float, step, stop: threading.Event | None = None) -> dict:
+    """Call ``step()`` (writing WRITE_BATCH slots) at ``rate`` slots a second for ``seconds``."""
+    written, errors, lat = 0, 0, []
+    start = time.monotonic()
+    end = start + seconds
+    while time.monotonic() < end and not (stop and stop.is_set()):
+        due = start + written / rate
+        if due > time.monotonic():
+            time.sleep(due - time.monotonic())
         t0 = time.perf_counter()
         try:
-            client.query(q, k=k)
+            step()
+            written += WRITE_BATCH
+            lat.append(time.perf_counter() - t0)
+        except Exception:  # noqa: BLE001 - every failure counts as an error
+            errors += 1
+            written += WRITE_BATCH  # keep the pace
+    return {"written": written - WRITE_BATCH * errors, "errors": errors, "latencies": lat}
+
+
+def query_worker(location: str, memory: str, dim: int, batch: int, k: int, seconds: float, seed: int,
+                 start_at: float) -> dict:
+    from engine import Client
+
+    q = _queries(dim, seed)
+    client = Client(location, memory)
+    client.query(q[:batch], k=k)  # connected and warm before the clock starts
+    time.sleep(max(0.0, start_at - time.time()))
+    lat, errors, queries, i = [], 0, 0, 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        lo = (i * batch) % (len(q) - batch)
+        i += 1
+        t0 = time.perf_counter()
+        try:
+            client.query(q[lo:lo + batch], k=k)
             queries += batch
             lat.append(time.perf_counter() - t0)
         except Exception:  # noqa: BLE001 - every failure counts as an error
@@ -68,60 +107,104 @@ def query_worker(location: str, memory: str, dim: int, batch: int, k: int, secon
     return {"latencies": lat, "errors": errors, "queries": queries}
 
 
-def write_worker(location: str, memory: str, dim: int, seconds: float, seed: int) -> dict:
+def write_worker(location: str, memory: str, dim: int, seconds: float, rate: float, seed: int,
+                 start_at: float) -> dict:
     from engine import Client
 
     rng = np.random.default_rng(seed)
     client = Client(location, memory)
-    written, errors, lat = 0, 0, []
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        t0 = time.perf_counter()
-        try:
-            client.add(rng.standard_normal((100, dim)).astype(np.float32), rng.integers(0, 10, 100))
-            written += 100
-            lat.append(time.perf_counter() - t0)
-        except Exception:  # noqa: BLE001
-            errors += 1
-    return {"written": written, "errors": errors, "latencies": lat}
+    time.sleep(max(0.0, start_at - time.time()))
+    return _paced(rate, seconds, lambda: client.add(_queries(dim, int(rng.integers(1 << 30)), WRITE_BATCH),
+                                                    rng.integers(0, 10, WRITE_BATCH)))
 
 
-def embedded_baseline(path: Path, dim: int, clients: int, batch: int, k: int, seconds: float) -> dict:
-    from engine import Memory
+def _summary(lat_s: np.ndarray, queries: int, seconds: float, errors: int) -> dict:
+    lat = np.asarray(lat_s) * 1e3 if len(lat_s) else np.zeros(1)
+    return {"queries_per_s": queries / seconds, "p50_ms": float(np.percentile(lat, 50)),
+            "p99_ms": float(np.percentile(lat, 99)), "requests": int(len(lat_s)), "errors": int(errors)}
 
-    mem = Memory.open(path)
+
+def embedded_phase(mem, dim: int, clients: int, batch: int, k: int, seconds: float, rate: float) -> dict:
+    """``clients`` threads query ``mem`` in process; a thread writes at ``rate`` slots/s if rate > 0."""
     counts, lat = [0] * clients, [[] for _ in range(clients)]
+    qs = [_queries(dim, 100 + i) for i in range(clients)]
 
     def run(i):
-        rng = np.random.default_rng(100 + i)
+        q, j = qs[i], 0
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            q = rng.standard_normal((batch, dim)).astype(np.float32)
+            lo = (j * batch) % (len(q) - batch)
+            j += 1
             t0 = time.perf_counter()
-            mem.query(q, k=k)
+            mem.query(q[lo:lo + batch], k=k)
             lat[i].append(time.perf_counter() - t0)
             counts[i] += batch
 
+    rng = np.random.default_rng(5)
+    written: dict = {}
     threads = [threading.Thread(target=run, args=(i,)) for i in range(clients)]
+    if rate > 0:
+        threads.append(threading.Thread(target=lambda: written.update(_paced(
+            rate, seconds, lambda: mem.add(_queries(dim, int(rng.integers(1 << 30)), WRITE_BATCH),
+                                           rng.integers(0, 10, WRITE_BATCH))))))
     t0 = time.perf_counter()
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
-    all_lat = np.concatenate([np.array(v) for v in lat]) * 1e3
-    out = {"queries_per_s": sum(counts) / wall, "p50_ms": float(np.percentile(all_lat, 50)),
-           "p99_ms": float(np.percentile(all_lat, 99))}
-    # the batched ceiling: one caller, 1,000 queries a call
-    rng = np.random.default_rng(7)
-    q = rng.standard_normal((1000, dim)).astype(np.float32)
-    done, end, t0 = 0, time.monotonic() + seconds / 2, time.perf_counter()
-    while time.monotonic() < end:
-        mem.query(q, k=k)
-        done += len(q)
-    out["batched_queries_per_s"] = done / (time.perf_counter() - t0)
-    mem.close()
+    out = _summary(np.concatenate([np.array(v) for v in lat]), sum(counts), wall, 0)
+    out["slots_written"] = written.get("written", 0)
     return out
+
+
+def served_phase(location: str, args, clients: int, rate: float, name: str = "load") -> dict:
+    """``clients`` query processes (and a writer process at ``rate`` slots/s) against the server."""
+    from engine import Client
+
+    admin = Client(location, name)
+    admin.metrics(reset=True)
+    ctx = mp.get_context("spawn")
+    start_at = time.time() + 2.0 + 0.3 * clients  # every process started, connected and warm first
+    with ctx.Pool(clients + 1) as pool:
+        writer = pool.apply_async(write_worker, (location, name, args.dim, args.seconds, rate, 999, start_at)) \
+            if rate > 0 else None
+        readers = [pool.apply_async(query_worker, (location, name, args.dim, args.batch, args.k, args.seconds, i,
+                                                   start_at)) for i in range(clients)]
+        results = [r.get(timeout=args.seconds + 300) for r in readers]
+        written = writer.get(timeout=args.seconds + 300) if writer is not None else {"written": 0, "errors": 0,
+                                                                                      "latencies": []}
+    metrics = admin.metrics()
+    admin.close()
+    lat = np.concatenate([np.array(r["latencies"]) for r in results])
+    out = _summary(lat, sum(r["queries"] for r in results), args.seconds,
+                   sum(r["errors"] for r in results) + written["errors"])
+    out["slots_written"] = written["written"]
+    out["write_p50_ms"] = float(np.percentile(np.array(written["latencies"]) * 1e3, 50)) \
+        if written["latencies"] else None
+    server = metrics["latency_ms"]
+    stages = {s: server.get(f"query.{s}", {}).get("mean") for s in ("parse", "wait", "query", "encode")}
+    handler = server.get("query", {}).get("mean")
+    out["breakdown_ms"] = {"server_handler_mean": handler, **{f"server_{s}_mean": v for s, v in stages.items()},
+                           "client_mean": float(lat.mean() * 1e3) if len(lat) else None}
+    if handler is not None and len(lat):
+        out["breakdown_ms"]["transport_and_client_mean"] = float(lat.mean() * 1e3) - handler
+    out["server"] = {"query_p50_ms": server.get("query", {}).get("p50"),
+                     "query_p99_ms": server.get("query", {}).get("p99"),
+                     "batching": metrics["batching"].get(name, {})}
+    return out
+
+
+def start_server(path: Path, batching: bool, batch_wait_ms: float):
+    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--memory", f"load={path}",
+                               "--host", "127.0.0.1", "--port", "0", "--batch-wait-ms", str(batch_wait_ms),
+                               *([] if batching else ["--no-batching"])],
+                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    line = server.stdout.readline()
+    if not line.startswith("serving"):
+        server.kill()
+        raise RuntimeError(f"server did not start: {line!r}")
+    return server, line.split(" on ")[1].strip()
 
 
 def main(argv=None) -> dict:
@@ -129,14 +212,15 @@ def main(argv=None) -> dict:
     ap.add_argument("--slots", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--index", default="auto")
-    ap.add_argument("--clients", type=int, default=8)
-    ap.add_argument("--seconds", type=float, default=60.0)
-    ap.add_argument("--baseline-seconds", type=float, default=20.0)
-    ap.add_argument("--batch", type=int, default=100, help="queries per request")
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64],
+                    help="client counts to run (processes served, threads embedded)")
+    ap.add_argument("--seconds", type=float, default=20.0, help="each phase")
+    ap.add_argument("--batch", type=int, default=1, help="queries per request")
     ap.add_argument("--k", type=int, default=64)
+    ap.add_argument("--write-rate", type=float, default=1000.0, help="slots a second the writer adds (0: none)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--memory-dir", type=Path, default=None, help="reuse (or keep) the memory here")
-    ap.add_argument("--batch-wait-ms", type=float, default=1.0, help="the server's dynamic batching window")
+    ap.add_argument("--batch-wait-ms", type=float, default=0.0, help="the server's extra batching wait under load")
     ap.add_argument("--compare-batching", action="store_true",
                     help="serve a second time with dynamic batching off, and report both")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -150,69 +234,51 @@ def main(argv=None) -> dict:
         path = Path(tmp.name) / "load"
     if not (path / "manifest.json").exists():
         build_memory(path, args.slots, args.dim, args.index, args.seed)
+    writers = [0.0] + ([args.write_rate] if args.write_rate > 0 else [])
+    rows = []
 
-    print("embedded baseline ...", flush=True)
-    embedded = embedded_baseline(path, args.dim, args.clients, args.batch, args.k, args.baseline_seconds)
+    from engine import Memory
 
-    served, written = served_phase(path, args, args.batch_wait_ms)
-    unbatched = served_phase(path, args, 0.0)[0] if args.compare_batching else None
-    report = {
-        "meta": {"machine": platform.platform(), "cpus": os.cpu_count(), "slots": args.slots, "dim": args.dim,
-                 "index": args.index, "clients": args.clients, "seconds": args.seconds, "batch": args.batch, "k": args.k,
-                 "batch_wait_ms": args.batch_wait_ms},
-        "served": served,
-        "embedded": embedded,
-    }
-    if unbatched is not None:
-        report["served_unbatched"] = unbatched
-    report["served_over_embedded_throughput"] = served["queries_per_s"] / embedded["queries_per_s"]
+    mem = Memory.open(path)
+    for clients in args.clients:
+        for rate in writers:
+            r = embedded_phase(mem, args.dim, clients, args.batch, args.k, args.seconds, rate)
+            rows.append({"mode": "embedded", "clients": clients, "write_rate": rate, **r})
+            print(f"embedded  {clients:3d} threads, writer {rate:6.0f}/s: {r['queries_per_s']:8,.0f} q/s  "
+                  f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms", flush=True)
+    mem.close()  # the server opens the directory (with what the embedded writer added)
+
+    modes = [("served", True)] + ([("served-unbatched", False)] if args.compare_batching else [])
+    for mode, batching in modes:
+        server, location = start_server(path, batching, args.batch_wait_ms)
+        try:
+            for clients in args.clients:
+                for rate in writers:
+                    r = served_phase(location, args, clients, rate)
+                    rows.append({"mode": mode, "clients": clients, "write_rate": rate, **r})
+                    b = r["breakdown_ms"]
+                    print(f"{mode:9s} {clients:3d} clients, writer {rate:6.0f}/s: {r['queries_per_s']:8,.0f} q/s  "
+                          f"p50 {r['p50_ms']:6.2f} ms  p99 {r['p99_ms']:6.2f} ms  errors {r['errors']}  "
+                          f"(server {b['server_handler_mean'] or 0:.2f} ms of {b['client_mean'] or 0:.2f})",
+                          flush=True)
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.wait(timeout=60)
+    for r in rows:
+        if r["mode"] != "embedded":
+            twin = next(e for e in rows if e["mode"] == "embedded" and e["clients"] == r["clients"]
+                        and e["write_rate"] == r["write_rate"])
+            r["over_embedded"] = r["queries_per_s"] / twin["queries_per_s"]
+    report = {"meta": {"machine": platform.platform(), "cpus": os.cpu_count(), "slots": args.slots, "dim": args.dim,
+                       "index": args.index, "data": "learned-like", "seconds": args.seconds, "batch": args.batch,
+                       "k": args.k, "write_rate": args.write_rate, "batch_wait_ms": args.batch_wait_ms,
+                       "clients": "processes (served), threads (embedded)"},
+              "results": rows}
     (args.out / "serve_load.json").write_text(json.dumps(report, indent=2))
     plot(report, args.out / "serve_load.png")
-    s, e = report["served"], report["embedded"]
-    print(f"served   {s['queries_per_s']:,.0f} q/s  p50 {s['p50_ms']:.1f} ms  p99 {s['p99_ms']:.1f} ms  "
-          f"errors {s['errors']}  slots written {s['slots_written']:,}")
-    if unbatched is not None:
-        u = unbatched
-        print(f"unbatched {u['queries_per_s']:,.0f} q/s  p50 {u['p50_ms']:.1f} ms  p99 {u['p99_ms']:.1f} ms  "
-              f"errors {u['errors']}")
-    print(f"embedded {e['queries_per_s']:,.0f} q/s  p50 {e['p50_ms']:.1f} ms  p99 {e['p99_ms']:.1f} ms  "
-          f"(batched 1,000 a call: {e['batched_queries_per_s']:,.0f} q/s)")
-    print(f"served / embedded throughput: {report['served_over_embedded_throughput']:.2f}")
     if tmp is not None:
         tmp.cleanup()
     return report
-
-
-def served_phase(path: Path, args, batch_wait_ms: float) -> tuple[dict, dict]:
-    """Serve the memory; ``--clients`` query processes and one writer for ``--seconds``."""
-    server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--memory", f"load={path}",
-                               "--host", "127.0.0.1", "--port", "0", "--batch-wait-ms", str(batch_wait_ms)],
-                              stdout=subprocess.PIPE, text=True, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    line = server.stdout.readline()
-    if not line.startswith("serving"):
-        raise RuntimeError(f"server did not start: {line!r}")
-    location = line.split(" on ")[1].strip()
-    print(f"served (batching window {batch_wait_ms:g} ms): {args.clients} query clients + 1 writer for "
-          f"{args.seconds:.0f} s at {location}", flush=True)
-    ctx = mp.get_context("spawn")
-    try:
-        with ctx.Pool(args.clients + 1) as pool:
-            writer = pool.apply_async(write_worker, (location, "load", args.dim, args.seconds, 999))
-            readers = [pool.apply_async(query_worker, (location, "load", args.dim, args.batch, args.k, args.seconds, i))
-                       for i in range(args.clients)]
-            results = [r.get(timeout=args.seconds + 300) for r in readers]
-            written = writer.get(timeout=args.seconds + 300)
-    finally:
-        server.send_signal(signal.SIGTERM)
-        server.wait(timeout=60)
-    lat = np.concatenate([np.array(r["latencies"]) for r in results]) * 1e3 if results else np.zeros(1)
-    served = {"queries_per_s": sum(r["queries"] for r in results) / args.seconds,
-              "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
-              "requests": int(len(lat)), "errors": int(sum(r["errors"] for r in results) + written["errors"]),
-              "slots_written": written["written"], "batch_wait_ms": batch_wait_ms,
-              "write_p50_ms": float(np.percentile(np.array(written["latencies"]) * 1e3, 50))
-              if written["latencies"] else None}
-    return served, written
 
 
 def plot(report: dict, path: Path) -> None:
@@ -221,28 +287,28 @@ def plot(report: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s, e, m = report["served"], report["embedded"], report["meta"]
-    runs = [("embedded", e), ("served (Flight)", s)]
-    if "served_unbatched" in report:
-        runs = [("embedded", e), ("served, batched", s), ("served, unbatched", report["served_unbatched"])]
-    ceiling = e.get("batched_queries_per_s")
-    names, qps = [n for n, _ in runs], [r["queries_per_s"] for _, r in runs]
-    fig, axes = plt.subplots(1, 2, figsize=(10 + 2 * (len(runs) - 2), 3.8))
-    bars = axes[0].bar(names, qps, color=["#999999", "#1f77b4", "#ff7f0e"][: len(runs)])
-    axes[0].bar_label(bars, labels=[f"{v:,.0f}" for v in qps])
-    axes[0].set_ylabel("queries / s")
-    axes[0].set_ylim(0, 1.12 * max(qps))  # room for the labels
-    axes[0].set_title(f"{m['clients']} clients, {m['batch']} quer{'y' if m['batch'] == 1 else 'ies'} a request, "
-                      f"k={m['k']}" + (f"\n(embedded, 1,000 queries a call: {ceiling:,.0f} q/s)" if ceiling else ""),
-                      fontsize=9)
-    x = np.arange(len(runs))
-    axes[1].bar(x - 0.2, [r["p50_ms"] for _, r in runs], 0.4, label="p50")
-    axes[1].bar(x + 0.2, [r["p99_ms"] for _, r in runs], 0.4, label="p99")
-    axes[1].set_xticks(x, names)
-    axes[1].set_ylabel("request latency (ms)")
-    axes[1].set_title(f"errors: {s['errors']}; {s['slots_written']:,} slots written meanwhile", fontsize=9)
-    axes[1].legend()
-    fig.suptitle(f"engine serve load test: {m['slots']:,} slots, d={m['dim']}, index {m['index']}")
+    rows, m = report["results"], report["meta"]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    styles = {"embedded": "tab:grey", "served": "tab:blue", "served-unbatched": "tab:orange"}
+    for mode, colour in styles.items():
+        for rate, dash in ((0.0, ":"), (m["write_rate"], "-")):
+            pts = sorted((r["clients"], r) for r in rows if r["mode"] == mode and r["write_rate"] == rate)
+            if not pts:
+                continue
+            label = f"{mode}, " + ("no writer" if rate == 0 else f"writer {rate:,.0f} slots/s")
+            x = [c for c, _ in pts]
+            left.plot(x, [r["queries_per_s"] for _, r in pts], dash, marker="o", color=colour, label=label)
+            right.plot(x, [r["p99_ms"] for _, r in pts], dash, marker="o", color=colour, label=label)
+    for ax in (left, right):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("clients")
+    left.set_ylabel("queries / s")
+    right.set_ylabel("p99 request latency (ms)")
+    right.set_yscale("log")
+    right.axhline(5, color="grey", lw=0.8, ls="--")
+    left.legend(fontsize=7)
+    fig.suptitle(f"engine serve, {m['slots']:,} slots ({m['data']}, index {m['index']}), "
+                 f"{m['batch']} quer{'y' if m['batch'] == 1 else 'ies'} a request, k = {m['k']}")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

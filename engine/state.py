@@ -33,6 +33,7 @@ class State:
         self.table = table
         self.index = index
         self._classes: tuple | None = None
+        self._last_classes: tuple | None = None  # kept across writes: reused while the classes are the same
         self._cells: Cells | None = None  # built when a full answer first needs them
         self._cells_lock = threading.Lock()
         self._row_columns: tuple | None = None
@@ -50,10 +51,15 @@ class State:
         cached = self._classes
         if cached is None or len(cached[1]) != len(vocab):
             present = np.flatnonzero(self.table.class_counts > 0)
-            columns = np.full(len(vocab), -1, np.int64)
-            columns[present] = np.arange(len(present))
-            cached = self._classes = (vocab.array(present), columns)
-        return cached
+            last = self._last_classes
+            if last is not None and len(last[1]) == len(vocab) and np.array_equal(last[2], present):
+                cached = last  # a write that changed no class: the same arrays (a server's class list stays valid)
+            else:
+                columns = np.full(len(vocab), -1, np.int64)
+                columns[present] = np.arange(len(present))
+                cached = (vocab.array(present), columns, present)
+            self._classes = self._last_classes = cached
+        return cached[:2]
 
     def cells(self, metric: str) -> Cells:
         """The cells the full answer estimates by (:mod:`engine.tail`): built on first use (one

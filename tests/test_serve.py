@@ -391,3 +391,136 @@ def test_a_failed_write_tells_a_client_what_was_written():
         assert down.value.shards == [1] and down.value.written.tolist() == [10, 12]
     finally:
         server.shutdown()
+
+
+def test_served_answers_under_concurrent_writes_are_each_one_consistent_state(tmp_path, data):
+    """A writer adds pairs of slots near the query while clients query: every served answer
+    is exactly the embedded answer of the memory after some whole number of those writes
+    (never half a pair), and each client sees them in order."""
+    x, y, q = data
+    mem = Memory(16, index="Flat", temperature=0.2, path=tmp_path / "m")
+    mem.add(x, y, ids=np.arange(len(x)))
+    probe = q[0].astype(np.float32)
+    rng = np.random.default_rng(3)
+    writes = [(probe + 0.02 * rng.standard_normal((2, 16)).astype(np.float32), [100 + i, 100 + i],
+               [10_000 + 2 * i, 10_001 + 2 * i]) for i in range(40)]
+    reference = Memory(16, index="Flat", temperature=0.2)  # the same writes, one answer per prefix
+    reference.add(x, y, ids=np.arange(len(x)))
+    expected = [reference.query(probe, k=12)]
+    base = len(reference.classes())
+    for v, labels, ids in writes:
+        reference.add(v, labels, ids=ids)
+        expected.append(reference.query(probe, k=12))
+    server = MemoryServer({"m": mem}, "grpc://127.0.0.1:0")
+    try:
+        seen, errors, done = [[] for _ in range(4)], [], threading.Event()
+
+        def reader(i):
+            try:
+                c = client(server)
+                while not done.is_set():
+                    res = c.query(probe, k=12)
+                    j = len(res.classes) - base  # each write adds a class: how many this answer saw
+                    assert 0 <= j <= len(writes), res.classes.tolist()
+                    same_result(res, expected[j])  # that state's answer exactly, both slots of each pair
+                    seen[i].append(j)
+            except Exception as exc:  # reported below
+                errors.append(exc)
+                done.set()
+
+        threads = [threading.Thread(target=reader, args=(i,)) for i in range(4)]
+        for t in threads:
+            t.start()
+        writer = client(server)
+        for v, labels, ids in writes:
+            writer.add(v, labels, ids=ids)
+        done.set()
+        for t in threads:
+            t.join()
+        assert errors == [], errors[0]
+        assert all(s == sorted(s) for s in seen) and max(max(s) for s in seen) <= len(writes)
+        assert len({j for s in seen for j in s}) > 1  # the readers did see the writes land
+    finally:
+        server.shutdown()
+        mem.close()
+
+
+class _Slow:
+    """A memory whose queries take a while: a server over it gets overloaded."""
+
+    def __init__(self, mem, seconds):
+        self.mem, self.seconds, self.dim, self.temperature = mem, seconds, mem.dim, mem.temperature
+
+    def query(self, *args, **kwargs):
+        import time
+
+        time.sleep(self.seconds)
+        return self.mem.query(*args, **kwargs)
+
+    def close(self):
+        self.mem.close()
+
+
+def test_an_overloaded_server_says_busy_at_once_and_recovers(data):
+    x, y, q = data
+    mem = Memory(16, index="Flat", temperature=0.2)
+    mem.add(x, y)
+    server = MemoryServer({"m": _Slow(mem, 0.05)}, "grpc://127.0.0.1:0", max_queue=4)
+    try:
+        outcomes, lock = [], threading.Lock()
+
+        def one(i):
+            import time
+
+            c = client(server)
+            t0 = time.perf_counter()
+            try:
+                c.query(q[i % len(q)], k=5)
+                kind = "answered"
+            except engine.ServerBusyError as exc:
+                assert "busy" in str(exc)
+                kind = "busy"
+            with lock:
+                outcomes.append((kind, time.perf_counter() - t0))
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(24)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        busy = [s for kind, s in outcomes if kind == "busy"]
+        assert busy and len(busy) < 24 and max(busy) < 1.0  # refused at once, not queued without bound
+        assert server.batching_stats()["m"]["busy"] == len(busy)
+        assert client(server).query(q[0], k=5).ids.shape == (1, 5)  # and it answers again
+        assert client(server).metrics()["batching"]["m"]["queued_rows"] == 0
+    finally:
+        server.shutdown()
+
+
+def test_metrics_count_what_was_sent(tmp_path, data):
+    x, y, q = data
+    mem = Memory(16, index="Flat", temperature=0.2, path=tmp_path / "m")
+    server = MemoryServer({"m": mem}, "grpc://127.0.0.1:0", max_rows=500)
+    try:
+        c = client(server)
+        c.metrics(reset=True)
+        for i in range(3):
+            c.add(x[100 * i:100 * (i + 1)], y[100 * i:100 * (i + 1)])
+        for i in range(7):
+            c.query(q[i], k=5)  # small: one action each way
+        c.query(np.tile(q, (10, 1)), k=5)  # 300 rows: the streamed exchange
+        with pytest.raises(engine.DimensionError):
+            c.query(np.ones((1, 9)), k=5)
+        c.get([1, 2])
+        m = c.metrics(reset=True)
+        assert m["requests"] == {"add": 3, "query": 9, "get": 1, "metrics": 1}
+        assert m["errors"] == {"query": 1}
+        assert m["latency_ms"]["add"]["count"] == 3 and m["latency_ms"]["query"]["count"] == 9
+        for stage in ("parse", "wait", "query", "encode"):  # the small queries' stages, answered ones
+            assert m["latency_ms"][f"query.{stage}"]["count"] == 7
+        assert m["batching"]["m"]["requests"] == 7 and sum(m["batching"]["m"]["batch_sizes"].values()) >= 1
+        again = c.metrics()
+        assert again["requests"] == {"metrics": 1} and again["batching"]["m"]["requests"] == 0
+    finally:
+        server.shutdown()
+        mem.close()

@@ -72,6 +72,17 @@ class QueryBatcher:
         self.busy = 0  # requests refused as busy
         self.sizes: Counter = Counter()  # requests per call -> calls
 
+    def counts(self, reset: bool = False) -> dict:
+        """Requests batched, the calls they took, busy refusals, rows waiting now, and calls by
+        requests batched; ``reset`` starts counting anew."""
+        with self._cond:
+            out = {"requests": self.requests, "calls": self.calls, "busy": self.busy, "queued_rows": self._queued,
+                   "batch_sizes": {str(size): n for size, n in sorted(self.sizes.items())}}
+            if reset:
+                self.requests = self.calls = self.busy = 0
+                self.sizes = Counter()
+        return out
+
     @property
     def queued(self) -> int:
         """Query rows admitted and not yet answered."""

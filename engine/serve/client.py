@@ -166,11 +166,12 @@ class Client:
         """{"status": "ok", "memories": [...]} from the server."""
         return self._action("health")
 
-    def metrics(self) -> dict:
+    def metrics(self, *, reset: bool = False) -> dict:
         """The server's own counts: requests and errors by kind, latency p50 / p99 (queries
         also by stage: parse, wait for a batch, query, encode), and per memory the query
-        rows waiting, requests refused as busy and calls by requests batched."""
-        return self._action("metrics")
+        rows waiting, requests refused as busy and calls by requests batched. ``reset``
+        starts the server counting anew (after this answer)."""
+        return self._action("metrics", reset=reset)
 
     def __len__(self) -> int:
         return self.stats().slots

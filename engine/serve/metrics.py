@@ -43,12 +43,14 @@ class Metrics:
             self._latency[name] = deque(maxlen=self._window)
         return self._latency[name]
 
-    def as_dict(self) -> dict:
+    def as_dict(self, reset: bool = False) -> dict:
         """{"requests": {kind: n}, "errors": {kind: n}, "latency_ms": {kind or kind.stage: {count, p50, p99,
-        mean}}} over the last ``window`` requests of each kind."""
+        mean}}} over the last ``window`` requests of each kind; ``reset`` starts counting anew."""
         with self._lock:
             series = {name: np.array(values) * 1e3 for name, values in self._latency.items() if values}
             out = {"requests": dict(self.requests), "errors": dict(self.errors)}
+            if reset:
+                self.requests, self.errors, self._latency = Counter(), Counter(), {}
         out["latency_ms"] = {name: {"count": int(len(v)), "p50": float(np.percentile(v, 50)),
                                     "p99": float(np.percentile(v, 99)), "mean": float(v.mean())}
                              for name, v in sorted(series.items())}

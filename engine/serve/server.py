@@ -60,7 +60,8 @@ _ACTIONS = {
                    for name in ("steps", "lr", "queries", "learn_weights", "k", "holdout", "eval_every")}},
     "health": {"memory": (lambda v: isinstance(v, str), "a memory name", False)},
     "list": {"memory": (lambda v: isinstance(v, str), "a memory name", False)},
-    "metrics": {"memory": (lambda v: isinstance(v, str), "a memory name", False)},
+    "metrics": {"memory": (lambda v: isinstance(v, str), "a memory name", False),
+                "reset": (lambda v: isinstance(v, bool), "true or false", False)},
 }
 
 
@@ -124,12 +125,10 @@ class MemoryServer(fl.FlightServerBase):
         # class-list tokens start at a random point: a client never takes another server's list for its own
         self._tokens = itertools.count(secrets.randbits(52))
 
-    def batching_stats(self) -> dict:
+    def batching_stats(self, reset: bool = False) -> dict:
         """Per memory: query requests answered by the batcher, the query calls they took,
         requests refused as busy, query rows waiting now, and calls by requests batched."""
-        return {name: {"requests": b.requests, "calls": b.calls, "busy": b.busy, "queued_rows": b.queued,
-                       "batch_sizes": {str(size): n for size, n in sorted(b.sizes.items())}}
-                for name, b in self._batchers.items()}
+        return {name: b.counts(reset) for name, b in self._batchers.items()}
 
     # -- helpers -------------------------------------------------------------------------
     def _authorize(self, context, *, write: bool) -> None:
@@ -269,7 +268,8 @@ class MemoryServer(fl.FlightServerBase):
             if kind == "list":
                 return {"memories": sorted(self.memories)}
             if kind == "metrics":
-                return {**self.metrics.as_dict(), "batching": self.batching_stats()}
+                reset = cmd.get("reset", False)
+                return {**self.metrics.as_dict(reset), "batching": self.batching_stats(reset)}
             memory = self._memory(cmd)
             if kind == "remove":
                 return {"removed": memory.remove(np.asarray(cmd["ids"], dtype=np.int64))}
