@@ -299,8 +299,10 @@ def plot(report: dict, path: Path) -> None:
             x = [c for c, _ in pts]
             left.plot(x, [r["queries_per_s"] for _, r in pts], dash, marker="o", color=colour, label=label)
             right.plot(x, [r["p99_ms"] for _, r in pts], dash, marker="o", color=colour, label=label)
+    counts = sorted({r["clients"] for r in rows})
     for ax in (left, right):
         ax.set_xscale("log", base=2)
+        ax.set_xticks(counts, [str(c) for c in counts])
         ax.set_xlabel("clients")
     left.set_ylabel("queries / s")
     right.set_ylabel("p99 request latency (ms)")

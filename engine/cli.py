@@ -184,7 +184,7 @@ def serve(
     batching: bool = typer.Option(True, help="Answer concurrent small queries together (a batch forms while a "
                                   "query runs; an idle server answers at once)."),
     batch_wait_ms: float = typer.Option(0.0, help="Under load, let a batch wait up to this long for more rows."),
-    max_queue: int = typer.Option(4096, help="Most query rows waiting per memory; past it, ServerBusyError (0: no bound)."),
+    max_queue: int = typer.Option(256, help="Most query requests waiting per memory; past it, ServerBusyError (0: no bound)."),
     tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate (with --tls-key) to serve over TLS."),
     tls_key: Optional[Path] = typer.Option(None, help="PEM private key."),
     cluster: Optional[str] = typer.Option(None, help="A Ray cluster address ('auto': the local one): each "

@@ -492,7 +492,7 @@ def test_an_overloaded_server_says_busy_at_once_and_recovers(data):
         assert busy and len(busy) < 24 and max(busy) < 1.0  # refused at once, not queued without bound
         assert server.batching_stats()["m"]["busy"] == len(busy)
         assert client(server).query(q[0], k=5).ids.shape == (1, 5)  # and it answers again
-        assert client(server).metrics()["batching"]["m"]["queued_rows"] == 0
+        assert client(server).metrics()["batching"]["m"]["queued"] == 0
     finally:
         server.shutdown()
 

@@ -15,8 +15,8 @@ memory's dimension are answered on their own (a bad request never fails its
 neighbours); so is a batch whose query raises, request by request, so each caller
 gets its own error.
 
-The queue is bounded: past ``max_queue`` rows admitted and not yet answered, a
-request is refused at once with :class:`~engine.errors.ServerBusyError` rather
+The queue is bounded: past ``max_queue`` requests admitted and not yet answered,
+a request is refused at once with :class:`~engine.errors.ServerBusyError` rather
 than waiting without bound.
 """
 
@@ -52,20 +52,20 @@ class QueryBatcher:
             0 never waits.
         max_rows: requests of at most this many rows are batched, and a batch takes at most
             this many rows (a larger one is answered on its own).
-        max_queue: the most query rows admitted and not yet answered; past it requests are
-            refused with ServerBusyError. 0: no bound. Batching off (``enabled=False``) still
-            bounds the queue.
+        max_queue: the most requests admitted and not yet answered (batched or answered alone,
+            whatever their rows); past it requests are refused with ServerBusyError. 0: no
+            bound. Batching off (``enabled=False``) still bounds the queue.
         enabled: coalesce requests (False: each request is its own call).
     """
 
-    def __init__(self, memory, *, max_wait: float = 0.0, max_rows: int = 256, max_queue: int = 4096,
+    def __init__(self, memory, *, max_wait: float = 0.0, max_rows: int = 256, max_queue: int = 256,
                  enabled: bool = True):
         self.memory, self.max_wait, self.max_rows = memory, max_wait, max_rows
         self.max_queue, self.enabled = max_queue, enabled
         self._cond = threading.Condition()
         self._pending: list[_Request] = []
         self._running = False
-        self._queued = 0  # rows admitted and not yet answered
+        self._queued = 0  # requests admitted and not yet answered
         self._last_batch = 1
         self.requests = 0  # requests answered through the batcher
         self.calls = 0  # Memory.query calls they took
@@ -73,10 +73,10 @@ class QueryBatcher:
         self.sizes: Counter = Counter()  # requests per call -> calls
 
     def counts(self, reset: bool = False) -> dict:
-        """Requests batched, the calls they took, busy refusals, rows waiting now, and calls by
-        requests batched; ``reset`` starts counting anew."""
+        """Requests batched, the calls they took, busy refusals, requests waiting now, and calls
+        by requests batched; ``reset`` starts counting anew."""
         with self._cond:
-            out = {"requests": self.requests, "calls": self.calls, "busy": self.busy, "queued_rows": self._queued,
+            out = {"requests": self.requests, "calls": self.calls, "busy": self.busy, "queued": self._queued,
                    "batch_sizes": {str(size): n for size, n in sorted(self.sizes.items())}}
             if reset:
                 self.requests = self.calls = self.busy = 0
@@ -85,7 +85,7 @@ class QueryBatcher:
 
     @property
     def queued(self) -> int:
-        """Query rows admitted and not yet answered."""
+        """Requests admitted and not yet answered."""
         return self._queued
 
     def query(self, queries: np.ndarray, *, k: int, tail: float | None = None, probs: str | None = None,
@@ -99,13 +99,12 @@ class QueryBatcher:
         """
         t_in = time.perf_counter()
         queries = np.asarray(queries)
-        rows = len(queries) if queries.ndim == 2 else 1
         with self._cond:
-            if self.max_queue and self._queued and self._queued + rows > self.max_queue:
+            if self.max_queue and self._queued >= self.max_queue:
                 self.busy += 1
-                raise ServerBusyError(f"the server is busy ({self._queued:,} query rows waiting, at most "
+                raise ServerBusyError(f"the server is busy ({self._queued:,} queries waiting, at most "
                                       f"{self.max_queue:,}); try again shortly")
-            self._queued += rows
+            self._queued += 1
         try:
             if (not self.enabled or tail is not None or queries.ndim != 2 or len(queries) > self.max_rows
                     or queries.shape[1] != self.memory.dim):
@@ -122,7 +121,7 @@ class QueryBatcher:
                     timing.update(wait=req.started - t_in, query=req.answered - req.started)
         finally:
             with self._cond:
-                self._queued -= rows
+                self._queued -= 1
 
     def _batched(self, req: _Request) -> QueryResult:
         with self._cond:

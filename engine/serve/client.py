@@ -168,8 +168,8 @@ class Client:
 
     def metrics(self, *, reset: bool = False) -> dict:
         """The server's own counts: requests and errors by kind, latency p50 / p99 (queries
-        also by stage: parse, wait for a batch, query, encode), and per memory the query
-        rows waiting, requests refused as busy and calls by requests batched. ``reset``
+        also by stage: parse, wait for a batch, query, encode), and per memory the requests
+        waiting, requests refused as busy and calls by requests batched. ``reset``
         starts the server counting anew (after this answer)."""
         return self._action("metrics", reset=reset)
 

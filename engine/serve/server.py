@@ -103,14 +103,14 @@ class MemoryServer(fl.FlightServerBase):
             is answered at once, those that arrive meanwhile form the next batch.
         batch_wait_ms: under load (batches of several requests already), a batch waits at most
             this long for more rows; 0 (the default) never waits.
-        max_queue: the most query rows waiting at once per memory; past it a request gets
+        max_queue: the most query requests waiting at once per memory; past it a request gets
             ``ServerBusyError`` at once (0: no bound).
     """
 
     def __init__(self, memories: dict[str, MemoryLike], location: str = "grpc://127.0.0.1:8815", *,
                  token: str | None = None, open_reads: bool = False, max_rows: int = 1_000_000,
                  chunk_rows: int = 4096, tls_certificates=None, batching: bool = True, batch_wait_ms: float = 0.0,
-                 max_queue: int = 4096):
+                 max_queue: int = 256):
         super().__init__(location, middleware={"auth": _AuthFactory(token)},
                          tls_certificates=tls_certificates or [])
         self.memories = dict(memories)
@@ -127,7 +127,7 @@ class MemoryServer(fl.FlightServerBase):
 
     def batching_stats(self, reset: bool = False) -> dict:
         """Per memory: query requests answered by the batcher, the query calls they took,
-        requests refused as busy, query rows waiting now, and calls by requests batched."""
+        requests refused as busy, requests waiting now, and calls by requests batched."""
         return {name: b.counts(reset) for name, b in self._batchers.items()}
 
     # -- helpers -------------------------------------------------------------------------
