@@ -13,6 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .errors import EngineError
+from .extras import EXTRA_OF, missing
 from .io import read_batch
 from .memory import Memory
 
@@ -45,6 +46,10 @@ def _guard(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except ModuleNotFoundError as exc:  # a command of an optional extra that is not installed
+            if exc.name and exc.name.split(".")[0] in EXTRA_OF:
+                _fail(missing(exc.name, f"engine {fn.__name__.replace('_', '-')}"))
+            raise
         except (EngineError, ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
             _fail(exc)
 

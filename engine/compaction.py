@@ -262,8 +262,10 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
     not enough: on Omniglot it fell by a quarter on held-out queries while the
     agreement, and the test accuracy, fell by 3 points.)
     """
-    import torch
-    import torch.nn.functional as F
+    from .extras import require
+
+    torch = require("torch", 'compaction with policy="distill"')
+    F = torch.nn.functional
 
     gen = torch.Generator().manual_seed(seed)
     n_classes = int(label_idx.max()) + 1

@@ -92,6 +92,11 @@ class UnknownMemoryError(EngineError, KeyError):
         return str(self.args[0])
 
 
+class MissingExtraError(EngineError, ImportError):
+    """A feature needs a package of an optional extra that is not installed; the message
+    names the extra (``pip install 'engine[nn]'``)."""
+
+
 class ServerBusyError(EngineError):
     """A server has more queries waiting than it is configured to hold: try again shortly
     (the request was not answered, and nothing changed)."""

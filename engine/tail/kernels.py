@@ -4,14 +4,29 @@ Each fuses what numpy would do in several passes over arrays as large as the sco
 slots: exponentials of scores, sums per (query, class) kept sparse, a top-k selection,
 and the vMF estimate of (query, class) pairs. The first call in a fresh environment
 compiles (a few seconds); later processes load the cache.
+
+numba is the ``fast`` extra. Without it the same functions run as plain Python: the
+answers are the same, computed far more slowly (a warning says so once).
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
-from numba import njit, prange
+
+try:
+    from numba import njit, prange
+
+    COMPILED = True
+except ImportError:  # the 'fast' extra is not installed
+    COMPILED = False
+    prange = range
+
+    def njit(*args, **_options):
+        """No compiler: the function itself (``@njit`` and ``@njit(...)`` alike)."""
+        return args[0] if args and callable(args[0]) else (lambda fn: fn)
 
 
 @njit(cache=True, inline="always")
@@ -190,8 +205,15 @@ class _Serial:
 SERIAL_QUERIES = 8  # up to this many queries, the kernels run on the calling thread
 
 
+_warned = []
+
+
 def pick(n_queries: int):
     """This module's kernels for a batch; their serial twins for a few queries."""
     import sys
 
+    if not COMPILED and not _warned:
+        _warned.append(True)
+        warnings.warn("numba is not installed: full answers (probs='full') run their kernels as plain Python, "
+                      "far more slowly; pip install 'engine[fast]'", RuntimeWarning, stacklevel=3)
     return _Serial if n_queries <= SERIAL_QUERIES else sys.modules[__name__]
