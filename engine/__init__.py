@@ -4,6 +4,7 @@ The public API, re-exported by name.
 """
 
 from .errors import (
+    AuthenticationError,
     CorruptFileError,
     DimensionError,
     DuplicateIdError,
@@ -16,6 +17,7 @@ from .errors import (
     MemoryLockedError,
     MissingExtraError,
     ServerBusyError,
+    ServerUnavailableError,
     ShardUnavailableError,
     StorageError,
     UnknownIdError,
@@ -27,6 +29,7 @@ from .results import CompactionReport, MemoryStats, QueryResult, Slots
 from .serve.client import Client
 
 __all__ = [
+    "AuthenticationError",
     "BareSearch",
     "Client",
     "CompactionReport",
@@ -46,6 +49,7 @@ __all__ = [
     "SearchSettings",
     "MissingExtraError",
     "ServerBusyError",
+    "ServerUnavailableError",
     "ShardUnavailableError",
     "Slots",
     "StorageError",

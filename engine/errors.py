@@ -92,6 +92,17 @@ class UnknownMemoryError(EngineError, KeyError):
         return str(self.args[0])
 
 
+class AuthenticationError(EngineError):
+    """A server refused the request's bearer token (missing or wrong); nothing changed.
+    (``engine.Client`` raises it as a ``pyarrow.flight.FlightUnauthenticatedError`` too.)"""
+
+
+class ServerUnavailableError(EngineError):
+    """No server answered at the client's location (not running, unreachable, or the call
+    timed out). (``engine.Client`` raises it as a ``pyarrow.flight.FlightUnavailableError``
+    too.)"""
+
+
 class MissingExtraError(EngineError, ImportError):
     """A feature needs a package of an optional extra that is not installed; the message
     names the extra (``pip install 'engine[nn]'``)."""

@@ -66,8 +66,9 @@ class Memory:
             ``temperature_report`` says what was measured. A number is kept as given.
         path: a directory to make the memory durable: every write is logged and fsynced
             before it returns. None keeps it in process only.
-        nprobe: IVF lists visited per query (default: from the number of lists).
-        ef_search: HNSW search breadth (default max(256, 8k)).
+        nprobe: IVF lists visited per query, fixed (default: calibrated on the memory's own
+            vectors whenever the index is built, see ``recall``).
+        ef_search: HNSW search breadth, fixed (default: calibrated likewise).
         budget: keep the memory within this many slots (an int) or bytes (a string such as
             "64MB"): once an add passes it, the memory compacts down to budget x (1 - slack).
         slack: how far below the budget automatic compaction goes.
@@ -562,7 +563,8 @@ class Memory:
 
     # -- reading ----------------------------------------------------------------------
     def query(self, queries, *, k: int = 64, tail: float | None = None, probs: str | None = None) -> QueryResult:
-        """Classify queries by exact softmax attention over their top-k slots.
+        """Classify queries by exact softmax attention over their top-k slots (the default,
+        ``probs="top-k"``), or over every slot with the unscored rest estimated (``probs="full"``).
 
         Args:
             queries: (n, dim) or (dim,) finite floats.

@@ -67,8 +67,10 @@ class QueryResult:
         attention: (n, k) attention weight of each retrieved slot (0 on padding).
         tail_bound: (n,) upper bound on the attention mass, and so on the
             total-variation error of ``probs``, left out by top-k.
-        exact_bound: True when ``tail_bound`` is a certificate (exact Flat index);
-            False when it is an estimate (IVF, HNSW, PQ: the index may miss closer slots).
+        exact_bound: True when ``tail_bound`` is a certificate: an exact index (Flat), or a
+            full answer (``probs="full"``) whose scores are exact (every slot of the IVF-Flat
+            lists it probed, every slot HNSW returned); False when it is an estimate (a top-k
+            answer of IVF or HNSW, which may miss closer slots; scores from compressed codes).
         k: the largest number of slots any query used.
         k_requested: the ``k`` asked for; ``k < k_requested`` means it was clamped
             to the memory's size (or the index found fewer).

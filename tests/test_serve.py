@@ -119,9 +119,9 @@ def test_bad_input_over_the_wire(served, data):
         (lambda: good.remove([123456]), engine.UnknownIdError, "unknown ids"),
         (lambda: good.add(x[:1], [1], ids=[3]), engine.DuplicateIdError, "already"),
         (lambda: Client(f"grpc://127.0.0.1:{server.port}", "other", token=TOKEN).stats(), engine.UnknownMemoryError, "other"),
-        (lambda: anonymous.add(x[:1], [1]), fl.FlightUnauthenticatedError, "token"),
-        (lambda: wrong.remove([1]), fl.FlightUnauthenticatedError, "token"),
-        (lambda: wrong.compact(), fl.FlightUnauthenticatedError, "token"),
+        (lambda: anonymous.add(x[:1], [1]), engine.AuthenticationError, "token"),
+        (lambda: wrong.remove([1]), engine.AuthenticationError, "token"),
+        (lambda: wrong.compact(), engine.AuthenticationError, "token"),
         (lambda: good.add(np.ones((501, 16)), [1] * 501), ValueError, "max_rows"),
         (lambda: good.query(np.ones((501, 16))), ValueError, "max_rows"),
         (lambda: put(server, pa.table({"label": [1]}), b'{"memory": "m"}'), fl.FlightServerError, "vector"),
@@ -524,3 +524,20 @@ def test_metrics_count_what_was_sent(tmp_path, data):
     finally:
         server.shutdown()
         mem.close()
+
+
+def test_a_client_without_a_server_or_with_a_wrong_token_gets_engine_errors(served, data):
+    import socket
+
+    x, y, q = data
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    nowhere = Client(f"grpc://127.0.0.1:{port}", "m", timeout=5)
+    with pytest.raises(engine.ServerUnavailableError, match="no answer") as exc:
+        nowhere.query(q[:1], k=3)
+    assert isinstance(exc.value, fl.FlightUnavailableError) and "\n" not in str(exc.value)
+    server, _ = served
+    with pytest.raises(engine.AuthenticationError, match="token") as exc:
+        client(server, token="wrong").add(x[:1], [1])
+    assert isinstance(exc.value, fl.FlightUnauthenticatedError) and "grpc" not in str(exc.value).lower()

@@ -201,6 +201,14 @@ class Client:
         return json.loads(results[0].body.to_pybytes())
 
 
+class _Unauthenticated(errors.AuthenticationError, fl.FlightUnauthenticatedError):
+    """The engine's error, still the Flight error callers of the transport may catch."""
+
+
+class _Unavailable(errors.ServerUnavailableError, fl.FlightUnavailableError):
+    """The engine's error, still the Flight error callers of the transport may catch."""
+
+
 class _errors:
     """Turn the server's FlightServerError back into the engine exception it was."""
 
@@ -208,6 +216,12 @@ class _errors:
         return self
 
     def __exit__(self, exc_type, exc, tb):
+        if isinstance(exc, fl.FlightUnauthenticatedError):
+            raise _Unauthenticated("the server refused this client's token (missing or wrong); "
+                                   "nothing changed") from None
+        if isinstance(exc, (fl.FlightUnavailableError, fl.FlightTimedOutError)):
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise _Unavailable(f"no answer from the server: {first[:200]}") from None
         if exc is None or not isinstance(exc, fl.FlightServerError) or not exc.extra_info:
             return False
         try:
