@@ -21,6 +21,7 @@ from .errors import (
     ShardUnavailableError,
     StorageError,
     UnknownIdError,
+    UnknownLabelError,
     UnknownMemoryError,
 )
 from .index import BareSearch, SearchSettings
@@ -54,6 +55,7 @@ __all__ = [
     "Slots",
     "StorageError",
     "UnknownIdError",
+    "UnknownLabelError",
     "UnknownMemoryError",
 ]
 __version__ = "0.1.0"

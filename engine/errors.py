@@ -39,6 +39,24 @@ class UnknownIdError(EngineError, KeyError):
         return str(self.args[0])
 
 
+class UnknownLabelError(EngineError, KeyError):
+    """Labels that no slot of the memory has (in a ``remove(labels=...)``); nothing changed.
+
+    Attributes:
+        labels: the unknown labels.
+    """
+
+    def __init__(self, message: str, labels=()):
+        super().__init__(message)
+        self.labels = list(labels)
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+    def __reduce__(self):
+        return type(self), (self.args[0], self.labels)
+
+
 class EmptyMemoryError(EngineError, ValueError):
     """A query (or an operation that needs slots) on a memory with no slots."""
 

@@ -98,6 +98,17 @@ class Vocabulary:
             codes[j] = pos
         return codes[inverse.reshape(-1)]
 
+    def find(self, labels) -> tuple[list, np.ndarray]:
+        """(the checked labels, the index of each, -1 for a label never written).
+
+        Raises:
+            InvalidValueError: labels of the wrong shape, type or kind (see :meth:`check`).
+        """
+        if isinstance(labels, (str, int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
+            labels = [labels]  # one label
+        values, _ = self.check(labels, len(labels) if hasattr(labels, "__len__") else -1)
+        return values, np.array([self._index.get(v, -1) for v in values], np.int64)
+
     def values(self, idx) -> list:
         """The label of each label index."""
         return [self._values[i] for i in idx]

@@ -33,7 +33,7 @@ import numpy as np
 from . import checks, compaction, query
 from . import temperature as tuning
 from .codec import Columns
-from .errors import CorruptFileError, EmptyMemoryError, InvalidValueError, StorageError
+from .errors import CorruptFileError, EmptyMemoryError, InvalidValueError, StorageError, UnknownLabelError
 from .calibration import Calibration
 from .index import BareSearch, SearchSettings, VectorIndex, validate_spec
 from .labels import Vocabulary
@@ -339,30 +339,48 @@ class Memory:
             self._retune()
             return ids
 
-    def remove(self, ids) -> int:
-        """Remove slots by id.
+    def remove(self, ids=None, *, labels=None) -> int:
+        """Remove slots by id, or every slot of some labels.
 
         Args:
             ids: an id or a sequence of ids, all present in the memory. None at all is a no-op.
+            labels: instead of ids, labels whose slots are all removed (each must have a slot),
+                without reading any vector back.
 
         Returns:
             The number of slots removed.
 
         Raises:
             UnknownIdError: some ids are not in the memory (listed in ``.ids``); nothing is removed.
+            UnknownLabelError: some labels have no slot (listed in ``.labels``); nothing is removed.
+            InvalidValueError: both ids and labels, or labels of another kind than the memory's.
             StorageError: the disk failed; nothing is removed.
         """
+        if labels is not None:
+            if ids is not None:
+                raise InvalidValueError("remove takes ids or labels, not both")
+            with self._write_mutex:
+                values, codes = self._vocab.find(labels)
+                counts = self._state.table.class_counts
+                absent = [v for v, c in zip(values, codes) if c < 0 or c >= len(counts) or counts[c] == 0]
+                if absent:
+                    raise UnknownLabelError(f"labels with no slot: {absent[:10]}{' ...' if len(absent) > 10 else ''}",
+                                            absent)
+                return self._remove(self._state.table.sorted_ids_of(np.unique(codes)))
         with self._write_mutex:
-            ids = np.unique(checks.ids(ids))
-            if len(ids) == 0:
-                return 0
-            rows = self._state.rows_or_raise(ids)
-            if self._store is not None:
-                self._store.log_remove(ids)
-            with self._applying("remove"):
-                self._change(rows)
-            self._retune()
-            return len(rows)
+            return self._remove(np.unique(checks.ids(ids)))
+
+    def _remove(self, ids: np.ndarray) -> int:
+        """Remove ``ids`` (checked, unique; the caller holds the write mutex)."""
+        if len(ids) == 0:
+            return 0
+        rows = self._state.rows_or_raise(ids)
+        if self._store is not None:
+            self._store.log_remove(ids)
+        with self._applying("remove"):
+            self._change(rows)
+        self._retune()
+        return len(rows)
 
     def compact(self, *, budget: int | str | None = None, policy: str = "merge", seed: int = 0,
                 **options) -> CompactionReport:
@@ -649,10 +667,18 @@ class Memory:
         """"int" or "str" once a label was written, else None."""
         return self._vocab.kind
 
-    def ids(self) -> np.ndarray:
-        """The ids of every slot in the memory, ascending."""
+    def ids(self, labels=None) -> np.ndarray:
+        """The ids of every slot in the memory, ascending; with ``labels``, of the slots whose
+        label is one of them (a label with no slot adds none), without reading vectors.
+
+        Raises:
+            InvalidValueError: labels of the wrong shape, type or kind.
+        """
         with self._lock.read():
-            return self._state.table.sorted_ids.copy()
+            if labels is None:
+                return self._state.table.sorted_ids.copy()
+            _, codes = self._vocab.find(labels)
+            return self._state.table.sorted_ids_of(np.unique(codes[codes >= 0]))
 
     def __len__(self) -> int:
         return self._state.table.n_alive

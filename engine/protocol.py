@@ -25,8 +25,11 @@ class MemoryLike(Protocol):
         """Attention over each query's top-k slots (``probs="full"``: over every slot, exact
         where scored and estimated beyond; default: the memory's own choice, "top-k")."""
 
-    def remove(self, ids) -> int:
-        """Remove slots by id; returns how many."""
+    def remove(self, ids=None, *, labels=None) -> int:
+        """Remove slots by id, or every slot of some labels; returns how many."""
+
+    def ids(self, labels=None) -> np.ndarray:
+        """The ids of every slot, or of the slots of some labels, ascending."""
 
     def get(self, ids) -> Slots:
         """Read slots back by id."""

@@ -124,6 +124,11 @@ class SlotTable:
             return self.ids[self.alive] if self.n_dead else self.ids
         return self._sorted_ids
 
+    def sorted_ids_of(self, label_idx: np.ndarray) -> np.ndarray:
+        """The ids of the live rows whose label index is in ``label_idx``, ascending."""
+        rows = np.flatnonzero(np.isin(self.label_idx, label_idx) & self.alive)
+        return np.sort(self.ids[rows])
+
     def max_id(self) -> int:
         """The largest live id, -1 if none."""
         ids = self.sorted_ids

@@ -55,6 +55,31 @@ def test_memory_and_client_answer_alike_through_writes_in_both_modes(pair, rng):
     for mem in (local, client):
         with pytest.raises(engine.InvalidValueError, match="probs"):
             mem.query(q, k=8, probs="every")
+    _label_verbs_agree(local, client, y, q)
+
+
+def _label_verbs_agree(reference, other, y, q):
+    """ids(labels=) and remove(labels=) on ``other`` as on ``reference``, against the labels written."""
+    for mem in (reference, other):
+        assert mem.ids(labels=[3, 5]).tolist() == reference.ids(labels=[5, 3]).tolist()
+        held = mem.get(mem.ids(labels=[3, 5]))
+        assert set(held.labels) == {3, 5} and len(held.labels) == sum(int(v) in (3, 5) for v in mem.get(mem.ids()).labels)
+        assert len(mem.ids(labels=[999])) == 0  # no slot of that label: none
+        with pytest.raises(engine.InvalidValueError, match="labels"):
+            mem.ids(labels=["three"])  # another kind than the memory's
+    n = len(reference.ids(labels=[3]))
+    assert reference.remove(labels=[3]) == other.remove(labels=3) == n > 0
+    for mem in (reference, other):
+        with pytest.raises(engine.UnknownLabelError) as exc:
+            mem.remove(labels=[3, 4])  # 3 has no slot left: nothing removed
+        assert exc.value.labels == [3] and len(mem.ids(labels=[4])) > 0
+        with pytest.raises(engine.InvalidValueError):
+            mem.remove([1], labels=[4])
+    assert reference.ids().tolist() == other.ids().tolist()
+    a, b = reference.query(q, k=8, probs="top-k"), other.query(q, k=8, probs="top-k")
+    assert a.classes.tolist() == b.classes.tolist() and 3 not in a.classes.tolist()
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-9)
 
 
 def test_a_sharded_memory_answers_as_one_memory_through_writes_in_both_modes(tmp_path, rng):
@@ -90,6 +115,7 @@ def test_a_sharded_memory_answers_as_one_memory_through_writes_in_both_modes(tmp
                     else:  # each bounds the mass it left out (a merge's own way): both certificates
                         true = 1.0 - local.query(q, k=k, probs="full").attention.sum(axis=1)
                         assert (a.tail_bound >= true - 1e-9).all() and (b.tail_bound >= true - 1e-9).all()
+        _label_verbs_agree(local, sharded, y, q[:3])
         sharded.close()
     finally:
         ray.shutdown()

@@ -16,7 +16,7 @@ import pytest
 
 import engine
 from engine import Client, Memory
-from engine.serve import MemoryServer
+from engine.serve import MemoryServer, wire
 
 ROOT = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret"
@@ -178,7 +178,7 @@ def test_request_fields_are_checked_by_type_not_coerced(served, data):
         (lambda: exchange(server, b'{"memory": "m", "probs": "every"}', q[:1]), "'probs'"),
         (lambda: exchange(server, b'{"memory": "m", "probs": 1}', q[:1]), "'probs'"),
         (lambda: exchange(server, b'{"memory": "m", "op": "add"}', q[:1]), "'op'"),
-        (lambda: action(server, "remove", b'{"memory": "m"}'), "'ids' is required"),
+        (lambda: action(server, "remove", b'{"memory": "m"}'), "give 'ids' or 'labels'"),
         (lambda: action(server, "remove", b'{"memory": "m", "ids": [1.0]}'), "ids"),
         (lambda: action(server, "remove", b'{"memory": "m", "ids": "1"}'), "ids"),
         (lambda: action(server, "compact", b'{"memory": "m", "budget": 10, "temperture": 3}'), "unknown fields"),
@@ -497,6 +497,15 @@ def test_an_overloaded_server_says_busy_at_once_and_recovers(data):
         server.shutdown()
 
 
+def test_only_a_writer_may_reset_the_metrics(served, data):
+    server, _ = served  # reads are open, writes need the token
+    anonymous = client(server)
+    assert anonymous.metrics()["requests"] is not None
+    with pytest.raises(engine.AuthenticationError):
+        anonymous.metrics(reset=True)
+    client(server, token=TOKEN).metrics(reset=True)
+
+
 def test_metrics_count_what_was_sent(tmp_path, data):
     x, y, q = data
     mem = Memory(16, index="Flat", temperature=0.2, path=tmp_path / "m")
@@ -521,6 +530,14 @@ def test_metrics_count_what_was_sent(tmp_path, data):
         assert m["batching"]["m"]["requests"] == 7 and sum(m["batching"]["m"]["batch_sizes"].values()) >= 1
         again = c.metrics()
         assert again["requests"] == {"metrics": 1} and again["batching"]["m"]["requests"] == 0
+        c.query(q[:300], k=5)  # too many rows for one action: the client streams them
+        with pytest.raises(fl.FlightServerError, match="at most"):
+            list(raw(server).do_action(fl.Action("query", wire.small_query({"memory": "m"}, np.ones((600, 16))))))
+        with pytest.raises(fl.FlightServerError, match="nested"):
+            list(raw(server).do_action(fl.Action("stats", b"[" * 100_000 + b"]" * 100_000)))
+        with pytest.raises(engine.InvalidValueError, match="empty"):
+            c.query(np.zeros((0, 16)), k=5)
+        assert c.query(q[:2], k=np.int64(3)).k == 3
     finally:
         server.shutdown()
         mem.close()

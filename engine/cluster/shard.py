@@ -52,11 +52,14 @@ class Shard:
     def contains(self, ids: np.ndarray) -> np.ndarray:
         return np.array([int(i) in self.mem for i in ids], bool)
 
-    def ids(self) -> np.ndarray:
-        return self.mem.ids()
+    def ids(self, labels=None) -> np.ndarray:
+        return self.mem.ids(labels)
 
     def remove(self, ids: np.ndarray) -> int:
         return self.mem.remove(ids)
+
+    def remove_labels(self, labels: list) -> int:
+        return self.mem.remove(labels=labels)
 
     def get(self, ids: np.ndarray) -> Slots:
         return self.mem.get(ids)

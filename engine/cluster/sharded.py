@@ -33,6 +33,7 @@ from ..errors import (
     MemoryExistsError,
     ShardUnavailableError,
     UnknownIdError,
+    UnknownLabelError,
 )
 from ..labels import Vocabulary
 from ..memory import METRICS
@@ -370,13 +371,29 @@ class ShardedMemory:
         self._vocab.kind = kind
         return out
 
-    def remove(self, ids) -> int:
+    def remove(self, ids=None, *, labels=None) -> int:
         """Remove slots by id, all of which must be present (checked on every owning shard
-        before any shard removes).
+        before any shard removes), or every slot of some labels (each held by some shard;
+        each shard removes those it holds).
 
         Raises:
             UnknownIdError: some ids are not in the memory (listed); nothing removed.
+            UnknownLabelError: some labels have no slot on any shard (listed); nothing removed.
         """
+        if labels is not None:
+            if ids is not None:
+                raise InvalidValueError("remove takes ids or labels, not both")
+            if isinstance(labels, (str, int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
+                labels = [labels]
+            values, _ = self._vocab.check(labels, len(labels) if hasattr(labels, "__len__") else -1)
+            held = [set(np.asarray(d["classes"]).tolist()) for d in self._all("describe")]
+            absent = [v for v in dict.fromkeys(values) if not any(v in h for h in held)]
+            if absent:
+                raise UnknownLabelError(f"labels with no slot: {absent[:10]}{' ...' if len(absent) > 10 else ''}",
+                                        absent)
+            refs = {s: self._shards[s].remove_labels.remote([v for v in dict.fromkeys(values) if v in held[s]])
+                    for s in range(self.n) if any(v in held[s] for v in values)}
+            return int(sum(self._gather(refs).values()))
         ids = np.unique(checks.ids(ids))
         if len(ids) == 0:
             return 0
@@ -523,9 +540,10 @@ class ShardedMemory:
                 labels[j] = lab
         return Slots(ids=ids.copy(), labels=labels, weights=weights, vectors=vectors)
 
-    def ids(self) -> np.ndarray:
-        """The ids of every slot in the memory, ascending (asked of every shard)."""
-        return np.sort(np.concatenate([np.asarray(i, np.int64) for i in self._all("ids")]))
+    def ids(self, labels=None) -> np.ndarray:
+        """The ids of every slot in the memory, or of the slots of some labels, ascending
+        (asked of every shard)."""
+        return np.sort(np.concatenate([np.asarray(i, np.int64) for i in self._all("ids", labels)]))
 
     def stats(self) -> MemoryStats:
         """The shards' stats summed (classes counted once across shards)."""

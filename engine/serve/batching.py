@@ -127,6 +127,8 @@ class QueryBatcher:
         with self._cond:
             self._pending.append(req)
             self.requests += 1
+            if self._running:  # a leader waiting for more rows (max_wait) may have enough now
+                self._cond.notify_all()
             while self._running and not req.done:
                 self._cond.wait()
             if req.done:  # a leader answered it
@@ -158,6 +160,8 @@ class QueryBatcher:
         finally:
             with self._cond:
                 for r in batch:
+                    if r.result is None and r.error is None:  # the leader was interrupted (a BaseException)
+                        r.error = RuntimeError("the batch this query joined was interrupted")
                     r.done = True
                 self._running = False
                 self._cond.notify_all()
@@ -170,9 +174,13 @@ class QueryBatcher:
             return self.memory.query(queries, k=k, tail=tail)
         return self.memory.query(queries, k=k, tail=tail, probs=probs)
 
+    def _count_call(self) -> None:
+        with self._cond:
+            self.calls += 1
+
     def _answer(self, group: list[_Request], k: int, probs: str | None) -> None:
         """One query for the whole group; if it fails, each request on its own."""
-        self.calls += 1
+        self._count_call()
         try:
             res = self._ask(group[0].queries if len(group) == 1 else np.concatenate([r.queries for r in group]),
                             k=k, probs=probs)
@@ -184,7 +192,7 @@ class QueryBatcher:
                 if res is not None:
                     r.result = res if len(group) == 1 else res.rows(lo, lo + len(r.queries))
                 else:
-                    self.calls += 1
+                    self._count_call()
                     r.result = self._ask(r.queries, k=k, probs=probs)
             except Exception as exc:  # handed to the caller, not raised in the leader
                 r.error = exc

@@ -80,10 +80,19 @@ class Client:
             writer.close()
         return np.frombuffer(answer.to_pybytes(), dtype="<i8").astype(np.int64)
 
-    def remove(self, ids) -> int:
-        """Remove slots by id (see :meth:`engine.Memory.remove`)."""
+    def remove(self, ids=None, *, labels=None) -> int:
+        """Remove slots by id, or every slot of some labels (see :meth:`engine.Memory.remove`)."""
+        if labels is not None:
+            if ids is not None:
+                raise errors.InvalidValueError("remove takes ids or labels, not both")
+            return self._action("remove", labels=_label_list(labels))["removed"]
         ids = np.atleast_1d(np.asarray(ids, dtype=np.int64)).tolist()
         return self._action("remove", ids=ids)["removed"]
+
+    def ids(self, labels=None) -> np.ndarray:
+        """The ids of every slot, or of the slots of some labels (see :meth:`engine.Memory.ids`)."""
+        fields = {} if labels is None else {"labels": _label_list(labels)}
+        return np.asarray(self._action("ids", **fields)["ids"], np.int64)
 
     def compact(self, **options) -> CompactionReport:
         """Compact the served memory (see :meth:`engine.Memory.compact`)."""
@@ -104,7 +113,11 @@ class Client:
             q = q[None, :]
         if q.ndim != 2:
             raise errors.DimensionError(f"queries must be 2-d, got shape {q.shape}")
-        if 0 < len(q) <= SMALL_QUERY_ROWS:  # one message each way: a stream's set-up would cost more than the query
+        if len(q) == 0:
+            raise errors.InvalidValueError("queries is empty")
+        k = int(k) if isinstance(k, np.integer) else k  # numpy scalars as JSON numbers
+        tail = float(tail) if isinstance(tail, np.floating) else tail
+        if len(q) <= SMALL_QUERY_ROWS:  # one message each way: a stream's set-up would cost more than the query
             return self._small_query(q, k, tail, probs)
         descriptor = fl.FlightDescriptor.for_command(wire.command(memory=self.memory, op="query", k=k, tail=tail,
                                                                     **({} if probs is None else {"probs": probs})))
@@ -145,9 +158,11 @@ class Client:
                       tail_bound=batch.column("tail_bound").to_numpy(), exact_bound=meta["exact_bound"], k=meta["k"],
                       k_requested=meta["k_requested"],
                       tail_estimate=batch.column(wire.TAIL_ESTIMATE).to_numpy() if wire.TAIL_ESTIMATE in cols else None)
-        if "slot_classes" in cols:  # probabilities from attention, built when read, as a memory builds them
-            return QueryResult(**fields, slot_classes=wire.rows_of(batch.column("slot_classes")).astype(np.int64))
-        return QueryResult.with_probs(wire.rows_of(batch.column("probs")), **fields)
+        if "slot_classes" in cols:
+            fields["slot_classes"] = wire.rows_of(batch.column("slot_classes")).astype(np.int64)
+        if "probs" in cols:  # with an estimated rest: as sent
+            return QueryResult.with_probs(wire.rows_of(batch.column("probs")), **fields)
+        return QueryResult(**fields)  # probabilities from attention, built when read, as a memory builds them
 
     def get(self, ids) -> Slots:
         """Read slots back by id (see :meth:`engine.Memory.get`)."""
@@ -232,6 +247,8 @@ class _errors:
         message = info.get("message", str(exc))
         if cls is errors.UnknownIdError:
             raise cls(message, info.get("ids", [])) from None
+        if cls is errors.UnknownLabelError:
+            raise cls(message, info.get("labels", [])) from None
         if cls is errors.ShardUnavailableError:
             raise cls(message, info.get("shards", []), info.get("written")) from None
         if isinstance(cls, type) and issubclass(cls, errors.EngineError):
@@ -241,6 +258,14 @@ class _errors:
             raise err from None
         builtin = {"ValueError": ValueError, "KeyError": KeyError, "TypeError": TypeError}.get(info.get("type"))
         raise (builtin or errors.EngineError)(message) from None
+
+
+def _label_list(labels) -> list:
+    """Labels as a JSON list of ints or strs (one label alone, too)."""
+    if isinstance(labels, (str, int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
+        labels = [labels]
+    values = np.asarray(labels).tolist() if isinstance(labels, np.ndarray) else list(labels)
+    return [int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v for v in values]
 
 
 def _merge(parts: list, k_requested: int) -> QueryResult:

@@ -28,10 +28,11 @@ from ..errors import EngineError, UnknownMemoryError
 from ..protocol import MemoryLike
 from . import wire
 from .batching import QueryBatcher
+from .client import SMALL_QUERY_ROWS
 from .metrics import Metrics
 
 WRITE_ACTIONS = {"remove", "compact", "snapshot"}
-READ_ACTIONS = {"stats", "health", "list", "metrics", "query"}
+READ_ACTIONS = {"stats", "health", "list", "metrics", "query", "ids"}
 log = logging.getLogger("engine.serve")
 # Anything that looks like a filesystem path is cut out of error messages sent to clients.
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s:'\",()]+)+/?")
@@ -47,8 +48,11 @@ _QUERY = {**{name: check for name, check in _EXCHANGE.items() if name != "op"},
           "rows": (lambda v: wire.is_int(v) and v >= 1, "an integer >= 1", True),
           "dim": (lambda v: wire.is_int(v) and v >= 1, "an integer >= 1", True)}
 _GET = {"memory": wire.MEMORY, "ids": (wire.is_int_list, "a list of integers", True)}
+_LABELS = (lambda v: isinstance(v, list) and (all(wire.is_int(i) for i in v) or all(isinstance(i, str) for i in v)),
+           "a list of integers or of strings", False)
 _ACTIONS = {
-    "remove": {"memory": wire.MEMORY, "ids": (wire.is_int_list, "a list of integers", True)},
+    "remove": {"memory": wire.MEMORY, "ids": (wire.is_int_list, "a list of integers", False), "labels": _LABELS},
+    "ids": {"memory": wire.MEMORY, "labels": _LABELS},
     "stats": {"memory": wire.MEMORY},
     "snapshot": {"memory": wire.MEMORY},
     "compact": {"memory": wire.MEMORY,
@@ -164,6 +168,8 @@ class MemoryServer(fl.FlightServerBase):
             raise
         except (EngineError, ValueError, KeyError, TypeError, pa.ArrowException) as exc:
             extra = {"ids": exc.ids[:1000]} if hasattr(exc, "ids") else {}
+            if isinstance(getattr(exc, "labels", None), list):
+                extra["labels"] = exc.labels[:1000]
             message = _scrubbed(str(exc))
             raise fl.FlightServerError(message, extra_info=wire.error_info(exc, message=message, **extra)) from None
         except Exception as exc:  # a bug: log it here, tell the client no more than that it happened
@@ -245,7 +251,8 @@ class MemoryServer(fl.FlightServerBase):
 
     # -- actions -------------------------------------------------------------------------
     def list_actions(self, context):
-        return [("remove", "Remove slots: {memory, ids}"), ("stats", "Memory statistics: {memory}"),
+        return [("remove", "Remove slots: {memory, ids} or {memory, labels}"),
+                ("ids", "Ids of every slot, or of some labels' slots: {memory, labels?}"), ("stats", "Memory statistics: {memory}"),
                 ("compact", "Compact to a budget with a policy, or drop removed slots: {memory, budget?, policy?}"), ("snapshot", "Checkpoint: {memory}"),
                 ("health", "Liveness and memory names"), ("list", "Memory names"),
                 ("metrics", "Requests, latencies (p50/p99, by stage for queries), queue depth and batch sizes"),
@@ -256,7 +263,13 @@ class MemoryServer(fl.FlightServerBase):
         if kind not in WRITE_ACTIONS | READ_ACTIONS:
             raise fl.FlightServerError(f"unknown action {kind!r}",
                                        extra_info=wire.error_info(ValueError(f"unknown action {kind!r}")))
-        self._authorize(context, write=kind in WRITE_ACTIONS)
+        resets = False
+        if kind == "metrics" and action.body:
+            try:
+                resets = wire.parse_command(action.body.to_pybytes(), "action body").get("reset") is True
+            except ValueError:
+                pass  # refused below, by the same parse
+        self._authorize(context, write=kind in WRITE_ACTIONS or resets)  # a reset changes what others read
         if kind == "query":
             return self._small_query(action)
 
@@ -272,7 +285,13 @@ class MemoryServer(fl.FlightServerBase):
                 return {**self.metrics.as_dict(reset), "batching": self.batching_stats(reset)}
             memory = self._memory(cmd)
             if kind == "remove":
+                if ("ids" in cmd) == ("labels" in cmd):
+                    raise ValueError("malformed remove action: give 'ids' or 'labels'")
+                if "labels" in cmd:
+                    return {"removed": memory.remove(labels=cmd["labels"])}
                 return {"removed": memory.remove(np.asarray(cmd["ids"], dtype=np.int64))}
+            if kind == "ids":
+                return {"ids": memory.ids(**({"labels": cmd["labels"]} if "labels" in cmd else {})).tolist()}
             if kind == "stats":
                 return {**memory.stats().as_dict(), "temperature": memory.temperature}
             if kind == "compact":
@@ -293,8 +312,10 @@ class MemoryServer(fl.FlightServerBase):
             t0 = time.perf_counter()
             header, queries = wire.parse_small_query(action.body.to_pybytes() if action.body else b"")
             wire.fields(header, "query action header", _QUERY)
-            if len(queries) > self.max_rows:
-                raise ValueError(f"query batch of {len(queries)} rows exceeds max_rows={self.max_rows}")
+            most = min(self.max_rows, max(self.chunk_rows, SMALL_QUERY_ROWS))
+            if len(queries) > most:
+                raise ValueError(f"a query action carries at most {most} rows, got {len(queries)}: send more "
+                                 f"as a stream (DoExchange)")
             batcher = self._batchers[self._memory_name(header)]
             stages["parse"] = time.perf_counter() - t0
             res = batcher.query(queries, k=header.get("k", 64), tail=header.get("tail"), probs=header.get("probs"),
@@ -349,10 +370,10 @@ def _small_result_batch(res, column_of: dict) -> pa.RecordBatch:
     columns = [wire.list_column(res.ids, pa.int64()), wire.list_column(res.scores, pa.float32()),
                wire.list_column(res.attention, pa.float64()), pa.array(res.tail_bound)]
     names = ["ids", "scores", "attention", "tail_bound"]
-    if res.tail_estimate is None and res.slot_classes is not None:
+    if res.slot_classes is not None:
         columns.append(wire.list_column(np.asarray(res.slot_classes, np.int32), pa.int32()))
         names.append("slot_classes")
-    else:
+    if res.tail_estimate is not None or res.slot_classes is None:
         columns.append(wire.list_column(res.probs, pa.float64()))
         names.append("probs")
     if res.tail_estimate is not None:

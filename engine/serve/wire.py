@@ -13,7 +13,8 @@ body); bulk data moves as Arrow record batches.
 - get:    do_get, ticket {"memory", "ids"}; a table id, label, weight, vector.
 - query (small): DoAction "query", one message each way (a bidirectional stream
           costs a lone query about 2 ms of set-up): body = 4-byte little-endian
-          length, a JSON header {"memory", "k", "tail", "probs", "rows", "dim"},
+          length, a JSON header {"memory", "k", "tail", "probs", "classes_token",
+          "rows", "dim"},
           then rows x dim little-endian float32; result = an Arrow IPC stream of
           one result batch, the JSON metadata above in its schema's metadata.
 - actions (JSON body, JSON result): remove {"memory", "ids"}, stats, compact,
@@ -44,6 +45,8 @@ def parse_command(raw: bytes, what: str) -> dict:
         doc = json.loads(bytes(raw).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"malformed {what}: not JSON ({exc})") from None
+    except RecursionError:
+        raise ValueError(f"malformed {what}: nested too deeply") from None
     if not isinstance(doc, dict):
         raise ValueError(f"malformed {what}: expected a JSON object")
     return doc
