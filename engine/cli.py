@@ -64,13 +64,27 @@ def create(
     index: str = typer.Option("auto", help="auto or a FAISS factory string (Flat, HNSW32, IVF1024,Flat, ...)."),
     temperature: str = typer.Option("auto", help='Attention temperature: a number, or "auto" (chosen by the '
                                     "memory on its own slots, leave-one-out, as it grows)."),
+    probs: str = typer.Option("top-k", help="What answers' probabilities are: 'top-k' (renormalised over the "
+                              "top-k) or 'full' (attention over every slot, the unscored rest estimated)."),
+    budget: Optional[str] = typer.Option(None, help="Keep the memory within this many slots (or bytes: 64MB), "
+                                         "compacting once an add passes it."),
+    policy: str = typer.Option("merge", help="Compaction policy under a budget: merge, reservoir, age, distill."),
+    nprobe: Optional[int] = typer.Option(None, help="IVF lists a query visits, fixed (default: calibrated)."),
+    ef_search: Optional[int] = typer.Option(None, help="HNSW search breadth, fixed (default: calibrated)."),
+    recall: Optional[float] = typer.Option(None, help="Calibrate the breadth for this recall@64 instead of the "
+                                           "answer."),
+    track_usage: Optional[bool] = typer.Option(None, help="Keep each slot's last use (the age policy needs it)."),
 ) -> None:
     """Create an empty durable memory."""
     try:
         t = temperature if temperature == "auto" else float(temperature)
     except ValueError:
         raise typer.BadParameter(f'a number or "auto", got {temperature!r}', param_hint="--temperature") from None
-    mem = Memory(dim, metric=metric, index=index, temperature=t, path=path)
+    if Path(path).parent != Path(path) and not Path(path).parent.is_dir():
+        raise FileNotFoundError(f"{Path(path).parent}: no such directory (create it first)")
+    size = int(budget) if budget is not None and budget.isdigit() else budget
+    mem = Memory(dim, metric=metric, index=index, temperature=t, path=path, probs=probs, budget=size, policy=policy,
+                 nprobe=nprobe, ef_search=ef_search, recall=recall, track_usage=track_usage)
     mem.close()
     typer.echo(f"created {mem!r}")
 
@@ -108,13 +122,20 @@ def query(
     probs: Optional[str] = typer.Option(None, help="'full': estimate attention over the whole memory; "
                                         "'top-k': renormalise over the top-k (default: the memory's setting)."),
     top: int = typer.Option(3, help="Neighbours shown per query in table output."),
+    labels: Optional[Path] = typer.Option(None, help="The true labels of the queries (.npy or one per line; a "
+                                          "table's label column is used by itself): prints the accuracy."),
     vector_column: str = VectorColumnOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Classify query vectors by top-k attention."""
-    batch = read_batch(file, vector_column=vector_column)
-    with Memory.open(path) as mem:
+    batch = read_batch(file, vector_column=vector_column, labels_path=labels)
+    with Memory.open(path, read_only=True) as mem:
         res = mem.query(batch.vectors, k=k, tail=tail, probs=probs)
+    accuracy = None
+    if batch.labels is not None:
+        if len(batch.labels) != len(res):
+            raise ValueError(f"{len(res)} queries but {len(batch.labels)} labels")
+        accuracy = float(np.mean([_py(a) == b for a, b in zip(res.labels, batch.labels)]))
     if as_json:
         out = {
             "classes": res.classes.tolist(), "k": res.k, "k_requested": res.k_requested,
@@ -127,6 +148,8 @@ def query(
                 for i in range(len(res))
             ],
         }
+        if accuracy is not None:
+            out["accuracy"] = accuracy
         typer.echo(json.dumps(out))
         return
     table = Table(title=f"k={res.k}" + (f" (clamped from {res.k_requested})" if res.k_clamped else "")
@@ -141,12 +164,105 @@ def query(
         table.add_row(str(i), str(res.labels[i]), f"{res.probs[i, j]:.3f}",
                       *((f"{res.tail_estimate[i]:.3f}",) if estimated else ()), f"{res.tail_bound[i]:.2e}", near)
     console.print(table)
+    if accuracy is not None:
+        typer.echo(f"accuracy {accuracy:.4f} on {len(res):,} queries")
+
+
+@_command(memory_app, "compact")
+def compact(
+    path: Path = PathArg,
+    budget: Optional[str] = typer.Option(None, help="Slots to keep (or bytes: 64MB); none: only drop removed slots."),
+    policy: str = typer.Option("merge", help="merge, reservoir, age or distill (each class keeps its mass)."),
+    seed: int = typer.Option(0, help="Seed of k-means, sampling and distillation."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Shrink a memory to a budget, every class keeping its attention mass."""
+    size = int(budget) if budget is not None and budget.isdigit() else budget
+    with Memory.open(path) as mem:
+        report = mem.compact(budget=size, policy=policy, seed=seed)
+    if as_json:
+        typer.echo(json.dumps(report.as_dict()))
+    else:
+        typer.echo(f"{report.slots:,} slots kept ({report.merged_away:,} merged away, {report.dropped:,} removed "
+                   f"slots dropped) in {report.seconds:.1f} s")
+
+
+@_command(memory_app, "export")
+def export(
+    path: Path = PathArg,
+    out: Path = typer.Argument(..., help="A .parquet (or .arrow / .feather) file to write: id, label, weight, vector."),
+    label: Optional[list[str]] = typer.Option(None, "--label", help="Only the slots of this label (repeat)."),
+    ids_file: Optional[Path] = typer.Option(None, help="Only these ids: a file, one per line (or .npy)."),
+) -> None:
+    """Write a memory's slots (all, some labels', or some ids') to a table file."""
+    from . import codec
+
+    if out.exists():
+        raise FileExistsError(f"{out} exists; choose another file")
+    if out.suffix.lower() not in (".parquet", ".pq", ".arrow", ".feather"):
+        raise ValueError(f"{out}: write .parquet, .arrow or .feather")
+    with Memory.open(path, read_only=True) as mem:
+        if ids_file is not None:
+            from .io import read_labels
+
+            wanted = np.asarray([int(i) for i in read_labels(ids_file)], np.int64)
+        else:
+            wanted = mem.ids(labels=_labels_of(label, mem.label_kind)) if label else mem.ids()
+        slots = mem.get(wanted)
+        dim = mem.dim
+    import pyarrow as pa
+
+    table = pa.table({"id": pa.array(slots.ids), "label": codec.label_array(slots.labels),
+                      "weight": pa.array(slots.weights),
+                      "vector": codec.vector_array(slots.vectors.reshape(len(slots.ids), dim))})
+    if out.suffix.lower() in (".parquet", ".pq"):
+        import pyarrow.parquet as pq
+
+        pq.write_table(table, out)
+    else:
+        import pyarrow.feather as feather
+
+        feather.write_feather(table, out)
+    typer.echo(f"wrote {len(slots.ids):,} slots to {out}")
+
+
+@_command(memory_app, "set")
+def set_(
+    path: Path = PathArg,
+    temperature: Optional[float] = typer.Option(None, help="A new attention temperature, kept as given."),
+    nprobe: Optional[int] = typer.Option(None, help="Fix the IVF lists a query visits (0: calibrated again)."),
+    ef_search: Optional[int] = typer.Option(None, help="Fix the HNSW breadth (0: calibrated again)."),
+) -> None:
+    """Change a memory's settings (persisted in its manifest)."""
+    from .index import SearchSettings
+
+    if temperature is None and nprobe is None and ef_search is None:
+        raise ValueError("nothing to set: give --temperature, --nprobe or --ef-search")
+    with Memory.open(path) as mem:
+        if temperature is not None:
+            mem.temperature = temperature
+        if nprobe is not None or ef_search is not None:
+            now = mem.search_settings
+            mem.search_settings = SearchSettings(
+                nprobe=now.nprobe if nprobe is None else (nprobe or None),
+                ef_search=now.ef_search if ef_search is None else (ef_search or None))
+        typer.echo(f"set: {mem!r}")
+
+
+def _labels_of(values: list[str], kind: str | None) -> list:
+    """Labels typed on the command line, as the memory's kind (ints where it holds ints)."""
+    if kind == "int":
+        try:
+            return [int(v) for v in values]
+        except ValueError:
+            raise ValueError(f"this memory's labels are integers, got {values}") from None
+    return list(values)
 
 
 @_command(memory_app, "info")
 def info(path: Path = PathArg, as_json: bool = JsonOpt) -> None:
-    """Show a memory's size, settings and bytes used."""
-    with Memory.open(path) as mem:
+    """Show a memory's size, settings and bytes used (also of a memory another process holds open)."""
+    with Memory.open(path, read_only=True) as mem:
         stats = {**mem.stats().as_dict(), "temperature": mem.temperature, "path": str(path)}
     if as_json:
         typer.echo(json.dumps(stats))
@@ -162,18 +278,22 @@ def remove(
     path: Path = PathArg,
     ids: Optional[list[int]] = typer.Argument(None, help="Ids to remove."),
     ids_file: Optional[Path] = typer.Option(None, help="A file of ids, one per line (or .npy)."),
+    label: Optional[list[str]] = typer.Option(None, "--label", help="Remove every slot of this label (repeat)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Remove slots by id. Unknown ids are an error and nothing is removed."""
+    """Remove slots by id, or every slot of some labels. Unknown ids or labels are an error and
+    nothing is removed."""
     wanted = list(ids or [])
     if ids_file is not None:
         from .io import read_labels
 
         wanted += [int(i) for i in read_labels(ids_file)]
-    if not wanted:
-        raise ValueError("no ids given")
+    if not wanted and not label:
+        raise ValueError("no ids or labels given")
+    if wanted and label:
+        raise ValueError("give ids or --label, not both")
     with Memory.open(path) as mem:
-        n = mem.remove(wanted)
+        n = mem.remove(labels=_labels_of(label, mem.label_kind)) if label else mem.remove(wanted)
         size = len(mem)
     typer.echo(json.dumps({"removed": n, "slots": size}) if as_json else f"removed {n} slots; memory holds {size}")
 

@@ -209,11 +209,14 @@ class Memory:
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
-    def open(cls, path: str | os.PathLike) -> "Memory":
+    def open(cls, path: str | os.PathLike, *, read_only: bool = False) -> "Memory":
         """Open a durable memory: load its snapshot and replay its write-ahead log.
 
         Args:
             path: the memory's directory.
+            read_only: read it without taking the writer's lock (also a memory another process,
+                a server say, holds open): queries and reads answer over what was acknowledged
+                when it was opened; every write is refused.
 
         Returns:
             The memory, durable at ``path``. If the disk refuses the new log segment an
@@ -226,12 +229,16 @@ class Memory:
                 record of the open log segment, never acknowledged, is dropped).
             MemoryLockedError: the directory is open already (one writer per directory).
         """
-        store, rec = Store.open(path)
+        store, rec = Store.open(path, lock=not read_only)
         try:
             mem = cls._recover(rec, store.path)
         except BaseException:
             store.close()  # release the directory's lock; nothing was written
             raise
+        if read_only:
+            store.fail("it was opened read-only")
+            mem._store = store
+            return mem
         try:
             store.begin()  # from here on, writes go to a new log segment
         except StorageError as exc:

@@ -132,10 +132,13 @@ class Store:
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike) -> tuple["Store", Recovered]:
+    def open(cls, path: str | os.PathLike, *, lock: bool = True) -> tuple["Store", Recovered]:
         """Read a memory directory back and check every file. Nothing is written.
 
-        Call :meth:`begin` before logging new writes.
+        Call :meth:`begin` before logging new writes. With ``lock=False`` the directory is
+        read without taking the writer's lock (a memory another process writes): what was
+        acknowledged when the manifest was read is recovered, and a checkpoint that replaces
+        the files meanwhile makes the read start over.
 
         Raises:
             FileNotFoundError: no memory at ``path``.
@@ -146,6 +149,19 @@ class Store:
         path = Path(path).absolute()
         if not (path / MANIFEST).is_file():
             raise FileNotFoundError(f"no memory at {path}: {MANIFEST} is missing")
+        if not lock:
+            for attempt in range(5):
+                dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+                try:
+                    store = cls(path, dir_fd, read_manifest(path))
+                    return store, store._recover()
+                except CorruptFileError:
+                    os.close(dir_fd)
+                    if attempt == 4 or read_manifest(path) == store.manifest:
+                        raise  # damage, not a checkpoint that moved the files away meanwhile
+                except BaseException:
+                    os.close(dir_fd)
+                    raise
         dir_fd = _lock(path)
         try:
             manifest = read_manifest(path)

@@ -182,3 +182,44 @@ def test_ingest_sources_may_be_directories_and_must_agree_on_columns(tmp_path):
     pq.write_table(pa.table({"label": [0, 1], "vector": good["vector"]}), tmp_path / "other.parquet")
     with pytest.raises(InvalidValueError, match="columns"):
         check_sources([tmp_path / "d", tmp_path / "other.parquet"])
+
+
+def test_the_library_verbs_from_the_command_line(tmp_path):
+    """create with every option, add, query against known labels, export, remove by label,
+    compact and set; info and export on a memory another process holds open."""
+    rng = np.random.default_rng(1)
+    centres = rng.standard_normal((4, 8))
+    y = np.arange(200) % 4
+    x = (centres[y] + 0.3 * rng.standard_normal((200, 8))).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    np.save(tmp_path / "y.npy", y)
+    m = tmp_path / "m"
+    run("memory", "create", m, "--dim", 8, "--index", "Flat", "--temperature", 0.1, "--probs", "full",
+        "--budget", 1000, "--policy", "reservoir", "--track-usage")
+    run("memory", "add", m, tmp_path / "x.npy", "--labels", tmp_path / "y.npy")
+    out = json.loads(run("memory", "query", m, tmp_path / "x.npy", "--labels", tmp_path / "y.npy", "-k", 8,
+                         "--json").output)
+    assert out["accuracy"] >= 0.95 and "tail_estimate" in out["queries"][0]  # the memory answers full
+    assert "accuracy" in run("memory", "query", m, tmp_path / "x.npy", "--labels", tmp_path / "y.npy").output
+    run("memory", "export", m, tmp_path / "two.parquet", "--label", 2)
+    two = pq.read_table(tmp_path / "two.parquet")
+    assert set(two.column("label").to_pylist()) == {2} and two.num_rows == 50
+    assert "exists" in run("memory", "export", m, tmp_path / "two.parquet", ok=False).output
+    assert json.loads(run("memory", "remove", m, "--label", 2, "--json").output) == {"removed": 50, "slots": 150}
+    assert "no slot" in run("memory", "remove", m, "--label", 2, ok=False).output
+    report = json.loads(run("memory", "compact", m, "--budget", 40, "--json").output)
+    assert report["slots"] <= 40 and report["policy"] == "merge"
+    run("memory", "set", m, "--temperature", 0.3)
+    info = json.loads(run("memory", "info", m, "--json").output)
+    assert info["temperature"] == 0.3 and info["slots"] <= 40 and info["classes"] == 3
+    assert "nothing to set" in run("memory", "set", m, ok=False).output
+    assert "no such directory" in run("memory", "create", tmp_path / "nowhere" / "m", "--dim", 4, ok=False).output
+    from engine import Memory
+
+    held = Memory.open(m)  # another writer holds it: reads still work, read-only
+    try:
+        assert json.loads(run("memory", "info", m, "--json").output)["slots"] == info["slots"]
+        run("memory", "export", m, tmp_path / "all.arrow")
+        assert "already open" in run("memory", "remove", m, "--label", 1, ok=False).output
+    finally:
+        held.close()

@@ -546,3 +546,25 @@ def test_a_memory_opened_by_a_relative_path_keeps_writing_after_a_chdir(tmp_path
     mem.close()
     with Memory.open(tmp_path / "rel") as again:
         assert len(again) == 8
+
+
+def test_a_read_only_open_reads_a_held_memory_and_writes_nothing(tmp_path, data):
+    x, y, q = data
+    writer = Memory(8, index="Flat", temperature=0.2, path=tmp_path / "m")
+    writer.add(x[:50], y[:50])
+    writer.save()
+    writer.add(x[50:80], y[50:80])
+    before = {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()}
+    reader = Memory.open(tmp_path / "m", read_only=True)
+    assert len(reader) == 80
+    np.testing.assert_array_equal(reader.query(q, k=5).ids, writer.query(q, k=5).ids)
+    with pytest.raises(engine.MemoryFailedError, match="read-only"):
+        reader.add(x[80:81], y[80:81])
+    with pytest.raises(engine.MemoryFailedError, match="read-only"):
+        reader.remove([0])
+    reader.close()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "m").iterdir()} == before
+    writer.add(x[80:90], y[80:90])  # the writer was never disturbed
+    writer.close()
+    with Memory.open(tmp_path / "m") as again:
+        assert len(again) == 90
