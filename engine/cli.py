@@ -33,6 +33,19 @@ def _fail(exc: BaseException) -> None:
     raise typer.Exit(code=2)
 
 
+# The library's advice to a Python caller, as a command-line user takes it.
+_CLI_WORDS = (("pass upsert=True to replace", "--upsert replaces them"),
+              ("open it with Memory.open(", "use it with the memory commands ("),
+              ("use ShardedMemory.open", "use it with --cluster"))
+
+
+def _cli_words(exc: BaseException) -> str:
+    text = str(exc)
+    for library, cli in _CLI_WORDS:
+        text = text.replace(library, cli)
+    return text
+
+
 def _command(typer_app: typer.Typer, name: str):
     """Register a command whose engine errors become a one-line message and exit code 2."""
     return lambda fn: typer_app.command(name)(_guard(fn))
@@ -51,7 +64,7 @@ def _guard(fn):
                 _fail(missing(exc.name, f"engine {fn.__name__.replace('_', '-')}"))
             raise
         except (EngineError, ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
-            _fail(exc)
+            _fail(_cli_words(exc))
 
     return wrapper
 
@@ -349,8 +362,8 @@ def serve(
 @_command(app, "ingest")
 def ingest_cmd(
     path: Path = PathArg,
-    sources: list[str] = typer.Argument(..., help="Parquet files or directories: label, [id], [weight], and "
-                                        "vector (floats) or image (encoded bytes)."),
+    sources: list[str] = typer.Argument(..., help="Parquet files or directories: label, optionally id and weight, "
+                                        "and vector (floats) or image (encoded bytes)."),
     checkpoint: Optional[Path] = typer.Option(None, help="A trained model's checkpoint folder (to embed images)."),
     shards: Optional[int] = typer.Option(None, help="Create the sharded memory with this many shards "
                                          "(default: it exists already)."),
@@ -412,9 +425,12 @@ def train_cmd(
     val_episodes: Optional[int] = typer.Option(None, help="Validation episodes (within-alphabet 20-way 1-shot)."),
     seed: Optional[int] = typer.Option(None, help="Seed."),
     resume: bool = typer.Option(False, help="Continue the run in --out."),
+    force: bool = typer.Option(False, help="Start afresh over a run already in --out (it is overwritten)."),
 ) -> None:
     """Episodic meta-training of a Matching Network: the dataset's recipe (engine.train.recipe),
     with any option given here in its place."""
+    if out.is_dir() and any(out.iterdir()) and not (resume or force):
+        raise FileExistsError(f"{out} holds a run already: --resume continues it, --force starts afresh over it")
     from .train import recipe, train
 
     given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "elastic": elastic,
@@ -423,6 +439,8 @@ def train_cmd(
              "val_every": val_every, "val_episodes": val_episodes, "seed": seed}
     cfg = recipe(dataset, data=str(data) if data else None, **{k: v for k, v in given.items() if v is not None})
     summary = train(cfg, out, resume=resume)
+    if summary.get("best_val_acc", 0) < 0:  # never validated (no episodes): no accuracy to report
+        summary["best_val_acc"] = None
     typer.echo(json.dumps(summary))
 
 

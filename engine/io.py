@@ -42,7 +42,13 @@ def read_batch(path: str | Path, *, labels_path: str | Path | None = None, vecto
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        batch = Batch(np.load(path, allow_pickle=False))
+        try:
+            array = np.load(path, allow_pickle=False)
+        except (EOFError, ValueError, OSError) as exc:
+            raise ValueError(f"{path}: not a readable .npy array ({str(exc) or type(exc).__name__})") from None
+        if array.ndim != 2 or len(array) == 0:
+            raise ValueError(f"{path}: holds an array of shape {array.shape}; vectors are (n, dim) with n >= 1")
+        batch = Batch(array)
     elif suffix in TABLE_SUFFIXES:
         batch = _from_table(_read_table(path, suffix), path, vector_column, label_column, id_column, weight_column)
     else:
@@ -85,6 +91,14 @@ def _read_table(path: Path, suffix: str) -> pa.Table:
 
 def _from_table(table: pa.Table, path: Path, vector_column, label_column, id_column, weight_column) -> Batch:
     names = table.column_names
+    if table.num_rows == 0:
+        raise ValueError(f"{path}: no rows (columns {names})")
+    if vector_column not in names:
+        lists = [f.name for f in table.schema if pa.types.is_list(f.type) or pa.types.is_large_list(f.type)
+                 or pa.types.is_fixed_size_list(f.type)]
+        if lists:
+            raise ValueError(f"{path}: no {vector_column!r} column; column {lists[0]!r} holds lists: "
+                             f"--vector-column {lists[0]} reads the vectors from it")
     if vector_column in names:
         try:
             vectors = vectors_of(table.column(vector_column))

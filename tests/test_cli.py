@@ -223,3 +223,29 @@ def test_the_library_verbs_from_the_command_line(tmp_path):
         assert "already open" in run("memory", "remove", m, "--label", 1, ok=False).output
     finally:
         held.close()
+
+
+def test_bad_files_and_repeated_runs_get_one_clear_line(tmp_path, mem_dir):
+    (tmp_path / "empty.npy").write_bytes(b"")
+    np.save(tmp_path / "none.npy", np.zeros((0, 4), np.float32))
+    (tmp_path / "header.csv").write_text("label,a,b,c,d\n")
+    pq.write_table(pa.table({"embedding": [[1.0, 2.0, 3.0, 4.0]] * 3, "label": [1, 2, 3]}), tmp_path / "emb.parquet")
+    (tmp_path / "y.txt").write_text("1\n")
+    for file, words in (("empty.npy", "not a readable .npy"), ("none.npy", "shape (0, 4)"),
+                        ("header.csv", "no rows"), ("emb.parquet", "--vector-column embedding")):
+        result = run("memory", "add", mem_dir, tmp_path / file, "--labels", tmp_path / "y.txt", ok=False)
+        assert result.exit_code == 2 and words in result.output and len(result.output.strip().splitlines()) == 1
+    assert len(run("memory", "info", mem_dir, "--json").output) and \
+        json.loads(run("memory", "info", mem_dir, "--json").output)["slots"] == 0  # nothing written
+    pq.write_table(pa.table({"embedding": [[1.0, 2.0, 3.0, 4.0]] * 3, "label": [1, 2, 3], "id": [7, 8, 9]}),
+                   tmp_path / "ids.parquet")
+    run("memory", "add", mem_dir, tmp_path / "ids.parquet", "--vector-column", "embedding")
+    again = run("memory", "add", mem_dir, tmp_path / "ids.parquet", "--vector-column", "embedding", ok=False)
+    assert again.exit_code == 2 and "--upsert replaces them" in again.output and "upsert=True" not in again.output
+    exists = run("memory", "create", mem_dir, "--dim", 4, ok=False)
+    assert exists.exit_code == 2 and "Memory.open(" not in exists.output and "memory commands" in exists.output
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.json").write_text("{}")
+    refused = run("train", "--out", tmp_path / "run", "--episodes", 0, ok=False)
+    assert refused.exit_code == 2 and "--resume" in refused.output and "--force" in refused.output
+    assert (tmp_path / "run" / "config.json").read_text() == "{}"
