@@ -21,13 +21,23 @@ MAX_WEIGHT = 1e30
 TEMPERATURE_RANGE = (1e-6, 1e6)
 
 
+def untensor(x):
+    """A torch tensor (on any device, with or without grad) as a numpy array; anything else
+    as it is. torch is never imported here: a tensor is known by its methods."""
+    if not isinstance(x, np.ndarray) and hasattr(x, "detach") and hasattr(x, "cpu") and hasattr(x, "numpy"):
+        return x.detach().cpu().numpy()
+    return x
+
+
 def vectors(x, dim: int, metric: str, what: str = "vectors", *, allow_empty: bool = False) -> np.ndarray:
     """(n, dim) finite real vectors as C-contiguous float32; L2-normalised for cosine.
 
-    A (dim,) vector is one row; with ``allow_empty`` an empty sequence is zero rows.
+    A (dim,) vector is one row; with ``allow_empty`` an empty sequence is zero rows. A torch
+    tensor is read as its values (detached).
     """
     if type(x) is np.ndarray and x.shape == (dim,) and x.dtype.kind == "f":  # one query: the hot path
         return _one_vector(x, metric, what)
+    x = untensor(x)
     raw = x if isinstance(x, np.ndarray) else None
     try:
         if raw is None:
@@ -87,7 +97,7 @@ def weights(w, n: int) -> np.ndarray:
     """n slot masses in (0, MAX_WEIGHT], float64 (all 1 when ``w`` is None)."""
     if w is None:
         return np.ones(n, np.float64)
-    raw = np.asarray(w)
+    raw = np.asarray(untensor(w))
     if raw.dtype.kind not in "iuf" or raw.ndim > 1:
         raise InvalidValueError(f"weights must be a 1-d sequence of real numbers, got {raw.dtype} "
                                 f"of shape {raw.shape}")
@@ -104,7 +114,7 @@ def ids(x) -> np.ndarray:
     if isinstance(x, (bool, np.bool_)):
         raise InvalidValueError("ids must be integers, got a bool")
     try:
-        a = np.asarray(x)
+        a = np.asarray(untensor(x))
     except (TypeError, ValueError) as exc:
         raise InvalidValueError(f"ids must be integers: {exc}") from None
     if a.ndim == 0:

@@ -48,6 +48,8 @@ class Vocabulary:
         Raises:
             InvalidValueError: wrong count, shape or type, mixed kinds, or a kind other than the memory's.
         """
+        if not isinstance(labels, np.ndarray) and hasattr(labels, "detach") and hasattr(labels, "numpy"):
+            labels = labels.detach().cpu().numpy()  # a torch tensor: its values
         if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
             raise InvalidValueError("labels must be a sequence with one label per vector")
         if isinstance(labels, np.ndarray) and labels.ndim != 1:

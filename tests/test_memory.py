@@ -362,3 +362,21 @@ def test_engine_errors_pickle_whole():
         for attr in ("ids", "errno", "uncertain", "shards"):
             assert getattr(back, attr, None) == getattr(error, attr, None)
     assert pickle.loads(pickle.dumps(cases[3])).written.tolist() == [4, 5]
+
+
+def test_torch_tensors_are_taken_wherever_arrays_are():
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((60, 8)).astype(np.float32)
+    y = np.arange(60) % 3
+    ref = Memory(8, index="Flat", temperature=0.2)
+    ref.add(x, y, weights=np.linspace(1, 2, 60), ids=np.arange(60) * 2)
+    mem = Memory(8, index="Flat", temperature=0.2)
+    vectors = torch.tensor(x, requires_grad=True) * 1.0  # a tensor with a graph behind it
+    mem.add(vectors, torch.tensor(y), weights=torch.linspace(1, 2, 60, dtype=torch.float64),
+            ids=torch.arange(60) * 2)
+    q = torch.tensor(x[:5], requires_grad=True)
+    a, b = ref.query(x[:5], k=6), mem.query(q, k=6)
+    np.testing.assert_array_equal(a.ids, b.ids)
+    np.testing.assert_allclose(a.probs, b.probs, atol=1e-12)
+    assert mem.remove(torch.tensor([0, 2])) == 2 and len(mem.ids(labels=torch.tensor([1]))) == 19  # ids 0, 2: labels 0, 1
