@@ -174,6 +174,8 @@ class VectorIndex:
             self._ivf.make_direct_map(True)
         self._map_lock = threading.Lock()
         self._hnsw = _find_hnsw(index)
+        # an IVF over the vectors as given (no transform before it): adds may come with their lists
+        self._plain_ivf = isinstance(faiss.downcast_index(index), faiss.IndexIVF)
         # exact: exhaustive search with exact scores, so the tail bound is a certificate
         self.exact = isinstance(index, faiss.IndexFlat)
 
@@ -387,9 +389,22 @@ class VectorIndex:
             return None, int(ef)
         return None, None
 
-    def add(self, vectors: np.ndarray) -> None:
-        """Append ``vectors`` as the next rows."""
-        self._index.add(vectors)
+    def assign(self, vectors: np.ndarray) -> np.ndarray | None:
+        """The IVF list of each of ``vectors``: the part of an add that reads the index, so a
+        writer computes it before it takes the readers' lock (see :meth:`add`). None where
+        the index is not an IVF over the vectors as given."""
+        if not self._plain_ivf:
+            return None
+        _, lists = self._ivf.quantizer.search(np.ascontiguousarray(vectors, np.float32), 1)
+        return np.ascontiguousarray(lists[:, 0], np.int64)
+
+    def add(self, vectors: np.ndarray, lists: np.ndarray | None = None) -> None:
+        """Append ``vectors`` as the next rows (into ``lists``, from :meth:`assign`, when given)."""
+        if lists is not None and self._plain_ivf:
+            x = np.ascontiguousarray(vectors, np.float32)
+            self._ivf.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
+        else:
+            self._index.add(vectors)
         self._written += len(vectors)
 
     def reconstruct(self, rows: np.ndarray) -> np.ndarray:

@@ -471,9 +471,10 @@ class Memory:
         state = self._state
         if state.too_dead(len(kill_rows)) or (append is not None and state.index.needs_rebuild(n_after)):
             self._swap(state.rebuilt(kill_rows, append))
-        else:
+        else:  # the IVF lists of new rows are found first: readers wait only for the append itself
+            lists = state.index.assign(append[3]) if append is not None else None
             with self._lock.write():
-                state.apply(kill_rows, append)
+                state.apply(kill_rows, append, lists)
 
     def _recalibrate(self) -> None:
         """Measure the breadth again of an index that grew in place (HNSW) 4x, whose answer was

@@ -182,9 +182,10 @@ class State:
                    index.build(full.vectors, full.label_idx, full.weights))
 
     # -- changes ------------------------------------------------------------------------
-    def apply(self, kill_rows: np.ndarray, append: tuple | None = None) -> None:
+    def apply(self, kill_rows: np.ndarray, append: tuple | None = None, lists: np.ndarray | None = None) -> None:
         """Change this state in place (the caller holds the exclusive lock): tombstone rows,
-        append rows ``(ids, label_idx, weights or None, vectors, used)`` to the table and the index."""
+        append rows ``(ids, label_idx, weights or None, vectors, used)`` to the table and the index
+        (into IVF ``lists`` computed beforehand by ``index.assign``, when given)."""
         self._classes = None
         self._row_columns = None
         cells = self._cells
@@ -198,7 +199,7 @@ class State:
             self._cells = cells = None
         if append is not None:
             self.table.append(*append)
-            self.index.add(append[3])
+            self.index.add(append[3], lists)
             if cells is not None:
                 ids, label_idx, weights, vectors = append[:4]
                 cells.append(label_idx, np.ones(len(ids)) if weights is None else weights, vectors)
