@@ -151,13 +151,14 @@ class Store:
             raise FileNotFoundError(f"no memory at {path}: {MANIFEST} is missing")
         if not lock:
             for attempt in range(5):
+                manifest = read_manifest(path)
                 dir_fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
                 try:
-                    store = cls(path, dir_fd, read_manifest(path))
+                    store = cls(path, dir_fd, manifest)
                     return store, store._recover()
                 except CorruptFileError:
                     os.close(dir_fd)
-                    if attempt == 4 or read_manifest(path) == store.manifest:
+                    if attempt == 4 or read_manifest(path) == manifest:
                         raise  # damage, not a checkpoint that moved the files away meanwhile
                 except BaseException:
                     os.close(dir_fd)
