@@ -25,7 +25,11 @@ def untensor(x):
     """A torch tensor (on any device, with or without grad) as a numpy array; anything else
     as it is. torch is never imported here: a tensor is known by its methods."""
     if not isinstance(x, np.ndarray) and hasattr(x, "detach") and hasattr(x, "cpu") and hasattr(x, "numpy"):
-        return x.detach().cpu().numpy()
+        x = x.detach().cpu()
+        try:
+            return x.numpy()
+        except TypeError:  # a dtype numpy lacks (bfloat16): as float32
+            return x.float().numpy()
     return x
 
 

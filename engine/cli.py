@@ -48,10 +48,10 @@ def _cli_words(exc: BaseException) -> str:
 
 def _command(typer_app: typer.Typer, name: str):
     """Register a command whose engine errors become a one-line message and exit code 2."""
-    return lambda fn: typer_app.command(name)(_guard(fn))
+    return lambda fn: typer_app.command(name)(_guard(fn, name))
 
 
-def _guard(fn):
+def _guard(fn, name: str = ""):
     """Turn the engine's input errors into a one-line message and exit code 2."""
     import functools
 
@@ -61,7 +61,7 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except ModuleNotFoundError as exc:  # a command of an optional extra that is not installed
             if exc.name and exc.name.split(".")[0] in EXTRA_OF:
-                _fail(missing(exc.name, f"engine {fn.__name__.replace('_', '-')}"))
+                _fail(missing(exc.name, f"engine {name or fn.__name__}"))
             raise
         except (EngineError, ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
             _fail(_cli_words(exc))
@@ -144,11 +144,13 @@ def query(
     batch = read_batch(file, vector_column=vector_column, labels_path=labels)
     with Memory.open(path, read_only=True) as mem:
         res = mem.query(batch.vectors, k=k, tail=tail, probs=probs)
+        kind = mem.label_kind
     accuracy = None
     if batch.labels is not None:
         if len(batch.labels) != len(res):
             raise ValueError(f"{len(res)} queries but {len(batch.labels)} labels")
-        accuracy = float(np.mean([_py(a) == b for a, b in zip(res.labels, batch.labels)]))
+        truth = [str(v) for v in batch.labels] if kind == "str" else batch.labels  # as the memory's labels
+        accuracy = float(np.mean([_py(a) == b for a, b in zip(res.labels, truth)]))
     if as_json:
         out = {
             "classes": res.classes.tolist(), "k": res.k, "k_requested": res.k_requested,
@@ -251,6 +253,13 @@ def set_(
 
     if temperature is None and nprobe is None and ef_search is None:
         raise ValueError("nothing to set: give --temperature, --nprobe or --ef-search")
+    from . import checks
+
+    for option, value in (("--nprobe", nprobe), ("--ef-search", ef_search)):  # every value checked first
+        if value is not None:
+            checks.integer(option, value, low=0)
+    if temperature is not None:
+        checks.temperature(temperature)
     with Memory.open(path) as mem:
         if temperature is not None:
             mem.temperature = temperature
@@ -431,6 +440,10 @@ def train_cmd(
     with any option given here in its place."""
     if out.is_dir() and any(out.iterdir()) and not (resume or force):
         raise FileExistsError(f"{out} holds a run already: --resume continues it, --force starts afresh over it")
+    if force and not resume and out.is_dir():
+        import shutil
+
+        shutil.rmtree(out)  # afresh: no log, checkpoint or best model of the old run is left to mix in
     from .train import recipe, train
 
     given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "elastic": elastic,

@@ -174,8 +174,11 @@ class VectorIndex:
             self._ivf.make_direct_map(True)
         self._map_lock = threading.Lock()
         self._hnsw = _find_hnsw(index)
-        # an IVF over the vectors as given (no transform before it): adds may come with their lists
-        self._plain_ivf = isinstance(faiss.downcast_index(index), faiss.IndexIVF)
+        # an IVF over the vectors as given (no transform before it) whose add is the base one
+        # (assign, then add_core): adds may come with their lists. Exact types only: FastScan
+        # packs codes in its own add, Dedup merges copies, PQR refines; add_core skips both.
+        self._plain_ivf = type(faiss.downcast_index(index)) in (faiss.IndexIVFFlat, faiss.IndexIVFPQ,
+                                                                 faiss.IndexIVFScalarQuantizer)
         # exact: exhaustive search with exact scores, so the tail bound is a certificate
         self.exact = isinstance(index, faiss.IndexFlat)
 

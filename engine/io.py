@@ -42,10 +42,7 @@ def read_batch(path: str | Path, *, labels_path: str | Path | None = None, vecto
         raise FileNotFoundError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix == ".npy":
-        try:
-            array = np.load(path, allow_pickle=False)
-        except (EOFError, ValueError, OSError) as exc:
-            raise ValueError(f"{path}: not a readable .npy array ({str(exc) or type(exc).__name__})") from None
+        array = _load_npy(path)
         if array.ndim != 2 or len(array) == 0:
             raise ValueError(f"{path}: holds an array of shape {array.shape}; vectors are (n, dim) with n >= 1")
         batch = Batch(array)
@@ -64,12 +61,26 @@ def read_labels(path: str | Path) -> list:
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such file")
     if path.suffix.lower() == ".npy":
-        return np.load(path, allow_pickle=False).tolist()
+        array = _load_npy(path)
+        if array.ndim != 1:
+            raise ValueError(f"{path}: holds an array of shape {array.shape}; one value a row is 1-d")
+        return array.tolist()
     lines = [s.strip() for s in path.read_text().splitlines() if s.strip()]
     try:
         return [int(s) for s in lines]
     except ValueError:
         return lines
+
+
+def _load_npy(path: Path) -> np.ndarray:
+    """One array from a .npy file; ValueError for anything else (empty, truncated, an .npz)."""
+    try:
+        array = np.load(path, allow_pickle=False)
+    except (EOFError, ValueError, OSError) as exc:
+        raise ValueError(f"{path}: not a readable .npy array ({str(exc) or type(exc).__name__})") from None
+    if not isinstance(array, np.ndarray):
+        raise ValueError(f"{path}: an archive of arrays (.npz), not one .npy array")
+    return array
 
 
 def _read_table(path: Path, suffix: str) -> pa.Table:

@@ -106,6 +106,10 @@ class Vocabulary:
         Raises:
             InvalidValueError: labels of the wrong shape, type or kind (see :meth:`check`).
         """
+        if not isinstance(labels, np.ndarray) and hasattr(labels, "detach") and hasattr(labels, "numpy"):
+            labels = labels.detach().cpu().numpy()  # a torch tensor: its values
+        if isinstance(labels, np.ndarray) and labels.ndim == 0:
+            labels = labels.reshape(1)
         if isinstance(labels, (str, int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
             labels = [labels]  # one label
         values, _ = self.check(labels, len(labels) if hasattr(labels, "__len__") else -1)

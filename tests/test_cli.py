@@ -249,3 +249,25 @@ def test_bad_files_and_repeated_runs_get_one_clear_line(tmp_path, mem_dir):
     refused = run("train", "--out", tmp_path / "run", "--episodes", 0, ok=False)
     assert refused.exit_code == 2 and "--resume" in refused.output and "--force" in refused.output
     assert (tmp_path / "run" / "config.json").read_text() == "{}"
+
+
+def test_set_checks_everything_before_changing_anything_and_labels_files_are_read_as_the_memorys(tmp_path):
+    m = tmp_path / "m"
+    run("memory", "create", m, "--dim", 4, "--index", "Flat", "--temperature", 0.1)
+    refused = run("memory", "set", m, "--temperature", 0.5, "--nprobe", -3, ok=False)
+    assert refused.exit_code == 2 and json.loads(run("memory", "info", m, "--json").output)["temperature"] == 0.1
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((30, 4)).astype(np.float32)
+    pq.write_table(pa.table({"vector": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), 4),
+                             "label": [str(i % 3) for i in range(30)]}), tmp_path / "s.parquet")
+    run("memory", "add", m, tmp_path / "s.parquet")  # string labels that look like numbers
+    np.save(tmp_path / "q.npy", x)
+    (tmp_path / "truth.txt").write_text("\n".join(str(i % 3) for i in range(30)))
+    out = json.loads(run("memory", "query", m, tmp_path / "q.npy", "--labels", tmp_path / "truth.txt", "-k", 1,
+                         "--json").output)
+    assert out["accuracy"] == 1.0
+    (tmp_path / "empty.npy").write_bytes(b"")
+    for args in (("memory", "query", m, tmp_path / "q.npy", "--labels", tmp_path / "empty.npy"),
+                 ("memory", "remove", m, "--ids-file", tmp_path / "empty.npy")):
+        bad = run(*args, ok=False)
+        assert bad.exit_code == 2 and "not a readable .npy" in bad.output

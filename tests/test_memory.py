@@ -380,3 +380,11 @@ def test_torch_tensors_are_taken_wherever_arrays_are():
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_allclose(a.probs, b.probs, atol=1e-12)
     assert mem.remove(torch.tensor([0, 2])) == 2 and len(mem.ids(labels=torch.tensor([1]))) == 19  # ids 0, 2: labels 0, 1
+
+
+def test_tensors_numpy_lacks_and_zero_d_labels():
+    torch = pytest.importorskip("torch")
+    mem = Memory(4, index="Flat", temperature=0.2)
+    mem.add(torch.ones((3, 4), dtype=torch.bfloat16), torch.tensor([1, 2, 1]))
+    assert mem.query(torch.ones(4, dtype=torch.bfloat16), k=2).labels.tolist() in ([1], [2])
+    assert len(mem.ids(labels=torch.tensor(1))) == 2 and len(mem.ids(labels=np.array(2))) == 1

@@ -224,6 +224,10 @@ class _Unavailable(errors.ServerUnavailableError, fl.FlightUnavailableError):
     """The engine's error, still the Flight error callers of the transport may catch."""
 
 
+class _TimedOut(errors.ServerUnavailableError, fl.FlightTimedOutError):
+    """The engine's error, still the Flight error callers of the transport may catch."""
+
+
 class _errors:
     """Turn the server's FlightServerError back into the engine exception it was."""
 
@@ -234,7 +238,10 @@ class _errors:
         if isinstance(exc, fl.FlightUnauthenticatedError):
             raise _Unauthenticated("the server refused this client's token (missing or wrong); "
                                    "nothing changed") from None
-        if isinstance(exc, (fl.FlightUnavailableError, fl.FlightTimedOutError)):
+        if isinstance(exc, fl.FlightTimedOutError):
+            raise _TimedOut("the server did not answer within the client's timeout (a write may still have "
+                            "been applied)") from None
+        if isinstance(exc, fl.FlightUnavailableError):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
             raise _Unavailable(f"no answer from the server: {first[:200]}") from None
         if exc is None or not isinstance(exc, fl.FlightServerError) or not exc.extra_info:
