@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from .checks import untensor
 from .errors import InvalidValueError
 
 INT64_MAX = int(np.iinfo(np.int64).max)
@@ -48,8 +49,7 @@ class Vocabulary:
         Raises:
             InvalidValueError: wrong count, shape or type, mixed kinds, or a kind other than the memory's.
         """
-        if not isinstance(labels, np.ndarray) and hasattr(labels, "detach") and hasattr(labels, "numpy"):
-            labels = labels.detach().cpu().numpy()  # a torch tensor: its values
+        labels = untensor(labels)  # a torch tensor: its values
         if isinstance(labels, (str, bytes)) or not hasattr(labels, "__len__"):
             raise InvalidValueError("labels must be a sequence with one label per vector")
         if isinstance(labels, np.ndarray) and labels.ndim != 1:
@@ -106,8 +106,7 @@ class Vocabulary:
         Raises:
             InvalidValueError: labels of the wrong shape, type or kind (see :meth:`check`).
         """
-        if not isinstance(labels, np.ndarray) and hasattr(labels, "detach") and hasattr(labels, "numpy"):
-            labels = labels.detach().cpu().numpy()  # a torch tensor: its values
+        labels = untensor(labels)
         if isinstance(labels, np.ndarray) and labels.ndim == 0:
             labels = labels.reshape(1)
         if isinstance(labels, (str, int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
