@@ -95,9 +95,8 @@ def create(
         raise typer.BadParameter(f'a number or "auto", got {temperature!r}', param_hint="--temperature") from None
     if Path(path).parent != Path(path) and not Path(path).parent.is_dir():
         raise FileNotFoundError(f"{Path(path).parent}: no such directory (create it first)")
-    size = int(budget) if budget is not None and budget.isdigit() else budget
-    mem = Memory(dim, metric=metric, index=index, temperature=t, path=path, probs=probs, budget=size, policy=policy,
-                 nprobe=nprobe, ef_search=ef_search, recall=recall, track_usage=track_usage)
+    mem = Memory(dim, metric=metric, index=index, temperature=t, path=path, probs=probs, budget=_budget(budget),
+                 policy=policy, nprobe=nprobe, ef_search=ef_search, recall=recall, track_usage=track_usage)
     mem.close()
     typer.echo(f"created {mem!r}")
 
@@ -192,9 +191,8 @@ def compact(
     as_json: bool = JsonOpt,
 ) -> None:
     """Shrink a memory to a budget, every class keeping its attention mass."""
-    size = int(budget) if budget is not None and budget.isdigit() else budget
     with Memory.open(path) as mem:
-        report = mem.compact(budget=size, policy=policy, seed=seed)
+        report = mem.compact(budget=_budget(budget), policy=policy, seed=seed)
     if as_json:
         typer.echo(json.dumps(report.as_dict()))
     else:
@@ -269,6 +267,11 @@ def set_(
                 nprobe=now.nprobe if nprobe is None else (nprobe or None),
                 ef_search=now.ef_search if ef_search is None else (ef_search or None))
         typer.echo(f"set: {mem!r}")
+
+
+def _budget(text: str | None) -> int | str | None:
+    """A budget typed on the command line: slots (digits) or bytes ("64MB")."""
+    return int(text) if text is not None and text.isdigit() else text
 
 
 def _labels_of(values: list[str], kind: str | None) -> list:

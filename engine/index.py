@@ -26,7 +26,7 @@ import faiss
 import numpy as np
 
 from .calibration import K as CALIBRATION_K
-from .calibration import (DRIFT_GROWTH, DRIFT_QUERIES, QUERIES, RECALL_TARGET, Answer, Calibration, DriftCheck,
+from .calibration import (DRIFT_QUERIES, DRIFT_WRITTEN, QUERIES, RECALL_TARGET, Answer, Calibration, DriftCheck,
                           calibrate, check_drift)
 from .errors import InvalidValueError
 
@@ -341,7 +341,7 @@ class VectorIndex:
             (self._hnsw is not None and self.settings.ef_search is not None)
         if cal is None or fixed or self.stale_calibration():
             return False
-        return self._written >= (DRIFT_GROWTH - 1) * cal.trained_on
+        return self._written >= DRIFT_WRITTEN * cal.trained_on
 
     def check_drift(self, live: np.ndarray, labels: np.ndarray | None = None,
                     weights: np.ndarray | None = None, seed: int = 0) -> DriftCheck | None:
@@ -355,7 +355,8 @@ class VectorIndex:
         target = self.recall_target
         if target is None and cal.target == "recall":
             target = RECALL_TARGET  # recall stood in for the answer (a shard, one class)
-        recent = np.flatnonzero(np.asarray(live[:self.ntotal], bool))[-written:]
+        live_rows = np.flatnonzero(np.asarray(live[:self.ntotal], bool))
+        recent = live_rows[max(0, len(live_rows) - written):]
         m = min(len(recent), DRIFT_QUERIES if target is None else QUERIES)
         if m == 0:  # every row written since is removed already: nothing new to check
             return None

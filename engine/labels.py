@@ -29,6 +29,17 @@ def dtype(kind: str | None):
     return object if kind == "str" else np.int64
 
 
+def one_or_many(labels):
+    """Labels to select by: a sequence, or one label alone (a scalar, a 0-d array or tensor)
+    as a sequence of one; tensors as their values."""
+    labels = untensor(labels)
+    if isinstance(labels, np.ndarray) and labels.ndim == 0:
+        return labels.reshape(1)
+    if isinstance(labels, (str, int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
+        return [labels]
+    return labels
+
+
 class Vocabulary:
     """Label values <-> label indices, with the kind they share."""
 
@@ -101,16 +112,13 @@ class Vocabulary:
         return codes[inverse.reshape(-1)]
 
     def find(self, labels) -> tuple[list, np.ndarray]:
-        """(the checked labels, the index of each, -1 for a label never written).
+        """(the checked labels, the index of each, -1 for a label never written); one label
+        alone is a sequence of one.
 
         Raises:
             InvalidValueError: labels of the wrong shape, type or kind (see :meth:`check`).
         """
-        labels = untensor(labels)
-        if isinstance(labels, np.ndarray) and labels.ndim == 0:
-            labels = labels.reshape(1)
-        if isinstance(labels, (str, int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
-            labels = [labels]  # one label
+        labels = one_or_many(labels)
         values, _ = self.check(labels, len(labels) if hasattr(labels, "__len__") else -1)
         return values, np.array([self._index.get(v, -1) for v in values], np.int64)
 

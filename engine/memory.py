@@ -369,7 +369,8 @@ class Memory:
             with self._write_mutex:
                 values, codes = self._vocab.find(labels)
                 counts = self._state.table.class_counts
-                absent = [v for v, c in zip(values, codes) if c < 0 or c >= len(counts) or counts[c] == 0]
+                absent = list(dict.fromkeys(v for v, c in zip(values, codes)
+                                            if c < 0 or c >= len(counts) or counts[c] == 0))
                 if absent:
                     raise UnknownLabelError(f"labels with no slot: {absent[:10]}{' ...' if len(absent) > 10 else ''}",
                                             absent)
@@ -479,13 +480,14 @@ class Memory:
     def _recalibrate(self) -> None:
         """Measure the breadth again of an index that grew in place (HNSW) 4x, whose answer was
         measured at a temperature the memory has since softened past, or whose new slots (once
-        it has grown 1.5x) no longer get the answer or recall it was measured for (an IVF whose
-        lists were fit to other data is trained again), outside the readers' lock. The write before it is done: if measuring fails, the previous breadth stays."""
+        half as many as it was measured on are written) no longer get the answer or recall it
+        was measured for (an IVF whose lists were fit to other data is trained again), outside
+        the readers' lock. The write before it is done: if measuring fails, the breadth stays."""
         index = self._state.index
         try:
             if index.stale_calibration():
                 index.calibration = self._state.calibrated()  # one reference: readers see old or new
-            elif index.drift_due():  # grown 1.5x since: do the new slots still get the answer?
+            elif index.drift_due():  # many rows written since: do the new slots still get the answer?
                 check = self._state.check_drift()
                 if check is not None and check.drifted and index.trained_on and not index.codes_only:
                     # no, and the lists were fit to other data: train them on the memory as it
@@ -727,8 +729,9 @@ class Memory:
     @property
     def calibration_checks(self) -> tuple:
         """The latest checks of the calibrated breadth on the slots written since it was
-        measured (:class:`~engine.calibration.DriftCheck`, newest last): one each time the
-        index has grown 1.5x; one that fell short had the breadth measured again."""
+        measured (:class:`~engine.calibration.DriftCheck`, newest last): one each time half as
+        many rows as it was measured on have been written; one that fell short had the breadth
+        measured again."""
         return tuple(self._state.index.drift_checks)
 
     # -- settings and persistence -------------------------------------------------------

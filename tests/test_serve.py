@@ -558,3 +558,28 @@ def test_a_client_without_a_server_or_with_a_wrong_token_gets_engine_errors(serv
     with pytest.raises(engine.AuthenticationError, match="token") as exc:
         client(server, token="wrong").add(x[:1], [1])
     assert isinstance(exc.value, fl.FlightUnauthenticatedError) and "grpc" not in str(exc.value).lower()
+
+
+def test_malformed_query_actions_are_refused_and_change_nothing(served, data):
+    server, mem = served
+    x, y, q = data
+    client(server, token=TOKEN).add(x, y)
+    good = wire.small_query({"memory": "m", "k": 3}, np.ones((2, 16), np.float32))
+    head = wire.small_query({"memory": "m", "k": 3}, np.ones((0, 16), np.float32))
+    bodies = {
+        "too short": b"\x01",
+        "runs past the body": (10_000).to_bytes(4, "little") + b"{}",
+        "bytes of vectors": good[:-4],
+        "not JSON": (3).to_bytes(4, "little") + b"abc",
+        "'rows' and 'dim'": head,  # rows 0
+        "'k' must be": wire.small_query({"memory": "m", "k": 2.5}, np.ones((1, 16), np.float32)),
+        "unknown fields": wire.small_query({"memory": "m", "sneaky": 1}, np.ones((1, 16), np.float32)),
+        "NaN": wire.small_query({"memory": "m"}, np.full((1, 16), np.nan, np.float32)),
+        "shape": wire.small_query({"memory": "m"}, np.ones((1, 9), np.float32)),
+    }
+    before = mem.query(q, k=5)
+    for words, body in bodies.items():
+        with pytest.raises(fl.FlightServerError, match=words):
+            list(raw(server).do_action(fl.Action("query", body)))
+    same_result(client(server).query(q, k=5), before)  # still answering, nothing changed
+    assert len(mem) == len(x)

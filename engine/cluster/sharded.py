@@ -383,9 +383,7 @@ class ShardedMemory:
         if labels is not None:
             if ids is not None:
                 raise InvalidValueError("remove takes ids or labels, not both")
-            if isinstance(labels, (str, int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
-                labels = [labels]
-            values, _ = self._vocab.check(labels, len(labels) if hasattr(labels, "__len__") else -1)
+            values, _ = self._vocab.find(labels)
             held = [set(np.asarray(d["classes"]).tolist()) for d in self._all("describe")]
             absent = [v for v in dict.fromkeys(values) if not any(v in h for h in held)]
             if absent:

@@ -83,11 +83,6 @@ class QueryBatcher:
                 self.sizes = Counter()
         return out
 
-    @property
-    def queued(self) -> int:
-        """Requests admitted and not yet answered."""
-        return self._queued
-
     def query(self, queries: np.ndarray, *, k: int, tail: float | None = None, probs: str | None = None,
               timing: dict | None = None) -> QueryResult:
         """Answer like ``memory.query(queries, k=k, tail=tail, probs=probs)``; ``timing``, if
@@ -95,7 +90,7 @@ class QueryBatcher:
         query took ("query").
 
         Raises:
-            ServerBusyError: ``max_queue`` rows are waiting already.
+            ServerBusyError: ``max_queue`` requests are waiting already.
         """
         t_in = time.perf_counter()
         queries = np.asarray(queries)

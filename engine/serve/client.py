@@ -20,7 +20,7 @@ from .. import codec, errors
 from ..checks import INT64_MAX
 from ..errors import UnknownIdError
 from ..labels import dtype as labels_dtype
-from ..labels import kind_of
+from ..labels import kind_of, one_or_many
 from ..results import CompactionReport, MemoryStats, QueryResult, Slots
 from . import wire
 
@@ -268,10 +268,9 @@ class _errors:
 
 
 def _label_list(labels) -> list:
-    """Labels as a JSON list of ints or strs (one label alone, too)."""
-    if isinstance(labels, (str, int, np.integer)) and not isinstance(labels, (bool, np.bool_)):
-        labels = [labels]
-    values = np.asarray(labels).tolist() if isinstance(labels, np.ndarray) else list(labels)
+    """Labels as a JSON list of ints or strs (one label alone, or a tensor, too)."""
+    labels = one_or_many(labels)
+    values = labels.tolist() if isinstance(labels, np.ndarray) else list(labels)
     return [int(v) if isinstance(v, (int, np.integer)) and not isinstance(v, bool) else v for v in values]
 
 
