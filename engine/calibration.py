@@ -179,13 +179,13 @@ class DriftCheck:
 
 
 def check_drift(index: faiss.Index, vectors: np.ndarray, cal: Calibration, rows: np.ndarray, breadth: int, *,
-                written: int, ivf=None, hnsw=None, target: float | None = None, answer: Answer | None = None
-                ) -> DriftCheck:
+                written: int, ivf=None, hnsw=None, target: float | None = None, answer: Answer | None = None,
+                l2: bool = False) -> DriftCheck:
     """Measure ``breadth`` on ``rows`` of ``vectors`` as :func:`calibrate` measures a rung (each
     query's own slot and its copies left out, against exact search), for ``cal``'s target:
     the answer (``target`` None) or recall ``target``."""
     got = calibrate(index, vectors, cal.spec, ivf=ivf, hnsw=hnsw, target=target, answer=answer, k=cal.k,
-                    rows=rows, breadths=[breadth])
+                    rows=rows, breadths=[breadth], l2=l2)
     if target is None:
         drifted = got.agreement < AGREEMENT - DRIFT_MARGIN or got.tv > ANSWER_TV + DRIFT_MARGIN
     else:
@@ -197,7 +197,7 @@ def check_drift(index: faiss.Index, vectors: np.ndarray, cal: Calibration, rows:
 def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, hnsw=None,
               target: float | None = RECALL_TARGET, answer: Answer | None = None, k: int = K,
               queries: int | None = None, seed: int = 0, rows: np.ndarray | None = None,
-              breadths: list[int] | None = None) -> Calibration:
+              breadths: list[int] | None = None, l2: bool = False) -> Calibration:
     """Measure ``index`` (holding ``vectors``) over a doubling ladder of breadths.
 
     Args:
@@ -214,6 +214,8 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
         seed: seed of the sample.
         rows: the positions to use as queries instead of a sample.
         breadths: the rungs to measure instead of the doubling ladder.
+        l2: ``index`` is an L2 index (scores are then |q|^2 less squared distances, whose
+            softmax is the l2 memory's attention).
     """
     t0 = time.perf_counter()
     if target is None and answer is None:
@@ -225,7 +227,16 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
         rows = np.random.default_rng(seed).choice(n, min(queries, n), replace=False)
     rows = np.sort(np.asarray(rows, np.int64))
     q = np.ascontiguousarray(vectors[rows])
-    d_exact, exact = faiss.knn(q, vectors, k + 1, metric=faiss.METRIC_INNER_PRODUCT)
+    kind = faiss.METRIC_L2 if l2 else faiss.METRIC_INNER_PRODUCT
+
+    # each query's score of its own slot (and of its exact copies): its squared norm
+    own = np.einsum("nd,nd->n", q, q, dtype=np.float64 if l2 else np.float32)
+
+    def scored(found: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+        """A search's (scores, ids), higher better: for l2, |q|^2 less the squared distance (a
+        lifted score, see engine.metric: its softmax is the l2 memory's attention)."""
+        return (own[:, None] - found[0], found[1]) if l2 else found
+    d_exact, exact = scored(faiss.knn(q, vectors, k + 1, metric=kind))
     truth = _without_self(exact, rows, k)
     if ivf is not None:
         ladder = [1 << i for i in range(int(np.log2(ivf.nlist)) + 1)]
@@ -243,10 +254,9 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
         else:
             params = faiss.SearchParametersHNSW()
             params.efSearch = breadth
-        return index.search(q, k + 1, params=params)
+        return scored(index.search(q, k + 1, params=params))
 
     if target is None:
-        own = np.einsum("nd,nd->n", q, q)
         temps = float(answer.temperature) * SHARPER
         exact_answer = _neighbours(d_exact, exact, rows, own, k, answer)
         measured: dict[int, list[tuple[float, float]]] = {}  # breadth -> (agreement, tv) per temperature
@@ -276,9 +286,8 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
 
     # recall of what a fresh query would find: the query's exact copies are left out with it
     # (data written many times over would otherwise find its copies at any breadth)
-    own = np.einsum("nd,nd->n", q, q)
     wide = min(n, 2 * k)
-    d_wide, i_wide = faiss.knn(q, vectors, wide, metric=faiss.METRIC_INNER_PRODUCT)
+    d_wide, i_wide = scored(faiss.knn(q, vectors, wide, metric=kind))
     truth = _without_copies(d_wide, i_wide, rows, own, k)
     ranks = _list_ranks(ivf, q, vectors, truth) if ivf is not None and _exact_lists(index, ivf) else None
 
@@ -288,11 +297,11 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
         if ivf is not None:  # as many results as the truth was drawn from: nprobe alone sets the breadth
             params = faiss.SearchParametersIVF()
             params.nprobe = breadth
-            d, got = index.search(q, wide, params=params)
+            d, got = scored(index.search(q, wide, params=params))
         else:  # HNSW returns at most efSearch results: the ladder starts at as many as the truth's
             params = faiss.SearchParametersHNSW()
             params.efSearch = breadth
-            d, got = index.search(q, wide, params=params)
+            d, got = scored(index.search(q, wide, params=params))
         return _recall(_without_copies(d, got, rows, own, k), truth)
 
     if ivf is None:

@@ -17,6 +17,7 @@ from .errors import DimensionError, InvalidValueError
 
 INT64_MAX = int(np.iinfo(np.int64).max)
 MAX_NORM = 1e15  # inner-product metric: the largest vector norm
+MAX_L2_NORM = 1e7  # l2 metric: lifted slots (x, |x|^2) then stay within MAX_NORM (see engine.metric)
 MAX_WEIGHT = 1e30
 TEMPERATURE_RANGE = (1e-6, 1e6)
 
@@ -69,10 +70,11 @@ def vectors(x, dim: int, metric: str, what: str = "vectors", *, allow_empty: boo
             raise InvalidValueError(f"{what} contain zero vectors, which have no cosine similarity "
                                     f"(rows {np.flatnonzero(sq == 0)[:10].tolist()})")
         return np.ascontiguousarray(a / np.sqrt(sq)[:, None], dtype=np.float32)
-    if (sq > MAX_NORM**2).any():
-        raise InvalidValueError(f"{what} have norms above {MAX_NORM:g} (rows "
-                                f"{np.flatnonzero(sq > MAX_NORM**2)[:10].tolist()}): their inner products "
-                                f"would overflow float32")
+    limit = MAX_L2_NORM if metric == "l2" else MAX_NORM
+    if (sq > limit**2).any():
+        raise InvalidValueError(f"{what} have norms above {limit:g} (rows "
+                                f"{np.flatnonzero(sq > limit**2)[:10].tolist()}): their "
+                                f"{'squared distances' if metric == 'l2' else 'inner products'} would overflow float32")
     return np.ascontiguousarray(a, dtype=np.float32)
 
 
@@ -91,9 +93,10 @@ def _one_vector(x: np.ndarray, metric: str, what: str) -> np.ndarray:
         if sq == 0:
             raise InvalidValueError(f"{what} contain zero vectors, which have no cosine similarity (rows [0])")
         return (a64 / math.sqrt(sq)).astype(np.float32)[None, :]
-    if sq > MAX_NORM**2:
-        raise InvalidValueError(f"{what} have norms above {MAX_NORM:g} (rows [0]): their inner products "
-                                f"would overflow float32")
+    limit = MAX_L2_NORM if metric == "l2" else MAX_NORM
+    if sq > limit**2:
+        raise InvalidValueError(f"{what} have norms above {limit:g} (rows [0]): their "
+                                f"{'squared distances' if metric == 'l2' else 'inner products'} would overflow float32")
     return a[None, :]
 
 

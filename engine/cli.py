@@ -73,7 +73,7 @@ def _guard(fn, name: str = ""):
 def create(
     path: Path = PathArg,
     dim: int = typer.Option(..., help="Embedding dimension."),
-    metric: str = typer.Option("cosine", help="cosine or ip."),
+    metric: str = typer.Option("cosine", help="cosine, ip or l2 (negative squared distance)."),
     index: str = typer.Option("auto", help="auto or a FAISS factory string (Flat, HNSW32, IVF1024,Flat, ...)."),
     temperature: str = typer.Option("auto", help='Attention temperature: a number, or "auto" (chosen by the '
                                     "memory on its own slots, leave-one-out, as it grows)."),

@@ -33,6 +33,7 @@ import faiss
 import numpy as np
 
 from .errors import InvalidValueError
+from .metric import Metric
 from .slots import SlotTable
 
 POLICIES = ("merge", "reservoir", "age", "distill")
@@ -80,7 +81,7 @@ def by_class(label_idx: np.ndarray):
 
 
 def compact(vectors, weights, label_idx, used, *, budget: int, policy: str = "merge",
-            cosine: bool = True, temperature: float = 0.1, seed: int = 0, **options) -> SlotSet:
+            metric: str = "cosine", temperature: float = 0.1, seed: int = 0, **options) -> SlotSet:
     """Shrink the live slots to at most ``budget`` with ``policy``.
 
     Args:
@@ -89,7 +90,8 @@ def compact(vectors, weights, label_idx, used, *, budget: int, policy: str = "me
             if the memory does not track usage.
         budget: the most slots to keep (at least the number of classes).
         policy: one of POLICIES.
-        cosine: vectors are unit-norm and merged vectors are re-normalised.
+        metric: "cosine" (vectors are unit-norm and merged vectors re-normalised), "ip" or "l2"
+            (the similarity distill matches attention with; vectors as callers wrote them).
         temperature: the memory's temperature (distill matches its attention).
         seed: seed for k-means, sampling and distillation.
         **options: distill's ``steps``, ``lr``, ``queries``, ``learn_weights``, ``k``, ``holdout``,
@@ -107,9 +109,9 @@ def compact(vectors, weights, label_idx, used, *, budget: int, policy: str = "me
     alloc = allocate(mass, np.array([len(m) for m in members]), budget)
     rng = np.random.default_rng(seed)
     if policy == "merge" or policy == "distill":
-        out, owner, means = merge(vectors, weights, classes, members, alloc, cosine, seed)
+        out, owner, means = merge(vectors, weights, classes, members, alloc, metric == "cosine", seed)
         if policy == "distill":
-            out = _distill(out, owner, means, vectors, weights, label_idx, cosine, temperature, seed, **options)
+            out = _distill(out, owner, means, vectors, weights, label_idx, metric, temperature, seed, **options)
         return out
     if policy == "reservoir":
         keep = [rng.choice(m, size=b, replace=False, p=weights[m] / weights[m].sum()) if b < len(m) else m
@@ -238,7 +240,7 @@ def _pair_assign(x: np.ndarray, b: int, cosine: bool) -> np.ndarray:
     return group
 
 
-def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weights, label_idx, cosine: bool,
+def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weights, label_idx, metric: str,
              temperature: float, seed: int, *, steps: int = 300, lr: float = 0.01, queries: int = 32768,
              learn_weights: bool = True, k: int = 64, holdout: float = 0.25, eval_every: int = 25) -> SlotSet:
     """Tune the merged slots ``start`` so their class probabilities match the full memory's (KL)
@@ -281,11 +283,26 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
         a = torch.softmax(top_s / temperature + log_w.gather(1, top_i), dim=1)
         return torch.zeros(len(sims), n_classes, dtype=a.dtype).scatter_add(1, slot_class[top_i], a)
 
+    if metric == "l2":  # -|q - x|^2 less |q|^2, the same for every slot of a query
+        def sim(a, b):
+            return 2 * a @ b.T - (b * b).sum(1)
+
+        def sim_rows(a, b):
+            return 2 * (a * b).sum(1) - (b * b).sum(1)
+    else:
+        unit = (lambda x: F.normalize(x, dim=-1)) if metric == "cosine" else (lambda x: x)
+
+        def sim(a, b):
+            return a @ unit(b).T
+
+        def sim_rows(a, b):
+            return (a * unit(b)).sum(1)
+
     with torch.no_grad():  # the full memory's leave-one-out answers, in chunks of queries
         full_logw = full_w.log().float()
         target = []
         for rows in pick.split(512):
-            sims = full_v[rows] @ full_v.T
+            sims = sim(full_v[rows], full_v)
             sims[torch.arange(len(rows)), rows] = float("-inf")
             target.append(answer(sims, full_logw.expand(len(rows), -1), full_c))
         target = torch.cat(target)
@@ -300,7 +317,6 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
     class_mass = torch.zeros(n_classes, dtype=torch.float64).index_add_(0, c, merged_mass)
     logits = torch.nn.Parameter(torch.log(merged_mass).float())
     opt = torch.optim.Adam([v, logits] if learn_weights else [v], lr=lr)
-    unit = (lambda x: F.normalize(x, dim=-1)) if cosine else (lambda x: x)
 
     def slot_weights():
         # softmax of the logits within each class, times the class's mass: mass preserved exactly
@@ -316,8 +332,8 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
         alone = rest <= 1e-9 * merged_mass[own]
         rest_safe = torch.where(alone, merged_mass[own], rest)  # finite everywhere, so gradients stay finite
         v_own = v[own] + (w_own / rest_safe)[:, None].float() * (means_t[own].float() - qv)
-        s_own = torch.where(alone, float("-inf"), (qv * unit(v_own)).sum(1))
-        sims = (qv @ unit(v).T).scatter(1, own[:, None], s_own[:, None])
+        s_own = torch.where(alone, float("-inf"), sim_rows(qv, v_own))
+        sims = sim(qv, v).scatter(1, own[:, None], s_own[:, None])
         logw = torch.log(slot_weights()).float()
         lw_own = logw[own] + torch.log(rest_safe / merged_mass[own]).float()
         log_w = logw.expand(len(rows), -1).scatter(1, own[:, None], lw_own[:, None])
@@ -347,17 +363,19 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
         if n_held:
             v.copy_(best[1])
             logits.copy_(best[2])
-        return SlotSet(unit(v).numpy().astype(np.float32), slot_weights().numpy(), start.label_idx,
+        out = F.normalize(v, dim=-1) if metric == "cosine" else v
+        return SlotSet(out.numpy().astype(np.float32), slot_weights().numpy(), start.label_idx,
                        np.full(len(c), -1))
 
 
-def shrink(live: SlotTable, vectors: np.ndarray, *, budget: int | None, policy: str, cosine: bool,
+def shrink(live: SlotTable, vectors: np.ndarray, *, budget: int | None, policy: str, metric: Metric,
            temperature: float, seed: int, options: dict, fresh_ids, keep_vectors: bool,
            now: float) -> tuple[SlotTable, np.ndarray]:
     """A new table of the slots ``live`` compacted to ``budget`` (None: all of them, renumbered).
 
     Kept slots keep their ids and usage times; merged ones take ids from ``fresh_ids(n)``
-    and are written ``now``. ``live`` is not changed.
+    and are written ``now``. ``live`` is not changed. ``vectors`` are as the index holds them
+    (lifted for l2, see :mod:`engine.metric`): slots are merged as the caller wrote them.
 
     Raises:
         InvalidValueError: a budget below the number of classes, or a bad option.
@@ -372,17 +390,17 @@ def shrink(live: SlotTable, vectors: np.ndarray, *, budget: int | None, policy: 
         if budget < classes:
             raise InvalidValueError(f"a budget of {budget} slots cannot keep {classes} classes (one slot each)")
         try:
-            out = compact(vectors, np.array(weights), live.label_idx, live.used, budget=budget,
-                          policy=policy, cosine=cosine, temperature=temperature, seed=seed, **options)
+            out = compact(metric.stored(vectors), np.array(weights), live.label_idx, live.used, budget=budget,
+                          policy=policy, metric=metric.name, temperature=temperature, seed=seed, **options)
         except ValueError as exc:
             raise InvalidValueError(str(exc)) from None
         kept = out.source >= 0
         src = np.maximum(out.source, 0)
         ids = np.where(kept, live.ids[src], -1)
         ids[~kept] = fresh_ids(int((~kept).sum()))
-        table.append(ids, out.label_idx, out.weights, out.vectors,
+        vectors = metric.slots(out.vectors)
+        table.append(ids, out.label_idx, out.weights, vectors,
                      np.where(kept, live.used[src], now) if live.track_usage else 0.0)
-        vectors = out.vectors
     table.class_counts = np.pad(table.class_counts, (0, max(0, len(live.class_counts) - len(table.class_counts))))
     return table, vectors
 

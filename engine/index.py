@@ -48,8 +48,9 @@ class SearchSettings:
     ef_search: int | None = None
 
 
-def validate_spec(dim: int, spec: str) -> str:
-    """Check that ``spec`` is "auto" or a FAISS factory string FAISS accepts for ``dim``.
+def validate_spec(dim: int, spec: str, metric: str = "ip") -> str:
+    """Check that ``spec`` is "auto" or a FAISS factory string FAISS accepts for ``dim``
+    (the slots' dimension) and ``metric``.
 
     Raises:
         InvalidValueError: the string is not a usable factory string.
@@ -57,10 +58,16 @@ def validate_spec(dim: int, spec: str) -> str:
     if spec == "auto":
         return spec
     try:
-        faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT)
+        faiss.index_factory(dim, spec, _faiss_metric(metric))
     except Exception as exc:  # FAISS raises RuntimeError with a C++ message
         raise InvalidValueError(f"index {spec!r} is not a FAISS factory string usable at dim={dim}: {exc}") from exc
     return spec
+
+
+def _faiss_metric(metric: str) -> int:
+    """The FAISS metric an index of ``metric`` is built with (l2: FAISS's own, see
+    :class:`VectorIndex`; cosine searches unit vectors by inner product)."""
+    return faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
 
 def auto_spec(n: int) -> str:
@@ -104,13 +111,19 @@ class VectorIndex:
         temperature: the temperature queries attend at, for the answer target.
         share: the fraction of a sharded memory's slots this index holds (1/n for a shard of
             n): its search breadth aims at its share of a query's top-k (see :func:`share_k`).
+        metric: "l2": vectors and queries come lifted (``dim`` counts the lifted column, see
+            :mod:`engine.metric`), and scores go out as lifted inner products, while FAISS
+            holds the vectors as written in an L2 index of ``dim - 1``, so that its lists,
+            graph and codes are built on squared distances. Else inner product throughout.
     """
 
     def __init__(self, dim: int, spec: str, settings: SearchSettings | None = None, *,
                  recall: float | None = None, temperature: float = 0.1, calibration: Calibration | None = None,
-                 share: float = 1.0):
+                 share: float = 1.0, metric: str = "ip"):
         self.dim = dim
-        self.spec = validate_spec(dim, spec)
+        self.lifted = metric == "l2"
+        self._faiss_dim, self._faiss_metric = (dim - 1 if self.lifted else dim), _faiss_metric(metric)
+        self.spec = validate_spec(self._faiss_dim, spec, metric)
         self._params_cache: dict = {}  # k -> search parameters without a selector
         self.settings = settings or SearchSettings()
         self.recall_target = recall
@@ -120,7 +133,7 @@ class VectorIndex:
         # is reused by a build over as many vectors into the same index kind, else measured again
         self.calibration = calibration
         # whether the configured index (once trained) stores approximate vectors
-        self.spec_lossy = spec != "auto" and _is_lossy(faiss.index_factory(dim, spec, faiss.METRIC_INNER_PRODUCT))
+        self.spec_lossy = spec != "auto" and _is_lossy(faiss.index_factory(self._faiss_dim, spec, self._faiss_metric))
         self._use(*self._fresh(0))
         self._trained_on = 0
         self._written = 0  # rows written since the breadth was measured or last checked for drift
@@ -185,18 +198,49 @@ class VectorIndex:
     # -- building -----------------------------------------------------------------
     def _fresh(self, n: int) -> tuple[faiss.Index, str]:
         spec = auto_spec(n) if self.spec == "auto" else self.spec
-        index = faiss.index_factory(self.dim, spec, faiss.METRIC_INNER_PRODUCT)
+        index = faiss.index_factory(self._faiss_dim, spec, self._faiss_metric)
         if index.is_trained:
             return index, spec
         if n >= min_train_points(index):
             return index, spec
-        return faiss.IndexFlatIP(self.dim), "Flat"
+        return faiss.IndexFlat(self._faiss_dim, self._faiss_metric), "Flat"
+
+    # -- l2: what FAISS holds (the vectors as written) and what the engine reads (lifted) --
+    def _low(self, vectors: np.ndarray) -> np.ndarray:
+        """Lifted slots as FAISS holds them (the written vectors)."""
+        if not self.lifted:
+            return vectors
+        return np.ascontiguousarray(vectors[:, :-1], dtype=np.float32)
+
+    def _low_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """(lifted queries q' = (2q, -1) as FAISS searches them: q; |q|^2 in float32, None
+        unless lifted)."""
+        if not self.lifted:
+            return queries, None
+        q = np.ascontiguousarray(queries[:, :-1] * np.float32(0.5), dtype=np.float32)
+        return q, np.einsum("nd,nd->n", q, q, dtype=np.float64).astype(np.float32)
+
+    def _lift(self, vectors: np.ndarray) -> np.ndarray:
+        """Vectors FAISS holds, lifted (x, |x|^2)."""
+        if not self.lifted:
+            return vectors
+        sq = np.einsum("ij,ij->i", vectors, vectors, dtype=np.float64).astype(np.float32)
+        return np.ascontiguousarray(np.hstack([vectors, sq[:, None]]), dtype=np.float32)
+
+    @staticmethod
+    def _scores(distances: np.ndarray, rows: np.ndarray, q_sq: np.ndarray | None) -> np.ndarray:
+        """FAISS's results as lifted scores |q|^2 - |q - x|^2 (higher is better; -inf where no row)."""
+        if q_sq is None:
+            return distances
+        out = q_sq[:, None] - distances
+        out[rows < 0] = -np.inf
+        return out
 
     def needs_rebuild(self, n_after: int) -> bool:
         """Whether adding up to ``n_after`` rows should rebuild (train or retrain) the index."""
         target = auto_spec(n_after) if self.spec == "auto" else self.spec
         if target != self.active_spec:
-            probe = faiss.index_factory(self.dim, target, faiss.METRIC_INNER_PRODUCT)
+            probe = faiss.index_factory(self._faiss_dim, target, self._faiss_metric)
             return probe.is_trained or n_after >= min_train_points(probe)
         return self._trained_on > 0 and n_after >= RETRAIN_GROWTH * self._trained_on
 
@@ -209,10 +253,10 @@ class VectorIndex:
         new._use(*self._fresh(len(vectors)))
         new._trained_on = 0
         if not new._index.is_trained:
-            new._index.train(vectors)
+            new._index.train(self._low(vectors))
             new._trained_on = len(vectors)
         if len(vectors):
-            new._index.add(vectors)
+            new._index.add(self._low(vectors))
         new.calibration = new._calibrated(vectors, self.calibration, labels, weights)
         if new.calibration is self.calibration:  # reused: the rows written since it was measured still count
             new._written = self._written + written
@@ -224,6 +268,7 @@ class VectorIndex:
         new._params_cache = {}
         new.dim, new.spec, new.settings, new.spec_lossy = self.dim, self.spec, self.settings, self.spec_lossy
         new.recall_target, new.share, new.temperature = self.recall_target, self.share, self.temperature
+        new.lifted, new._faiss_dim, new._faiss_metric = self.lifted, self._faiss_dim, self._faiss_metric
         new._written, new.drift_checks = 0, list(self.drift_checks)
         return new
 
@@ -268,11 +313,11 @@ class VectorIndex:
         except RuntimeError as exc:
             raise ValueError(f"unreadable codebook ({str(exc).splitlines()[0]})") from None
         ivf = _try_extract_ivf(index)
-        probe = faiss.index_factory(self.dim, self.spec, faiss.METRIC_INNER_PRODUCT) if self.spec != "auto" else None
-        if (ivf is None or not index.is_trained or index.ntotal != 0 or index.d != self.dim
+        probe = faiss.index_factory(self._faiss_dim, self.spec, self._faiss_metric) if self.spec != "auto" else None
+        if (ivf is None or not index.is_trained or index.ntotal != 0 or index.d != self._faiss_dim
                 or probe is None or type(index) is not type(probe) or not _is_lossy(index)
-                or index.metric_type != faiss.METRIC_INNER_PRODUCT):
-            raise ValueError(f"the codebook is not a trained empty {self.spec} index of dim {self.dim}")
+                or index.metric_type != self._faiss_metric):
+            raise ValueError(f"the codebook is not a trained empty {self.spec} index of dim {self._faiss_dim}")
         if codes.ndim != 2 or codes.shape[1] != index.sa_code_size():
             raise ValueError(f"codes of {codes.shape[1:]} bytes, the codebook makes {index.sa_code_size()}")
         coarse = ivf.coarse_code_size()
@@ -313,8 +358,8 @@ class VectorIndex:
         if recall is None:
             w = np.ones(len(vectors)) if weights is None else np.asarray(weights, np.float64)[:len(vectors)]
             answer = Answer(np.asarray(labels)[:len(vectors)], np.log(np.maximum(w, 1e-300)), self.temperature)
-        return calibrate(self._index, vectors, self.active_spec, ivf=ivf, hnsw=hnsw if ivf is None else None,
-                         target=recall, answer=answer, k=k)
+        return calibrate(self._index, self._low(vectors), self.active_spec, ivf=ivf, hnsw=hnsw if ivf is None else None,
+                         target=recall, answer=answer, k=k, l2=self.lifted)
 
     def stale_calibration(self) -> bool:
         """Whether this index should be calibrated now: approximate, no breadth set by the caller,
@@ -361,7 +406,7 @@ class VectorIndex:
         if m == 0:  # every row written since is removed already: nothing new to check
             return None
         rows = np.random.default_rng(seed + self.ntotal).choice(recent, m, replace=False)
-        vectors = self.reconstruct(np.arange(self.ntotal))
+        vectors = self._stored(np.arange(self.ntotal))
         answer = None
         if target is None:
             w = np.ones(len(vectors)) if weights is None else np.asarray(weights, np.float64)[:len(vectors)]
@@ -369,14 +414,15 @@ class VectorIndex:
         nprobe, ef = self.breadth(CALIBRATION_K)  # what a query of the default k uses
         ivf = self._ivf if nprobe is not None else None
         check = check_drift(self._index, vectors, cal, rows, nprobe if nprobe is not None else ef, written=written,
-                            ivf=ivf, hnsw=self._hnsw if ivf is None else None, target=target, answer=answer)
+                            ivf=ivf, hnsw=self._hnsw if ivf is None else None, target=target, answer=answer,
+                            l2=self.lifted)
         self.drift_checks = (self.drift_checks + [check])[-16:]
         return check
 
     def calibrated(self, labels: np.ndarray | None = None, weights: np.ndarray | None = None) -> Calibration | None:
         """A calibration measured on the vectors the index holds now (see :meth:`stale_calibration`),
         ``labels`` and ``weights`` given per position."""
-        return self._calibrated(self.reconstruct(np.arange(self.ntotal)), None, labels, weights)
+        return self._calibrated(self.reconstruct(np.arange(self.ntotal)), None, labels, weights)  # lifted
 
     def breadth(self, k: int) -> tuple[int | None, int | None]:
         """(nprobe, efSearch) a query of ``k`` uses: the caller's, else calibrated, else the size rule."""
@@ -399,23 +445,28 @@ class VectorIndex:
         the index is not an IVF over the vectors as given."""
         if not self._plain_ivf:
             return None
-        _, lists = self._ivf.quantizer.search(np.ascontiguousarray(vectors, np.float32), 1)
+        _, lists = self._ivf.quantizer.search(np.ascontiguousarray(self._low(vectors), np.float32), 1)
         return np.ascontiguousarray(lists[:, 0], np.int64)
 
     def add(self, vectors: np.ndarray, lists: np.ndarray | None = None) -> None:
         """Append ``vectors`` as the next rows (into ``lists``, from :meth:`assign`, when given)."""
         if lists is not None and self._plain_ivf:
-            x = np.ascontiguousarray(vectors, np.float32)
+            x = np.ascontiguousarray(self._low(vectors), np.float32)
             self._ivf.add_core(len(x), faiss.swig_ptr(x), None, faiss.swig_ptr(lists))
         else:
-            self._index.add(vectors)
+            self._index.add(self._low(vectors))
         self._written += len(vectors)
 
     def reconstruct(self, rows: np.ndarray) -> np.ndarray:
-        """The stored vectors of ``rows`` (m, dim) float32: exact unless the index is lossy."""
+        """The stored vectors of ``rows`` (m, dim) float32 (lifted for l2): exact unless the
+        index is lossy."""
+        return self._lift(self._stored(rows))
+
+    def _stored(self, rows: np.ndarray) -> np.ndarray:
+        """The vectors of ``rows`` as FAISS holds them."""
         rows = np.ascontiguousarray(rows, dtype=np.int64)
         if len(rows) == 0:
-            return np.empty((0, self.dim), np.float32)
+            return np.empty((0, self._faiss_dim), np.float32)
         if self._ivf is None or self._direct_map:
             return self._index.reconstruct_batch(rows)
         with self._map_lock:  # an O(n) pass over the lists, then the map is dropped again
@@ -444,7 +495,7 @@ class VectorIndex:
             return None
         if len(vectors) == 0:
             return np.empty(0, np.int32)
-        return ivf.quantizer.assign(np.ascontiguousarray(vectors, dtype=np.float32), 1)[:, 0].astype(np.int32)
+        return ivf.quantizer.assign(np.ascontiguousarray(self._low(vectors), dtype=np.float32), 1)[:, 0].astype(np.int32)
 
     @property
     def list_scan(self) -> bool:
@@ -452,9 +503,10 @@ class VectorIndex:
         return self._cell_ivf is not None and not self.lossy
 
     def centroids(self) -> np.ndarray:
-        """(nlist, dim) float32 centroids of the IVF lists."""
+        """(nlist, dim) float32 centroids of the IVF lists (lifted for l2: q'.c' orders the
+        lists as FAISS's squared distances do)."""
         ivf = self._cell_ivf
-        return ivf.quantizer.reconstruct_n(0, ivf.nlist)
+        return self._lift(ivf.quantizer.reconstruct_n(0, ivf.nlist))
 
     @property
     def centroids_t(self) -> np.ndarray:
@@ -485,9 +537,10 @@ class VectorIndex:
         """
         ivf = faiss.downcast_index(self._cell_ivf)
         n, m = lists.shape
-        queries = np.ascontiguousarray(queries, dtype=np.float32)
+        queries, q_sq = self._low_queries(np.ascontiguousarray(queries, dtype=np.float32))
         lists = np.ascontiguousarray(lists, dtype=np.int64)
-        list_scores = np.ascontiguousarray(list_scores, dtype=np.float32)
+        list_scores = np.ascontiguousarray(list_scores if q_sq is None else q_sq[:, None] - list_scores,
+                                           dtype=np.float32)
         params = faiss.SearchParametersIVF()
         params.nprobe = m
         bitmap = sel = None
@@ -496,13 +549,16 @@ class VectorIndex:
             sel = faiss.IDSelectorBitmap(len(alive), faiss.swig_ptr(bitmap))
             params.sel = sel
         result = faiss.RangeSearchResult(n)
-        ivf.range_search_preassigned_c(n, faiss.swig_ptr(queries), float(-np.finfo(np.float32).max),
+        radius = float(np.finfo(np.float32).max if self.lifted else -np.finfo(np.float32).max)  # no threshold
+        ivf.range_search_preassigned_c(n, faiss.swig_ptr(queries), radius,
                                        faiss.swig_ptr(lists), faiss.swig_ptr(list_scores), result, False, params)
         del bitmap, sel  # referenced until FAISS is done with them
         lims = faiss.rev_swig_ptr(result.lims, n + 1).copy()
         total = int(lims[-1])
         scores = faiss.rev_swig_ptr(result.distances, total).copy()
         rows = faiss.rev_swig_ptr(result.labels, total).copy()
+        if q_sq is not None:  # squared distances as lifted scores
+            scores = np.repeat(q_sq, np.diff(lims).astype(np.int64)) - scores
         return lims, scores, rows
 
     def seen(self, queries: np.ndarray, k: int, every: bool) -> str | np.ndarray:
@@ -516,7 +572,7 @@ class VectorIndex:
         if ivf is None or self.lossy:
             return "none"
         nprobe = self.breadth(k)[0]
-        return ivf.quantizer.search(np.ascontiguousarray(queries, dtype=np.float32), nprobe)[1]
+        return ivf.quantizer.search(self._low_queries(np.ascontiguousarray(queries, dtype=np.float32))[0], nprobe)[1]
 
     def row_cells(self) -> np.ndarray | None:
         """The IVF list of every row the index holds, read from the lists (None without lists)."""
@@ -555,7 +611,7 @@ class VectorIndex:
         return int(n * self._index.sa_code_size())
 
     def search(self, queries: np.ndarray, k: int, alive: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k rows by inner product.
+        """Top-k rows by inner product (lifted, for l2).
 
         Args:
             queries: (n, dim) float32, C-contiguous.
@@ -565,6 +621,15 @@ class VectorIndex:
         Returns:
             (scores, rows), each (n, k); rows are -1 where fewer than k were found.
         """
+        if self.lifted:
+            low, q_sq = self._low_queries(np.ascontiguousarray(queries, dtype=np.float32))
+            if alive is None:
+                d, rows = self._index.search(low, k, params=self._cached_params(k))
+            else:
+                bitmap = np.packbits(alive, bitorder="little")
+                sel = faiss.IDSelectorBitmap(len(alive), faiss.swig_ptr(bitmap))
+                d, rows = self._index.search(low, k, params=self._params(sel, k))
+            return self._scores(d, rows, q_sq), rows
         if alive is None:  # FAISS's own entry point without its wrapper's checks (done at our boundary)
             n = len(queries)
             if queries.dtype != np.float32 or not queries.flags.c_contiguous:
@@ -590,7 +655,8 @@ class VectorIndex:
 
     def bare_search(self, k: int) -> "BareSearch":
         """The FAISS index alone, with the search parameters :meth:`search` uses for ``k``:
-        the baseline that the engine's own cost is measured against."""
+        the baseline that the engine's own cost is measured against (for l2, FAISS's L2
+        index, searched with the queries as written and returning squared distances)."""
         params = self._params(None, k)
         index = self._index
         call = (lambda q: index.search(q, k)) if params is None else (lambda q: index.search(q, k, params=params))

@@ -22,6 +22,7 @@ current one, so a query sees each write wholly or not at all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 import time
@@ -38,12 +39,12 @@ from .calibration import Calibration
 from .index import BareSearch, SearchSettings, VectorIndex, validate_spec
 from .labels import Vocabulary
 from .locks import RWLock
+from .metric import METRICS, Metric
 from .results import CompactionReport, MemoryStats, QueryResult, Retrieved, Slots
 from .slots import SlotTable
 from .state import State
 from .store import MANIFEST, Recovered, Store
 
-METRICS = ("cosine", "ip")
 # Opening a memory whose log has more segments than this (one per open) checkpoints it.
 MAX_WAL_SEGMENTS = 8
 # The settings a durable memory keeps in its manifest (besides dim and next_id).
@@ -57,7 +58,8 @@ class Memory:
 
     Args:
         dim: embedding dimension.
-        metric: "cosine" (vectors and queries L2-normalised) or "ip" (inner product).
+        metric: "cosine" (vectors and queries L2-normalised), "ip" (inner product) or "l2"
+            (attention over negative squared Euclidean distance, see :mod:`engine.metric`).
         index: "auto", or a FAISS factory string ("Flat", "HNSW32", "IVF1024,Flat", "IVF256,PQ16", ...).
         temperature: softmax temperature T of the attention kernel, in [1e-6, 1e6], or
             "auto" (the default): chosen on the memory's own slots by leave-one-out
@@ -149,6 +151,8 @@ class Memory:
         self._probs = probs
         self._check_policy(policy)
         self.metric = metric
+        self._metric = Metric(metric)
+        inner_dim = self._metric.index_dim(self.dim)
         self._auto_temperature = isinstance(temperature, str) and temperature == "auto"
         if isinstance(temperature, str) and not self._auto_temperature:
             raise InvalidValueError(f'temperature must be a number or "auto", got {temperature!r}')
@@ -164,12 +168,13 @@ class Memory:
                 or not 0 < share <= 1:
             raise InvalidValueError(f"share must be a number in (0, 1], got {share!r}")
         self._share = float(share)
-        vector_index = VectorIndex(self.dim, validate_spec(self.dim, index), self._search, recall=self._recall,
-                                   temperature=self._temperature, share=self._share)
+        vector_index = VectorIndex(inner_dim, validate_spec(self.dim, index, metric), self._search,
+                                   recall=self._recall, temperature=self._temperature, share=self._share,
+                                   metric=metric)
         self._rescore = rescore
         # The slot table keeps vectors only when the index cannot give them back exactly.
         self._keep_vectors = vector_index.spec_lossy and rescore
-        self._state = State(SlotTable(self.dim, self._keep_vectors, track_usage), vector_index)
+        self._state = State(SlotTable(inner_dim, self._keep_vectors, track_usage), vector_index)
         self._vocab = Vocabulary()
         self._next_id = 0
         self._slack = checks.fraction("slack", slack, low=0.0, high=1.0)
@@ -276,7 +281,7 @@ class Memory:
                     pass
         mem._state.index.calibration = Calibration.from_dict(s.get("calibration"))  # reused if it still fits
         try:
-            mem._state = State.replayed(rec.replay(), mem._vocab, mem._state.index, mem._keep_vectors,
+            mem._state = State.replayed(mem._lifted(rec.replay()), mem._vocab, mem._state.index, mem._keep_vectors,
                                         mem._track_usage, trained_on)
         except ValueError as exc:
             raise CorruptFileError(f"{path}: the snapshot's codes cannot be loaded ({exc})") from None
@@ -285,6 +290,19 @@ class Memory:
         if mem._auto_temperature:  # the choice saved, kept as a running memory would keep it; else made again
             mem._retune()
         return mem
+
+    def _lifted(self, writes):
+        """Replayed writes with their vectors as the index holds them (see :mod:`engine.metric`)."""
+        for drop, cols in writes:
+            if cols is not None and cols.vectors is not None and self._metric.lifted:
+                cols = dataclasses.replace(cols, vectors=self._metric.slots(cols.vectors))
+            yield drop, cols
+
+    def _persisted(self, cols: Columns) -> Columns:
+        """Snapshot columns with the vectors as the caller wrote them."""
+        if cols.vectors is None or not self._metric.lifted:
+            return cols
+        return dataclasses.replace(cols, vectors=self._metric.stored(cols.vectors))
 
     # -- writing ----------------------------------------------------------------------
     def add(
@@ -328,7 +346,7 @@ class Memory:
             now = time.time()
             old = self._state.rows_of(ids)
             old = old[old >= 0]
-            append = (ids, self._vocab.intern(labels, kind), w, v, now)
+            append = (ids, self._vocab.intern(labels, kind), w, self._metric.slots(v), now)
             n_after = self._state.table.n_alive - len(old) + n
             budget = None if self._budget is None else self._budget_slots(self._budget)
             if budget is not None and n_after > budget:
@@ -451,14 +469,14 @@ class Memory:
             return ids
 
         table, vectors = compaction.shrink(live, vectors, budget=budget, policy=policy,
-                                           cosine=self.metric == "cosine", temperature=self._temperature,
+                                           metric=self._metric, temperature=self._temperature,
                                            seed=seed, options=options, fresh_ids=fresh,
                                            keep_vectors=self._keep_vectors, now=time.time())
         if not required and table.n_alive == live.n_alive:
             return table.n_alive  # nothing to drop or merge, nothing to write
         state = self._state.rebuilt_from(table, vectors)  # aside: readers go on meanwhile
         if self._store is not None:
-            self._store.checkpoint(state.snapshot(self._vocab, vectors), kind,
+            self._store.checkpoint(self._persisted(state.snapshot(self._vocab, vectors)), kind,
                                    {"next_id": next_id, "calibration": self._calibration(state),
                                     "trained_on": state.index.trained_on, "temperature_report": self._report_dict()})
         with self._applying("compaction"):
@@ -508,7 +526,7 @@ class Memory:
         if last is not None and last.slots / 2 < n < 2 * last.slots:
             return
         try:
-            report = tuning.calibrate(self._state, self._temperature, metric=self.metric)
+            report = tuning.calibrate(self._state, self._temperature, metric=self._metric)
         except Exception:  # noqa: BLE001 - a setting measured on the side, never worth failing a durable write
             return
         if report is not None:
@@ -551,7 +569,7 @@ class Memory:
             raise InvalidValueError(f"k must be at most {tuning.MAX_K} and sample at most {tuning.MAX_SAMPLE}, "
                                     f"got k={k}, sample={sample}")
         with self._write_mutex:
-            report = tuning.calibrate(self._state, self._temperature, metric=self.metric, k=k, sample=sample,
+            report = tuning.calibrate(self._state, self._temperature, metric=self._metric, k=k, sample=sample,
                                       seed=seed)
             if report is None:
                 raise EmptyMemoryError(f"choosing a temperature needs {tuning.MIN_SLOTS} slots of two classes or more")
@@ -586,7 +604,7 @@ class Memory:
             stats = self.stats()
             per_slot = stats.bytes_total / stats.slots
         else:
-            per_slot = (2 if self._keep_vectors else 1) * 4 * self.dim + 72.0
+            per_slot = (2 if self._keep_vectors else 1) * 4 * self._metric.index_dim(self.dim) + 72.0
         return compaction.parse_budget(budget, per_slot)
 
     # -- reading ----------------------------------------------------------------------
@@ -609,7 +627,7 @@ class Memory:
             EmptyMemoryError: the memory holds no slots.
             DimensionError, InvalidValueError: bad queries, k or tail.
         """
-        q = checks.vectors(queries, self.dim, self.metric, "queries")
+        q = self._metric.queries(checks.vectors(queries, self.dim, self.metric, "queries"))
         k = checks.integer("k", k)
         if tail is not None:
             checks.fraction("tail", tail, low=0.0, high=1.0, closed_low=False)
@@ -633,7 +651,7 @@ class Memory:
             EmptyMemoryError: the memory holds no slots.
             DimensionError, InvalidValueError: bad queries, k or probs.
         """
-        q = checks.vectors(queries, self.dim, self.metric, "queries")
+        q = self._metric.queries(checks.vectors(queries, self.dim, self.metric, "queries"))
         k = checks.integer("k", k)
         if probs not in PROBS:
             raise InvalidValueError(f"probs must be one of {PROBS}, got {probs!r}")
@@ -665,7 +683,8 @@ class Memory:
         with self._lock.read():
             rows = self._state.rows_or_raise(ids)
             slots = self._state.columns(self._vocab, rows)
-            return Slots(ids=ids.copy(), labels=slots.labels, weights=slots.weights.copy(), vectors=slots.vectors)
+            return Slots(ids=ids.copy(), labels=slots.labels, weights=slots.weights.copy(),
+                         vectors=self._metric.stored(slots.vectors))
 
     def classes(self) -> np.ndarray:
         """The labels with at least one live slot (the columns ``query`` answers over)."""
@@ -792,7 +811,7 @@ class Memory:
             target = Path(path) if path is not None else self.path
             if target is None:
                 raise InvalidValueError("this memory is not durable: give save() a path")
-            slots = self._state.snapshot(self._vocab)
+            slots = self._persisted(self._state.snapshot(self._vocab))
             if self._store is not None and target.resolve() == self._store.path.resolve():
                 self._store.checkpoint(slots, self._vocab.kind, {"next_id": self._next_id,
                                                                  "calibration": self._calibration(),

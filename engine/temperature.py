@@ -66,11 +66,13 @@ class TemperatureReport:
             return None
 
 
-def calibrate(state, previous: float, *, metric: str = "cosine", k: int = 64, sample: int = SAMPLE, seed: int = 0,
+def calibrate(state, previous: float, *, metric=None, k: int = 64, sample: int = SAMPLE, seed: int = 0,
               grid: np.ndarray = GRID) -> TemperatureReport | None:
     """The temperature chosen on ``state``'s own slots (see the module), or None where there
     is nothing to measure: fewer than MIN_SLOTS slots, a single class, or too few slots with
-    a neighbour. For inner product the grid is scaled by the median top score."""
+    a neighbour. ``metric`` is the memory's :class:`~engine.metric.Metric` (None: cosine). For
+    inner product the grid is scaled by the median top score, for l2 by ten times the median
+    squared distance to the nearest other slot."""
     from .query import search
 
     table = state.table
@@ -80,12 +82,14 @@ def calibrate(state, previous: float, *, metric: str = "cosine", k: int = 64, sa
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(live, min(sample, len(live)), replace=False))
     k = int(min(k, len(live) - 1))
-    q = np.ascontiguousarray(state.vectors(rows), dtype=np.float32)
+    mine = np.ascontiguousarray(state.vectors(rows), dtype=np.float32)
+    name = "cosine" if metric is None else metric.name
+    q = mine if metric is None else np.ascontiguousarray(metric.slot_queries(mine), dtype=np.float32)
     wide = int(min(2 * k + 1, len(live)))
     scores, found = search(state, q, wide)
     # leave each query's own slot out, and its exact copies (a slot written twice would
     # answer itself at score 1 and push the choice to the sharpest temperature)
-    own = np.einsum("nd,nd->n", q.astype(np.float64), q.astype(np.float64))
+    own = np.einsum("nd,nd->n", q.astype(np.float64), mine.astype(np.float64))  # what its own slot scores
     twin = (found == rows[:, None]) | (np.abs(scores - own[:, None]) <= 1e-6 * np.maximum(1.0, np.abs(own))[:, None])
     keep = (found >= 0) & ~twin
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the first k kept, in score order
@@ -103,7 +107,12 @@ def calibrate(state, previous: float, *, metric: str = "cosine", k: int = 64, sa
     truth = table.label_idx[rows]
     same = labels == truth[:, None]
     # temperatures relative to the scores' own scale (1 for cosine; inner products may be large)
-    scale = float(np.median(np.abs(scores[:, 0]))) if metric == "ip" else 1.0
+    if name == "ip":
+        scale = float(np.median(np.abs(scores[:, 0])))
+    elif name == "l2":  # a lifted score is |q|^2 - |q - x|^2: the distance to the nearest other slot
+        scale = 10 * float(np.median(own[answered] - scores[:, 0]))  # T up to 10x it
+    else:
+        scale = 1.0
     grid = np.asarray(grid) * max(scale, 1e-12)
     nll = np.array([_nll(scores, log_w, same, t) for t in grid])
     slot_class = _row_classes(labels)

@@ -16,7 +16,11 @@ def dense_reference(memory_vectors, memory_labels, memory_weights, queries, clas
     if metric == "cosine":
         z = z / np.linalg.norm(z, axis=1, keepdims=True)
         q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    logits = q @ z.T / temperature + np.log(np.asarray(memory_weights, dtype=np.float64))[None, :]
+    if metric == "l2":  # negative squared distances, each computed as a difference (no expansion)
+        sim = -np.stack([((z - row) ** 2).sum(axis=1) for row in q]) if len(q) else np.zeros((0, len(z)))
+    else:
+        sim = q @ z.T
+    logits = sim / temperature + np.log(np.asarray(memory_weights, dtype=np.float64))[None, :]
     logits -= logits.max(axis=1, keepdims=True)
     a = np.exp(logits)
     a /= a.sum(axis=1, keepdims=True)
@@ -26,12 +30,12 @@ def dense_reference(memory_vectors, memory_labels, memory_weights, queries, clas
 
 
 def brute_force_topk(memory_vectors, queries, k, metric="cosine"):
-    """Exact top-k rows by similarity, float64 numpy."""
+    """Exact top-k rows by similarity (for l2, negative squared distance), float64 numpy."""
     z = np.asarray(memory_vectors, dtype=np.float64)
     q = np.asarray(queries, dtype=np.float64)
     if metric == "cosine":
         z = z / np.linalg.norm(z, axis=1, keepdims=True)
         q = q / np.linalg.norm(q, axis=1, keepdims=True)
-    s = q @ z.T
+    s = -np.stack([((z - row) ** 2).sum(axis=1) for row in q]) if metric == "l2" else q @ z.T
     top = np.argsort(-s, axis=1)[:, :k]
     return np.take_along_axis(s, top, 1), top

@@ -479,6 +479,28 @@ def test_a_missing_shard_of_an_inner_product_memory_leaves_the_tail_unbounded(tm
         mem.close()
 
 
+def test_l2_shards_answer_as_one_l2_memory_in_both_modes(tmp_path):
+    """Each shard lifts the same query alike (engine.metric), so their scores merge."""
+    rng = np.random.default_rng(8)
+    x = (rng.standard_normal((2000, DIM)) * 0.7 + rng.standard_normal((5, DIM))[rng.integers(0, 5, 2000)] * 2)
+    x, y = x.astype(np.float32), rng.integers(0, 5, 2000)
+    q = x[:20] + rng.normal(0, 0.3, (20, DIM)).astype(np.float32)
+    mem = ShardedMemory(DIM, shards=2, path=tmp_path / "m", index="Flat", metric="l2", temperature=4.0)
+    try:
+        ids = mem.add(x, y)
+        single = Memory(DIM, index="Flat", metric="l2", temperature=4.0)
+        single.add(x, y, ids=ids)
+        for probs in ("top-k", "full"):
+            got, want = mem.query(q, k=32, probs=probs), single.query(q, k=32, probs=probs)
+            np.testing.assert_array_equal(got.ids, want.ids)
+            np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
+        full = mem.query(q, k=32, probs="full")
+        _, p = dense_reference(x, y, np.ones(len(x)), q, full.classes, 4.0, metric="l2")
+        np.testing.assert_allclose(full.probs, p, atol=2e-5)
+    finally:
+        mem.close()
+
+
 def test_a_budget_is_kept_shard_by_shard(tmp_path):
     x, y = clustered(1200, DIM, n_classes=8, seed=13)
     mem = ShardedMemory(DIM, shards=2, path=tmp_path / "m", index="Flat", budget=400)

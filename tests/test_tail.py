@@ -20,11 +20,11 @@ def total_variation(p, q):
     return 0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum(axis=1)
 
 
-def reference(mem: Memory, q, classes, metric="cosine"):
+def reference(mem: Memory, q, classes, metric=None):
     """(attention (n, N), probs (n, C), ids) of dense attention over every live slot, float64."""
     slots = mem.get(mem.ids())
     a, p = dense_reference(slots.vectors, np.array(slots.labels), slots.weights, q, classes, mem.temperature,
-                           metric=metric)
+                           metric=metric or mem.metric)
     return a, p, slots.ids
 
 

@@ -36,7 +36,7 @@ from ..errors import (
     UnknownLabelError,
 )
 from ..labels import Vocabulary
-from ..memory import METRICS
+from ..metric import METRICS
 from ..results import CompactionReport, MemoryStats, QueryResult, Slots
 from ..store import MANIFEST
 from .merge import merge

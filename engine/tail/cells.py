@@ -39,14 +39,19 @@ def kmeans_partition(dim: int, metric: str, n_cells: int, vectors, live: np.ndar
     rng = np.random.default_rng(seed)
     sample = np.ascontiguousarray(vectors(np.sort(rng.choice(live, min(len(live), 256 * n_cells), replace=False))),
                                   dtype=np.float32)
-    km = faiss.Kmeans(dim, n_cells, niter=10, seed=seed, spherical=metric == "cosine")
-    km.train(sample)
+    lifted = metric == "l2"  # lifted slots (x, |x|^2): cells are made on x (see engine.metric)
+    width = dim - 1 if lifted else dim
+    km = faiss.Kmeans(width, n_cells, niter=10, seed=seed, spherical=metric == "cosine")
+    km.train(np.ascontiguousarray(sample[:, :width]))
     quantizer = km.index
 
     def assign(v: np.ndarray) -> np.ndarray:
-        return quantizer.search(np.ascontiguousarray(v, dtype=np.float32), 1)[1][:, 0].astype(np.int32)
+        return quantizer.search(np.ascontiguousarray(v[:, :width], dtype=np.float32), 1)[1][:, 0].astype(np.int32)
 
-    return assign, np.asarray(km.centroids, np.float32).reshape(n_cells, dim)
+    centroids = np.asarray(km.centroids, np.float32).reshape(n_cells, width)
+    if lifted:
+        centroids = np.hstack([centroids, np.einsum("nd,nd->n", centroids, centroids)[:, None]])
+    return assign, centroids
 
 
 class Cells:
@@ -54,7 +59,8 @@ class Cells:
 
     Args:
         dim: vector dimension.
-        metric: "cosine" or "ip".
+        metric: "cosine", "ip" or "l2" (lifted vectors, see :mod:`engine.metric`: summed and
+            bounded as inner product; the estimate reads each cell's spread from the sums).
         centroids: (n_cells, dim) the partition's centroids (pivots are made from them).
         assign: vectors -> their cells.
         own: whether the partition was made here (then made again when the memory grows 4x).
@@ -256,6 +262,17 @@ class CellView:
             self.label_resultant = self.label_kappa = None
             lunit = cells.label_sums / lsafe[:, None]
         self.label_means = np.ascontiguousarray(lunit, np.float64)  # what the (query, class) kernel reads
+        # l2: a cell's lifted mean is (mean x, mean |x|^2), so its spread (the mean squared
+        # distance of its slots to their mean) is the last column less the mean's squared norm
+        self.spread = self.label_spread = None
+        if cells.metric == "l2":
+            self.spread = _spread(unit).astype(np.float32)
+            self.label_spread = _spread(lunit)
         self.label_kappa_or_empty = np.empty(0) if self.label_kappa is None else self.label_kappa
         self.label_log_mass64 = self.label_log_mass.astype(np.float64)
         self.nbytes = int(self.unit_t.nbytes + self.pivot_t.nbytes + self.label_means.nbytes)
+
+
+def _spread(means: np.ndarray) -> np.ndarray:
+    """Each lifted mean's spread: mean |x|^2 less |mean x|^2 (at least 0)."""
+    return np.maximum(means[:, -1] - np.einsum("nd,nd->n", means[:, :-1], means[:, :-1]), 0.0)

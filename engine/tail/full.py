@@ -246,6 +246,8 @@ def _rest(view: CellView, kernels, q, exact: _Exact, unscored, taken, inv_t, log
         shift32 = log_shift[lo:hi].astype(np.float32)[:, None]
         top = _most(view, qc, inv_t)  # u / T per cell
         est = _log_model(view.kappa, view.dim, qc @ view.unit_t, inv_t)
+        if view.spread is not None:
+            est = _log_gauss(est, _query_sq(qc), view.spread, view.dim - 1, inv_t, lowest[lo:hi])
         np.minimum(est, top, out=est)  # no cell holds more than its bound allows ...
         np.minimum(est, (lowest[lo:hi] * inv_t).astype(np.float32)[:, None], out=est)  # ... nor beats s_k
         est += view.log_mass.astype(np.float32)
@@ -283,11 +285,18 @@ def _rest(view: CellView, kernels, q, exact: _Exact, unscored, taken, inv_t, log
     have = exact.mass * scale[exact.query]
     groups = label_of_column[exact.column] if len(exact.column) else np.empty(0, np.int64)
     log_e = np.empty(len(groups))
-    kernels.pair_log_mass(q, exact.query, groups, view.label_means, view.label_kappa_or_empty,
-                          view.label_log_mass64, inv_t, max(view.dim / 2 - 1, 0.5), log_e)
+    if view.label_spread is not None:  # l2: the Gaussian model per (query, class) pair
+        c = np.einsum("nd,nd->n", q[exact.query].astype(np.float64), view.label_means[groups])
+        log_e = _log_gauss(c * inv_t, _query_sq(q)[exact.query], view.label_spread[groups], view.dim - 1, inv_t,
+                           lowest[exact.query])
+        log_e += view.label_log_mass64[groups]
+    else:
+        kernels.pair_log_mass(q, exact.query, groups, view.label_means, view.label_kappa_or_empty,
+                              view.label_log_mass64, inv_t, max(view.dim / 2 - 1, 0.5), log_e)
     log_e = np.minimum(log_e, view.label_log_mass64[groups] + lowest[exact.query] * inv_t)  # nothing beats s_k
     log_e -= log_shift[exact.query] + delta[exact.query]
-    excess = np.maximum(np.exp(log_e) - have, 0.0)
+    # what each class's estimate exceeds its scored mass (l2: its estimate is of the unscored part alone)
+    excess = np.exp(log_e) if view.label_spread is not None else np.maximum(np.exp(log_e) - have, 0.0)
     claimed = np.bincount(exact.query, weights=excess, minlength=n)
     fill = np.where(claimed > rest, rest / np.maximum(claimed, 1e-300), 1.0)
     values = have + excess * fill[exact.query]
@@ -306,16 +315,20 @@ def _every_class(view: CellView, q, exact: _Exact, scale, rest, z, label_of_colu
     np.add.at(out, (exact.query, exact.column), exact.mass * scale[exact.query])
     means_t = np.ascontiguousarray(view.label_means[label_of_column].T, np.float32)
     kappa = None if view.label_kappa is None else view.label_kappa[label_of_column]
+    spread = None if view.label_spread is None else view.label_spread[label_of_column].astype(np.float32)
     log_mass = view.label_log_mass[label_of_column].astype(np.float32)
     for lo in range(0, n, CHUNK):
         hi = min(n, lo + CHUNK)
         e = _log_model(kappa, view.dim, q[lo:hi] @ means_t, inv_t)
+        if spread is not None:
+            e = _log_gauss(e, _query_sq(q[lo:hi]), spread, view.dim - 1, inv_t, lowest[lo:hi])
         np.minimum(e, (lowest[lo:hi] * inv_t).astype(np.float32)[:, None], out=e)  # nothing beats s_k
         e += log_mass
         e -= unit[lo:hi].astype(np.float32)[:, None]
         np.exp(e, out=e)
         part = out[lo:hi]
-        e -= part  # what each class's estimate exceeds its scored mass ...
+        if spread is None:  # l2: the estimate is of the unscored part alone
+            e -= part  # what each class's estimate exceeds its scored mass ...
         np.maximum(e, 0, out=e)
         claimed = e.sum(axis=1, dtype=np.float64)
         fill = np.where(claimed > 0, rest[lo:hi] / np.maximum(claimed, 1e-300), 0.0)
@@ -402,6 +415,60 @@ def _log_model(kappa, dim: int, c: np.ndarray, inv_t: float) -> np.ndarray:
     return c
 
 
+def _query_sq(q: np.ndarray) -> np.ndarray:
+    """|q|^2 of lifted l2 queries q' = (2q, -1) (see :mod:`engine.metric`)."""
+    head = q[:, :-1].astype(np.float64)
+    return np.einsum("nd,nd->n", head, head) / 4
+
+
+def _log_gauss(first, q_sq, spread, dim: int, inv_t: float, lowest):
+    """l2: log of the attention mass per unit of mass of a group's slots that score below
+    ``lowest`` (the k-th score, what the search left out), when they spread around their
+    mean as an isotropic Gaussian. ``first`` = (q'.lifted mean) / T, the first-order term
+    (float32 in place, or float64); ``q_sq`` = |q|^2 and ``lowest`` per query; ``spread`` =
+    mean |x - mean|^2 per group, over ``dim`` dimensions.
+
+    With per-dimension variance v = spread / dim and a = 2 v / T, the whole group's
+    E exp(-|q - x|^2 / T) is (1 + a)^(-dim/2) exp(-|q - mean|^2 / (T (1 + a))) (with
+    |q - mean|^2 = |q|^2 - q'.mean' - spread): in lifted units, ``first`` + |q - mean|^2 a /
+    (T (1 + a)) + dim (a - log(1 + a)) / 2. Weighted by exp(-|q - x|^2 / T), x is again
+    Gaussian (variance v / (1 + a), mean pulled towards q), so the part beyond the k-th
+    distance r (|q - x|^2 >= r^2 = |q|^2 - lowest) is a noncentral chi-square tail, taken by
+    Sankaran's normal approximation."""
+    dtype = np.asarray(first).dtype
+    first64 = np.asarray(first, np.float64)
+    spread = np.asarray(spread, np.float64)
+    q_sq, lowest = np.asarray(q_sq, np.float64), np.asarray(lowest, np.float64)
+    if first64.ndim == 2:
+        q_sq, lowest = q_sq[:, None], lowest[:, None]
+    t = 1.0 / inv_t
+    v = spread / dim
+    a = 2 * v * inv_t
+    dist = np.maximum(q_sq - first64 * t - spread, 0.0)  # |q - mean|^2
+    whole = first64 + dist * (a / (1 + a)) * inv_t + (dim / 2) * (a - np.log1p(a))
+    r2 = np.maximum(q_sq - lowest, 0.0)
+    point = v <= 1e-12 * np.maximum(dist + r2, 1e-300)
+    v_safe = np.where(point, 1.0, v)
+    lam = dist / (v_safe * (1 + a))  # noncentrality of |q - x|^2 / v' under the tilted Gaussian
+    x = r2 * (1 + a) / v_safe
+    k = float(dim)
+    h = 1 - (2 / 3) * (k + lam) * (k + 3 * lam) / (k + 2 * lam) ** 2
+    p = (k + 2 * lam) / (k + lam) ** 2
+    m = (h - 1) * (1 - 3 * h)
+    z = ((x / (k + lam)) ** h - (1 + h * p * (h - 1 - 0.5 * (2 - h) * m * p))) / (h * np.sqrt(2 * p) * (1 + 0.5 * m * p))
+    beyond = np.where(point, np.where(dist >= r2, 0.0, -np.inf), _log_upper_normal(z))
+    return (whole + beyond).astype(dtype)
+
+
+def _log_upper_normal(z):
+    """log P(N(0, 1) > z), within about 0.3% (Borjesson and Sundberg's form)."""
+    z = np.asarray(z, np.float64)
+    u = np.abs(z)
+    log_q = -u * u / 2 - np.log((0.661 * u + 0.339 * np.sqrt(u * u + 5.51)) * np.sqrt(2 * np.pi))
+    with np.errstate(divide="ignore"):
+        return np.where(z >= 0, log_q, np.log1p(-np.exp(log_q)))
+
+
 def _take_out(view: CellView, q, est, bound, taken, lo, hi, inv_t, est_shift, bound_shift, cap) -> None:
     """Estimate again, without the slots a query scored, the cells those slots lie in
     (``est`` and ``bound`` are linear, in the units ``exp(est_shift)`` and ``exp(bound_shift)``;
@@ -427,6 +494,9 @@ def _take_out(view: CellView, q, est, bound, taken, lo, hi, inv_t, est_shift, bo
         from .vmf import log_vmf_mgf
 
         log_e = log_vmf_mgf(view.kappa[pc], mean, view.dim, inv_t)
+    elif view.spread is not None:  # l2: the cell's slots beyond the k-th score (what was not scored), per unit left
+        log_e = _log_gauss(c * inv_t, _query_sq(q)[pq], view.spread[pc], view.dim - 1, inv_t, cap[pq] / inv_t) \
+            + np.log(mass / left_safe)
     else:
         log_e = (c * mass - taken_ws) / left_safe * inv_t
     whole_bound = np.exp(view.log_mass_bound[pc])
