@@ -198,6 +198,8 @@ def compact(
     else:
         typer.echo(f"{report.slots:,} slots kept ({report.merged_away:,} merged away, {report.dropped:,} removed "
                    f"slots dropped) in {report.seconds:.1f} s")
+        if report.kept:
+            typer.echo(report.kept)
 
 
 @_command(memory_app, "export")
@@ -387,12 +389,15 @@ def ingest_cmd(
     image_size: int = typer.Option(28, help="Images are resized to this square."),
     batch_size: int = typer.Option(4096, help="Rows an embedding call and a write take."),
     replicas: int = typer.Option(2, help="Model replicas embedding in parallel."),
+    verbose: bool = typer.Option(False, "--verbose", help="Show Ray's own logs and progress bars too."),
 ) -> None:
     """Write Parquet rows (vectors, or images embedded by a trained g) into a sharded memory on Ray."""
     from .cluster import ShardedMemory
     from .cluster.ingest import check_sources, ingest
+    from .cluster.sharded import connect
 
     check_sources(sources)  # a refused input leaves no memory behind
+    connect(cluster, quiet=not verbose)
     if shards is not None:
         if dim is None:
             if checkpoint is None:
@@ -405,7 +410,7 @@ def ingest_cmd(
         mem = ShardedMemory.open(path, address=cluster)
     try:
         report = ingest(mem, sources, checkpoint=checkpoint, image_size=image_size, batch_size=batch_size,
-                        replicas=replicas)
+                        replicas=replicas, verbose=verbose)
         mem.save()
     finally:
         mem.close()

@@ -48,6 +48,14 @@ class SlotSet:
     weights: np.ndarray
     label_idx: np.ndarray
     source: np.ndarray
+    kept: str | None = None  # which state a policy kept and why (distill), for the report
+
+
+def _bar(total: int, desc: str, unit: str):
+    """A progress bar on a terminal for work that outlasts two seconds; nothing otherwise."""
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, delay=2.0, disable=None, leave=False)
 
 
 def allocate(class_mass: np.ndarray, class_count: np.ndarray, budget: int) -> np.ndarray:
@@ -167,39 +175,48 @@ def merge(vectors, weights, classes, members, alloc, cosine: bool, seed: int):
     out_v, out_w, out_c, out_src, out_mean = [], [], [], [], []
     owner = np.empty(len(vectors), np.int64)
     n_out = 0
-    for c, m, b in zip(classes, members, alloc):
-        if b >= len(m):  # nothing to merge: keep the slots as they are
-            owner[m] = n_out + np.arange(len(m))
-            n_out += len(m)
-            out_v.append(vectors[m]); out_w.append(weights[m]); out_c.append(np.full(len(m), c)); out_src.append(m)  # noqa: E702
-            out_mean.append(vectors[m].astype(np.float64))
-            continue
-        x, w = vectors[m], weights[m]
-        if b == 1:
-            assign = np.zeros(len(m), np.int64)
-        elif 2 * b >= len(m):  # a light squeeze: merge nearest pairs rather than k-means with k close to n
-            assign = _pair_assign(x, b, cosine)
-        else:
-            km = faiss.Kmeans(x.shape[1], int(b), niter=20, seed=seed, spherical=cosine, verbose=False)
-            km.cp.min_points_per_centroid = 1  # small classes: no warning, the result is still a partition
-            km.train(x, weights=w.astype(np.float32))
-            _, assign = km.index.search(x, 1)
-            assign = assign[:, 0]
-        sums = np.zeros((b, x.shape[1]))
-        np.add.at(sums, assign, x * w[:, None])
-        mass = np.bincount(assign, weights=w, minlength=b)
-        used = mass > 0  # an empty cluster had no members and so no mass
-        renumber = np.cumsum(used) - 1
-        owner[m] = n_out + renumber[assign]
-        n_out += int(used.sum())
-        means = sums[used] / mass[used, None]
-        centroids = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12) if cosine else means
-        out_v.append(centroids.astype(np.float32)); out_w.append(mass[used]); out_c.append(np.full(used.sum(), c))  # noqa: E702
-        out_src.append(np.full(used.sum(), -1))
-        out_mean.append(means)
+    with _bar(len(classes), "merge", "class") as bar:
+        for c, m, b in zip(classes, members, alloc):
+            n_out = _merge_class(vectors, weights, c, m, b, cosine, seed, owner, n_out,
+                                 (out_v, out_w, out_c, out_src, out_mean))
+            bar.update()
     merged = SlotSet(np.concatenate(out_v), np.concatenate(out_w), np.concatenate(out_c).astype(np.int32),
                      np.concatenate(out_src))
     return merged, owner, np.concatenate(out_mean)
+
+
+def _merge_class(vectors, weights, c, m, b, cosine: bool, seed: int, owner, n_out: int, out) -> int:
+    """Merge class ``c``'s rows ``m`` into at most ``b`` slots, appended to ``out``; returns
+    the slots made so far."""
+    out_v, out_w, out_c, out_src, out_mean = out
+    if b >= len(m):  # nothing to merge: keep the slots as they are
+        owner[m] = n_out + np.arange(len(m))
+        out_v.append(vectors[m]); out_w.append(weights[m]); out_c.append(np.full(len(m), c)); out_src.append(m)  # noqa: E702
+        out_mean.append(vectors[m].astype(np.float64))
+        return n_out + len(m)
+    x, w = vectors[m], weights[m]
+    if b == 1:
+        assign = np.zeros(len(m), np.int64)
+    elif 2 * b >= len(m):  # a light squeeze: merge nearest pairs rather than k-means with k close to n
+        assign = _pair_assign(x, b, cosine)
+    else:
+        km = faiss.Kmeans(x.shape[1], int(b), niter=20, seed=seed, spherical=cosine, verbose=False)
+        km.cp.min_points_per_centroid = 1  # small classes: no warning, the result is still a partition
+        km.train(x, weights=w.astype(np.float32))
+        _, assign = km.index.search(x, 1)
+        assign = assign[:, 0]
+    sums = np.zeros((b, x.shape[1]))
+    np.add.at(sums, assign, x * w[:, None])
+    mass = np.bincount(assign, weights=w, minlength=b)
+    used = mass > 0  # an empty cluster had no members and so no mass
+    renumber = np.cumsum(used) - 1
+    owner[m] = n_out + renumber[assign]
+    means = sums[used] / mass[used, None]
+    centroids = means / np.maximum(np.linalg.norm(means, axis=1, keepdims=True), 1e-12) if cosine else means
+    out_v.append(centroids.astype(np.float32)); out_w.append(mass[used]); out_c.append(np.full(used.sum(), c))  # noqa: E702
+    out_src.append(np.full(used.sum(), -1))
+    out_mean.append(means)
+    return n_out + int(used.sum())
 
 
 def _pair_assign(x: np.ndarray, b: int, cosine: bool) -> np.ndarray:
@@ -298,13 +315,16 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
         def sim_rows(a, b):
             return (a * unit(b)).sum(1)
 
+    chunks = pick.split(512)
+    bar = _bar(len(chunks) + steps, "distill", "step")  # the full memory's answers, then the steps
     with torch.no_grad():  # the full memory's leave-one-out answers, in chunks of queries
         full_logw = full_w.log().float()
         target = []
-        for rows in pick.split(512):
+        for rows in chunks:
             sims = sim(full_v[rows], full_v)
             sims[torch.arange(len(rows)), rows] = float("-inf")
             target.append(answer(sims, full_logw.expand(len(rows), -1), full_c))
+            bar.update()
         target = torch.cat(target)
     n_held = int(round(holdout * len(pick))) if len(pick) >= 8 else 0
     held, fit = (pick[:n_held], target[:n_held]), (pick[n_held:], target[n_held:])
@@ -348,30 +368,46 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
             loss, p_compact = kl(*held)
             return float((p_compact.argmax(1) == held[1].argmax(1)).float().mean()), -float(loss)
 
-    best = (held_out_score(), v.detach().clone(), logits.detach().clone())
-    for step in range(1, steps + 1):
-        idx = torch.randint(0, len(fit[0]), (min(1024, len(fit[0])),), generator=gen)
-        loss, _ = kl(fit[0][idx], fit[1][idx])
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        if n_held and (step % eval_every == 0 or step == steps):
-            score = held_out_score()
-            if score > best[0]:
-                best = (score, v.detach().clone(), logits.detach().clone())
+    merged_score = held_out_score()
+    best = (merged_score, v.detach().clone(), logits.detach().clone(), 0)
+    with bar:
+        for step in range(1, steps + 1):
+            idx = torch.randint(0, len(fit[0]), (min(1024, len(fit[0])),), generator=gen)
+            loss, _ = kl(fit[0][idx], fit[1][idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            if n_held and (step % eval_every == 0 or step == steps):
+                score = held_out_score()
+                if score > best[0]:
+                    best = (score, v.detach().clone(), logits.detach().clone(), step)
+                bar.set_postfix(agree=f"{score[0]:.3f}", best=f"{best[0][0]:.3f}", refresh=False)
+            bar.update()
     with torch.no_grad():
         if n_held:
             v.copy_(best[1])
             logits.copy_(best[2])
         out = F.normalize(v, dim=-1) if metric == "cosine" else v
         return SlotSet(out.numpy().astype(np.float32), slot_weights().numpy(), start.label_idx,
-                       np.full(len(c), -1))
+                       np.full(len(c), -1), _kept_note(n_held, steps, best[3], best[0], merged_score))
+
+
+def _kept_note(n_held: int, steps: int, step: int, score: tuple, merged: tuple) -> str:
+    """What distill kept and why, in words for the report."""
+    if not n_held:
+        return f"distilled: the state after {steps} steps (no held-out queries to choose by)"
+    said = (f"held-out agreement with the full memory's top class {score[0]:.3f}, KL {-score[1]:.4f} "
+            f"(the merge: {merged[0]:.3f}, KL {-merged[1]:.4f})")
+    if step == 0:
+        return f"merged: no distilled state beat the merge it started from on held-out queries; {said}"
+    return f"distilled: the state after step {step} of {steps}, the best on held-out queries; {said}"
 
 
 def shrink(live: SlotTable, vectors: np.ndarray, *, budget: int | None, policy: str, metric: Metric,
            temperature: float, seed: int, options: dict, fresh_ids, keep_vectors: bool,
-           now: float) -> tuple[SlotTable, np.ndarray]:
-    """A new table of the slots ``live`` compacted to ``budget`` (None: all of them, renumbered).
+           now: float) -> tuple[SlotTable, np.ndarray, str | None]:
+    """A new table of the slots ``live`` compacted to ``budget`` (None: all of them, renumbered),
+    its vectors, and which state the policy kept and why (distill; else None).
 
     Kept slots keep their ids and usage times; merged ones take ids from ``fresh_ids(n)``
     and are written ``now``. ``live`` is not changed. ``vectors`` are as the index holds them
@@ -382,6 +418,7 @@ def shrink(live: SlotTable, vectors: np.ndarray, *, budget: int | None, policy: 
     """
     table = SlotTable(live.dim, keep_vectors, live.track_usage)
     weights = live.weights
+    note = None
     if budget is None or budget >= live.n_alive:
         table.append(live.ids, live.label_idx, None if live.unit_weights else weights, vectors,
                      live.used if live.track_usage else 0.0)
@@ -401,8 +438,9 @@ def shrink(live: SlotTable, vectors: np.ndarray, *, budget: int | None, policy: 
         vectors = metric.slots(out.vectors)
         table.append(ids, out.label_idx, out.weights, vectors,
                      np.where(kept, live.used[src], now) if live.track_usage else 0.0)
+        note = out.kept
     table.class_counts = np.pad(table.class_counts, (0, max(0, len(live.class_counts) - len(table.class_counts))))
-    return table, vectors
+    return table, vectors, note
 
 
 def parse_budget(budget, bytes_per_slot: float) -> int:

@@ -448,18 +448,19 @@ class Memory:
             slots = None if budget is None else self._budget_slots(budget)
             t0 = time.perf_counter()
             before, dropped = self._state.table.n_alive, self._state.table.n_dead
-            after = self._commit_compacted(*self._state.live(), slots, policy, seed, options, self._vocab.kind,
-                                           required=self._store is not None or dropped > 0)
+            after, kept = self._commit_compacted(*self._state.live(), slots, policy, seed, options,
+                                                 self._vocab.kind, required=self._store is not None or dropped > 0)
             self._retune()
             return CompactionReport(slots=after, dropped=dropped, merged_away=before - after,
                                     policy=policy if slots is not None else None, budget=slots,
-                                    seconds=time.perf_counter() - t0)
+                                    seconds=time.perf_counter() - t0, kept=kept)
 
     def _commit_compacted(self, live: SlotTable, vectors: np.ndarray, budget: int | None, policy: str, seed: int,
-                          options: dict, kind: str | None, *, required: bool = True) -> int:
+                          options: dict, kind: str | None, *, required: bool = True) -> tuple[int, str | None]:
         """Compact ``live`` aside, write it as a snapshot (the commit point), swap it in.
 
-        Returns the slots kept. Nothing changes unless the snapshot is durable.
+        Returns the slots kept and what the policy says it kept. Nothing changes unless the
+        snapshot is durable.
         """
         next_id = max(self._next_id, int(live.ids.max()) + 1 if live.n_alive else 0)
 
@@ -468,12 +469,12 @@ class Memory:
             ids, next_id = self._state.fresh_ids(n, next_id, taken=live.ids, space=self._id_space)
             return ids
 
-        table, vectors = compaction.shrink(live, vectors, budget=budget, policy=policy,
+        table, vectors, kept = compaction.shrink(live, vectors, budget=budget, policy=policy,
                                            metric=self._metric, temperature=self._temperature,
                                            seed=seed, options=options, fresh_ids=fresh,
                                            keep_vectors=self._keep_vectors, now=time.time())
         if not required and table.n_alive == live.n_alive:
-            return table.n_alive  # nothing to drop or merge, nothing to write
+            return table.n_alive, kept  # nothing to drop or merge, nothing to write
         state = self._state.rebuilt_from(table, vectors)  # aside: readers go on meanwhile
         if self._store is not None:
             self._store.checkpoint(self._persisted(state.snapshot(self._vocab, vectors)), kind,
@@ -483,7 +484,7 @@ class Memory:
             self._swap(state)
             self._vocab.kind = kind
             self._next_id = next_id
-        return table.n_alive
+        return table.n_alive, kept
 
     def _change(self, kill_rows: np.ndarray, append: tuple | None = None, n_after: int = 0) -> None:
         """Apply a logged write: rebuild aside and swap when due, else change the state in place."""

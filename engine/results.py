@@ -262,6 +262,9 @@ class CompactionReport:
         policy: the policy used, or None when there was no budget (only tombstones were dropped).
         budget: the budget in slots, or None.
         seconds: wall time it took.
+        kept: which state the policy kept and why (distill: the distilled state of the step
+            best on held-out queries, or the merge it started from when none beat it, with
+            the figures); None for the other policies.
     """
 
     slots: int
@@ -270,6 +273,7 @@ class CompactionReport:
     policy: str | None
     budget: int | None
     seconds: float
+    kept: str | None = None
 
     def as_dict(self) -> dict:
         from dataclasses import asdict

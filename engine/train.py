@@ -132,6 +132,7 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng
     rows, step = [], 0
     with tqdm(total=steps, desc="pre-training", unit="batch", disable=not progress) as bar:
         for epoch in range(cfg.pretrain_epochs):
+            bar.set_description(f"pre-training epoch {epoch + 1}/{cfg.pretrain_epochs}")
             losses, hits, seen = [], 0, 0
             order = rng.permutation(len(x))
             for b in range(per_epoch):
@@ -151,6 +152,8 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng
                 seen += len(pick)
                 step += 1
                 bar.update(1)
+                if b % 10 == 9:  # this epoch's running figures
+                    bar.set_postfix(loss=f"{np.mean(losses):.3f}", acc=f"{hits / seen:.3f}", refresh=False)
             rows.append({"epoch": epoch + 1, "loss": float(np.mean(losses)), "train_acc": hits / seen})
             bar.set_postfix(loss=f"{rows[-1]['loss']:.3f}", acc=f"{rows[-1]['train_acc']:.3f}")
     return rows
@@ -278,17 +281,25 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
             accs.append(acc)
             state["episode"] += 1
             bar.update(1)
+            if state["episode"] % 10 == 0:  # running figures since the last validation
+                bar.set_postfix(loss=f"{np.mean(losses):.3f}", acc=f"{np.mean(accs):.3f}",
+                                **({"best_val": f"{state['best_val']:.3f}"} if state["best_val"] >= 0 else {}),
+                                refresh=False)
             if state["episode"] % cfg.val_every == 0 or state["episode"] == cfg.episodes:
+                bar.set_description("meta-training (validating)")
+                bar.refresh()
                 val = evaluate_episodes(model, val_x, val_groups, n_way=min(cfg.val_way, len(val_x)), k_shot=1,
                                         episodes=cfg.val_episodes, within_group=1.0 if val_groups else 0.0,
                                         seed=12345)
                 model.train()
+                bar.set_description("meta-training")
                 row = {"episode": state["episode"], "train_loss": float(np.mean(losses)),
                        "train_acc": float(np.mean(accs)), "val_acc": val["accuracy"], "val_ci95": val["ci95"],
                        "temperature": model.temperature.item(), "elapsed_s": time.perf_counter() - start}
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-                bar.set_postfix(loss=f"{row['train_loss']:.3f}", val=f"{val['accuracy']:.3f}")
+                bar.set_postfix(loss=f"{row['train_loss']:.3f}", acc=f"{row['train_acc']:.3f}",
+                                val=f"{val['accuracy']:.3f}")
                 losses, accs = [], []
                 if val["accuracy"] > state["best_val"]:
                     state["best_val"] = val["accuracy"]

@@ -374,6 +374,9 @@ def test_ingest_parquet_vectors_and_images(tmp_path):
                          capture_output=True, text=True, cwd=root, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "ingested 3,000 slots" in out.stdout
+    # one progress bar, none of Ray Data's own logs (those are behind --verbose)
+    noise = [ln for ln in out.stderr.replace("\r", "\n").splitlines() if ln.strip() and not ln.startswith("ingest")]
+    assert not noise, noise
     mem = ShardedMemory.open(tmp_path / "vec")
     try:
         assert len(mem) == 3000

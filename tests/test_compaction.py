@@ -116,10 +116,26 @@ def test_distill_matches_the_full_memory_better_than_merge():
     for policy in ("merge", "distill"):
         mem = Memory(16, index="Flat", temperature=0.1)
         mem.add(x, y)
-        mem.compact(budget=30, policy=policy, steps=150)
+        report = mem.compact(budget=30, policy=policy, steps=150)
         p = np.clip(mem.query(probes, k=64).probs, 1e-12, None)
         kl[policy] = float((full * (np.log(np.clip(full, 1e-12, None)) - np.log(p))).sum(1).mean())
+        if policy == "distill":  # the report says which state was kept
+            assert report.kept.startswith("distilled: the state after step"), report.kept
+        else:
+            assert report.kept is None
     assert kl["distill"] < 0.95 * kl["merge"], kl
+
+
+def test_distill_keeps_the_merge_when_no_step_beats_it_and_says_so():
+    """At a learning rate that wrecks the slots at once, the held-out check keeps the merge."""
+    x, y, probes, _ = clustered(2000, 16, n_classes=10, seed=3, queries=50)
+    mem, merged = Memory(16, index="Flat", temperature=0.1), Memory(16, index="Flat", temperature=0.1)
+    mem.add(x, y)
+    merged.add(x, y)
+    report = mem.compact(budget=30, policy="distill", steps=10, lr=50.0, eval_every=1)
+    merged.compact(budget=30, policy="merge")
+    assert report.kept.startswith("merged: no distilled state beat the merge"), report.kept
+    np.testing.assert_allclose(mem.query(probes, k=8).probs, merged.query(probes, k=8).probs, atol=1e-5)
 
 
 def test_age_keeps_what_was_retrieved(filled):

@@ -583,3 +583,21 @@ def test_malformed_query_actions_are_refused_and_change_nothing(served, data):
             list(raw(server).do_action(fl.Action("query", body)))
     same_result(client(server).query(q, k=5), before)  # still answering, nothing changed
     assert len(mem) == len(x)
+
+
+def test_the_client_takes_torch_tensors_wherever_memory_does(served, data):
+    torch = pytest.importorskip("torch")
+    server, mem = served
+    x, y, q = data
+    with client(server, token=TOKEN) as c:
+        ids = c.add(torch.tensor(x[:50], requires_grad=True) * 1.0, torch.tensor(y[:50]),
+                    ids=torch.arange(50), weights=torch.linspace(1, 2, 50, dtype=torch.float64))
+        assert ids.tolist() == list(range(50))
+        got = c.query(torch.tensor(q[:3], dtype=torch.float32, requires_grad=True), k=5)
+        want = mem.query(q[:3].astype(np.float32), k=5)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_array_equal(c.get(torch.tensor([3, 4])).ids, [3, 4])
+        assert c.remove(torch.tensor([0, 1])) == 2 and c.remove(labels=torch.tensor(int(y[5]))) >= 1
+        with pytest.raises(engine.InvalidValueError, match="ids must be numbers"):
+            c.remove(["a"])
+        assert len(mem) == len(c.ids())

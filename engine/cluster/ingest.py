@@ -207,7 +207,7 @@ def _engine_error(exc: BaseException) -> BaseException:
 
 
 def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size: int = 28,
-           batch_size: int = 4096, replicas: int = 2, progress: bool = True) -> IngestReport:
+           batch_size: int = 4096, replicas: int = 2, progress: bool = True, verbose: bool = False) -> IngestReport:
     """Write the rows of Parquet ``sources`` into ``memory`` (any :class:`~engine.protocol.MemoryLike`).
 
     Args:
@@ -217,10 +217,14 @@ def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size:
         image_size: images are resized to this square before embedding.
         batch_size: rows a model call embeds and an add writes.
         replicas: model replicas embedding in parallel.
+        progress: one progress bar, of the rows written.
+        verbose: Ray Data's own logs and progress bars too (by default only its warnings and
+            errors).
 
     Raises:
         InvalidValueError: no label column, neither vector nor image, images without a checkpoint.
     """
+    import logging
     import time
 
     import ray
@@ -230,8 +234,15 @@ def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size:
     files = parquet_files(sources)
     # rows arrive in the order of the files and of their rows, so that an error names its rows
     context = ray.data.DataContext.get_current()
-    kept_order = context.execution_options.preserve_order
+    # Ray Data's logs; its progress module only says that its bars are off
+    data_log, bars_log = logging.getLogger("ray.data"), logging.getLogger("ray.data._internal.progress")
+    kept = (context.execution_options.preserve_order, context.enable_progress_bars,
+            context.enable_operator_progress_bars, data_log.level, bars_log.level)
     context.execution_options.preserve_order = True
+    if not verbose:  # one bar, the engine's; Ray Data says only what goes wrong
+        context.enable_progress_bars = context.enable_operator_progress_bars = False
+        data_log.setLevel(logging.WARNING)
+        bars_log.setLevel(logging.ERROR)
     try:
         # Reads and model replicas reserve a quarter of a CPU each (a reservation for the scheduler,
         # not a limit: torch still uses the node's cores), so that on a small machine, where the
@@ -240,13 +251,17 @@ def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size:
         ds = ray.data.read_parquet([f for f, _ in files], num_cpus=0.25)
         return _ingest(memory, ds, files, embedded, checkpoint, image_size, batch_size, replicas, progress, t0)
     finally:
-        context.execution_options.preserve_order = kept_order
+        (context.execution_options.preserve_order, context.enable_progress_bars,
+         context.enable_operator_progress_bars) = kept[:3]
+        data_log.setLevel(kept[3])
+        bars_log.setLevel(kept[4])
 
 
 def _ingest(memory, ds, files, embedded, checkpoint, image_size, batch_size, replicas, progress, t0) -> IngestReport:
     """Embed (if rows carry images) and write the rows of ``ds``, read from ``files``, in order."""
     import time
 
+    import ray
     from tqdm import tqdm
 
     total = sum(rows for _, rows in files)  # from the Parquet metadata: nothing is embedded twice
@@ -255,7 +270,7 @@ def _ingest(memory, ds, files, embedded, checkpoint, image_size, batch_size, rep
             raise InvalidValueError("rows carry images: give the checkpoint of a trained model to embed them")
         Embedder(str(checkpoint), image_size)  # checked here, before any worker starts: exists, not FCE
         ds = ds.map_batches(Embedder, fn_constructor_args=(str(checkpoint), image_size), batch_size=batch_size,
-                            batch_format="numpy", concurrency=replicas, num_cpus=0.25)
+                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=0.25)
     written = 0
     batches = iter(ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
     with tqdm(total=total, desc="ingest", unit="slot", disable=not progress) as bar:

@@ -116,12 +116,16 @@ def _ray():
     return ray
 
 
-def connect(address: str | None = None) -> None:
+def connect(address: str | None = None, *, quiet: bool = False) -> None:
     """Join the Ray cluster at ``address`` (or RAY_ADDRESS), or start a local one; a no-op if
-    this process is connected already."""
+    this process is connected already. ``quiet``: Ray's own start-up lines (the local
+    instance started, its token authentication) are not printed; errors still are."""
     ray = _ray()
     if not ray.is_initialized():
-        ray.init(address=address, include_dashboard=False, log_to_driver=False)
+        import logging
+
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 **({"logging_level": logging.ERROR} if quiet else {}))
 
 
 class ShardedMemory:
@@ -436,7 +440,8 @@ class ShardedMemory:
         reports = [r for r in self._all("compact", each) if r is not None]
         return CompactionReport(slots=sum(r.slots for r in reports), dropped=sum(r.dropped for r in reports),
                                 merged_away=sum(r.merged_away for r in reports), policy=reports[0].policy,
-                                budget=budget, seconds=max(r.seconds for r in reports))
+                                budget=budget, seconds=max(r.seconds for r in reports),
+                                kept="; ".join(f"shard {i}: {r.kept}" for i, r in enumerate(reports) if r.kept) or None)
 
     def save(self) -> Path:
         """Checkpoint every shard."""

@@ -17,7 +17,7 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from .. import codec, errors
-from ..checks import INT64_MAX
+from ..checks import INT64_MAX, untensor
 from ..errors import UnknownIdError
 from ..labels import dtype as labels_dtype
 from ..labels import kind_of, one_or_many
@@ -53,19 +53,19 @@ class Client:
     # -- writes ----------------------------------------------------------------------------
     def add(self, vectors, labels, *, ids=None, weights=None, upsert: bool = False) -> np.ndarray:
         """Write slots (see :meth:`engine.Memory.add`). Returns their ids."""
-        v = np.asarray(vectors, dtype=np.float32)
+        v = _array(vectors, np.float32, "vectors")
         if v.ndim == 1:
             v = v[None, :]
         if v.ndim != 2:
             raise errors.DimensionError(f"vectors must be 2-d, got shape {v.shape}")
-        labels = list(np.asarray(labels).tolist()) if not isinstance(labels, list) else labels
+        labels = list(_array(labels, None, "labels").tolist()) if not isinstance(labels, list) else labels
         if len(labels) != len(v):
             raise errors.InvalidValueError(f"{len(v)} vectors but {len(labels)} labels")
         columns = {"vector": codec.vector_array(v), "label": codec.label_array(labels)}
         if ids is not None:
-            columns["id"] = pa.array(np.asarray(ids, dtype=np.int64).reshape(-1))
+            columns["id"] = pa.array(_array(ids, np.int64, "ids").reshape(-1))
         if weights is not None:
-            columns["weight"] = pa.array(np.asarray(weights, dtype=np.float64).reshape(-1))
+            columns["weight"] = pa.array(_array(weights, np.float64, "weights").reshape(-1))
         try:
             table = pa.table(columns)
         except pa.ArrowInvalid as exc:
@@ -86,7 +86,7 @@ class Client:
             if ids is not None:
                 raise errors.InvalidValueError("remove takes ids or labels, not both")
             return self._action("remove", labels=_label_list(labels))["removed"]
-        ids = np.atleast_1d(np.asarray(ids, dtype=np.int64)).tolist()
+        ids = np.atleast_1d(_array(ids, np.int64, "ids")).tolist()
         return self._action("remove", ids=ids)["removed"]
 
     def ids(self, labels=None) -> np.ndarray:
@@ -108,7 +108,7 @@ class Client:
         "top-k" for this call, default the served memory's); large batches stream in chunks."""
         if probs is not None and probs not in ("full", "top-k"):
             raise errors.InvalidValueError(f"probs must be one of ('full', 'top-k'), got {probs!r}")
-        q = np.asarray(queries, dtype=np.float32)
+        q = _array(queries, np.float32, "queries")
         if q.ndim == 1:
             q = q[None, :]
         if q.ndim != 2:
@@ -166,7 +166,7 @@ class Client:
 
     def get(self, ids) -> Slots:
         """Read slots back by id (see :meth:`engine.Memory.get`)."""
-        ticket = fl.Ticket(wire.command(memory=self.memory, ids=np.atleast_1d(np.asarray(ids, np.int64)).tolist()))
+        ticket = fl.Ticket(wire.command(memory=self.memory, ids=np.atleast_1d(_array(ids, np.int64, "ids")).tolist()))
         with _errors():
             table = self._flight.do_get(ticket, self._options).read_all()
         return Slots(ids=table.column("id").to_numpy(), labels=table.column("label").to_pylist(),
@@ -265,6 +265,16 @@ class _errors:
             raise err from None
         builtin = {"ValueError": ValueError, "KeyError": KeyError, "TypeError": TypeError}.get(info.get("type"))
         raise (builtin or errors.EngineError)(message) from None
+
+
+def _array(x, dtype, what: str) -> np.ndarray:
+    """``x`` (a sequence, an array or a torch tensor, detached) as an array of ``dtype`` (None:
+    as it comes); InvalidValueError, not numpy's, where it is not one."""
+    try:
+        return np.asarray(untensor(x), dtype=dtype)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise errors.InvalidValueError(f"{what} must be {'numbers' if dtype is not None else 'values'}: "
+                                       f"{exc}") from None
 
 
 def _label_list(labels) -> list:
