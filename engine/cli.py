@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -12,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import EngineError
+from .errors import EngineError, UnknownLabelError
 from .extras import EXTRA_OF, missing
 from .io import read_batch
 from .memory import Memory
@@ -36,7 +37,10 @@ def _fail(exc: BaseException) -> None:
 # The library's advice to a Python caller, as a command-line user takes it.
 _CLI_WORDS = (("pass upsert=True to replace", "--upsert replaces them"),
               ("open it with Memory.open(", "use it with the memory commands ("),
-              ("use ShardedMemory.open", "use it with --cluster"))
+              ("use ShardedMemory.open", "use it with --cluster"),
+              ('make the memory with track_usage=True (or policy="age")',
+               "create the memory with --track-usage (or --policy age)"),
+              ("this memory was made with track_usage=False", "this memory was created without --track-usage"))
 
 
 def _cli_words(exc: BaseException) -> str:
@@ -92,7 +96,7 @@ def create(
     try:
         t = temperature if temperature == "auto" else float(temperature)
     except ValueError:
-        raise typer.BadParameter(f'a number or "auto", got {temperature!r}', param_hint="--temperature") from None
+        raise ValueError(f'--temperature must be a number or "auto", got {temperature!r}') from None
     if Path(path).parent != Path(path) and not Path(path).parent.is_dir():
         raise FileNotFoundError(f"{Path(path).parent}: no such directory (create it first)")
     mem = Memory(dim, metric=metric, index=index, temperature=t, path=path, probs=probs, budget=_budget(budget),
@@ -216,13 +220,23 @@ def export(
         raise FileExistsError(f"{out} exists; choose another file")
     if out.suffix.lower() not in (".parquet", ".pq", ".arrow", ".feather"):
         raise ValueError(f"{out}: write .parquet, .arrow or .feather")
+    if not out.parent.is_dir():
+        raise FileNotFoundError(f"{out.parent}: no such directory")
     with Memory.open(path, read_only=True) as mem:
         if ids_file is not None:
             from .io import read_labels
 
             wanted = np.asarray([int(i) for i in read_labels(ids_file)], np.int64)
+        elif label:
+            asked = _labels_of(label, mem.label_kind)
+            held = set(mem.classes().tolist())
+            absent = list(dict.fromkeys(v for v in asked if v not in held))
+            if absent:
+                raise UnknownLabelError(f"labels with no slot: {absent[:10]}{' ...' if len(absent) > 10 else ''}",
+                                        absent)
+            wanted = mem.ids(labels=asked)
         else:
-            wanted = mem.ids(labels=_labels_of(label, mem.label_kind)) if label else mem.ids()
+            wanted = mem.ids()
         slots = mem.get(wanted)
         dim = mem.dim
     import pyarrow as pa
@@ -230,14 +244,23 @@ def export(
     table = pa.table({"id": pa.array(slots.ids), "label": codec.label_array(slots.labels),
                       "weight": pa.array(slots.weights),
                       "vector": codec.vector_array(slots.vectors.reshape(len(slots.ids), dim))})
-    if out.suffix.lower() in (".parquet", ".pq"):
-        import pyarrow.parquet as pq
+    # written aside and renamed into place: an interrupted export leaves no partial file
+    part = out.with_name(f".{out.name}.{os.getpid()}.part")
+    try:
+        if out.suffix.lower() in (".parquet", ".pq"):
+            import pyarrow.parquet as pq
 
-        pq.write_table(table, out)
-    else:
-        import pyarrow.feather as feather
+            pq.write_table(table, part)
+        else:
+            import pyarrow.feather as feather
 
-        feather.write_feather(table, out)
+            feather.write_feather(table, part)
+        try:
+            os.link(part, out)  # never over a file made meanwhile
+        except FileExistsError:
+            raise FileExistsError(f"{out} exists; choose another file") from None
+    finally:
+        part.unlink(missing_ok=True)
     typer.echo(f"wrote {len(slots.ids):,} slots to {out}")
 
 

@@ -205,6 +205,9 @@ def test_the_library_verbs_from_the_command_line(tmp_path):
     two = pq.read_table(tmp_path / "two.parquet")
     assert set(two.column("label").to_pylist()) == {2} and two.num_rows == 50
     assert "exists" in run("memory", "export", m, tmp_path / "two.parquet", ok=False).output
+    unknown = run("memory", "export", m, tmp_path / "none.parquet", "--label", 9, "--label", 2, ok=False)
+    assert unknown.exit_code == 2 and "no slot: [9]" in unknown.output and not (tmp_path / "none.parquet").exists()
+    assert not list(tmp_path.glob(".*part"))  # nothing written aside is left
     assert json.loads(run("memory", "remove", m, "--label", 2, "--json").output) == {"removed": 50, "slots": 150}
     assert "no slot" in run("memory", "remove", m, "--label", 2, ok=False).output
     report = json.loads(run("memory", "compact", m, "--budget", 40, "--json").output)
@@ -214,6 +217,10 @@ def test_the_library_verbs_from_the_command_line(tmp_path):
     assert info["temperature"] == 0.3 and info["slots"] <= 40 and info["classes"] == 3
     assert "nothing to set" in run("memory", "set", m, ok=False).output
     assert "no such directory" in run("memory", "create", tmp_path / "nowhere" / "m", "--dim", 4, ok=False).output
+    bad_t = run("memory", "create", tmp_path / "t", "--dim", 4, "--temperature", "abc", ok=False)
+    assert bad_t.exit_code == 2 and len(bad_t.output.strip().splitlines()) == 1 and "--temperature" in bad_t.output
+    age = run("memory", "create", tmp_path / "age", "--dim", 4, "--policy", "age", "--no-track-usage", ok=False)
+    assert age.exit_code == 2 and "--track-usage" in age.output and "track_usage=" not in age.output
     from engine import Memory
 
     held = Memory.open(m)  # another writer holds it: reads still work, read-only
