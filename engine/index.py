@@ -737,7 +737,8 @@ def default_nprobe(nlist: int, ntotal: int, k: int) -> int:
 
 def _is_lossy(index: faiss.Index) -> bool:
     names = _class_names(index)
-    return any(tag in names for tag in ("PQ", "ScalarQuantizer", "LSH", "RaBitQ", "PreTransform"))
+    # PQ, SQ and the additive quantizers (RQ, LSQ, PRQ, ...: "...Quantizer") store codes
+    return any(tag in names for tag in ("PQ", "Quantizer", "LSH", "RaBitQ", "PreTransform"))
 
 
 def _class_names(index: faiss.Index) -> str:

@@ -202,7 +202,7 @@ class State:
             self.index.add(append[3], lists)
             if cells is not None:
                 ids, label_idx, weights, vectors = append[:4]
-                cells.append(label_idx, np.ones(len(ids)) if weights is None else weights, vectors)
+                cells.append(label_idx, np.ones(len(ids)) if weights is None else weights, vectors, lists)
 
     def too_dead(self, more_dead: int) -> bool:
         """Whether ``more_dead`` more tombstones call for a rebuild."""

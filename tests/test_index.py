@@ -93,11 +93,16 @@ def test_retrains_as_memory_grows():
     assert mem.stats().trained_on == 12_000
 
 
-@pytest.mark.parametrize("spec", ["IVF16,PQ8x4", "PCA16,IVF16,Flat"])
+@pytest.mark.parametrize("spec", ["IVF16,PQ8x4", "PCA16,IVF16,Flat", "IVF16,RQ2x4"])
 def test_lossy_index_scores_are_rescored_exactly(spec):
+    """Codes (PQ, and additive quantizers such as RQ) and projections are lossy: the memory
+    keeps the vectors as written, rescores with them and gives them back."""
     x, y, q, _ = clustered(12_000, 32, n_classes=20, seed=4, queries=20)
     mem = Memory(32, index=spec)
     ids = mem.add(x, y)
+    assert mem.stats().lossy
+    np.testing.assert_allclose(mem.get(ids[:50]).vectors, x[:50] / np.linalg.norm(x[:50], axis=1, keepdims=True),
+                               atol=1e-6)
     res = mem.query(q, k=10)
     qn = q / np.linalg.norm(q, axis=1, keepdims=True)
     z = mem.get(res.ids.ravel()).vectors.reshape(20, 10, 32)

@@ -59,7 +59,9 @@ class Shard:
         return self.mem.remove(ids)
 
     def remove_labels(self, labels: list) -> int:
-        return self.mem.remove(labels=labels)
+        """Remove every slot this shard holds of ``labels`` (one it no longer holds removes
+        nothing: the driver checked that each is held somewhere before any shard removed)."""
+        return self.mem.remove(self.mem.ids(labels=labels))
 
     def get(self, ids: np.ndarray) -> Slots:
         return self.mem.get(ids)

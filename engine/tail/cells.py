@@ -146,9 +146,16 @@ class Cells:
         return self.own_partition and partition_size(n_alive) > self.n_cells and n_alive >= 4 * self.trained_on
 
     # -- changes --------------------------------------------------------------------------
-    def append(self, label_idx: np.ndarray, weights: np.ndarray, vectors: np.ndarray) -> None:
-        """Count appended rows (in table order) into their cells."""
-        cells = self.assign(vectors) if self.n_cells > 1 else np.zeros(len(vectors), np.int32)
+    def append(self, label_idx: np.ndarray, weights: np.ndarray, vectors: np.ndarray,
+               lists: np.ndarray | None = None) -> None:
+        """Count appended rows (in table order) into their cells; ``lists``: the rows' IVF lists
+        found beforehand (outside the readers' lock), used when the cells are the index's lists."""
+        if self.n_cells == 1:
+            cells = np.zeros(len(vectors), np.int32)
+        elif lists is not None and not self.own_partition:
+            cells = np.asarray(lists, np.int32)
+        else:
+            cells = self.assign(vectors)
         self._row_cell.extend(cells)
         self._change(cells, label_idx, weights, vectors, +1)
 
