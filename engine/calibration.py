@@ -214,8 +214,8 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
         seed: seed of the sample.
         rows: the positions to use as queries instead of a sample.
         breadths: the rungs to measure instead of the doubling ladder.
-        l2: ``index`` is an L2 index (scores are then |q|^2 less squared distances, whose
-            softmax is the l2 memory's attention).
+        l2: ``index`` is an L2 index (scores are then negated squared distances, whose
+            softmax is the l2 memory's attention; a copy is the same vector).
     """
     t0 = time.perf_counter()
     if target is None and answer is None:
@@ -229,13 +229,20 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
     q = np.ascontiguousarray(vectors[rows])
     kind = faiss.METRIC_L2 if l2 else faiss.METRIC_INNER_PRODUCT
 
-    # each query's score of its own slot (and of its exact copies): its squared norm
-    own = np.einsum("nd,nd->n", q, q, dtype=np.float64 if l2 else np.float32)
+    if l2:  # an exact copy is the same vector
+        def own(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+            return (ids == rows[:, None]) | ((ids >= 0) & (vectors[np.maximum(ids, 0)] == q[:, None, :]).all(axis=2))
+    else:  # an exact copy scores what the query's own slot does: its squared norm
+        norms = np.einsum("nd,nd->n", q, q)
+
+        def own(scores: np.ndarray, ids: np.ndarray) -> np.ndarray:
+            return (ids == rows[:, None]) | \
+                (np.abs(scores - norms[:, None]) <= 1e-6 * np.maximum(1.0, np.abs(norms))[:, None])
 
     def scored(found: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-        """A search's (scores, ids), higher better: for l2, |q|^2 less the squared distance (a
-        lifted score, see engine.metric: its softmax is the l2 memory's attention)."""
-        return (own[:, None] - found[0], found[1]) if l2 else found
+        """A search's (scores, ids), higher better: for l2, -|q - x|^2 (its softmax is the l2
+        memory's attention)."""
+        return (-found[0], found[1]) if l2 else found
     d_exact, exact = scored(faiss.knn(q, vectors, k + 1, metric=kind))
     truth = _without_self(exact, rows, k)
     if ivf is not None:
@@ -335,12 +342,12 @@ def _meets(measure: tuple[float, float]) -> bool:
     return measure[0] >= AGREEMENT and measure[1] <= ANSWER_TV
 
 
-def _neighbours(scores: np.ndarray, ids: np.ndarray, rows: np.ndarray, own: np.ndarray, k: int,
+def _neighbours(scores: np.ndarray, ids: np.ndarray, rows: np.ndarray, own, k: int,
                 answer: Answer) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(labels, scores, log weights), each (m, k), of each query's top-k less its own slot
-    and exact copies of it (which score ``own``, its squared norm); a label of -1 and a
-    score of -inf mark no slot."""
-    twin = (ids == rows[:, None]) | (np.abs(scores - own[:, None]) <= 1e-6 * np.maximum(1.0, np.abs(own))[:, None])
+    and exact copies of it (``own(scores, ids)`` marks them); a label of -1 and a score of
+    -inf mark no slot."""
+    twin = own(scores, ids)
     keep = (ids >= 0) & ~twin
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
     keep = np.take_along_axis(keep, order, 1)
@@ -416,10 +423,10 @@ def _list_ranks(ivf, q: np.ndarray, vectors: np.ndarray, truth: np.ndarray, chun
     return ranks
 
 
-def _without_copies(scores: np.ndarray, ids: np.ndarray, rows: np.ndarray, own: np.ndarray, k: int) -> np.ndarray:
+def _without_copies(scores: np.ndarray, ids: np.ndarray, rows: np.ndarray, own, k: int) -> np.ndarray:
     """(m, k) each row's first ``k`` neighbours that are neither the query's own row nor an
-    exact copy of it (scoring its squared norm ``own``); -1 where fewer remain."""
-    twin = (ids == rows[:, None]) | (np.abs(scores - own[:, None]) <= 1e-6 * np.maximum(1.0, np.abs(own))[:, None])
+    exact copy of it (``own(scores, ids)`` marks them); -1 where fewer remain."""
+    twin = own(scores, ids)
     keep = (ids >= 0) & ~twin
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]
     out = np.where(np.take_along_axis(keep, order, 1), np.take_along_axis(ids, order, 1), -1)

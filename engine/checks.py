@@ -167,3 +167,18 @@ def fraction(name: str, value, *, low: float, high: float, closed_low: bool = Tr
     if not ok:
         raise InvalidValueError(f"{name} must be in {'[' if closed_low else '('}{low}, {high}), got {value!r}")
     return float(value)
+
+
+def centre(value, dim: int, metric: str) -> np.ndarray | None:
+    """An l2 memory's centre: None, or ``dim`` finite numbers within the l2 norm limit."""
+    if value is None:
+        return None
+    if metric != "l2":
+        raise InvalidValueError(f"a centre is for metric='l2' only, not {metric!r}")
+    try:
+        c = np.asarray(value, np.float64)
+    except (TypeError, ValueError):
+        raise InvalidValueError(f"centre must be {dim} numbers") from None
+    if c.shape != (dim,) or not np.isfinite(c).all() or float(np.linalg.norm(c)) > MAX_L2_NORM:
+        raise InvalidValueError(f"centre must be {dim} finite numbers of norm at most {MAX_L2_NORM:g}")
+    return c.astype(np.float32)

@@ -111,10 +111,11 @@ class VectorIndex:
         temperature: the temperature queries attend at, for the answer target.
         share: the fraction of a sharded memory's slots this index holds (1/n for a shard of
             n): its search breadth aims at its share of a query's top-k (see :func:`share_k`).
-        metric: "l2": vectors and queries come lifted (``dim`` counts the lifted column, see
-            :mod:`engine.metric`), and scores go out as lifted inner products, while FAISS
-            holds the vectors as written in an L2 index of ``dim - 1``, so that its lists,
-            graph and codes are built on squared distances. Else inner product throughout.
+        metric: "l2": vectors and queries come lifted around the memory's centre (``dim``
+            counts the lifted column, see :mod:`engine.metric`); FAISS holds the centred
+            vectors in an L2 index of ``dim - 1`` (its lists, graph and codes built on
+            squared distances), and scores go out as ``-|q - x|^2``. Else inner product
+            throughout.
     """
 
     def __init__(self, dim: int, spec: str, settings: SearchSettings | None = None, *,
@@ -213,8 +214,8 @@ class VectorIndex:
         return np.ascontiguousarray(vectors[:, :-1], dtype=np.float32)
 
     def _low_queries(self, queries: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
-        """(lifted queries q' = (2q, -1) as FAISS searches them: q; |q|^2 in float32, None
-        unless lifted)."""
+        """(lifted queries q' = (2 (q - c), -1) as FAISS searches them: q - c; |q - c|^2 in
+        float32, None unless lifted)."""
         if not self.lifted:
             return queries, None
         q = np.ascontiguousarray(queries[:, :-1] * np.float32(0.5), dtype=np.float32)
@@ -229,10 +230,10 @@ class VectorIndex:
 
     @staticmethod
     def _scores(distances: np.ndarray, rows: np.ndarray, q_sq: np.ndarray | None) -> np.ndarray:
-        """FAISS's results as lifted scores |q|^2 - |q - x|^2 (higher is better; -inf where no row)."""
+        """FAISS's results as scores: l2 (``q_sq`` given) -|q - x|^2, -inf where no row."""
         if q_sq is None:
             return distances
-        out = q_sq[:, None] - distances
+        out = -distances
         out[rows < 0] = -np.inf
         return out
 
@@ -557,8 +558,8 @@ class VectorIndex:
         total = int(lims[-1])
         scores = faiss.rev_swig_ptr(result.distances, total).copy()
         rows = faiss.rev_swig_ptr(result.labels, total).copy()
-        if q_sq is not None:  # squared distances as lifted scores
-            scores = np.repeat(q_sq, np.diff(lims).astype(np.int64)) - scores
+        if q_sq is not None:  # squared distances as scores
+            scores = -scores
         return lims, scores, rows
 
     def seen(self, queries: np.ndarray, k: int, every: bool) -> str | np.ndarray:

@@ -49,7 +49,7 @@ from .store import MANIFEST, Recovered, Store
 MAX_WAL_SEGMENTS = 8
 # The settings a durable memory keeps in its manifest (besides dim and next_id).
 SETTINGS = ("metric", "index", "temperature", "nprobe", "ef_search", "budget", "slack", "policy", "rescore",
-            "recall", "track_usage", "id_stride", "id_offset", "share", "probs")
+            "recall", "track_usage", "id_stride", "id_offset", "share", "probs", "centre")
 PROBS = ("top-k", "full")
 
 
@@ -103,6 +103,8 @@ class Memory:
         share: the fraction of a sharded memory's slots this memory holds (1/n for a shard of
             n): IVF / HNSW calibrate and search for its share of each query's top-k, which
             is what the merge needs of it (see :func:`engine.index.share_k`).
+        centre: l2 only, the point slots are held around (see :mod:`engine.metric`); None (the
+            default) chooses it from the first slots written. Kept in the manifest.
 
     Raises:
         InvalidValueError: a bad dim, metric, temperature, index string, budget or policy.
@@ -129,6 +131,7 @@ class Memory:
         id_offset: int = 0,
         share: float = 1.0,
         probs: str = "top-k",
+        centre=None,
     ):
         self.dim = checks.integer("dim", dim)
         if metric not in METRICS:
@@ -151,7 +154,7 @@ class Memory:
         self._probs = probs
         self._check_policy(policy)
         self.metric = metric
-        self._metric = Metric(metric)
+        self._metric = Metric(metric, checks.centre(centre, self.dim, metric))
         inner_dim = self._metric.index_dim(self.dim)
         self._auto_temperature = isinstance(temperature, str) and temperature == "auto"
         if isinstance(temperature, str) and not self._auto_temperature:
@@ -200,7 +203,7 @@ class Memory:
                 "nprobe": self._search.nprobe, "ef_search": self._search.ef_search, "budget": self._budget,
                 "slack": self._slack, "policy": self._policy, "rescore": self._rescore, "recall": self._recall,
                 "track_usage": self._track_usage, "id_stride": self._id_space[1], "id_offset": self._id_space[0],
-                "share": self._share, "probs": self._probs,
+                "share": self._share, "probs": self._probs, "centre": self._metric.as_setting(),
                 "next_id": self._next_id, "calibration": self._calibration()}
 
     def _report_dict(self) -> dict | None:
@@ -346,6 +349,7 @@ class Memory:
             now = time.time()
             old = self._state.rows_of(ids)
             old = old[old >= 0]
+            self._choose_centre(v)
             append = (ids, self._vocab.intern(labels, kind), w, self._metric.slots(v), now)
             n_after = self._state.table.n_alive - len(old) + n
             budget = None if self._budget is None else self._budget_slots(self._budget)
@@ -363,6 +367,17 @@ class Memory:
             self._recalibrate()
             self._retune()
             return ids
+
+    def _choose_centre(self, v: np.ndarray) -> None:
+        """l2: centre the memory on its first slots, kept in the manifest before they are logged
+        (the log is replayed around it). Readers lift queries under the readers' lock, so none
+        lifts around one centre and reads slots held around another."""
+        chosen = self._metric.with_centre(v)
+        if chosen is self._metric:
+            return
+        if self._store is not None:
+            self._store.update(centre=chosen.as_setting())
+        self._metric = chosen
 
     def remove(self, ids=None, *, labels=None) -> int:
         """Remove slots by id, or every slot of some labels.
@@ -628,7 +643,7 @@ class Memory:
             EmptyMemoryError: the memory holds no slots.
             DimensionError, InvalidValueError: bad queries, k or tail.
         """
-        q = self._metric.queries(checks.vectors(queries, self.dim, self.metric, "queries"))
+        q = checks.vectors(queries, self.dim, self.metric, "queries")
         k = checks.integer("k", k)
         if tail is not None:
             checks.fraction("tail", tail, low=0.0, high=1.0, closed_low=False)
@@ -639,6 +654,7 @@ class Memory:
             state = self._state
             if state.table.n_alive == 0:
                 raise EmptyMemoryError("the memory is empty: add slots before querying")
+            q = self._metric.queries(q)
             return query.answer(state, self._vocab, q, k=min(k, state.table.n_alive), k_requested=k, tail=tail,
                                 temperature=self._temperature, full_metric=self.metric if full else None)
 
@@ -652,7 +668,7 @@ class Memory:
             EmptyMemoryError: the memory holds no slots.
             DimensionError, InvalidValueError: bad queries, k or probs.
         """
-        q = self._metric.queries(checks.vectors(queries, self.dim, self.metric, "queries"))
+        q = checks.vectors(queries, self.dim, self.metric, "queries")
         k = checks.integer("k", k)
         if probs not in PROBS:
             raise InvalidValueError(f"probs must be one of {PROBS}, got {probs!r}")
@@ -660,6 +676,7 @@ class Memory:
             state = self._state
             if state.table.n_alive == 0:
                 raise EmptyMemoryError("the memory is empty: add slots before querying")
+            q = self._metric.queries(q)
             return query.retrieve(state, self._vocab, q, min(k, state.table.n_alive), temperature=self._temperature,
                                   full_metric=self.metric if probs == "full" else None)
 

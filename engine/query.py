@@ -15,6 +15,7 @@ import numpy as np
 
 from .attention import Attention, attend, top_class
 from .labels import Vocabulary
+from .metric import lifted_query_sq
 from .results import ClassMass, QueryResult, Retrieved, SparseProbs
 from .state import State
 from .tail import full
@@ -160,6 +161,8 @@ def search(state: State, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]
     if index.lossy and table.keep_vectors:  # compressed codes: rescore exactly
         valid = rows >= 0
         exact = np.einsum("nd,nkd->nk", q, table.vectors[np.where(valid, rows, 0)])
+        if index.lifted:  # l2: the lifted product less |q - c|^2 is -|q - x|^2
+            exact -= lifted_query_sq(q)[:, None]
         scores = np.where(valid, exact, -np.inf).astype(np.float32)
         order = np.argsort(-scores, axis=1, kind="stable")
         scores, rows = np.take_along_axis(scores, order, 1), np.take_along_axis(rows, order, 1)
@@ -171,6 +174,8 @@ def search_all(state: State, q: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     when k covers the whole memory (it may skip lists, or stop short among removed rows)."""
     rows = state.table.live_rows()
     scores = q @ state.vectors(rows).T
+    if state.index.lifted:  # l2: -|q - x|^2
+        scores -= lifted_query_sq(q)[:, None]
     order = np.argsort(-scores, axis=1, kind="stable")
     return np.take_along_axis(scores, order, 1).astype(np.float32), rows[order]
 

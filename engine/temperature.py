@@ -89,8 +89,13 @@ def calibrate(state, previous: float, *, metric=None, k: int = 64, sample: int =
     scores, found = search(state, q, wide)
     # leave each query's own slot out, and its exact copies (a slot written twice would
     # answer itself at score 1 and push the choice to the sharpest temperature)
-    own = np.einsum("nd,nd->n", q.astype(np.float64), mine.astype(np.float64))  # what its own slot scores
-    twin = (found == rows[:, None]) | (np.abs(scores - own[:, None]) <= 1e-6 * np.maximum(1.0, np.abs(own))[:, None])
+    if name == "l2":  # a copy is the same vector (scores are -|q - x|^2: no scale to be near 0 by)
+        got = state.vectors(np.maximum(found, 0).ravel()).reshape(*found.shape, -1)
+        twin = (found == rows[:, None]) | (got == mine[:, None, :]).all(axis=2)
+    else:
+        own = np.einsum("nd,nd->n", q.astype(np.float64), mine.astype(np.float64))  # what its own slot scores
+        twin = (found == rows[:, None]) | \
+            (np.abs(scores - own[:, None]) <= 1e-6 * np.maximum(1.0, np.abs(own))[:, None])
     keep = (found >= 0) & ~twin
     order = np.argsort(~keep, axis=1, kind="stable")[:, :k]  # the first k kept, in score order
     scores = np.take_along_axis(scores, order, 1).astype(np.float64)
@@ -109,8 +114,8 @@ def calibrate(state, previous: float, *, metric=None, k: int = 64, sample: int =
     # temperatures relative to the scores' own scale (1 for cosine; inner products may be large)
     if name == "ip":
         scale = float(np.median(np.abs(scores[:, 0])))
-    elif name == "l2":  # a lifted score is |q|^2 - |q - x|^2: the distance to the nearest other slot
-        scale = 10 * float(np.median(own[answered] - scores[:, 0]))  # T up to 10x it
+    elif name == "l2":  # -|q - x|^2: the squared distance to the nearest other slot
+        scale = 10 * float(np.median(-scores[:, 0]))  # T up to 10x it
     else:
         scale = 1.0
     grid = np.asarray(grid) * max(scale, 1e-12)

@@ -182,3 +182,70 @@ def test_served_l2_memory_answers_as_embedded(blobs):
             np.testing.assert_array_equal(one.ids[0], want.ids[0])
     finally:
         server.shutdown()
+
+
+@pytest.mark.parametrize("offset", [0.0, 3000.0, 1e5])
+def test_far_from_the_origin_it_answers_as_near_it(offset):
+    """Squared distances do not change when every vector moves: neither may the answers, the
+    certificate or the temperature chosen (the memory centres itself on its first slots)."""
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 5, 2000)
+    base = rng.normal(0, 1, (2000, DIM)) + rng.normal(0, 1, (5, DIM))[y]  # classes that overlap
+    qb = rng.normal(0, 1, (40, DIM))
+    x, q = (base + offset).astype(np.float32), (qb + offset).astype(np.float32)
+    for probs in ("top-k", "full"):
+        mem = Memory(DIM, metric="l2", index="Flat", temperature=0.5, probs=probs)
+        mem.add(x, y)
+        res = mem.query(q, k=4)
+        a, p, ids = reference(mem, q)
+        assert res.exact_bound
+        if probs == "top-k":  # a full answer on Flat scores every slot: its bound is 0
+            assert (omitted(a, ids, res) <= res.tail_bound + 1e-9).all()
+        truth = -np.stack([((x[res.ids[i]].astype(np.float64) - q[i]) ** 2).sum(1) for i in range(len(q))])
+        np.testing.assert_allclose(res.scores, truth, rtol=1e-4, atol=1e-3)  # scores are -|q - x|^2 itself
+        if probs == "full":
+            assert total_variation(res.probs, p).max() < 1e-5
+    auto = Memory(DIM, metric="l2", index="Flat")
+    auto.add(x, y)
+    near = Memory(DIM, metric="l2", index="Flat")
+    near.add(base.astype(np.float32), y)
+    assert np.isclose(auto.temperature, near.temperature, rtol=0.02), (auto.temperature, near.temperature)
+
+
+def test_the_centre_is_kept_and_vectors_come_back_as_written(tmp_path):
+    rng = np.random.default_rng(2)
+    x = (rng.normal(0, 1, (500, DIM)) + 500).astype(np.float32)
+    mem = Memory(DIM, metric="l2", index="Flat", path=tmp_path / "m", temperature=1.0)
+    ids = mem.add(x, rng.integers(0, 3, 500))
+    before = mem.query(x[:5] + 0.1, k=8)
+    got = mem.get(ids).vectors
+    # exact wherever the centred value is (every coordinate within 2x of the centre: all here)
+    np.testing.assert_array_equal(got, x)
+    mem.save()
+    mem.close()
+    again = Memory.open(tmp_path / "m")
+    np.testing.assert_array_equal(again.get(ids).vectors, x)
+    after = again.query(x[:5] + 0.1, k=8)
+    np.testing.assert_array_equal(after.ids, before.ids)
+    np.testing.assert_allclose(after.probs, before.probs, atol=1e-9)
+    again.close()
+    with pytest.raises(InvalidValueError, match="centre"):
+        Memory(DIM, metric="cosine", centre=np.zeros(DIM))
+    with pytest.raises(InvalidValueError, match="centre"):
+        Memory(DIM, metric="l2", centre=np.zeros(DIM + 1))
+
+
+def test_probed_lists_are_not_counted_twice_at_a_flat_temperature():
+    """IVF-Flat scans whole lists; the Gaussian estimate is of what scored below the k-th, so
+    only the scanned slots beyond the top-k may be taken off it (at a high temperature the
+    answer is nearly the class masses, and a class in the probed list must not gain)."""
+    rng = np.random.default_rng(24)
+    centres = rng.normal(0, 2, (6, 8))
+    y = rng.integers(0, 6, 3000)
+    x = (centres[y] + rng.normal(0, 1, (3000, 8))).astype(np.float32)
+    q = (centres[rng.integers(0, 6, 30)] + rng.normal(0, 1, (30, 8))).astype(np.float32)
+    for t, within in ((10.0, 0.02), (1000.0, 0.01)):
+        mem = Memory(8, metric="l2", index="IVF16,Flat", nprobe=1, temperature=t, probs="full")
+        mem.add(x, y)
+        _, p, _ = reference(mem, q)
+        assert total_variation(mem.query(q, k=16).probs, p).mean() < within, t

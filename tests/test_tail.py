@@ -272,3 +272,19 @@ def test_the_list_route_in_chunks_of_queries_answers_as_one_batch(rng, monkeypat
     np.testing.assert_allclose(chunked.probs, whole.probs, atol=1e-6)
     np.testing.assert_allclose(chunked.tail_bound, whole.tail_bound, atol=1e-6)
     assert chunked.labels.tolist() == whole.labels.tolist()
+
+
+@pytest.mark.parametrize("metric", ["cosine", "ip", "l2"])
+def test_a_query_whose_lists_hold_nothing_still_gets_a_distribution(metric):
+    """Two points written many times: most IVF lists are empty, and a query probing one
+    scans nothing. Its answer is all estimate, shared by the classes, never NaN or zero."""
+    rng = np.random.default_rng(11)
+    x = np.tile(rng.normal(0, 1, (1, 8)).astype(np.float32), (3000, 1))
+    x[:1500] += 0.5
+    y = rng.integers(0, 3, 3000)
+    q = rng.normal(0, 1, (4, 8)).astype(np.float32)
+    mem = Memory(8, metric=metric, index="IVF4,Flat", temperature=1e-3, probs="full")
+    mem.add(x, y)
+    res = mem.query(q, k=8)
+    assert np.isfinite(res.probs).all() and np.allclose(res.probs.sum(axis=1), 1.0)
+    assert ((res.ids >= 0).any(axis=1) | (res.tail_bound == 1.0)).all()

@@ -269,8 +269,9 @@ def _ingest(memory, ds, files, embedded, checkpoint, image_size, batch_size, rep
         if checkpoint is None:
             raise InvalidValueError("rows carry images: give the checkpoint of a trained model to embed them")
         Embedder(str(checkpoint), image_size)  # checked here, before any worker starts: exists, not FCE
+        pool = ray.data.ActorPoolStrategy(min_size=1, max_size=replicas)  # a small input needs no idle replica
         ds = ds.map_batches(Embedder, fn_constructor_args=(str(checkpoint), image_size), batch_size=batch_size,
-                            batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=replicas), num_cpus=0.25)
+                            batch_format="numpy", compute=pool, num_cpus=0.25)
     written = 0
     batches = iter(ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
     with tqdm(total=total, desc="ingest", unit="slot", disable=not progress) as bar:

@@ -514,6 +514,8 @@ class ShardedMemory:
             missing_log = -np.inf
         elif self.metric == "cosine":
             missing_log = np.log(lost) + 1.0 / self._temperature  # a cosine similarity is at most 1
+        elif self.metric == "l2":
+            missing_log = np.log(lost)  # -|q - x|^2 is at most 0
         else:
             missing_log = np.inf  # inner products are unbounded: no bound
         res = merge(parts, k, k_requested, self._temperature, missing_log_mass=missing_log,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..results import SparseProbs
+from ..metric import lifted_query_sq
 from .cells import CellView
 
 CHUNK = 256  # queries estimated at a time
@@ -109,7 +110,12 @@ def _dense(state, q, k, inv_t, n_classes, columns) -> FullAnswer:
     qd = q.astype(wide)
     safe = np.where(valid, rows, 0)
     top = state.vectors(safe.ravel()).reshape(*rows.shape, -1).astype(np.float64)
-    s64 = np.where(valid, np.einsum("nd,nkd->nk", q64, top), -np.inf)
+    # l2: a lifted product less |q - c|^2 is -|q - x|^2 (engine.metric)
+    q_sq = lifted_query_sq(q) if state.index.lifted else None
+    s64 = np.einsum("nd,nkd->nk", q64, top)
+    if q_sq is not None:
+        s64 -= q_sq[:, None]
+    s64 = np.where(valid, s64, -np.inf)
     log_shift = _finite(s64.max(axis=1) * inv_t)
     mass = np.zeros((len(q), n_classes))
     row_columns = np.where(table.alive, columns[table.label_idx], -1)
@@ -117,7 +123,10 @@ def _dense(state, q, k, inv_t, n_classes, columns) -> FullAnswer:
     for lo in range(0, table.n_rows, DENSE_CHUNK):
         hi = min(table.n_rows, lo + DENSE_CHUNK)
         v = state.vectors(np.arange(lo, hi)).astype(wide)
-        kernels.add_dense(qd @ v.T, row_columns[lo:hi], weights[lo:hi], inv_t, log_shift, mass)
+        scored = qd @ v.T
+        if q_sq is not None:
+            scored -= q_sq.astype(wide)[:, None]
+        kernels.add_dense(scored, row_columns[lo:hi], weights[lo:hi], inv_t, log_shift, mass)
     z = mass.sum(axis=1)
     att = _top_attention(table, s64, rows, valid, inv_t, log_shift, z)
     certified = not (state.index.lossy and not table.keep_vectors)  # scores from codes are not exact
@@ -156,6 +165,12 @@ def _lists(state, q, k, inv_t, n_classes, columns, metric, nprobe) -> FullAnswer
     np.put_along_axis(unscored, probed, False, 1)
     valid = top_r >= 0
     lowest = np.where(valid, top_s, np.inf).min(axis=1).astype(np.float64)
+    if view.spread is not None:  # l2 estimates what scored below the k-th: the scanned part of it is known
+        safe = np.where(valid, top_r, 0)
+        w_top = table.weights[safe] if not table.unit_weights else np.ones(safe.shape)
+        e_top = w_top * np.exp(top_s.astype(np.float64) * inv_t - log_shift[:, None])
+        qi = np.broadcast_to(np.arange(n)[:, None], top_r.shape)
+        exact.set_top(qi[valid], state.row_columns(columns)[safe[valid]], e_top[valid], n_classes)
     probs, delta, log_bound = _rest(view, kernels, q, exact, unscored, None, inv_t, log_shift, lowest, columns)
     att = _top_attention(table, top_s.astype(np.float64), top_r, valid, inv_t, log_shift + delta, probs.z)
     return FullAnswer(top_s, top_r, att, probs.result, _share(log_bound, exact.total), not index.lossy,
@@ -219,6 +234,21 @@ class _Exact:
         self.query, self.column, self.mass = query, np.asarray(column, np.int64), mass
         self.total = np.bincount(query, weights=mass, minlength=n)
         self.indptr = np.r_[0, np.cumsum(np.bincount(query, minlength=n))]
+        # of each pair's mass, what scored below the k-th score (scanned lists beyond the top-k;
+        # the l2 estimate is of that part already): 0 where only the top-k was scored
+        self.beyond = np.zeros(len(self.mass))
+
+    def set_top(self, query, column, mass, n_classes: int) -> None:
+        """The top-k's (query, column, mass): every pair's mass beyond it is the rest."""
+        keys = np.asarray(query, np.int64) * max(n_classes, 1) + np.asarray(column, np.int64)
+        top_keys, inv = np.unique(keys, return_inverse=True)
+        top = np.bincount(inv, weights=mass, minlength=len(top_keys))
+        if len(top_keys) == 0:
+            return
+        mine = self.query.astype(np.int64) * max(n_classes, 1) + self.column
+        at = np.minimum(np.searchsorted(top_keys, mine), len(top_keys) - 1)
+        within = np.where(top_keys[at] == mine, top[at], 0.0)
+        self.beyond = np.maximum(self.mass - within, 0.0)
 
 
 @dataclass
@@ -247,7 +277,7 @@ def _rest(view: CellView, kernels, q, exact: _Exact, unscored, taken, inv_t, log
         top = _most(view, qc, inv_t)  # u / T per cell
         est = _log_model(view.kappa, view.dim, qc @ view.unit_t, inv_t)
         if view.spread is not None:
-            est = _log_gauss(est, _query_sq(qc), view.spread, view.dim - 1, inv_t, lowest[lo:hi])
+            est = _log_gauss(est, lifted_query_sq(qc), view.spread, view.dim - 1, inv_t, lowest[lo:hi])
         np.minimum(est, top, out=est)  # no cell holds more than its bound allows ...
         np.minimum(est, (lowest[lo:hi] * inv_t).astype(np.float32)[:, None], out=est)  # ... nor beats s_k
         est += view.log_mass.astype(np.float32)
@@ -258,7 +288,10 @@ def _rest(view: CellView, kernels, q, exact: _Exact, unscored, taken, inv_t, log
             est[~unscored[lo:hi]] = -np.inf
             top[~unscored[lo:hi]] = -np.inf
         est64, top64 = est.astype(np.float64), top.astype(np.float64)
-        d = np.maximum(_finite(est64.max(axis=1)), 0.0)  # the estimate's own largest term, if above the best score
+        # the estimate's own largest term, if above the best score (or if nothing was scored:
+        # then the shift of 0 is nobody's scale)
+        d = _finite(est64.max(axis=1))
+        d = np.where(np.isfinite(lowest[lo:hi]), np.maximum(d, 0.0), d)
         b = _finite(top64.max(axis=1))
         est64 = np.exp(est64 - d[:, None])
         bound = np.exp(top64 - b[:, None])
@@ -271,8 +304,9 @@ def _rest(view: CellView, kernels, q, exact: _Exact, unscored, taken, inv_t, log
         delta[lo:hi] = d
     label_of_column = np.flatnonzero(columns >= 0)  # columns number the live labels in order
     n_columns = len(label_of_column)
-    scale = np.exp(-delta)
-    scored = exact.total * scale
+    with np.errstate(over="ignore"):  # a query that scored nothing may shift far down: its scored mass is 0
+        scale = np.exp(-delta)
+    scored = np.where(exact.total > 0, exact.total * np.where(exact.total > 0, scale, 0.0), 0.0)
     z = scored + rest
     z_safe = np.where(z > 0, z, 1.0)
     prior = np.maximum(view.label_mass[label_of_column], 0.0)
@@ -287,7 +321,7 @@ def _rest(view: CellView, kernels, q, exact: _Exact, unscored, taken, inv_t, log
     log_e = np.empty(len(groups))
     if view.label_spread is not None:  # l2: the Gaussian model per (query, class) pair
         c = np.einsum("nd,nd->n", q[exact.query].astype(np.float64), view.label_means[groups])
-        log_e = _log_gauss(c * inv_t, _query_sq(q)[exact.query], view.label_spread[groups], view.dim - 1, inv_t,
+        log_e = _log_gauss(c * inv_t, lifted_query_sq(q)[exact.query], view.label_spread[groups], view.dim - 1, inv_t,
                            lowest[exact.query])
         log_e += view.label_log_mass64[groups]
     else:
@@ -295,8 +329,10 @@ def _rest(view: CellView, kernels, q, exact: _Exact, unscored, taken, inv_t, log
                               view.label_log_mass64, inv_t, max(view.dim / 2 - 1, 0.5), log_e)
     log_e = np.minimum(log_e, view.label_log_mass64[groups] + lowest[exact.query] * inv_t)  # nothing beats s_k
     log_e -= log_shift[exact.query] + delta[exact.query]
-    # what each class's estimate exceeds its scored mass (l2: its estimate is of the unscored part alone)
-    excess = np.exp(log_e) if view.label_spread is not None else np.maximum(np.exp(log_e) - have, 0.0)
+    # what each class's estimate exceeds its scored mass (l2: its estimate is of what scored below
+    # the k-th, so the mass scanned there)
+    scanned = have if view.label_spread is None else exact.beyond * scale[exact.query]
+    excess = np.maximum(np.exp(log_e) - scanned, 0.0)
     claimed = np.bincount(exact.query, weights=excess, minlength=n)
     fill = np.where(claimed > rest, rest / np.maximum(claimed, 1e-300), 1.0)
     values = have + excess * fill[exact.query]
@@ -313,6 +349,9 @@ def _every_class(view: CellView, q, exact: _Exact, scale, rest, z, label_of_colu
     n, n_columns = len(q), len(label_of_column)
     out = np.zeros((n, n_columns))
     np.add.at(out, (exact.query, exact.column), exact.mass * scale[exact.query])
+    if view.label_spread is not None:  # l2: the mass scanned below the k-th score, per class
+        beyond = np.zeros((n, n_columns))
+        np.add.at(beyond, (exact.query, exact.column), exact.beyond * scale[exact.query])
     means_t = np.ascontiguousarray(view.label_means[label_of_column].T, np.float32)
     kappa = None if view.label_kappa is None else view.label_kappa[label_of_column]
     spread = None if view.label_spread is None else view.label_spread[label_of_column].astype(np.float32)
@@ -321,21 +360,31 @@ def _every_class(view: CellView, q, exact: _Exact, scale, rest, z, label_of_colu
         hi = min(n, lo + CHUNK)
         e = _log_model(kappa, view.dim, q[lo:hi] @ means_t, inv_t)
         if spread is not None:
-            e = _log_gauss(e, _query_sq(q[lo:hi]), spread, view.dim - 1, inv_t, lowest[lo:hi])
+            e = _log_gauss(e, lifted_query_sq(q[lo:hi]), spread, view.dim - 1, inv_t, lowest[lo:hi])
         np.minimum(e, (lowest[lo:hi] * inv_t).astype(np.float32)[:, None], out=e)  # nothing beats s_k
         e += log_mass
         e -= unit[lo:hi].astype(np.float32)[:, None]
-        np.exp(e, out=e)
         part = out[lo:hi]
-        if spread is None:  # l2: the estimate is of the unscored part alone
-            e -= part  # what each class's estimate exceeds its scored mass ...
-        np.maximum(e, 0, out=e)
-        claimed = e.sum(axis=1, dtype=np.float64)
-        fill = np.where(claimed > 0, rest[lo:hi] / np.maximum(claimed, 1e-300), 0.0)
-        part += e * fill[:, None]  # ... takes its share of the rest
-        part += np.where(claimed > 0, 0.0, rest[lo:hi])[:, None] * prior[None, :]  # none claims: by mass
+        # what each class's estimate exceeds its scored mass (l2: what scored below the k-th)
+        # takes its share of the rest; in logs, so that no estimate overflows (a query that
+        # scored nothing has no scale of its own)
+        log_excess = _log_excess(e.astype(np.float64), part if spread is None else beyond[lo:hi])
+        top = log_excess.max(axis=1)
+        claimed = np.isfinite(top)
+        share = np.exp(log_excess - np.where(claimed, top, 0.0)[:, None])
+        share /= np.maximum(share.sum(axis=1, keepdims=True), 1e-300)
+        part += np.where(claimed, rest[lo:hi], 0.0)[:, None] * share
+        part += np.where(claimed, 0.0, rest[lo:hi])[:, None] * prior[None, :]  # none claims: by mass
         part /= z[lo:hi, None]
     return out
+
+
+def _log_excess(log_estimate: np.ndarray, scored: np.ndarray) -> np.ndarray:
+    """log(max(exp(log_estimate) - scored, 0)) (-inf where nothing exceeds), without
+    exponentiating the estimate."""
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        ratio = np.where(scored > 0, np.exp(np.log(np.maximum(scored, 1e-300)) - log_estimate), 0.0)
+        return np.where(ratio < 1, log_estimate + np.log1p(-np.minimum(ratio, 1.0)), -np.inf)
 
 
 def _share(log_bound, scored) -> np.ndarray:
@@ -382,6 +431,8 @@ def _most(view: CellView, q, inv_t: float) -> np.ndarray:
         np.minimum(c, np.float32(1), out=c)
     else:
         c += np.linalg.norm(q, axis=1).astype(np.float32)[:, None] * (view.reach32 + view.slack)
+        if view.spread is not None:  # l2: a lifted product less |q - c|^2 is -|q - x|^2
+            c -= lifted_query_sq(q).astype(np.float32)[:, None]
     c *= np.float32(inv_t)
     return c
 
@@ -415,26 +466,19 @@ def _log_model(kappa, dim: int, c: np.ndarray, inv_t: float) -> np.ndarray:
     return c
 
 
-def _query_sq(q: np.ndarray) -> np.ndarray:
-    """|q|^2 of lifted l2 queries q' = (2q, -1) (see :mod:`engine.metric`)."""
-    head = q[:, :-1].astype(np.float64)
-    return np.einsum("nd,nd->n", head, head) / 4
-
-
 def _log_gauss(first, q_sq, spread, dim: int, inv_t: float, lowest):
-    """l2: log of the attention mass per unit of mass of a group's slots that score below
-    ``lowest`` (the k-th score, what the search left out), when they spread around their
-    mean as an isotropic Gaussian. ``first`` = (q'.lifted mean) / T, the first-order term
-    (float32 in place, or float64); ``q_sq`` = |q|^2 and ``lowest`` per query; ``spread`` =
-    mean |x - mean|^2 per group, over ``dim`` dimensions.
+    """l2: log of the attention mass, per unit of mass, of a group's slots that score below
+    ``lowest`` (the k-th score -|q - x_k|^2: what the search left out), when they spread
+    around their mean as an isotropic Gaussian; in score units (-|q - x|^2 / T).
 
-    With per-dimension variance v = spread / dim and a = 2 v / T, the whole group's
-    E exp(-|q - x|^2 / T) is (1 + a)^(-dim/2) exp(-|q - mean|^2 / (T (1 + a))) (with
-    |q - mean|^2 = |q|^2 - q'.mean' - spread): in lifted units, ``first`` + |q - mean|^2 a /
-    (T (1 + a)) + dim (a - log(1 + a)) / 2. Weighted by exp(-|q - x|^2 / T), x is again
-    Gaussian (variance v / (1 + a), mean pulled towards q), so the part beyond the k-th
-    distance r (|q - x|^2 >= r^2 = |q|^2 - lowest) is a noncentral chi-square tail, taken by
-    Sankaran's normal approximation."""
+    ``first`` = q'.mean' / T, the lifted first-order term (float32, or float64); ``q_sq`` =
+    |q - c|^2 and ``lowest`` per query; ``spread`` = mean |x - mean|^2 per group, over
+    ``dim`` dimensions. With per-dimension variance v = spread / dim and a = 2 v / T, the
+    whole group's E exp(-|q - x|^2 / T) is (1 + a)^(-dim/2) exp(-|q - mean|^2 / (T (1 + a))),
+    where |q - mean|^2 = |q - c|^2 - q'.mean' - spread. Weighted by exp(-|q - x|^2 / T), x is
+    again Gaussian (variance v / (1 + a), its mean pulled towards q), so the part beyond the
+    k-th distance r (|q - x|^2 >= r^2 = -lowest) is a noncentral chi-square tail, taken by
+    Sankaran's normal approximation. It is never above the whole group's."""
     dtype = np.asarray(first).dtype
     first64 = np.asarray(first, np.float64)
     spread = np.asarray(spread, np.float64)
@@ -445,8 +489,8 @@ def _log_gauss(first, q_sq, spread, dim: int, inv_t: float, lowest):
     v = spread / dim
     a = 2 * v * inv_t
     dist = np.maximum(q_sq - first64 * t - spread, 0.0)  # |q - mean|^2
-    whole = first64 + dist * (a / (1 + a)) * inv_t + (dim / 2) * (a - np.log1p(a))
-    r2 = np.maximum(q_sq - lowest, 0.0)
+    whole = -dist * inv_t / (1 + a) - (dim / 2) * np.log1p(a)
+    r2 = np.maximum(-lowest, 0.0)
     point = v <= 1e-12 * np.maximum(dist + r2, 1e-300)
     v_safe = np.where(point, 1.0, v)
     lam = dist / (v_safe * (1 + a))  # noncentrality of |q - x|^2 / v' under the tilted Gaussian
@@ -495,7 +539,7 @@ def _take_out(view: CellView, q, est, bound, taken, lo, hi, inv_t, est_shift, bo
 
         log_e = log_vmf_mgf(view.kappa[pc], mean, view.dim, inv_t)
     elif view.spread is not None:  # l2: the cell's slots beyond the k-th score (what was not scored), per unit left
-        log_e = _log_gauss(c * inv_t, _query_sq(q)[pq], view.spread[pc], view.dim - 1, inv_t, cap[pq] / inv_t) \
+        log_e = _log_gauss(c * inv_t, lifted_query_sq(q)[pq], view.spread[pc], view.dim - 1, inv_t, cap[pq] / inv_t) \
             + np.log(mass / left_safe)
     else:
         log_e = (c * mass - taken_ws) / left_safe * inv_t
