@@ -77,6 +77,8 @@ def trials(seed: int, memories: int) -> dict:
         metric = str(rng.choice(["cosine", "ip", "l2"]))
         if metric != "cosine":  # similarities of a few units: temperatures to match
             temperature *= 10
+        if metric == "l2" and rng.random() < 0.5:  # far from the origin: distances must not change
+            centres = centres + 10 ** rng.uniform(1, 4)
         mem = Memory(DIM, metric=metric, temperature=temperature, probs=str(rng.choice(["top-k", "full"])), **opts)
 
         def draw(n):
