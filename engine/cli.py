@@ -143,7 +143,7 @@ def query(
     vector_column: str = VectorColumnOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Classify query vectors by top-k attention."""
+    """Classify query vectors by attention over their top-k slots (with --probs full, over every slot)."""
     batch = read_batch(file, vector_column=vector_column, labels_path=labels)
     with Memory.open(path, read_only=True) as mem:
         res = mem.query(batch.vectors, k=k, tail=tail, probs=probs)
@@ -331,8 +331,7 @@ def remove(
     label: Optional[list[str]] = typer.Option(None, "--label", help="Remove every slot of this label (repeat)."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Remove slots by id, or every slot of some labels. Unknown ids or labels are an error and
-    nothing is removed."""
+    """Remove slots by id, or every slot of some labels (unknown ones: an error, nothing removed)."""
     wanted = list(ids or [])
     if ids_file is not None:
         from .io import read_labels
@@ -346,6 +345,48 @@ def remove(
         n = mem.remove(labels=_labels_of(label, mem.label_kind)) if label else mem.remove(wanted)
         size = len(mem)
     typer.echo(json.dumps({"removed": n, "slots": size}) if as_json else f"removed {n} slots; memory holds {size}")
+
+
+@_command(memory_app, "get")
+def get(
+    path: Path = PathArg,
+    ids: Optional[list[int]] = typer.Argument(None, help="Ids to read."),
+    ids_file: Optional[Path] = typer.Option(None, help="A file of ids, one per line (or .npy)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Print slots by id: label, weight and vector (unknown ids: an error)."""
+    wanted = list(ids or [])
+    if ids_file is not None:
+        from .io import read_labels
+
+        wanted += [int(i) for i in read_labels(ids_file)]
+    if not wanted:
+        raise ValueError("no ids given")
+    with Memory.open(path, read_only=True) as mem:
+        slots = mem.get(wanted)
+    rows = [{"id": int(i), "label": label, "weight": float(w), "vector": [float(x) for x in v]}
+            for i, label, w, v in zip(slots.ids, slots.labels, slots.weights, slots.vectors)]
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    for row in rows:
+        head = ", ".join(f"{x:.4g}" for x in row["vector"][:6])
+        more = ", ..." if len(row["vector"]) > 6 else ""
+        typer.echo(f"{row['id']}  label {row['label']}  weight {row['weight']:g}  [{head}{more}]")
+
+
+@_command(memory_app, "save")
+def save(
+    path: Path = PathArg,
+    to: Optional[Path] = typer.Option(None, help="Write a copy of the memory into this new directory instead."),
+) -> None:
+    """Fold a memory's log into a fresh snapshot (or copy it whole to --to)."""
+    if to is not None and to.exists():
+        raise FileExistsError(f"{to} exists; choose another directory")
+    with Memory.open(path, read_only=to is not None) as mem:
+        written = mem.save(to) if to is not None else mem.save()
+        size = len(mem)
+    typer.echo(f"saved {size:,} slots to {written}")
 
 
 @_command(app, "serve")

@@ -208,6 +208,17 @@ def test_the_library_verbs_from_the_command_line(tmp_path):
     unknown = run("memory", "export", m, tmp_path / "none.parquet", "--label", 9, "--label", 2, ok=False)
     assert unknown.exit_code == 2 and "no slot: [9]" in unknown.output and not (tmp_path / "none.parquet").exists()
     assert not list(tmp_path.glob(".*part"))  # nothing written aside is left
+    got = json.loads(run("memory", "get", m, 0, 1, "--json").output)
+    assert [g["id"] for g in got] == [0, 1] and [g["label"] for g in got] == [0, 1]
+    np.testing.assert_allclose([g["vector"] for g in got], x[:2] / np.linalg.norm(x[:2], axis=1, keepdims=True),
+                               atol=1e-6)
+    assert "label 1" in run("memory", "get", m, 1).output
+    missing = run("memory", "get", m, 10_000, ok=False)
+    assert missing.exit_code == 2 and "10000" in missing.output and len(missing.output.strip().splitlines()) == 1
+    assert "saved 200 slots" in run("memory", "save", m).output
+    run("memory", "save", m, "--to", tmp_path / "copy")
+    assert json.loads(run("memory", "info", tmp_path / "copy", "--json").output)["slots"] == 200
+    assert "exists" in run("memory", "save", m, "--to", tmp_path / "copy", ok=False).output
     assert json.loads(run("memory", "remove", m, "--label", 2, "--json").output) == {"removed": 50, "slots": 150}
     assert "no slot" in run("memory", "remove", m, "--label", 2, ok=False).output
     report = json.loads(run("memory", "compact", m, "--budget", 40, "--json").output)
