@@ -487,6 +487,8 @@ def train_cmd(
     out: Path = typer.Option(Path("runs/omniglot"), help="Checkpoint folder."),
     dataset: str = typer.Option("omniglot", help="omniglot or fashion-mnist (each has its recipe)."),
     data: Optional[Path] = typer.Option(None, help="Data directory (default: $ENGINE_DATA or ../shared/data)."),
+    background: Optional[str] = typer.Option(None, help="Omniglot: the minimal split to train on, small1 (the "
+                                             "recipe) or small2; validated on the other's alphabets it lacks."),
     episodes: Optional[int] = typer.Option(None, help="Training episodes (recipe: 6000)."),
     pretrain_epochs: Optional[int] = typer.Option(
         None, help="Supervised epochs over every training class before the episodes (see the recipe)."),
@@ -521,7 +523,7 @@ def train_cmd(
     given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "elastic": elastic,
              "thickness": thickness, "views": views, "time_budget_s": time_budget, "n_way": n_way,
              "k_shot": k_shot, "n_query": n_query, "fce": fce, "fce_steps": fce_steps, "lr": lr, "topk": topk,
-             "val_every": val_every, "val_episodes": val_episodes, "seed": seed}
+             "val_every": val_every, "val_episodes": val_episodes, "seed": seed, "background": background}
     cfg = recipe(dataset, data=str(data) if data else None, **{k: v for k, v in given.items() if v is not None})
     summary = train(cfg, out, resume=resume)
     if summary.get("best_val_acc", 0) < 0:  # never validated (no episodes): no accuracy to report
@@ -565,7 +567,8 @@ def eval_episodes_cmd(
     model = load_checkpoint(checkpoint, views=views)
     cfg = json.loads((checkpoint / "config.json").read_text())
     _, _, val_x, val_groups = load_sets(TrainConfig(dataset=cfg.get("dataset", "omniglot"),
-                                                    data=str(data) if data else cfg.get("data")))
+                                                    data=str(data) if data else cfg.get("data"),
+                                                    background=cfg.get("background", "small1")))
     rows = []
     for way in n_way:
         for shot in k_shot:

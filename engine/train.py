@@ -5,10 +5,10 @@ episode, the support set goes through ``process_support_set``, and the loss is
 the NLL of the queries' log-probabilities. Checkpoints are plain state dicts
 (loadable with ``torch.load(..., weights_only=True)``) plus a JSON config.
 
-Default Omniglot recipe: train on the minimal split ``small1`` with rotations by
-90/180/270 degrees as extra classes, validate on the alphabets of ``small2`` that
-``small1`` lacks (Japanese (katakana), Sanskrit, Tagalog) with within-alphabet
-20-way 1-shot episodes.
+Default Omniglot recipe: train on the minimal split ``small1`` (``background``; or
+``small2``) with rotations by 90/180/270 degrees as extra classes, validate on the
+alphabets of the other minimal split that it lacks (for ``small1``: Japanese
+(katakana), Sanskrit, Tagalog) with within-alphabet 20-way 1-shot episodes.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ class TrainConfig:
 
     dataset: str = "omniglot"  # or "fashion-mnist"
     data: str | None = None
+    background: str = "small1"  # omniglot: the minimal split trained on (validated on the other's new alphabets)
     n_way: int = 20
     k_shot: int = 1
     n_query: int = 5
@@ -94,6 +95,8 @@ def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: floa
 
 def _check_stage(cfg: "TrainConfig") -> None:
     """Refuse the options this module reads first whose error would otherwise surface deep in torch."""
+    if cfg.background not in ("small1", "small2"):
+        raise ValueError(f"background must be small1 or small2, got {cfg.background!r}")
     if cfg.pretrain_epochs < 0 or cfg.pretrain_batch < 2:
         raise ValueError(f"pretrain_epochs must be >= 0 and pretrain_batch >= 2 (batch norm), got "
                          f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
@@ -181,16 +184,17 @@ def recipe(dataset: str, **overrides) -> TrainConfig:
 
 def load_sets(cfg: TrainConfig):
     """(train images, train groups, validation images, validation groups) for the config's dataset."""
-    return _load_sets(cfg.dataset, cfg.data)
+    return _load_sets(cfg.dataset, cfg.data, getattr(cfg, "background", "small1"))
 
 
 @functools.lru_cache(maxsize=2)
-def _load_sets(dataset: str, data: str | None):
-    if dataset == "omniglot":
-        from .data.omniglot import VALIDATION_ALPHABETS, load_background
+def _load_sets(dataset: str, data: str | None, background: str = "small1"):
+    if dataset == "omniglot":  # validated on the alphabets of the other minimal split that this one lacks
+        from .data.omniglot import load_background, validation_split
 
-        train = load_background("small1", data).with_rotations()
-        val = load_background("small2", data, alphabets=VALIDATION_ALPHABETS)
+        other, unseen = validation_split(background, data)
+        train = load_background(background, data).with_rotations()
+        val = load_background(other, data, alphabets=unseen)
         return train.images, train.alphabets, val.images, val.alphabets
     if dataset == "fashion-mnist":  # validated on training images held out of training, never on the test set
         from .data.fashion_mnist import load_fashion_mnist

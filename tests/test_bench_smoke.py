@@ -145,3 +145,16 @@ def test_temperature_benchmark(tmp_path):
     assert r["case"] == "learned-like" and 1e-3 <= r["chosen_temperature"] <= 1
     assert 0 <= r["auto_top-k_accuracy"] <= 1 and r["knn1_accuracy"] >= 0
     assert (tmp_path / "temperature.md").exists() and json.loads((tmp_path / "temperature.json").read_text())["results"]
+
+
+def test_learner_benchmark(tmp_path):
+    import learner
+
+    doc = learner.main(["--backgrounds", "small2", "--seeds", "0", "--episodes", "2", "--pretrain-epochs", "0",
+                        "--eval-episodes", "3", "--out", str(tmp_path)])
+    (row,) = doc["results"]
+    assert row["background"] == "small2" and 0 <= row["val_within_20way"] <= 1 and 0 <= row["run01_error"] <= 1
+    assert json.loads((tmp_path / "learner" / "recipe" / "small2" / "seed0" / "config.json").read_text()
+                      )["background"] == "small2"
+    assert (tmp_path / "learner.png").stat().st_size > 0 and "| the recipe | small2 | 1 |" in \
+        (tmp_path / "learner.md").read_text()

@@ -712,3 +712,17 @@ def test_ingest_errors_name_their_rows_and_arrive_as_one_line(tmp_path):
         assert len(mem) == 0
     finally:
         mem.close()
+
+
+def test_the_readme_scale_out_example_runs(tmp_path, monkeypatch):
+    """The README's ShardedMemory example as written, on this module's local Ray, with its
+    shared path and shard count made local."""
+    from .test_readme import blocks
+
+    monkeypatch.chdir(tmp_path)
+    (example,) = [b for b in blocks() if "ShardedMemory(" in b]
+    code = example.replace('"/shared/mem"', repr(str(tmp_path / "mem"))).replace("shards=8", "shards=2")
+    rng = np.random.default_rng(0)
+    namespace = {"vectors": rng.standard_normal((500, 64)).astype("float32"), "labels": rng.integers(0, 5, 500)}
+    exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
+    assert namespace["res"].ids.shape == (5, 64)

@@ -4,7 +4,8 @@ pasting them into one session would), in an empty directory.
 Two examples talk to a service the README starts from the shell just above them: the
 Client example to ``engine serve --memory my-memory --port 8815``, here a server on a
 free port (the address is the one thing changed); the scale-out example to a Ray
-cluster, here a local one, with its shared path and shard count made local.
+cluster, run by tests/test_cluster.py on its local one, with its shared path and shard
+count made local.
 """
 
 from __future__ import annotations
@@ -50,21 +51,3 @@ def test_every_readme_example_runs_as_written(tmp_path, monkeypatch):
             server.shutdown()
             served.close()
     assert (tmp_path / "pets").is_dir() and namespace["result"].probs.shape[0] == 4  # the last examples ran
-
-
-def test_the_scale_out_example_runs_on_a_local_ray(tmp_path, monkeypatch):
-    ray = pytest.importorskip("ray")
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    (example,) = [b for b in blocks() if "ShardedMemory(" in b]
-    code = example.replace('"/shared/mem"', repr(str(tmp_path / "mem"))).replace("shards=8", "shards=2")
-    import numpy as np
-
-    rng = np.random.default_rng(0)
-    namespace = {"vectors": rng.standard_normal((500, 64)).astype("float32"), "labels": rng.integers(0, 5, 500)}
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    try:
-        exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own example
-        assert namespace["res"].ids.shape == (5, 64)
-    finally:
-        ray.shutdown()

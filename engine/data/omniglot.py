@@ -106,6 +106,25 @@ def load_background(split: str = "small1", root=None, *, alphabets=None) -> Char
     return CharacterSet(images, [a for a, _ in keys], [f"{a}/{c}" for a, c in keys])
 
 
+def alphabets(split: str, root=None) -> tuple[str, ...]:
+    """The alphabets of a minimal background split, sorted (read from its zip's names)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    folder = omniglot_dir(root)
+    require_files(folder, [SPLITS[split]], f"Omniglot background split {split}")
+    with zipfile.ZipFile(folder / SPLITS[split]) as z:
+        return tuple(sorted({n.split("/")[1] for n in z.namelist() if n.count("/") >= 2 and n.split("/")[1]}))
+
+
+def validation_split(background: str, root=None) -> tuple[str, tuple[str, ...]]:
+    """(the other minimal split, its alphabets that ``background`` lacks): where a model
+    trained on ``background`` is validated, on alphabets it never saw."""
+    if background not in SPLITS:
+        raise ValueError(f"background must be one of {sorted(SPLITS)}, got {background!r}")
+    other = next(s for s in SPLITS if s != background)
+    return other, tuple(a for a in alphabets(other, root) if a not in set(alphabets(background, root)))
+
+
 @dataclass
 class OneShotRun:
     """One run of the 20-way within-alphabet one-shot task.

@@ -1,0 +1,152 @@
+"""The Omniglot learner measured as the field does: both minimal background sets, several seeds.
+
+    python bench/learner.py --out runs/bench                          # the recipe: small1 and small2, seeds 0 and 1
+    python bench/learner.py --levers recipe wide --seeds 0 1 2        # levers side by side, each over the seeds
+    python bench/learner.py --runs path/to/all_runs.zip               # also the official 20 runs, where a user has them
+
+For each lever, background set (``images_background_small1`` / ``_small2``) and seed, a
+Matching Network is trained with ``engine.train.recipe("omniglot")`` and the lever's
+overrides (``--episodes`` episodes after the supervised stage; validated on the alphabets
+of the other minimal set that the background lacks). Each model is then scored through its
+test-time views on:
+
+- within-alphabet 20-way 1-shot validation episodes (``--eval-episodes``, the same
+  episodes for every model), accuracy with its 95% CI over episodes;
+- the per-query error on the official runs layout: ``one-shot-sample`` (``run01``, 20
+  items, so steps of 5 points) and, with ``--runs``, the runs given (the full task is
+  the 20 runs of ``all_runs.zip``).
+
+A lever is judged on the mean over seeds and sets, never on one run: the table gives each
+(lever, set)'s mean and its spread (max - min) over seeds. Writes learner.json, learner.md
+and learner.png (validation accuracy per lever and set, one point a seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+EPISODES = 3000
+# name: (what it changes, overrides of the recipe)
+LEVERS = {
+    "recipe": ("the recipe", {}),
+    "wide": ("a wider embedding (128 filters a block)", {"width": 128}),
+    "way60": ("60-way training episodes", {"n_way": 60}),
+    "fce": ("Full Context Embeddings", {"fce": True}),
+}
+
+
+def run_one(lever: str, background: str, seed: int, data, out: Path, episodes: int, eval_episodes: int,
+            pretrain_epochs: int | None, runs: Path | None) -> dict:
+    """Train one model and score it (see the module)."""
+    import torch
+
+    from engine.data.omniglot import load_oneshot_runs, omniglot_dir
+    from engine.train import eval_oneshot, evaluate_episodes, load_checkpoint, load_sets, recipe, train
+
+    what, overrides = LEVERS[lever]
+    if pretrain_epochs is not None:
+        overrides = {**overrides, "pretrain_epochs": pretrain_epochs}
+    cfg = recipe("omniglot", **{"episodes": episodes, "val_every": max(episodes // 3, min(episodes, 1000)),
+                                "val_episodes": min(100, eval_episodes), "seed": seed, "background": background,
+                                "data": None if data is None else str(data), **overrides})
+    folder = out / lever / background / f"seed{seed}"
+    t0 = time.perf_counter()
+    train(cfg, folder, progress=True)
+    train_s = time.perf_counter() - t0
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    model = load_checkpoint(folder)  # the best validated state, through the recipe's test-time views
+    _, _, val_x, val_groups = load_sets(cfg)
+    val = evaluate_episodes(model, val_x, val_groups, n_way=20, k_shot=1, episodes=eval_episodes, within_group=1.0,
+                            seed=7)
+    row = {"lever": lever, "what": what, "background": background, "seed": seed, "episodes": episodes,
+           "views": cfg.views, "train_s": train_s, "val_within_20way": val["accuracy"], "val_ci95": val["ci95"],
+           "run01_error": eval_oneshot(model, load_oneshot_runs(omniglot_dir(data) / "one-shot-sample"))["error_rate"]}
+    if runs is not None:
+        row["runs_error"] = eval_oneshot(model, load_oneshot_runs(runs))["error_rate"]
+    return row
+
+
+def summarise(rows: list[dict]) -> list[dict]:
+    """Per (lever, background) and per lever over both sets: mean and spread (max - min) over seeds."""
+    out = []
+    keys = sorted({(r["lever"], r["background"]) for r in rows}) + sorted({(r["lever"], "both") for r in rows})
+    for lever, background in keys:
+        mine = [r for r in rows if r["lever"] == lever and background in (r["background"], "both")]
+        acc = np.array([r["val_within_20way"] for r in mine])
+        err = np.array([r["run01_error"] for r in mine])
+        row = {"lever": lever, "background": background, "models": len(mine), "val_mean": float(acc.mean()),
+               "val_spread": float(acc.max() - acc.min()), "run01_error_mean": float(err.mean())}
+        if all("runs_error" in r for r in mine):
+            row["runs_error_mean"] = float(np.mean([r["runs_error"] for r in mine]))
+        out.append(row)
+    return out
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = sorted({(r["lever"], r["background"]) for r in rows})
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(groups)), 3.6))
+    for i, (lever, background) in enumerate(groups):
+        acc = [100 * r["val_within_20way"] for r in rows if (r["lever"], r["background"]) == (lever, background)]
+        ax.scatter([i] * len(acc), acc, color="tab:blue", zorder=3)
+        ax.hlines(np.mean(acc), i - 0.25, i + 0.25, color="tab:red", zorder=2)
+    ax.set_xticks(range(len(groups)), [f"{lever}\n{background}" for lever, background in groups])
+    ax.set_ylabel("within-alphabet 20-way 1-shot (%)")
+    ax.set_title("validation accuracy: one point a seed, the mean in red")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--levers", nargs="+", choices=list(LEVERS), default=["recipe"])
+    ap.add_argument("--backgrounds", nargs="+", choices=["small1", "small2"], default=["small1", "small2"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--data", type=Path, default=None, help="datasets folder (default: $ENGINE_DATA or ../shared/data)")
+    ap.add_argument("--runs", type=Path, default=None, help="official runs to score too (a folder of runNN or all_runs.zip)")
+    ap.add_argument("--out", type=Path, default=Path("runs/bench"))
+    ap.add_argument("--episodes", type=int, default=EPISODES, help="episodes after the supervised stage")
+    ap.add_argument("--pretrain-epochs", type=int, default=None, help="another length of the supervised stage")
+    ap.add_argument("--eval-episodes", type=int, default=1000)
+    args = ap.parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for lever in args.levers:
+        for background in args.backgrounds:
+            for seed in args.seeds:
+                r = run_one(lever, background, seed, args.data, args.out / "learner", args.episodes,
+                            args.eval_episodes, args.pretrain_epochs, args.runs)
+                rows.append(r)
+                print(f"{lever:8s} {background} seed {seed}: {100 * r['val_within_20way']:.2f}% ± "
+                      f"{100 * r['val_ci95']:.2f}, run01 error {100 * r['run01_error']:.0f}%"
+                      + (f", runs error {100 * r['runs_error']:.2f}%" if "runs_error" in r else "")
+                      + f", {r['train_s']:.0f} s", flush=True)
+    summary = summarise(rows)
+    doc = {"episodes": args.episodes, "eval_episodes": args.eval_episodes, "results": rows, "summary": summary}
+    (args.out / "learner.json").write_text(json.dumps(doc, indent=2))
+    lines = [f"| lever | background | models | within-alphabet 20-way 1-shot, mean (spread over seeds) | "
+             f"run01 error, mean |" + (" official runs error, mean |" if args.runs else ""),
+             "|---|---|---:|---:|---:|" + ("---:|" if args.runs else "")]
+    for s in summary:
+        lines.append(f"| {LEVERS[s['lever']][0]} | {s['background']} | {s['models']} | {100 * s['val_mean']:.2f}% "
+                     f"({100 * s['val_spread']:.2f}) | {100 * s['run01_error_mean']:.1f}% |"
+                     + (f" {100 * s['runs_error_mean']:.2f}% |" if "runs_error_mean" in s else ""))
+    (args.out / "learner.md").write_text("\n".join(lines) + "\n")
+    plot(rows, args.out / "learner.png")
+    print("\n".join(lines))
+    return doc
+
+
+if __name__ == "__main__":
+    main()
