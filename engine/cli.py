@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Optional
@@ -38,8 +39,7 @@ def _fail(exc: BaseException) -> None:
 _CLI_WORDS = (("pass upsert=True to replace", "--upsert replaces them"),
               ("open it with Memory.open(", "use it with the memory commands ("),
               ("use ShardedMemory.open", "use it with --cluster"),
-              ('make the memory with track_usage=True (or policy="age")',
-               "create the memory with --track-usage (or --policy age)"),
+              ('make the memory with track_usage=True (or policy="age")', "create the memory with --track-usage"),
               ("this memory was made with track_usage=False", "this memory was created without --track-usage"))
 
 
@@ -67,7 +67,7 @@ def _guard(fn, name: str = ""):
             if exc.name and exc.name.split(".")[0] in EXTRA_OF:
                 _fail(missing(exc.name, f"engine {name or fn.__name__}"))
             raise
-        except (EngineError, ValueError, KeyError, FileNotFoundError, FileExistsError) as exc:
+        except (EngineError, ValueError, KeyError, OSError) as exc:  # input and disk errors: one line
             _fail(_cli_words(exc))
 
     return wrapper
@@ -224,9 +224,7 @@ def export(
         raise FileNotFoundError(f"{out.parent}: no such directory")
     with Memory.open(path, read_only=True) as mem:
         if ids_file is not None:
-            from .io import read_labels
-
-            wanted = np.asarray([int(i) for i in read_labels(ids_file)], np.int64)
+            wanted = _ids_in(ids_file)
         elif label:
             asked = _labels_of(label, mem.label_kind)
             held = set(mem.classes().tolist())
@@ -245,7 +243,7 @@ def export(
                       "weight": pa.array(slots.weights),
                       "vector": codec.vector_array(slots.vectors.reshape(len(slots.ids), dim))})
     # written aside and renamed into place: an interrupted export leaves no partial file
-    part = out.with_name(f".{out.name}.{os.getpid()}.part")
+    part = out.with_name(f".engine-export-{os.getpid()}-{secrets.token_hex(4)}.part")
     try:
         if out.suffix.lower() in (".parquet", ".pq"):
             import pyarrow.parquet as pq
@@ -259,6 +257,10 @@ def export(
             os.link(part, out)  # never over a file made meanwhile
         except FileExistsError:
             raise FileExistsError(f"{out} exists; choose another file") from None
+        except OSError:  # a filesystem without hard links (FAT, some SMB): checked, then renamed
+            if out.exists():
+                raise FileExistsError(f"{out} exists; choose another file") from None
+            os.rename(part, out)
     finally:
         part.unlink(missing_ok=True)
     typer.echo(f"wrote {len(slots.ids):,} slots to {out}")
@@ -299,6 +301,15 @@ def _budget(text: str | None) -> int | str | None:
     return int(text) if text is not None and text.isdigit() else text
 
 
+def _ids_in(file: Path) -> np.ndarray:
+    """Ids from a file (one per line, or a .npy of integers); anything else is refused, never cut
+    to an integer."""
+    from . import checks
+    from .io import read_labels
+
+    return checks.ids(np.asarray(read_labels(file)))
+
+
 def _labels_of(values: list[str], kind: str | None) -> list:
     """Labels typed on the command line, as the memory's kind (ints where it holds ints)."""
     if kind == "int":
@@ -334,9 +345,7 @@ def remove(
     """Remove slots by id, or every slot of some labels (unknown ones: an error, nothing removed)."""
     wanted = list(ids or [])
     if ids_file is not None:
-        from .io import read_labels
-
-        wanted += [int(i) for i in read_labels(ids_file)]
+        wanted += _ids_in(ids_file).tolist()
     if not wanted and not label:
         raise ValueError("no ids or labels given")
     if wanted and label:
@@ -357,9 +366,7 @@ def get(
     """Print slots by id: label, weight and vector (unknown ids: an error)."""
     wanted = list(ids or [])
     if ids_file is not None:
-        from .io import read_labels
-
-        wanted += [int(i) for i in read_labels(ids_file)]
+        wanted += _ids_in(ids_file).tolist()
     if not wanted:
         raise ValueError("no ids given")
     with Memory.open(path, read_only=True) as mem:
@@ -383,6 +390,8 @@ def save(
     """Fold a memory's log into a fresh snapshot (or copy it whole to --to)."""
     if to is not None and to.exists():
         raise FileExistsError(f"{to} exists; choose another directory")
+    if to is not None and not to.parent.is_dir():
+        raise FileNotFoundError(f"{to.parent}: no such directory (create it first)")
     with Memory.open(path, read_only=to is not None) as mem:
         written = mem.save(to) if to is not None else mem.save()
         size = len(mem)
@@ -460,15 +469,20 @@ def ingest_cmd(
     from .cluster.ingest import check_sources, ingest
     from .cluster.sharded import connect
 
+    from .cluster.sharded import ROOT_FILE
+
     check_sources(sources)  # a refused input leaves no memory behind
-    connect(cluster, quiet=not verbose)
-    if shards is not None:
+    if shards is not None:  # what can be refused is refused before Ray starts
         if dim is None:
             if checkpoint is None:
                 raise ValueError("give --dim to create a memory for vectors")
             from .train import load_checkpoint
 
             dim = load_checkpoint(checkpoint).dim
+    elif not (Path(path) / ROOT_FILE).is_file():
+        raise FileNotFoundError(f"no sharded memory at {path} (give --shards to create one)")
+    connect(cluster, quiet=not verbose)
+    if shards is not None:
         mem = ShardedMemory(dim, shards=shards, path=path, address=cluster, index=index, temperature=temperature)
     else:
         mem = ShardedMemory.open(path, address=cluster)

@@ -394,6 +394,8 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
 
 def _kept_note(n_held: int, steps: int, step: int, score: tuple, merged: tuple) -> str:
     """What distill kept and why, in words for the report."""
+    if steps == 0:
+        return "merged: distillation was given no steps"
     if not n_held:
         return f"distilled: the state after {steps} steps (no held-out queries to choose by)"
     said = (f"held-out agreement with the full memory's top class {score[0]:.3f}, KL {-score[1]:.4f} "

@@ -276,8 +276,9 @@ class VectorIndex:
     # -- codes: what a snapshot keeps of an index that holds only compressed codes ---------
     @property
     def codes_only(self) -> bool:
-        """Whether the active index is an IVF over compressed codes (IVF-PQ, IVF-SQ, ...)."""
-        return self._ivf is not None and self.lossy
+        """Whether the active index is an IVF over compressed codes (IVF-PQ, IVF-SQ, ...) whose
+        lists hold each row's code as it is (FastScan packs codes in blocks: not these)."""
+        return self._ivf is not None and self.lossy and "FastScan" not in _class_names(self._index)
 
     def codes(self) -> tuple[bytes, np.ndarray]:
         """(the trained index without its rows, serialized; each row's code, in row order), of a
@@ -738,7 +739,10 @@ def default_nprobe(nlist: int, ntotal: int, k: int) -> int:
 
 def _is_lossy(index: faiss.Index) -> bool:
     names = _class_names(index)
-    # PQ, SQ and the additive quantizers (RQ, LSQ, PRQ, ...: "...Quantizer") store codes
+    # PQ, SQ and the additive quantizers (RQ, LSQ, PRQ, ...: "...Quantizer") store codes; a
+    # refinement by the float32 vectors themselves (RFlat) keeps them exact
+    if names.startswith("IndexRefineFlat"):
+        return False
     return any(tag in names for tag in ("PQ", "Quantizer", "LSH", "RaBitQ", "PreTransform"))
 
 

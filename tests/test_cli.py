@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pyarrow as pa
@@ -168,6 +169,15 @@ def test_ingest_refuses_ill_typed_sources_and_leaves_no_memory_behind(tmp_path):
         out = run("ingest", tmp_path / name, src, "--shards", 2, "--dim", 3, ok=False)
         assert out.exit_code == 2 and len(out.output.strip().splitlines()) <= 3, (name, out.output)
         assert not (tmp_path / name).exists(), name  # the corrected rerun can create it
+    # arguments that cannot work are refused before Ray starts
+    good = tmp_path / "good.parquet"
+    pq.write_table(pa.table({"vector": pa.array(list(x)), "label": [0, 1, 2, 3]}), good)
+    for args, words in (((tmp_path / "none", good), "no sharded memory"),
+                        ((tmp_path / "new", good, "--shards", 2), "--dim")):
+        out = run("ingest", *args, ok=False)
+        assert out.exit_code == 2 and words in out.output, out.output
+    ray = sys.modules.get("ray")
+    assert ray is None or not ray.is_initialized()
 
 
 def test_ingest_sources_may_be_directories_and_must_agree_on_columns(tmp_path):
@@ -205,9 +215,26 @@ def test_the_library_verbs_from_the_command_line(tmp_path):
     two = pq.read_table(tmp_path / "two.parquet")
     assert set(two.column("label").to_pylist()) == {2} and two.num_rows == 50
     assert "exists" in run("memory", "export", m, tmp_path / "two.parquet", ok=False).output
+    np.save(tmp_path / "fids.npy", np.array([1.9, 2.5]))  # float ids are refused, never cut to other slots' ids
+    for verb in ("get", "remove"):
+        refused = run("memory", verb, m, "--ids-file", tmp_path / "fids.npy", ok=False)
+        assert refused.exit_code == 2 and "integers" in refused.output
     unknown = run("memory", "export", m, tmp_path / "none.parquet", "--label", 9, "--label", 2, ok=False)
     assert unknown.exit_code == 2 and "no slot: [9]" in unknown.output and not (tmp_path / "none.parquet").exists()
     assert not list(tmp_path.glob(".*part"))  # nothing written aside is left
+    import os
+
+    real_link = os.link
+
+    def no_links(*args, **kwargs):  # a filesystem without hard links (FAT, some SMB)
+        raise PermissionError(1, "Operation not permitted")
+
+    os.link = no_links
+    try:
+        run("memory", "export", m, tmp_path / "nolink.parquet", "--label", 1)
+    finally:
+        os.link = real_link
+    assert pq.read_table(tmp_path / "nolink.parquet").num_rows == 50 and not list(tmp_path.glob(".*part"))
     got = json.loads(run("memory", "get", m, 0, 1, "--json").output)
     assert [g["id"] for g in got] == [0, 1] and [g["label"] for g in got] == [0, 1]
     np.testing.assert_allclose([g["vector"] for g in got], x[:2] / np.linalg.norm(x[:2], axis=1, keepdims=True),

@@ -47,7 +47,14 @@ def test_every_readme_example_runs_as_written(tmp_path, monkeypatch):
                 code = code.replace("127.0.0.1:8815", f"127.0.0.1:{server.port}")
             exec(compile(code, "README.md", "exec"), namespace)  # noqa: S102 - the README's own examples
     finally:
+        client = namespace.get("mem")
+        if client is not None and hasattr(client, "close"):
+            client.close()  # the last example's Client
         if server is not None:
             server.shutdown()
             served.close()
     assert (tmp_path / "pets").is_dir() and namespace["result"].probs.shape[0] == 4  # the last examples ran
+    from engine import Memory
+
+    with Memory.open(tmp_path / "pets") as pets:  # every durable memory the examples made was released
+        assert len(pets) > 0

@@ -598,6 +598,11 @@ def test_the_client_takes_torch_tensors_wherever_memory_does(served, data):
         np.testing.assert_array_equal(got.ids, want.ids)
         np.testing.assert_array_equal(c.get(torch.tensor([3, 4])).ids, [3, 4])
         assert c.remove(torch.tensor([0, 1])) == 2 and c.remove(labels=torch.tensor(int(y[5]))) >= 1
-        with pytest.raises(engine.InvalidValueError, match="ids must be numbers"):
-            c.remove(["a"])
+        for bad in (["a"], [1.9], torch.tensor([2.7]), True):  # never cut down to another slot's id
+            with pytest.raises(engine.InvalidValueError, match="ids must"):
+                c.remove(bad)
+            with pytest.raises(engine.InvalidValueError, match="ids must"):
+                c.get(bad)
+        with pytest.raises(engine.InvalidValueError, match="ids must"):
+            c.add(x[:1], y[:1], ids=[10.5])
         assert len(mem) == len(c.ids())

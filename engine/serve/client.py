@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as fl
 
-from .. import codec, errors
+from .. import checks, codec, errors
 from ..checks import INT64_MAX, untensor
 from ..errors import UnknownIdError
 from ..labels import dtype as labels_dtype
@@ -63,7 +63,7 @@ class Client:
             raise errors.InvalidValueError(f"{len(v)} vectors but {len(labels)} labels")
         columns = {"vector": codec.vector_array(v), "label": codec.label_array(labels)}
         if ids is not None:
-            columns["id"] = pa.array(_array(ids, np.int64, "ids").reshape(-1))
+            columns["id"] = pa.array(checks.ids(ids))  # integers only, never cut down
         if weights is not None:
             columns["weight"] = pa.array(_array(weights, np.float64, "weights").reshape(-1))
         try:
@@ -86,7 +86,7 @@ class Client:
             if ids is not None:
                 raise errors.InvalidValueError("remove takes ids or labels, not both")
             return self._action("remove", labels=_label_list(labels))["removed"]
-        ids = np.atleast_1d(_array(ids, np.int64, "ids")).tolist()
+        ids = checks.ids(ids).tolist()
         return self._action("remove", ids=ids)["removed"]
 
     def ids(self, labels=None) -> np.ndarray:
@@ -96,7 +96,8 @@ class Client:
 
     def compact(self, **options) -> CompactionReport:
         """Compact the served memory (see :meth:`engine.Memory.compact`)."""
-        return CompactionReport(**self._action("compact", **options))
+        doc = self._action("compact", **options)  # fields a newer server adds are left out
+        return CompactionReport(**{f: doc[f] for f in CompactionReport.__dataclass_fields__ if f in doc})
 
     def save(self) -> None:
         """Checkpoint the served memory (snapshot + fresh WAL)."""
@@ -166,7 +167,7 @@ class Client:
 
     def get(self, ids) -> Slots:
         """Read slots back by id (see :meth:`engine.Memory.get`)."""
-        ticket = fl.Ticket(wire.command(memory=self.memory, ids=np.atleast_1d(_array(ids, np.int64, "ids")).tolist()))
+        ticket = fl.Ticket(wire.command(memory=self.memory, ids=checks.ids(ids).tolist()))
         with _errors():
             table = self._flight.do_get(ticket, self._options).read_all()
         return Slots(ids=table.column("id").to_numpy(), labels=table.column("label").to_pylist(),
