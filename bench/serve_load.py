@@ -16,7 +16,8 @@
      process. Every request is timed, and the server's own metrics (the Flight
      action ``metrics``: its time per request by stage, batch sizes, busy
      refusals) are read after each phase.
-Reports queries/s, request latency p50/p99, errors (must be 0), served/embedded
+Reports queries/s, request latency p50/p99, errors (must be 0), the CPU a request costs the
+client and server (what bounds queries/s when clients share the machine), served/embedded
 throughput, and where a served request's time goes (server: parse, wait for a
 batch, query, encode; the rest is transport and the client), as JSON and PNG.
 """
@@ -93,6 +94,7 @@ def query_worker(location: str, memory: str, dim: int, batch: int, k: int, secon
     client.query(q[:batch], k=k)  # connected and warm before the clock starts
     time.sleep(max(0.0, start_at - time.time()))
     lat, errors, queries, i = [], 0, 0, 0
+    cpu0 = time.process_time()
     end = time.monotonic() + seconds
     while time.monotonic() < end:
         lo = (i * batch) % (len(q) - batch)
@@ -104,7 +106,7 @@ def query_worker(location: str, memory: str, dim: int, batch: int, k: int, secon
             lat.append(time.perf_counter() - t0)
         except Exception:  # noqa: BLE001 - every failure counts as an error
             errors += 1
-    return {"latencies": lat, "errors": errors, "queries": queries}
+    return {"latencies": lat, "errors": errors, "queries": queries, "cpu_s": time.process_time() - cpu0}
 
 
 def write_worker(location: str, memory: str, dim: int, seconds: float, rate: float, seed: int,
@@ -147,7 +149,7 @@ def embedded_phase(mem, dim: int, clients: int, batch: int, k: int, seconds: flo
         threads.append(threading.Thread(target=lambda: written.update(_paced(
             rate, seconds, lambda: mem.add(_queries(dim, int(rng.integers(1 << 30)), WRITE_BATCH),
                                            rng.integers(0, 10, WRITE_BATCH))))))
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     for t in threads:
         t.start()
     for t in threads:
@@ -155,15 +157,26 @@ def embedded_phase(mem, dim: int, clients: int, batch: int, k: int, seconds: flo
     wall = time.perf_counter() - t0
     out = _summary(np.concatenate([np.array(v) for v in lat]), sum(counts), wall, 0)
     out["slots_written"] = written.get("written", 0)
+    out["cpu_ms_per_query"] = 1e3 * (time.process_time() - cpu0) / max(sum(counts), 1)  # the writer's too
     return out
 
 
-def served_phase(location: str, args, clients: int, rate: float, name: str = "load") -> dict:
+def _cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a process has used, from /proc (0 where there is none)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def served_phase(location: str, args, clients: int, rate: float, name: str = "load", server_pid: int = 0) -> dict:
     """``clients`` query processes (and a writer process at ``rate`` slots/s) against the server."""
     from engine import Client
 
     admin = Client(location, name)
     admin.metrics(reset=True)
+    server_cpu0 = _cpu_s(server_pid)
     ctx = mp.get_context("spawn")
     start_at = time.time() + 2.0 + 0.3 * clients  # every process started, connected and warm first
     with ctx.Pool(clients + 1) as pool:
@@ -174,6 +187,7 @@ def served_phase(location: str, args, clients: int, rate: float, name: str = "lo
         results = [r.get(timeout=args.seconds + 300) for r in readers]
         written = writer.get(timeout=args.seconds + 300) if writer is not None else {"written": 0, "errors": 0,
                                                                                       "latencies": []}
+    server_cpu = _cpu_s(server_pid) - server_cpu0  # the whole phase: the writer's requests too
     metrics = admin.metrics()
     admin.close()
     lat = np.concatenate([np.array(r["latencies"]) for r in results])
@@ -189,6 +203,10 @@ def served_phase(location: str, args, clients: int, rate: float, name: str = "lo
                            "client_mean": float(lat.mean() * 1e3) if len(lat) else None}
     if handler is not None and len(lat):
         out["breakdown_ms"]["transport_and_client_mean"] = float(lat.mean() * 1e3) - handler
+    if len(lat):  # CPU a request costs, each side (on a shared machine, what bounds queries/s)
+        out["breakdown_ms"]["client_cpu_per_request"] = 1e3 * sum(r["cpu_s"] for r in results) / len(lat)
+        if server_pid:
+            out["breakdown_ms"]["server_cpu_per_request"] = 1e3 * server_cpu / len(lat)
     out["server"] = {"query_p50_ms": server.get("query", {}).get("p50"),
                      "query_p99_ms": server.get("query", {}).get("p99"),
                      "batching": metrics["batching"].get(name, {})}
@@ -254,7 +272,7 @@ def main(argv=None) -> dict:
         try:
             for clients in args.clients:
                 for rate in writers:
-                    r = served_phase(location, args, clients, rate)
+                    r = served_phase(location, args, clients, rate, server_pid=server.pid)
                     rows.append({"mode": mode, "clients": clients, "write_rate": rate, **r})
                     b = r["breakdown_ms"]
                     print(f"{mode:9s} {clients:3d} clients, writer {rate:6.0f}/s: {r['queries_per_s']:8,.0f} q/s  "

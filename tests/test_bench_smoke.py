@@ -53,6 +53,8 @@ def test_serve_load_script(tmp_path):
     assert all(r["errors"] == 0 and r["requests"] > 0 and r["over_embedded"] > 0 for r in served)
     assert all(r["slots_written"] > 0 for r in rows if r["write_rate"] > 0)
     assert all(r["breakdown_ms"]["server_query_mean"] is not None for r in served)
+    assert all(r["breakdown_ms"]["client_cpu_per_request"] > 0 and r["breakdown_ms"]["server_cpu_per_request"] > 0
+               for r in served)
     assert (tmp_path / "serve_load.png").stat().st_size > 10_000
 
 
