@@ -24,13 +24,16 @@ test: setup
 demo: setup
 	$(BIN)/python examples/demo.py --data $(DATA)
 
-# The full benchmarks, the recipe ablation and the crash soaks (about two hours on 2 cores): JSON and PNG into runs/bench/.
+# The full benchmarks, the recipe ablation, the learner over both sets and seeds, and the crash soaks
+# (about three hours on 2 cores): JSON and PNG into runs/bench/.
 bench: setup
 	$(BIN)/python bench/scale.py --out runs/bench
 	$(BIN)/python bench/compaction.py --out runs/bench --data $(DATA)
 	$(BIN)/python bench/calibration.py --out runs/bench
 	$(BIN)/python bench/shards.py --out runs/bench
 	$(BIN)/python bench/recipes.py --out runs/bench --data $(DATA)
+	$(BIN)/python bench/learner.py --out runs/bench --data $(DATA)
+	$(BIN)/python bench/flight_transport.py --out runs/bench
 	$(BIN)/python bench/tail.py --out runs/bench --data $(DATA)
 	$(BIN)/python bench/temperature.py --out runs/bench --data $(DATA)
 	$(BIN)/python -m pytest -q bench --benchmark-json=runs/bench/pytest-benchmark.json

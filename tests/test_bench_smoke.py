@@ -160,3 +160,12 @@ def test_learner_benchmark(tmp_path):
                       )["background"] == "small2"
     assert (tmp_path / "learner.png").stat().st_size > 0 and "| the recipe | small2 | 1 |" in \
         (tmp_path / "learner.md").read_text()
+
+
+def test_flight_transport_benchmark(tmp_path):
+    import flight_transport
+
+    report = flight_transport.main(["--requests", "50", "--out", str(tmp_path)])
+    assert set(report["results"]) == {"action", "stream"}
+    assert all(r["wall_ms"] > 0 for r in report["results"].values())
+    assert json.loads((tmp_path / "flight_transport.json").read_text())["requests"] == 50
