@@ -17,8 +17,10 @@ test-time views on:
   the 20 runs of ``all_runs.zip``).
 
 A lever is judged on the mean over seeds and sets, never on one run: the table gives each
-(lever, set)'s mean and its spread (max - min) over seeds. Writes learner.json, learner.md
-and learner.png (validation accuracy per lever and set, one point a seed).
+(lever, set)'s mean and its spread (max - min) over seeds. With two seeds or more, the
+seeds' models are also scored as one ensemble (``engine.nn.ensemble``: the mean of their
+logits), a lever that costs no training beyond the seeds'. Writes learner.json,
+learner.md and learner.png (validation accuracy per lever and set, one point a seed).
 """
 
 from __future__ import annotations
@@ -40,35 +42,62 @@ LEVERS = {
 }
 
 
-def run_one(lever: str, background: str, seed: int, data, out: Path, episodes: int, eval_episodes: int,
-            pretrain_epochs: int | None, runs: Path | None) -> dict:
-    """Train one model and score it (see the module)."""
-    import torch
-
-    from engine.data.omniglot import load_oneshot_runs, omniglot_dir
-    from engine.train import eval_oneshot, evaluate_episodes, load_checkpoint, load_sets, recipe, train
+def _config(lever: str, background: str, seed: int, data, episodes: int, eval_episodes: int,
+            pretrain_epochs: int | None):
+    from engine.train import recipe
 
     what, overrides = LEVERS[lever]
     if pretrain_epochs is not None:
         overrides = {**overrides, "pretrain_epochs": pretrain_epochs}
-    cfg = recipe("omniglot", **{"episodes": episodes, "val_every": max(episodes // 3, min(episodes, 1000)),
-                                "val_episodes": min(100, eval_episodes), "seed": seed, "background": background,
-                                "data": None if data is None else str(data), **overrides})
-    folder = out / lever / background / f"seed{seed}"
-    t0 = time.perf_counter()
-    train(cfg, folder, progress=True)
-    train_s = time.perf_counter() - t0
+    return recipe("omniglot", **{"episodes": episodes, "val_every": max(episodes // 3, min(episodes, 1000)),
+                                 "val_episodes": min(100, eval_episodes), "seed": seed, "background": background,
+                                 "data": None if data is None else str(data), **overrides})
+
+
+def score(model, cfg, data, eval_episodes: int, runs: Path | None) -> dict:
+    """Within-alphabet validation accuracy and the official runs' error of a model."""
+    import torch
+
+    from engine.data.omniglot import load_oneshot_runs, omniglot_dir
+    from engine.train import eval_oneshot, evaluate_episodes, load_sets
+
     torch.use_deterministic_algorithms(True, warn_only=True)
-    model = load_checkpoint(folder)  # the best validated state, through the recipe's test-time views
     _, _, val_x, val_groups = load_sets(cfg)
     val = evaluate_episodes(model, val_x, val_groups, n_way=20, k_shot=1, episodes=eval_episodes, within_group=1.0,
                             seed=7)
-    row = {"lever": lever, "what": what, "background": background, "seed": seed, "episodes": episodes,
-           "views": cfg.views, "train_s": train_s, "val_within_20way": val["accuracy"], "val_ci95": val["ci95"],
+    row = {"val_within_20way": val["accuracy"], "val_ci95": val["ci95"],
            "run01_error": eval_oneshot(model, load_oneshot_runs(omniglot_dir(data) / "one-shot-sample"))["error_rate"]}
     if runs is not None:
         row["runs_error"] = eval_oneshot(model, load_oneshot_runs(runs))["error_rate"]
     return row
+
+
+def run_one(lever: str, background: str, seed: int, data, out: Path, episodes: int, eval_episodes: int,
+            pretrain_epochs: int | None, runs: Path | None) -> dict:
+    """Train one model and score it (see the module)."""
+    from engine.train import load_checkpoint, train
+
+    cfg = _config(lever, background, seed, data, episodes, eval_episodes, pretrain_epochs)
+    folder = out / lever / background / f"seed{seed}"
+    t0 = time.perf_counter()
+    train(cfg, folder, progress=True)
+    train_s = time.perf_counter() - t0
+    model = load_checkpoint(folder)  # the best validated state, through the recipe's test-time views
+    return {"lever": lever, "what": LEVERS[lever][0], "background": background, "seed": seed, "episodes": episodes,
+            "views": cfg.views, "train_s": train_s, **score(model, cfg, data, eval_episodes, runs)}
+
+
+def run_ensemble(lever: str, background: str, seeds: list[int], data, out: Path, episodes: int,
+                 eval_episodes: int, pretrain_epochs: int | None, runs: Path | None) -> dict:
+    """The seeds' models of a (lever, set) as one ensemble (no training)."""
+    from engine.nn import ensemble
+    from engine.train import load_checkpoint
+
+    cfg = _config(lever, background, seeds[0], data, episodes, eval_episodes, pretrain_epochs)
+    model = ensemble([load_checkpoint(out / lever / background / f"seed{s}") for s in seeds])
+    return {"lever": f"{lever}+ensemble", "what": f"{LEVERS[lever][0]}, {len(seeds)} seeds as one ensemble",
+            "background": background, "seed": -1, "episodes": episodes, "views": cfg.views, "train_s": 0.0,
+            **score(model, cfg, data, eval_episodes, runs)}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -108,6 +137,14 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
+def _say(r: dict) -> None:
+    who = "ensemble" if r["seed"] < 0 else f"seed {r['seed']}"
+    print(f"{r['lever']:8s} {r['background']} {who}: {100 * r['val_within_20way']:.2f}% ± "
+          f"{100 * r['val_ci95']:.2f}, run01 error {100 * r['run01_error']:.0f}%"
+          + (f", runs error {100 * r['runs_error']:.2f}%" if "runs_error" in r else "")
+          + f", {r['train_s']:.0f} s", flush=True)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--levers", nargs="+", choices=list(LEVERS), default=["recipe"])
@@ -128,10 +165,11 @@ def main(argv=None) -> dict:
                 r = run_one(lever, background, seed, args.data, args.out / "learner", args.episodes,
                             args.eval_episodes, args.pretrain_epochs, args.runs)
                 rows.append(r)
-                print(f"{lever:8s} {background} seed {seed}: {100 * r['val_within_20way']:.2f}% ± "
-                      f"{100 * r['val_ci95']:.2f}, run01 error {100 * r['run01_error']:.0f}%"
-                      + (f", runs error {100 * r['runs_error']:.2f}%" if "runs_error" in r else "")
-                      + f", {r['train_s']:.0f} s", flush=True)
+                _say(r)
+            if len(args.seeds) > 1:
+                rows.append(run_ensemble(lever, background, args.seeds, args.data, args.out / "learner",
+                                         args.episodes, args.eval_episodes, args.pretrain_epochs, args.runs))
+                _say(rows[-1])
     summary = summarise(rows)
     doc = {"episodes": args.episodes, "eval_episodes": args.eval_episodes, "results": rows, "summary": summary}
     (args.out / "learner.json").write_text(json.dumps(doc, indent=2))
@@ -139,7 +177,8 @@ def main(argv=None) -> dict:
              f"run01 error, mean |" + (" official runs error, mean |" if args.runs else ""),
              "|---|---|---:|---:|---:|" + ("---:|" if args.runs else "")]
     for s in summary:
-        lines.append(f"| {LEVERS[s['lever']][0]} | {s['background']} | {s['models']} | {100 * s['val_mean']:.2f}% "
+        what = LEVERS[s["lever"].split("+")[0]][0] + (", seeds as one ensemble" if "+" in s["lever"] else "")
+        lines.append(f"| {what} | {s['background']} | {s['models']} | {100 * s['val_mean']:.2f}% "
                      f"({100 * s['val_spread']:.2f}) | {100 * s['run01_error_mean']:.1f}% |"
                      + (f" {100 * s['runs_error_mean']:.2f}% |" if "runs_error_mean" in s else ""))
     (args.out / "learner.md").write_text("\n".join(lines) + "\n")

@@ -243,3 +243,30 @@ def test_backbone_runs_channels_last_with_the_default_layouts_answers():
     assert loaded.net[1][0].weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         np.testing.assert_allclose(loaded(x[:, 0]).numpy(), theirs.detach().numpy(), rtol=1e-4, atol=1e-5)
+
+
+def test_an_ensemble_attends_by_the_mean_of_its_members_logits():
+    """Reference: each member's cosine logits computed by hand (its own views and temperature),
+    averaged, then a softmax summed per class."""
+    from engine.nn import ensemble
+
+    torch.manual_seed(0)
+    a, b = MatchingNetwork(temperature=0.1), MatchingNetwork(temperature=0.3, width=32)
+    a.views = 3
+    x, q, y = torch.rand(10, 1, 28, 28), torch.rand(4, 1, 28, 28), torch.arange(10) % 5
+    logits = []
+    with torch.no_grad():
+        for m in (a, b):
+            g = torch.nn.functional.normalize(m.backbone_features(x)[0].double(), dim=1)
+            h = torch.nn.functional.normalize(m.backbone_features(q)[1].double(), dim=1)
+            logits.append(h @ g.T / m.temperature.double())
+        att = torch.softmax((logits[0] + logits[1]) / 2, dim=1)
+        want = torch.stack([att[:, y == c].sum(1) for c in range(5)], 1)
+        both = ensemble([a, b])
+        both.process_support_set(x, y)
+        got = both(q).exp()
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=0)
+    memory = both.to_memory(x, y.tolist())  # and through a memory, as eval_oneshot answers
+    np.testing.assert_allclose(both.query_memory(memory, q, k=10).probs, want.numpy(), atol=1e-4)
+    with pytest.raises(ValueError, match="FCE"):
+        ensemble([MatchingNetwork(fce=True)])
