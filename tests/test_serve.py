@@ -606,3 +606,35 @@ def test_the_client_takes_torch_tensors_wherever_memory_does(served, data):
         with pytest.raises(engine.InvalidValueError, match="ids must"):
             c.add(x[:1], y[:1], ids=[10.5])
         assert len(mem) == len(c.ids())
+
+
+def test_small_queries_share_one_stream_a_refused_one_keeps_it_and_an_idle_client_lets_the_server_stop(data):
+    """A thread's small queries go over one long-lived stream: answers equal the memory's,
+    a refused query is an engine error in-band (the next one still answers), a client with
+    a timeout sends actions instead, and an idle client that was never closed does not
+    keep a server from stopping (its stream closes when idle)."""
+    import time
+
+    x, y, q = data
+    mem = Memory(16, index="Flat", temperature=0.2)
+    mem.add(x, y)
+    server = MemoryServer({"m": mem}, "grpc://127.0.0.1:0", open_reads=True)
+    location = f"grpc://127.0.0.1:{server.port}"
+    idle = Client(location, "m")
+    for i in range(20):
+        got, want = idle.query(q[i], k=5), mem.query(q[i].astype(np.float32), k=5)
+        np.testing.assert_array_equal(got.ids, want.ids)
+        np.testing.assert_allclose(got.probs, want.probs, atol=1e-12)
+    with pytest.raises(engine.DimensionError):
+        idle.query(np.ones(17, np.float32))
+    np.testing.assert_array_equal(idle.query(q[0], k=5).ids, mem.query(q[0].astype(np.float32), k=5).ids)
+    with Client(location, "m", timeout=30) as timed:  # actions, one call each
+        np.testing.assert_array_equal(timed.query(q[1], k=5).ids, mem.query(q[1].astype(np.float32), k=5).ids)
+    assert server.metrics.as_dict()["requests"]["query"] == 23  # the refused one counted too
+    stopper = threading.Thread(target=server.shutdown)
+    t0 = time.monotonic()
+    stopper.start()
+    stopper.join(15)
+    assert not stopper.is_alive() and time.monotonic() - t0 < 10  # `idle` was never closed
+    with pytest.raises(engine.ServerUnavailableError):
+        idle.query(q[0], k=5)  # its stream is gone and the server too: a clean engine error

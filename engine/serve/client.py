@@ -11,6 +11,8 @@ and raise the same exception types.
 from __future__ import annotations
 
 import json
+import threading
+import time
 
 import numpy as np
 import pyarrow as pa
@@ -25,7 +27,8 @@ from ..results import CompactionReport, MemoryStats, QueryResult, Slots
 from . import wire
 
 
-SMALL_QUERY_ROWS = 256  # queries of at most this many rows travel as one action each way
+SMALL_QUERY_ROWS = 256  # queries of at most this many rows travel as one message each way
+SESSION_IDLE_S = 1.0  # a thread's session stream unused this long is closed (a server can then stop)
 
 
 class Client:
@@ -49,6 +52,14 @@ class Client:
         headers = [(b"authorization", f"Bearer {token}".encode())] if token else []
         self._options = fl.FlightCallOptions(headers=headers, timeout=timeout)
         self._classes: tuple[int, np.ndarray] | None = None  # (token, labels) of the last class list received
+        # small queries go over a long-lived stream per thread (a call's set-up costs as much as
+        # the query); a per-call timeout needs a call each, so then they go as actions
+        self._use_sessions = timeout is None
+        self._local = threading.local()
+        self._sessions: list[_Session] = []
+        self._sessions_lock = threading.Lock()
+        self._reaper: threading.Thread | None = None
+        self._closed = threading.Event()
 
     # -- writes ----------------------------------------------------------------------------
     def add(self, vectors, labels, *, ids=None, weights=None, upsert: bool = False) -> np.ndarray:
@@ -141,9 +152,13 @@ class Client:
         known = self._classes
         header = {"memory": self.memory, "k": k, "tail": tail, "classes_token": known[0] if known else None,
                   **({} if probs is None else {"probs": probs})}
-        with _errors():
-            results = list(self._flight.do_action(fl.Action("query", wire.small_query(header, q)), self._options))
-        reader = pa.ipc.open_stream(results[0].body)
+        message = wire.small_query(header, q)
+        if self._use_sessions:
+            body = self._session_round_trip(message)
+        else:
+            with _errors():
+                body = list(self._flight.do_action(fl.Action("query", message), self._options))[0].body
+        reader = pa.ipc.open_stream(body)
         batch = reader.read_next_batch()
         meta = json.loads(reader.schema.metadata[wire.QUERY_META])
         if "classes" in meta:
@@ -201,7 +216,72 @@ class Client:
             return False
         return True
 
+    # -- sessions --------------------------------------------------------------------------
+    def _session_round_trip(self, message: bytes) -> pa.Buffer:
+        """One small query over this thread's session (opened when it has none, or when the
+        one it had was closed by the server, a restart or the idle reaper: a query is safe to
+        send again)."""
+        for attempt in (0, 1):
+            session = getattr(self._local, "session", None)
+            if session is None or session.closed:
+                session = self._local.session = self._open_session()
+            with session.lock:
+                if session.closed:  # reaped between the two lines above: open another
+                    continue
+                try:
+                    session.writer.write_metadata(pa.py_buffer(message))
+                    chunk = session.reader.read_chunk()
+                    session.used = time.monotonic()
+                except (fl.FlightError, pa.ArrowException, OSError):
+                    session.close()
+                    if attempt:
+                        raise
+                    continue
+            answer = chunk.app_metadata
+            if answer is None or len(answer) == 0:
+                raise errors.EngineError("the server sent an empty answer on the query stream")
+            if answer[:1].to_pybytes() == wire.SESSION_ERROR:
+                info = answer[1:].to_pybytes()
+                with _errors():
+                    raise fl.FlightServerError(json.loads(info).get("message", "query refused"), extra_info=info)
+            return answer[1:]
+        raise errors.ServerUnavailableError("the query stream kept closing")  # pragma: no cover
+
+    def _open_session(self) -> "_Session":
+        descriptor = fl.FlightDescriptor.for_command(wire.command(op="session"))
+        with _errors():
+            writer, reader = self._flight.do_exchange(descriptor, self._options)
+        session = _Session(writer, reader)
+        with self._sessions_lock:
+            if self._closed.is_set():
+                session.close()
+                raise errors.ServerUnavailableError("this client is closed")
+            self._sessions = [s for s in self._sessions if not s.closed] + [session]
+            if self._reaper is None:
+                self._reaper = threading.Thread(target=self._reap, name="engine-client-reaper", daemon=True)
+                self._reaper.start()
+        return session
+
+    def _reap(self) -> None:
+        """Close sessions unused for SESSION_IDLE_S (an idle client must not hold a server open)."""
+        while not self._closed.wait(SESSION_IDLE_S / 4):
+            now = time.monotonic()
+            with self._sessions_lock:
+                sessions = list(self._sessions)
+            for session in sessions:
+                if not session.closed and now - session.used > SESSION_IDLE_S and session.lock.acquire(blocking=False):
+                    try:
+                        session.close()
+                    finally:
+                        session.lock.release()
+
     def close(self) -> None:
+        self._closed.set()
+        with self._sessions_lock:
+            sessions, self._sessions = self._sessions, []
+        for session in sessions:
+            with session.lock:
+                session.close()
         self._flight.close()
 
     def __enter__(self) -> "Client":
@@ -215,6 +295,27 @@ class Client:
         with _errors():
             results = list(self._flight.do_action(fl.Action(kind, body), self._options))
         return json.loads(results[0].body.to_pybytes())
+
+
+class _Session:
+    """One thread's query stream: its writer and reader, a lock, when it was last used."""
+
+    def __init__(self, writer, reader):
+        self.writer, self.reader = writer, reader
+        self.lock = threading.Lock()
+        self.used = time.monotonic()
+        self.closed = False
+
+    def close(self) -> None:
+        """End the stream (the caller holds the lock, or no other thread can use it)."""
+        if self.closed:
+            return
+        self.closed = True
+        try:
+            self.writer.done_writing()
+            self.writer.close()
+        except (fl.FlightError, pa.ArrowException, OSError):
+            pass  # the server or the connection is gone already
 
 
 class _Unauthenticated(errors.AuthenticationError, fl.FlightUnauthenticatedError):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 import json
 import logging
+import os
 import re
 import secrets
 import signal
@@ -39,6 +40,7 @@ _PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s:'\",()]+)+/?")
 
 _PUT = {"memory": wire.MEMORY, "op": (lambda v: v == "add", "'add'", False),
         "upsert": (lambda v: isinstance(v, bool), "true or false", False)}
+_SESSION = {"op": (lambda v: v == "session", "'session'", True)}
 _EXCHANGE = {"memory": wire.MEMORY, "op": (lambda v: v == "query", "'query'", False),
              "k": (lambda v: wire.is_int(v) and v >= 1, "an integer >= 1", False),
              "tail": (lambda v: v is None or (wire.is_number(v) and 0 < v < 1), "a number in (0, 1) or null", False),
@@ -125,6 +127,8 @@ class MemoryServer(fl.FlightServerBase):
                           for name, mem in self.memories.items()}
         self.metrics = Metrics()
         self._classes_lock = threading.Lock()
+        self._closing = threading.Lock()
+        self._closed = False
         self._class_lists: dict[str, tuple] = {}
         # class-list tokens start at a random point: a client never takes another server's list for its own
         self._tokens = itertools.count(secrets.randbits(52))
@@ -209,6 +213,12 @@ class MemoryServer(fl.FlightServerBase):
     # -- query ---------------------------------------------------------------------------
     def do_exchange(self, context, descriptor, reader, writer):
         self._authorize(context, write=False)
+        try:
+            op = wire.parse_command(descriptor.command or b"", "descriptor").get("op")
+        except ValueError:
+            op = None  # refused below, by the same parse
+        if op == "session":
+            return self._session(descriptor, reader, writer)
 
         def body():
             cmd = wire.fields(wire.parse_command(descriptor.command or b"", "descriptor"), "descriptor", _EXCHANGE)
@@ -303,39 +313,60 @@ class MemoryServer(fl.FlightServerBase):
         result = self._guarded(body, kind)
         return [fl.Result(pa.py_buffer(json.dumps(result).encode()))]
 
+    def _session(self, descriptor, reader, writer) -> None:
+        """A client's long-lived stream of small queries: each message in is a small query
+        (app metadata only, the action's body), each message out its answer (``R`` and the
+        result) or its error (``E`` and the error's JSON), so one refused query leaves the
+        stream open. It costs one round trip a query, without a call's set-up; it ends when
+        the client closes it (an idle client does, so a server can stop)."""
+        self._answered(lambda: wire.fields(wire.parse_command(descriptor.command, "descriptor"), "descriptor",
+                                           _SESSION))
+        for chunk in reader:
+            if chunk.app_metadata is None:
+                continue
+            stages: dict = {}
+            raw = chunk.app_metadata.to_pybytes()
+            try:
+                out = self._guarded(lambda: self._small_answer(raw, stages), "query", stages)
+            except fl.FlightServerError as exc:
+                writer.write_metadata(pa.py_buffer(wire.SESSION_ERROR + (exc.extra_info or b"{}")))
+                continue
+            writer.write_metadata(pa.py_buffer(wire.SESSION_ANSWER + out.to_pybytes()))
+
     def _small_query(self, action) -> list:
         """A query in one message each way (see :mod:`engine.serve.wire`): the path of small
         requests, which a bidirectional stream's set-up would dominate."""
         stages: dict = {}
+        raw = action.body.to_pybytes() if action.body else b""
+        return [fl.Result(self._guarded(lambda: self._small_answer(raw, stages), "query", stages))]
 
-        def body():
-            t0 = time.perf_counter()
-            header, queries = wire.parse_small_query(action.body.to_pybytes() if action.body else b"")
-            wire.fields(header, "query action header", _QUERY)
-            most = min(self.max_rows, max(self.chunk_rows, SMALL_QUERY_ROWS))
-            if len(queries) > most:
-                raise ValueError(f"a query action carries at most {most} rows, got {len(queries)}: send more "
-                                 f"as a stream (DoExchange)")
-            batcher = self._batchers[self._memory_name(header)]
-            stages["parse"] = time.perf_counter() - t0
-            res = batcher.query(queries, k=header.get("k", 64), tail=header.get("tail"), probs=header.get("probs"),
-                                timing=stages)
-            t1 = time.perf_counter()
-            token, names, column_of = self._class_list(header["memory"], res.classes)
-            meta = {"classes_token": token, "exact_bound": res.exact_bound, "k": res.k,
-                    "k_requested": res.k_requested}
-            if header.get("classes_token") != token:  # the client does not hold this class list yet
-                meta["classes"] = names
-            batch = _small_result_batch(res, column_of)
-            batch = batch.replace_schema_metadata({wire.QUERY_META: json.dumps(meta)})
-            sink = pa.BufferOutputStream()
-            with pa.ipc.new_stream(sink, batch.schema) as out:
-                out.write_batch(batch)
-            body = sink.getvalue()
-            stages["encode"] = time.perf_counter() - t1
-            return body
-
-        return [fl.Result(self._guarded(body, "query", stages))]
+    def _small_answer(self, raw: bytes, stages: dict) -> pa.Buffer:
+        """The answer of one small query message (its result as an Arrow IPC stream)."""
+        t0 = time.perf_counter()
+        header, queries = wire.parse_small_query(raw)
+        wire.fields(header, "query action header", _QUERY)
+        most = min(self.max_rows, max(self.chunk_rows, SMALL_QUERY_ROWS))
+        if len(queries) > most:
+            raise ValueError(f"a query action carries at most {most} rows, got {len(queries)}: send more "
+                             f"as a stream (DoExchange)")
+        batcher = self._batchers[self._memory_name(header)]
+        stages["parse"] = time.perf_counter() - t0
+        res = batcher.query(queries, k=header.get("k", 64), tail=header.get("tail"), probs=header.get("probs"),
+                            timing=stages)
+        t1 = time.perf_counter()
+        token, names, column_of = self._class_list(header["memory"], res.classes)
+        meta = {"classes_token": token, "exact_bound": res.exact_bound, "k": res.k,
+                "k_requested": res.k_requested}
+        if header.get("classes_token") != token:  # the client does not hold this class list yet
+            meta["classes"] = names
+        batch = _small_result_batch(res, column_of)
+        batch = batch.replace_schema_metadata({wire.QUERY_META: json.dumps(meta)})
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, batch.schema) as out:
+            out.write_batch(batch)
+        body = sink.getvalue()
+        stages["encode"] = time.perf_counter() - t1
+        return body
 
     def _class_list(self, name: str, classes: np.ndarray) -> tuple[int, list, dict]:
         """(a token naming ``classes``, their labels as a list, each label's column). A memory
@@ -350,16 +381,36 @@ class MemoryServer(fl.FlightServerBase):
         return cached[1], cached[2], cached[3]
 
     # -- lifecycle -----------------------------------------------------------------------
-    def serve_until_signalled(self) -> None:
-        """Serve until SIGTERM or SIGINT; in-flight calls finish, then every memory is closed."""
-        stop = lambda *_: threading.Thread(target=self.shutdown, daemon=True).start()  # noqa: E731
+    def serve_until_signalled(self, grace_s: float = 10.0) -> None:
+        """Serve until SIGTERM or SIGINT; in-flight calls finish, then every memory is closed.
+        A session a client keeps open without using it ends when the client closes it (its
+        idle streams close within a second); if one is still open after ``grace_s`` (a
+        stopped client), the memories are closed and the process exits anyway: every write
+        acknowledged is on disk already."""
+        def stop(*_):
+            threading.Thread(target=self.shutdown, daemon=True).start()
+            timer = threading.Timer(grace_s, self._leave, args=(grace_s,))
+            timer.daemon = True
+            timer.start()
+
         signal.signal(signal.SIGTERM, stop)
         signal.signal(signal.SIGINT, stop)
         try:
             self.serve()
         finally:
-            for memory in self.memories.values():
-                memory.close()
+            self._close_memories()
+
+    def _close_memories(self) -> None:
+        with self._closing:
+            if not self._closed:
+                self._closed = True
+                for memory in self.memories.values():
+                    memory.close()
+
+    def _leave(self, grace_s: float) -> None:
+        log.warning("calls still open %.0f s after the stop signal: closing the memories and leaving", grace_s)
+        self._close_memories()
+        os._exit(0)
 
 
 def _small_result_batch(res, column_of: dict) -> pa.RecordBatch:

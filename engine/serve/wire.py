@@ -68,6 +68,9 @@ def fields(cmd: dict, what: str, allowed: dict) -> dict:
 
 
 QUERY_META = b"engine.query"  # the schema metadata key of a small query's result
+# a session's answers (DoExchange {"op": "session"}): the first byte says which
+SESSION_ANSWER = b"R"  # then the small query's result, an Arrow IPC stream
+SESSION_ERROR = b"E"  # then the error's JSON (as a FlightServerError's extra_info)
 
 
 def small_query(header: dict, queries: np.ndarray) -> bytes:
