@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import threading
 import time
+import weakref
 
 import numpy as np
 import pyarrow as pa
@@ -257,23 +258,16 @@ class Client:
                 session.close()
                 raise errors.ServerUnavailableError("this client is closed")
             self._sessions = [s for s in self._sessions if not s.closed] + [session]
-            if self._reaper is None:
-                self._reaper = threading.Thread(target=self._reap, name="engine-client-reaper", daemon=True)
+            if self._reaper is None:  # holds the client weakly: a client dropped unclosed is still collected
+                self._reaper = threading.Thread(target=_reap, args=(weakref.ref(self), self._closed),
+                                                name="engine-client-reaper", daemon=True)
                 self._reaper.start()
         return session
 
-    def _reap(self) -> None:
-        """Close sessions unused for SESSION_IDLE_S (an idle client must not hold a server open)."""
-        while not self._closed.wait(SESSION_IDLE_S / 4):
-            now = time.monotonic()
-            with self._sessions_lock:
-                sessions = list(self._sessions)
-            for session in sessions:
-                if not session.closed and now - session.used > SESSION_IDLE_S and session.lock.acquire(blocking=False):
-                    try:
-                        session.close()
-                    finally:
-                        session.lock.release()
+    def _idle_sessions(self) -> list:
+        now = time.monotonic()
+        with self._sessions_lock:
+            return [s for s in self._sessions if not s.closed and now - s.used > SESSION_IDLE_S]
 
     def close(self) -> None:
         self._closed.set()
@@ -295,6 +289,24 @@ class Client:
         with _errors():
             results = list(self._flight.do_action(fl.Action(kind, body), self._options))
         return json.loads(results[0].body.to_pybytes())
+
+
+def _reap(client_ref, closed: threading.Event) -> None:
+    """Close a client's sessions unused for SESSION_IDLE_S (an idle client must not hold a
+    server open); ends with the client (closed, or collected)."""
+    while not closed.wait(SESSION_IDLE_S / 4):
+        client = client_ref()
+        if client is None:
+            return
+        idle = client._idle_sessions()  # noqa: SLF001 - the reaper is the client's own
+        del client
+        for session in idle:
+            if session.lock.acquire(blocking=False):
+                try:
+                    if time.monotonic() - session.used > SESSION_IDLE_S:  # still idle, now that it is held
+                        session.close()
+                finally:
+                    session.lock.release()
 
 
 class _Session:
