@@ -123,14 +123,14 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["lever"], r["background"]) for r in rows})
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.4 * len(groups)), 3.6))
+    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(groups)), 3.8))
     for i, (lever, background) in enumerate(groups):
         acc = [100 * r["val_within_20way"] for r in rows if (r["lever"], r["background"]) == (lever, background)]
         ax.scatter([i] * len(acc), acc, color="tab:blue", zorder=3)
         ax.hlines(np.mean(acc), i - 0.25, i + 0.25, color="tab:red", zorder=2)
-    ax.set_xticks(range(len(groups)), [f"{lever}\n{background}" for lever, background in groups])
+    ax.set_xticks(range(len(groups)), [f"{lever.replace('+', chr(10) + '+')}\n{background}" for lever, background in groups])
     ax.set_ylabel("within-alphabet 20-way 1-shot (%)")
-    ax.set_title("validation accuracy: one point a seed, the mean in red")
+    ax.set_title("one point a seed (or an ensemble), the mean in red", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
