@@ -558,6 +558,16 @@ def test_a_client_without_a_server_or_with_a_wrong_token_gets_engine_errors(serv
     with pytest.raises(engine.AuthenticationError, match="token") as exc:
         client(server, token="wrong").add(x[:1], [1])
     assert isinstance(exc.value, fl.FlightUnauthenticatedError) and "grpc" not in str(exc.value).lower()
+    closed = MemoryServer({"m": Memory(16, index="Flat")}, "grpc://127.0.0.1:0", token=TOKEN)  # reads need it
+    try:  # a single query goes on a stream: its errors are the same engine errors
+        for who, kind in ((Client(f"grpc://127.0.0.1:{port}", "m"), engine.ServerUnavailableError),
+                          (client(closed, token="wrong"), engine.AuthenticationError)):
+            with pytest.raises(kind) as exc:
+                who.query(q[0], k=3)
+            assert "\n" not in str(exc.value) and "grpc" not in str(exc.value).lower()
+            who.close()
+    finally:
+        closed.shutdown()
 
 
 def test_malformed_query_actions_are_refused_and_change_nothing(served, data):

@@ -236,7 +236,8 @@ class Client:
                 except (fl.FlightError, pa.ArrowException, OSError):
                     session.close()
                     if attempt:
-                        raise
+                        with _errors():  # as the engine error it is (no server, a wrong token, ...)
+                            raise
                     continue
             answer = chunk.app_metadata
             if answer is None or len(answer) == 0:
@@ -357,6 +358,7 @@ class _errors:
                             "been applied)") from None
         if isinstance(exc, fl.FlightUnavailableError):
             first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            first = first.split(". gRPC client debug")[0]  # the transport's own debug text says no more
             raise _Unavailable(f"no answer from the server: {first[:200]}") from None
         if exc is None or not isinstance(exc, fl.FlightServerError) or not exc.extra_info:
             return False
