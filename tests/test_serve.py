@@ -648,3 +648,86 @@ def test_small_queries_share_one_stream_a_refused_one_keeps_it_and_an_idle_clien
     assert not stopper.is_alive() and time.monotonic() - t0 < 10  # `idle` was never closed
     with pytest.raises(engine.ServerUnavailableError):
         idle.query(q[0], k=5)  # its stream is gone and the server too: a clean engine error
+
+
+def test_a_stopping_server_ends_busy_sessions_and_an_older_server_gets_actions(data):
+    """A client querying without pause does not hold a stopping server (its session ends
+    after the answer in flight; then it gets a clean engine error); a server that refuses
+    sessions (an older one) is asked by actions, with the same answers."""
+    import time
+
+    x, y, q = data
+    mem = Memory(16, index="Flat", temperature=0.2)
+    mem.add(x, y)
+    server = MemoryServer({"m": mem}, "grpc://127.0.0.1:0", open_reads=True)
+    busy = Client(f"grpc://127.0.0.1:{server.port}", "m")
+    outcome: list = []
+
+    def hammer():
+        try:
+            while True:
+                busy.query(q[len(outcome) % len(q)], k=3)
+        except engine.ServerUnavailableError as exc:
+            outcome.append(exc)
+
+    worker = threading.Thread(target=hammer)
+    worker.start()
+    time.sleep(0.3)
+    stopper = threading.Thread(target=server.shutdown)
+    t0 = time.monotonic()
+    stopper.start()
+    stopper.join(10)
+    worker.join(10)
+    assert not stopper.is_alive() and time.monotonic() - t0 < 5 and outcome, "the server waited on a busy session"
+    busy.close()
+
+    class Older(MemoryServer):  # a server from before sessions: it refuses the stream
+        def do_exchange(self, context, descriptor, reader, writer):
+            if b"session" in (descriptor.command or b""):
+                raise fl.FlightServerError("malformed descriptor: 'memory' is required")
+            return super().do_exchange(context, descriptor, reader, writer)
+
+    older = Older({"m": mem}, "grpc://127.0.0.1:0", open_reads=True)
+    try:
+        with Client(f"grpc://127.0.0.1:{older.port}", "m") as c:
+            for i in range(3):
+                np.testing.assert_array_equal(c.query(q[i], k=4).ids, mem.query(q[i].astype(np.float32), k=4).ids)
+    finally:
+        older.shutdown()
+
+
+def test_engine_serve_stops_on_sigterm_while_a_client_queries(tmp_path, data):
+    x, y, q = data
+    mem = Memory(16, index="Flat", path=tmp_path / "m")
+    mem.add(x, y)
+    mem.close()
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--memory", f"m={tmp_path / 'm'}",
+                             "--port", "0", "--open-reads"], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        line = proc.stdout.readline()
+        location = line.split(" on ")[1].strip()
+        c = Client(location, "m")
+        stop = threading.Event()
+
+        def hammer():
+            while not stop.is_set():
+                try:
+                    c.query(q[0], k=3)
+                except engine.ServerUnavailableError:
+                    return
+
+        worker = threading.Thread(target=hammer)
+        worker.start()
+        import time
+
+        time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0  # it does not wait on the busy session
+        stop.set()
+        worker.join(10)
+        c.close()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    with Memory.open(tmp_path / "m") as again:  # closed cleanly: its lock released
+        assert len(again) == len(x)

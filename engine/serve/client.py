@@ -154,9 +154,8 @@ class Client:
         header = {"memory": self.memory, "k": k, "tail": tail, "classes_token": known[0] if known else None,
                   **({} if probs is None else {"probs": probs})}
         message = wire.small_query(header, q)
-        if self._use_sessions:
-            body = self._session_round_trip(message)
-        else:
+        body = self._session_round_trip(message) if self._use_sessions else None
+        if body is None:  # no sessions (a timeout, or a server that does not speak them): an action
             with _errors():
                 body = list(self._flight.do_action(fl.Action("query", message), self._options))[0].body
         reader = pa.ipc.open_stream(body)
@@ -218,10 +217,10 @@ class Client:
         return True
 
     # -- sessions --------------------------------------------------------------------------
-    def _session_round_trip(self, message: bytes) -> pa.Buffer:
+    def _session_round_trip(self, message: bytes) -> pa.Buffer | None:
         """One small query over this thread's session (opened when it has none, or when the
         one it had was closed by the server, a restart or the idle reaper: a query is safe to
-        send again)."""
+        send again). None if the server does not speak sessions (the caller sends an action)."""
         for attempt in (0, 1):
             session = getattr(self._local, "session", None)
             if session is None or session.closed:
@@ -233,20 +232,20 @@ class Client:
                     session.writer.write_metadata(pa.py_buffer(message))
                     chunk = session.reader.read_chunk()
                     session.used = time.monotonic()
-                except (fl.FlightError, pa.ArrowException, OSError):
+                except fl.FlightServerError:  # the server refused the stream itself: an older server
+                    session.close()
+                    self._use_sessions = False
+                    return None
+                except (fl.FlightError, pa.ArrowException, StopIteration):  # the stream ended: once more
                     session.close()
                     if attempt:
                         with _errors():  # as the engine error it is (no server, a wrong token, ...)
                             raise
                     continue
-            answer = chunk.app_metadata
-            if answer is None or len(answer) == 0:
-                raise errors.EngineError("the server sent an empty answer on the query stream")
-            if answer[:1].to_pybytes() == wire.SESSION_ERROR:
-                info = answer[1:].to_pybytes()
-                with _errors():
-                    raise fl.FlightServerError(json.loads(info).get("message", "query refused"), extra_info=info)
-            return answer[1:]
+                except BaseException:  # interrupted between sending and reading: its answer is unread
+                    session.close()
+                    raise
+            return _session_answer(chunk.app_metadata)
         raise errors.ServerUnavailableError("the query stream kept closing")  # pragma: no cover
 
     def _open_session(self) -> "_Session":
@@ -265,10 +264,16 @@ class Client:
                 self._reaper.start()
         return session
 
-    def _idle_sessions(self) -> list:
+    def _idle_sessions(self) -> list | None:
+        """The open sessions unused for SESSION_IDLE_S; None when none is open (the reaper then
+        ends: the next session starts another)."""
         now = time.monotonic()
         with self._sessions_lock:
-            return [s for s in self._sessions if not s.closed and now - s.used > SESSION_IDLE_S]
+            self._sessions = [s for s in self._sessions if not s.closed]
+            if not self._sessions:
+                self._reaper = None
+                return None
+            return [s for s in self._sessions if now - s.used > SESSION_IDLE_S]
 
     def close(self) -> None:
         self._closed.set()
@@ -301,6 +306,8 @@ def _reap(client_ref, closed: threading.Event) -> None:
             return
         idle = client._idle_sessions()  # noqa: SLF001 - the reaper is the client's own
         del client
+        if idle is None:
+            return
         for session in idle:
             if session.lock.acquire(blocking=False):
                 try:
@@ -320,15 +327,34 @@ class _Session:
         self.closed = False
 
     def close(self) -> None:
-        """End the stream (the caller holds the lock, or no other thread can use it)."""
+        """End the stream at once (the caller holds the lock, or no other thread can use it):
+        cancelled, so a server that stopped answering cannot hold the caller."""
         if self.closed:
             return
         self.closed = True
         try:
-            self.writer.done_writing()
+            self.reader.cancel()
             self.writer.close()
         except (fl.FlightError, pa.ArrowException, OSError):
-            pass  # the server or the connection is gone already
+            pass  # cancelled, or the server or the connection is gone already
+
+
+def _session_answer(answer) -> pa.Buffer:
+    """A session message's result, or the engine error it carries."""
+    if answer is None or len(answer) == 0:
+        raise errors.EngineError("the server sent an empty answer on the query stream")
+    kind, rest = answer[:1].to_pybytes(), answer[1:]
+    if kind == wire.SESSION_ANSWER:
+        return rest
+    if kind != wire.SESSION_ERROR:
+        raise errors.EngineError(f"the server sent an answer of unknown kind {kind!r} on the query stream")
+    info = rest.to_pybytes()
+    try:
+        message = json.loads(info).get("message", "query refused")
+    except (ValueError, AttributeError):
+        raise errors.EngineError("the server sent an unreadable error on the query stream") from None
+    with _errors():
+        raise fl.FlightServerError(message, extra_info=info)
 
 
 class _Unauthenticated(errors.AuthenticationError, fl.FlightUnauthenticatedError):

@@ -129,6 +129,7 @@ class MemoryServer(fl.FlightServerBase):
         self._classes_lock = threading.Lock()
         self._closing = threading.Lock()
         self._closed = False
+        self._stopping = threading.Event()
         self._class_lists: dict[str, tuple] = {}
         # class-list tokens start at a random point: a client never takes another server's list for its own
         self._tokens = itertools.count(secrets.randbits(52))
@@ -322,6 +323,8 @@ class MemoryServer(fl.FlightServerBase):
         self._answered(lambda: wire.fields(wire.parse_command(descriptor.command, "descriptor"), "descriptor",
                                            _SESSION))
         for chunk in reader:
+            if self._stopping.is_set():  # ends the stream unanswered: the client opens another and is refused
+                return
             if chunk.app_metadata is None:
                 continue
             stages: dict = {}
@@ -332,6 +335,8 @@ class MemoryServer(fl.FlightServerBase):
                 writer.write_metadata(pa.py_buffer(wire.SESSION_ERROR + (exc.extra_info or b"{}")))
                 continue
             writer.write_metadata(pa.py_buffer(wire.SESSION_ANSWER + out.to_pybytes()))
+            if self._stopping.is_set():  # a stopping server ends each session after the answer in flight
+                return
 
     def _small_query(self, action) -> list:
         """A query in one message each way (see :mod:`engine.serve.wire`): the path of small
@@ -381,22 +386,29 @@ class MemoryServer(fl.FlightServerBase):
         return cached[1], cached[2], cached[3]
 
     # -- lifecycle -----------------------------------------------------------------------
-    def serve_until_signalled(self, grace_s: float = 10.0) -> None:
-        """Serve until SIGTERM or SIGINT; in-flight calls finish, then every memory is closed.
-        A session a client keeps open without using it ends when the client closes it (its
-        idle streams close within a second); if one is still open after ``grace_s`` (a
-        stopped client), the memories are closed and the process exits anyway: every write
-        acknowledged is on disk already."""
-        def stop(*_):
-            threading.Thread(target=self.shutdown, daemon=True).start()
-            timer = threading.Timer(grace_s, self._leave, args=(grace_s,))
-            timer.daemon = True
-            timer.start()
+    def shutdown(self) -> None:
+        """Stop: no new calls; calls in flight finish, and each query session ends after the
+        answer it is writing (an idle one when its client closes it, within a second)."""
+        self._stopping.set()
+        super().shutdown()
 
-        signal.signal(signal.SIGTERM, stop)
-        signal.signal(signal.SIGINT, stop)
+    def serve_until_signalled(self, grace_s: float = 10.0) -> None:
+        """Serve until SIGTERM or SIGINT, then stop (see :meth:`shutdown`) and close every
+        memory. If calls are still open after ``grace_s`` (a stopped client holding a stream),
+        the memories are closed and the process exits anyway: every write acknowledged is on
+        disk already. The server listens from its construction; this thread only waits, so
+        the signal handlers run here (Flight's own serve() would stop with no deadline)."""
+        stop = threading.Event()
+        signal.signal(signal.SIGTERM, lambda *_: stop.set())
+        signal.signal(signal.SIGINT, lambda *_: stop.set())
         try:
-            self.serve()
+            while not stop.wait(0.5):
+                pass
+            stopping = threading.Thread(target=self.shutdown, daemon=True)
+            stopping.start()
+            stopping.join(grace_s)
+            if stopping.is_alive():
+                self._leave(grace_s)
         finally:
             self._close_memories()
 
