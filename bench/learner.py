@@ -1,7 +1,7 @@
 """The Omniglot learner measured as the field does: both minimal background sets, several seeds.
 
-    python bench/learner.py --out runs/bench                          # the recipe: small1 and small2, seeds 0 and 1
-    python bench/learner.py --levers recipe wide --seeds 0 1 2        # levers side by side, each over the seeds
+    python bench/learner.py --out runs/bench                          # the recipe: small1 and small2, seeds 0 1 2
+    python bench/learner.py --levers recipe wide --seeds 0 1          # levers side by side, each over the seeds
     python bench/learner.py --runs path/to/all_runs.zip               # also the official 20 runs, where a user has them
 
 For each lever, background set (``images_background_small1`` / ``_small2``) and seed, a
@@ -17,15 +17,17 @@ test-time views on:
   the 20 runs of ``all_runs.zip``).
 
 A lever is judged on the mean over seeds and sets, never on one run: the table gives each
-(lever, set)'s mean and its spread (max - min) over seeds. With two seeds or more, the
-seeds' models are also scored as one ensemble (``engine.nn.ensemble``: the mean of their
-logits), a lever that costs no training beyond the seeds'. Writes learner.json,
+(lever, set)'s mean and its spread (max - min) over seeds. With two seeds or more, every
+group of two or more of the seeds' models is also scored as one ensemble
+(``engine.nn.ensemble``: the mean of their logits), a lever that costs no training beyond
+the seeds'; a group size's mean is over its groups. Writes learner.json,
 learner.md and learner.png (validation accuracy per lever and set, one point a seed).
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import time
 from pathlib import Path
@@ -95,9 +97,9 @@ def run_ensemble(lever: str, background: str, seeds: list[int], data, out: Path,
 
     cfg = _config(lever, background, seeds[0], data, episodes, eval_episodes, pretrain_epochs)
     model = ensemble([load_checkpoint(out / lever / background / f"seed{s}") for s in seeds])
-    return {"lever": f"{lever}+ensemble", "what": f"{LEVERS[lever][0]}, {len(seeds)} seeds as one ensemble",
-            "background": background, "seed": -1, "episodes": episodes, "views": cfg.views, "train_s": 0.0,
-            **score(model, cfg, data, eval_episodes, runs)}
+    return {"lever": f"{lever}+ensemble{len(seeds)}", "what": f"{LEVERS[lever][0]}, {len(seeds)} seeds as one ensemble",
+            "background": background, "seed": -1, "members": list(seeds), "episodes": episodes, "views": cfg.views,
+            "train_s": 0.0, **score(model, cfg, data, eval_episodes, runs)}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -138,7 +140,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def _say(r: dict) -> None:
-    who = "ensemble" if r["seed"] < 0 else f"seed {r['seed']}"
+    who = f"ensemble of seeds {r['members']}" if r["seed"] < 0 else f"seed {r['seed']}"
     print(f"{r['lever']:8s} {r['background']} {who}: {100 * r['val_within_20way']:.2f}% ± "
           f"{100 * r['val_ci95']:.2f}, run01 error {100 * r['run01_error']:.0f}%"
           + (f", runs error {100 * r['runs_error']:.2f}%" if "runs_error" in r else "")
@@ -149,7 +151,7 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--levers", nargs="+", choices=list(LEVERS), default=["recipe"])
     ap.add_argument("--backgrounds", nargs="+", choices=["small1", "small2"], default=["small1", "small2"])
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--data", type=Path, default=None, help="datasets folder (default: $ENGINE_DATA or ../shared/data)")
     ap.add_argument("--runs", type=Path, default=None, help="official runs to score too (a folder of runNN or all_runs.zip)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
@@ -166,10 +168,11 @@ def main(argv=None) -> dict:
                             args.eval_episodes, args.pretrain_epochs, args.runs)
                 rows.append(r)
                 _say(r)
-            if len(args.seeds) > 1:
-                rows.append(run_ensemble(lever, background, args.seeds, args.data, args.out / "learner",
-                                         args.episodes, args.eval_episodes, args.pretrain_epochs, args.runs))
-                _say(rows[-1])
+            for size in range(2, len(args.seeds) + 1):  # every ensemble of the seeds' models
+                for members in itertools.combinations(args.seeds, size):
+                    rows.append(run_ensemble(lever, background, list(members), args.data, args.out / "learner",
+                                             args.episodes, args.eval_episodes, args.pretrain_epochs, args.runs))
+                    _say(rows[-1])
     summary = summarise(rows)
     doc = {"episodes": args.episodes, "eval_episodes": args.eval_episodes, "results": rows, "summary": summary}
     (args.out / "learner.json").write_text(json.dumps(doc, indent=2))
@@ -177,7 +180,8 @@ def main(argv=None) -> dict:
              f"run01 error, mean |" + (" official runs error, mean |" if args.runs else ""),
              "|---|---|---:|---:|---:|" + ("---:|" if args.runs else "")]
     for s in summary:
-        what = LEVERS[s["lever"].split("+")[0]][0] + (", seeds as one ensemble" if "+" in s["lever"] else "")
+        base, _, size = s["lever"].partition("+ensemble")
+        what = LEVERS[base][0] + (f", {size} seeds as one ensemble" if size else "")
         lines.append(f"| {what} | {s['background']} | {s['models']} | {100 * s['val_mean']:.2f}% "
                      f"({100 * s['val_spread']:.2f}) | {100 * s['run01_error_mean']:.1f}% |"
                      + (f" {100 * s['runs_error_mean']:.2f}% |" if "runs_error_mean" in s else ""))
