@@ -259,10 +259,7 @@ def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size:
 
 def _ingest(memory, ds, files, embedded, checkpoint, image_size, batch_size, replicas, progress, t0) -> IngestReport:
     """Embed (if rows carry images) and write the rows of ``ds``, read from ``files``, in order."""
-    import time
-
     import ray
-    from tqdm import tqdm
 
     total = sum(rows for _, rows in files)  # from the Parquet metadata: nothing is embedded twice
     if embedded:
@@ -274,6 +271,20 @@ def _ingest(memory, ds, files, embedded, checkpoint, image_size, batch_size, rep
                             batch_format="numpy", compute=pool, num_cpus=0.25)
     written = 0
     batches = iter(ds.iter_batches(batch_size=batch_size, batch_format="numpy"))
+    try:
+        return _write_batches(memory, batches, files, total, embedded, progress, written, t0)
+    finally:  # an error stops the reading early: ended here, while Ray is up (not by the collector at exit)
+        close = getattr(batches, "close", None)
+        if close is not None:
+            close()
+
+
+def _write_batches(memory, batches, files, total, embedded, progress, written, t0) -> IngestReport:
+    """Write each batch read into ``memory``, with one progress bar; an error names its rows."""
+    import time
+
+    from tqdm import tqdm
+
     with tqdm(total=total, desc="ingest", unit="slot", disable=not progress) as bar:
         while True:
             try:
