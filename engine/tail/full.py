@@ -120,12 +120,13 @@ def _dense(state, q, k, inv_t, n_classes, columns) -> FullAnswer:
     mass = np.zeros((len(q), n_classes))
     row_columns = np.where(table.alive, columns[table.label_idx], -1)
     weights = np.ascontiguousarray(table.weights, np.float64)
+    q_sq_wide = None if q_sq is None else q_sq.astype(wide)[:, None]
     for lo in range(0, table.n_rows, DENSE_CHUNK):
         hi = min(table.n_rows, lo + DENSE_CHUNK)
         v = state.vectors(np.arange(lo, hi)).astype(wide)
         scored = qd @ v.T
-        if q_sq is not None:
-            scored -= q_sq.astype(wide)[:, None]
+        if q_sq_wide is not None:
+            scored -= q_sq_wide
         kernels.add_dense(scored, row_columns[lo:hi], weights[lo:hi], inv_t, log_shift, mass)
     z = mass.sum(axis=1)
     att = _top_attention(table, s64, rows, valid, inv_t, log_shift, z)
