@@ -1,7 +1,13 @@
 """engine: a scalable memory-retrieval engine for Matching Networks.
 
-The public API, re-exported by name.
+The public API, re-exported by name. ``Client`` (Arrow Flight), ``ShardedMemory`` (Ray) and
+``MatchingNetwork`` (torch) are imported on first use, so ``import engine`` loads none of them.
 """
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .errors import (
     AuthenticationError,
@@ -13,6 +19,7 @@ from .errors import (
     FormatVersionError,
     InvalidValueError,
     MemoryExistsError,
+    MemoryNotFoundError,
     MemoryFailedError,
     MemoryLockedError,
     MissingExtraError,
@@ -26,8 +33,19 @@ from .errors import (
 )
 from .index import BareSearch, SearchSettings
 from .memory import Memory
+from .options import MemoryOptions, ShardRole
 from .results import CompactionReport, MemoryStats, QueryResult, Slots
-from .serve.client import Client
+
+_LAZY = {"Client": "engine.serve.client", "ShardedMemory": "engine.cluster", "MatchingNetwork": "engine.nn"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
 
 __all__ = [
     "AuthenticationError",
@@ -41,13 +59,18 @@ __all__ = [
     "EngineError",
     "FormatVersionError",
     "InvalidValueError",
+    "MatchingNetwork",
     "Memory",
+    "MemoryOptions",
     "MemoryExistsError",
+    "MemoryNotFoundError",
     "MemoryFailedError",
     "MemoryLockedError",
     "MemoryStats",
     "QueryResult",
     "SearchSettings",
+    "ShardRole",
+    "ShardedMemory",
     "MissingExtraError",
     "ServerBusyError",
     "ServerUnavailableError",

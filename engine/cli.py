@@ -18,6 +18,7 @@ from .errors import EngineError, UnknownLabelError
 from .extras import EXTRA_OF, missing
 from .io import read_batch
 from .memory import Memory
+from .options import help_text
 
 app = typer.Typer(help="engine: a memory-retrieval engine for Matching Networks.", no_args_is_help=True)
 memory_app = typer.Typer(help="Create, fill, query and inspect durable memories.", no_args_is_help=True)
@@ -77,20 +78,16 @@ def _guard(fn, name: str = ""):
 def create(
     path: Path = PathArg,
     dim: int = typer.Option(..., help="Embedding dimension."),
-    metric: str = typer.Option("cosine", help="cosine, ip or l2 (negative squared distance)."),
-    index: str = typer.Option("auto", help="auto or a FAISS factory string (Flat, HNSW32, IVF1024,Flat, ...)."),
-    temperature: str = typer.Option("auto", help='Attention temperature: a number, or "auto" (chosen by the '
-                                    "memory on its own slots, leave-one-out, as it grows)."),
-    probs: str = typer.Option("top-k", help="What answers' probabilities are: 'top-k' (renormalised over the "
-                              "top-k) or 'full' (attention over every slot, the unscored rest estimated)."),
-    budget: Optional[str] = typer.Option(None, help="Keep the memory within this many slots (or bytes: 64MB), "
-                                         "compacting once an add passes it."),
-    policy: str = typer.Option("merge", help="Compaction policy under a budget: merge, reservoir, age, distill."),
-    nprobe: Optional[int] = typer.Option(None, help="IVF lists a query visits, fixed (default: calibrated)."),
-    ef_search: Optional[int] = typer.Option(None, help="HNSW search breadth, fixed (default: calibrated)."),
-    recall: Optional[float] = typer.Option(None, help="Calibrate the breadth for this recall@64 instead of the "
-                                           "answer."),
-    track_usage: Optional[bool] = typer.Option(None, help="Keep each slot's last use (the age policy needs it)."),
+    metric: str = typer.Option("cosine", help=help_text("metric")),
+    index: str = typer.Option("auto", help=help_text("index")),
+    temperature: str = typer.Option("auto", help=help_text("temperature")),
+    probs: str = typer.Option("top-k", help=help_text("probs")),
+    budget: Optional[str] = typer.Option(None, help=help_text("budget")),
+    policy: str = typer.Option("merge", help=help_text("policy")),
+    nprobe: Optional[int] = typer.Option(None, help=help_text("nprobe")),
+    ef_search: Optional[int] = typer.Option(None, help=help_text("ef_search")),
+    recall: Optional[float] = typer.Option(None, help=help_text("recall")),
+    track_usage: Optional[bool] = typer.Option(None, help=help_text("track_usage")),
 ) -> None:
     """Create an empty durable memory."""
     try:

@@ -36,7 +36,7 @@ from .errors import InvalidValueError
 from .metric import Metric
 from .slots import SlotTable
 
-POLICIES = ("merge", "reservoir", "age", "distill")
+from .options import POLICIES, parse_budget  # noqa: F401 - the policies; budgets read in slots
 
 
 @dataclass
@@ -443,21 +443,3 @@ def shrink(live: SlotTable, vectors: np.ndarray, *, budget: int | None, policy: 
         note = out.kept
     table.class_counts = np.pad(table.class_counts, (0, max(0, len(live.class_counts) - len(table.class_counts))))
     return table, vectors, note
-
-
-def parse_budget(budget, bytes_per_slot: float) -> int:
-    """A budget in slots: an int as is, bytes ("64MB", "2GB", "500000B") over the bytes a slot takes.
-
-    Raises:
-        InvalidValueError: not a positive int or a size string.
-    """
-    if isinstance(budget, (int, np.integer)) and not isinstance(budget, (bool, np.bool_)):
-        if budget < 1:
-            raise InvalidValueError(f"budget must be at least 1 slot, got {budget}")
-        return int(budget)
-    if isinstance(budget, str):
-        m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([KMG]?B)\s*", budget.upper())
-        if m:
-            nbytes = float(m.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[m.group(2)]
-            return max(1, int(nbytes // bytes_per_slot))
-    raise InvalidValueError(f"budget must be a number of slots or bytes such as '64MB', got {budget!r}")

@@ -69,6 +69,10 @@ class FormatVersionError(CorruptFileError):
     """A memory directory written by an engine format this version cannot read."""
 
 
+class MemoryNotFoundError(EngineError, FileNotFoundError):
+    """No memory at the path given (no manifest, or no sharded memory's root file)."""
+
+
 class MemoryExistsError(EngineError, FileExistsError):
     """Creating a durable memory in a directory that already holds one."""
 

@@ -26,11 +26,12 @@ its centre (Sterbenz) and for every coordinate the centre leaves at 0.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 
-METRICS = ("cosine", "ip", "l2")
+from .options import METRICS  # noqa: E402,F401 - the metrics a memory takes
 # a coordinate is centred when its mean is this many standard deviations from 0
 OFFSET = 4.0
 
@@ -88,6 +89,19 @@ class Metric:
             return v
         return np.ascontiguousarray(np.hstack([2 * v[:, :-1], -np.ones((len(v), 1), np.float32)]),
                                     dtype=np.float32)
+
+    def replayed(self, writes):
+        """Replayed writes (drop, columns) with their vectors as the index holds them."""
+        for drop, cols in writes:
+            if cols is not None and cols.vectors is not None and self.lifted:
+                cols = dataclasses.replace(cols, vectors=self.slots(cols.vectors))
+            yield drop, cols
+
+    def persisted(self, cols):
+        """Snapshot columns with the vectors as the caller wrote them."""
+        if cols.vectors is None or not self.lifted:
+            return cols
+        return dataclasses.replace(cols, vectors=self.stored(cols.vectors))
 
     def as_setting(self):
         """The centre as the manifest keeps it (a list of floats, or None)."""

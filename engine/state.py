@@ -13,12 +13,11 @@ import threading
 
 import numpy as np
 
-from . import checks
-from .checks import INT64_MAX
 from .codec import Columns
-from .errors import DuplicateIdError, InvalidValueError, UnknownIdError
+from .ids import known
 from .index import VectorIndex
 from .labels import Vocabulary
+from .results import MemoryStats
 from .slots import SlotTable
 from .tail import Cells
 
@@ -98,30 +97,8 @@ class State:
     def rows_or_raise(self, ids: np.ndarray) -> np.ndarray:
         """Row of each id; UnknownIdError listing the ids that are not live."""
         rows = self.table.rows_of(ids)
-        if (rows < 0).any():
-            unknown = ids[rows < 0].tolist()
-            raise UnknownIdError(f"unknown ids: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}", unknown)
+        known(ids, rows >= 0)
         return rows
-
-    def new_ids(self, ids, n: int, *, upsert: bool, next_id: int, space: tuple[int, int] = (0, 1)) -> np.ndarray:
-        """The ids of n new slots: checked ones given by the caller, or fresh ones from ``next_id``.
-
-        Raises:
-            InvalidValueError, DuplicateIdError: bad, repeated or (without ``upsert``) existing ids.
-        """
-        if ids is None:
-            return self.fresh_ids(n, next_id, space=space)[0]
-        ids = checks.ids(ids)
-        if len(ids) != n:
-            raise InvalidValueError(f"{n} vectors but {len(ids)} ids")
-        if len(np.unique(ids)) != n:
-            raise DuplicateIdError("ids repeat within the batch")
-        if not upsert:
-            existing = ids[self.table.rows_of(ids) >= 0]
-            if len(existing):
-                raise DuplicateIdError(f"ids already in the memory (pass upsert=True to replace): "
-                                       f"{existing[:10].tolist()}{' ...' if len(existing) > 10 else ''}")
-        return ids
 
     def columns(self, vocab: Vocabulary, rows: np.ndarray | None = None) -> Columns:
         """Rows (default: every live row) as persistence columns."""
@@ -243,24 +220,32 @@ class State:
         t = self.table
         return self.index.calibrated(t.label_idx, t.weights)
 
-    def fresh_ids(self, n: int, start: int, taken: np.ndarray | None = None,
-                  space: tuple[int, int] = (0, 1)) -> tuple[np.ndarray, int]:
-        """n ids no live slot (and nothing in ``taken``) has, and the next id after them.
+    def upkeep_breadth(self) -> "State | None":
+        """Measure the search breadth again of an index that grew in place (HNSW) 4x, whose
+        answer was measured at a temperature the memory has since softened past, or whose new
+        slots (once half as many as it was measured on are written) no longer get the answer or
+        recall it was measured for. Returns a state to swap in when the IVF lists, fit to other
+        data, are trained again (built aside); else None (a new calibration is installed as one
+        reference: readers see the old or the new)."""
+        index = self.index
+        if index.stale_calibration():
+            index.calibration = self.calibrated()
+        elif index.drift_due():
+            check = self.check_drift()
+            if check is not None and check.drifted and index.trained_on and not index.codes_only:
+                return self.rebuilt()
+            if check is not None and check.drifted:
+                index.calibration = self.calibrated()
+        return None
 
-        Ids are drawn from ``space`` = (offset, stride): ids ``i`` with ``i % stride == offset``
-        (a shard of a sharded memory owns one such class). Counts up from ``start``; once
-        that would pass the int64 limit (a caller wrote ids near it), takes the lowest free
-        ids of the space instead.
-        """
-        offset, stride = space
-        first = start + (offset - start) % stride
-        last = first + stride * (n - 1)
-        if last <= INT64_MAX:
-            return first + stride * np.arange(n, dtype=np.int64), last + 1
-        used = self.table.sorted_ids if taken is None else np.union1d(self.table.sorted_ids, taken)
-        used = used[used % stride == offset]
-        room = offset + stride * np.arange(len(used) + n, dtype=np.int64)
-        free = np.setdiff1d(room, used)[:n]
-        if len(free) < n:  # pragma: no cover - 2**63 live slots
-            raise InvalidValueError("no free ids left")
-        return free, start
+    def stats(self, dim: int, metric: str) -> MemoryStats:
+        """Slots, classes, the active index, and the bytes held for vectors, the index, ids and
+        (once built) the tail cells."""
+        t, index = self.table, self.index
+        nprobe, ef_search = index.breadth(64)
+        return MemoryStats(
+            slots=t.n_alive, classes=int((t.class_counts > 0).sum()), dim=dim, metric=metric,
+            index=index.active_spec, exact=index.exact, tombstones=t.n_dead,
+            bytes_vectors=t.nbytes_vectors, bytes_index=index.nbytes, bytes_ids=t.nbytes_ids,
+            nlist=index.nlist, lossy=index.lossy, trained_on=index.trained_on, nprobe=nprobe, ef_search=ef_search,
+            recall=index.calibration.recall if index.calibration is not None else None, bytes_tail=self.cells_nbytes)

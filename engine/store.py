@@ -51,6 +51,7 @@ from .errors import (
     MemoryExistsError,
     MemoryFailedError,
     MemoryLockedError,
+    MemoryNotFoundError,
     StorageError,
 )
 
@@ -148,7 +149,7 @@ class Store:
         """
         path = Path(path).absolute()
         if not (path / MANIFEST).is_file():
-            raise FileNotFoundError(f"no memory at {path}: {MANIFEST} is missing")
+            raise MemoryNotFoundError(f"no memory at {path}: {MANIFEST} is missing")
         if not lock:
             for attempt in range(5):
                 manifest = read_manifest(path)
@@ -287,6 +288,10 @@ class Store:
         if self._writer is None:
             raise MemoryFailedError(f"{self.path}: the memory is closed", None)
 
+    @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
     @contextlib.contextmanager
     def applying(self, what: str) -> Iterator[None]:
         """Around applying a write that is already durable: if applying it in memory fails, the
@@ -388,6 +393,11 @@ class Store:
         if self._dir_fd is not None:
             os.close(self._dir_fd)
             self._dir_fd = None
+
+
+def holds_memory(path: Path) -> bool:
+    """Whether ``path`` holds a memory (its manifest)."""
+    return (Path(path) / MANIFEST).exists()
 
 
 def _refuse_memory_files(path: Path) -> None:

@@ -66,6 +66,12 @@ class TemperatureReport:
             return None
 
 
+def due(last: TemperatureReport | None, slots: int) -> bool:
+    """Whether an "auto" memory of ``slots`` chooses its temperature again: never chosen yet,
+    or grown or shrunk 2x since ``last``."""
+    return last is None or not last.slots / 2 < slots < 2 * last.slots
+
+
 def calibrate(state, previous: float, *, metric=None, k: int = 64, sample: int = SAMPLE, seed: int = 0,
               grid: np.ndarray = GRID) -> TemperatureReport | None:
     """The temperature chosen on ``state``'s own slots (see the module), or None where there

@@ -190,13 +190,13 @@ def test_a_share_of_a_sharded_memory_searches_for_its_share_of_the_top_k():
     assert share_k(64, 1.0) == 64 and share_k(64, 0.5) == 40 and share_k(64, 0.25) == 23
     assert all(share_k(64, 1 / n) >= 64 / n for n in range(1, 65)) and share_k(1, 0.01) == 1
     x, y, _, _ = isotropic(40_000, 32, n_classes=400, seed=6, queries=10)
-    whole, part = Memory(32, index="auto", recall=0.98), Memory(32, index="auto", share=0.25)  # a share: recall
+    whole, part = Memory(32, index="auto", recall=0.98), Memory(32, index="auto", shard=engine.ShardRole(0, 4))  # a share: recall
     whole.add(x, y)
     part.add(x, y)
     assert part.stats().nprobe <= whole.stats().nprobe  # it needs to find fewer of each top-64
     for bad in (0, 1.5, True, "half", float("nan")):
         with pytest.raises(engine.InvalidValueError):
-            Memory(32, share=bad)
+            Memory(32, shard=engine.ShardRole(0, bad))
 
 
 @pytest.mark.parametrize("target", [0.5, 0.9, 0.99])
@@ -228,7 +228,7 @@ def test_a_shard_and_a_memory_of_one_class_calibrate_for_recall():
     """A shard's answer is the merge's, not its own, and one class answers alike at any
     breadth: both fall back to recall 0.98 rather than trusting a trivial agreement."""
     x, y = isotropic(20_000, 16, n_classes=100, seed=3)[:2]
-    shard = Memory(16, index="IVF64,Flat", share=0.5)
+    shard = Memory(16, index="IVF64,Flat", shard=engine.ShardRole(0, 2))
     shard.add(x, y)
     alone = Memory(16, index="IVF64,Flat")
     alone.add(x, np.zeros(len(x), np.int64))

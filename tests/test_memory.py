@@ -327,11 +327,11 @@ def test_k_covering_the_memory_returns_every_live_slot(rng, spec):
 
 
 def test_automatic_ids_stay_in_their_id_space(tmp_path):
-    """id_stride / id_offset: every automatic id, added or made by a merge, is offset mod stride."""
+    """A shard role (index 2 of 3): every automatic id, added or made by a merge, is 2 mod 3."""
     rng = np.random.default_rng(9)
     x = rng.standard_normal((600, 8)).astype(np.float32)
     y = rng.integers(0, 5, 600)
-    mem = Memory(8, id_stride=3, id_offset=2, path=tmp_path / "m")
+    mem = Memory(8, shard=engine.ShardRole(2, 3), path=tmp_path / "m")
     a = mem.add(x[:300], y[:300])
     mem.add(x[300:310], y[300:310], ids=np.arange(1000, 1010))  # explicit ids are the caller's
     b = mem.add(x[310:], y[310:])
@@ -344,9 +344,11 @@ def test_automatic_ids_stay_in_their_id_space(tmp_path):
     c = again.add(x[:5], y[:5])
     assert (c % 3 == 2).all() and c.min() > mem.ids().max()
     again.close()
-    for bad in ({"id_stride": 0}, {"id_offset": 3, "id_stride": 3}, {"id_offset": -1}, {"id_stride": 2.5}):
+    for index, count in ((0, 0), (3, 3), (-1, 2), (0, 2.5), (0, True)):
         with pytest.raises(engine.InvalidValueError):
-            Memory(8, **bad)
+            Memory(8, shard=engine.ShardRole(index, count))
+    with pytest.raises(engine.InvalidValueError):
+        Memory(8, shard=(2, 3))
 
 
 def test_engine_errors_pickle_whole():

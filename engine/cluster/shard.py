@@ -17,7 +17,8 @@ import numpy as np
 from ..errors import CorruptFileError
 from ..memory import Memory
 from ..results import CompactionReport, MemoryStats, Retrieved, Slots
-from ..store import MANIFEST
+from ..options import ShardRole
+from ..store import holds_memory
 
 
 SHARD_FILE = "shard.json"  # in each shard's directory: which sharded memory it belongs to, as which shard
@@ -29,14 +30,14 @@ class Shard:
     def __init__(self, path: str, index: int, count: int, dim: int, options: dict, create: bool = False):
         self.index, self.count = index, count
         path = Path(path)
-        if (path / MANIFEST).exists():
+        if holds_memory(path):
             self.mem = Memory.open(path)
         elif not create or not (path / SHARD_FILE).exists():
             # a reopened (or restarted) shard whose memory is gone is never made anew: its slots would be lost
             raise CorruptFileError(f"{path}: no memory in the shard's directory")
         else:  # fresh ids (added or merged) of this shard's class: id % count == index; a 1/count
             # share of the slots, so its search aims at its share of each query's top-k
-            self.mem = Memory(dim, path=path, id_stride=count, id_offset=index, share=1.0 / count, **options)
+            self.mem = Memory(dim, path=path, shard=ShardRole(index, count), **options)
 
     def add(self, vectors: np.ndarray, labels, ids: np.ndarray | None, weights: np.ndarray | None,
             upsert: bool) -> np.ndarray:

@@ -26,28 +26,25 @@ import numpy as np
 from .. import checks, compaction, fsio
 from ..errors import (
     CorruptFileError,
-    DuplicateIdError,
     EngineError,
     EmptyMemoryError,
     InvalidValueError,
     MemoryExistsError,
+    MemoryNotFoundError,
     ShardUnavailableError,
-    UnknownIdError,
     UnknownLabelError,
 )
 from ..labels import Vocabulary
-from ..metric import METRICS
+from .. import ids as slot_ids
+from ..options import SHARD_OPTIONS, MemoryOptions
 from ..results import CompactionReport, MemoryStats, QueryResult, Slots
-from ..store import MANIFEST
+from ..store import holds_memory
 from .merge import merge
 from .shard import SHARD_FILE, Shard
 
 ROOT_FILE = "sharded.json"
 FORMAT = "engine-sharded"
 FORMAT_VERSION = 1
-# Options a ShardedMemory passes to each shard's Memory (path and budget are its own).
-SHARD_OPTIONS = ("metric", "index", "temperature", "nprobe", "ef_search", "slack", "policy", "rescore", "recall",
-                 "track_usage")
 
 
 def _write_durably(directory: Path, name: str, doc: dict) -> None:
@@ -72,7 +69,7 @@ def _check_shards(root: Path, doc: dict) -> None:
     legacy = "memory_id" not in doc  # written before shards knew themselves: their manifests are checked
     for i, name in enumerate(expected):
         shard_dir = root / name
-        if not (shard_dir / MANIFEST).exists():
+        if not holds_memory(shard_dir):
             raise CorruptFileError(f"{shard_dir}: no memory in the shard's directory")
         if legacy:
             continue
@@ -153,17 +150,13 @@ class ShardedMemory:
         unknown = set(options) - set(SHARD_OPTIONS)
         if unknown:
             raise InvalidValueError(f"unknown options {sorted(unknown)}; a shard takes {SHARD_OPTIONS}")
-        if options.get("metric", "cosine") not in METRICS:
-            raise InvalidValueError(f"metric must be one of {METRICS}, got {options['metric']!r}")
         if "temperature" in options:  # shards share the driver's: a number (a shard choosing its own would not merge)
             options["temperature"] = checks.temperature(options["temperature"])
         if budget is not None:
             budget = checks.integer("budget", budget)
             if budget < n:
                 raise InvalidValueError(f"a budget of {budget} slots cannot be split over {n} shards")
-        from ..memory import Memory
-
-        Memory(self.dim, **options)  # every option checked here, before anything is written
+        MemoryOptions(**options).checked_for(self.dim)  # every option checked before anything is written
         root = Path(path)
         if not (root / ROOT_FILE).exists():  # a create that failed before its commit point: never written to
             for shard_dir in root.glob("shard-*"):
@@ -196,7 +189,7 @@ class ShardedMemory:
         root = Path(path)
         file = root / ROOT_FILE
         if not file.exists():
-            raise FileNotFoundError(f"no sharded memory at {root} (expected {ROOT_FILE})")
+            raise MemoryNotFoundError(f"no sharded memory at {root} (expected {ROOT_FILE})")
         try:
             doc = json.loads(file.read_text())
             ok = (doc.get("format") == FORMAT and doc.get("format_version") == FORMAT_VERSION
@@ -325,16 +318,7 @@ class ShardedMemory:
         values, kind = self._vocab.check(labels, n)
         w = checks.weights(weights, n)
         if ids is not None:
-            ids = checks.ids(ids)
-            if len(ids) != n:
-                raise InvalidValueError(f"{n} vectors but {len(ids)} ids")
-            if len(np.unique(ids)) != n:
-                raise DuplicateIdError("ids repeat within the batch")
-            if not upsert and n:
-                there = ids[self._where(ids)]
-                if len(there):
-                    raise DuplicateIdError(f"ids already in the memory (pass upsert=True to replace): "
-                                           f"{there[:10].tolist()}")
+            ids = slot_ids.given(ids, n, upsert=upsert, present=self._where)
         if n == 0:
             return np.empty(0, np.int64)
         labels_arr = np.array(values, dtype=object if kind == "str" else np.int64)
@@ -399,10 +383,7 @@ class ShardedMemory:
         ids = np.unique(checks.ids(ids))
         if len(ids) == 0:
             return 0
-        found = self._where(ids)
-        if not found.all():
-            unknown = ids[~found].tolist()
-            raise UnknownIdError(f"unknown ids: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}", unknown)
+        slot_ids.known(ids, self._where(ids))
         owner = self._owner(ids)
         got = self._gather({s: self._shards[s].remove.remote(ids[owner == s]) for s in np.unique(owner).tolist()})
         return int(sum(got.values()))
@@ -415,12 +396,7 @@ class ShardedMemory:
             budget = checks.integer("budget", budget)
             if budget < self.n:
                 raise InvalidValueError(f"a budget of {budget} slots cannot be split over {self.n} shards")
-        if policy not in compaction.POLICIES:
-            raise InvalidValueError(f"unknown policy {policy!r}; choose one of {compaction.POLICIES}")
-        tracked = self._options.get("track_usage")
-        if policy == "age" and not (tracked or (tracked is None and self._options.get("policy") == "age")):
-            raise InvalidValueError("the age policy needs usage times: make the memory with track_usage=True "
-                                    "(or policy=\"age\")")
+        MemoryOptions(**self._options).check_policy(policy)
         seed = checks.integer("seed", seed, low=0)
         try:
             compaction.check_options(options)
@@ -529,10 +505,7 @@ class ShardedMemory:
             UnknownIdError: some ids are not in the memory (listed).
         """
         ids = checks.ids(ids)
-        found = self._where(ids) if len(ids) else np.zeros(0, bool)
-        if not found.all():
-            unknown = ids[~found].tolist()
-            raise UnknownIdError(f"unknown ids: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}", unknown)
+        slot_ids.known(ids, self._where(ids) if len(ids) else np.zeros(0, bool))
         owner = self._owner(ids)
         got = self._gather({s: self._shards[s].get.remote(ids[owner == s]) for s in np.unique(owner).tolist()})
         labels = [None] * len(ids)
