@@ -27,19 +27,19 @@ import numpy as np
 
 from . import checks, compaction, query
 from . import ids as slot_ids
-from . import temperature as tuning
+from . import temperature as choice
 from .calibration import Calibration
 from .codec import Columns
 from .errors import CorruptFileError, EmptyMemoryError, InvalidValueError, StorageError, UnknownLabelError
 from .index import BareSearch, SearchSettings, VectorIndex
 from .labels import Vocabulary
-from .locks import RWLock
 from .metric import Metric
 from .options import PROBS, MemoryOptions
 from .results import CompactionReport, MemoryStats, QueryResult, Retrieved, Slots
 from .slots import SlotTable
-from .state import State
+from .state import Current, State
 from .store import Store
+from .tuning import Tuning
 
 log = logging.getLogger(__name__)
 # Opening a memory whose log has more segments than this (one per open) checkpoints it.
@@ -71,25 +71,23 @@ class Memory:
             raise InvalidValueError(f"unknown option: {exc}") from None
         self._options = o
         self._metric = Metric(o.metric, checks.centre(o.centre, self.dim, o.metric))
-        self._temperature = tuning.FALLBACK if o.auto_temperature else float(o.temperature)
-        self._temperature_report: tuning.TemperatureReport | None = None
+        self._tuning = Tuning(o.temperature)
         inner_dim = self._metric.index_dim(self.dim)
         index = VectorIndex(inner_dim, o.index, SearchSettings(o.nprobe, o.ef_search), recall=o.recall,
-                            temperature=self._temperature, share=o.shard.share, metric=o.metric)
+                            temperature=self._tuning.value, share=o.shard.share, metric=o.metric)
         self._keep_vectors = index.spec_lossy and o.rescore  # kept when the index cannot give them back
-        self._state = State(SlotTable(inner_dim, self._keep_vectors, bool(o.track_usage)), index)
+        self._cur = Current(State(SlotTable(inner_dim, self._keep_vectors, bool(o.track_usage)), index))
         self._vocab = Vocabulary()
         self._next_id = 0
-        self._lock, self._write_mutex = RWLock(), threading.Lock()
+        self._write_mutex = threading.Lock()
         self._store = Store.create(path, self.dim, self._manifest()) if path is not None else None
 
     def _manifest(self, state: State | None = None, next_id: int | None = None) -> dict:
         """What the manifest keeps: the options and the state of the choices made on the slots."""
-        cal = (state or self._state).index.calibration
-        report = self._temperature_report
-        return {**self._options.to_manifest(), "next_id": self._next_id if next_id is None else next_id,
-                "calibration": cal.as_dict() if cal is not None else None,
-                "temperature_report": report.as_dict() if report is not None else None}
+        cal = (state or self._cur.state).index.calibration
+        return {**self._options.to_manifest(), **self._tuning.as_manifest(),
+                "next_id": self._next_id if next_id is None else next_id,
+                "calibration": cal.as_dict() if cal is not None else None}
 
     # -- opening ----------------------------------------------------------------------
     @classmethod
@@ -134,23 +132,20 @@ class Memory:
         """Take in the recovered slots, with the temperature and breadth chosen before."""
         s = rec.settings
         self._vocab.kind = rec.label_kind
-        saved = tuning.TemperatureReport.from_dict(s.get("temperature_report"))
-        if self._options.auto_temperature and saved is not None:  # before the index: its breadth is measured at it
-            with contextlib.suppress(InvalidValueError):
-                self._use_temperature(checks.temperature(saved.temperature), saved)
-        self._state.index.calibration = Calibration.from_dict(s.get("calibration"))  # reused if it still fits
+        self._tuning.restore(self._cur, s.get("temperature_report"))
+        self._cur.state.index.calibration = Calibration.from_dict(s.get("calibration"))  # reused if it still fits
         try:
             trained_on = checks.integer("trained_on", s.get("trained_on", 0), low=0)
             next_id = checks.integer("next_id", s.get("next_id", 0), low=0)
-            self._state = State.replayed(self._metric.replayed(rec.replay()), self._vocab, self._state.index,
+            self._cur.state = State.replayed(self._metric.replayed(rec.replay()), self._vocab, self._cur.state.index,
                                          self._keep_vectors, bool(self._options.track_usage), trained_on)
         except InvalidValueError as exc:
             raise CorruptFileError(f"{path}: invalid settings ({exc})") from None
         except ValueError as exc:
             raise CorruptFileError(f"{path}: the snapshot's codes cannot be loaded ({exc})") from None
         # ids of removed slots are never reused by counting up
-        self._next_id = max(next_id, rec.max_id + 1, self._state.table.max_id() + 1)
-        self._upkeep(breadth=False)  # the choice saved is kept as a running memory would keep it
+        self._next_id = max(next_id, rec.max_id + 1, self._cur.state.table.max_id() + 1)
+        self._tuning.upkeep(self._cur, self._metric, None, breadth=False)  # as a running memory would keep it
 
     # -- writing ----------------------------------------------------------------------
     def _commit(self, durable: Callable[[Store], None] | None, apply: Callable[[], None], what: str) -> None:
@@ -163,7 +158,7 @@ class Memory:
             durable(store)
         with store.applying(what) if store is not None else contextlib.nullcontext():
             apply()
-        self._upkeep()
+        self._tuning.upkeep(self._cur, self._metric, store)
 
     def add(self, vectors, labels: Sequence, *, ids=None, weights=None, upsert: bool = False) -> np.ndarray:
         """Write slots: ``vectors`` (n, dim) or (dim,) finite floats (n may be 0), n ``labels``
@@ -180,10 +175,10 @@ class Memory:
             labels, kind = self._vocab.check(labels, len(v))
             w = checks.weights(weights, len(v))
             new = self._fresh(len(v))[0] if ids is None else slot_ids.given(
-                ids, len(v), upsert=upsert, present=lambda x: self._state.rows_of(x) >= 0)
+                ids, len(v), upsert=upsert, present=lambda x: self._cur.state.rows_of(x) >= 0)
             if len(v) == 0:
                 return new
-            now, old = time.time(), self._state.rows_of(new)
+            now, old = time.time(), self._cur.state.rows_of(new)
             old = old[old >= 0]
             self._choose_centre(v)
             append = (new, self._vocab.intern(labels, kind), w, self._metric.slots(v), now)
@@ -191,11 +186,11 @@ class Memory:
             budget = None if self._options.budget is None else self._budget_slots(self._options.budget)
             if budget is not None and n_after > budget:
                 target = max(1, int(budget * (1 - self._options.slack)))
-                self._compact(*self._state.live(old, append), target, self._options.policy, 0, {}, kind)
+                self._compact(*self._cur.state.live(old, append), target, self._options.policy, 0, {}, kind)
                 return new
 
             def apply() -> None:
-                self._change(old, append, n_after)
+                self._cur.change(old, append, n_after)
                 self._vocab.kind = kind
                 self._next_id = max(self._next_id, int(new.max()) + 1)
 
@@ -204,7 +199,7 @@ class Memory:
             return new
 
     def _fresh(self, n: int, start: int | None = None, taken: np.ndarray | None = None) -> tuple[np.ndarray, int]:
-        used = self._state.table.sorted_ids if taken is None else np.union1d(self._state.table.sorted_ids, taken)
+        used = self._cur.state.table.sorted_ids if taken is None else np.union1d(self._cur.state.table.sorted_ids, taken)
         return slot_ids.fresh(n, self._next_id if start is None else start, used, self._options.shard)
 
     def _choose_centre(self, v: np.ndarray) -> None:
@@ -231,17 +226,17 @@ class Memory:
                 raise InvalidValueError("remove takes ids or labels, not both")
             else:
                 values, codes = self._vocab.find(labels)
-                counts = self._state.table.class_counts
+                counts = self._cur.state.table.class_counts
                 absent = list(dict.fromkeys(v for v, c in zip(values, codes) if not 0 <= c < len(counts)
                                             or counts[c] == 0))
                 if absent:
                     raise UnknownLabelError(f"labels with no slot: {absent[:10]}{' ...' if len(absent) > 10 else ''}",
                                             absent)
-                found = self._state.table.sorted_ids_of(np.unique(codes))
+                found = self._cur.state.table.sorted_ids_of(np.unique(codes))
             if len(found) == 0:
                 return 0
-            rows = self._state.rows_or_raise(found)
-            self._commit(lambda store: store.log_remove(found), lambda: self._change(rows), "remove")
+            rows = self._cur.state.rows_or_raise(found)
+            self._commit(lambda store: store.log_remove(found), lambda: self._cur.change(rows), "remove")
             return len(rows)
 
     def compact(self, *, budget: int | str | None = None, policy: str = "merge", seed: int = 0,
@@ -266,8 +261,8 @@ class Memory:
             if len(self) == 0:
                 raise EmptyMemoryError("the memory is empty: nothing to compact")
             slots = None if budget is None else self._budget_slots(budget)
-            t0, before, dropped = time.perf_counter(), len(self), self._state.table.n_dead
-            after, kept = self._compact(*self._state.live(), slots, policy, seed, options, self._vocab.kind,
+            t0, before, dropped = time.perf_counter(), len(self), self._cur.state.table.n_dead
+            after, kept = self._compact(*self._cur.state.live(), slots, policy, seed, options, self._vocab.kind,
                                         required=self._store is not None or dropped > 0)
             return CompactionReport(slots=after, dropped=dropped, merged_away=before - after,
                                     policy=policy if slots is not None else None, budget=slots,
@@ -284,71 +279,23 @@ class Memory:
             return new
 
         table, vectors, kept = compaction.shrink(
-            live, vectors, budget=budget, policy=policy, metric=self._metric, temperature=self._temperature,
+            live, vectors, budget=budget, policy=policy, metric=self._metric, temperature=self._tuning.value,
             seed=seed, options=options, fresh_ids=fresh, keep_vectors=self._keep_vectors, now=time.time())
         if not required and table.n_alive == live.n_alive:
             return table.n_alive, kept  # nothing to drop or merge, nothing to write
-        state = self._state.rebuilt_from(table, vectors)  # aside: readers go on meanwhile
+        state = self._cur.state.rebuilt_from(table, vectors)  # aside: readers go on meanwhile
         slots = self._metric.persisted(state.snapshot(self._vocab, vectors))
         extra = {**self._manifest(state, next_id), "trained_on": state.index.trained_on}
 
         def apply() -> None:
-            self._swap(state)
+            self._cur.swap(state)
             self._vocab.kind, self._next_id = kind, next_id
 
         self._commit(lambda store: store.checkpoint(slots, kind, extra), apply, "compaction")
         return table.n_alive, kept
 
-    def _change(self, kill_rows: np.ndarray, append: tuple | None = None, n_after: int = 0) -> None:
-        """Apply a logged write: rebuild aside and swap when due, else change the state in place
-        (the IVF lists of new rows are found first: readers wait only for the append itself)."""
-        state = self._state
-        if state.too_dead(len(kill_rows)) or (append is not None and state.index.needs_rebuild(n_after)):
-            self._swap(state.rebuilt(kill_rows, append))
-        else:
-            lists = state.index.assign(append[3]) if append is not None else None
-            with self._lock.write():
-                state.apply(kill_rows, append, lists)
-
-    def _swap(self, state: State) -> None:
-        with self._lock.write():
-            self._state = state
-
-    def _upkeep(self, *, breadth: bool = True) -> None:
-        """After a write (already done): choose the temperature again when due (``"auto"``: once
-        the memory can measure it, then whenever it grew or shrank 2x), and measure the search
-        breadth again when due (:meth:`State.upkeep_breadth`). A failure keeps the previous
-        settings, logged: they are never worth failing a durable write."""
-        report = None
-        if self._options.auto_temperature and tuning.due(self._temperature_report, len(self)):
-            try:
-                report = tuning.calibrate(self._state, self._temperature, metric=self._metric)
-            except Exception:  # noqa: BLE001
-                log.warning("choosing the temperature failed; it stays %g", self._temperature, exc_info=True)
-        if report is not None:
-            with self._lock.write():
-                self._use_temperature(report.temperature, report)
-            if self._store is not None:  # so that a reopen answers at the same temperature
-                try:
-                    self._store.update(temperature_report=report.as_dict())
-                except (StorageError, ValueError):
-                    log.warning("the temperature choice is not in the manifest yet; the next checkpoint writes it")
-        if not breadth and report is None:
-            return
-        try:
-            rebuilt = self._state.upkeep_breadth()
-            if rebuilt is not None:
-                self._swap(rebuilt)
-        except Exception:  # noqa: BLE001
-            log.warning("measuring the search breadth again failed; it stays as it was", exc_info=True)
-
-    def _use_temperature(self, value: float, report: tuning.TemperatureReport | None = None) -> None:
-        """Attend at ``value`` (the caller holds the write lock, or the memory is not shared)."""
-        self._temperature = self._state.index.temperature = value
-        self._temperature_report = report if report is not None else self._temperature_report
-
-    def calibrate_temperature(self, *, k: int = 64, sample: int = tuning.SAMPLE, seed: int = 0
-                              ) -> tuning.TemperatureReport:
+    def calibrate_temperature(self, *, k: int = 64, sample: int = choice.SAMPLE, seed: int = 0
+                              ) -> choice.TemperatureReport:
         """Choose the temperature now, on ``sample`` of the memory's own slots each attending
         over its top-``k`` without itself (:mod:`engine.temperature`), and use it: an "auto"
         memory keeps choosing as it grows, one given a number keeps this one (persisted).
@@ -356,15 +303,15 @@ class Memory:
         Raises EmptyMemoryError (fewer than 20 slots, or one class), InvalidValueError.
         """
         k, sample, seed = checks.integer("k", k), checks.integer("sample", sample), checks.integer("seed", seed, low=0)
-        if k > tuning.MAX_K or sample > tuning.MAX_SAMPLE:
-            raise InvalidValueError(f"k must be at most {tuning.MAX_K} and sample at most {tuning.MAX_SAMPLE}, "
+        if k > choice.MAX_K or sample > choice.MAX_SAMPLE:
+            raise InvalidValueError(f"k must be at most {choice.MAX_K} and sample at most {choice.MAX_SAMPLE}, "
                                     f"got k={k}, sample={sample}")
         with self._write_mutex:
-            report = tuning.calibrate(self._state, self._temperature, metric=self._metric, k=k, sample=sample,
+            report = choice.calibrate(self._cur.state, self._tuning.value, metric=self._metric, k=k, sample=sample,
                                       seed=seed)
             if report is None:
-                raise EmptyMemoryError(f"choosing a temperature needs {tuning.MIN_SLOTS} slots of two classes or more")
-            auto = self._options.auto_temperature
+                raise EmptyMemoryError(f"choosing a temperature needs {choice.MIN_SLOTS} slots of two classes or more")
+            auto = self._tuning.auto
             self._commit(lambda store: store.update(**({"temperature_report": report.as_dict()} if auto
                                                           else {"temperature": report.temperature})),
                          lambda: self._set(report.temperature, report=report, auto=auto), "temperature")
@@ -372,14 +319,15 @@ class Memory:
 
     def _set(self, temperature: float | None = None, *, report=None, auto: bool = False,
              search: SearchSettings | None = None) -> None:
-        """Apply changed settings under the writers' lock."""
-        with self._lock.write():
-            if temperature is not None:
-                self._use_temperature(temperature, report)
-                self._options = self._options.replace(temperature="auto" if auto else temperature)
-            if search is not None:
-                self._state.index.settings = search
-                self._options = self._options.replace(nprobe=search.nprobe, ef_search=search.ef_search)
+        """Apply changed settings (readers see the old or the new)."""
+        if temperature is not None:
+            self._tuning.use(self._cur, temperature, report)
+            self._tuning.auto = auto
+            self._options = self._options.replace(temperature="auto" if auto else temperature)
+        if search is not None:
+            with self._cur.lock.write():
+                self._cur.state.index.settings = search
+            self._options = self._options.replace(nprobe=search.nprobe, ef_search=search.ef_search)
 
     # -- reading ----------------------------------------------------------------------
     def query(self, queries, *, k: int = 64, tail: float | None = None, probs: str | None = None) -> QueryResult:
@@ -396,14 +344,14 @@ class Memory:
         full = (probs or self._options.probs) == "full"
         with self._reading(queries, k, probs) as (state, q, k_):
             return query.answer(state, self._vocab, q, k=min(k_, state.table.n_alive), k_requested=k_, tail=tail,
-                                temperature=self._temperature, full_metric=self.metric if full else None)
+                                temperature=self._tuning.value, full_metric=self.metric if full else None)
 
     def retrieve(self, queries, *, k: int = 64, probs: str = "top-k") -> Retrieved:
         """Each query's top-k slots (scores, masses, labels) and the mass left out, without
         attention: what :class:`~engine.cluster.ShardedMemory` merges. With ``probs="full"``,
         also every class's mass in the full answer (``Retrieved.full``, absolute log units)."""
         with self._reading(queries, k, probs) as (state, q, k_):
-            return query.retrieve(state, self._vocab, q, min(k_, state.table.n_alive), temperature=self._temperature,
+            return query.retrieve(state, self._vocab, q, min(k_, state.table.n_alive), temperature=self._tuning.value,
                                   full_metric=self.metric if probs == "full" else None)
 
     @contextlib.contextmanager
@@ -411,50 +359,50 @@ class Memory:
         q, k = checks.vectors(queries, self.dim, self.metric, "queries"), checks.integer("k", k)
         if probs is not None and probs not in PROBS:
             raise InvalidValueError(f"probs must be one of {PROBS}, got {probs!r}")
-        with self._lock.read():
-            if self._state.table.n_alive == 0:
+        with self._cur.lock.read():
+            if self._cur.state.table.n_alive == 0:
                 raise EmptyMemoryError("the memory is empty: add slots before querying")
-            yield self._state, self._metric.queries(q), k
+            yield self._cur.state, self._metric.queries(q), k
 
     def get(self, ids) -> Slots:
         """Read slots back by id, in the order given (UnknownIdError lists absent ones)."""
         wanted = checks.ids(ids)
-        with self._lock.read():
-            slots = self._state.columns(self._vocab, self._state.rows_or_raise(wanted))
+        with self._cur.lock.read():
+            slots = self._cur.state.columns(self._vocab, self._cur.state.rows_or_raise(wanted))
             return Slots(ids=wanted.copy(), labels=slots.labels, weights=slots.weights.copy(),
                          vectors=self._metric.stored(slots.vectors))
 
     def ids(self, labels=None) -> np.ndarray:
         """Every slot's id, ascending; with ``labels``, of the slots of those labels."""
-        with self._lock.read():
+        with self._cur.lock.read():
             if labels is None:
-                return self._state.table.sorted_ids.copy()
+                return self._cur.state.table.sorted_ids.copy()
             _, codes = self._vocab.find(labels)
-            return self._state.table.sorted_ids_of(np.unique(codes[codes >= 0]))
+            return self._cur.state.table.sorted_ids_of(np.unique(codes[codes >= 0]))
 
     def classes(self) -> np.ndarray:
         """The labels with at least one live slot (the columns ``query`` answers over)."""
-        with self._lock.read():
-            return self._state.classes(self._vocab)[0].copy()
+        with self._cur.lock.read():
+            return self._cur.state.classes(self._vocab)[0].copy()
 
     def __len__(self) -> int:
-        return self._state.table.n_alive
+        return self._cur.state.table.n_alive
 
     def __contains__(self, id_) -> bool:
         if isinstance(id_, bool) or not isinstance(id_, (int, np.integer)):
             return False
-        with self._lock.read():
-            return bool(self._state.rows_of(np.array([id_], np.int64))[0] >= 0)
+        with self._cur.lock.read():
+            return bool(self._cur.state.rows_of(np.array([id_], np.int64))[0] >= 0)
 
     def stats(self) -> MemoryStats:
         """Slots, classes, the active index and the bytes held (:meth:`State.stats`)."""
-        with self._lock.read():
-            return self._state.stats(self.dim, self.metric)
+        with self._cur.lock.read():
+            return self._cur.state.stats(self.dim, self.metric)
 
     def bare_search(self, k: int) -> BareSearch:
         """The FAISS index alone at the breadth a query of ``k`` uses (the benchmarks' baseline)."""
-        with self._lock.read():
-            return self._state.index.bare_search(checks.integer("k", k))
+        with self._cur.lock.read():
+            return self._cur.state.index.bare_search(checks.integer("k", k))
 
     def _budget_slots(self, budget: int | str) -> int:
         """A budget in slots (bytes over the bytes a slot takes: measured, or estimated when empty)."""
@@ -469,11 +417,11 @@ class Memory:
     metric = property(lambda self: self._options.metric, doc='"cosine", "ip" or "l2".')
     label_kind = property(lambda self: self._vocab.kind, doc='"int" or "str" once a label was written, else None.')
     next_id = property(lambda self: self._next_id, doc="Where automatic ids start: above every id ever held.")
-    temperature_report = property(lambda self: self._temperature_report,
+    temperature_report = property(lambda self: self._tuning.report,
                                   doc="What the last choice of the temperature measured (None if none was made).")
-    calibration = property(lambda self: self._state.index.calibration,
+    calibration = property(lambda self: self._cur.state.index.calibration,
                            doc="What calibrating the search breadth chose and measured (:mod:`engine.calibration`).")
-    calibration_checks = property(lambda self: tuple(self._state.index.drift_checks),
+    calibration_checks = property(lambda self: tuple(self._cur.state.index.drift_checks),
                                   doc="The checks of the calibrated breadth on slots written since (newest last).")
     path = property(lambda self: self._store.path if self._store is not None else None,
                     doc="The directory of a durable memory, or None.")
@@ -481,12 +429,12 @@ class Memory:
     @property
     def total_weight(self) -> float:
         """The mass of every live slot (an upper bound, its rounding error included)."""
-        return self._state.table.total_weight + self._state.table.weight_error
+        return self._cur.state.table.total_weight + self._cur.state.table.weight_error
 
     @property
     def temperature(self) -> float:
         """The softmax temperature T; setting it keeps it as given (persisted)."""
-        return self._temperature
+        return self._tuning.value
 
     @temperature.setter
     def temperature(self, value: float) -> None:
@@ -519,8 +467,8 @@ class Memory:
             target = Path(path) if path is not None else self.path
             if target is None:
                 raise InvalidValueError("this memory is not durable: give save() a path")
-            slots = self._metric.persisted(self._state.snapshot(self._vocab))
-            trained = {"trained_on": self._state.index.trained_on}
+            slots = self._metric.persisted(self._cur.state.snapshot(self._vocab))
+            trained = {"trained_on": self._cur.state.index.trained_on}
             if self._store is not None and target.resolve() == self._store.path.resolve():
                 self._store.checkpoint(slots, self._vocab.kind, {**self._manifest(), **trained})
                 return target
@@ -546,6 +494,6 @@ class Memory:
 
     def __repr__(self) -> str:
         where = f", path={str(self.path)!r}" if self.path else ""
-        return (f"Memory(dim={self.dim}, metric={self.metric!r}, index={self._state.index.spec!r}, "
-                f"slots={len(self)}, temperature={self._temperature}{where})")
+        return (f"Memory(dim={self.dim}, metric={self.metric!r}, index={self._cur.state.index.spec!r}, "
+                f"slots={len(self)}, temperature={self._tuning.value}{where})")
 

@@ -17,6 +17,7 @@ from .codec import Columns
 from .ids import known
 from .index import VectorIndex
 from .labels import Vocabulary
+from .locks import RWLock
 from .results import MemoryStats
 from .slots import SlotTable
 from .tail import Cells
@@ -249,3 +250,35 @@ class State:
             bytes_vectors=t.nbytes_vectors, bytes_index=index.nbytes, bytes_ids=t.nbytes_ids,
             nlist=index.nlist, lossy=index.lossy, trained_on=index.trained_on, nprobe=nprobe, ef_search=ef_search,
             recall=index.calibration.recall if index.calibration is not None else None, bytes_tail=self.cells_nbytes)
+
+
+class Current:
+    """The state readers see, and the lock that makes each write whole to them: readers share
+    it; a writer takes it exclusively only to swap in a state built aside or to change the
+    current one in place."""
+
+    def __init__(self, state: State):
+        self.state = state
+        self.lock = RWLock()
+
+    def swap(self, state: State) -> None:
+        with self.lock.write():
+            self.state = state
+
+    def change(self, kill_rows: np.ndarray, append: tuple | None = None, n_after: int = 0) -> None:
+        """Apply a logged write: rebuilt aside and swapped in when due (too many removed rows,
+        or an index that outgrew its kind), else changed in place (the IVF lists of new rows
+        are found first: readers wait only for the append itself)."""
+        state = self.state
+        if state.too_dead(len(kill_rows)) or (append is not None and state.index.needs_rebuild(n_after)):
+            self.swap(state.rebuilt(kill_rows, append))
+        else:
+            lists = state.index.assign(append[3]) if append is not None else None
+            with self.lock.write():
+                state.apply(kill_rows, append, lists)
+
+    def upkeep_breadth(self) -> None:
+        """Measure the search breadth again when due (:meth:`State.upkeep_breadth`)."""
+        rebuilt = self.state.upkeep_breadth()
+        if rebuilt is not None:
+            self.swap(rebuilt)

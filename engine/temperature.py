@@ -17,6 +17,9 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from . import checks
+from .errors import InvalidValueError
+
 GRID = np.geomspace(1e-3, 1.0, 37)  # the temperatures tried
 SAMPLE = 1000  # slots answered as queries
 FALLBACK = 0.1  # what an "auto" memory uses before it can measure (fewer than MIN_SLOTS, one class)
@@ -64,6 +67,15 @@ class TemperatureReport:
             return cls(**{f: d[f] for f in cls.__dataclass_fields__})
         except (KeyError, TypeError):
             return None
+
+
+def valid(t) -> bool:
+    """Whether ``t`` is a temperature a memory takes."""
+    try:
+        checks.temperature(t)
+    except InvalidValueError:
+        return False
+    return True
 
 
 def due(last: TemperatureReport | None, slots: int) -> bool:

@@ -1,0 +1,68 @@
+"""What a memory measures on its own slots and keeps up to date as they change: the softmax
+temperature (when it is ``"auto"``, :mod:`engine.temperature`) and the search breadth of an
+approximate index (:mod:`engine.calibration`, via :meth:`State.upkeep_breadth`).
+
+Both are settings measured on the side of a write that is already durable: a failure keeps
+the previous setting and is logged, never failing the write.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import temperature as choice
+from .errors import StorageError
+from .metric import Metric
+from .state import Current
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Tuning:
+    """A memory's temperature (the value attended at, whether it is chosen, the last choice's
+    report); the caller holds the memory's write mutex in every method."""
+
+    def __init__(self, temperature: float | str):
+        self.auto = temperature == "auto"
+        self.value = choice.FALLBACK if self.auto else float(temperature)
+        self.report: choice.TemperatureReport | None = None
+
+    def use(self, current: Current, value: float, report: choice.TemperatureReport | None = None) -> None:
+        """Attend at ``value`` from here on (the index calibrates its breadth for the answer at it)."""
+        with current.lock.write():
+            self.value = current.state.index.temperature = value
+            self.report = report if report is not None else self.report
+
+    def restore(self, current: Current, saved: dict | None) -> None:
+        """An "auto" memory reopened attends at the choice it saved (before its index is built:
+        its breadth is measured at it)."""
+        report = choice.TemperatureReport.from_dict(saved)
+        if self.auto and report is not None and choice.valid(report.temperature):
+            self.use(current, float(report.temperature), report)
+
+    def upkeep(self, current: Current, metric: Metric, store: Store | None, *, breadth: bool = True) -> None:
+        """After a write: choose the temperature again when due (``auto``: once the memory can
+        measure it, then whenever it grew or shrank 2x since), persisted so that a reopen
+        answers at it; then measure the breadth again when due (always after a new choice)."""
+        report = None
+        if self.auto and choice.due(self.report, current.state.table.n_alive):
+            try:
+                report = choice.calibrate(current.state, self.value, metric=metric)
+            except Exception:  # noqa: BLE001 - a setting measured on the side
+                log.warning("choosing the temperature failed; it stays %g", self.value, exc_info=True)
+        if report is not None:
+            self.use(current, report.temperature, report)
+            if store is not None:
+                try:
+                    store.update(temperature_report=report.as_dict())
+                except (StorageError, ValueError):
+                    log.warning("the temperature choice is not in the manifest yet; the next checkpoint writes it")
+        if breadth or report is not None:
+            try:
+                current.upkeep_breadth()
+            except Exception:  # noqa: BLE001 - a search setting, never worth failing a durable write
+                log.warning("measuring the search breadth again failed; it stays as it was", exc_info=True)
+
+    def as_manifest(self) -> dict:
+        return {"temperature_report": self.report.as_dict() if self.report is not None else None}
