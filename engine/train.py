@@ -168,7 +168,7 @@ def recipe(dataset: str, **overrides) -> TrainConfig:
     omniglot: 20 supervised epochs over the background classes, then 20-way 1-shot
     episodes, half within one alphabet; strokes jittered (affine, then elastic by up to
     1.5 px); each image seen through 8 test-time views. Each step was kept because it
-    raised within-alphabet validation accuracy (README, "Matching Networks").
+    raised within-alphabet validation accuracy (docs/matching-networks.md).
     fashion-mnist: 20 supervised epochs (shifts only: mirror images, with 6 epochs, scored
     0.915 against 0.918) and no episodes (300 lowered the memory from 0.918 to 0.912), 4
     test-time views; episodes, if asked for, are 10-way 5-shot with 10 queries a class,

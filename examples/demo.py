@@ -137,12 +137,12 @@ def run_demo(data=None, *, out: str | Path = "runs/demo", quick: bool = False, f
         out: where the report, plots and checkpoints go.
         quick: a few episodes and small sets (a smoke run for the tests).
         fce: train the Omniglot model with Full Context Embeddings (off: after the supervised
-            stage, FCE scored lower on the validation alphabets: README, "Matching Networks").
+            stage, FCE scored lower on the validation alphabets: docs/experiments.md).
         omniglot_episodes, omniglot_budget_s: Omniglot episodes after the recipe's supervised
             stage, and an optional time cap (off: a capped run depends on how busy the machine
             is).
         fashion_epochs: Fashion-MNIST's supervised epochs. The recipe's 20 take about 14
-            minutes alone; the demo's 15-minute budget holds 4 (README, "Fashion-MNIST").
+            minutes alone; the demo's 15-minute budget holds 4 (docs/matching-networks.md).
         fashion_episodes, fashion_budget_s: Fashion-MNIST episodes after its supervised stage
             (none: 300 of them lowered the memory's accuracy from 0.918 to 0.912), and their
             optional time cap.

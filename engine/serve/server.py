@@ -267,7 +267,7 @@ class MemoryServer(fl.FlightServerBase):
                 ("compact", "Compact to a budget with a policy, or drop removed slots: {memory, budget?, policy?}"), ("snapshot", "Checkpoint: {memory}"),
                 ("health", "Liveness and memory names"), ("list", "Memory names"),
                 ("metrics", "Requests, latencies (p50/p99, by stage for queries), queue depth and batch sizes"),
-                ("query", "A small query in one message: length, JSON header, float32 rows (see docs/serve.md)")]
+                ("query", "A small query in one message: length, JSON header, float32 rows (see docs/serving.md)")]
 
     def do_action(self, context, action):
         kind = action.type

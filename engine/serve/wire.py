@@ -1,4 +1,4 @@
-"""The wire format shared by the server and the client (documented in docs/serve.md).
+"""The wire format shared by the server and the client (documented in docs/serving.md).
 
 Every request names its memory in a JSON command (descriptor, ticket or action
 body); bulk data moves as Arrow record batches.
