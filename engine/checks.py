@@ -13,7 +13,7 @@ import math
 
 import numpy as np
 
-from .errors import DimensionError, InvalidValueError
+from .errors import DimensionError, EmptyMemoryError, InvalidValueError
 
 INT64_MAX = int(np.iinfo(np.int64).max)
 MAX_NORM = 1e15  # inner-product metric: the largest vector norm
@@ -182,3 +182,9 @@ def centre(value, dim: int, metric: str) -> np.ndarray | None:
     if c.shape != (dim,) or not np.isfinite(c).all() or float(np.linalg.norm(c)) > MAX_L2_NORM:
         raise InvalidValueError(f"centre must be {dim} finite numbers of norm at most {MAX_L2_NORM:g}")
     return c.astype(np.float32)
+
+
+def not_empty(slots: int, what: str) -> None:
+    """Refuse an operation on a memory with no slots (EmptyMemoryError saying ``what`` to do)."""
+    if slots == 0:
+        raise EmptyMemoryError(f"the memory is empty: {what}")

@@ -26,17 +26,18 @@ per class (largest-remainder rounding).
 
 from __future__ import annotations
 
-import re
+import time
 from dataclasses import dataclass
 
 import faiss
 import numpy as np
 
+from . import checks
 from .errors import InvalidValueError
+from .ids import Counter
 from .metric import Metric
+from .options import POLICIES, MemoryOptions, parse_budget  # noqa: F401 - the policies; budgets read in slots
 from .slots import SlotTable
-
-from .options import POLICIES, parse_budget  # noqa: F401 - the policies; budgets read in slots
 
 
 @dataclass
@@ -146,6 +147,36 @@ _DISTILL_OPTIONS = {
     "holdout": (lambda v: isinstance(v, (int, float)) and 0 <= v < 1, "a fraction in [0, 1)"),
     "eval_every": (lambda v: isinstance(v, (int, np.integer)) and v >= 1, "an integer >= 1"),
 }
+
+
+def check_request(memory: MemoryOptions, policy: str, seed: int, options: dict) -> int:
+    """A compaction request checked against a memory's options; returns the seed.
+
+    Raises:
+        InvalidValueError: an unknown policy or option, or one out of range.
+    """
+    memory.check_policy(policy)
+    seed = checks.integer("seed", seed, low=0)
+    try:
+        check_options(options)
+    except ValueError as exc:
+        raise InvalidValueError(str(exc)) from None
+    return seed
+
+
+def aside(state, live: SlotTable, vectors: np.ndarray, ids: Counter, *, budget: int | None, policy: str,
+          metric: Metric, temperature: float, seed: int = 0, options: dict | None = None, keep_vectors: bool,
+          required: bool = True):
+    """``live`` compacted to ``budget`` and indexed like ``state`` (which readers go on using
+    meanwhile): (the new state, or None when nothing was dropped or merged and nothing is
+    ``required``; the slots kept; the policy's note; the new state's vectors). Merged slots
+    take ids from ``ids``."""
+    table, vectors, kept = shrink(live, vectors, budget=budget, policy=policy, metric=metric,
+                                  temperature=temperature, seed=seed, options=options or {}, fresh_ids=ids.take,
+                                  keep_vectors=keep_vectors, now=time.time())
+    if not required and table.n_alive == live.n_alive:
+        return None, table.n_alive, kept, vectors
+    return state.rebuilt_from(table, vectors), table.n_alive, kept, vectors
 
 
 def check_options(options: dict) -> None:

@@ -66,3 +66,15 @@ def fresh(n: int, start: int, used: np.ndarray, role: ShardRole = ShardRole()) -
     if len(free) < n:  # pragma: no cover - 2**63 live slots
         raise InvalidValueError("no free ids left")
     return free, start
+
+
+class Counter:
+    """Fresh ids handed out in turn from ``start``, none in ``used`` (sorted): a write that
+    makes several batches of new slots (a compaction's merged slots) takes them from one."""
+
+    def __init__(self, start: int, used: np.ndarray, role: ShardRole = ShardRole()):
+        self.next, self.used, self.role = start, used, role
+
+    def take(self, n: int) -> np.ndarray:
+        new, self.next = fresh(n, self.next, self.used, self.role)
+        return new

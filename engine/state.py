@@ -14,10 +14,13 @@ import threading
 import numpy as np
 
 from .codec import Columns
+from . import checks
+from .errors import CorruptFileError, InvalidValueError, UnknownLabelError
 from .ids import known
 from .index import VectorIndex
 from .labels import Vocabulary
 from .locks import RWLock
+from .options import parse_budget
 from .results import MemoryStats
 from .slots import SlotTable
 from .tail import Cells
@@ -95,6 +98,29 @@ class State:
         """Row of each id, -1 where the id is not live."""
         return self.table.rows_of(ids)
 
+    def ids(self, vocab: Vocabulary, labels=None) -> np.ndarray:
+        """Every live slot's id, ascending; with ``labels``, of the slots of those labels (one
+        with no slot adds none)."""
+        if labels is None:
+            return self.table.sorted_ids.copy()
+        codes = vocab.find(labels)[1]
+        return self.table.sorted_ids_of(np.unique(codes[codes >= 0]))
+
+    def holds(self, id_) -> bool:
+        """Whether ``id_`` (anything) is a live slot's id."""
+        if isinstance(id_, bool) or not isinstance(id_, (int, np.integer)):
+            return False
+        return bool(self.rows_of(np.array([id_], np.int64))[0] >= 0)
+
+    def ids_of_labels(self, vocab: Vocabulary, labels) -> np.ndarray:
+        """The ids of every slot of ``labels``; UnknownLabelError listing labels with no slot."""
+        values, codes = vocab.find(labels)
+        counts = self.table.class_counts
+        absent = list(dict.fromkeys(v for v, c in zip(values, codes) if not 0 <= c < len(counts) or counts[c] == 0))
+        if absent:
+            raise UnknownLabelError(f"labels with no slot: {absent[:10]}{' ...' if len(absent) > 10 else ''}", absent)
+        return self.table.sorted_ids_of(np.unique(codes))
+
     def rows_or_raise(self, ids: np.ndarray) -> np.ndarray:
         """Row of each id; UnknownIdError listing the ids that are not live."""
         rows = self.table.rows_of(ids)
@@ -120,6 +146,26 @@ class State:
             codebook, codes = self.index.codes()
             return Columns(t.ids[rows], labels, t.weights[rows], None, used, codes[rows], codebook)
         return Columns(t.ids[rows], labels, t.weights[rows], self.vectors(rows) if vectors is None else vectors, used)
+
+    @classmethod
+    def recovered(cls, rec, vocab: Vocabulary, index: VectorIndex, metric, keep_vectors: bool,
+                  track_usage: bool) -> tuple[State, int]:
+        """The state a store recovered (``rec``: snapshot and log), and the id automatic ids
+        start from (above every id ever held: removed ids are never reused).
+
+        Raises:
+            CorruptFileError: invalid settings, or snapshot codes that cannot be loaded.
+        """
+        s = rec.settings
+        try:
+            trained_on = checks.integer("trained_on", s.get("trained_on", 0), low=0)
+            next_id = checks.integer("next_id", s.get("next_id", 0), low=0)
+            state = cls.replayed(metric.replayed(rec.replay()), vocab, index, keep_vectors, track_usage, trained_on)
+        except InvalidValueError as exc:
+            raise CorruptFileError(f"{rec.path}: invalid settings ({exc})") from None
+        except ValueError as exc:
+            raise CorruptFileError(f"{rec.path}: the snapshot's codes cannot be loaded ({exc})") from None
+        return state, max(next_id, rec.max_id + 1, state.table.max_id() + 1)
 
     @classmethod
     def replayed(cls, writes, vocab: Vocabulary, index: VectorIndex, keep_vectors: bool, track_usage: bool,
@@ -238,6 +284,14 @@ class State:
             if check is not None and check.drifted:
                 index.calibration = self.calibrated()
         return None
+
+    def budget_slots(self, budget: int | str) -> int:
+        """A budget in slots: bytes over the bytes a slot takes (measured; estimated when empty)."""
+        t = self.table
+        if t.n_alive:
+            stats = self.stats(self.index.dim, "")
+            return parse_budget(budget, stats.bytes_total / stats.slots)
+        return parse_budget(budget, (2 if t.keep_vectors else 1) * 4 * self.index.dim + 72.0)
 
     def stats(self, dim: int, metric: str) -> MemoryStats:
         """Slots, classes, the active index, and the bytes held for vectors, the index, ids and

@@ -59,6 +59,8 @@ _PROC_FD = Path("/proc/self/fd") if Path("/proc/self/fd").is_dir() else None
 FORMAT = "engine-memory"
 FORMAT_VERSION = 3
 MANIFEST = "manifest.json"
+# Opening a memory whose log has more segments than this (one per open) checkpoints it.
+MAX_SEGMENTS = 8
 MAX_MANIFEST_BYTES = 64 << 20
 SNAPSHOT_NAME = re.compile(r"snapshot-[0-9]{6,12}\.arrow")
 SEGMENT_NAME = re.compile(r"wal-[0-9]{6,12}\.arrows")
@@ -75,6 +77,7 @@ class Recovered:
     label_kind: str | None
     snapshot: Columns
     records: list[wal.Record]
+    path: Path
 
     @property
     def max_id(self) -> int:
@@ -131,6 +134,20 @@ class Store:
             os.close(dir_fd)
             raise
         return store
+
+    @classmethod
+    def write_copy(cls, path: str | os.PathLike, dim: int, settings: dict, slots: Columns,
+                   label_kind: str | None) -> None:
+        """Make a new memory directory at ``path`` holding ``slots`` as its snapshot.
+
+        Raises:
+            MemoryExistsError, MemoryLockedError, StorageError: as :meth:`create`.
+        """
+        out = cls.create(path, dim, settings)
+        try:
+            out.checkpoint(slots, label_kind)
+        finally:
+            out.close()
 
     @classmethod
     def open(cls, path: str | os.PathLike, *, lock: bool = True) -> tuple["Store", Recovered]:
@@ -206,7 +223,20 @@ class Store:
                 self._tail = scan
         self.seq = seq
         self.manifest = {**m, "label_kind": kind}
-        return Recovered(m["dim"], dict(m["settings"]), kind, snapshot, records)
+        return Recovered(m["dim"], dict(m["settings"]), kind, snapshot, records, path)
+
+    def start(self, *, read_only: bool) -> bool:
+        """After a successful open: refuse writes (``read_only``, or a disk that refuses the new
+        log segment), else :meth:`begin`. Returns whether the log has grown long enough
+        (MAX_SEGMENTS) to be folded into a snapshot."""
+        if read_only:
+            self.fail("it was opened read-only")
+            return False
+        try:
+            self.begin()  # from here on, writes go to a new log segment
+        except StorageError as exc:
+            self.fail(f"the log could not be reopened for writing ({exc})")
+        return self.failed is None and self.segments > MAX_SEGMENTS
 
     def begin(self) -> None:
         """Start appending after a successful open: seal the open segment, list a new one.

@@ -11,7 +11,8 @@ from __future__ import annotations
 import logging
 
 from . import temperature as choice
-from .errors import StorageError
+from . import checks
+from .errors import EmptyMemoryError, InvalidValueError, StorageError
 from .metric import Metric
 from .state import Current
 from .store import Store
@@ -63,6 +64,23 @@ class Tuning:
                 current.upkeep_breadth()
             except Exception:  # noqa: BLE001 - a search setting, never worth failing a durable write
                 log.warning("measuring the search breadth again failed; it stays as it was", exc_info=True)
+
+    def calibrate(self, current: Current, metric: Metric, *, k: int, sample: int, seed: int
+                  ) -> choice.TemperatureReport:
+        """A choice made now on the memory's own slots (:func:`engine.temperature.calibrate`).
+
+        Raises:
+            InvalidValueError: k, sample or seed out of range.
+            EmptyMemoryError: fewer than MIN_SLOTS slots, or a single class.
+        """
+        k, sample, seed = checks.integer("k", k), checks.integer("sample", sample), checks.integer("seed", seed, low=0)
+        if k > choice.MAX_K or sample > choice.MAX_SAMPLE:
+            raise InvalidValueError(f"k must be at most {choice.MAX_K} and sample at most {choice.MAX_SAMPLE}, "
+                                    f"got k={k}, sample={sample}")
+        report = choice.calibrate(current.state, self.value, metric=metric, k=k, sample=sample, seed=seed)
+        if report is None:
+            raise EmptyMemoryError(f"choosing a temperature needs {choice.MIN_SLOTS} slots of two classes or more")
+        return report
 
     def as_manifest(self) -> dict:
         return {"temperature_report": self.report.as_dict() if self.report is not None else None}
