@@ -18,7 +18,10 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install --quiet -e '.[dev,fast,nn,bench,cluster]'
 	touch $(STAMP)
 
+# the code's own checks (ruff: pyflakes, isort, pyupgrade, one line length; mypy), then the tests
 test: setup
+	$(BIN)/ruff check engine tests bench examples
+	$(BIN)/mypy
 	$(BIN)/python -m pytest -q tests
 
 demo: setup

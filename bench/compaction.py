@@ -58,9 +58,8 @@ def checkpoint(path: Path | None, dataset: str, budget_s: float, out: Path):
 
 def rows(args) -> dict:
     """name -> (slot vectors, slot labels, query vectors, query labels, temperature)."""
-    from engine.data import load_fashion_mnist
+    from engine.data import load_fashion_mnist, pca_embed
     from engine.data.omniglot import VALIDATION_ALPHABETS, load_background
-    from engine.data import pca_embed
 
     out = {}
     xtr, ytr = load_fashion_mnist(args.data, "train")

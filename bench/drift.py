@@ -26,11 +26,11 @@ import time
 from pathlib import Path
 
 import numpy as np
+from calibration import K, _exact  # noqa: I001 - a sibling script
 
 from engine import Memory
 from engine.data.synthetic import DISTRIBUTIONS
 
-from calibration import K, _exact  # noqa: I001 - a sibling script
 
 def _fresh(mem, q, truth, exact_answer) -> dict:
     """A batch of fresh queries: its time, its answers' agreement with exact search, recall@64."""

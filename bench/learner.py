@@ -130,7 +130,8 @@ def plot(rows: list[dict], path: Path) -> None:
         acc = [100 * r["val_within_20way"] for r in rows if (r["lever"], r["background"]) == (lever, background)]
         ax.scatter([i] * len(acc), acc, color="tab:blue", zorder=3)
         ax.hlines(np.mean(acc), i - 0.25, i + 0.25, color="tab:red", zorder=2)
-    ax.set_xticks(range(len(groups)), [f"{lever.replace('+', chr(10) + '+')}\n{background}" for lever, background in groups])
+    ax.set_xticks(range(len(groups)),
+                  [f"{lever.replace('+', chr(10) + '+')}\n{background}" for lever, background in groups])
     ax.set_ylabel("within-alphabet 20-way 1-shot (%)")
     ax.set_title("one point a seed (or an ensemble), the mean in red", fontsize=10)
     ax.grid(axis="y", alpha=0.3)
@@ -153,7 +154,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--backgrounds", nargs="+", choices=["small1", "small2"], default=["small1", "small2"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--data", type=Path, default=None, help="datasets folder (default: $ENGINE_DATA or ../shared/data)")
-    ap.add_argument("--runs", type=Path, default=None, help="official runs to score too (a folder of runNN or all_runs.zip)")
+    ap.add_argument("--runs", type=Path, default=None,
+                    help="official runs to score too (a folder of runNN or all_runs.zip)")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--episodes", type=int, default=EPISODES, help="episodes after the supervised stage")
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="another length of the supervised stage")
@@ -176,8 +178,8 @@ def main(argv=None) -> dict:
     summary = summarise(rows)
     doc = {"episodes": args.episodes, "eval_episodes": args.eval_episodes, "results": rows, "summary": summary}
     (args.out / "learner.json").write_text(json.dumps(doc, indent=2))
-    lines = [f"| lever | background | models | within-alphabet 20-way 1-shot, mean (spread over seeds) | "
-             f"run01 error, mean |" + (" official runs error, mean |" if args.runs else ""),
+    lines = ["| lever | background | models | within-alphabet 20-way 1-shot, mean (spread over seeds) | "
+             "run01 error, mean |" + (" official runs error, mean |" if args.runs else ""),
              "|---|---|---:|---:|---:|" + ("---:|" if args.runs else "")]
     for s in summary:
         base, _, size = s["lever"].partition("+ensemble")

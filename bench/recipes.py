@@ -92,7 +92,8 @@ def main(argv=None) -> list[dict]:
         print(f"{name:22s} {100 * r['val_within_20way']:.2f}% ± {100 * r['val_ci95']:.2f} "
               f"({r['views']} views: {100 * r['val_within_20way_views']:.2f}%), run01 error "
               f"{100 * r['run01_error']:.0f}% ({100 * r['run01_error_views']:.0f}%), {r['train_s']:.0f} s", flush=True)
-    (args.out / "recipes.json").write_text(json.dumps({"episodes": args.episodes, "seed": args.seed, "results": rows}, indent=2))
+    (args.out / "recipes.json").write_text(
+        json.dumps({"episodes": args.episodes, "seed": args.seed, "results": rows}, indent=2))
     views = rows[0]["views"] if rows else 1
     lines = [f"| step | FCE | within-alphabet 20-way 1-shot (validation, {args.eval_episodes:,} episodes) | the same, "
              f"{views} test-time views | run01 error (1 / {views} views) | training s |",

@@ -313,7 +313,8 @@ def both(row: dict, full_key: str) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("| slots | d | method | index | ingest slots/s | batch q/s | vs dense | vs bare FAISS (batch / single) "
-            "| single p50 ms | bytes/slot RAM (x raw) | disk (x raw) | nprobe | peak RSS MiB | argmax agree top-k / full "
+            "| single p50 ms | bytes/slot RAM (x raw) | disk (x raw) | nprobe | peak RSS MiB "
+            "| argmax agree top-k / full "
             "| mean TV top-k / full | full / top-k time | median recall@64 |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     dense = {(r["size"], r["dim"]): r for r in rows if r["method"] == "dense"}

@@ -17,7 +17,8 @@ shard, durable, on a local Ray instance) is filled with the same slots
 On this machine every shard shares the same 2 cores, so the end-to-end figures show
 contention, not scale-out. Each shard calibrates its own nprobe for recall@64 of its
 own slots, which are sparser than the whole memory's: it may probe more lists than
-one memory of every slot would (the plot labels each point with it). The projection for one shard a machine is stated as one:
+one memory of every slot would (the plot labels each point with it). The projection for
+one shard a machine is stated as one:
 a query costs the slowest shard's time alone plus the merge plus the measured RPC
 overhead, so ``batch / (max shard time + merge + rpc)`` queries/s per driver.
 Writes shards.json and shards.png to ``--out``.
@@ -42,12 +43,12 @@ BATCH = 100_000
 def run(slots: int, shard_counts: list[int], queries: int, singles: int, seed: int, root: Path,
         data: str = "learned-like") -> dict:
     import ray
+    from scale import timed  # the same timing rule as the scale benchmark (fastest of a few)
     from tqdm import tqdm
 
     from engine import Memory
     from engine.cluster import ShardedMemory, merge
     from engine.data.synthetic import DISTRIBUTIONS
-    from scale import timed  # the same timing rule as the scale benchmark (fastest of a few)
 
     x, y, q, _ = DISTRIBUTIONS[data](slots, 64, seed, queries)
     ids = np.arange(slots, dtype=np.int64)
@@ -164,7 +165,8 @@ def main(argv=None) -> dict:
         print(f"{r['shards']} shards: ingest {r['ingest_slots_per_s']:,.0f} slots/s, {r['batch_qps']:,.0f} q/s, "
               f"single p50 {r['single_p50_ms']:.2f} ms p99 {r['single_p99_ms']:.2f} ms, agreement "
               f"{r['argmax_agreement']:.4f}, recall {r['recall_mean']:.3f}, {r['bytes_per_slot']:.0f} B/slot, "
-              f"merge {r['merge_us_per_query']:.1f} us/query, projected {r['projected_qps_one_shard_a_machine']:,.0f} q/s")
+              f"merge {r['merge_us_per_query']:.1f} us/query, "
+              f"projected {r['projected_qps_one_shard_a_machine']:,.0f} q/s")
     return report
 
 

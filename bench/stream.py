@@ -62,7 +62,8 @@ def main(argv=None) -> dict:
                           "seconds": time.perf_counter() - t0})
     warm = [r["rss"] for r in trace if r["writes"] >= min(args.writes, 2 * args.budget)] or [trace[-1]["rss"]]
     report = {
-        "meta": {"machine": platform.platform(), **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
+        "meta": {"machine": platform.platform(),
+                 **{k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}},
         "writes_per_s": written / trace[-1]["seconds"],
         "max_slots": max(r["slots"] for r in trace),
         "rss_after_warmup_min": min(warm), "rss_after_warmup_max": max(warm),

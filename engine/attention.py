@@ -122,7 +122,7 @@ def top_class(attention: np.ndarray, class_idx: np.ndarray, n_classes: int) -> n
     """
     n, k = attention.shape
     if n == 1:  # one query: sum over the classes its k slots hold
-        return np.argmax(np.bincount(np.maximum(class_idx[0], 0), weights=attention[0]))[None]
+        return np.array([np.argmax(np.bincount(np.maximum(class_idx[0], 0), weights=attention[0]))])
     if n * n_classes <= (1 << 16) or (n_classes <= 16 * k and n * n_classes <= (1 << 22)):
         return np.argmax(class_probs(attention, class_idx, n_classes), axis=1)
     row = np.arange(n)[:, None]

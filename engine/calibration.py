@@ -47,7 +47,8 @@ K = 64  # the default k of a query
 QUERIES = 200  # recall sample: each query averages 64 neighbours; the estimate is good to ~0.005
 ANSWER_QUERIES = 1000  # answer sample: one agreement per query, good to ~0.002 at 0.995
 SHORTFALL = 0.005  # a lossy index: how far below its best the chosen breadth may be
-DRIFT_WRITTEN = 0.5  # the breadth is checked on the new slots once this share of the vectors it was measured on is written
+# the breadth is checked on the new slots once this share of the vectors it was measured on is written
+DRIFT_WRITTEN = 0.5
 DRIFT_MARGIN = 0.01  # and measured again when they fall this far short of the target
 DRIFT_QUERIES = 500  # new slots asked (answer target; recall asks QUERIES): 0.01 is 3 standard errors at 0.995
 
@@ -104,7 +105,7 @@ class Calibration:
         return doc
 
     @classmethod
-    def from_dict(cls, doc) -> "Calibration | None":
+    def from_dict(cls, doc) -> Calibration | None:
         """A saved calibration, or None if ``doc`` is not a valid one (it is then measured again)."""
         def count(v, low):
             return isinstance(v, int) and not isinstance(v, bool) and v >= low

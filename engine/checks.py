@@ -10,6 +10,7 @@ the total mass of any memory below 1e45.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -150,12 +151,19 @@ def temperature(t) -> float:
     return t
 
 
-def integer(name: str, value, *, low: int = 1, optional: bool = False) -> int | None:
-    """An int >= ``low`` (bools refused), or None when ``optional``."""
-    if value is None and optional:
+def integer(name: str, value: Any, *, low: int = 1) -> int:
+    """An int >= ``low`` (bools refused)."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
+        raise InvalidValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return int(value)
+
+
+def optional_integer(name: str, value: Any, *, low: int = 1) -> int | None:
+    """None, or an int >= ``low`` (bools refused)."""
+    if value is None:
         return None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < low:
-        raise InvalidValueError(f"{name} must be an integer >= {low}{' or None' if optional else ''}, got {value!r}")
+        raise InvalidValueError(f"{name} must be an integer >= {low} or None, got {value!r}")
     return int(value)
 
 

@@ -7,7 +7,6 @@ import os
 import secrets
 import sys
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import typer
@@ -82,12 +81,12 @@ def create(
     index: str = typer.Option("auto", help=help_text("index")),
     temperature: str = typer.Option("auto", help=help_text("temperature")),
     probs: str = typer.Option("top-k", help=help_text("probs")),
-    budget: Optional[str] = typer.Option(None, help=help_text("budget")),
+    budget: str | None = typer.Option(None, help=help_text("budget")),
     policy: str = typer.Option("merge", help=help_text("policy")),
-    nprobe: Optional[int] = typer.Option(None, help=help_text("nprobe")),
-    ef_search: Optional[int] = typer.Option(None, help=help_text("ef_search")),
-    recall: Optional[float] = typer.Option(None, help=help_text("recall")),
-    track_usage: Optional[bool] = typer.Option(None, help=help_text("track_usage")),
+    nprobe: int | None = typer.Option(None, help=help_text("nprobe")),
+    ef_search: int | None = typer.Option(None, help=help_text("ef_search")),
+    recall: float | None = typer.Option(None, help=help_text("recall")),
+    track_usage: bool | None = typer.Option(None, help=help_text("track_usage")),
 ) -> None:
     """Create an empty durable memory."""
     try:
@@ -106,7 +105,7 @@ def create(
 def add(
     path: Path = PathArg,
     file: Path = VectorsArg,
-    labels: Optional[Path] = typer.Option(None, help="Labels for a .npy file: .npy or one label per line."),
+    labels: Path | None = typer.Option(None, help="Labels for a .npy file: .npy or one label per line."),
     label_column: str = typer.Option("label", help="Label column of a table."),
     vector_column: str = VectorColumnOpt,
     upsert: bool = typer.Option(False, help="Replace slots whose id exists."),
@@ -130,12 +129,12 @@ def query(
     path: Path = PathArg,
     file: Path = VectorsArg,
     k: int = typer.Option(64, "-k", "--k", help="Slots per query."),
-    tail: Optional[float] = typer.Option(None, help="Grow k until the tail bound (with --probs full: the "
+    tail: float | None = typer.Option(None, help="Grow k until the tail bound (with --probs full: the "
                                          "estimated tail) is below this."),
-    probs: Optional[str] = typer.Option(None, help="'full': estimate attention over the whole memory; "
+    probs: str | None = typer.Option(None, help="'full': estimate attention over the whole memory; "
                                         "'top-k': renormalise over the top-k (default: the memory's setting)."),
     top: int = typer.Option(3, help="Neighbours shown per query in table output."),
-    labels: Optional[Path] = typer.Option(None, help="The true labels of the queries (.npy or one per line; a "
+    labels: Path | None = typer.Option(None, help="The true labels of the queries (.npy or one per line; a "
                                           "table's label column is used by itself): prints the accuracy."),
     vector_column: str = VectorColumnOpt,
     as_json: bool = JsonOpt,
@@ -175,7 +174,8 @@ def query(
         table.add_column(col)
     for i in range(len(res)):
         j = int(np.argmax(res.probs[i]))
-        near = ", ".join(f"{res.ids[i, c]} ({res.scores[i, c]:.3f})" for c in range(min(top, res.k)) if res.ids[i, c] >= 0)
+        near = ", ".join(f"{res.ids[i, c]} ({res.scores[i, c]:.3f})"
+                         for c in range(min(top, res.k)) if res.ids[i, c] >= 0)
         table.add_row(str(i), str(res.labels[i]), f"{res.probs[i, j]:.3f}",
                       *((f"{res.tail_estimate[i]:.3f}",) if estimated else ()), f"{res.tail_bound[i]:.2e}", near)
     console.print(table)
@@ -186,7 +186,7 @@ def query(
 @_command(memory_app, "compact")
 def compact(
     path: Path = PathArg,
-    budget: Optional[str] = typer.Option(None, help="Slots to keep (or bytes: 64MB); none: only drop removed slots."),
+    budget: str | None = typer.Option(None, help="Slots to keep (or bytes: 64MB); none: only drop removed slots."),
     policy: str = typer.Option("merge", help="merge, reservoir, age or distill (each class keeps its mass)."),
     seed: int = typer.Option(0, help="Seed of k-means, sampling and distillation."),
     as_json: bool = JsonOpt,
@@ -207,8 +207,8 @@ def compact(
 def export(
     path: Path = PathArg,
     out: Path = typer.Argument(..., help="A .parquet (or .arrow / .feather) file to write: id, label, weight, vector."),
-    label: Optional[list[str]] = typer.Option(None, "--label", help="Only the slots of this label (repeat)."),
-    ids_file: Optional[Path] = typer.Option(None, help="Only these ids: a file, one per line (or .npy)."),
+    label: list[str] | None = typer.Option(None, "--label", help="Only the slots of this label (repeat)."),
+    ids_file: Path | None = typer.Option(None, help="Only these ids: a file, one per line (or .npy)."),
 ) -> None:
     """Write a memory's slots (all, some labels', or some ids') to a table file."""
     from . import codec
@@ -266,9 +266,9 @@ def export(
 @_command(memory_app, "set")
 def set_(
     path: Path = PathArg,
-    temperature: Optional[float] = typer.Option(None, help="A new attention temperature, kept as given."),
-    nprobe: Optional[int] = typer.Option(None, help="Fix the IVF lists a query visits (0: calibrated again)."),
-    ef_search: Optional[int] = typer.Option(None, help="Fix the HNSW breadth (0: calibrated again)."),
+    temperature: float | None = typer.Option(None, help="A new attention temperature, kept as given."),
+    nprobe: int | None = typer.Option(None, help="Fix the IVF lists a query visits (0: calibrated again)."),
+    ef_search: int | None = typer.Option(None, help="Fix the HNSW breadth (0: calibrated again)."),
 ) -> None:
     """Change a memory's settings (persisted in its manifest)."""
     from .index import SearchSettings
@@ -334,9 +334,9 @@ def info(path: Path = PathArg, as_json: bool = JsonOpt) -> None:
 @_command(memory_app, "remove")
 def remove(
     path: Path = PathArg,
-    ids: Optional[list[int]] = typer.Argument(None, help="Ids to remove."),
-    ids_file: Optional[Path] = typer.Option(None, help="A file of ids, one per line (or .npy)."),
-    label: Optional[list[str]] = typer.Option(None, "--label", help="Remove every slot of this label (repeat)."),
+    ids: list[int] | None = typer.Argument(None, help="Ids to remove."),
+    ids_file: Path | None = typer.Option(None, help="A file of ids, one per line (or .npy)."),
+    label: list[str] | None = typer.Option(None, "--label", help="Remove every slot of this label (repeat)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Remove slots by id, or every slot of some labels (unknown ones: an error, nothing removed)."""
@@ -356,8 +356,8 @@ def remove(
 @_command(memory_app, "get")
 def get(
     path: Path = PathArg,
-    ids: Optional[list[int]] = typer.Argument(None, help="Ids to read."),
-    ids_file: Optional[Path] = typer.Option(None, help="A file of ids, one per line (or .npy)."),
+    ids: list[int] | None = typer.Argument(None, help="Ids to read."),
+    ids_file: Path | None = typer.Option(None, help="A file of ids, one per line (or .npy)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Print slots by id: label, weight and vector (unknown ids: an error)."""
@@ -382,7 +382,7 @@ def get(
 @_command(memory_app, "save")
 def save(
     path: Path = PathArg,
-    to: Optional[Path] = typer.Option(None, help="Write a copy of the memory into this new directory instead."),
+    to: Path | None = typer.Option(None, help="Write a copy of the memory into this new directory instead."),
 ) -> None:
     """Fold a memory's log into a fresh snapshot (or copy it whole to --to)."""
     if to is not None and to.exists():
@@ -400,16 +400,17 @@ def serve(
     memory: list[str] = typer.Option(..., help="A memory directory, or NAME=DIR; repeat for several."),
     host: str = typer.Option("127.0.0.1", help="Address to bind (loopback by default)."),
     port: int = typer.Option(8815, help="Port (0 picks a free one)."),
-    token_file: Optional[Path] = typer.Option(None, help="File holding the bearer token writes need."),
+    token_file: Path | None = typer.Option(None, help="File holding the bearer token writes need."),
     open_reads: bool = typer.Option(False, help="Let reads through without the token."),
     max_rows: int = typer.Option(1_000_000, help="Most rows in one add request or one query batch."),
     batching: bool = typer.Option(True, help="Answer concurrent small queries together (a batch forms while a "
                                   "query runs; an idle server answers at once)."),
     batch_wait_ms: float = typer.Option(0.0, help="Under load, let a batch wait up to this long for more rows."),
-    max_queue: int = typer.Option(256, help="Most query requests waiting per memory; past it, ServerBusyError (0: no bound)."),
-    tls_cert: Optional[Path] = typer.Option(None, help="PEM certificate (with --tls-key) to serve over TLS."),
-    tls_key: Optional[Path] = typer.Option(None, help="PEM private key."),
-    cluster: Optional[str] = typer.Option(None, help="A Ray cluster address ('auto': the local one): each "
+    max_queue: int = typer.Option(256, help="Most query requests waiting per memory; past it, ServerBusyError "
+                                  "(0: no bound)."),
+    tls_cert: Path | None = typer.Option(None, help="PEM certificate (with --tls-key) to serve over TLS."),
+    tls_key: Path | None = typer.Option(None, help="PEM private key."),
+    cluster: str | None = typer.Option(None, help="A Ray cluster address ('auto': the local one): each "
                                           "--memory is then a sharded memory's root directory."),
 ) -> None:
     """Serve durable memories (or, with --cluster, sharded memories on Ray) over Arrow Flight
@@ -448,14 +449,14 @@ def ingest_cmd(
     path: Path = PathArg,
     sources: list[str] = typer.Argument(..., help="Parquet files or directories: label, optionally id and weight, "
                                         "and vector (floats) or image (encoded bytes)."),
-    checkpoint: Optional[Path] = typer.Option(None, help="A trained model's checkpoint folder (to embed images)."),
-    shards: Optional[int] = typer.Option(None, help="Create the sharded memory with this many shards "
+    checkpoint: Path | None = typer.Option(None, help="A trained model's checkpoint folder (to embed images)."),
+    shards: int | None = typer.Option(None, help="Create the sharded memory with this many shards "
                                          "(default: it exists already)."),
-    dim: Optional[int] = typer.Option(None, help="Embedding dimension, when creating (default: the model's, "
+    dim: int | None = typer.Option(None, help="Embedding dimension, when creating (default: the model's, "
                                       "or the vectors')."),
     index: str = typer.Option("auto", help="Each shard's index, when creating."),
     temperature: float = typer.Option(0.1, help="Attention temperature, when creating."),
-    cluster: Optional[str] = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local one)."),
+    cluster: str | None = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local one)."),
     image_size: int = typer.Option(28, help="Images are resized to this square."),
     batch_size: int = typer.Option(4096, help="Rows an embedding call and a write take."),
     replicas: int = typer.Option(2, help="Model replicas embedding in parallel."),
@@ -464,9 +465,7 @@ def ingest_cmd(
     """Write Parquet rows (vectors, or images embedded by a trained g) into a sharded memory on Ray."""
     from .cluster import ShardedMemory
     from .cluster.ingest import check_sources, ingest
-    from .cluster.sharded import connect
-
-    from .cluster.sharded import ROOT_FILE
+    from .cluster.sharded import ROOT_FILE, connect
 
     check_sources(sources)  # a refused input leaves no memory behind
     if shards is not None:  # what can be refused is refused before Ray starts
@@ -497,27 +496,27 @@ def ingest_cmd(
 def train_cmd(
     out: Path = typer.Option(Path("runs/omniglot"), help="Checkpoint folder."),
     dataset: str = typer.Option("omniglot", help="omniglot or fashion-mnist (each has its recipe)."),
-    data: Optional[Path] = typer.Option(None, help="Data directory (default: $ENGINE_DATA or ../shared/data)."),
-    background: Optional[str] = typer.Option(None, help="Omniglot: the minimal split to train on, small1 (the "
+    data: Path | None = typer.Option(None, help="Data directory (default: $ENGINE_DATA or ../shared/data)."),
+    background: str | None = typer.Option(None, help="Omniglot: the minimal split to train on, small1 (the "
                                              "recipe) or small2; validated on the other's alphabets it lacks."),
-    episodes: Optional[int] = typer.Option(None, help="Training episodes (recipe: 6000)."),
-    pretrain_epochs: Optional[int] = typer.Option(
+    episodes: int | None = typer.Option(None, help="Training episodes (recipe: 6000)."),
+    pretrain_epochs: int | None = typer.Option(
         None, help="Supervised epochs over every training class before the episodes (see the recipe)."),
-    width: Optional[int] = typer.Option(None, help="Filters per conv block: the embedding's dimension (64)."),
-    elastic: Optional[float] = typer.Option(None, help="Elastic deformation of strokes, largest pixels (0: off)."),
-    thickness: Optional[float] = typer.Option(None, help="Strokes thicker or thinner, largest share of a pixel (0: off)."),
-    views: Optional[int] = typer.Option(None, help="Test-time views averaged per image (1: the image alone)."),
-    time_budget: Optional[float] = typer.Option(None, help="Stop after this many seconds."),
-    n_way: Optional[int] = typer.Option(None, help="Classes per training episode."),
-    k_shot: Optional[int] = typer.Option(None, help="Support examples per class."),
-    n_query: Optional[int] = typer.Option(None, help="Queries per class."),
-    fce: Optional[bool] = typer.Option(None, help="Full Context Embeddings."),
-    fce_steps: Optional[int] = typer.Option(None, help="Read steps K of the attention LSTM."),
-    lr: Optional[float] = typer.Option(None, help="Adam learning rate (cosine decay)."),
-    topk: Optional[int] = typer.Option(None, help="Train with top-k attention over the support set."),
-    val_every: Optional[int] = typer.Option(None, help="Validate every this many episodes."),
-    val_episodes: Optional[int] = typer.Option(None, help="Validation episodes (within-alphabet 20-way 1-shot)."),
-    seed: Optional[int] = typer.Option(None, help="Seed."),
+    width: int | None = typer.Option(None, help="Filters per conv block: the embedding's dimension (64)."),
+    elastic: float | None = typer.Option(None, help="Elastic deformation of strokes, largest pixels (0: off)."),
+    thickness: float | None = typer.Option(None, help="Strokes thicker or thinner, largest share of a pixel (0: off)."),
+    views: int | None = typer.Option(None, help="Test-time views averaged per image (1: the image alone)."),
+    time_budget: float | None = typer.Option(None, help="Stop after this many seconds."),
+    n_way: int | None = typer.Option(None, help="Classes per training episode."),
+    k_shot: int | None = typer.Option(None, help="Support examples per class."),
+    n_query: int | None = typer.Option(None, help="Queries per class."),
+    fce: bool | None = typer.Option(None, help="Full Context Embeddings."),
+    fce_steps: int | None = typer.Option(None, help="Read steps K of the attention LSTM."),
+    lr: float | None = typer.Option(None, help="Adam learning rate (cosine decay)."),
+    topk: int | None = typer.Option(None, help="Train with top-k attention over the support set."),
+    val_every: int | None = typer.Option(None, help="Validate every this many episodes."),
+    val_episodes: int | None = typer.Option(None, help="Validation episodes (within-alphabet 20-way 1-shot)."),
+    seed: int | None = typer.Option(None, help="Seed."),
     resume: bool = typer.Option(False, help="Continue the run in --out."),
     force: bool = typer.Option(False, help="Start afresh over a run already in --out (it is overwritten)."),
 ) -> None:
@@ -546,7 +545,7 @@ def train_cmd(
 def eval_oneshot_cmd(
     checkpoint: Path = typer.Option(..., help="Checkpoint folder of engine train."),
     runs: Path = typer.Option(..., help="A folder of runNN folders, one runNN folder, or all_runs.zip."),
-    views: Optional[int] = typer.Option(None, help="Test-time views per image (default: the checkpoint's)."),
+    views: int | None = typer.Option(None, help="Test-time views per image (default: the checkpoint's)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """The official 20-way within-alphabet one-shot task, each run's memory an engine.Memory."""
@@ -565,15 +564,15 @@ def eval_oneshot_cmd(
 @_command(app, "eval-episodes")
 def eval_episodes_cmd(
     checkpoint: Path = typer.Option(..., help="Checkpoint folder of engine train."),
-    data: Optional[Path] = typer.Option(None, help="Data directory."),
+    data: Path | None = typer.Option(None, help="Data directory."),
     n_way: list[int] = typer.Option([5, 20], help="Ways to evaluate."),
     k_shot: list[int] = typer.Option([1, 5], help="Shots to evaluate."),
     episodes: int = typer.Option(1000, help="Episodes per setting."),
-    views: Optional[int] = typer.Option(None, help="Test-time views per image (default: the checkpoint's)."),
+    views: int | None = typer.Option(None, help="Test-time views per image (default: the checkpoint's)."),
     as_json: bool = JsonOpt,
 ) -> None:
     """Mean accuracy with a 95% CI over N-way K-shot episodes of the validation set (random and within-alphabet)."""
-    from .train import evaluate_episodes, load_checkpoint, load_sets, TrainConfig
+    from .train import TrainConfig, evaluate_episodes, load_checkpoint, load_sets
 
     model = load_checkpoint(checkpoint, views=views)
     cfg = json.loads((checkpoint / "config.json").read_text())

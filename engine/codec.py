@@ -31,12 +31,12 @@ class Columns:
     codebook: bytes | None = None  # the trained FAISS index (no rows) that ``codes`` belong to
 
     @classmethod
-    def empty(cls, dim: int) -> "Columns":
+    def empty(cls, dim: int) -> Columns:
         z = np.empty(0, np.float64)
         return cls(np.empty(0, np.int64), [], z, np.empty((0, dim), np.float32), z)
 
     @classmethod
-    def from_arrow(cls, data: pa.Table | pa.RecordBatch, dim: int) -> "Columns":
+    def from_arrow(cls, data: pa.Table | pa.RecordBatch, dim: int) -> Columns:
         """Columns of a log record or a snapshot (absent weights are 1, absent times 0)."""
         names = data.schema.names
         n = data.num_rows

@@ -8,7 +8,7 @@ unique across shards with no coordination.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -19,15 +19,24 @@ float32 vectors itself if it rescores.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import faiss
 import numpy as np
 
+from .calibration import (
+    DRIFT_QUERIES,
+    DRIFT_WRITTEN,
+    QUERIES,
+    RECALL_TARGET,
+    Answer,
+    Calibration,
+    DriftCheck,
+    calibrate,
+    check_drift,
+)
 from .calibration import K as CALIBRATION_K
-from .calibration import (DRIFT_QUERIES, DRIFT_WRITTEN, QUERIES, RECALL_TARGET, Answer, Calibration, DriftCheck,
-                          calibrate, check_drift)
 from .errors import InvalidValueError
 
 # FAISS warns below 39 training points per centroid; we train only past that.
@@ -246,7 +255,7 @@ class VectorIndex:
         return self._trained_on > 0 and n_after >= RETRAIN_GROWTH * self._trained_on
 
     def build(self, vectors: np.ndarray, labels: np.ndarray | None = None,
-              weights: np.ndarray | None = None, written: int = 0) -> "VectorIndex":
+              weights: np.ndarray | None = None, written: int = 0) -> VectorIndex:
         """A new index of the same spec over ``vectors`` (row i = position i), trained if due;
         ``labels`` (codes) and ``weights`` of the same rows are what the answer target of
         calibration measures with."""
@@ -263,7 +272,7 @@ class VectorIndex:
             new._written = self._written + written
         return new
 
-    def _sibling(self) -> "VectorIndex":
+    def _sibling(self) -> VectorIndex:
         """A new index object of this spec, settings and recall target, not yet holding an index."""
         new = VectorIndex.__new__(VectorIndex)
         new._params_cache = {}
@@ -302,7 +311,7 @@ class VectorIndex:
         blank.reset()
         return bytes(faiss.serialize_index(blank)), out
 
-    def loaded(self, codebook: bytes, codes: np.ndarray, trained_on: int) -> "VectorIndex":
+    def loaded(self, codebook: bytes, codes: np.ndarray, trained_on: int) -> VectorIndex:
         """An index like this one holding ``codes`` (from :meth:`codes`) as rows 0..n-1, in the
         trained index ``codebook``: no training, and the very codes that were saved.
 
@@ -497,7 +506,8 @@ class VectorIndex:
             return None
         if len(vectors) == 0:
             return np.empty(0, np.int32)
-        return ivf.quantizer.assign(np.ascontiguousarray(self._low(vectors), dtype=np.float32), 1)[:, 0].astype(np.int32)
+        return ivf.quantizer.assign(
+            np.ascontiguousarray(self._low(vectors), dtype=np.float32), 1)[:, 0].astype(np.int32)
 
     @property
     def list_scan(self) -> bool:
@@ -655,7 +665,7 @@ class VectorIndex:
         """IVF lists of the active index, None if it is not IVF."""
         return None if self._ivf is None else int(self._ivf.nlist)
 
-    def bare_search(self, k: int) -> "BareSearch":
+    def bare_search(self, k: int) -> BareSearch:
         """The FAISS index alone, with the search parameters :meth:`search` uses for ``k``:
         the baseline that the engine's own cost is measured against (for l2, FAISS's L2
         index, searched with the queries as written and returning squared distances)."""

@@ -8,8 +8,8 @@ rebuild or compaction).
 from __future__ import annotations
 
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 
 class RWLock:
@@ -22,7 +22,7 @@ class RWLock:
         self._writers_waiting = 0
         self._shared = _Shared(self)
 
-    def read(self) -> "_Shared":
+    def read(self) -> _Shared:
         """Hold the lock shared for the duration of a ``with`` block (a plain object, not a
         generator: queries take it on every call)."""
         return self._shared

@@ -12,8 +12,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -133,8 +134,9 @@ class Memory:
         :class:`~engine.cluster.ShardedMemory` merges); with ``probs="full"`` also every class's
         mass in the full answer (``Retrieved.full``)."""
         with self._reading(queries, k, probs) as (state, q, k_):
+            full = self.metric if probs == "full" else None
             return query.retrieve(state, self._w.vocab, q, min(k_, state.table.n_alive),
-                                  temperature=self._w.tuning.value, full_metric=self.metric if probs == "full" else None)
+                                  temperature=self._w.tuning.value, full_metric=full)
 
     @contextlib.contextmanager
     def _reading(self, queries, k: int, probs: str | None) -> Iterator[tuple[State, np.ndarray, int]]:
@@ -153,9 +155,8 @@ class Memory:
     def get(self, ids) -> Slots:
         """Read slots back by id, in the order given (UnknownIdError lists absent ones)."""
         wanted, vocab = checks.ids(ids), self._w.vocab
-        cols = self._read(lambda state: state.columns(vocab, state.rows_or_raise(wanted)))
-        return Slots(ids=wanted.copy(), labels=cols.labels, weights=cols.weights.copy(),
-                     vectors=self._w.metric.stored(cols.vectors))
+        labels, weights, vectors = self._read(lambda state: state.slots(vocab, wanted))
+        return Slots(ids=wanted.copy(), labels=labels, weights=weights, vectors=self._w.metric.stored(vectors))
 
     def ids(self, labels=None) -> np.ndarray:
         """Every slot's id, ascending; with ``labels``, of the slots of those labels."""
@@ -247,8 +248,8 @@ class Memory:
     def search_settings(self, value: SearchSettings) -> None:
         if not isinstance(value, SearchSettings):
             raise InvalidValueError(f"search_settings must be a SearchSettings, got {value!r}")
-        self._w.set_search(SearchSettings(nprobe=checks.integer("nprobe", value.nprobe, optional=True),
-                                          ef_search=checks.integer("ef_search", value.ef_search, optional=True)))
+        self._w.set_search(SearchSettings(nprobe=checks.optional_integer("nprobe", value.nprobe),
+                                          ef_search=checks.optional_integer("ef_search", value.ef_search)))
 
     # -- persistence ------------------------------------------------------------------
     def save(self, path: str | os.PathLike | None = None) -> Path:

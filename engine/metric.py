@@ -28,10 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
-from .options import METRICS  # noqa: E402,F401 - the metrics a memory takes
 # a coordinate is centred when its mean is this many standard deviations from 0
 OFFSET = 4.0
 
@@ -52,7 +52,7 @@ class Metric:
         """Columns the index and the in-memory slot table hold for ``dim``-dimensional slots."""
         return dim + 1 if self.lifted else dim
 
-    def with_centre(self, vectors: np.ndarray) -> "Metric":
+    def with_centre(self, vectors: np.ndarray) -> Metric:
         """This metric, centred on ``vectors`` (the first written) if it has no centre yet."""
         if not self.lifted or self.centre is not None:
             return self
@@ -75,6 +75,12 @@ class Metric:
             return q
         x = q - self._c(q.shape[1])
         return np.ascontiguousarray(np.hstack([2 * x, -np.ones((len(q), 1), np.float32)]), dtype=np.float32)
+
+    @overload
+    def stored(self, v: np.ndarray) -> np.ndarray: ...
+
+    @overload
+    def stored(self, v: None) -> None: ...
 
     def stored(self, v: np.ndarray | None) -> np.ndarray | None:
         """Slots as the index holds them, back as the caller wrote them (None stays None)."""

@@ -97,8 +97,8 @@ class MemoryOptions:
                 raise InvalidValueError(f'temperature must be a number or "auto", got {self.temperature!r}')
         else:
             put("temperature", checks.temperature(self.temperature))
-        put("nprobe", checks.integer("nprobe", self.nprobe, optional=True))
-        put("ef_search", checks.integer("ef_search", self.ef_search, optional=True))
+        put("nprobe", checks.optional_integer("nprobe", self.nprobe))
+        put("ef_search", checks.optional_integer("ef_search", self.ef_search))
         if self.budget is not None:
             budget = int(self.budget) if isinstance(self.budget, np.integer) else self.budget
             parse_budget(budget, 1.0)  # checked now; read in slots against the memory's own bytes

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -29,7 +30,7 @@ class SparseProbs:
         np.add.at(out, (rows, self.columns), self.values)
         return out
 
-    def rows(self, lo: int, hi: int) -> "SparseProbs":
+    def rows(self, lo: int, hi: int) -> SparseProbs:
         a, b = self.indptr[lo], self.indptr[hi]
         return SparseProbs(self.indptr[lo:hi + 1] - a, self.columns[a:b], self.values[a:b], self.rest[lo:hi],
                            self.prior)
@@ -51,7 +52,7 @@ class SparseProbs:
         # a class named in no row can still win through the rest alone: those rows get the dense answer
         doubt = self.rest * (self.prior.max() if len(self.prior) else 0.0) >= best_value
         for i in np.flatnonzero(doubt):
-            best[i] = int(np.argmax(self.rows(i, i + 1).dense()[0]))
+            best[i] = int(np.argmax(self.rows(int(i), int(i) + 1).dense()[0]))
         return best
 
 
@@ -107,24 +108,28 @@ class QueryResult:
         estimated rest when the memory estimates it (``tail_estimate``)."""
         if isinstance(self._probs, SparseProbs):
             object.__setattr__(self, "_probs", self._probs.dense())
-        if self._probs is None:
+        probs = self._probs
+        if probs is None:
             from .attention import class_probs
 
-            object.__setattr__(self, "_probs", class_probs(self.attention, self.slot_classes, len(self.classes)))
-        return self._probs
+            if self.slot_classes is None:
+                raise ValueError("a result without slot classes carries its probs")
+            probs = class_probs(self.attention, self.slot_classes, len(self.classes))
+            object.__setattr__(self, "_probs", probs)
+        return probs
 
     @classmethod
-    def with_probs(cls, probs: np.ndarray, **fields) -> "QueryResult":
+    def with_probs(cls, probs: np.ndarray, **fields) -> QueryResult:
         """A result whose ``probs`` are already known: dense (e.g. received from a server), or
         :class:`SparseProbs`, made dense when first read."""
         return cls(**fields, _probs=probs)
 
-    def rows(self, lo: int, hi: int) -> "QueryResult":
+    def rows(self, lo: int, hi: int) -> QueryResult:
         """The answers to queries lo..hi-1 alone (same classes, so ``probs`` columns match)."""
         ids = self.ids[lo:hi]
         used = int((ids >= 0).sum(axis=1).max()) if len(ids) else 0
         width = max(used, 1)
-        sliced = dict(classes=self.classes, labels=self.labels[lo:hi], ids=ids[:, :width],
+        sliced: dict[str, Any] = dict(classes=self.classes, labels=self.labels[lo:hi], ids=ids[:, :width],
                       scores=self.scores[lo:hi, :width], attention=self.attention[lo:hi, :width],
                       tail_bound=self.tail_bound[lo:hi], exact_bound=self.exact_bound, k=used,
                       k_requested=self.k_requested,
@@ -192,7 +197,7 @@ class Retrieved:
     omitted_weight: np.ndarray
     total_weight: float
     exact: bool
-    full: "ClassMass | None" = None
+    full: ClassMass | None = None
     classes: np.ndarray | None = None
 
     def omitted_log_mass(self, temperature: float) -> np.ndarray:

@@ -258,7 +258,7 @@ class SlotTable:
             keep[drop_rows] = False
         return np.flatnonzero(keep)
 
-    def compacted(self, drop_rows: np.ndarray | None = None, keep_vectors: bool | None = None) -> "SlotTable":
+    def compacted(self, drop_rows: np.ndarray | None = None, keep_vectors: bool | None = None) -> SlotTable:
         """A new table holding the live rows (less ``drop_rows``), renumbered from 0.
 
         Args:

@@ -13,8 +13,8 @@ import threading
 
 import numpy as np
 
-from .codec import Columns
 from . import checks
+from .codec import Columns
 from .errors import CorruptFileError, InvalidValueError, UnknownLabelError
 from .ids import known
 from .index import VectorIndex
@@ -106,6 +106,12 @@ class State:
         codes = vocab.find(labels)[1]
         return self.table.sorted_ids_of(np.unique(codes[codes >= 0]))
 
+    def slots(self, vocab: Vocabulary, ids: np.ndarray) -> tuple[list, np.ndarray, np.ndarray]:
+        """The labels, weights and vectors (as the index holds them) of ``ids``; UnknownIdError
+        listing the ids that are not live."""
+        rows = self.rows_or_raise(ids)
+        return vocab.values(self.table.label_idx[rows]), self.table.weights[rows].copy(), self.vectors(rows)
+
     def holds(self, id_) -> bool:
         """Whether ``id_`` (anything) is a live slot's id."""
         if isinstance(id_, bool) or not isinstance(id_, (int, np.integer)):
@@ -169,7 +175,7 @@ class State:
 
     @classmethod
     def replayed(cls, writes, vocab: Vocabulary, index: VectorIndex, keep_vectors: bool, track_usage: bool,
-                 trained_on: int = 0) -> "State":
+                 trained_on: int = 0) -> State:
         """A state holding the result of ``writes`` ((ids to drop, Columns to add or None), in
         order; the first is the snapshot).
 
@@ -242,7 +248,7 @@ class State:
             vectors = np.concatenate([vectors, append[3]])
         return table, vectors
 
-    def rebuilt(self, drop_rows: np.ndarray | None = None, append: tuple | None = None) -> "State":
+    def rebuilt(self, drop_rows: np.ndarray | None = None, append: tuple | None = None) -> State:
         """A new state of the live rows less ``drop_rows``, plus ``append``; this one is untouched."""
         vectors = self.vectors(self.table.live_rows(drop_rows))
         table = self.table.compacted(drop_rows=drop_rows)
@@ -252,7 +258,7 @@ class State:
         return State(table, self.index.build(vectors, table.label_idx, table.weights,
                                              written=0 if append is None else len(append[3])))
 
-    def rebuilt_from(self, table: SlotTable, vectors: np.ndarray) -> "State":
+    def rebuilt_from(self, table: SlotTable, vectors: np.ndarray) -> State:
         """A new state over ``table`` (all rows live) and its ``vectors``, indexed like this one."""
         return State(table, self.index.build(vectors, table.label_idx, table.weights))
 
@@ -267,7 +273,7 @@ class State:
         t = self.table
         return self.index.calibrated(t.label_idx, t.weights)
 
-    def upkeep_breadth(self) -> "State | None":
+    def upkeep_breadth(self) -> State | None:
         """Measure the search breadth again of an index that grew in place (HNSW) 4x, whose
         answer was measured at a temperature the memory has since softened past, or whose new
         slots (once half as many as it was measured on are written) no longer get the answer or

@@ -36,9 +36,9 @@ import json
 import os
 import re
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -108,7 +108,7 @@ class Store:
 
     # -- create / open ------------------------------------------------------------
     @classmethod
-    def create(cls, path: str | os.PathLike, dim: int, settings: dict) -> "Store":
+    def create(cls, path: str | os.PathLike, dim: int, settings: dict) -> Store:
         """Make a new memory directory with an empty log; ``settings`` are the owner's (JSON).
 
         Raises:
@@ -150,7 +150,7 @@ class Store:
             out.close()
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, lock: bool = True) -> tuple["Store", Recovered]:
+    def open(cls, path: str | os.PathLike, *, lock: bool = True) -> tuple[Store, Recovered]:
         """Read a memory directory back and check every file. Nothing is written.
 
         Call :meth:`begin` before logging new writes. With ``lock=False`` the directory is
@@ -337,7 +337,7 @@ class Store:
         if self.failed is None:
             self.failed = reason
 
-    def log_add(self, slots: Columns, label_kind: str, *, upsert: bool) -> None:
+    def log_add(self, slots: Columns, label_kind: str | None, *, upsert: bool) -> None:
         """Append an add (or upsert) record and fsync it.
 
         Raises:

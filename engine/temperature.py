@@ -60,7 +60,7 @@ class TemperatureReport:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "TemperatureReport | None":
+    def from_dict(cls, d: dict | None) -> TemperatureReport | None:
         if not isinstance(d, dict):
             return None
         try:

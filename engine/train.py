@@ -93,7 +93,7 @@ def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: floa
                    ep.query_y)
 
 
-def _check_stage(cfg: "TrainConfig") -> None:
+def _check_stage(cfg: TrainConfig) -> None:
     """Refuse the options this module reads first whose error would otherwise surface deep in torch."""
     if cfg.background not in ("small1", "small2"):
         raise ValueError(f"background must be small1 or small2, got {cfg.background!r}")
@@ -107,7 +107,7 @@ def _check_stage(cfg: "TrainConfig") -> None:
     check_views(cfg.views)
 
 
-def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: "TrainConfig", rng: np.random.Generator, *,
+def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: np.random.Generator, *,
              progress: bool = True) -> list[dict]:
     """The supervised stage before episodes: g learns to tell every training class from
     every other at once, through a cosine classifier (a learned unit direction per class,
@@ -274,7 +274,8 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
             if cfg.time_budget_s and time.perf_counter() - start > cfg.time_budget_s:
                 break
             for group in opt.param_groups:  # cosine decay over the planned episodes
-                group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * state["episode"] / cfg.episodes))
+                group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (
+                    1 + math.cos(math.pi * state["episode"] / cfg.episodes))
             episode = augment(sampler.sample(), cfg.shift, sampler.rng, rotate=cfg.rotate, scale=cfg.scale,
                               elastic=cfg.elastic, flip=cfg.flip, thickness=cfg.thickness)
             loss, acc = episode_loss(model, episode, cfg.topk, cfg.topk_tail)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import logging
 
-from . import temperature as choice
 from . import checks
+from . import temperature as choice
 from .errors import EmptyMemoryError, InvalidValueError, StorageError
 from .metric import Metric
 from .state import Current

@@ -109,7 +109,7 @@ class SegmentWriter:
         self.fd, self.name, self.size, self.crc, self.records = fd, name, size, crc, records
 
     @classmethod
-    def create(cls, directory: Path, dir_fd: int, name: str, header: bytes, prev_seq: int) -> "SegmentWriter":
+    def create(cls, directory: Path, dir_fd: int, name: str, header: bytes, prev_seq: int) -> SegmentWriter:
         """Make a new segment holding only its header frame, durable (file and directory entry).
 
         Raises:

@@ -151,10 +151,10 @@ def run_demo(data=None, *, out: str | Path = "runs/demo", quick: bool = False, f
     Returns:
         Every figure of the report, as a dict (also written to ``demo.json``).
     """
+    import torch
+
     from engine.data.omniglot import load_oneshot_runs, omniglot_dir
     from engine.train import eval_oneshot, evaluate_episodes, load_checkpoint, load_sets, recipe, train
-
-    import torch
 
     torch.use_deterministic_algorithms(True, warn_only=True)  # evaluation too (see engine.train.train)
     out = Path(out)
@@ -320,7 +320,8 @@ def write_report(report: dict, out: Path, run, model) -> None:
         "",
         "| evaluation | result |",
         "|---|---|",
-        f"| official one-shot runs ({report['oneshot']['runs']}): error | {100 * report['oneshot']['error_rate']:.1f}% |",
+        f"| official one-shot runs ({report['oneshot']['runs']}): error "
+        f"| {100 * report['oneshot']['error_rate']:.1f}% |",
     ]
     for r in val:
         kind = "within-alphabet" if r["within_alphabet"] else "random"
@@ -333,7 +334,8 @@ def write_report(report: dict, out: Path, run, model) -> None:
         "",
         "![one-shot run](oneshot.png)",
         "",
-        f"Fashion-MNIST: {pca['slots']:,} training images as memory slots, {pca['queries']:,} test queries, k = {pca['k']}.",
+        f"Fashion-MNIST: {pca['slots']:,} training images as memory slots, {pca['queries']:,} test queries, "
+        f"k = {pca['k']}.",
         "",
         "| embedding | accuracy | median tail bound | queries/s | bytes/slot |",
         "|---|---|---|---|---|",
@@ -342,7 +344,8 @@ def write_report(report: dict, out: Path, run, model) -> None:
         f"| learned Matching Network ({report['fashion_training']['pretrain_epochs']} supervised epochs, "
         f"{report['fashion_training']['episodes']} episodes, {fl['views']} test-time views; T = "
         f"{fl['temperature']:.3g}, chosen by the memory on its own slots) | {fl['accuracy']:.4f} "
-        f"| {fl['tail_bound_median']:.3g} | {fl['embed_and_query_per_s']:,.0f} (incl. embedding) | {fl['bytes_per_slot']:.0f} |",
+        f"| {fl['tail_bound_median']:.3g} | {fl['embed_and_query_per_s']:,.0f} (incl. embedding) "
+        f"| {fl['bytes_per_slot']:.0f} |",
         "",
         f"Against dense attention over all slots (PCA memory, {pca['full_attention_checked']:,} queries): top-k "
         f"alone agrees on the argmax {pca['full_attention_argmax_agreement']:.4f} (mean total variation "
@@ -386,7 +389,8 @@ def main() -> None:
                   f"{100 * report['oneshot']['error_rate']:.1f}% ({runs} run{'s' if runs > 1 else ''})")
     for r in report["omniglot_validation"]:
         kind = "within-alphabet" if r["within_alphabet"] else "random"
-        table.add_row(f"validation {kind} {r['n_way']}-way 1-shot", f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}")
+        table.add_row(f"validation {kind} {r['n_way']}-way 1-shot",
+                      f"{100 * r['accuracy']:.2f}% ± {100 * r['ci95']:.2f}")
     pca, learned = report["pca"], report["fashion_learned"]
     table.add_row(f"Fashion-MNIST memory ({pca['slots']:,} slots), PCA pixels", f"{pca['accuracy']:.4f}")
     table.add_row("  vs dense attention: argmax agreement, top-k / estimated tail",

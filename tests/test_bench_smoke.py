@@ -135,7 +135,8 @@ def test_recipes_script(tmp_path):
     rows = recipes.main(["--steps", "episodes", "--episodes", "2", "--eval-episodes", "3", "--out", str(tmp_path)])
     by = {r["step"]: r for r in rows}
     assert by["episodes"]["pretrain_epochs"] == 0 and by["episodes"]["episodes"] == 2
-    assert all(0 <= r[f"val_within_20way{s}"] <= 1 and 0 <= r[f"run01_error{s}"] <= 1 for r in rows for s in ("", "_views"))
+    assert all(0 <= r[f"val_within_20way{s}"] <= 1 and 0 <= r[f"run01_error{s}"] <= 1
+               for r in rows for s in ("", "_views"))
     assert "| episodes only |" in (tmp_path / "recipes.md").read_text()
 
 

@@ -190,7 +190,8 @@ def test_a_share_of_a_sharded_memory_searches_for_its_share_of_the_top_k():
     assert share_k(64, 1.0) == 64 and share_k(64, 0.5) == 40 and share_k(64, 0.25) == 23
     assert all(share_k(64, 1 / n) >= 64 / n for n in range(1, 65)) and share_k(1, 0.01) == 1
     x, y, _, _ = isotropic(40_000, 32, n_classes=400, seed=6, queries=10)
-    whole, part = Memory(32, index="auto", recall=0.98), Memory(32, index="auto", shard=engine.ShardRole(0, 4))  # a share: recall
+    # a share: recall
+    whole, part = Memory(32, index="auto", recall=0.98), Memory(32, index="auto", shard=engine.ShardRole(0, 4))
     whole.add(x, y)
     part.add(x, y)
     assert part.stats().nprobe <= whole.stats().nprobe  # it needs to find fewer of each top-64

@@ -357,6 +357,7 @@ def test_ingest_parquet_vectors_and_images(tmp_path):
     import pyarrow as pa
     import pyarrow.parquet as pq
     import torch
+
     from engine.cluster.ingest import ingest
     from engine.data.images import as_input
     from engine.nn import MatchingNetwork

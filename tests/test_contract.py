@@ -8,8 +8,8 @@ import pytest
 
 import engine
 from engine import Client, Memory
-from engine.protocol import MemoryLike
 from engine.data import clustered
+from engine.protocol import MemoryLike
 from engine.serve import MemoryServer
 
 from .test_serve import same_result
@@ -63,7 +63,8 @@ def _label_verbs_agree(reference, other, y, q):
     for mem in (reference, other):
         assert mem.ids(labels=[3, 5]).tolist() == reference.ids(labels=[5, 3]).tolist()
         held = mem.get(mem.ids(labels=[3, 5]))
-        assert set(held.labels) == {3, 5} and len(held.labels) == sum(int(v) in (3, 5) for v in mem.get(mem.ids()).labels)
+        every = mem.get(mem.ids()).labels
+        assert set(held.labels) == {3, 5} and len(held.labels) == sum(int(v) in (3, 5) for v in every)
         assert len(mem.ids(labels=[999])) == 0  # no slot of that label: none
         with pytest.raises(engine.InvalidValueError, match="labels"):
             mem.ids(labels=["three"])  # another kind than the memory's

@@ -381,7 +381,8 @@ def test_torch_tensors_are_taken_wherever_arrays_are():
     a, b = ref.query(x[:5], k=6), mem.query(q, k=6)
     np.testing.assert_array_equal(a.ids, b.ids)
     np.testing.assert_allclose(a.probs, b.probs, atol=1e-12)
-    assert mem.remove(torch.tensor([0, 2])) == 2 and len(mem.ids(labels=torch.tensor([1]))) == 19  # ids 0, 2: labels 0, 1
+    # ids 0, 2: labels 0, 1
+    assert mem.remove(torch.tensor([0, 2])) == 2 and len(mem.ids(labels=torch.tensor([1]))) == 19
 
 
 def test_tensors_numpy_lacks_and_zero_d_labels():

@@ -118,7 +118,8 @@ def test_bad_input_over_the_wire(served, data):
         (lambda: good.query(np.ones((1, 9))), engine.DimensionError, "shape"),
         (lambda: good.remove([123456]), engine.UnknownIdError, "unknown ids"),
         (lambda: good.add(x[:1], [1], ids=[3]), engine.DuplicateIdError, "already"),
-        (lambda: Client(f"grpc://127.0.0.1:{server.port}", "other", token=TOKEN).stats(), engine.UnknownMemoryError, "other"),
+        (lambda: Client(f"grpc://127.0.0.1:{server.port}", "other", token=TOKEN).stats(),
+         engine.UnknownMemoryError, "other"),
         (lambda: anonymous.add(x[:1], [1]), engine.AuthenticationError, "token"),
         (lambda: wrong.remove([1]), engine.AuthenticationError, "token"),
         (lambda: wrong.compact(), engine.AuthenticationError, "token"),
@@ -126,8 +127,10 @@ def test_bad_input_over_the_wire(served, data):
         (lambda: good.query(np.ones((501, 16))), ValueError, "max_rows"),
         (lambda: put(server, pa.table({"label": [1]}), b'{"memory": "m"}'), fl.FlightServerError, "vector"),
         (lambda: put(server, pa.table({"vector": [[1.0] * 16]}), b'{"memory": "m"}'), fl.FlightServerError, "label"),
-        (lambda: put(server, pa.table({"vector": ["a"], "label": [1]}), b'{"memory": "m"}'), fl.FlightServerError, "list"),
-        (lambda: put(server, pa.table({"vector": [[1.0] * 16], "label": [1]}), b"not json"), fl.FlightServerError, "malformed"),
+        (lambda: put(server, pa.table({"vector": ["a"], "label": [1]}), b'{"memory": "m"}'),
+         fl.FlightServerError, "list"),
+        (lambda: put(server, pa.table({"vector": [[1.0] * 16], "label": [1]}), b"not json"),
+         fl.FlightServerError, "malformed"),
         (lambda: raw(server).do_get(fl.Ticket(b"\x00garbage")).read_all(), fl.FlightServerError, "malformed ticket"),
         (lambda: raw(server).do_get(fl.Ticket(b'{"memory": "m", "ids": 5}')).read_all(), fl.FlightServerError, "ids"),
         (lambda: list(raw(server).do_action(fl.Action("explode", b"{}"))), fl.FlightServerError, "unknown action"),
@@ -223,7 +226,8 @@ def test_remove_without_ids_leaves_a_memory_the_server_can_start_on(tmp_path, da
 
 
 def start_server(path: Path, *extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--memory", f"m={path}", "--port", "0", *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--memory", f"m={path}", "--port", "0",
+                             *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
     line = proc.stdout.readline()

@@ -496,10 +496,10 @@ def test_a_checkpoint_the_swap_lands_in_never_touches_the_other_memorys_files(tm
 def test_a_directory_replaced_while_it_opens_is_not_written(tmp_path, data, monkeypatch):
     """Recovery reads a memory whose log ends in a torn record; the directory is replaced
     meanwhile: the open is refused, and the other memory's segment is not cut."""
-    from engine import wal
-
     import subprocess
     import sys
+
+    from engine import wal
 
     x, y, _ = data
     code = ("import os, signal, sys, numpy as np, engine\n"

@@ -16,10 +16,9 @@ import numpy as np
 
 from ..errors import CorruptFileError
 from ..memory import Memory
-from ..results import CompactionReport, MemoryStats, Retrieved, Slots
 from ..options import ShardRole
+from ..results import CompactionReport, MemoryStats, Retrieved, Slots
 from ..store import holds_memory
-
 
 SHARD_FILE = "shard.json"  # in each shard's directory: which sharded memory it belongs to, as which shard
 

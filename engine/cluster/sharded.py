@@ -24,10 +24,11 @@ from pathlib import Path
 import numpy as np
 
 from .. import checks, compaction, fsio
+from .. import ids as slot_ids
 from ..errors import (
     CorruptFileError,
-    EngineError,
     EmptyMemoryError,
+    EngineError,
     InvalidValueError,
     MemoryExistsError,
     MemoryNotFoundError,
@@ -35,7 +36,6 @@ from ..errors import (
     UnknownLabelError,
 )
 from ..labels import Vocabulary
-from .. import ids as slot_ids
 from ..options import SHARD_OPTIONS, MemoryOptions
 from ..results import CompactionReport, MemoryStats, QueryResult, Slots
 from ..store import holds_memory
@@ -179,7 +179,7 @@ class ShardedMemory:
             raise
 
     @classmethod
-    def open(cls, path: str | os.PathLike, *, address: str | None = None) -> "ShardedMemory":
+    def open(cls, path: str | os.PathLike, *, address: str | None = None) -> ShardedMemory:
         """Reopen a sharded memory: every shard reopens its directory (snapshot + log).
 
         Raises:
@@ -228,7 +228,8 @@ class ShardedMemory:
         actor = ray.remote(Shard)
         self._shards = [
             actor.options(max_restarts=-1, max_task_retries=0, num_cpus=0.01,
-                          scheduling_strategy=PlacementGroupSchedulingStrategy(self._pg, placement_group_bundle_index=i))
+                          scheduling_strategy=PlacementGroupSchedulingStrategy(
+                              self._pg, placement_group_bundle_index=i))
             .remote(str(root / f"shard-{i:03d}"), i, self.n, doc["dim"], shard_options, create)
             for i in range(self.n)
         ]
@@ -563,7 +564,7 @@ class ShardedMemory:
             return False
         return bool(self._where(np.array([id_], np.int64))[0])
 
-    def __enter__(self) -> "ShardedMemory":
+    def __enter__(self) -> ShardedMemory:
         return self
 
     def __exit__(self, *exc) -> None:

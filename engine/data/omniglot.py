@@ -53,7 +53,7 @@ class CharacterSet:
     def __len__(self) -> int:
         return len(self.names)
 
-    def with_rotations(self) -> "CharacterSet":
+    def with_rotations(self) -> CharacterSet:
         """Add each character rotated by 90, 180 and 270 degrees as new classes (as in the paper)."""
         imgs, alph, names = [self.images], list(self.alphabets), list(self.names)
         for quarter in (1, 2, 3):
@@ -62,7 +62,7 @@ class CharacterSet:
             names += [f"{n}@{90 * quarter}" for n in self.names]
         return CharacterSet(np.concatenate(imgs), alph, names)
 
-    def subset(self, alphabets) -> "CharacterSet":
+    def subset(self, alphabets) -> CharacterSet:
         """Only the characters of the given alphabets."""
         keep = [i for i, a in enumerate(self.alphabets) if a in set(alphabets)]
         if not keep:

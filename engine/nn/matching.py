@@ -230,7 +230,8 @@ class MatchingNetwork(nn.Module):
                 res = memory.query(h.cpu().numpy(), k=k, probs="top-k")  # the read needs ids, not a tail
                 v = torch.as_tensor(memory.get(np.where(res.ids >= 0, res.ids, res.ids[:, :1]).ravel()).vectors)
                 v = v.reshape(len(h), -1, self.dim).to(h)
-                a = torch.softmax(torch.einsum("nd,nkd->nk", h, v).masked_fill(torch.as_tensor(res.ids < 0), -torch.inf), 1)
+                a = torch.softmax(
+                    torch.einsum("nd,nkd->nk", h, v).masked_fill(torch.as_tensor(res.ids < 0), -torch.inf), 1)
                 return torch.einsum("nk,nkd->nd", a, v)
         h = self.embed_queries(torch.as_tensor(x), reader=reader, batch_size=batch_size)
         self.train(was)
@@ -242,7 +243,7 @@ class MatchingNetwork(nn.Module):
         return dict(self.options)
 
     @classmethod
-    def from_config(cls, config: dict) -> "MatchingNetwork":
+    def from_config(cls, config: dict) -> MatchingNetwork:
         return cls(**{k: config[k] for k in ("shared", "fce", "fce_steps", "temperature", "learn_temperature",
                                              "in_channels", "width", "views") if k in config})
 

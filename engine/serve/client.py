@@ -27,7 +27,6 @@ from ..labels import kind_of, one_or_many
 from ..results import CompactionReport, MemoryStats, QueryResult, Slots
 from . import wire
 
-
 SMALL_QUERY_ROWS = 256  # queries of at most this many rows travel as one message each way
 SESSION_IDLE_S = 1.0  # a thread's session stream unused this long is closed (a server can then stop)
 
@@ -248,7 +247,7 @@ class Client:
             return _session_answer(chunk.app_metadata)
         raise errors.ServerUnavailableError("the query stream kept closing")  # pragma: no cover
 
-    def _open_session(self) -> "_Session":
+    def _open_session(self) -> _Session:
         descriptor = fl.FlightDescriptor.for_command(wire.command(op="session"))
         with _errors():
             writer, reader = self._flight.do_exchange(descriptor, self._options)
@@ -284,7 +283,7 @@ class Client:
                 session.close()
         self._flight.close()
 
-    def __enter__(self) -> "Client":
+    def __enter__(self) -> Client:
         return self
 
     def __exit__(self, *exc) -> None:

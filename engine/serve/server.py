@@ -24,8 +24,8 @@ import pyarrow as pa
 import pyarrow.flight as fl
 
 from .. import codec
-from ..labels import kind_of
 from ..errors import EngineError, UnknownMemoryError
+from ..labels import kind_of
 from ..protocol import MemoryLike
 from . import wire
 from .batching import QueryBatcher
@@ -263,8 +263,10 @@ class MemoryServer(fl.FlightServerBase):
     # -- actions -------------------------------------------------------------------------
     def list_actions(self, context):
         return [("remove", "Remove slots: {memory, ids} or {memory, labels}"),
-                ("ids", "Ids of every slot, or of some labels' slots: {memory, labels?}"), ("stats", "Memory statistics: {memory}"),
-                ("compact", "Compact to a budget with a policy, or drop removed slots: {memory, budget?, policy?}"), ("snapshot", "Checkpoint: {memory}"),
+                ("ids", "Ids of every slot, or of some labels' slots: {memory, labels?}"),
+                ("stats", "Memory statistics: {memory}"),
+                ("compact", "Compact to a budget with a policy, or drop removed slots: {memory, budget?, policy?}"),
+                ("snapshot", "Checkpoint: {memory}"),
                 ("health", "Liveness and memory names"), ("list", "Memory names"),
                 ("metrics", "Requests, latencies (p50/p99, by stage for queries), queue depth and batch sizes"),
                 ("query", "A small query in one message: length, JSON header, float32 rows (see docs/serving.md)")]

@@ -6,7 +6,8 @@ partition made here (:func:`partition_size` cells). Each cell keeps its slot cou
 mass ``W``, the mass-weighted vector sum ``S``, a fixed pivot (the unit centroid for
 cosine, the centroid for inner product) and its reach (the smallest cosine of any slot
 it ever held to the pivot; for inner product the largest distance). Each class keeps its
-mass and vector sum too: how the estimated rest is shared among classes. Running masses carry a bound on their rounding error; when a removal
+mass and vector sum too: how the estimated rest is shared among classes. Running masses
+carry a bound on their rounding error; when a removal
 leaves a bound above a millionth of a cell's mass (a huge slot removed next to small
 ones), the state drops the cells and the next full answer builds them afresh.
 """
@@ -91,7 +92,7 @@ class Cells:
 
     @classmethod
     def of(cls, dim: int, metric: str, n_rows: int, live: np.ndarray, label_idx: np.ndarray, weights: np.ndarray,
-           vectors, *, index_cells=None, chunk: int = 65536, seed: int = 0) -> "Cells":
+           vectors, *, index_cells=None, chunk: int = 65536, seed: int = 0) -> Cells:
         """Cells of a whole table.
 
         Args:
@@ -212,7 +213,7 @@ class Cells:
         self._view = None
 
     # -- reads ----------------------------------------------------------------------------
-    def view(self) -> "CellView":
+    def view(self) -> CellView:
         """What queries read, computed once after each change (one reader builds it, the
         others wait for it rather than see it half built)."""
         view = self._view

@@ -35,8 +35,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..results import SparseProbs
 from ..metric import lifted_query_sq
+from ..results import SparseProbs
 from .cells import CellView
 
 CHUNK = 256  # queries estimated at a time
@@ -500,7 +500,8 @@ def _log_gauss(first, q_sq, spread, dim: int, inv_t: float, lowest):
     h = 1 - (2 / 3) * (k + lam) * (k + 3 * lam) / (k + 2 * lam) ** 2
     p = (k + 2 * lam) / (k + lam) ** 2
     m = (h - 1) * (1 - 3 * h)
-    z = ((x / (k + lam)) ** h - (1 + h * p * (h - 1 - 0.5 * (2 - h) * m * p))) / (h * np.sqrt(2 * p) * (1 + 0.5 * m * p))
+    z = (((x / (k + lam)) ** h - (1 + h * p * (h - 1 - 0.5 * (2 - h) * m * p)))
+         / (h * np.sqrt(2 * p) * (1 + 0.5 * m * p)))
     beyond = np.where(point, np.where(dist >= r2, 0.0, -np.inf), _log_upper_normal(z))
     return (whole + beyond).astype(dtype)
 
