@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .errors import EngineError, UnknownLabelError
 from .extras import EXTRA_OF, missing
-from .io import read_batch
+from .inputs import read_batch
 from .memory import Memory
 from .options import help_text
 
@@ -211,7 +211,7 @@ def export(
     ids_file: Path | None = typer.Option(None, help="Only these ids: a file, one per line (or .npy)."),
 ) -> None:
     """Write a memory's slots (all, some labels', or some ids') to a table file."""
-    from . import codec
+    from .store import codec
 
     if out.exists():
         raise FileExistsError(f"{out} exists; choose another file")
@@ -302,7 +302,7 @@ def _ids_in(file: Path) -> np.ndarray:
     """Ids from a file (one per line, or a .npy of integers); anything else is refused, never cut
     to an integer."""
     from . import checks
-    from .io import read_labels
+    from .inputs import read_labels
 
     return checks.ids(np.asarray(read_labels(file)))
 

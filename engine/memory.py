@@ -19,13 +19,13 @@ from typing import Any, TypeVar
 import numpy as np
 
 from . import checks, query
-from . import temperature as choice
-from .calibration import Calibration
 from .errors import InvalidValueError
 from .index import BareSearch, SearchSettings
+from .index.calibration import Calibration
 from .options import PROBS, MemoryOptions
 from .results import CompactionReport, MemoryStats, QueryResult, Retrieved, Slots
 from .state import State
+from .tuning import temperature as choice
 from .writer import Writer
 
 T = TypeVar("T")
@@ -106,7 +106,7 @@ class Memory:
     def calibrate_temperature(self, *, k: int = 64, sample: int = choice.SAMPLE, seed: int = 0
                               ) -> choice.TemperatureReport:
         """Choose the temperature now, on ``sample`` of the memory's slots each attending over its
-        top-``k`` without itself (:mod:`engine.temperature`), and use it: an "auto" memory keeps
+        top-``k`` without itself (:mod:`engine.tuning.temperature`), and use it: an "auto" memory keeps
         choosing as it grows, one given a number keeps this one (persisted).
 
         Raises EmptyMemoryError (fewer than 20 slots, or one class), InvalidValueError.
@@ -215,7 +215,7 @@ class Memory:
 
     @property
     def calibration(self) -> Calibration | None:
-        """What calibrating the search breadth chose and measured (:mod:`engine.calibration`)."""
+        """What calibrating the search breadth chose and measured (:mod:`engine.index.calibration`)."""
         return self._w.cur.state.index.calibration
 
     @property

@@ -14,7 +14,6 @@ import threading
 import numpy as np
 
 from . import checks
-from .codec import Columns
 from .errors import CorruptFileError, InvalidValueError, UnknownLabelError
 from .ids import known
 from .index import VectorIndex
@@ -23,6 +22,7 @@ from .locks import RWLock
 from .options import parse_budget
 from .results import MemoryStats
 from .slots import SlotTable
+from .store.codec import Columns
 from .tail import Cells
 
 # Rebuild (drop tombstones, renumber rows) once this fraction of rows is dead.

@@ -23,10 +23,9 @@ import numpy as np
 
 from . import checks, compaction
 from . import ids as slot_ids
-from .calibration import Calibration
-from .codec import Columns
 from .errors import CorruptFileError, InvalidValueError, StorageError
 from .index import SearchSettings, VectorIndex
+from .index.calibration import Calibration
 from .labels import Vocabulary
 from .metric import Metric
 from .options import MemoryOptions
@@ -34,8 +33,9 @@ from .results import CompactionReport
 from .slots import SlotTable
 from .state import Current, State
 from .store import Store
-from .temperature import TemperatureReport
+from .store.codec import Columns
 from .tuning import Tuning
+from .tuning.temperature import TemperatureReport
 
 
 class Writer:

@@ -203,7 +203,7 @@ def learned_memory_report(model, data=None, *, k: int = 64, limit: int | None = 
     """Fashion-MNIST as a memory of learned g embeddings; test images embedded with h and queried.
 
     The memory chooses its own temperature (``temperature="auto"``: leave-one-out on its
-    own slots, see :mod:`engine.temperature`); the model's was learned on 50-slot episodes,
+    own slots, see :mod:`engine.tuning.temperature`); the model's was learned on 50-slot episodes,
     and a 60k-slot memory wants a sharper one. FCE models, whose g sees the whole support
     set and whose h reads the memory, keep their own temperature.
     """

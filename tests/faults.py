@@ -1,6 +1,6 @@
 """Injected disk faults: make the store's I/O primitives fail the way a failing disk does.
 
-Every byte the engine writes goes through :mod:`engine.fsio`, so replacing its
+Every byte the engine writes goes through :mod:`engine.store.fsio`, so replacing its
 primitives reaches every write path (log appends, snapshots, the manifest).
 A fault can write part of the data first (a full disk takes some bytes, then
 refuses), so torn records are real, not simulated by the reader.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import errno
 import random
 
-from engine import fsio
+from engine.store import fsio
 
 PRIMITIVES = ("write_all", "fsync", "fsync_dir", "rename", "truncate")
 

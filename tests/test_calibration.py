@@ -110,14 +110,16 @@ def test_reopening_reuses_the_calibration(tmp_path, monkeypatch):
     def measured_again(*args, **kwargs):
         raise AssertionError("reopening measured the calibration again")
 
-    monkeypatch.setattr(engine.index, "calibrate", measured_again)
+    from engine.index import vector_index
+
+    monkeypatch.setattr(vector_index, "calibrate", measured_again)
     with Memory.open(tmp_path / "m") as again:
         after = again.stats()
     assert (after.index, after.nprobe, after.recall) == (before.index, before.nprobe, before.recall)
 
 
 def test_a_malformed_saved_calibration_is_measured_again(tmp_path):
-    from engine.calibration import Calibration
+    from engine.index.calibration import Calibration
 
     good = dict(nprobe=8, ef_search=None, recall=0.99, k=64, queries=200, trained_on=1000, spec="IVF16,Flat",
                 seconds=0.1)
@@ -139,7 +141,7 @@ def test_the_answer_measured_is_what_a_search_at_that_breadth_answers():
     chose and a float64 brute force, each query's own slot left out."""
     import faiss
 
-    from engine.calibration import Answer, calibrate
+    from engine.index.calibration import Answer, calibrate
 
     x, y = isotropic(20_000, 16, n_classes=200, noise=1.2, seed=5)[:2]
     x = np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)
@@ -207,7 +209,7 @@ def test_recall_from_list_ranks_is_what_a_search_at_that_breadth_finds(target):
     against a float64 brute force."""
     import faiss
 
-    from engine.calibration import calibrate
+    from engine.index.calibration import calibrate
 
     x, _ = isotropic(20_000, 16, n_classes=200, seed=5)[:2]
     x = np.ascontiguousarray(x / np.linalg.norm(x, axis=1, keepdims=True), dtype=np.float32)

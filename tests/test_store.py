@@ -459,7 +459,7 @@ def test_a_checkpoint_the_swap_lands_in_never_touches_the_other_memorys_files(tm
     """The swap lands inside a checkpoint, after the check before it: every file operation
     goes through the directory the memory holds, so the other memory's files (named alike:
     both number their files from 1) stay as they were."""
-    from engine import fsio, wal
+    from engine.store import fsio, wal
 
     x, y, _ = data
     mine = Memory(8, index="Flat", path=tmp_path / "m")
@@ -499,7 +499,7 @@ def test_a_directory_replaced_while_it_opens_is_not_written(tmp_path, data, monk
     import subprocess
     import sys
 
-    from engine import wal
+    from engine.store import wal
 
     x, y, _ = data
     code = ("import os, signal, sys, numpy as np, engine\n"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import checks, compaction, fsio
+from .. import checks, compaction
 from .. import ids as slot_ids
 from ..errors import (
     CorruptFileError,
@@ -38,7 +38,7 @@ from ..errors import (
 from ..labels import Vocabulary
 from ..options import SHARD_OPTIONS, MemoryOptions
 from ..results import CompactionReport, MemoryStats, QueryResult, Slots
-from ..store import holds_memory
+from ..store import fsio, holds_memory
 from .merge import merge
 from .shard import SHARD_FILE, Shard
 

@@ -19,12 +19,13 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as fl
 
-from .. import checks, codec, errors
+from .. import checks, errors
 from ..checks import INT64_MAX, untensor
 from ..errors import UnknownIdError
 from ..labels import dtype as labels_dtype
 from ..labels import kind_of, one_or_many
 from ..results import CompactionReport, MemoryStats, QueryResult, Slots
+from ..store import codec
 from . import wire
 
 SMALL_QUERY_ROWS = 256  # queries of at most this many rows travel as one message each way

@@ -23,10 +23,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as fl
 
-from .. import codec
 from ..errors import EngineError, UnknownMemoryError
 from ..labels import kind_of
 from ..protocol import MemoryLike
+from ..store import codec
 from . import wire
 from .batching import QueryBatcher
 from .client import SMALL_QUERY_ROWS

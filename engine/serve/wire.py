@@ -29,7 +29,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
-from ..codec import vector_array, vectors_of  # noqa: F401  (vector_array is part of the wire's vocabulary)
+from ..store.codec import vector_array, vectors_of  # noqa: F401  (vector_array is part of the wire's vocabulary)
 
 RESULT_FIELDS = ("ids", "scores", "attention", "probs", "label", "tail_bound")
 TAIL_ESTIMATE = "tail_estimate"  # a further column when the memory estimates the tail (probs="full")

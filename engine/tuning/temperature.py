@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from . import checks
-from .errors import InvalidValueError
+from .. import checks
+from ..errors import InvalidValueError
 
 GRID = np.geomspace(1e-3, 1.0, 37)  # the temperatures tried
 SAMPLE = 1000  # slots answered as queries
@@ -91,7 +91,7 @@ def calibrate(state, previous: float, *, metric=None, k: int = 64, sample: int =
     a neighbour. ``metric`` is the memory's :class:`~engine.metric.Metric` (None: cosine). For
     inner product the grid is scaled by the median top score, for l2 by ten times the median
     squared distance to the nearest other slot."""
-    from .query import search
+    from ..query import search
 
     table = state.table
     live = table.live_rows()

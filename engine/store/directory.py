@@ -7,7 +7,7 @@ one process that may write it:
                              (file, sha256, rows) and the log segments, with a
                              SHA-256 of its own canonical bytes
     snapshot-000007.arrow    Arrow IPC file: id, label, [weight], [used], vector or code (codec.py)
-    wal-000008.arrows        write-ahead log segment (see :mod:`engine.wal`)
+    wal-000008.arrows        write-ahead log segment (see :mod:`engine.store.wal`)
 
 Durability is fail-stop. A write is acknowledged only once its record is fsynced
 in the open segment, which the manifest on disk already lists. The manifest is
@@ -31,8 +31,6 @@ the memory's own directory.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
 import uuid
@@ -41,29 +39,23 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 
-from . import fsio, wal
-from .codec import CODEBOOK_KEY, Columns, snapshot_schema
-from .errors import (
+from ..errors import (
     CorruptFileError,
-    FormatVersionError,
     MemoryExistsError,
     MemoryFailedError,
     MemoryLockedError,
     MemoryNotFoundError,
     StorageError,
 )
+from . import fsio, wal
+from .codec import Columns
+from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, manifest_bytes, read_manifest
+from .snapshot import read_snapshot, write_snapshot
 
 _PROC_FD = Path("/proc/self/fd") if Path("/proc/self/fd").is_dir() else None
-FORMAT = "engine-memory"
-FORMAT_VERSION = 3
-MANIFEST = "manifest.json"
 # Opening a memory whose log has more segments than this (one per open) checkpoints it.
 MAX_SEGMENTS = 8
-MAX_MANIFEST_BYTES = 64 << 20
-SNAPSHOT_NAME = re.compile(r"snapshot-[0-9]{6,12}\.arrow")
-SEGMENT_NAME = re.compile(r"wal-[0-9]{6,12}\.arrows")
 # Any of these in a directory means a memory (or the remains of one) lives there.
 MEMORY_FILE = re.compile(r"(manifest\.json|LOCK|(snapshot-[0-9]+\.arrow|wal-[0-9]+\.arrows))(\.tmp)?")
 
@@ -198,7 +190,7 @@ class Store:
         kind = m["label_kind"]
         snapshot = Columns.empty(m["dim"])
         if m["snapshot"] is not None:
-            snapshot = _read_snapshot(path / m["snapshot"]["file"], m["snapshot"], m["dim"], kind)
+            snapshot = read_snapshot(path / m["snapshot"]["file"], m["snapshot"], m["dim"], kind)
         records: list[wal.Record] = []
         seq = m["seq"]
         for i, entry in enumerate(m["wal"]):
@@ -445,189 +437,3 @@ def _lock(path: Path) -> int:
     if fd is None:
         raise MemoryLockedError(f"{path} is already open (in this or another process); close it first")
     return fd
-
-
-# -- the manifest ----------------------------------------------------------------------
-def manifest_bytes(manifest: dict) -> bytes:
-    """The canonical bytes of a manifest, with the SHA-256 of the rest as its ``checksum``."""
-    body = {k: v for k, v in manifest.items() if k != "checksum"}
-    digest = hashlib.sha256(_canonical(body)).hexdigest()
-    return _canonical({**body, "checksum": digest})
-
-
-def _canonical(doc: dict) -> bytes:
-    return (json.dumps(doc, sort_keys=True, indent=1, allow_nan=False) + "\n").encode()
-
-
-def read_manifest(path: Path) -> dict:
-    """Read and check ``path/manifest.json``: format, version, checksum, every field's type.
-
-    Raises:
-        FormatVersionError, CorruptFileError.
-    """
-    file = path / MANIFEST
-    try:
-        if file.stat().st_size > MAX_MANIFEST_BYTES:  # never read an absurd file whole
-            raise CorruptFileError(f"{file}: {file.stat().st_size} bytes, far too large for a manifest")
-        raw = file.read_bytes()
-    except OSError as exc:
-        raise CorruptFileError(f"{file}: unreadable ({exc.strerror})") from None
-    try:
-        doc = json.loads(raw.decode())
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise CorruptFileError(f"{file}: not valid JSON ({exc})") from None
-    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CorruptFileError(f"{file}: not an engine memory manifest")
-    version = doc.get("format_version")
-    if version != FORMAT_VERSION:
-        raise FormatVersionError(f"{file}: format version {version!r}; this engine reads version {FORMAT_VERSION}")
-    try:
-        canonical = manifest_bytes(doc)
-    except (TypeError, ValueError):
-        canonical = None
-    if canonical != raw:
-        raise CorruptFileError(f"{file}: checksum mismatch (the manifest was damaged or edited)")
-    _check_manifest(file, doc)
-    return {k: v for k, v in doc.items() if k != "checksum"}
-
-
-def _is_int(x, lo: int = 0) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
-
-
-def _check_manifest(file: Path, m: dict) -> None:
-    """Every field the store reads has the type it must have."""
-    def bad(what: str):
-        raise CorruptFileError(f"{file}: {what}")
-
-    checks = {
-        "memory_id": lambda v: isinstance(v, str) and re.fullmatch(r"[0-9a-f]{32}", v),
-        "dim": lambda v: _is_int(v, 1),
-        "settings": lambda v: isinstance(v, dict),  # the owner's: Memory checks their values
-        "label_kind": lambda v: v in (None, "int", "str"),
-        "seq": lambda v: _is_int(v),
-        "generation": lambda v: _is_int(v),
-        "wal": lambda v: isinstance(v, list),
-        "snapshot": lambda v: v is None or isinstance(v, dict),
-    }
-    for key, ok in checks.items():
-        if key not in m:
-            bad(f"the manifest lacks {key!r}")
-        if not ok(m[key]):
-            bad(f"the manifest's {key!r} is invalid: {m[key]!r}")
-    snap = m["snapshot"]
-    if snap is not None:
-        if set(snap) != {"file", "sha256", "rows", "seq"} or not isinstance(snap["file"], str) \
-                or not SNAPSHOT_NAME.fullmatch(snap["file"]) or not isinstance(snap["sha256"], str) \
-                or not _is_int(snap["rows"]) or snap["seq"] != m["seq"]:
-            bad(f"the manifest's snapshot entry is invalid: {snap!r}")
-    names = set()
-    for i, e in enumerate(m["wal"]):
-        if not isinstance(e, dict) or not isinstance(e.get("file"), str) or not SEGMENT_NAME.fullmatch(e["file"]):
-            bad(f"log entry {i} is invalid: {e!r}")
-        sealed = set(e) == {"file", "records", "bytes", "crc32"} and all(
-            _is_int(e[k]) for k in ("records", "bytes", "crc32"))
-        if not sealed and (set(e) != {"file"} or i != len(m["wal"]) - 1):
-            bad(f"log entry {i} is invalid (only the last segment may be open): {e!r}")
-        if e["file"] in names:
-            bad(f"log segment {e['file']} is listed twice")
-        names.add(e["file"])
-    _check_history(m, bad)
-
-
-def _generation(name: str) -> int:
-    return int(re.search(r"-([0-9]+)\.", name).group(1))
-
-
-def _check_history(m: dict, bad) -> None:
-    """The manifest's fields agree with one another as the store writes them: a manifest
-    without a snapshot has logged nothing before its log (``seq`` 0), and file generations
-    rise from the snapshot through the log segments, none above ``generation``. A manifest
-    edited and signed again (a snapshot dropped, a segment's place changed) is refused,
-    never opened with fewer slots."""
-    if m["snapshot"] is None and m["seq"] != 0:
-        bad(f"no snapshot, but sequence number {m['seq']} says one was taken")
-    order = ([_generation(m["snapshot"]["file"])] if m["snapshot"] is not None else []) + \
-        [_generation(e["file"]) for e in m["wal"]]
-    if any(b <= a for a, b in zip(order, order[1:])) or any(g > m["generation"] for g in order):
-        bad(f"its files are out of order for generation {m['generation']}: "
-            f"{[m['snapshot']['file']] if m['snapshot'] else []} {[e['file'] for e in m['wal']]}")
-
-
-# -- snapshots ---------------------------------------------------------------------------
-def write_snapshot(directory: Path, dir_fd: int, name: str, dim: int, kind: str, slots: Columns) -> str:
-    """Write the slot table as an Arrow IPC file (temp file, fsync, rename); return its sha256.
-
-    Raises:
-        StorageError: nothing is left behind.
-    """
-    table = slots.snapshot_table(dim, kind, weights=bool((slots.weights != 1.0).any()), used=bool(slots.used.any()),
-                                 metadata={"format": FORMAT, "format_version": str(FORMAT_VERSION)})
-    schema = table.schema
-    tmp, final = directory / (name + ".tmp"), directory / name
-    sink = _HashingSink()
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        try:
-            sink.fd = fd
-            with pa.ipc.new_file(sink, schema) as writer:
-                writer.write_table(table, max_chunksize=1 << 16)
-            fsio.fsync(fd)
-        finally:
-            os.close(fd)
-        fsio.rename(tmp, final)
-        fsio.fsync_dir(dir_fd)
-    except (OSError, pa.ArrowException) as exc:
-        fsio.remove_quietly(tmp)
-        fsio.remove_quietly(final)
-        if isinstance(exc, OSError):
-            raise fsio.storage_error(f"writing snapshot {name}", exc) from None
-        raise StorageError(f"writing snapshot {name}: {exc}", None) from None
-    return sink.hash.hexdigest()
-
-
-class _HashingSink(fsio.FdSink):
-    def __init__(self):
-        super().__init__(-1)
-        self.hash = hashlib.sha256()
-
-    def write(self, data) -> int:
-        self.hash.update(data)
-        return super().write(data)
-
-
-def _read_snapshot(file: Path, entry: dict, dim: int, kind: str | None) -> Columns:
-    try:
-        with open(file, "rb") as f:
-            h = hashlib.sha256()
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    except FileNotFoundError:
-        raise CorruptFileError(f"{file}: the snapshot named by the manifest is missing") from None
-    except OSError as exc:
-        raise CorruptFileError(f"{file}: unreadable snapshot ({exc.strerror})") from None
-    if h.hexdigest() != entry["sha256"]:
-        raise CorruptFileError(f"{file}: checksum mismatch (sha256 {h.hexdigest()}, manifest says {entry['sha256']})")
-    if kind is None:  # no label was ever written: only an empty snapshot (int64 labels) fits
-        if entry["rows"] != 0:
-            raise CorruptFileError(f"{file}: the manifest gives no label kind for its {entry['rows']} rows")
-        kind = "int"
-    try:
-        table = pa.ipc.open_file(file).read_all()
-        names, types = table.schema.names, table.schema.types
-        code_size = types[-1].byte_width if names[-1:] == ["code"] and pa.types.is_fixed_size_binary(types[-1]) \
-            else None
-        expected = snapshot_schema(dim, kind, weights="weight" in names, used="used" in names, code_size=code_size)
-        if not table.schema.remove_metadata().equals(expected):
-            raise ValueError(f"unexpected schema {table.schema} for a memory of dim {dim} and {kind} labels")
-        if code_size is not None and not (table.schema.metadata or {}).get(CODEBOOK_KEY):
-            raise ValueError("a code column without its codebook")
-        slots = Columns.from_arrow(table, dim)
-    except (pa.ArrowException, OSError, ValueError) as exc:
-        raise CorruptFileError(f"{file}: unreadable snapshot ({exc})") from None
-    if len(slots.ids) != entry["rows"]:
-        raise CorruptFileError(f"{file}: {len(slots.ids)} rows, manifest says {entry['rows']}")
-    problem = slots.check()
-    if problem:
-        raise CorruptFileError(f"{file}: the snapshot holds {problem}")
-    return slots

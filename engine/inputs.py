@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .codec import vectors_of
+from .store.codec import vectors_of
 
 TABLE_SUFFIXES = {".parquet", ".pq", ".arrow", ".feather", ".ipc", ".csv"}
 RESERVED = ("label", "id", "weight")

@@ -38,9 +38,9 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
+from ..errors import CorruptFileError
 from . import fsio
 from .codec import Columns, slot_schema
-from .errors import CorruptFileError
 
 MAGIC = b"EWAL"
 _HEAD = struct.Struct("<4sBBHQQ")  # magic, kind, label kind, zero, seq, payload length

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from .labels import kind_of
+from ..labels import kind_of
 
 
 @dataclass

@@ -20,7 +20,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from .errors import StorageError
+from ..errors import StorageError
 
 
 def storage_error(what: str, exc: OSError, *, uncertain: bool = False) -> StorageError:

@@ -1,6 +1,6 @@
 """What a memory measures on its own slots and keeps up to date as they change: the softmax
-temperature (when it is ``"auto"``, :mod:`engine.temperature`) and the search breadth of an
-approximate index (:mod:`engine.calibration`, via :meth:`State.upkeep_breadth`).
+temperature (when it is ``"auto"``, :mod:`engine.tuning.temperature`) and the search breadth of an
+approximate index (:mod:`engine.index.calibration`, via :meth:`State.upkeep_breadth`).
 
 Both are settings measured on the side of a write that is already durable: a failure keeps
 the previous setting and is logged, never failing the write.
@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import logging
 
-from . import checks
+from .. import checks
+from ..errors import EmptyMemoryError, InvalidValueError, StorageError
+from ..metric import Metric
+from ..state import Current
+from ..store import Store
 from . import temperature as choice
-from .errors import EmptyMemoryError, InvalidValueError, StorageError
-from .metric import Metric
-from .state import Current
-from .store import Store
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +67,7 @@ class Tuning:
 
     def calibrate(self, current: Current, metric: Metric, *, k: int, sample: int, seed: int
                   ) -> choice.TemperatureReport:
-        """A choice made now on the memory's own slots (:func:`engine.temperature.calibrate`).
+        """A choice made now on the memory's own slots (:func:`engine.tuning.temperature.calibrate`).
 
         Raises:
             InvalidValueError: k, sample or seed out of range.

@@ -1,75 +1,26 @@
-"""Episodic meta-training and evaluation of Matching Networks.
-
-Training follows Vinyals et al. (2016): each step samples an N-way K-shot
-episode, the support set goes through ``process_support_set``, and the loss is
-the NLL of the queries' log-probabilities. Checkpoints are plain state dicts
-(loadable with ``torch.load(..., weights_only=True)``) plus a JSON config.
-
-Default Omniglot recipe: train on the minimal split ``small1`` (``background``; or
-``small2``) with rotations by 90/180/270 degrees as extra classes, validate on the
-alphabets of the other minimal split that it lacks (for ``small1``: Japanese
-(katakana), Sanskrit, Tagalog) with within-alphabet 20-way 1-shot episodes.
-"""
+"""Episodic meta-training of Matching Networks (Vinyals et al., 2016): each step samples an
+N-way K-shot episode, the support set goes through ``process_support_set``, and the loss is
+the NLL of the queries' log-probabilities; an optional supervised stage comes first."""
 
 from __future__ import annotations
 
-import functools
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from .data.augment import check_views, jitter
-from .data.episodes import Episode, EpisodeSampler
-from .data.images import as_input, pixels
-from .nn import MatchingNetwork
-
-FASHION_HELD_OUT = 100  # training images a class kept out of Fashion-MNIST training, for its validation
-CHECKPOINT_FILES = ("config.json", "model.pt", "best.pt", "optimizer.pt", "state.pt", "state.json")
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run depends on (saved as config.json)."""
-
-    dataset: str = "omniglot"  # or "fashion-mnist"
-    data: str | None = None
-    background: str = "small1"  # omniglot: the minimal split trained on (validated on the other's new alphabets)
-    n_way: int = 20
-    k_shot: int = 1
-    n_query: int = 5
-    within_alphabet: float = 0.5  # share of training episodes drawn within one alphabet
-    shift: float = 2.0  # augmentation: random translation (pixels), rotation (degrees), zoom (relative)
-    rotate: float = 10.0
-    scale: float = 0.1
-    elastic: float = 0.0  # augmentation: smooth random displacement of the strokes, at most this many pixels
-    flip: bool = False  # augmentation: mirror half the images left to right (garments, not characters)
-    thickness: float = 0.0  # augmentation: strokes thicker or thinner, by up to this share of a pixel's dilation
-    episodes: int = 6000
-    pretrain_epochs: int = 0  # supervised stage first: every training class at once (see pretrain)
-    pretrain_batch: int = 128
-    width: int = 64  # filters per conv block: the embedding's dimension
-    views: int = 1  # test-time views averaged per image (MatchingNetwork(views=)); training sees one
-    time_budget_s: float | None = None
-    lr: float = 1e-3
-    lr_min: float = 1e-5  # cosine decay to this
-    fce: bool = False
-    fce_steps: int = 5
-    temperature: float = 0.1
-    topk: int | None = None  # train with top-k attention (forward_topk) instead of the dense softmax
-    topk_tail: bool = False  # with topk: add the estimated rest of each class (engine.tail)
-    val_every: int = 500
-    val_episodes: int = 200
-    val_way: int = 20
-    seed: int = 0
-    threads: int | None = None
-    deterministic: bool = True  # torch's deterministic kernels (fewer run-to-run differences from one seed)
-    model: dict = field(default_factory=dict)
+from ..data.augment import jitter
+from ..data.episodes import Episode, EpisodeSampler
+from ..data.images import as_input, pixels
+from ..nn import MatchingNetwork
+from .checkpoint import save
+from .config import TrainConfig, check_stage, load_sets
+from .evaluate import evaluate_episodes
 
 
 def episode_loss(model: MatchingNetwork, ep: Episode, topk: int | None = None,
@@ -93,20 +44,6 @@ def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: floa
                    ep.query_y)
 
 
-def _check_stage(cfg: TrainConfig) -> None:
-    """Refuse the options this module reads first whose error would otherwise surface deep in torch."""
-    if cfg.background not in ("small1", "small2"):
-        raise ValueError(f"background must be small1 or small2, got {cfg.background!r}")
-    if cfg.pretrain_epochs < 0 or cfg.pretrain_batch < 2:
-        raise ValueError(f"pretrain_epochs must be >= 0 and pretrain_batch >= 2 (batch norm), got "
-                         f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
-    if cfg.width < 1 or not cfg.elastic >= 0:
-        raise ValueError(f"width must be >= 1 and elastic >= 0, got {cfg.width} and {cfg.elastic}")
-    if not 0 <= cfg.thickness <= 1:
-        raise ValueError(f"thickness must be in [0, 1], got {cfg.thickness}")
-    check_views(cfg.views)
-
-
 def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: np.random.Generator, *,
              progress: bool = True) -> list[dict]:
     """The supervised stage before episodes: g learns to tell every training class from
@@ -122,7 +59,7 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: 
     Returns:
         One row per epoch: loss and training accuracy.
     """
-    _check_stage(cfg)
+    check_stage(cfg)
     n_classes, per = images.shape[:2]
     x = images.reshape(n_classes * per, *images.shape[2:])
     y = torch.as_tensor(np.repeat(np.arange(n_classes), per))
@@ -162,50 +99,6 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: 
     return rows
 
 
-def recipe(dataset: str, **overrides) -> TrainConfig:
-    """The training recipe of a dataset (the one place each is written), with ``overrides``.
-
-    omniglot: 20 supervised epochs over the background classes, then 20-way 1-shot
-    episodes, half within one alphabet; strokes jittered (affine, then elastic by up to
-    1.5 px); each image seen through 8 test-time views. Each step was kept because it
-    raised within-alphabet validation accuracy (docs/matching-networks.md).
-    fashion-mnist: 20 supervised epochs (shifts only: mirror images, with 6 epochs, scored
-    0.915 against 0.918) and no episodes (300 lowered the memory from 0.918 to 0.912), 4
-    test-time views; episodes, if asked for, are 10-way 5-shot with 10 queries a class,
-    validated 10-way on training images held out of training.
-    """
-    base = {"omniglot": {"pretrain_epochs": 20, "elastic": 1.5, "views": 8},
-            "fashion-mnist": {"pretrain_epochs": 20, "episodes": 0, "rotate": 0.0, "scale": 0.0, "views": 4,
-                              "n_way": 10, "k_shot": 5, "n_query": 10, "val_way": 10, "val_episodes": 50}}
-    if dataset not in base:
-        raise ValueError(f"unknown dataset {dataset!r}: use 'omniglot' or 'fashion-mnist'")
-    return TrainConfig(dataset=dataset, **{**base[dataset], **overrides})
-
-
-def load_sets(cfg: TrainConfig):
-    """(train images, train groups, validation images, validation groups) for the config's dataset."""
-    return _load_sets(cfg.dataset, cfg.data, getattr(cfg, "background", "small1"))
-
-
-@functools.lru_cache(maxsize=2)
-def _load_sets(dataset: str, data: str | None, background: str = "small1"):
-    if dataset == "omniglot":  # validated on the alphabets of the other minimal split that this one lacks
-        from .data.omniglot import load_background, validation_split
-
-        other, unseen = validation_split(background, data)
-        train = load_background(background, data).with_rotations()
-        val = load_background(other, data, alphabets=unseen)
-        return train.images, train.alphabets, val.images, val.alphabets
-    if dataset == "fashion-mnist":  # validated on training images held out of training, never on the test set
-        from .data.fashion_mnist import load_fashion_mnist
-
-        x, y = load_fashion_mnist(data, "train")
-        n = np.bincount(y).min()
-        by_class = np.stack([x[y == c][:n] for c in range(10)])
-        return by_class[:, :-FASHION_HELD_OUT], None, by_class[:, -FASHION_HELD_OUT:], None
-    raise ValueError(f"unknown dataset {dataset!r}: use 'omniglot' or 'fashion-mnist'")
-
-
 def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Meta-train a Matching Network episodically (see :func:`_train`).
 
@@ -235,7 +128,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     Returns:
         A summary: episodes run, final and best validation accuracy, seconds.
     """
-    _check_stage(cfg)  # before anything is written
+    check_stage(cfg)  # before anything is written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
@@ -310,84 +203,13 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
                     state["best_val"] = val["accuracy"]
                     torch.save(model.state_dict(), out / "best.pt")
                 state["elapsed_s"] = time.perf_counter() - start
-                _save(out, model, opt, state, sampler)
+                save(out, model, opt, state, sampler)
     bar.close()
     state["elapsed_s"] = time.perf_counter() - start
-    _save(out, model, opt, state, sampler)
+    save(out, model, opt, state, sampler)
     if not (out / "best.pt").exists():
         torch.save(model.state_dict(), out / "best.pt")
     return {"episodes": state["episode"], "best_val_acc": state["best_val"], "seconds": state["elapsed_s"],
             "pretrain_epochs": cfg.pretrain_epochs if not resume else 0, "pretrain_s": pretrain_s}
 
 
-def _save(out: Path, model, opt, state: dict, sampler: EpisodeSampler) -> None:
-    torch.save(model.state_dict(), out / "model.pt")
-    torch.save(opt.state_dict(), out / "optimizer.pt")
-    torch.save({"torch_rng": torch.get_rng_state()}, out / "state.pt")
-    (out / "state.json").write_text(json.dumps({**state, "sampler_rng": sampler.rng.bit_generator.state}))
-
-
-def load_checkpoint(path: str | Path, *, which: str = "best", views: int | None = None) -> MatchingNetwork:
-    """Load a trained model from a checkpoint folder (``which``: "best" or "model", the last),
-    with its test-time views (``views``: another count instead).
-
-    Raises:
-        FileNotFoundError: the folder lacks config.json or the weights.
-        ValueError: views is not an integer >= 1.
-    """
-    path = Path(path)
-    for name in ("config.json", f"{which}.pt"):
-        if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint: {name} is missing")
-    cfg = json.loads((path / "config.json").read_text())
-    model = MatchingNetwork.from_config(cfg["model"])
-    if views is not None:
-        model.views = views
-    model.load_state_dict(torch.load(path / f"{which}.pt", weights_only=True))
-    model.eval()
-    return model
-
-
-@torch.no_grad()
-def evaluate_episodes(model: MatchingNetwork, images: np.ndarray, groups=None, *, n_way: int = 20, k_shot: int = 1,
-                      n_query: int = 5, episodes: int = 500, within_group: float = 0.0, seed: int = 0) -> dict:
-    """Mean query accuracy over random N-way K-shot episodes, with a 95% confidence interval.
-
-    Every image is embedded once (:meth:`MatchingNetwork.backbone_features`, views included);
-    the episodes then draw the same classes and drawings from those features as they would
-    from the images, and only FCE's LSTMs run per episode.
-    """
-    model.eval()
-    n_classes, per = images.shape[:2]
-    g, h = model.backbone_features(as_input(images.reshape(n_classes * per, *images.shape[2:])))
-    features = torch.stack([g, h], dim=1).reshape(n_classes, per, 2, -1).numpy()
-    sampler = EpisodeSampler(features, n_way, k_shot, n_query, groups=groups, within_group=within_group, seed=seed)
-    accs = []
-    for _ in range(episodes):
-        ep = sampler.sample()
-        model.process_support_set(torch.from_numpy(ep.support_x[:, 0]), torch.from_numpy(ep.support_y), features=True)
-        logp = model(torch.from_numpy(ep.query_x[:, 1]), features=True)
-        target = torch.as_tensor(np.searchsorted(model.classes.numpy(), ep.query_y))
-        accs.append(float((logp.argmax(1) == target).float().mean()))
-    mean, std = float(np.mean(accs)), float(np.std(accs))
-    return {"accuracy": mean, "ci95": 1.96 * std / math.sqrt(len(accs)), "episodes": episodes,
-            "n_way": n_way, "k_shot": k_shot, "within_alphabet": within_group == 1.0}
-
-
-@torch.no_grad()
-def eval_oneshot(model: MatchingNetwork, runs) -> dict:
-    """The official 20-way within-alphabet one-shot task, answered through ``engine.Memory``.
-
-    For each run, the 20 training images are embedded with g and written into a
-    memory; each test item is embedded with h and classified by ``Memory.query``.
-
-    Returns:
-        {"error_rate": mean over runs, "runs": count, "per_run": {name: error rate}}
-    """
-    model.eval()
-    per_run = {}
-    for run in runs:
-        memory = model.to_memory(as_input(run.train), list(range(len(run.train))))
-        res = model.query_memory(memory, as_input(run.test), k=len(run.train))
-        per_run[run.name] = float((np.asarray(res.labels) != run.answer).mean())
-    return {"error_rate": float(np.mean(list(per_run.values()))), "runs": len(per_run), "per_run": per_run}

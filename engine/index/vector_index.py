@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
+from ..errors import InvalidValueError
 from .calibration import (
     DRIFT_QUERIES,
     DRIFT_WRITTEN,
@@ -37,7 +38,6 @@ from .calibration import (
     check_drift,
 )
 from .calibration import K as CALIBRATION_K
-from .errors import InvalidValueError
 
 # FAISS warns below 39 training points per centroid; we train only past that.
 TRAIN_POINTS_PER_CENTROID = 39
@@ -404,7 +404,7 @@ class VectorIndex:
         """Check the breadth queries use on a sample of the live rows written since it was
         measured or last checked (``live`` per position: rows are appended, and a rebuild keeps
         their order, so they are the last live ones), against exact search over every vector,
-        for the calibration's target; see :func:`engine.calibration.check_drift`. None if
+        for the calibration's target; see :func:`engine.index.calibration.check_drift`. None if
         every such row has been removed."""
         cal, written = self.calibration, self._written
         self._written = 0  # checked (also if checking fails: the next check waits as long)

@@ -32,12 +32,12 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from . import checks
-from .errors import InvalidValueError
-from .ids import Counter
-from .metric import Metric
-from .options import POLICIES, MemoryOptions, parse_budget  # noqa: F401 - the policies; budgets read in slots
-from .slots import SlotTable
+from .. import checks
+from ..errors import InvalidValueError
+from ..ids import Counter
+from ..metric import Metric
+from ..options import POLICIES, MemoryOptions, parse_budget  # noqa: F401 - the policies; budgets read in slots
+from ..slots import SlotTable
 
 
 @dataclass
@@ -312,7 +312,7 @@ def _distill(start: SlotSet, owner: np.ndarray, means: np.ndarray, vectors, weig
     not enough: on Omniglot it fell by a quarter on held-out queries while the
     agreement, and the test accuracy, fell by 3 points.)
     """
-    from .extras import require
+    from ..extras import require
 
     torch = require("torch", 'compaction with policy="distill"')
     F = torch.nn.functional

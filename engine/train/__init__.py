@@ -1,0 +1,12 @@
+"""Episodic meta-training of a Matching Network (needs the ``nn`` extra: torch): the run's
+config and recipes (:mod:`.config`), the loop (:mod:`.loop`), checkpoints
+(:mod:`.checkpoint`) and evaluation (:mod:`.evaluate`)."""
+
+from ..data.augment import jitter
+from .checkpoint import CHECKPOINT_FILES, load_checkpoint
+from .config import TrainConfig, load_sets, recipe
+from .evaluate import eval_oneshot, evaluate_episodes
+from .loop import augment, episode_loss, pretrain, train
+
+__all__ = ["CHECKPOINT_FILES", "TrainConfig", "augment", "episode_loss", "eval_oneshot", "evaluate_episodes", "jitter",
+           "load_checkpoint", "load_sets", "pretrain", "recipe", "train"]

@@ -1,0 +1,42 @@
+"""Checkpoints: plain state dicts (loadable with ``torch.load(..., weights_only=True)``)
+plus the run's JSON config, written as training goes so that a run can resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..data.episodes import EpisodeSampler
+from ..nn import MatchingNetwork
+
+CHECKPOINT_FILES = ("config.json", "model.pt", "best.pt", "optimizer.pt", "state.pt", "state.json")
+
+
+def save(out: Path, model, opt, state: dict, sampler: EpisodeSampler) -> None:
+    torch.save(model.state_dict(), out / "model.pt")
+    torch.save(opt.state_dict(), out / "optimizer.pt")
+    torch.save({"torch_rng": torch.get_rng_state()}, out / "state.pt")
+    (out / "state.json").write_text(json.dumps({**state, "sampler_rng": sampler.rng.bit_generator.state}))
+
+
+def load_checkpoint(path: str | Path, *, which: str = "best", views: int | None = None) -> MatchingNetwork:
+    """Load a trained model from a checkpoint folder (``which``: "best" or "model", the last),
+    with its test-time views (``views``: another count instead).
+
+    Raises:
+        FileNotFoundError: the folder lacks config.json or the weights.
+        ValueError: views is not an integer >= 1.
+    """
+    path = Path(path)
+    for name in ("config.json", f"{which}.pt"):
+        if not (path / name).is_file():
+            raise FileNotFoundError(f"{path} is not a checkpoint: {name} is missing")
+    cfg = json.loads((path / "config.json").read_text())
+    model = MatchingNetwork.from_config(cfg["model"])
+    if views is not None:
+        model.views = views
+    model.load_state_dict(torch.load(path / f"{which}.pt", weights_only=True))
+    model.eval()
+    return model
