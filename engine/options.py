@@ -112,11 +112,9 @@ class MemoryOptions:
             if not _real(self.recall) or not 0 < self.recall <= 1:
                 raise InvalidValueError(f"recall must be None or a number in (0, 1], got {self.recall!r}")
             put("recall", float(self.recall))
-        if self.track_usage is None:
-            put("track_usage", self.policy == "age")
-        elif not isinstance(self.track_usage, bool):
+        if self.track_usage is not None and not isinstance(self.track_usage, bool):
             raise InvalidValueError(f"track_usage must be True, False or None, got {self.track_usage!r}")
-        if self.policy == "age" and not self.track_usage:
+        if self.policy == "age" and not self.tracks_usage:
             raise InvalidValueError(AGE_NEEDS_USAGE)
         if self.probs not in PROBS:
             raise InvalidValueError(f"probs must be one of {PROBS}, got {self.probs!r}")
@@ -133,6 +131,11 @@ class MemoryOptions:
 
     # -- what follows from the options --------------------------------------------------
     @property
+    def tracks_usage(self) -> bool:
+        """Whether slots keep their last use: ``track_usage``, by default with the age policy."""
+        return self.policy == "age" if self.track_usage is None else self.track_usage
+
+    @property
     def auto_temperature(self) -> bool:
         return self.temperature == "auto"
 
@@ -148,7 +151,7 @@ class MemoryOptions:
         """Refuse a compaction policy these options cannot run."""
         if policy not in POLICIES:
             raise InvalidValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
-        if policy == "age" and not self.track_usage:
+        if policy == "age" and not self.tracks_usage:
             raise InvalidValueError(AGE_NEEDS_USAGE)
 
     def replace(self, **changes: Any) -> MemoryOptions:

@@ -50,7 +50,7 @@ class Writer:
         index = VectorIndex(inner, o.index, SearchSettings(o.nprobe, o.ef_search), recall=o.recall,
                             temperature=self.tuning.value, share=o.shard.share, metric=o.metric)
         self.keep_vectors = index.spec_lossy and o.rescore  # kept when the index cannot give them back
-        self.cur = Current(State(SlotTable(inner, self.keep_vectors, bool(o.track_usage)), index))
+        self.cur = Current(State(SlotTable(inner, self.keep_vectors, o.tracks_usage), index))
         self.vocab, self.next_id, self.mutex = Vocabulary(), 0, threading.Lock()
         self.store = Store.create(path, dim, self.manifest()) if path is not None else None
 
@@ -74,7 +74,7 @@ class Writer:
             w.tuning.restore(cur, rec.settings.get("temperature_report"))  # the index's breadth is measured at it
             cur.state.index.calibration = Calibration.from_dict(rec.settings.get("calibration"))  # kept if it fits
             cur.state, w.next_id = State.recovered(rec, w.vocab, cur.state.index, w.metric, w.keep_vectors,
-                                                   bool(w.options.track_usage))
+                                                   w.options.tracks_usage)
             w.tuning.upkeep(cur, w.metric, None, breadth=False)  # as a running memory would keep it
         except BaseException:
             store.close()  # release the directory's lock; nothing was written
