@@ -23,6 +23,8 @@ from .errors import (
     MemoryLockedError,
     MemoryNotFoundError,
     MissingExtraError,
+    MissingFileError,
+    OutputExistsError,
     ServerBusyError,
     ServerUnavailableError,
     ShardUnavailableError,
@@ -30,6 +32,7 @@ from .errors import (
     UnknownIdError,
     UnknownLabelError,
     UnknownMemoryError,
+    UsageError,
 )
 from .index import BareSearch, SearchSettings
 from .memory import Memory
@@ -72,6 +75,8 @@ __all__ = [
     "ShardRole",
     "ShardedMemory",
     "MissingExtraError",
+    "MissingFileError",
+    "OutputExistsError",
     "ServerBusyError",
     "ServerUnavailableError",
     "ShardUnavailableError",
@@ -80,5 +85,6 @@ __all__ = [
     "UnknownIdError",
     "UnknownLabelError",
     "UnknownMemoryError",
+    "UsageError",
 ]
 __version__ = "0.1.0"

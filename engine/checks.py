@@ -48,11 +48,11 @@ def vectors(x, dim: int, metric: str, what: str = "vectors", *, allow_empty: boo
     try:
         if raw is None:
             raw = np.asarray(x)
-        if raw.dtype.kind not in "biufO":
-            raise TypeError(f"dtype {raw.dtype}")
-        a = raw.astype(np.float32, copy=False)
+        a = raw.astype(np.float32, copy=False) if raw.dtype.kind in "biufO" else None
     except (TypeError, ValueError) as exc:
         raise InvalidValueError(f"{what} must be real numbers: {exc}") from None
+    if a is None:
+        raise InvalidValueError(f"{what} must be real numbers: dtype {raw.dtype}")
     if a.ndim == 1:
         a = a.reshape(0, dim) if allow_empty and a.shape == (0,) else a[None, :]
     if a.ndim != 2 or a.shape[1] != dim:

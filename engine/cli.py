@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from .errors import EngineError, UnknownLabelError
+from .errors import EngineError, InvalidValueError, MissingFileError, OutputExistsError, UnknownLabelError
 from .extras import EXTRA_OF, missing
 from .inputs import read_batch
 from .memory import Memory
@@ -22,6 +22,13 @@ from .options import help_text
 app = typer.Typer(help="engine: a memory-retrieval engine for Matching Networks.", no_args_is_help=True)
 memory_app = typer.Typer(help="Create, fill, query and inspect durable memories.", no_args_is_help=True)
 app.add_typer(memory_app, name="memory")
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _root(debug: bool = typer.Option(False, "--debug", help="Show the traceback of an error, not one line.")) -> None:
+    """engine: a memory-retrieval engine for Matching Networks."""
+    _DEBUG["on"] = debug
 console = Console()
 
 PathArg = typer.Argument(..., help="The memory's directory.")
@@ -56,7 +63,9 @@ def _command(typer_app: typer.Typer, name: str):
 
 
 def _guard(fn, name: str = ""):
-    """Turn the engine's input errors into a one-line message and exit code 2."""
+    """Turn the engine's errors (and the system's: a file that cannot be read or written) into
+    a one-line message and exit code 2; anything else is a bug and keeps its traceback, as
+    every error does with ``--debug``."""
     import functools
 
     @functools.wraps(fn)
@@ -67,7 +76,9 @@ def _guard(fn, name: str = ""):
             if exc.name and exc.name.split(".")[0] in EXTRA_OF:
                 _fail(missing(exc.name, f"engine {name or fn.__name__}"))
             raise
-        except (EngineError, ValueError, KeyError, OSError) as exc:  # input and disk errors: one line
+        except (EngineError, OSError) as exc:
+            if _DEBUG["on"]:
+                raise
             _fail(_cli_words(exc))
 
     return wrapper
@@ -92,9 +103,9 @@ def create(
     try:
         t = temperature if temperature == "auto" else float(temperature)
     except ValueError:
-        raise ValueError(f'--temperature must be a number or "auto", got {temperature!r}') from None
+        raise InvalidValueError(f'--temperature must be a number or "auto", got {temperature!r}') from None
     if Path(path).parent != Path(path) and not Path(path).parent.is_dir():
-        raise FileNotFoundError(f"{Path(path).parent}: no such directory (create it first)")
+        raise MissingFileError(f"{Path(path).parent}: no such directory (create it first)")
     mem = Memory(dim, metric=metric, index=index, temperature=t, path=path, probs=probs, budget=_budget(budget),
                  policy=policy, nprobe=nprobe, ef_search=ef_search, recall=recall, track_usage=track_usage)
     mem.close()
@@ -114,7 +125,7 @@ def add(
     """Add slots from a file (ids, weights from 'id' and 'weight' columns when present)."""
     batch = read_batch(file, labels_path=labels, label_column=label_column, vector_column=vector_column)
     if batch.labels is None:
-        raise ValueError(f"{file}: no labels (a {label_column!r} column, or --labels FILE)")
+        raise InvalidValueError(f"{file}: no labels (a {label_column!r} column, or --labels FILE)")
     with Memory.open(path) as mem:
         ids = mem.add(batch.vectors, batch.labels, ids=batch.ids, weights=batch.weights, upsert=upsert)
         size = len(mem)
@@ -147,7 +158,7 @@ def query(
     accuracy = None
     if batch.labels is not None:
         if len(batch.labels) != len(res):
-            raise ValueError(f"{len(res)} queries but {len(batch.labels)} labels")
+            raise InvalidValueError(f"{len(res)} queries but {len(batch.labels)} labels")
         truth = [str(v) for v in batch.labels] if kind == "str" else batch.labels  # as the memory's labels
         accuracy = float(np.mean([_py(a) == b for a, b in zip(res.labels, truth)]))
     if as_json:
@@ -214,11 +225,11 @@ def export(
     from .store import codec
 
     if out.exists():
-        raise FileExistsError(f"{out} exists; choose another file")
+        raise OutputExistsError(f"{out} exists; choose another file")
     if out.suffix.lower() not in (".parquet", ".pq", ".arrow", ".feather"):
-        raise ValueError(f"{out}: write .parquet, .arrow or .feather")
+        raise InvalidValueError(f"{out}: write .parquet, .arrow or .feather")
     if not out.parent.is_dir():
-        raise FileNotFoundError(f"{out.parent}: no such directory")
+        raise MissingFileError(f"{out.parent}: no such directory")
     with Memory.open(path, read_only=True) as mem:
         if ids_file is not None:
             wanted = _ids_in(ids_file)
@@ -253,10 +264,10 @@ def export(
         try:
             os.link(part, out)  # never over a file made meanwhile
         except FileExistsError:
-            raise FileExistsError(f"{out} exists; choose another file") from None
+            raise OutputExistsError(f"{out} exists; choose another file") from None
         except OSError:  # a filesystem without hard links (FAT, some SMB): checked, then renamed
             if out.exists():
-                raise FileExistsError(f"{out} exists; choose another file") from None
+                raise OutputExistsError(f"{out} exists; choose another file") from None
             os.rename(part, out)
     finally:
         part.unlink(missing_ok=True)
@@ -274,7 +285,7 @@ def set_(
     from .index import SearchSettings
 
     if temperature is None and nprobe is None and ef_search is None:
-        raise ValueError("nothing to set: give --temperature, --nprobe or --ef-search")
+        raise InvalidValueError("nothing to set: give --temperature, --nprobe or --ef-search")
     from . import checks
 
     for option, value in (("--nprobe", nprobe), ("--ef-search", ef_search)):  # every value checked first
@@ -313,7 +324,7 @@ def _labels_of(values: list[str], kind: str | None) -> list:
         try:
             return [int(v) for v in values]
         except ValueError:
-            raise ValueError(f"this memory's labels are integers, got {values}") from None
+            raise InvalidValueError(f"this memory's labels are integers, got {values}") from None
     return list(values)
 
 
@@ -344,9 +355,9 @@ def remove(
     if ids_file is not None:
         wanted += _ids_in(ids_file).tolist()
     if not wanted and not label:
-        raise ValueError("no ids or labels given")
+        raise InvalidValueError("no ids or labels given")
     if wanted and label:
-        raise ValueError("give ids or --label, not both")
+        raise InvalidValueError("give ids or --label, not both")
     with Memory.open(path) as mem:
         n = mem.remove(labels=_labels_of(label, mem.label_kind)) if label else mem.remove(wanted)
         size = len(mem)
@@ -365,7 +376,7 @@ def get(
     if ids_file is not None:
         wanted += _ids_in(ids_file).tolist()
     if not wanted:
-        raise ValueError("no ids given")
+        raise InvalidValueError("no ids given")
     with Memory.open(path, read_only=True) as mem:
         slots = mem.get(wanted)
     rows = [{"id": int(i), "label": label, "weight": float(w), "vector": [float(x) for x in v]}
@@ -386,9 +397,9 @@ def save(
 ) -> None:
     """Fold a memory's log into a fresh snapshot (or copy it whole to --to)."""
     if to is not None and to.exists():
-        raise FileExistsError(f"{to} exists; choose another directory")
+        raise OutputExistsError(f"{to} exists; choose another directory")
     if to is not None and not to.parent.is_dir():
-        raise FileNotFoundError(f"{to.parent}: no such directory (create it first)")
+        raise MissingFileError(f"{to.parent}: no such directory (create it first)")
     with Memory.open(path, read_only=to is not None) as mem:
         written = mem.save(to) if to is not None else mem.save()
         size = len(mem)
@@ -418,15 +429,15 @@ def serve(
     from .serve.server import MemoryServer
 
     if (tls_cert is None) != (tls_key is None):
-        raise ValueError("--tls-cert and --tls-key go together")
+        raise InvalidValueError("--tls-cert and --tls-key go together")
     token = token_file.read_text().strip() if token_file else None
     if token_file and not token:
-        raise ValueError(f"{token_file} is empty")
+        raise InvalidValueError(f"{token_file} is empty")
     memories = {}
     for spec in memory:
         name, _, folder = spec.rpartition("=") if "=" in spec else (Path(spec).resolve().name, "", spec)
         if name in memories:
-            raise ValueError(f"two memories named {name!r}; use NAME=DIR")
+            raise InvalidValueError(f"two memories named {name!r}; use NAME=DIR")
         if cluster is not None:
             from .cluster import ShardedMemory
 
@@ -471,12 +482,12 @@ def ingest_cmd(
     if shards is not None:  # what can be refused is refused before Ray starts
         if dim is None:
             if checkpoint is None:
-                raise ValueError("give --dim to create a memory for vectors")
+                raise InvalidValueError("give --dim to create a memory for vectors")
             from .train import load_checkpoint
 
             dim = load_checkpoint(checkpoint).dim
     elif not (Path(path) / ROOT_FILE).is_file():
-        raise FileNotFoundError(f"no sharded memory at {path} (give --shards to create one)")
+        raise MissingFileError(f"no sharded memory at {path} (give --shards to create one)")
     connect(cluster, quiet=not verbose)
     if shards is not None:
         mem = ShardedMemory(dim, shards=shards, path=path, address=cluster, index=index, temperature=temperature)
@@ -523,7 +534,7 @@ def train_cmd(
     """Episodic meta-training of a Matching Network: the dataset's recipe (engine.train.recipe),
     with any option given here in its place."""
     if out.is_dir() and any(out.iterdir()) and not (resume or force):
-        raise FileExistsError(f"{out} holds a run already: --resume continues it, --force starts afresh over it")
+        raise OutputExistsError(f"{out} holds a run already: --resume continues it, --force starts afresh over it")
     if force and not resume and out.is_dir():
         import shutil
 

@@ -69,6 +69,18 @@ class FormatVersionError(CorruptFileError):
     """A memory directory written by an engine format this version cannot read."""
 
 
+class MissingFileError(EngineError, FileNotFoundError):
+    """A file or directory the caller named is not there (input files, datasets, checkpoints)."""
+
+
+class UsageError(EngineError, RuntimeError):
+    """A call made out of order (a model queried before its support set was given)."""
+
+
+class OutputExistsError(EngineError, FileExistsError):
+    """A file or directory the command line was asked to write exists already."""
+
+
 class MemoryNotFoundError(EngineError, FileNotFoundError):
     """No memory at the path given (no manifest, or no sharded memory's root file)."""
 

@@ -7,6 +7,8 @@ from typing import Any
 
 import numpy as np
 
+from .errors import InvalidValueError
+
 
 @dataclass(frozen=True)
 class SparseProbs:
@@ -113,7 +115,7 @@ class QueryResult:
             from .attention import class_probs
 
             if self.slot_classes is None:
-                raise ValueError("a result without slot classes carries its probs")
+                raise InvalidValueError("a result without slot classes carries its probs")
             probs = class_probs(self.attention, self.slot_classes, len(self.classes))
             object.__setattr__(self, "_probs", probs)
         return probs

@@ -189,7 +189,7 @@ class State:
         _, snap = next(writes)
         if snap.codes is not None:
             if keep_vectors:
-                raise ValueError("codes in the snapshot of a memory that keeps float32 vectors")
+                raise InvalidValueError("codes in the snapshot of a memory that keeps float32 vectors")
             table = SlotTable(index.dim, False, track_usage)
             table.append(snap.ids, vocab.intern(snap.labels, vocab.kind), snap.weights, None, snap.used)
             state = cls(table, index.loaded(snap.codebook, snap.codes, trained_on or len(snap.ids)))

@@ -16,6 +16,7 @@ their top-k exactly (:mod:`engine.cluster.merge`).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import uuid
@@ -32,6 +33,7 @@ from ..errors import (
     InvalidValueError,
     MemoryExistsError,
     MemoryNotFoundError,
+    MissingExtraError,
     ShardUnavailableError,
     UnknownLabelError,
 )
@@ -41,6 +43,8 @@ from ..results import CompactionReport, MemoryStats, QueryResult, Slots
 from ..store import fsio, holds_memory
 from .merge import merge
 from .shard import SHARD_FILE, Shard
+
+log = logging.getLogger(__name__)
 
 ROOT_FILE = "sharded.json"
 FORMAT = "engine-sharded"
@@ -76,7 +80,7 @@ def _check_shards(root: Path, doc: dict) -> None:
         try:
             ident = json.loads((shard_dir / SHARD_FILE).read_text())
             if not isinstance(ident, dict):
-                raise ValueError("not an object")
+                raise InvalidValueError("not an object")
         except FileNotFoundError:
             raise CorruptFileError(f"{shard_dir}: not a shard of this memory (no {SHARD_FILE})") from None
         except (ValueError, UnicodeDecodeError):
@@ -109,7 +113,7 @@ def _ray():
     try:
         import ray
     except ImportError:  # pragma: no cover - the extra is installed by make setup
-        raise ImportError("engine.cluster needs Ray: pip install 'engine[cluster]'") from None
+        raise MissingExtraError("engine.cluster needs Ray: pip install 'engine[cluster]'") from None
     return ray
 
 
@@ -278,8 +282,8 @@ class ShardedMemory:
         for ref in refs.values():
             try:
                 done.append(np.asarray(ray.get(ref), np.int64))
-            except Exception:  # noqa: BLE001 - a shard that refused or failed wrote nothing
-                pass
+            except Exception as exc:  # noqa: BLE001 - a shard that refused or failed wrote nothing
+                log.debug("a shard wrote nothing of an add: %s", exc)
         return np.concatenate(done) if done else np.empty(0, np.int64)
 
     def _all(self, method: str, *args, allow_partial: bool = False) -> list:

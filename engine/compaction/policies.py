@@ -67,7 +67,7 @@ def allocate(class_mass: np.ndarray, class_count: np.ndarray, budget: int) -> np
     """
     n = len(class_mass)
     if budget < n:
-        raise ValueError(f"a budget of {budget} slots cannot keep {n} classes (at least one slot each)")
+        raise InvalidValueError(f"a budget of {budget} slots cannot keep {n} classes (at least one slot each)")
     alloc = np.ones(n, np.int64)
     remaining = int(min(budget, class_count.sum()) - n)
     while remaining > 0:  # water-filling: classes that are full give their share to the others
@@ -111,7 +111,7 @@ def compact(vectors, weights, label_idx, used, *, budget: int, policy: str = "me
             the number of classes.
     """
     if policy not in POLICIES:
-        raise ValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
+        raise InvalidValueError(f"unknown policy {policy!r}; choose one of {POLICIES}")
     check_options(options)
     classes, members = by_class(label_idx)
     mass = np.array([weights[m].sum() for m in members])
@@ -127,7 +127,7 @@ def compact(vectors, weights, label_idx, used, *, budget: int, policy: str = "me
                 for m, b in zip(members, alloc)]
     else:  # age
         if used is None:
-            raise ValueError("the age policy needs usage times: this memory was made with track_usage=False")
+            raise InvalidValueError("the age policy needs usage times: this memory was made with track_usage=False")
         recency = used
         freshest = np.array([m[np.argmax(recency[m])] for m in members])
         rest = np.setdiff1d(np.arange(len(weights)), freshest)
@@ -183,10 +183,10 @@ def check_options(options: dict) -> None:
     """Raises ValueError naming the first unknown option or out-of-range value."""
     for name, value in options.items():
         if name not in _DISTILL_OPTIONS:
-            raise ValueError(f"unknown compaction option {name!r}; distill takes {tuple(_DISTILL_OPTIONS)}")
+            raise InvalidValueError(f"unknown compaction option {name!r}; distill takes {tuple(_DISTILL_OPTIONS)}")
         valid, what = _DISTILL_OPTIONS[name]
         if not valid(value) or (isinstance(value, bool) and name != "learn_weights"):  # True is not a number
-            raise ValueError(f"distill option {name}={value!r}: must be {what}")
+            raise InvalidValueError(f"distill option {name}={value!r}: must be {what}")
 
 
 def _rescaled(vectors, weights, label_idx, keep: list[np.ndarray]) -> SlotSet:

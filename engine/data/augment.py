@@ -14,6 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..errors import InvalidValueError
+
 
 def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
            scale: float = 0.0, elastic: float = 0.0, flip: bool = False, thickness: float = 0.0) -> np.ndarray:
@@ -96,7 +98,7 @@ def view_maps(count: int, *, shift: float = 1.0, rotate: float = 5.0, scale: flo
 def check_views(count) -> int:
     """A count of test-time views: an integer >= 1 (not a bool), or ValueError."""
     if isinstance(count, bool) or not isinstance(count, (int, np.integer)) or count < 1:
-        raise ValueError(f"views must be an integer >= 1, got {count!r}")
+        raise InvalidValueError(f"views must be an integer >= 1, got {count!r}")
     return int(count)
 
 

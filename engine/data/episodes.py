@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..errors import InvalidValueError
 from .images import pixels
 
 
@@ -38,10 +39,10 @@ class EpisodeSampler:
                  within_group: float = 0.0, seed: int = 0):
         n_classes, n_examples = images.shape[:2]
         if n_way > n_classes:
-            raise ValueError(f"{n_way}-way episodes need {n_way} classes; there are {n_classes}")
+            raise InvalidValueError(f"{n_way}-way episodes need {n_way} classes; there are {n_classes}")
         if k_shot + n_query > n_examples:
-            raise ValueError(f"{k_shot}-shot with {n_query} queries needs {k_shot + n_query} examples per class; "
-                             f"there are {n_examples}")
+            raise InvalidValueError(f"{k_shot}-shot with {n_query} queries needs {k_shot + n_query} examples per "
+                                    f"class; there are {n_examples}")
         self.images, self.n_way, self.k_shot, self.n_query = images, n_way, k_shot, n_query
         self.within_group = within_group
         self.rng = np.random.default_rng(seed)
@@ -52,7 +53,7 @@ class EpisodeSampler:
                 by_group.setdefault(g, []).append(i)
             self._groups = [np.array(v) for v in by_group.values() if len(v) >= n_way]
         if within_group > 0 and not self._groups:
-            raise ValueError(f"within-group episodes need a group with at least {n_way} classes")
+            raise InvalidValueError(f"within-group episodes need a group with at least {n_way} classes")
 
     def sample(self) -> Episode:
         """One episode."""

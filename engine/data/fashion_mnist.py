@@ -11,6 +11,7 @@ import os
 
 import numpy as np
 
+from ..errors import InvalidValueError
 from .paths import data_root, require_files
 
 FILES = {
@@ -35,14 +36,14 @@ def load_fashion_mnist(root: str | os.PathLike | None = None, split: str = "trai
         ValueError: an unknown split, or a file that is not a valid idx file.
     """
     if split not in FILES:
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise InvalidValueError(f"split must be 'train' or 'test', got {split!r}")
     base = data_root(root)
     folder = base if (base / FILES[split][0]).exists() else base / "fashion-mnist"
     require_files(folder, list(FILES[split]), f"Fashion-MNIST ({split})")
     images = _read_idx(folder / FILES[split][0], ndim=3)
     labels = _read_idx(folder / FILES[split][1], ndim=1).astype(np.int64)
     if len(images) != len(labels):
-        raise ValueError(f"{folder}: {len(images)} images but {len(labels)} labels")
+        raise InvalidValueError(f"{folder}: {len(images)} images but {len(labels)} labels")
     return images, labels
 
 
@@ -51,9 +52,9 @@ def _read_idx(path, ndim: int) -> np.ndarray:
     with gzip.open(path, "rb") as f:
         data = f.read()
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or data[3] != ndim:
-        raise ValueError(f"{path}: not a uint8 idx file with {ndim} dimensions")
+        raise InvalidValueError(f"{path}: not a uint8 idx file with {ndim} dimensions")
     shape = tuple(int.from_bytes(data[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim)
     if body.size != int(np.prod(shape)):
-        raise ValueError(f"{path}: expected {int(np.prod(shape))} values, found {body.size}")
+        raise InvalidValueError(f"{path}: expected {int(np.prod(shape))} values, found {body.size}")
     return body.reshape(shape)

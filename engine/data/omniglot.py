@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from ..errors import InvalidValueError, MissingFileError
 from .paths import data_root, require_files
 
 SPLITS = {"small1": "images_background_small1.zip", "small2": "images_background_small2.zip"}
@@ -66,7 +67,8 @@ class CharacterSet:
         """Only the characters of the given alphabets."""
         keep = [i for i, a in enumerate(self.alphabets) if a in set(alphabets)]
         if not keep:
-            raise ValueError(f"none of the alphabets {list(alphabets)} is in this set ({sorted(set(self.alphabets))})")
+            held = sorted(set(self.alphabets))
+            raise InvalidValueError(f"none of the alphabets {list(alphabets)} is in this set ({held})")
         return CharacterSet(self.images[keep], [self.alphabets[i] for i in keep], [self.names[i] for i in keep])
 
 
@@ -88,7 +90,7 @@ def load_background(split: str = "small1", root=None, *, alphabets=None) -> Char
         ValueError: an unknown split, or a zip without the expected layout.
     """
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+        raise InvalidValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     folder = omniglot_dir(root)
     require_files(folder, [SPLITS[split]], f"Omniglot background split {split}")
     chars: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
@@ -99,7 +101,7 @@ def load_background(split: str = "small1", root=None, *, alphabets=None) -> Char
                 if alphabets is None or parts[1] in alphabets:
                     chars.setdefault((parts[1], parts[2]), []).append((parts[3], z.read(name)))
     if not chars:
-        raise ValueError(f"{folder / SPLITS[split]}: no <alphabet>/<character>/<drawing>.png entries")
+        raise InvalidValueError(f"{folder / SPLITS[split]}: no <alphabet>/<character>/<drawing>.png entries")
     keys = sorted(chars)
     drawers = min(len(chars[k]) for k in keys)
     images = np.stack([np.stack([to_array(b) for _, b in sorted(chars[k])[:drawers]]) for k in keys])
@@ -109,7 +111,7 @@ def load_background(split: str = "small1", root=None, *, alphabets=None) -> Char
 def alphabets(split: str, root=None) -> tuple[str, ...]:
     """The alphabets of a minimal background split, sorted (read from its zip's names)."""
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+        raise InvalidValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
     folder = omniglot_dir(root)
     require_files(folder, [SPLITS[split]], f"Omniglot background split {split}")
     with zipfile.ZipFile(folder / SPLITS[split]) as z:
@@ -120,7 +122,7 @@ def validation_split(background: str, root=None) -> tuple[str, tuple[str, ...]]:
     """(the other minimal split, its alphabets that ``background`` lacks): where a model
     trained on ``background`` is validated, on alphabets it never saw."""
     if background not in SPLITS:
-        raise ValueError(f"background must be one of {sorted(SPLITS)}, got {background!r}")
+        raise InvalidValueError(f"background must be one of {sorted(SPLITS)}, got {background!r}")
     other = next(s for s in SPLITS if s != background)
     return other, tuple(a for a in alphabets(other, root) if a not in set(alphabets(background, root)))
 
@@ -161,7 +163,7 @@ def load_oneshot_runs(path: str | os.PathLike) -> list[OneShotRun]:
     else:
         run_dirs = sorted(p for p in path.glob("run*") if (p / "class_labels.txt").is_file()) if path.is_dir() else []
     if not run_dirs:
-        raise FileNotFoundError(f"no one-shot runs at {path}: expected runNN/class_labels.txt with training/ and "
+        raise MissingFileError(f"no one-shot runs at {path}: expected runNN/class_labels.txt with training/ and "
                                 f"test/ folders, or all_runs.zip")
     files = {}
     for d in run_dirs:
@@ -185,11 +187,11 @@ def _runs_from_files(files: dict[str, bytes], where: str) -> list[OneShotRun]:
         train_names = sorted(n for n in by_tail if n.startswith(f"{run}/training/") and n.endswith(".png"))
         missing = [p for pair in pairs for p in pair if p not in by_tail]
         if missing or not train_names:
-            raise FileNotFoundError(f"{where}: run {run} lacks files named by class_labels.txt: {missing[:5]}")
+            raise MissingFileError(f"{where}: run {run} lacks files named by class_labels.txt: {missing[:5]}")
         test = np.stack([to_array(by_tail[t]) for t, _ in pairs])
         train = np.stack([to_array(by_tail[n]) for n in train_names])
         answer = np.array([train_names.index(c) for _, c in pairs])
         runs.append(OneShotRun(run, train, test, answer))
     if not runs:
-        raise FileNotFoundError(f"no one-shot runs in {where}")
+        raise MissingFileError(f"no one-shot runs in {where}")
     return runs

@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from ..errors import MissingFileError
+
 ENV_VAR = "ENGINE_DATA"
 
 
@@ -34,7 +36,7 @@ def require_files(folder: Path, names: list[str], what: str) -> None:
     """Raise FileNotFoundError naming every expected file that is missing."""
     missing = [n for n in names if not (folder / n).is_file()]
     if missing:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"{what} not found in {folder}: missing {', '.join(missing)}. "
             f"Pass the data directory (--data or ${ENV_VAR}); it should hold {', '.join(names)}."
         )

@@ -38,6 +38,8 @@ from dataclasses import asdict, dataclass
 import faiss
 import numpy as np
 
+from ..errors import InvalidValueError
+
 RECALL_TARGET = 0.98  # of the recall target
 AGREEMENT = 0.995  # of the answer target: the share of queries whose top class is exact search's
 ANSWER_TV = 0.1  # and the mean total variation of their class probabilities to exact search's
@@ -220,7 +222,7 @@ def calibrate(index: faiss.Index, vectors: np.ndarray, spec: str, *, ivf=None, h
     """
     t0 = time.perf_counter()
     if target is None and answer is None:
-        raise ValueError("the answer target needs labels, weights and a temperature")
+        raise InvalidValueError("the answer target needs labels, weights and a temperature")
     n = len(vectors)
     k = max(1, min(k, n - 1))
     queries = queries or (QUERIES if target is not None else ANSWER_QUERIES)

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from ..errors import InvalidValueError
+from ..errors import CorruptFileError, InvalidValueError
 from .calibration import (
     DRIFT_QUERIES,
     DRIFT_WRITTEN,
@@ -306,7 +306,7 @@ class VectorIndex:
             out[rows, coarse:] = faiss.rev_swig_ptr(ivf.invlists.get_codes(lst), m * width).reshape(m, width)
             filled += m
         if filled != n:  # pragma: no cover - rows are 0..n-1, each in one list
-            raise RuntimeError(f"the index lists hold {filled} rows, expected {n}")
+            raise CorruptFileError(f"the index lists hold {filled} rows, expected {n}")
         blank = faiss.clone_index(self._index)
         blank.reset()
         return bytes(faiss.serialize_index(blank)), out
@@ -322,21 +322,21 @@ class VectorIndex:
         try:
             index = faiss.deserialize_index(np.frombuffer(codebook, np.uint8))
         except RuntimeError as exc:
-            raise ValueError(f"unreadable codebook ({str(exc).splitlines()[0]})") from None
+            raise InvalidValueError(f"unreadable codebook ({str(exc).splitlines()[0]})") from None
         ivf = _try_extract_ivf(index)
         probe = faiss.index_factory(self._faiss_dim, self.spec, self._faiss_metric) if self.spec != "auto" else None
         if (ivf is None or not index.is_trained or index.ntotal != 0 or index.d != self._faiss_dim
                 or probe is None or type(index) is not type(probe) or not _is_lossy(index)
                 or index.metric_type != self._faiss_metric):
-            raise ValueError(f"the codebook is not a trained empty {self.spec} index of dim {self._faiss_dim}")
+            raise InvalidValueError(f"the codebook is not a trained empty {self.spec} index of dim {self._faiss_dim}")
         if codes.ndim != 2 or codes.shape[1] != index.sa_code_size():
-            raise ValueError(f"codes of {codes.shape[1:]} bytes, the codebook makes {index.sa_code_size()}")
+            raise InvalidValueError(f"codes of {codes.shape[1:]} bytes, the codebook makes {index.sa_code_size()}")
         coarse = ivf.coarse_code_size()
         lists = np.zeros(len(codes), np.int64)
         for b in range(coarse):
             lists |= codes[:, b].astype(np.int64) << (8 * b)
         if len(codes) and lists.max() >= ivf.nlist:
-            raise ValueError("a code names an inverted list the codebook does not have")
+            raise InvalidValueError("a code names an inverted list the codebook does not have")
         if len(codes):
             index.add_sa_codes(np.ascontiguousarray(codes))
         new = self._sibling()

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import InvalidValueError
 from .matching import MatchingNetwork
 
 
@@ -43,10 +44,10 @@ def ensemble(models: list[MatchingNetwork]) -> MatchingNetwork:
             whole support set in its own space) or with separate g and h backbones.
     """
     if not models:
-        raise ValueError("an ensemble needs at least one model")
+        raise InvalidValueError("an ensemble needs at least one model")
     for m in models:
         if m.support_lstm is not None or m.h_backbone is not m.g_backbone:
-            raise ValueError("an ensemble takes models without FCE and with one shared backbone")
+            raise InvalidValueError("an ensemble takes models without FCE and with one shared backbone")
         m.eval()
         m.requires_grad_(False)
     inv_t = torch.stack([1.0 / m.temperature.detach() for m in models])

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..attention import attend_torch
 from ..data.augment import apply_view, check_views, view_maps
+from ..errors import InvalidValueError, UsageError
 from ..index import VectorIndex
 from .backbone import ConvEmbedding
 from .fce import AttentionLSTM, SupportBiLSTM
@@ -102,7 +103,7 @@ class MatchingNetwork(nn.Module):
         h = x if features else self._backbone(self.h_backbone, x, batch_size)
         if self.query_lstm is not None:
             if support is None and reader is None:
-                raise ValueError("FCE queries need the support embeddings: call process_support_set first")
+                raise InvalidValueError("FCE queries need the support embeddings: call process_support_set first")
             h = self.query_lstm(h, support, reader=reader)
         return h
 
@@ -179,7 +180,7 @@ class MatchingNetwork(nn.Module):
 
     def _require_support(self) -> None:
         if self._support is None:
-            raise RuntimeError("call process_support_set(x, y) before forward")
+            raise UsageError("call process_support_set(x, y) before forward")
 
     # -- memory-backed inference -------------------------------------------------------
     @torch.no_grad()

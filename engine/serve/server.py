@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.flight as fl
 
-from ..errors import EngineError, UnknownMemoryError
+from ..errors import EngineError, InvalidValueError, UnknownMemoryError
 from ..labels import kind_of
 from ..protocol import MemoryLike
 from ..store import codec
@@ -193,14 +193,14 @@ class MemoryServer(fl.FlightServerBase):
             for chunk in reader:  # collect first: an add is all or nothing
                 rows += chunk.data.num_rows
                 if rows > self.max_rows:
-                    raise ValueError(f"request carries more than max_rows={self.max_rows} rows")
+                    raise InvalidValueError(f"request carries more than max_rows={self.max_rows} rows")
                 batches.append(chunk.data)
             if not batches:
-                raise ValueError("no rows sent")
+                raise InvalidValueError("no rows sent")
             table = pa.Table.from_batches(batches)
             names = table.schema.names
             if "label" not in names:
-                raise ValueError(f"no 'label' column (got columns {names})")
+                raise InvalidValueError(f"no 'label' column (got columns {names})")
             vectors = wire.vectors_from(table)
             ids = wire.column_of(table, "id", pa.types.is_integer, "integers")
             weights = wire.column_of(table, "weight", lambda t: pa.types.is_floating(t) or pa.types.is_integer(t),
@@ -230,7 +230,8 @@ class MemoryServer(fl.FlightServerBase):
                 if chunk.data is None:
                     continue
                 if chunk.data.num_rows > self.max_rows:
-                    raise ValueError(f"query batch of {chunk.data.num_rows} rows exceeds max_rows={self.max_rows}")
+                    raise InvalidValueError(f"query batch of {chunk.data.num_rows} rows exceeds "
+                                            f"max_rows={self.max_rows}")
                 queries = wire.vectors_from(chunk.data)
                 for lo in range(0, len(queries), self.chunk_rows):
                     res = batcher.query(queries[lo : lo + self.chunk_rows], k=k, tail=tail, probs=probs)
@@ -299,7 +300,7 @@ class MemoryServer(fl.FlightServerBase):
             memory = self._memory(cmd)
             if kind == "remove":
                 if ("ids" in cmd) == ("labels" in cmd):
-                    raise ValueError("malformed remove action: give 'ids' or 'labels'")
+                    raise InvalidValueError("malformed remove action: give 'ids' or 'labels'")
                 if "labels" in cmd:
                     return {"removed": memory.remove(labels=cmd["labels"])}
                 return {"removed": memory.remove(np.asarray(cmd["ids"], dtype=np.int64))}
@@ -354,7 +355,7 @@ class MemoryServer(fl.FlightServerBase):
         wire.fields(header, "query action header", _QUERY)
         most = min(self.max_rows, max(self.chunk_rows, SMALL_QUERY_ROWS))
         if len(queries) > most:
-            raise ValueError(f"a query action carries at most {most} rows, got {len(queries)}: send more "
+            raise InvalidValueError(f"a query action carries at most {most} rows, got {len(queries)}: send more "
                              f"as a stream (DoExchange)")
         batcher = self._batchers[self._memory_name(header)]
         stages["parse"] = time.perf_counter() - t0

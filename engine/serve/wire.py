@@ -29,6 +29,7 @@ import json
 import numpy as np
 import pyarrow as pa
 
+from ..errors import InvalidValueError
 from ..store.codec import vector_array, vectors_of  # noqa: F401  (vector_array is part of the wire's vocabulary)
 
 RESULT_FIELDS = ("ids", "scores", "attention", "probs", "label", "tail_bound")
@@ -44,11 +45,11 @@ def parse_command(raw: bytes, what: str) -> dict:
     try:
         doc = json.loads(bytes(raw).decode())
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"malformed {what}: not JSON ({exc})") from None
+        raise InvalidValueError(f"malformed {what}: not JSON ({exc})") from None
     except RecursionError:
-        raise ValueError(f"malformed {what}: nested too deeply") from None
+        raise InvalidValueError(f"malformed {what}: nested too deeply") from None
     if not isinstance(doc, dict):
-        raise ValueError(f"malformed {what}: expected a JSON object")
+        raise InvalidValueError(f"malformed {what}: expected a JSON object")
     return doc
 
 
@@ -57,13 +58,13 @@ def fields(cmd: dict, what: str, allowed: dict) -> dict:
     (check, description, required). Returns the command; ValueError names the first bad field."""
     unknown = sorted(set(cmd) - set(allowed))
     if unknown:
-        raise ValueError(f"malformed {what}: unknown fields {unknown}; allowed {sorted(allowed)}")
+        raise InvalidValueError(f"malformed {what}: unknown fields {unknown}; allowed {sorted(allowed)}")
     for name, (ok, description, required) in allowed.items():
         if name not in cmd:
             if required:
-                raise ValueError(f"malformed {what}: {name!r} is required ({description})")
+                raise InvalidValueError(f"malformed {what}: {name!r} is required ({description})")
         elif not ok(cmd[name]):
-            raise ValueError(f"malformed {what}: {name!r} must be {description}, got {cmd[name]!r}"[:300])
+            raise InvalidValueError(f"malformed {what}: {name!r} must be {description}, got {cmd[name]!r}"[:300])
     return cmd
 
 
@@ -83,17 +84,17 @@ def parse_small_query(body: bytes) -> tuple[dict, np.ndarray]:
     """(header, (rows, dim) float32 queries) of a small query action; ValueError if malformed."""
     body = memoryview(body)
     if len(body) < 4:
-        raise ValueError("malformed query action: too short")
+        raise InvalidValueError("malformed query action: too short")
     size = int.from_bytes(body[:4], "little")
     if size > len(body) - 4:
-        raise ValueError("malformed query action: its header length runs past the body")
+        raise InvalidValueError("malformed query action: its header length runs past the body")
     header = parse_command(bytes(body[4:4 + size]), "query action header")
     rows, dim = header.get("rows"), header.get("dim")
     if not (is_int(rows) and rows >= 1 and is_int(dim) and dim >= 1):
-        raise ValueError("malformed query action header: 'rows' and 'dim' must be integers >= 1")
+        raise InvalidValueError("malformed query action header: 'rows' and 'dim' must be integers >= 1")
     raw = body[4 + size:]
     if len(raw) != rows * dim * 4:
-        raise ValueError(f"malformed query action: {len(raw)} bytes of vectors for {rows} x {dim} float32")
+        raise InvalidValueError(f"malformed query action: {len(raw)} bytes of vectors for {rows} x {dim} float32")
     return header, np.frombuffer(raw, dtype="<f4").reshape(rows, dim)
 
 
@@ -115,7 +116,7 @@ MEMORY = (lambda v: isinstance(v, str), "a memory name (string)", True)
 def vectors_from(table_or_batch) -> np.ndarray:
     """The ``vector`` column as an (n, dim) float32 array; ValueError if it is missing or malformed."""
     if "vector" not in table_or_batch.schema.names:
-        raise ValueError(f"no 'vector' column (got columns {table_or_batch.schema.names})")
+        raise InvalidValueError(f"no 'vector' column (got columns {table_or_batch.schema.names})")
     return vectors_of(table_or_batch.column("vector"))
 
 
@@ -125,9 +126,9 @@ def column_of(table: pa.Table, name: str, type_ok, description: str, *, as_list:
         return None
     col = table.column(name)
     if not type_ok(col.type):
-        raise ValueError(f"'{name}' must be {description}, got {col.type}")
+        raise InvalidValueError(f"'{name}' must be {description}, got {col.type}")
     if col.null_count:
-        raise ValueError(f"'{name}' has null rows")
+        raise InvalidValueError(f"'{name}' has null rows")
     return col.to_pylist() if as_list else col.to_numpy()
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
+from ..errors import InvalidValueError
 from ..labels import kind_of
 
 
@@ -164,19 +165,19 @@ def vectors_of(column: pa.Array | pa.ChunkedArray, dim: int | None = None) -> np
         column = column.combine_chunks() if column.num_chunks else pa.array([], type=column.type)
     t = column.type
     if not (pa.types.is_fixed_size_list(t) or pa.types.is_list(t) or pa.types.is_large_list(t)):
-        raise ValueError(f"vectors must be a list of floats, got {t}")
+        raise InvalidValueError(f"vectors must be a list of floats, got {t}")
     if not (pa.types.is_floating(t.value_type) or pa.types.is_integer(t.value_type)):
-        raise ValueError(f"vector values must be numbers, got {t.value_type}")
+        raise InvalidValueError(f"vector values must be numbers, got {t.value_type}")
     if column.null_count or column.values.null_count:
-        raise ValueError("vectors have null rows or values")
+        raise InvalidValueError("vectors have null rows or values")
     n = len(column)
     if pa.types.is_fixed_size_list(t):
         width = t.list_size
     else:
         lengths = np.diff(column.offsets.to_numpy())
         if n and (lengths != lengths[0]).any():
-            raise ValueError("vector rows have different lengths")
+            raise InvalidValueError("vector rows have different lengths")
         width = int(lengths[0]) if n else (dim or 0)
     if dim is not None and n and width != dim:
-        raise ValueError(f"vectors are {width}-d, expected {dim}")
+        raise InvalidValueError(f"vectors are {width}-d, expected {dim}")
     return column.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False).reshape(n, width)

@@ -31,6 +31,7 @@ the memory's own directory.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import re
 import uuid
@@ -46,12 +47,15 @@ from ..errors import (
     MemoryFailedError,
     MemoryLockedError,
     MemoryNotFoundError,
+    MissingFileError,
     StorageError,
 )
 from . import fsio, wal
 from .codec import Columns
 from .manifest import FORMAT, FORMAT_VERSION, MANIFEST, manifest_bytes, read_manifest
 from .snapshot import read_snapshot, write_snapshot
+
+log = logging.getLogger(__name__)
 
 _PROC_FD = Path("/proc/self/fd") if Path("/proc/self/fd").is_dir() else None
 # Opening a memory whose log has more segments than this (one per open) checkpoints it.
@@ -408,8 +412,8 @@ class Store:
                 merged = {**self.manifest["settings"], **(settings or {})}
                 try:
                     self._commit({**self.manifest, "wal": entries, "settings": merged})
-                except StorageError:
-                    pass  # the segment stays open in the manifest: still exactly recoverable
+                except StorageError as exc:  # the segment stays open in the manifest: still exactly recoverable
+                    log.warning("%s: the log segment is left open in the manifest (%s)", self.path, exc)
             self._writer.close()
             self._writer = None
         if self._dir_fd is not None:
@@ -433,7 +437,7 @@ def _lock(path: Path) -> int:
     try:
         fd = fsio.lock_dir(path)
     except NotADirectoryError:
-        raise FileNotFoundError(f"no memory at {path}: not a directory") from None
+        raise MissingFileError(f"no memory at {path}: not a directory") from None
     if fd is None:
         raise MemoryLockedError(f"{path} is already open (in this or another process); close it first")
     return fd

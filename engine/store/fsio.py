@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import logging
 import os
 from pathlib import Path
 
 from ..errors import StorageError
+
+log = logging.getLogger(__name__)
 
 
 def storage_error(what: str, exc: OSError, *, uncertain: bool = False) -> StorageError:
@@ -112,8 +115,10 @@ def remove_quietly(path: Path) -> None:
     """Unlink a file we own if it is there; a failure leaves an orphan, never damage."""
     try:
         os.unlink(path)
-    except OSError:
+    except FileNotFoundError:
         pass
+    except OSError as exc:
+        log.warning("%s could not be removed (%s); it is left over, never read", path, exc.strerror)
 
 
 def same_directory(path: Path, dir_fd: int) -> bool:

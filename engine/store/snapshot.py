@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow as pa
 
-from ..errors import CorruptFileError, StorageError
+from ..errors import CorruptFileError, InvalidValueError, StorageError
 from . import fsio
 from .codec import CODEBOOK_KEY, Columns, snapshot_schema
 from .manifest import FORMAT, FORMAT_VERSION
@@ -79,9 +79,9 @@ def read_snapshot(file: Path, entry: dict, dim: int, kind: str | None) -> Column
             else None
         expected = snapshot_schema(dim, kind, weights="weight" in names, used="used" in names, code_size=code_size)
         if not table.schema.remove_metadata().equals(expected):
-            raise ValueError(f"unexpected schema {table.schema} for a memory of dim {dim} and {kind} labels")
+            raise InvalidValueError(f"unexpected schema {table.schema} for a memory of dim {dim} and {kind} labels")
         if code_size is not None and not (table.schema.metadata or {}).get(CODEBOOK_KEY):
-            raise ValueError("a code column without its codebook")
+            raise InvalidValueError("a code column without its codebook")
         slots = Columns.from_arrow(table, dim)
     except (pa.ArrowException, OSError, ValueError) as exc:
         raise CorruptFileError(f"{file}: unreadable snapshot ({exc})") from None

@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from ..errors import CorruptFileError
+from ..errors import CorruptFileError, InvalidValueError
 from . import fsio
 from .codec import Columns, slot_schema
 
@@ -289,17 +289,17 @@ def _decode(file: Path, kind: int, lk: int, seq: int, payload: bytes, dim: int, 
     try:
         if kind == REMOVE:
             if label_kind is not None:
-                raise ValueError("a remove record with a label kind")
+                raise InvalidValueError("a remove record with a label kind")
             batch = pa.ipc.read_record_batch(pa.py_buffer(payload), REMOVE_SCHEMA)
             rec = Record(kind, seq, batch.column(0).to_numpy())
         else:
             if label_kind is None:
-                raise ValueError("an add record without a label kind")
+                raise InvalidValueError("an add record without a label kind")
             batch = pa.ipc.read_record_batch(pa.py_buffer(payload), slot_schema(dim, label_kind))
             slots = Columns.from_arrow(batch, dim)
             rec = Record(kind, seq, slots.ids, slots, label_kind)
         if batch.num_rows == 0:
-            raise ValueError("a record without rows")
+            raise InvalidValueError("a record without rows")
     except (pa.ArrowException, ValueError, TypeError, IndexError, KeyError) as exc:
         raise CorruptFileError(f"{file}: record {position} is unreadable ({exc})") from None
     return rec

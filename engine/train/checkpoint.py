@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ..data.episodes import EpisodeSampler
+from ..errors import MissingFileError
 from ..nn import MatchingNetwork
 
 CHECKPOINT_FILES = ("config.json", "model.pt", "best.pt", "optimizer.pt", "state.pt", "state.json")
@@ -32,7 +33,7 @@ def load_checkpoint(path: str | Path, *, which: str = "best", views: int | None 
     path = Path(path)
     for name in ("config.json", f"{which}.pt"):
         if not (path / name).is_file():
-            raise FileNotFoundError(f"{path} is not a checkpoint: {name} is missing")
+            raise MissingFileError(f"{path} is not a checkpoint: {name} is missing")
     cfg = json.loads((path / "config.json").read_text())
     model = MatchingNetwork.from_config(cfg["model"])
     if views is not None:

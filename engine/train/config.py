@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data.augment import check_views
+from ..errors import InvalidValueError
 
 FASHION_HELD_OUT = 100  # training images a class kept out of Fashion-MNIST training, for its validation
 
@@ -62,14 +63,14 @@ class TrainConfig:
 def check_stage(cfg: TrainConfig) -> None:
     """Refuse the options this module reads first whose error would otherwise surface deep in torch."""
     if cfg.background not in ("small1", "small2"):
-        raise ValueError(f"background must be small1 or small2, got {cfg.background!r}")
+        raise InvalidValueError(f"background must be small1 or small2, got {cfg.background!r}")
     if cfg.pretrain_epochs < 0 or cfg.pretrain_batch < 2:
-        raise ValueError(f"pretrain_epochs must be >= 0 and pretrain_batch >= 2 (batch norm), got "
+        raise InvalidValueError(f"pretrain_epochs must be >= 0 and pretrain_batch >= 2 (batch norm), got "
                          f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
     if cfg.width < 1 or not cfg.elastic >= 0:
-        raise ValueError(f"width must be >= 1 and elastic >= 0, got {cfg.width} and {cfg.elastic}")
+        raise InvalidValueError(f"width must be >= 1 and elastic >= 0, got {cfg.width} and {cfg.elastic}")
     if not 0 <= cfg.thickness <= 1:
-        raise ValueError(f"thickness must be in [0, 1], got {cfg.thickness}")
+        raise InvalidValueError(f"thickness must be in [0, 1], got {cfg.thickness}")
     check_views(cfg.views)
 
 
@@ -89,7 +90,7 @@ def recipe(dataset: str, **overrides) -> TrainConfig:
             "fashion-mnist": {"pretrain_epochs": 20, "episodes": 0, "rotate": 0.0, "scale": 0.0, "views": 4,
                               "n_way": 10, "k_shot": 5, "n_query": 10, "val_way": 10, "val_episodes": 50}}
     if dataset not in base:
-        raise ValueError(f"unknown dataset {dataset!r}: use 'omniglot' or 'fashion-mnist'")
+        raise InvalidValueError(f"unknown dataset {dataset!r}: use 'omniglot' or 'fashion-mnist'")
     return TrainConfig(dataset=dataset, **{**base[dataset], **overrides})
 
 
@@ -114,4 +115,4 @@ def _load_sets(dataset: str, data: str | None, background: str = "small1"):
         n = np.bincount(y).min()
         by_class = np.stack([x[y == c][:n] for c in range(10)])
         return by_class[:, :-FASHION_HELD_OUT], None, by_class[:, -FASHION_HELD_OUT:], None
-    raise ValueError(f"unknown dataset {dataset!r}: use 'omniglot' or 'fashion-mnist'")
+    raise InvalidValueError(f"unknown dataset {dataset!r}: use 'omniglot' or 'fashion-mnist'")
