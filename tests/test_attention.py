@@ -8,7 +8,6 @@ import torch
 
 from engine import Memory
 from engine.attention import attend, attend_torch, class_probs, top_class
-
 from engine.testing import dense_attention, omitted_mass, slot_attention, total_variation
 
 

@@ -19,7 +19,6 @@ import numpy as np
 import pytest
 
 from engine import Memory
-
 from engine.testing import total_variation
 
 from .test_tail import omitted, reference

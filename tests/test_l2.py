@@ -15,7 +15,6 @@ from engine import Client, Memory
 from engine.data import clustered
 from engine.errors import DimensionError, InvalidValueError
 from engine.serve import MemoryServer
-
 from engine.testing import brute_force_topk, slot_attention, total_variation
 
 from .test_tail import omitted, reference

@@ -9,7 +9,6 @@ import engine
 from engine import Memory
 from engine.data import clustered
 from engine.data.synthetic import isotropic
-
 from engine.testing import dense_attention, omitted_mass, slot_attention, total_variation
 
 DIM = 16
