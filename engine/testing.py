@@ -569,7 +569,8 @@ class MemoryContract:
             batch = mem.query(q, k=self.k, probs=probs)
             for i in range(len(q)):
                 one = mem.query(q[i], k=self.k, probs=probs)
-                assert one.ids.tolist() == batch.ids[i:i + 1].tolist() and one.classes.tolist() == batch.classes.tolist()
+                assert one.ids.tolist() == batch.ids[i:i + 1].tolist()
+                assert one.classes.tolist() == batch.classes.tolist()
                 np.testing.assert_allclose(one.probs, batch.probs[i:i + 1], atol=1e-9)
                 np.testing.assert_allclose(one.tail_bound, batch.tail_bound[i:i + 1], atol=1e-9)
 
@@ -653,7 +654,7 @@ class MemoryContract:
         mem, x, ids, q = self._filled(tmp_path, 33)
         before = self.state(mem, q)
         fresh = np.arange(3) + int(ids.max()) + 1
-        for kind, call in [
+        cases: list[tuple[type[Exception], Callable[[], object]]] = [
             (InvalidValueError, lambda: mem.add(x[:3], ["a", "b", "c"])),  # a str label in an int memory
             (InvalidValueError, lambda: mem.add(x[:3], [0, 1])),  # fewer labels than vectors
             (InvalidValueError, lambda: mem.add(x[:3], [0, 1, 2], weights=[1.0, 0.0, 1.0])),
@@ -662,7 +663,8 @@ class MemoryContract:
             (DuplicateIdError, lambda: mem.add(x[:3], [0, 1, 2], ids=[fresh[0], fresh[1], fresh[0]])),
             (UnknownLabelError, lambda: mem.remove(labels=[0, 99])),
             (InvalidValueError, lambda: mem.query(q, k=self.k, probs="every")),
-        ]:
+        ]
+        for kind, call in cases:
             with _raises(kind):
                 call()
             self.assert_unchanged(mem, before, q, answers=False)
@@ -730,4 +732,4 @@ def _rows_of(ids: IntArray, found: npt.ArrayLike) -> IntArray:
     rows = sorter[pos]
     if not (ids[rows] == f).all():
         raise AssertionError(f"ids answered that were never written: {sorted(set(f[ids[rows] != f].tolist()))[:10]}")
-    return cast(IntArray, rows)
+    return rows

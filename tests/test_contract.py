@@ -136,7 +136,8 @@ def _label_verbs_agree(reference, other, y, q):
     for mem in (reference, other):
         assert mem.ids(labels=[3, 5]).tolist() == reference.ids(labels=[5, 3]).tolist()
         held = mem.get(mem.ids(labels=[3, 5]))
-        assert set(held.labels) == {3, 5} and len(held.labels) == sum(int(v) in (3, 5) for v in mem.get(mem.ids()).labels)
+        assert set(held.labels) == {3, 5}
+        assert len(held.labels) == sum(int(v) in (3, 5) for v in mem.get(mem.ids()).labels)
         assert len(mem.ids(labels=[999])) == 0  # no slot of that label: none
         with pytest.raises(engine.InvalidValueError, match="labels"):
             mem.ids(labels=["three"])  # another kind than the memory's
