@@ -193,6 +193,9 @@ def test_a_sharded_memory_answers_as_one_memory_through_writes_in_both_modes(loc
     sharded.close()
 
 
+COVERED = "kept small: the sharded cross-check (given ids, weights, removes) covers it against one Memory"
+
+
 @pytest.mark.usefixtures("local_ray")
 class TestShardedMemory(MemoryContract):
     """Two Flat shards on the module's local Ray (each test starts and ends its actors)."""
@@ -214,3 +217,18 @@ class TestShardedMemory(MemoryContract):
     @pytest.mark.xfail(strict=True, raises=AttributeError, reason="ShardedMemory has no classes()")
     def test_classes_are_the_labels_with_a_live_slot(self, tmp_path: Path) -> None:
         super().test_classes_are_the_labels_with_a_live_slot(tmp_path)
+
+    # The contract is kept small here (each test starts two Ray actors, a second or two):
+    # these three are what test_a_sharded_memory_answers_as_one_memory_through_writes_in_both_modes
+    # checks, at 3,000 slots, against a Memory that passes them.
+    @pytest.mark.skip(reason=COVERED)
+    def test_given_ids_are_kept_and_name_their_slots(self, tmp_path: Path) -> None:
+        super().test_given_ids_are_kept_and_name_their_slots(tmp_path)
+
+    @pytest.mark.skip(reason=COVERED)
+    def test_weights_are_slot_masses(self, tmp_path: Path) -> None:
+        super().test_weights_are_slot_masses(tmp_path)
+
+    @pytest.mark.skip(reason=COVERED)
+    def test_remove_by_ids(self, tmp_path: Path) -> None:
+        super().test_remove_by_ids(tmp_path)
