@@ -411,8 +411,11 @@ class MemoryContract:
                                        err_msg=probs)
             assert res.labels.tolist() == classes[np.argmax(p, axis=1)].tolist(), probs
             assert (res.tail_bound == 0).all() and res.exact_bound, probs  # every slot scored
-            if res.tail_estimate is not None:
+            if probs == "full":  # the estimated rest: nothing
+                assert res.tail_estimate is not None
                 np.testing.assert_allclose(res.tail_estimate, 0.0, atol=self.atol)
+            else:
+                assert res.tail_estimate is None
 
     def answers(self, mem: MemoryLike, q: npt.ArrayLike) -> list[QueryResult]:
         return [mem.query(q, k=self.k, probs="top-k"), mem.query(q, k=self.k, probs="full")]
