@@ -26,32 +26,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from engine import Memory
+from engine.testing import dense_attention, omitted_mass, total_variation
 
 K = 64
-
-
-def dense(x: np.ndarray, y_idx: np.ndarray, n_classes: int, q: np.ndarray, temperature: float, metric: str,
-          chunk: int = 50) -> tuple[np.ndarray, np.ndarray]:
-    """(probs (n, C), attention (n, N)) of full softmax attention over every slot, float64."""
-    x64, q64 = x.astype(np.float64), q.astype(np.float64)
-    if metric == "cosine":
-        x64 /= np.linalg.norm(x64, axis=1, keepdims=True)
-        q64 /= np.linalg.norm(q64, axis=1, keepdims=True)
-    order = np.argsort(y_idx, kind="stable")
-    starts = np.flatnonzero(np.r_[True, np.diff(y_idx[order]) != 0])
-    present = y_idx[order][starts]
-    probs, attention = np.zeros((len(q), n_classes)), np.empty((len(q), len(x)), np.float32)
-    for lo in tqdm(range(0, len(q), chunk), desc="dense reference", unit="chunk", leave=False):
-        logits = q64[lo:lo + chunk] @ x64.T / temperature
-        logits -= logits.max(axis=1, keepdims=True)
-        a = np.exp(logits, out=logits)
-        a /= a.sum(axis=1, keepdims=True)
-        probs[lo:lo + chunk, present] = np.add.reduceat(a[:, order], starts, axis=1)
-        attention[lo:lo + chunk] = a
-    return probs, attention
 
 
 def timed(fn, repeats: int = 3) -> float:
@@ -80,12 +59,12 @@ def run_case(name: str, x, y, q, temperature: float, index: str, metric: str = "
     topk_one = timed(lambda: [mem.query(v, k=K, probs="top-k") for v in singles]) / len(singles)
     full_one = timed(lambda: [mem.query(v, k=K) for v in singles]) / len(singles)
     classes = full.classes
-    y_idx = np.searchsorted(classes, y)
-    ref, attention = dense(x, y_idx, len(classes), q, temperature, metric)
-    kept = np.take_along_axis(attention, np.maximum(full.ids, 0), axis=1).sum(axis=1, where=full.ids >= 0)
+    # dense float64 attention over every slot (engine.testing); the memory's ids are rows of x
+    ref = dense_attention(x, y, q, temperature=temperature, metric=metric, classes=classes)
+    omitted = omitted_mass(x, q, full.ids, temperature=temperature, metric=metric)
     row = {"case": name, "slots": len(x), "classes": int(len(classes)), "temperature": temperature,
            "index": mem.stats().index, "nprobe": mem.stats().nprobe, "k": K, "queries": int(len(q)),
-           "true_omitted_median": float(np.median(1 - kept)),
+           "true_omitted_median": float(np.median(omitted)),
            "tail_estimate_median": float(np.median(full.tail_estimate)),
            "tail_bound_median": float(np.median(full.tail_bound)), "exact_bound": bool(full.exact_bound),
            "cells_build_s": summaries_s, "topk_batch_s": topk_s, "full_batch_s": full_s,
@@ -93,7 +72,7 @@ def run_case(name: str, x, y, q, temperature: float, index: str, metric: str = "
            "full_vs_topk_single": full_one / topk_one, "bytes_per_slot": mem.stats().bytes_total / len(x),
            "cells_bytes_per_slot": mem.stats().bytes_tail / len(x)}
     for mode, res in (("topk", topk), ("full", full)):
-        tv = 0.5 * np.abs(res.probs - ref).sum(axis=1)
+        tv = total_variation(res.probs, ref)
         row[f"{mode}_tv_mean"], row[f"{mode}_tv_p99"] = float(tv.mean()), float(np.quantile(tv, 0.99))
         row[f"{mode}_argmax_agreement"] = float((np.argmax(res.probs, axis=1) == np.argmax(ref, axis=1)).mean())
         if mode == "full":  # exact where scored, estimated beyond: its error is at most twice the bound

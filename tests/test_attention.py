@@ -8,12 +8,7 @@ import torch
 
 from engine import Memory
 from engine.attention import attend, attend_torch, class_probs, top_class
-
-from .reference import dense_reference
-
-
-def total_variation(p, q):
-    return 0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum(axis=1)
+from engine.testing import dense_attention, omitted_mass, slot_attention, total_variation
 
 
 def make_memory(rng, n, dim, n_classes, temperature, weighted):
@@ -33,24 +28,23 @@ def test_topk_within_tail_bound_of_full_attention(rng, temperature, weighted):
     mem, x, y, w, q = make_memory(rng, 3000, 24, 7, temperature, weighted)
     res = mem.query(q, k=32)
     assert res.exact_bound
-    _, p_full = dense_reference(x, y, w, q, res.classes, temperature)
+    p_full = dense_attention(x, y, q, temperature=temperature, weights=w, classes=res.classes)
     tv = total_variation(res.probs, p_full)
     assert (tv <= res.tail_bound + 1e-6).all(), (tv - res.tail_bound).max()
-    # the bound is also a bound on the attention mass left out
-    a_full, _ = dense_reference(x, y, w, q, res.classes, temperature)
-    kept = np.array([a_full[i, res.ids[i]].sum() for i in range(len(q))])
-    assert ((1 - kept) <= res.tail_bound + 1e-6).all()
+    # the bound is also a bound on the attention mass left out (ids are rows of x)
+    omitted = omitted_mass(x, q, res.ids, temperature=temperature, weights=w)
+    assert (omitted <= res.tail_bound + 1e-6).all()
 
 
 @pytest.mark.parametrize("temperature", [0.01, 0.1, 1.0])
 def test_adaptive_tail_meets_target(rng, temperature):
     mem, x, y, w, q = make_memory(rng, 2000, 16, 5, temperature, weighted=True)
     res = mem.query(q, k=8, tail=1e-4)
-    _, p_full = dense_reference(x, y, w, q, res.classes, temperature)
+    p_full = dense_attention(x, y, q, temperature=temperature, weights=w, classes=res.classes)
     assert (res.tail_bound <= 1e-4).all()
     assert (total_variation(res.probs, p_full) <= 1e-4).all()
     # attention over the used slots matches the full attention restricted to them
-    a_full, _ = dense_reference(x, y, w, q, res.classes, temperature)
+    a_full = slot_attention(x, q, temperature=temperature, weights=w)
     for i in range(len(q)):
         used = res.ids[i] >= 0
         ref = a_full[i, res.ids[i][used]]
@@ -63,7 +57,7 @@ def test_all_slots_used_gives_zero_bound_and_exact_probs(rng):
     res = mem.query(q, k=10_000)
     assert res.k == 200 and res.k_clamped
     assert (res.tail_bound == 0).all()
-    _, p_full = dense_reference(x, y, w, q, res.classes, 0.1)
+    p_full = dense_attention(x, y, q, temperature=0.1, weights=w, classes=res.classes)
     np.testing.assert_allclose(res.probs, p_full, atol=1e-6)  # float32 scores
 
 
@@ -136,13 +130,7 @@ def test_query_labels_with_many_classes_match_dense_reference(rng):
     q = x[:100] + 0.1 * rng.standard_normal((100, 16)).astype(np.float32)
     res = mem.query(q, k=32)
     # reference: float64 brute-force top-32, softmax, mass per class
-    z = x / np.linalg.norm(x, axis=1, keepdims=True)
-    s = (q / np.linalg.norm(q, axis=1, keepdims=True)).astype(np.float64) @ z.T.astype(np.float64)
-    top = np.argsort(-s, axis=1)[:, :32]
-    a = np.exp((np.take_along_axis(s, top, 1) - s.max(axis=1, keepdims=True)) / 0.05)
-    a /= a.sum(axis=1, keepdims=True)
-    mass = np.zeros((100, 3000))
-    np.add.at(mass, (np.repeat(np.arange(100), 32), y[top].ravel()), a.ravel())
+    mass = dense_attention(x, y, q, temperature=0.05, classes=np.arange(3000), k=32)
     np.testing.assert_array_equal(res.labels, np.argmax(mass, axis=1))
     np.testing.assert_allclose(res.probs.max(axis=1), mass.max(axis=1), atol=1e-5)
 
@@ -187,9 +175,9 @@ def test_a_lone_query_gets_its_row_of_a_batch(rng, case, temperature):
         assert one.classes.tolist() == batch.classes.tolist() and one.exact_bound == batch.exact_bound
     if mem.stats().exact:
         metric = opts.get("metric", "cosine")
-        a_full, p_full = dense_reference(x, y, w, q, batch.classes, temperature, metric=metric)
+        p_full = dense_attention(x, y, q, temperature=temperature, metric=metric, weights=w, classes=batch.classes)
         for i in range(len(q)):
             one = mem.query(q[i], k=24)
-            kept = a_full[i, np.searchsorted(ids, one.ids[0])].sum()
-            assert 1 - kept <= one.tail_bound[0] + 1e-6  # float32 scores
+            omitted = omitted_mass(x, q[i], one.ids, temperature=temperature, metric=metric, weights=w, ids=ids)
+            assert omitted[0] <= one.tail_bound[0] + 1e-6  # float32 scores
             assert total_variation(one.probs, p_full[i:i + 1])[0] <= one.tail_bound[0] + 1e-6

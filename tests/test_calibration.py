@@ -2,7 +2,7 @@
 
 The default breadth is calibrated on the answer, the one asked with ``recall=`` on
 recall@64. Each is checked on fresh queries against an exact float64 brute force
-(tests/reference.py), not against the calibration's own estimate.
+(engine.testing), not against the calibration's own estimate.
 """
 
 from __future__ import annotations
@@ -14,25 +14,20 @@ import engine
 from engine import Memory
 from engine.data import clustered
 from engine.data.synthetic import DISTRIBUTIONS, LEARNED_LIKE, isotropic, uniform
-
-from .reference import brute_force_topk
+from engine.testing import brute_force_topk, dense_attention
 
 N, DIM, K = 200_000, 64, 64
 
 
 def exact_answer(mem, x, y, q, k=K):
     """The class of most top-k attention under exact float64 search, at the memory's temperature."""
-    scores, top = brute_force_topk(x, q, k)
-    logits = scores / mem.temperature
-    a = np.exp(logits - logits.max(axis=1, keepdims=True))
     classes = np.unique(y)
-    mass = np.stack([(a * (y[top] == c)).sum(axis=1) for c in classes], axis=1)
-    return classes[mass.argmax(axis=1)]
+    return classes[dense_attention(x, y, q, temperature=mem.temperature, classes=classes, k=k).argmax(axis=1)]
 
 
 def recall_at_k(mem, x, q):
     res = mem.query(q, k=K)
-    _, truth = brute_force_topk(x, q, K)
+    truth, _ = brute_force_topk(x, q, K)
     return float(np.mean([len(np.intersect1d(a, b)) / K for a, b in zip(res.ids, truth)]))
 
 
@@ -166,7 +161,8 @@ def test_the_answer_measured_is_what_a_search_at_that_breadth_answers():
     params = faiss.SearchParametersIVF()
     params.nprobe = cal.nprobe
     got = answer(*index.search(x[rows], 11, params=params))
-    exact = answer(*brute_force_topk(x, x[rows], 11))
+    top, scores = brute_force_topk(x, x[rows], 11)
+    exact = answer(scores, top)
     assert cal.agreement == pytest.approx(float(np.mean(got == exact)), abs=1e-9)
     assert cal.agreement >= 0.995 and cal.tv <= 0.1
     # the breadth of a sharper temperature is never wider, and queries at one use it
@@ -221,7 +217,7 @@ def test_recall_from_list_ranks_is_what_a_search_at_that_breadth_finds(target):
     params = faiss.SearchParametersIVF()
     params.nprobe = cal.nprobe
     _, got = index.search(x[rows], 11, params=params)
-    _, truth = brute_force_topk(x, x[rows], 11)
+    truth, _ = brute_force_topk(x, x[rows], 11)
     hits = [len(np.intersect1d(g[g != r][:10], t[t != r][:10])) / 10 for g, t, r in zip(got, truth, rows)]
     assert cal.recall == pytest.approx(float(np.mean(hits)), abs=1e-9)
     assert cal.recall >= target

@@ -2,7 +2,7 @@
 bad input refused before any shard changes, and a killed shard losing nothing acknowledged.
 
 References: a single in-process Memory holding the same slots (same ids), and attention
-computed densely in float64 over every slot (tests/reference.py).
+computed densely in float64 over every slot (engine.testing).
 """
 
 from __future__ import annotations
@@ -23,8 +23,7 @@ from engine import Memory  # noqa: E402
 from engine.cluster import ShardedMemory, ShardUnavailableError  # noqa: E402
 from engine.data import clustered  # noqa: E402
 from engine.protocol import MemoryLike  # noqa: E402
-
-from .reference import dense_reference  # noqa: E402
+from engine.testing import brute_force_topk, dense_attention, omitted_mass, total_variation  # noqa: E402
 
 DIM, T = 32, 0.1
 
@@ -66,10 +65,7 @@ def test_four_flat_shards_answer_as_one_memory(pair, slots):
     np.testing.assert_allclose(got.attention, want.attention, rtol=0, atol=1e-6)
     assert got.exact_bound and got.missing_shards == ()
     # the certificate: at least the true mass outside the top-64, from dense float64 attention
-    dense, _ = dense_reference(x, y, np.ones(len(x)), q, [y[0]], T)
-    order = np.argsort(ids)
-    rows = order[np.searchsorted(ids[order], got.ids)]
-    true_omitted = 1.0 - np.take_along_axis(dense, rows, axis=1).sum(axis=1)
+    true_omitted = omitted_mass(x, q, got.ids, temperature=T, ids=ids)
     assert (got.tail_bound >= true_omitted - 1e-12).all()
     # probabilities per label agree too (columns may differ: compare by label)
     for i in range(5):
@@ -137,7 +133,7 @@ def test_every_memory_kind_answers_top_k_by_default_and_full_when_asked(pair, sl
     # full: four Flat shards' class masses add up to dense float64 attention over every slot
     full = sharded.query(q, k=16, probs="full")
     classes = np.unique(y)
-    _, dense = dense_reference(x, y, np.ones(len(x)), q, classes, T)
+    dense = dense_attention(x, y, q, temperature=T, classes=classes)
     np.testing.assert_array_equal(full.classes, classes)
     np.testing.assert_allclose(full.probs, dense, atol=1e-9)
     np.testing.assert_allclose(full.probs, single.query(q, k=16, probs="full").probs, atol=1e-9)
@@ -156,9 +152,9 @@ def test_ivf_shards_answer_full_attention_within_the_single_memorys_error(tmp_pa
     single = Memory(DIM, index="IVF64,Flat", nprobe=8, temperature=0.05)
     single.add(x, y, ids=ids)
     classes = np.unique(y)
-    a, dense = dense_reference(x, y, np.ones(len(x)), q, classes, 0.05)
+    dense = dense_attention(x, y, q, temperature=0.05, classes=classes)
     got, one = sharded.query(q, k=64, probs="full"), single.query(q, k=64, probs="full")
-    tv = lambda p: 0.5 * np.abs(p - dense).sum(axis=1)  # noqa: E731
+    tv = lambda p: total_variation(p, dense)  # noqa: E731
     assert tv(got.probs).mean() <= max(2 * tv(one.probs).mean(), 0.01), (tv(got.probs).mean(), tv(one.probs).mean())
     assert (got.probs.argmax(axis=1) == dense.argmax(axis=1)).mean() >= 0.98
     # the scored mass is exact, so the answer can differ from dense attention by no more than
@@ -272,8 +268,7 @@ def test_a_shard_that_stays_down_fails_queries_by_name_or_answers_partially(tmp_
     assert res.missing_shards == (2,) and not res.exact_bound
     assert not (res.ids % 3 == 2).any()  # nothing from the missing shard
     # the bound covers the missing shard's slots: check against dense float64 attention
-    a, _ = dense_reference(x, y, np.ones(len(x)), q, [y[0]], T)
-    truth = 1.0 - np.take_along_axis(a, res.ids, axis=1).sum(axis=1)
+    truth = omitted_mass(x, q, res.ids, temperature=T)  # ids are rows of x
     assert (res.tail_bound >= truth - 1e-12).all() and (res.tail_bound < 1).all()
     with pytest.raises(ShardUnavailableError) as exc:  # the existence check asks the down shard first
         mem.add(x[:3], y[:3], ids=[5000, 5001, 5002])  # 5000 % 3 == 2: its shard is down
@@ -499,7 +494,7 @@ def test_l2_shards_answer_as_one_l2_memory_in_both_modes(tmp_path):
             np.testing.assert_array_equal(got.ids, want.ids)
             np.testing.assert_allclose(got.probs, want.probs, atol=1e-6)
         full = mem.query(q, k=32, probs="full")
-        _, p = dense_reference(x, y, np.ones(len(x)), q, full.classes, 4.0, metric="l2")
+        p = dense_attention(x, y, q, temperature=4.0, metric="l2", classes=full.classes)
         np.testing.assert_allclose(full.probs, p, atol=2e-5)
     finally:
         mem.close()
@@ -549,15 +544,13 @@ def test_errors_from_inside_a_shard_arrive_clean_as_their_engine_type(tmp_path):
 def test_shards_of_an_approximate_memory_find_the_merged_top_k(tmp_path):
     from engine.data.synthetic import isotropic
 
-    from .reference import brute_force_topk
-
     x, y, q, _ = isotropic(60_000, DIM, n_classes=600, seed=21, queries=100)
     mem = ShardedMemory(DIM, shards=4, path=tmp_path / "m", index="auto", temperature=T)
     try:
         mem.add(x, y, ids=np.arange(len(x)))
         assert mem.stats().index.startswith("IVF")
         res = mem.query(q, k=64)
-        _, truth = brute_force_topk(x, q, 64)
+        truth, _ = brute_force_topk(x, q, 64)
         recall = np.mean([len(np.intersect1d(a, b)) / 64 for a, b in zip(res.ids, truth)])
         assert recall >= 0.98 and not res.exact_bound
     finally:
@@ -575,8 +568,7 @@ def test_a_shard_lost_before_any_query_is_bounded_by_its_mass_not_its_count(tmp_
         _kill(mem.actors[2])
         res = mem.query(q, k=8, allow_partial=True)
         assert res.missing_shards == (2,)
-        a, _ = dense_reference(x, y, w, q, [y[0]], T)
-        truth = 1.0 - np.take_along_axis(a, res.ids, axis=1).sum(axis=1)
+        truth = omitted_mass(x, q, res.ids, temperature=T, weights=w)  # ids are rows of x
         assert (res.tail_bound >= truth - 1e-12).all()
     finally:
         mem.close()
@@ -595,9 +587,7 @@ def test_a_partial_answer_is_bounded_by_every_mass_written_since_the_last_query(
         assert res.missing_shards == (1,) and not res.exact_bound
         ids = np.r_[np.arange(300), heavy]
         w = np.r_[np.ones(300), np.full(len(heavy), 1e8)]
-        a, _ = dense_reference(np.r_[x[:300], x[heavy]], np.r_[y[:300], y[heavy]], w, q, [y[0]], T)
-        rows = np.searchsorted(ids, res.ids)
-        truth = 1.0 - np.take_along_axis(a, rows, axis=1).sum(axis=1)
+        truth = omitted_mass(np.r_[x[:300], x[heavy]], q, res.ids, temperature=T, weights=w, ids=ids)
         assert (res.tail_bound >= truth - 1e-12).all(), (res.tail_bound, truth)
     finally:
         mem.close()

@@ -15,8 +15,7 @@ from ray.cluster_utils import Cluster  # noqa: E402
 
 from engine.cluster import ShardedMemory, ShardUnavailableError  # noqa: E402
 from engine.data import clustered  # noqa: E402
-
-from .reference import dense_reference  # noqa: E402
+from engine.testing import omitted_mass  # noqa: E402
 
 DIM, T = 16, 0.1
 
@@ -30,12 +29,6 @@ def cluster():
     yield c, workers
     ray.shutdown()
     c.shutdown()
-
-
-def dense_omitted(x, q, used_ids):
-    """True attention mass outside ``used_ids`` for each query, float64 over every slot."""
-    a, _ = dense_reference(x, np.zeros(len(x)), np.ones(len(x)), q, [0], T)
-    return np.array([1.0 - a[i, ids[ids >= 0]].sum() for i, ids in enumerate(used_ids)])
 
 
 def test_removing_a_node_loses_no_acknowledged_write(cluster, tmp_path):
@@ -66,7 +59,7 @@ def test_removing_a_node_loses_no_acknowledged_write(cluster, tmp_path):
             assert partial.missing_shards == (victim,) and not partial.exact_bound
             everything = np.array(sorted(set(acked)))  # ids are rows of x
             positions = np.where(partial.ids >= 0, np.searchsorted(everything, partial.ids), -1)
-            assert (partial.tail_bound >= dense_omitted(x[everything], q, positions) - 1e-9).all()
+            assert (partial.tail_bound >= omitted_mass(x[everything], q, positions, temperature=T) - 1e-9).all()
         end = time.monotonic() + 120
         while True:  # Ray restarts the shard on a live node; it reopens its directory
             try:

@@ -18,8 +18,7 @@ import engine
 from engine import Memory
 from engine.compaction import POLICIES, allocate
 from engine.data import clustered
-
-from .reference import brute_force_topk, dense_reference
+from engine.testing import dense_attention, total_variation
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -73,14 +72,14 @@ def test_merge_keeps_attention_close_to_the_full_memory():
     x, y, q, _ = clustered(4000, 16, n_classes=10, seed=1, queries=300)
     mem = Memory(16, index="Flat", temperature=0.1)
     mem.add(x, y)
-    _, full = dense_reference(x, y, np.ones(len(x)), q, np.arange(10), 0.1)
+    full = dense_attention(x, y, q, temperature=0.1, classes=np.arange(10))
     mem.compact(budget=400, policy="merge")
     compact = mem.query(q, k=400).probs
     reservoir = Memory(16, index="Flat", temperature=0.1)
     reservoir.add(x, y)
     reservoir.compact(budget=400, policy="reservoir", seed=3)
     sampled = reservoir.query(q, k=400).probs
-    tv = lambda p: 0.5 * np.abs(p - full).sum(1).mean()  # noqa: E731
+    tv = lambda p: total_variation(p, full).mean()  # noqa: E731
     agree = lambda p: (p.argmax(1) == full.argmax(1)).mean()  # noqa: E731
     assert tv(compact) < tv(sampled)
     assert agree(compact) >= 0.9 and agree(compact) > agree(sampled) + 0.1
@@ -109,9 +108,7 @@ def test_merge_owner_map_and_means_describe_the_merged_slots(filled):
 def test_distill_matches_the_full_memory_better_than_merge():
     """The reference is what the full memory answers: attention over each probe's exact top-64, in float64."""
     x, y, probes, _ = clustered(3000, 16, n_classes=10, seed=2, queries=500)  # probes are not in the memory
-    _, top = brute_force_topk(x, probes, 64)
-    full = np.concatenate([dense_reference(x[rows], y[rows], np.ones(64), probe[None], np.arange(10), 0.1)[1]
-                           for rows, probe in zip(top, probes)])
+    full = dense_attention(x, y, probes, temperature=0.1, classes=np.arange(10), k=64)
     kl = {}
     for policy in ("merge", "distill"):
         mem = Memory(16, index="Flat", temperature=0.1)

@@ -15,6 +15,7 @@ import pytest
 
 import engine
 from engine import Memory, store
+from engine.testing import brute_force_topk
 
 DIM = 16
 
@@ -207,7 +208,7 @@ def test_ids_read_back_by_rows_match_the_ids_written(case):
     z = np.stack([ref[i] for i in keys])
     q = rng.standard_normal((5, DIM)).astype(np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
-    best = keys[np.argsort(-(q.astype(np.float64) @ z.T.astype(np.float64)), axis=1)[:, :3]]
+    best = keys[brute_force_topk(z, q, 3, metric="ip")[0]]
     assert mem.query(q, k=3).ids.tolist() == best.tolist()
     for i in range(len(q)):
         assert mem.query(q[i], k=3).ids.tolist() == best[i:i + 1].tolist()

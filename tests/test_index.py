@@ -9,8 +9,7 @@ import pytest
 from engine import Memory
 from engine.data import clustered
 from engine.index import auto_spec, min_train_points
-
-from .reference import brute_force_topk
+from engine.testing import brute_force_topk
 
 
 def recall_at_k(found_ids, true_ids):
@@ -20,7 +19,7 @@ def recall_at_k(found_ids, true_ids):
 @pytest.fixture(scope="module")
 def data_100k():
     x, y, q, _ = clustered(100_000, 64, n_classes=1000, seed=3, queries=200)
-    _, true_rows = brute_force_topk(x, q, 64)
+    true_rows, _ = brute_force_topk(x, q, 64)
     return x, y, q, true_rows
 
 
@@ -45,7 +44,7 @@ def test_auto_defaults_meet_the_recall_floor_on_learned_like_data():
     mem = Memory(64)
     ids = mem.add(x, y)
     assert mem.stats().index.startswith("IVF")
-    _, true_rows = brute_force_topk(x, q, 64)
+    true_rows, _ = brute_force_topk(x, q, 64)
     found = mem.query(q, k=64).ids
     recall = [len(set(f) & set(t)) / 64 for f, t in zip(found, ids[true_rows])]
     assert np.median(recall) >= 0.98, f"median recall@64 = {np.median(recall):.3f}"

@@ -1,5 +1,5 @@
 """metric="l2": attention over negative squared Euclidean distance, checked against dense
-float64 attention and brute-force search (tests/reference.py), on every index kind, through
+float64 attention and brute-force search (engine.testing), on every index kind, through
 persistence, compaction, the temperature choice, sharding and serving.
 
 A lifted score carries |q|^2, so the float32 references here use vectors a few units long
@@ -15,18 +15,11 @@ from engine import Client, Memory
 from engine.data import clustered
 from engine.errors import DimensionError, InvalidValueError
 from engine.serve import MemoryServer
+from engine.testing import brute_force_topk, slot_attention, total_variation
 
-from .reference import brute_force_topk, dense_reference
-from .test_tail import omitted, total_variation
+from .test_tail import omitted, reference
 
 DIM = 16
-
-
-def reference(mem, q):
-    slots = mem.get(mem.ids())
-    a, p = dense_reference(slots.vectors, np.array(slots.labels), slots.weights, q, mem.classes(), mem.temperature,
-                           metric="l2")
-    return a, p, slots.ids
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +41,14 @@ def test_top_k_attention_is_dense_attention_over_the_nearest_slots(blobs, index)
     mem = Memory(DIM, metric="l2", index=index, temperature=2.0, recall=None if index == "Flat" else 0.98)
     mem.add(x, y, weights=np.linspace(0.5, 2.0, len(x)))
     res = mem.query(q, k=32)
-    _, top = brute_force_topk(x, q, 32, metric="l2")
+    top, _ = brute_force_topk(x, q, 32, metric="l2")
     found = np.mean([len(set(res.ids[i]) & set(top[i])) / 32 for i in range(len(q))])
     assert found >= (1.0 if index == "Flat" else 0.95), found
-    a, p, ids = reference(mem, q)
-    assert (omitted(a, ids, res) <= res.tail_bound + 1e-6).all()  # the bound covers what was left out
+    assert (omitted(mem, q, res) <= res.tail_bound + 1e-6).all()  # the bound covers what was left out
     # attention within the returned slots is the dense one renormalised (rescored exactly for PQ)
-    col = np.searchsorted(ids, np.maximum(res.ids, 0))
+    slots = mem.get(mem.ids())
+    a = slot_attention(slots.vectors, q, temperature=mem.temperature, metric="l2", weights=slots.weights)
+    col = np.searchsorted(slots.ids, np.maximum(res.ids, 0))
     want = np.where(res.ids >= 0, np.take_along_axis(a, col, 1), 0.0)
     np.testing.assert_allclose(res.attention, want / want.sum(1, keepdims=True), atol=2e-5)
 
@@ -65,7 +59,7 @@ def test_full_answers_of_exact_routes_are_dense_attention(blobs, index):
     mem = Memory(DIM, metric="l2", index=index, temperature=2.0, probs="full")
     mem.add(x, y)
     res = mem.query(q)
-    _, p, _ = reference(mem, q)
+    p = reference(mem, q)
     tv = total_variation(res.probs, p)
     assert (tv <= np.maximum(res.tail_bound, res.tail_estimate) + 1e-5).all()
     if index == "Flat":
@@ -82,8 +76,8 @@ def test_the_estimated_rest_follows_each_cells_spread():
     mem = Memory(DIM, metric="l2", index="HNSW32", temperature=5.0, probs="full")
     mem.add(x, y)
     res = mem.query(q, k=64)
-    a, p, ids = reference(mem, q)
-    truth = omitted(a, ids, res)
+    p = reference(mem, q)
+    truth = omitted(mem, q, res)
     assert truth.mean() > 0.02  # a tail that matters
     assert total_variation(res.probs, p).mean() < 0.02
     assert abs(res.tail_estimate.mean() - truth.mean()) < 0.5 * truth.mean()
@@ -197,10 +191,10 @@ def test_far_from_the_origin_it_answers_as_near_it(offset):
         mem = Memory(DIM, metric="l2", index="Flat", temperature=0.5, probs=probs)
         mem.add(x, y)
         res = mem.query(q, k=4)
-        a, p, ids = reference(mem, q)
+        p = reference(mem, q)
         assert res.exact_bound
         if probs == "top-k":  # a full answer on Flat scores every slot: its bound is 0
-            assert (omitted(a, ids, res) <= res.tail_bound + 1e-9).all()
+            assert (omitted(mem, q, res) <= res.tail_bound + 1e-9).all()
         truth = -np.stack([((x[res.ids[i]].astype(np.float64) - q[i]) ** 2).sum(1) for i in range(len(q))])
         np.testing.assert_allclose(res.scores, truth, rtol=1e-4, atol=1e-3)  # scores are -|q - x|^2 itself
         if probs == "full":
@@ -247,5 +241,5 @@ def test_probed_lists_are_not_counted_twice_at_a_flat_temperature():
     for t, within in ((10.0, 0.02), (1000.0, 0.01)):
         mem = Memory(8, metric="l2", index="IVF16,Flat", nprobe=1, temperature=t, probs="full")
         mem.add(x, y)
-        _, p, _ = reference(mem, q)
+        p = reference(mem, q)
         assert total_variation(mem.query(q, k=16).probs, p).mean() < within, t

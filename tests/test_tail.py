@@ -9,29 +9,25 @@ import engine
 from engine import Memory
 from engine.data import clustered
 from engine.data.synthetic import isotropic
-
-from .reference import dense_reference
+from engine.testing import dense_attention, omitted_mass, slot_attention, total_variation
 
 DIM = 16
 QUERIES = np.random.default_rng(99).standard_normal((12, DIM)).astype(np.float32)
 
 
-def total_variation(p, q):
-    return 0.5 * np.abs(np.asarray(p) - np.asarray(q)).sum(axis=1)
-
-
-def reference(mem: Memory, q, classes, metric=None):
-    """(attention (n, N), probs (n, C), ids) of dense attention over every live slot, float64."""
+def reference(mem, q, classes=None, metric=None):
+    """(n, C) probabilities of dense attention over every live slot of ``mem``, float64
+    (engine.testing), columns ``classes`` (default: the memory's live labels)."""
     slots = mem.get(mem.ids())
-    a, p = dense_reference(slots.vectors, np.array(slots.labels), slots.weights, q, classes, mem.temperature,
-                           metric=metric or mem.metric)
-    return a, p, slots.ids
+    return dense_attention(slots.vectors, slots.labels, q, temperature=mem.temperature, metric=metric or mem.metric,
+                           weights=slots.weights, classes=classes)
 
 
-def omitted(a, ids, res):
-    """The true attention share of the slots outside each query's returned top-k."""
-    col = np.searchsorted(ids, np.maximum(res.ids, 0))
-    return 1 - np.where(res.ids >= 0, np.take_along_axis(a, col, axis=1), 0.0).sum(axis=1)
+def omitted(mem, q, res, metric=None):
+    """(n,) the true attention share of the live slots outside each query's returned top-k."""
+    slots = mem.get(mem.ids())
+    return omitted_mass(slots.vectors, q, res.ids, temperature=mem.temperature, metric=metric or mem.metric,
+                        weights=slots.weights, ids=slots.ids)
 
 
 @pytest.mark.parametrize("metric,atol", [("ip", 1e-9), ("cosine", 1e-6)])
@@ -46,12 +42,13 @@ def test_a_flat_memory_answers_dense_attention(rng, metric, atol):
     mem.remove(ids[::9])
     q = x[rng.integers(0, len(x), 40)] + 0.3 * rng.standard_normal((40, DIM)).astype(np.float32)
     res = mem.query(q, k=16)
-    a, p, slot_ids = reference(mem, q, res.classes, metric)
-    np.testing.assert_allclose(res.probs, p, atol=atol)
-    col = np.searchsorted(slot_ids, res.ids)
+    np.testing.assert_allclose(res.probs, reference(mem, q, res.classes, metric), atol=atol)
+    slots = mem.get(mem.ids())
+    a = slot_attention(slots.vectors, q, temperature=0.1, metric=metric, weights=slots.weights)
+    col = np.searchsorted(slots.ids, res.ids)
     np.testing.assert_allclose(res.attention, np.take_along_axis(a, col, axis=1), atol=atol)
     assert res.exact_bound and (res.tail_bound == 0).all()
-    np.testing.assert_allclose(res.tail_estimate, omitted(a, slot_ids, res), atol=atol)
+    np.testing.assert_allclose(res.tail_estimate, omitted(mem, q, res, metric), atol=atol)
 
 
 def test_an_ivf_flat_memory_is_exact_over_the_lists_it_probes(rng):
@@ -60,7 +57,7 @@ def test_an_ivf_flat_memory_is_exact_over_the_lists_it_probes(rng):
     every = Memory(DIM, index="IVF32,Flat", nprobe=32, temperature=0.05, probs="full")
     every.add(x, y)
     res = every.query(q, k=16)
-    _, p, _ = reference(every, q, res.classes)
+    p = reference(every, q, res.classes)
     np.testing.assert_allclose(res.probs, p, atol=1e-5)
     assert (res.tail_bound <= 1e-12).all() and res.exact_bound
     some = Memory(DIM, index="IVF32,Flat", nprobe=4, temperature=0.05, probs="full")
@@ -79,7 +76,7 @@ def test_full_probs_are_far_closer_to_full_attention_than_top_k(rng):
     mem.add(x, y)
     q = x[rng.integers(0, len(x), 200)] + 0.2 * rng.standard_normal((200, DIM)).astype(np.float32)
     a, b = mem.query(q, k=32, probs="top-k"), mem.query(q, k=32)
-    _, ref = dense_reference(x, y, np.ones(len(y)), q, b.classes, 0.05)
+    ref = dense_attention(x, y, q, temperature=0.05, classes=b.classes)
     tv_topk, tv_full = total_variation(a.probs, ref).mean(), total_variation(b.probs, ref).mean()
     assert tv_full < 0.05 and tv_full < tv_topk / 3, (tv_topk, tv_full)
     assert np.all((b.tail_estimate >= 0) & (b.tail_estimate < 1))
@@ -124,8 +121,8 @@ def test_the_certificate_bounds_the_true_unscored_mass(rng, case, temperature):
     q = x[rng.integers(0, len(x), 60)] + 0.3 * rng.standard_normal((60, DIM)).astype(np.float32)
     res = mem.query(q, k=16)
     assert res.exact_bound
-    a, p, slot_ids = reference(mem, q, res.classes, metric)
-    assert (omitted(a, slot_ids, res) <= res.tail_bound + 1e-6).all()
+    p = reference(mem, q, res.classes, metric)
+    assert (omitted(mem, q, res, metric) <= res.tail_bound + 1e-6).all()
     assert (total_variation(res.probs, p) <= 2 * res.tail_bound + 1e-6).all()
 
 
@@ -146,9 +143,9 @@ def test_removing_a_huge_slot_leaves_no_false_certificate(index):
     mem.query(q, k=4)
     mem.remove(ids[-1:])
     res = mem.query(q, k=4)
-    a, p, slot_ids = reference(mem, q, res.classes)
+    p = reference(mem, q, res.classes)
     if index.startswith("HNSW"):  # it scores the retrieved slots: the rest is unscored
-        assert (omitted(a, slot_ids, res) <= res.tail_bound + 1e-9).all()
+        assert (omitted(mem, q, res) <= res.tail_bound + 1e-9).all()
     assert total_variation(res.probs, p).max() <= 2 * res.tail_bound.max() + 1e-6
     np.testing.assert_allclose(res.probs, p, atol=0.05)
 
@@ -163,8 +160,8 @@ def test_cells_follow_adds_removes_compaction_and_reopen(rng, tmp_path):
 
     def check(m):
         res = m.query(QUERIES, k=8)
-        a, p, slot_ids = reference(m, QUERIES, res.classes)
-        assert (omitted(a, slot_ids, res) <= res.tail_bound + 1e-6).all()
+        p = reference(m, QUERIES, res.classes)
+        assert (omitted(m, QUERIES, res) <= res.tail_bound + 1e-6).all()
         assert (total_variation(res.probs, p) <= 2 * res.tail_bound + 1e-6).all()
         return res
 
@@ -203,7 +200,7 @@ def test_a_tail_target_widens_the_search_until_the_certificate_meets_it(rng, ind
     plain = mem.query(q, k=16)
     res = mem.query(q, k=16, tail=0.2)
     assert (plain.tail_bound > 0.2).any() and (res.tail_bound <= 0.2).all()
-    a, p, slot_ids = reference(mem, q, res.classes)
+    p = reference(mem, q, res.classes)
     assert (total_variation(res.probs, p) <= 2 * res.tail_bound + 1e-6).all()
     assert total_variation(res.probs, p).mean() <= total_variation(plain.probs, p).mean()
 
@@ -239,7 +236,7 @@ def test_small_temperatures_huge_masses_and_few_dimensions_stay_finite(index, te
     res = mem.query(q, k=4)
     assert np.isfinite(res.probs).all() and np.isfinite(res.attention).all() and np.isfinite(res.tail_bound).all()
     np.testing.assert_allclose(res.probs.sum(axis=1), 1.0, atol=1e-9)
-    _, p, _ = reference(mem, q, res.classes)
+    p = reference(mem, q, res.classes)
     assert (total_variation(res.probs, p) <= 2 * res.tail_bound + 1e-6).all()
     sharp = p.max(axis=1) > 0.99
     if spread < 10 and sharp.any():  # at least as often right as top-k (which misses what the search missed)
