@@ -34,6 +34,9 @@ class MemoryLike(Protocol):
     def get(self, ids) -> Slots:
         """Read slots back by id."""
 
+    def classes(self) -> np.ndarray:
+        """The labels with at least one live slot (the columns a query answers over)."""
+
     def compact(self, **options) -> CompactionReport:
         """Shrink to a budget, preserving each class's mass."""
 

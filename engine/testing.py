@@ -587,12 +587,12 @@ class MemoryContract:
         assert s.exact
 
     def test_classes_are_the_labels_with_a_live_slot(self, tmp_path: Path) -> None:
-        """``classes()``: Memory's; not (yet) part of engine.protocol.MemoryLike."""
+        """``classes()``: the labels with a live slot."""
         mem = self.new_memory(tmp_path)
         x, y, _ = self.data(25)
         ids = mem.add(x, y)
         mem.remove(ids[y == 0])
-        assert cast(Any, mem).classes().tolist() == list(range(1, self.n_classes))
+        assert mem.classes().tolist() == list(range(1, self.n_classes))
 
     # -- bad input: refused, and nothing changes ---------------------------------------
     def _filled(self, tmp_path: Path, seed: int) -> tuple[MemoryLike, np.ndarray, IntArray, npt.NDArray[np.float32]]:

@@ -528,6 +528,11 @@ class ShardedMemory:
         (asked of every shard)."""
         return np.sort(np.concatenate([np.asarray(i, np.int64) for i in self._all("ids", labels)]))
 
+    def classes(self) -> np.ndarray:
+        """The labels with a live slot on some shard, in the order of a query's columns."""
+        held = [np.asarray(d["classes"]) for d in self._all("describe")]
+        return np.unique(np.concatenate(held)) if held else np.empty(0, np.int64)
+
     def stats(self) -> MemoryStats:
         """The shards' stats summed (classes counted once across shards)."""
         per = self._all("stats")

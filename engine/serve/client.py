@@ -106,6 +106,11 @@ class Client:
         fields = {} if labels is None else {"labels": _label_list(labels)}
         return np.asarray(self._action("ids", **fields)["ids"], np.int64)
 
+    def classes(self) -> np.ndarray:
+        """The labels with at least one live slot (see :meth:`engine.Memory.classes`)."""
+        values = self._action("classes")["classes"]
+        return np.array(values, dtype=object if values and isinstance(values[0], str) else np.int64)
+
     def compact(self, **options) -> CompactionReport:
         """Compact the served memory (see :meth:`engine.Memory.compact`)."""
         doc = self._action("compact", **options)  # fields a newer server adds are left out

@@ -33,7 +33,7 @@ from .client import SMALL_QUERY_ROWS
 from .metrics import Metrics
 
 WRITE_ACTIONS = {"remove", "compact", "snapshot"}
-READ_ACTIONS = {"stats", "health", "list", "metrics", "query", "ids"}
+READ_ACTIONS = {"stats", "health", "list", "metrics", "query", "ids", "classes"}
 log = logging.getLogger("engine.serve")
 # Anything that looks like a filesystem path is cut out of error messages sent to clients.
 _PATH = re.compile(r"(?:[A-Za-z]:)?(?:/[^\s:'\",()]+)+/?")
@@ -55,6 +55,7 @@ _LABELS = (lambda v: isinstance(v, list) and (all(wire.is_int(i) for i in v) or 
 _ACTIONS = {
     "remove": {"memory": wire.MEMORY, "ids": (wire.is_int_list, "a list of integers", False), "labels": _LABELS},
     "ids": {"memory": wire.MEMORY, "labels": _LABELS},
+    "classes": {"memory": wire.MEMORY},
     "stats": {"memory": wire.MEMORY},
     "snapshot": {"memory": wire.MEMORY},
     "compact": {"memory": wire.MEMORY,
@@ -265,6 +266,7 @@ class MemoryServer(fl.FlightServerBase):
     def list_actions(self, context):
         return [("remove", "Remove slots: {memory, ids} or {memory, labels}"),
                 ("ids", "Ids of every slot, or of some labels' slots: {memory, labels?}"),
+                ("classes", "The labels with a live slot: {memory}"),
                 ("stats", "Memory statistics: {memory}"),
                 ("compact", "Compact to a budget with a policy, or drop removed slots: {memory, budget?, policy?}"),
                 ("snapshot", "Checkpoint: {memory}"),
@@ -306,6 +308,8 @@ class MemoryServer(fl.FlightServerBase):
                 return {"removed": memory.remove(np.asarray(cmd["ids"], dtype=np.int64))}
             if kind == "ids":
                 return {"ids": memory.ids(**({"labels": cmd["labels"]} if "labels" in cmd else {})).tolist()}
+            if kind == "classes":
+                return {"classes": memory.classes().tolist()}
             if kind == "stats":
                 return {**memory.stats().as_dict(), "temperature": memory.temperature}
             if kind == "compact":
