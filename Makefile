@@ -40,9 +40,9 @@ bench: setup
 	$(BIN)/python bench/tail.py --out runs/bench --data $(DATA)
 	$(BIN)/python bench/temperature.py --out runs/bench --data $(DATA)
 	$(BIN)/python -m pytest -q bench --benchmark-json=runs/bench/pytest-benchmark.json
-	$(BIN)/python -m tests.crasher soak runs/bench/soak --minutes 20 > runs/bench/soak.json
-	$(BIN)/python -m tests.test_certificate 3000 > runs/bench/certificate.json
-	$(BIN)/python -m tests.sharded_crasher soak runs/bench/sharded-soak --minutes 10 > runs/bench/sharded-soak.json
+	$(BIN)/python -m tests.store.crasher soak runs/bench/soak --minutes 20 > runs/bench/soak.json
+	$(BIN)/python -m tests.tail.test_certificate 3000 > runs/bench/certificate.json
+	$(BIN)/python -m tests.cluster.sharded_crasher soak runs/bench/sharded-soak --minutes 10 > runs/bench/sharded-soak.json
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

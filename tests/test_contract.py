@@ -22,7 +22,7 @@ from engine.protocol import MemoryLike
 from engine.serve import MemoryServer
 from engine.testing import MemoryContract, omitted_mass
 
-from .test_serve import same_result
+from .serve.test_serve import same_result
 
 DIM = 16
 T = 0.1  # every contract memory's temperature: a number (ShardedMemory refuses "auto")

@@ -17,7 +17,7 @@ from engine.errors import DimensionError, InvalidValueError
 from engine.serve import MemoryServer
 from engine.testing import brute_force_topk, slot_attention, total_variation
 
-from .test_tail import omitted, reference
+from .tail.test_tail import omitted, reference
 
 DIM = 16
 

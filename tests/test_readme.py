@@ -4,7 +4,7 @@ pasting them into one session would), in an empty directory.
 Two examples talk to a service the README starts from the shell just above them: the
 Client example to ``engine serve --memory my-memory --port 8815``, here a server on a
 free port (the address is the one thing changed); the scale-out example to a Ray
-cluster, run by tests/test_cluster.py on its local one, with its shared path and shard
+cluster, run by tests/cluster/test_cluster.py on its local one, with its shared path and shard
 count made local.
 """
 

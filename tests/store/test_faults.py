@@ -1,6 +1,6 @@
 """Fail-stop durability: a failing disk never costs an acknowledged write.
 
-Each test injects I/O errors (tests/faults.py) at one point of one verb and
+Each test injects I/O errors (tests/store/faults.py) at one point of one verb and
 checks the two promises: the call that failed changed nothing (in process and,
 after a reopen, on disk), or, when the disk cannot say (a failed fsync), the
 memory refuses writes until reopened and the reopened memory holds everything

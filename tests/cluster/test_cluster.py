@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -169,7 +170,7 @@ def test_ivf_shards_answer_full_attention_within_the_single_memorys_error(tmp_pa
 
 def test_import_engine_does_not_import_ray():
     code = "import sys, engine; assert 'ray' not in sys.modules, 'ray imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=os.path.dirname(os.path.dirname(__file__)))
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[2])
 
 
 def test_reopen_and_compact_keep_every_class_mass(tmp_path):
@@ -319,7 +320,7 @@ def test_engine_serve_cluster_serves_a_sharded_memory(tmp_path):
     want = mem.query(q, k=16)
     mem.close()  # the server's own actors open the shard directories
     address = ray.get_runtime_context().gcs_address
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     server = subprocess.Popen([sys.executable, "-m", "engine.cli", "serve", "--cluster", address,
                                "--memory", f"s={tmp_path / 'm'}", "--port", "0", "--batch-wait-ms", "0"],
                               stdout=subprocess.PIPE, text=True, cwd=root)
@@ -363,7 +364,7 @@ def test_ingest_parquet_vectors_and_images(tmp_path):
         rows = slice(part * 1500, (part + 1) * 1500)
         pq.write_table(pa.table({"vector": pa.array(list(x[rows])), "label": y[rows],
                                  "id": np.arange(3000)[rows]}), tmp_path / f"v{part}.parquet")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     out = subprocess.run([sys.executable, "-m", "engine.cli", "ingest", str(tmp_path / "vec"),
                           str(tmp_path / "v0.parquet"), str(tmp_path / "v1.parquet"), "--shards", "2", "--dim", "8",
                           "--index", "Flat", "--batch-size", "500", "--cluster", ray.get_runtime_context().gcs_address],
@@ -708,7 +709,7 @@ def test_ingest_errors_name_their_rows_and_arrive_as_one_line(tmp_path):
 def test_the_readme_scale_out_example_runs(tmp_path, monkeypatch):
     """The README's ShardedMemory example as written, on this module's local Ray, with its
     shared path and shard count made local."""
-    from .test_readme import blocks
+    from ..test_readme import blocks
 
     monkeypatch.chdir(tmp_path)
     (example,) = [b for b in blocks() if "ShardedMemory(" in b]

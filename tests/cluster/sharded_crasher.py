@@ -4,7 +4,7 @@ driver itself SIGKILLed; every acknowledged slot must stay with its exact values
 id may come back, and an operation that failed may have taken effect on each shard wholly or
 not at all.
 
-The child (``python -m tests.sharded_crasher child DIR --seed S``) is the driver: it starts a
+The child (``python -m tests.cluster.sharded_crasher child DIR --seed S``) is the driver: it starts a
 local Ray, opens (or creates) the sharded memory and reports on stdout as JSON lines:
 ``ready`` (with what the memory holds), then per operation ``op`` (its data, before calling
 the engine), ``ack`` / ``fail`` / ``refused`` (what came back), and ``state`` (what the memory
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 DIM, CLASSES, SHARDS, T = 8, 5, 3, 0.5
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _b64(a: np.ndarray) -> str:
@@ -297,8 +297,8 @@ def run(workdir: Path, *, rounds: int, seed: int, ops_per_child: int = 30, kill_
             if deadline is not None and time.monotonic() > deadline:
                 break
             kill_after = rng.randrange(4, 4 * ops_per_child)  # lines, about 4 an operation
-            proc = subprocess.Popen([sys.executable, "-m", "tests.sharded_crasher", "child", str(path), "--seed",
-                                     str(seed * 100_003 + rnd), "--ops", str(ops_per_child), "--kill-rate",
+            proc = subprocess.Popen([sys.executable, "-m", "tests.cluster.sharded_crasher", "child", str(path),
+                                     "--seed", str(seed * 100_003 + rnd), "--ops", str(ops_per_child), "--kill-rate",
                                      str(kill_rate)], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)
             lines, killed = 0, False
             for line in proc.stdout:

@@ -18,7 +18,7 @@ import engine
 from engine import Client, Memory
 from engine.serve import MemoryServer, wire
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOKEN = "s3cret"
 
 

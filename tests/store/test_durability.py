@@ -23,7 +23,7 @@ from engine import Memory
 
 from .crash_writer import DIM, apply, make_ops
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEED = 11
 N_OPS = 400
 KILLS = 24
@@ -67,7 +67,7 @@ def test_sigkill_at_random_points_loses_no_acknowledged_write(tmp_path):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     while kills < KILLS and start < N_OPS:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.crash_writer", str(path), "--start", str(start),
+            [sys.executable, "-m", "tests.store.crash_writer", str(path), "--start", str(start),
              "--seed", str(SEED), "--ops", str(N_OPS)],
             stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT,
         )

@@ -1,4 +1,4 @@
-"""The sharded crasher (tests/sharded_crasher.py), bounded so `make test` stays short; `make
+"""The sharded crasher (tests/cluster/sharded_crasher.py), bounded so `make test` stays short; `make
 bench` runs the soak."""
 
 from __future__ import annotations

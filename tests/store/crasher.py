@@ -2,7 +2,7 @@
 random injected I/O errors and a really full disk; after every reopen, every acknowledged slot
 must be there with its exact values, and no removed id may be back.
 
-The child (``python -m tests.crasher child DIR --seed S``) runs random operations and reports
+The child (``python -m tests.store.crasher child DIR --seed S``) runs random operations and reports
 each one on stdout as a JSON line: ``begin`` (with the operation's data) before calling the
 engine, then ``ack`` (with what it returned), ``fail`` (a StorageError, with ``uncertain``),
 ``refused`` (bad input: nothing may change) or ``dead`` (the memory refuses writes: the child
@@ -29,7 +29,7 @@ import numpy as np
 
 DIM = 16
 CLASSES = 8
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 # -- the child ------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def run(workdir: Path, *, rounds: int, seed: int, fault_rate: float = 0.02, ops_
             counts["full_disk_rounds"] += fill_at is not None or bool(fsize)
             if fill_at == 0:
                 disk.fill(leave(rng))
-            proc = subprocess.Popen([sys.executable, "-m", "tests.crasher", "child", str(path), "--seed",
+            proc = subprocess.Popen([sys.executable, "-m", "tests.store.crasher", "child", str(path), "--seed",
                                      str(seed * 100_003 + rnd), "--fault-rate", str(fault_rate), "--ops",
                                      str(ops_per_child), "--fsize", str(fsize)],
                                     stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)

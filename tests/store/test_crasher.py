@@ -1,4 +1,4 @@
-"""The crasher (tests/crasher.py), bounded so `make test` stays short; `make bench` runs the soak."""
+"""The crasher (tests/store/crasher.py), bounded so `make test` stays short; `make bench` runs the soak."""
 
 from __future__ import annotations
 

@@ -1,7 +1,7 @@
 """A writer for the crash tests: runs a deterministic sequence of operations on a
 durable memory and prints ``ACK j`` after operation j returns.
 
-    python -m tests.crash_writer DIR --start J --seed S
+    python -m tests.store.crash_writer DIR --start J --seed S
 
 The parent kills it with SIGKILL at random points and checks what reopens.
 """

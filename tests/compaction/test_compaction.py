@@ -20,7 +20,7 @@ from engine.compaction import POLICIES, allocate
 from engine.data import clustered
 from engine.testing import dense_attention, total_variation
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def class_mass(mem: Memory) -> dict:

@@ -116,7 +116,7 @@ def trials(seed: int, memories: int) -> dict:
     return counts
 
 
-if __name__ == "__main__":  # the soak of make bench: python -m tests.test_certificate MEMORIES [SEED]
+if __name__ == "__main__":  # the soak of make bench: python -m tests.tail.test_certificate MEMORIES [SEED]
     import json
     import sys
 

@@ -151,7 +151,7 @@ def test_a_failing_disk_while_the_choice_is_written_loses_no_acknowledged_slot(t
     uncertain fsync, the store's rule); a reopen has every acknowledged slot and chooses the same T."""
     import errno
 
-    from .faults import Faults
+    from ..store.faults import Faults
 
     x, y = DISTRIBUTIONS["clustered"](400, DIM, 5, 1)[:2]
     mem = Memory(DIM, path=tmp_path / "m")
