@@ -1,4 +1,4 @@
-"""Calibrated search breadth on data of different difficulty (engine/calibration.py).
+"""Calibrated search breadth on data of different difficulty (engine/index/calibration.py).
 
     python bench/calibration.py --out runs/bench          # 200k slots, d=64; a few minutes
     python bench/calibration.py --slots 1000000 --data isotropic-hard learned-like

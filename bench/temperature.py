@@ -84,7 +84,7 @@ def ingest_cost(slots: int) -> dict:
         for lo in range(0, slots, 100_000):
             mem.add(x[lo:lo + 100_000], y[lo:lo + 100_000])
         out[f"{label}_ingest_s"] = time.perf_counter() - t0
-        # checks of the search breadth on the slots written since it was measured (engine/calibration.py)
+        # checks of the search breadth on the slots written since it was measured (engine/index/calibration.py)
         out[f"{label}_drift_checks"] = len(mem.calibration_checks)
         out[f"{label}_drift_checks_s"] = float(sum(c.seconds for c in mem.calibration_checks))
         mem.query(q, k=K)

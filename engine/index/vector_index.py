@@ -116,7 +116,7 @@ class VectorIndex:
         spec: "auto" or a FAISS factory string ("Flat", "HNSW32", "IVF1024,Flat", "IVF256,PQ16", ...).
         settings: search-time settings (nprobe, efSearch).
         recall: the recall target of calibration; None (the default) calibrates on the answer
-            at ``temperature`` (see engine/calibration.py).
+            at ``temperature`` (see engine/index/calibration.py).
         temperature: the temperature queries attend at, for the answer target.
         share: the fraction of a sharded memory's slots this index holds (1/n for a shard of
             n): its search breadth aims at its share of a query's top-k (see :func:`share_k`).
@@ -139,7 +139,7 @@ class VectorIndex:
         self.recall_target = recall
         self.temperature = temperature
         self.share = share
-        # the breadth measured for the answer or recall_target (engine/calibration.py); a saved one
+        # the breadth measured for the answer or recall_target (engine/index/calibration.py); a saved one
         # is reused by a build over as many vectors into the same index kind, else measured again
         self.calibration = calibration
         # whether the configured index (once trained) stores approximate vectors
@@ -172,7 +172,7 @@ class VectorIndex:
     @property
     def calibration(self) -> Calibration | None:
         """The breadth measured for the target (the answer or ``recall_target``; see
-        engine/calibration.py), or None."""
+        engine/index/calibration.py), or None."""
         return self._calibration
 
     @calibration.setter
