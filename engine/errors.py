@@ -73,6 +73,10 @@ class MissingFileError(EngineError, FileNotFoundError):
     """A file or directory the caller named is not there (input files, datasets, checkpoints)."""
 
 
+class IndexOutOfRangeError(EngineError, IndexError):
+    """A query number past the end of a result (``res[i]``)."""
+
+
 class UsageError(EngineError, RuntimeError):
     """A call made out of order (a model queried before its support set was given)."""
 

@@ -107,8 +107,7 @@ def _full_result(state: State, vocab: Vocabulary, res: full.FullAnswer, k_reques
         scores = np.where(valid, res.scores, np.nan).astype(np.float32)
         k = int(valid.sum(axis=1).max()) if len(rows) else 0
     slot_classes = np.where(valid, columns[t.label_idx[safe]], -1)
-    return QueryResult.with_probs(
-        res.probs, classes=classes, labels=classes[res.labels()], ids=ids, scores=scores,
+    return QueryResult.build(probs=res.probs, classes=classes, labels=classes[res.labels()], ids=ids, scores=scores,
         attention=res.attention, tail_bound=res.tail_bound, exact_bound=res.certified, k=k,
         k_requested=k_requested, slot_classes=slot_classes,
         tail_estimate=np.maximum(1.0 - res.attention.sum(axis=1), 0.0))
@@ -147,7 +146,7 @@ def _answer_one(state: State, vocab: Vocabulary, scores: np.ndarray, rows: np.nd
     slot_classes = label_idx if len(classes) == len(vocab) else columns[label_idx]  # every class live: its own column
     t.touch(r, time.time())
     best = np.bincount(slot_classes, weights=attention).argmax()
-    return QueryResult(classes=classes, labels=classes[best:best + 1], ids=t.ids_of(rows), scores=scores,
+    return QueryResult.build(classes=classes, labels=classes[best:best + 1], ids=t.ids_of(rows), scores=scores,
                        attention=attention[None], tail_bound=np.array([bound]), exact_bound=state.index.exact,
                        k=len(r), k_requested=k_requested, slot_classes=slot_classes[None])
 
@@ -283,7 +282,7 @@ def _result(state: State, vocab: Vocabulary, scores, rows, att: Attention, k_req
         ids = np.where(valid, state.table.ids[np.where(valid, rows, 0)], -1)
         scores = np.where(valid, scores, np.nan).astype(np.float32)
         k = int(valid.sum(axis=1).max())
-    return QueryResult(
+    return QueryResult.build(
         classes=classes,
         labels=classes[top_class(att.attention, att.class_idx, len(classes))],
         ids=ids,

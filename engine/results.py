@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .errors import InvalidValueError
+from .errors import IndexOutOfRangeError, InvalidValueError
 
 
 @dataclass(frozen=True)
@@ -102,15 +102,16 @@ class QueryResult:
     slot_classes: np.ndarray | None = None
     missing_shards: tuple = ()
     tail_estimate: np.ndarray | None = None
-    _probs: np.ndarray | None = field(default=None, repr=False, compare=False)
+    _probs: np.ndarray | SparseProbs | None = field(default=None, repr=False, compare=False)
 
     @property
     def probs(self) -> np.ndarray:
         """(n, C) class probabilities p(c) (columns: ``classes``): from top-k attention, plus the
         estimated rest when the memory estimates it (``tail_estimate``)."""
-        if isinstance(self._probs, SparseProbs):
-            object.__setattr__(self, "_probs", self._probs.dense())
         probs = self._probs
+        if isinstance(probs, SparseProbs):
+            probs = probs.dense()
+            object.__setattr__(self, "_probs", probs)
         if probs is None:
             from .attention import class_probs
 
@@ -121,28 +122,52 @@ class QueryResult:
         return probs
 
     @classmethod
-    def with_probs(cls, probs: np.ndarray, **fields) -> QueryResult:
-        """A result whose ``probs`` are already known: dense (e.g. received from a server), or
-        :class:`SparseProbs`, made dense when first read."""
-        return cls(**fields, _probs=probs)
+    def build(cls, *, classes: np.ndarray, labels: np.ndarray, ids: np.ndarray, scores: np.ndarray,
+              attention: np.ndarray, tail_bound: np.ndarray, exact_bound: bool, k: int, k_requested: int,
+              slot_classes: np.ndarray | None = None, missing_shards: tuple = (),
+              tail_estimate: np.ndarray | None = None, probs: np.ndarray | SparseProbs | None = None
+              ) -> QueryResult:
+        """The one way a result is made (the query path, the shards' merge, the client): the
+        fields above, and ``probs`` when already known (dense, e.g. received from a server, or
+        :class:`SparseProbs`, made dense when first read); else they are built from
+        ``attention`` and ``slot_classes`` when first read."""
+        if probs is None and slot_classes is None:
+            raise InvalidValueError("a result needs its slots' classes or its probabilities")
+        return cls(classes=classes, labels=labels, ids=ids, scores=scores, attention=attention,
+                   tail_bound=tail_bound, exact_bound=exact_bound, k=k, k_requested=k_requested,
+                   slot_classes=slot_classes, missing_shards=missing_shards, tail_estimate=tail_estimate,
+                   _probs=probs)
+
+    def __getitem__(self, i: int | slice) -> QueryResult:
+        """One query's answer (``res[i]``: a result of one row), or some queries' (``res[a:b]``)."""
+        n = len(self.labels)
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(n)
+            if step != 1:
+                raise InvalidValueError("a result is sliced in order, with step 1")
+            return self.rows(lo, max(lo, hi))
+        if isinstance(i, bool) or not isinstance(i, (int, np.integer)):
+            raise InvalidValueError(f"a result is indexed by query number, not {type(i).__name__}")
+        if not -n <= i < n:
+            raise IndexOutOfRangeError(f"query {i} of a result of {n}")
+        return self.rows(int(i) % n, int(i) % n + 1)
 
     def rows(self, lo: int, hi: int) -> QueryResult:
         """The answers to queries lo..hi-1 alone (same classes, so ``probs`` columns match)."""
         ids = self.ids[lo:hi]
         used = int((ids >= 0).sum(axis=1).max()) if len(ids) else 0
         width = max(used, 1)
-        sliced: dict[str, Any] = dict(classes=self.classes, labels=self.labels[lo:hi], ids=ids[:, :width],
-                      scores=self.scores[lo:hi, :width], attention=self.attention[lo:hi, :width],
-                      tail_bound=self.tail_bound[lo:hi], exact_bound=self.exact_bound, k=used,
-                      k_requested=self.k_requested,
-                      slot_classes=None if self.slot_classes is None else self.slot_classes[lo:hi, :width],
-                      missing_shards=self.missing_shards,
-                      tail_estimate=None if self.tail_estimate is None else self.tail_estimate[lo:hi])
-        if self._probs is not None:
-            probs = self._probs
-            return QueryResult.with_probs(probs.rows(lo, hi) if isinstance(probs, SparseProbs) else probs[lo:hi],
-                                          **sliced)
-        return QueryResult(**sliced)
+        sliced: dict[str, Any] = dict(
+            classes=self.classes, labels=self.labels[lo:hi], ids=ids[:, :width], scores=self.scores[lo:hi, :width],
+            attention=self.attention[lo:hi, :width], tail_bound=self.tail_bound[lo:hi], exact_bound=self.exact_bound,
+            k=used, k_requested=self.k_requested,
+            slot_classes=None if self.slot_classes is None else self.slot_classes[lo:hi, :width],
+            missing_shards=self.missing_shards,
+            tail_estimate=None if self.tail_estimate is None else self.tail_estimate[lo:hi])
+        probs = self._probs
+        if probs is not None:
+            probs = probs.rows(lo, hi) if isinstance(probs, SparseProbs) else probs[lo:hi]
+        return QueryResult.build(**sliced, probs=probs)
 
     @property
     def k_clamped(self) -> bool:

@@ -391,3 +391,25 @@ def test_tensors_numpy_lacks_and_zero_d_labels():
     mem.add(torch.ones((3, 4), dtype=torch.bfloat16), torch.tensor([1, 2, 1]))
     assert mem.query(torch.ones(4, dtype=torch.bfloat16), k=2).labels.tolist() in ([1], [2])
     assert len(mem.ids(labels=torch.tensor(1))) == 2 and len(mem.ids(labels=np.array(2))) == 1
+
+
+def test_a_result_indexed_by_query_is_that_querys_answer():
+    """res[i] (and res[a:b]) answer as the queries asked alone would, probabilities included."""
+    rng = np.random.default_rng(4)
+    x = rng.standard_normal((500, 8)).astype(np.float32)
+    mem = Memory(8, index="Flat", temperature=0.2)
+    mem.add(x, rng.integers(0, 6, 500))
+    q = x[:5] + 0.05
+    res = mem.query(q, k=16)
+    for i in (0, 3, -1):
+        alone = mem.query(q[i], k=16)
+        assert len(res[i]) == 1 and res[i].labels.tolist() == alone.labels.tolist()
+        np.testing.assert_allclose(res[i].probs, alone.probs, rtol=1e-6, atol=1e-9)
+        np.testing.assert_array_equal(res[i].ids[0][res[i].ids[0] >= 0], alone.ids[0][alone.ids[0] >= 0])
+    assert len(res[1:4]) == 3 and res[1:4].labels.tolist() == res.labels[1:4].tolist()
+    np.testing.assert_allclose(res[1:4].probs, res.probs[1:4])
+    for bad in (5, -6):
+        with pytest.raises(engine.IndexOutOfRangeError):
+            res[bad]
+    with pytest.raises(engine.InvalidValueError):
+        res["a"]

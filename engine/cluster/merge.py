@@ -70,7 +70,7 @@ def merge(parts: list[Retrieved], k: int, k_requested: int, temperature: float, 
     att = attend(np.where(top_valid, top_scores, -np.inf).astype(np.float32), None if unit else top_w, class_idx,
                  n_classes=len(classes), temperature=temperature, omitted_log_mass=bound, padded=padded)
     used = int(top_valid.sum(axis=1).max())
-    return QueryResult(
+    return QueryResult.build(
         classes=classes,
         labels=classes[top_class(att.attention, att.class_idx, len(classes))],
         ids=np.where(top_valid, top_ids, -1)[:, :max(used, 1)],
@@ -110,8 +110,7 @@ def _merge_full(parts, take, top_ids, top_scores, top_labels, top_valid, k_reque
     present = top_labels[top_valid]
     slot_classes = np.where(top_valid, np.searchsorted(classes, np.where(top_valid, top_labels, present[0])
                                                        if len(present) else classes[0]), -1)
-    return QueryResult.with_probs(
-        probs, classes=classes, labels=classes[np.argmax(probs, axis=1)],
+    return QueryResult.build(probs=probs, classes=classes, labels=classes[np.argmax(probs, axis=1)],
         ids=np.where(top_valid, top_ids, -1)[:, :used],
         scores=np.where(top_valid, top_scores, np.nan).astype(np.float32)[:, :used],
         attention=attention[:, :used], tail_bound=tail_bound,

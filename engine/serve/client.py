@@ -182,8 +182,8 @@ class Client:
         if "slot_classes" in cols:
             fields["slot_classes"] = wire.rows_of(batch.column("slot_classes")).astype(np.int64)
         if "probs" in cols:  # with an estimated rest: as sent
-            return QueryResult.with_probs(wire.rows_of(batch.column("probs")), **fields)
-        return QueryResult(**fields)  # probabilities from attention, built when read, as a memory builds them
+            return QueryResult.build(probs=wire.rows_of(batch.column("probs")), **fields)
+        return QueryResult.build(**fields)  # probabilities from attention, built when read, as a memory builds them
 
     def get(self, ids) -> Slots:
         """Read slots back by id (see :meth:`engine.Memory.get`)."""
@@ -453,8 +453,9 @@ def _merge(parts: list, k_requested: int) -> QueryResult:
         if wire.TAIL_ESTIMATE in batch.schema.names:
             estimates.append(batch.column(wire.TAIL_ESTIMATE).to_numpy())
     label_dtype = labels_dtype(kind_of(classes))
-    return QueryResult.with_probs(
-        np.concatenate(probs), classes=np.array(classes, dtype=label_dtype), labels=np.array(labels, dtype=label_dtype),
+    return QueryResult.build(
+        probs=np.concatenate(probs), classes=np.array(classes, dtype=label_dtype),
+        labels=np.array(labels, dtype=label_dtype),
         ids=np.concatenate(ids), scores=np.concatenate(scores).astype(np.float32), attention=np.concatenate(attention),
         tail_bound=np.concatenate(bounds), exact_bound=all(m["exact_bound"] for _, m in parts), k=width,
         k_requested=k_requested, tail_estimate=np.concatenate(estimates) if len(estimates) == len(parts) else None,
