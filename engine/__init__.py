@@ -40,6 +40,7 @@ from .memory import Memory
 from .options import MemoryOptions, ShardRole
 from .results import CompactionReport, MemoryStats, QueryResult, Slots
 
+# ``from engine import *`` brings Client (as it always has) but neither Ray nor torch
 _LAZY = {"Client": "engine.serve.client", "ShardedMemory": "engine.cluster", "MatchingNetwork": "engine.nn"}
 
 
@@ -64,7 +65,6 @@ __all__ = [
     "FormatVersionError",
     "IndexOutOfRangeError",
     "InvalidValueError",
-    "MatchingNetwork",
     "Memory",
     "MemoryOptions",
     "MemoryExistsError",
@@ -75,7 +75,6 @@ __all__ = [
     "QueryResult",
     "SearchSettings",
     "ShardRole",
-    "ShardedMemory",
     "MissingExtraError",
     "MissingFileError",
     "OutputExistsError",

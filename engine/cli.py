@@ -430,7 +430,10 @@ def serve(
 
     if (tls_cert is None) != (tls_key is None):
         raise InvalidValueError("--tls-cert and --tls-key go together")
-    token = token_file.read_text().strip() if token_file else None
+    try:
+        token = token_file.read_text().strip() if token_file else None
+    except UnicodeDecodeError:
+        raise InvalidValueError(f"{token_file}: a token file holds UTF-8 text") from None
     if token_file and not token:
         raise InvalidValueError(f"{token_file} is empty")
     memories = {}
@@ -584,9 +587,10 @@ def eval_episodes_cmd(
 ) -> None:
     """Mean accuracy with a 95% CI over N-way K-shot episodes of the validation set (random and within-alphabet)."""
     from .train import TrainConfig, evaluate_episodes, load_checkpoint, load_sets
+    from .train.checkpoint import read_config
 
     model = load_checkpoint(checkpoint, views=views)
-    cfg = json.loads((checkpoint / "config.json").read_text())
+    cfg = read_config(checkpoint)
     _, _, val_x, val_groups = load_sets(TrainConfig(dataset=cfg.get("dataset", "omniglot"),
                                                     data=str(data) if data else cfg.get("data"),
                                                     background=cfg.get("background", "small1")))

@@ -51,28 +51,31 @@ def known(ids: np.ndarray, found: np.ndarray) -> None:
         raise UnknownIdError(f"unknown ids: {_listed(unknown)}", unknown)
 
 
-def fresh(n: int, start: int, used: np.ndarray, role: ShardRole = ShardRole()) -> tuple[np.ndarray, int]:
-    """``n`` ids of ``role``'s class that are not in ``used`` (sorted), and the id to start
-    from next. Counts up from ``start``; once that would pass the int64 limit (a caller wrote
-    ids near it), takes the lowest free ids of the class instead."""
+def fresh(n: int, start: int, used: Callable[[], np.ndarray], role: ShardRole = ShardRole()
+          ) -> tuple[np.ndarray, int]:
+    """``n`` ids of ``role``'s class, and the id to start from next. Counts up from ``start``;
+    once that would pass the int64 limit (a caller wrote ids near it), takes the lowest ids of
+    the class not in ``used()`` (the sorted ids taken; asked only then)."""
     offset, stride = role.index, role.count
     first = start + (offset - start) % stride
     last = first + stride * (n - 1)
     if last <= INT64_MAX:
         return first + stride * np.arange(n, dtype=np.int64), last + 1
-    used = used[used % stride == offset]
-    room = offset + stride * np.arange(len(used) + n, dtype=np.int64)
-    free = np.setdiff1d(room, used)[:n]
+    taken = used()
+    taken = taken[taken % stride == offset]
+    room = offset + stride * np.arange(len(taken) + n, dtype=np.int64)
+    free = np.setdiff1d(room, taken)[:n]
     if len(free) < n:  # pragma: no cover - 2**63 live slots
         raise InvalidValueError("no free ids left")
     return free, start
 
 
 class Counter:
-    """Fresh ids handed out in turn from ``start``, none in ``used`` (sorted): a write that
-    makes several batches of new slots (a compaction's merged slots) takes them from one."""
+    """Fresh ids handed out in turn from ``start`` (none in ``used()``, see :func:`fresh`): a
+    write that makes several batches of new slots (a compaction's merged slots) takes them
+    from one."""
 
-    def __init__(self, start: int, used: np.ndarray, role: ShardRole = ShardRole()):
+    def __init__(self, start: int, used: Callable[[], np.ndarray], role: ShardRole = ShardRole()):
         self.next, self.used, self.role = start, used, role
 
     def take(self, n: int) -> np.ndarray:

@@ -66,7 +66,10 @@ def read_labels(path: str | Path) -> list:
         if array.ndim != 1:
             raise InvalidValueError(f"{path}: holds an array of shape {array.shape}; one value a row is 1-d")
         return array.tolist()
-    lines = [s.strip() for s in path.read_text().splitlines() if s.strip()]
+    try:
+        lines = [s.strip() for s in path.read_text().splitlines() if s.strip()]
+    except UnicodeDecodeError as exc:
+        raise InvalidValueError(f"{path}: not UTF-8 text, one label a line ({exc.reason})") from None
     try:
         return [int(s) for s in lines]
     except ValueError:

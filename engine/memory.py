@@ -49,6 +49,8 @@ class Memory:
     def __init__(self, dim: int, *, path: str | os.PathLike | None = None, options: MemoryOptions | None = None,
                  **settings: Any):
         self.dim = checks.integer("dim", dim)
+        if options is not None and not isinstance(options, MemoryOptions):
+            raise InvalidValueError(f"options must be a MemoryOptions (or keywords), got {type(options).__name__}")
         try:
             chosen = (options or MemoryOptions()).replace(**settings)
         except TypeError as exc:  # an option that does not exist

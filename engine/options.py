@@ -4,14 +4,13 @@
 keeps one (replacing it when a setting changes), a durable memory writes
 :meth:`MemoryOptions.to_manifest` into its manifest and reads it back with
 :meth:`MemoryOptions.from_manifest` (which also reads the forms older manifests wrote),
-:class:`~engine.cluster.ShardedMemory` passes :meth:`MemoryOptions.for_shards` to its shards,
-and the command line takes its help texts from :func:`help_text`.
+:class:`~engine.cluster.ShardedMemory` checks the options it passes its shards
+(:data:`SHARD_OPTIONS`) with it, and the command line takes its help texts from :func:`help_text`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,29 +26,35 @@ POLICIES = ("merge", "reservoir", "age", "distill")
 STATE_KEYS = ("next_id", "calibration", "trained_on", "temperature_report")
 
 
+def _real(x: Any) -> bool:
+    return not isinstance(x, (bool, np.bool_)) and isinstance(x, (int, float, np.integer, np.floating))
+
+
 @dataclass(frozen=True)
 class ShardRole:
     """Which part of a sharded memory a memory is: shard ``index`` of ``count``.
 
     It owns the ids ``i`` with ``i % count == index`` (its automatic ids are drawn from
-    them), and holds about ``1 / count`` of the slots, so an approximate index calibrates
-    and searches for that share of each query's top-k (see :func:`engine.index.share_k`).
+    them), and holds ``share`` of the slots (default ``1 / count``), so an approximate
+    index calibrates and searches for that share of each query's top-k (see
+    :func:`engine.index.share_k`).
     """
 
     index: int = 0
     count: int = 1
+    share: float | None = None
 
     def __post_init__(self) -> None:
         count = checks.integer("shard count", self.count)
         index = checks.integer("shard index", self.index, low=0)
         if index >= count:
             raise InvalidValueError(f"shard index must be below the shard count ({count}), got {index}")
+        share = 1.0 / count if self.share is None else self.share
+        if not _real(share) or not 0 < share <= 1:
+            raise InvalidValueError(f"share must be a number in (0, 1], got {share!r}")
         object.__setattr__(self, "count", count)
         object.__setattr__(self, "index", index)
-
-    @property
-    def share(self) -> float:
-        return 1.0 / self.count
+        object.__setattr__(self, "share", float(share))
 
     def owner(self, ids: np.ndarray) -> np.ndarray:
         """The shard (of ``count``) each id belongs to."""
@@ -175,18 +180,9 @@ class MemoryOptions:
         unknown = set(doc) - names - {"id_stride", "id_offset", "share"} - set(STATE_KEYS)
         if unknown:
             raise InvalidValueError(f"unknown settings {sorted(unknown)}")
-        count, index = doc.get("id_stride", 1), doc.get("id_offset", 0)
-        share = doc.get("share", 1.0)
-        if "share" in doc and (not _real(share) or not math.isclose(share, 1.0 / count if _real(count) and count
-                                                                    else math.nan)):
-            raise InvalidValueError(f"share {share!r} does not match {count!r} shards")
-        return cls(**{"probs": "top-k", **{k: doc[k] for k in names if k in doc}},
-                   shard=ShardRole(index=index, count=count))
-
-    # -- a sharded memory ---------------------------------------------------------------
-    def for_shards(self, count: int, budget: int | None) -> dict:
-        """What each of ``count`` shards is made with (its role is added by the shard itself)."""
-        return {**self.to_manifest(), "budget": None if budget is None else budget // count}
+        # a manifest written before a shard's share existed searched for the whole top-k
+        role = ShardRole(index=doc.get("id_offset", 0), count=doc.get("id_stride", 1), share=doc.get("share", 1.0))
+        return cls(**{"probs": "top-k", **{k: doc[k] for k in names if k in doc}}, shard=role)
 
 
 # Options a sharded memory takes for its shards (its budget and path are its own).
@@ -218,7 +214,3 @@ def parse_budget(budget: Any, bytes_per_slot: float) -> int:
             nbytes = float(m.group(1)) * {"B": 1, "KB": 2**10, "MB": 2**20, "GB": 2**30}[m.group(2)]
             return max(1, int(nbytes // bytes_per_slot))
     raise InvalidValueError(f"budget must be a number of slots or bytes such as '64MB', got {budget!r}")
-
-
-def _real(x: Any) -> bool:
-    return not isinstance(x, (bool, np.bool_)) and isinstance(x, (int, float, np.integer, np.floating))

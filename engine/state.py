@@ -166,9 +166,10 @@ class State:
         try:
             trained_on = checks.integer("trained_on", s.get("trained_on", 0), low=0)
             next_id = checks.integer("next_id", s.get("next_id", 0), low=0)
-            state = cls.replayed(metric.replayed(rec.replay()), vocab, index, keep_vectors, track_usage, trained_on)
         except InvalidValueError as exc:
             raise CorruptFileError(f"{rec.path}: invalid settings ({exc})") from None
+        try:
+            state = cls.replayed(metric.replayed(rec.replay()), vocab, index, keep_vectors, track_usage, trained_on)
         except ValueError as exc:
             raise CorruptFileError(f"{rec.path}: the snapshot's codes cannot be loaded ({exc})") from None
         return state, max(next_id, rec.max_id + 1, state.table.max_id() + 1)

@@ -13,6 +13,7 @@ built aside or change the current one, so a query sees each write wholly or not 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -37,6 +38,8 @@ from .store.codec import Columns
 from .tuning import Tuning
 from .tuning.temperature import TemperatureReport
 
+log = logging.getLogger(__name__)
+
 
 class Writer:
     """A memory's mutable parts and its writes (each method takes the write mutex)."""
@@ -48,7 +51,7 @@ class Writer:
         self.tuning = Tuning(o.temperature)
         inner = self.metric.index_dim(dim)
         index = VectorIndex(inner, o.index, SearchSettings(o.nprobe, o.ef_search), recall=o.recall,
-                            temperature=self.tuning.value, share=o.shard.share, metric=o.metric)
+                            temperature=self.tuning.value, share=o.shard.share or 1.0 / o.shard.count, metric=o.metric)
         self.keep_vectors = index.spec_lossy and o.rescore  # kept when the index cannot give them back
         self.cur = Current(State(SlotTable(inner, self.keep_vectors, o.tracks_usage), index))
         self.vocab, self.next_id, self.mutex = Vocabulary(), 0, threading.Lock()
@@ -81,20 +84,25 @@ class Writer:
             raise
         w.store = store
         if store.start(read_only=read_only):  # a long log is folded into a snapshot (else next time)
-            with contextlib.suppress(StorageError):
+            try:
                 w.save(None)
+            except StorageError as exc:
+                log.warning("%s: the log was not folded into a snapshot (%s); the next open tries again", path, exc)
         return w
 
-    def commit(self, durable: Callable[[Store], None] | None, apply: Callable[[], None], what: str) -> None:
+    def commit(self, durable: Callable[[Store], None] | None, apply: Callable[[], None], what: str, *,
+               breadth: bool = True, tune: bool = True) -> None:
         """Every write (input checked, the mutex held): ``durable`` makes it durable (if it
         fails, nothing changed), ``apply`` applies it (if that fails, the files are ahead and
-        later writes are refused), then the temperature and breadth are kept up to date."""
+        later writes are refused), then (``tune``) the temperature and (``breadth``: a write
+        that adds slots or changes the temperature) the search breadth are kept up to date."""
         store = self.store
         if store is not None and durable is not None:
             durable(store)
         with store.applying(what) if store is not None else contextlib.nullcontext():
             apply()
-        self.tuning.upkeep(self.cur, self.metric, store)
+        if tune:
+            self.tuning.upkeep(self.cur, self.metric, store, breadth=breadth)
 
     def add(self, vectors, labels, ids, weights, upsert: bool) -> np.ndarray:
         with self.mutex:
@@ -124,9 +132,9 @@ class Writer:
             return new
 
     def fresh_ids(self, start: int | None = None, taken: np.ndarray | None = None) -> slot_ids.Counter:
-        used = self.cur.state.table.sorted_ids
-        return slot_ids.Counter(self.next_id if start is None else start,
-                                used if taken is None else np.union1d(used, taken), self.options.shard)
+        table = self.cur.state.table
+        used = (lambda: table.sorted_ids) if taken is None else (lambda: np.union1d(table.sorted_ids, taken))
+        return slot_ids.Counter(self.next_id if start is None else start, used, self.options.shard)
 
     def choose_centre(self, v: np.ndarray) -> None:
         """l2: centre the memory on its first slots, in the manifest before they are logged (the
@@ -146,7 +154,8 @@ class Writer:
                 np.unique(checks.ids(ids)) if ids is not None else np.zeros(0, np.int64)
             rows = state.rows_or_raise(gone)
             if len(rows):
-                self.commit(lambda store: store.log_remove(gone), lambda: self.cur.change(rows), "remove")
+                self.commit(lambda store: store.log_remove(gone), lambda: self.cur.change(rows), "remove",
+                            breadth=False)
             return len(rows)
 
     def compact(self, budget, policy: str, seed, options: dict) -> CompactionReport:
@@ -170,15 +179,17 @@ class Writer:
             self.cur.state, live, vectors, fresh, budget=budget, policy=policy, metric=self.metric,
             temperature=self.tuning.value, seed=seed, options=options, keep_vectors=self.keep_vectors,
             required=required)
-        if state is not None:  # else nothing to drop or merge, nothing to write
-            slots = self.metric.persisted(state.snapshot(self.vocab, vectors))
-            extra = {**self.manifest(state, fresh.next), "trained_on": state.index.trained_on}
+        if state is None:  # nothing to drop or merge, nothing to write
+            self.tuning.upkeep(self.cur, self.metric, self.store, breadth=False)
+            return n, kept
+        slots = self.metric.persisted(state.snapshot(self.vocab, vectors))
+        extra = {**self.manifest(state, fresh.next), "trained_on": state.index.trained_on}
 
-            def apply() -> None:
-                self.cur.swap(state)
-                self.vocab.kind, self.next_id = kind, fresh.next
+        def apply() -> None:
+            self.cur.swap(state)
+            self.vocab.kind, self.next_id = kind, fresh.next
 
-            self.commit(lambda store: store.checkpoint(slots, kind, extra), apply, "compaction")
+        self.commit(lambda store: store.checkpoint(slots, kind, extra), apply, "compaction", breadth=False)
         return n, kept
 
     def calibrate_temperature(self, k: int, sample: int, seed: int) -> TemperatureReport:
@@ -206,7 +217,8 @@ class Writer:
             self.options = self.options.replace(nprobe=new.nprobe, ef_search=new.ef_search)
 
         with self.mutex:
-            self.commit(lambda store: store.update(nprobe=new.nprobe, ef_search=new.ef_search), apply, "search")
+            self.commit(lambda store: store.update(nprobe=new.nprobe, ef_search=new.ef_search), apply, "search",
+                        tune=False)
 
     def save(self, path: str | os.PathLike | None) -> Path:
         target = Path(path) if path is not None else (self.store.path if self.store is not None else None)

@@ -316,3 +316,14 @@ def test_set_checks_everything_before_changing_anything_and_labels_files_are_rea
                  ("memory", "remove", m, "--ids-file", tmp_path / "empty.npy")):
         bad = run(*args, ok=False)
         assert bad.exit_code == 2 and "not a readable .npy" in bad.output
+
+
+def test_unreadable_text_inputs_are_one_line_errors(tmp_path):
+    """A labels file or token file that is not text is the caller's error: one line, exit 2."""
+    mem = tmp_path / "m"
+    run("memory", "create", mem, "--dim", 4)
+    np.save(tmp_path / "v.npy", np.ones((3, 4), np.float32))
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\xfa\n")
+    out = run("memory", "add", mem, tmp_path / "v.npy", "--labels", tmp_path / "bad.txt", ok=False)
+    assert out.exit_code == 2 and "UTF-8" in out.output, out.output
+    assert isinstance(out.exception, SystemExit)  # a one-line message, not an exception's traceback

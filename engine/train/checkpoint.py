@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ..data.episodes import EpisodeSampler
-from ..errors import MissingFileError
+from ..errors import CorruptFileError, MissingFileError
 from ..nn import MatchingNetwork
 
 CHECKPOINT_FILES = ("config.json", "model.pt", "best.pt", "optimizer.pt", "state.pt", "state.json")
@@ -20,6 +20,24 @@ def save(out: Path, model, opt, state: dict, sampler: EpisodeSampler) -> None:
     torch.save(opt.state_dict(), out / "optimizer.pt")
     torch.save({"torch_rng": torch.get_rng_state()}, out / "state.pt")
     (out / "state.json").write_text(json.dumps({**state, "sampler_rng": sampler.rng.bit_generator.state}))
+
+
+def read_config(path: str | Path) -> dict:
+    """A checkpoint's config.json.
+
+    Raises:
+        MissingFileError: there is none. CorruptFileError: it is not a run's JSON config.
+    """
+    file = Path(path) / "config.json"
+    if not file.is_file():
+        raise MissingFileError(f"{path} is not a checkpoint: config.json is missing")
+    try:
+        cfg = json.loads(file.read_text())
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise CorruptFileError(f"{file}: not a JSON config ({exc})") from None
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
+        raise CorruptFileError(f"{file}: not a training run's config (no model)")
+    return cfg
 
 
 def load_checkpoint(path: str | Path, *, which: str = "best", views: int | None = None) -> MatchingNetwork:
@@ -34,7 +52,7 @@ def load_checkpoint(path: str | Path, *, which: str = "best", views: int | None 
     for name in ("config.json", f"{which}.pt"):
         if not (path / name).is_file():
             raise MissingFileError(f"{path} is not a checkpoint: {name} is missing")
-    cfg = json.loads((path / "config.json").read_text())
+    cfg = read_config(path)
     model = MatchingNetwork.from_config(cfg["model"])
     if views is not None:
         model.views = views

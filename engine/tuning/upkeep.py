@@ -43,9 +43,15 @@ class Tuning:
             self.use(current, float(report.temperature), report)
 
     def upkeep(self, current: Current, metric: Metric, store: Store | None, *, breadth: bool = True) -> None:
-        """After a write: choose the temperature again when due (``auto``: once the memory can
-        measure it, then whenever it grew or shrank 2x since), persisted so that a reopen
-        answers at it; then measure the breadth again when due (always after a new choice)."""
+        """After a write: measure the breadth again when due (``breadth``: after writes that
+        add slots or change a setting the breadth is measured at), then choose the
+        temperature again when due (``auto``: once the memory can measure it, then whenever it
+        grew or shrank 2x since), persisted so that a reopen answers at it, and measure the
+        breadth again if the new temperature made its calibration stale. The breadth comes
+        first so that a drift check (and the retraining of IVF lists fit to other data) is
+        not passed over by a calibration the new temperature made stale."""
+        if breadth:
+            self._breadth(current)
         report = None
         if self.auto and choice.due(self.report, current.state.table.n_alive):
             try:
@@ -59,11 +65,14 @@ class Tuning:
                     store.update(temperature_report=report.as_dict())
                 except (StorageError, ValueError):
                     log.warning("the temperature choice is not in the manifest yet; the next checkpoint writes it")
-        if breadth or report is not None:
-            try:
-                current.upkeep_breadth()
-            except Exception:  # noqa: BLE001 - a search setting, never worth failing a durable write
-                log.warning("measuring the search breadth again failed; it stays as it was", exc_info=True)
+            self._breadth(current)
+
+    @staticmethod
+    def _breadth(current: Current) -> None:
+        try:
+            current.upkeep_breadth()
+        except Exception:  # noqa: BLE001 - a search setting, never worth failing a durable write
+            log.warning("measuring the search breadth again failed; it stays as it was", exc_info=True)
 
     def calibrate(self, current: Current, metric: Metric, *, k: int, sample: int, seed: int
                   ) -> choice.TemperatureReport:

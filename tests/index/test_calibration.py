@@ -196,6 +196,8 @@ def test_a_share_of_a_sharded_memory_searches_for_its_share_of_the_top_k():
     for bad in (0, 1.5, True, "half", float("nan")):
         with pytest.raises(engine.InvalidValueError):
             Memory(32, shard=engine.ShardRole(0, bad))
+        with pytest.raises(engine.InvalidValueError):
+            Memory(32, shard=engine.ShardRole(0, 1, share=bad))
 
 
 @pytest.mark.parametrize("target", [0.5, 0.9, 0.99])
@@ -329,3 +331,19 @@ def test_a_breadth_the_caller_fixes_is_never_checked_for_drift():
     for lo in range(3000, 8000, 1000):
         mem.add(x[lo:lo + 1000], y[lo:lo + 1000])
     assert mem.calibration_checks == () and mem.stats().nprobe == 1
+
+
+def test_a_new_temperature_does_not_pass_over_a_drift_check():
+    """One add that doubles an auto memory is due both a new temperature and a drift check:
+    the lists fit to the first slots are checked on the new ones (and trained again when they
+    no longer get the answer), not skipped because the new temperature made the breadth stale."""
+    rng = np.random.default_rng(0)
+    centres = rng.normal(size=(10, 8)) * 5
+    first = rng.integers(0, 10, 1200)
+    later = rng.integers(0, 10, 1300)
+    mem = Memory(8, index="IVF16,Flat", metric="l2")
+    mem.add((centres[first] + 0.3 * rng.normal(size=(1200, 8))).astype(np.float32), first)
+    assert mem.stats().trained_on == 1200 and len(mem.calibration_checks) == 0
+    mem.add((rng.normal(size=(1300, 8)) * 3 + 20 + 0.5 * centres[later]).astype(np.float32), later)
+    assert len(mem.calibration_checks) >= 1
+    assert mem.calibration_checks[-1].drifted is False or mem.stats().trained_on == 2500

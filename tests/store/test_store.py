@@ -568,3 +568,28 @@ def test_a_read_only_open_reads_a_held_memory_and_writes_nothing(tmp_path, data)
     writer.close()
     with Memory.open(tmp_path / "m") as again:
         assert len(again) == 90
+
+
+def test_a_shard_role_in_an_older_manifest_opens_as_it_was_written(tmp_path):
+    """A manifest keeps a shard's ids (id_stride, id_offset) and its share apart, as older
+    memories wrote them: a share that is not 1/stride, or no share at all (a memory written
+    before shares existed searched for the whole top-k), opens as it was."""
+    import json
+
+    x = np.random.default_rng(2).standard_normal((50, 8)).astype(np.float32)
+    for settings, share in (({"id_stride": 2, "id_offset": 1, "share": 0.5}, 0.5),
+                            ({"id_stride": 1, "id_offset": 0, "share": 0.5}, 0.5),
+                            ({"id_stride": 2, "id_offset": 1, "share": 1.0}, 1.0),
+                            ({"id_stride": 3, "id_offset": 1}, 1.0)):
+        path = tmp_path / f"m{len(list(tmp_path.iterdir()))}"
+        with Memory(8, path=path) as mem:
+            mem.add(x, np.arange(50) % 3)
+        file = path / "manifest.json"
+        doc = json.loads(file.read_text())
+        doc["settings"].pop("share")
+        doc["settings"].update(settings)
+        file.write_bytes(store.manifest_bytes(doc))
+        with Memory.open(path) as again:
+            role = again.options.shard
+            assert (role.count, role.index, role.share) == (settings["id_stride"], settings["id_offset"], share)
+            assert (again.add(x[:3], [0, 1, 2]) % role.count == role.index).all()
