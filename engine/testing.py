@@ -36,6 +36,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, cast
 import numpy as np
 import numpy.typing as npt
 
+from .errors import InvalidValueError
+
 if TYPE_CHECKING:
     from .protocol import MemoryLike
     from .results import QueryResult
@@ -63,23 +65,23 @@ def _rows(x: npt.ArrayLike, name: str) -> FloatArray:
     if a.ndim == 1:
         a = a[None, :]
     if a.ndim != 2:
-        raise ValueError(f"{name} must be (n, dim) or (dim,), got shape {a.shape}")
+        raise InvalidValueError(f"{name} must be (n, dim) or (dim,), got shape {a.shape}")
     return a
 
 
 def _prepared(vectors: npt.ArrayLike, queries: npt.ArrayLike, metric: str) -> tuple[FloatArray, FloatArray]:
     """(slots, queries) as float64 rows, L2-normalised for cosine."""
     if metric not in METRICS:
-        raise ValueError(f"metric must be one of {METRICS}, got {metric!r}")
+        raise InvalidValueError(f"metric must be one of {METRICS}, got {metric!r}")
     z, q = _rows(vectors, "vectors"), _rows(queries, "queries")
     if len(z) == 0:
-        raise ValueError("no slots: attention over an empty memory is undefined")
+        raise InvalidValueError("no slots: attention over an empty memory is undefined")
     if z.shape[1] != q.shape[1]:
-        raise ValueError(f"vectors have {z.shape[1]} dimensions but queries {q.shape[1]}")
+        raise InvalidValueError(f"vectors have {z.shape[1]} dimensions but queries {q.shape[1]}")
     if metric == "cosine":
         nz, nq = np.linalg.norm(z, axis=1, keepdims=True), np.linalg.norm(q, axis=1, keepdims=True)
         if (nz == 0).any() or (nq == 0).any():
-            raise ValueError("a zero vector has no cosine similarity")
+            raise InvalidValueError("a zero vector has no cosine similarity")
         z, q = z / nz, q / nq
     return z, q
 
@@ -105,16 +107,16 @@ def _log_weights(weights: npt.ArrayLike | None, n: int) -> FloatArray:
         return np.zeros(n)
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
     if w.shape != (n,):
-        raise ValueError(f"{n} slots but {w.size} weights")
+        raise InvalidValueError(f"{n} slots but {w.size} weights")
     if not (w > 0).all() or not np.isfinite(w).all():
-        raise ValueError("weights must be finite and > 0")
+        raise InvalidValueError("weights must be finite and > 0")
     return np.log(w)
 
 
 def _check_temperature(temperature: float) -> float:
     t = float(temperature)
     if not (np.isfinite(t) and t > 0):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        raise InvalidValueError(f"temperature must be a finite number > 0, got {temperature!r}")
     return t
 
 
@@ -140,7 +142,7 @@ def _check_k(k: int | None) -> int | None:
     if k is None:
         return None
     if isinstance(k, bool) or int(k) != k or k < 1:
-        raise ValueError(f"k must be an integer >= 1, got {k!r}")
+        raise InvalidValueError(f"k must be an integer >= 1, got {k!r}")
     return int(k)
 
 
@@ -148,16 +150,16 @@ def _columns(labels: npt.ArrayLike, classes: npt.ArrayLike | None, n: int) -> tu
     """(classes, each slot's column in classes); classes default to the sorted unique labels."""
     lab = np.asarray(labels)
     if lab.shape != (n,):
-        raise ValueError(f"{n} slots but labels of shape {lab.shape}")
+        raise InvalidValueError(f"{n} slots but labels of shape {lab.shape}")
     cls = np.unique(lab) if classes is None else np.asarray(classes).reshape(-1)
     index = {c: i for i, c in enumerate(cls.tolist())}
     if len(index) != len(cls):
-        raise ValueError("classes must be distinct")
+        raise InvalidValueError("classes must be distinct")
     uniq, inverse = np.unique(lab, return_inverse=True)
     try:
         col_of = np.array([index[u] for u in uniq.tolist()], dtype=np.int64)
     except KeyError as exc:
-        raise ValueError(f"label {exc.args[0]!r} is not among classes: its mass would be lost") from None
+        raise InvalidValueError(f"label {exc.args[0]!r} is not among classes: its mass would be lost") from None
     return cls, col_of[inverse.reshape(-1)]
 
 
@@ -233,22 +235,22 @@ def omitted_mass(vectors: npt.ArrayLike, queries: npt.ArrayLike, kept: npt.Array
     if held.ndim == 1 and len(q) == 1:
         held = held[None, :]
     if held.ndim != 2 or len(held) != len(q):
-        raise ValueError(f"kept must be (n_queries, m) = ({len(q)}, m), got shape {held.shape}")
+        raise InvalidValueError(f"kept must be (n_queries, m) = ({len(q)}, m), got shape {held.shape}")
     valid = held >= 0
     if ids is None:
         rows_of = held
         if (held >= len(z)).any():
-            raise ValueError(f"kept rows must be < {len(z)}")
+            raise InvalidValueError(f"kept rows must be < {len(z)}")
     else:
         slot_ids = np.asarray(ids, dtype=np.int64).reshape(-1)
         if slot_ids.shape != (len(z),):
-            raise ValueError(f"{len(z)} slots but {slot_ids.size} ids")
+            raise InvalidValueError(f"{len(z)} slots but {slot_ids.size} ids")
         sorter = np.argsort(slot_ids, kind="stable")
         pos = np.minimum(np.searchsorted(slot_ids[sorter], held), len(z) - 1)
         rows_of = sorter[pos]
         missing = valid & (slot_ids[rows_of] != held)
         if missing.any():
-            raise ValueError(f"kept ids not among the slots' ids: {sorted(set(held[missing].tolist()))[:10]}")
+            raise InvalidValueError(f"kept ids not among the slots' ids: {sorted(set(held[missing].tolist()))[:10]}")
     out = np.empty(len(q))
     for rows, a in _attention_chunks(z, q, t, metric, log_w, None):
         outside = np.ones(a.shape, dtype=bool)
@@ -280,7 +282,7 @@ def total_variation(p: npt.ArrayLike, q: npt.ArrayLike) -> FloatArray:
     """(n,) the total-variation distance 0.5 * sum |p - q| of each row (a 1-D pair is one row)."""
     a, b = np.atleast_2d(np.asarray(p, dtype=np.float64)), np.atleast_2d(np.asarray(q, dtype=np.float64))
     if a.shape != b.shape:
-        raise ValueError(f"distributions of shapes {a.shape} and {b.shape}")
+        raise InvalidValueError(f"distributions of shapes {a.shape} and {b.shape}")
     return cast(FloatArray, 0.5 * np.abs(a - b).sum(axis=1))
 
 
