@@ -7,7 +7,8 @@ one elsewhere, growing less than the 4x at which its index would be rebuilt anyw
 Three memories take the same writes (batches of 50k, ``--batch``): learned-like slots, then
 isotropic-hard slots (noise 1.2, 2,000 other classes):
 - ``answer``: the default ``Memory(dim)``, its breadth calibrated on the answer and
-  checked on the new slots each time it has grown 1.5x (engine/index/calibration.py);
+  checked on the new slots once half as many rows as it was measured on have been
+  written (engine/index/calibration.py, ``DRIFT_WRITTEN``);
 - ``recall``: the same with ``recall=0.98``;
 - ``stale``: the breadth the default chose on the first distribution, fixed (``nprobe=``),
   over the same index kind: what a memory that never looks again answers.

@@ -15,10 +15,10 @@ shard, durable, on a local Ray instance) is filled with the same slots
 - per-shard time: each shard answering the batch alone, and the driver's merge per query.
 
 On this machine every shard shares the same 2 cores, so the end-to-end figures show
-contention, not scale-out. Each shard calibrates its own nprobe for recall@64 of its
-own slots, which are sparser than the whole memory's: it may probe more lists than
-one memory of every slot would (the plot labels each point with it). The projection for
-one shard a machine is stated as one:
+contention, not scale-out. Shard s of n searches for its share of each query's top-64
+(``engine.index.share_k(64, 1/n)``: about 64/n plus two binomial standard deviations)
+and calibrates its nprobe for that (the plot labels each point with it). The projection
+for one shard a machine is stated as one:
 a query costs the slowest shard's time alone plus the merge plus the measured RPC
 overhead, so ``batch / (max shard time + merge + rpc)`` queries/s per driver.
 Writes shards.json and shards.png to ``--out``.
