@@ -40,7 +40,7 @@ from .memory import Memory
 from .options import MemoryOptions, ShardRole
 from .results import CompactionReport, MemoryStats, QueryResult, Slots
 
-# ``from engine import *`` brings Client (as it always has) but neither Ray nor torch
+# ``from engine import *`` brings Client but neither Ray nor torch
 _LAZY = {"Client": "engine.serve.client", "ShardedMemory": "engine.cluster", "MatchingNetwork": "engine.nn"}
 
 

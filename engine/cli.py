@@ -73,7 +73,7 @@ def _guard(fn, name: str = ""):
         try:
             return fn(*args, **kwargs)
         except ModuleNotFoundError as exc:  # a command of an optional extra that is not installed
-            if exc.name and exc.name.split(".")[0] in EXTRA_OF:
+            if exc.name and exc.name.split(".")[0] in EXTRA_OF and not _DEBUG["on"]:
                 _fail(missing(exc.name, f"engine {name or fn.__name__}"))
             raise
         except (EngineError, OSError) as exc:

@@ -77,7 +77,12 @@ class Counter:
 
     def __init__(self, start: int, used: Callable[[], np.ndarray], role: ShardRole = ShardRole()):
         self.next, self.used, self.role = start, used, role
+        self.handed: list[np.ndarray] = []  # what it gave out (past the int64 limit, fresh cannot tell)
 
     def take(self, n: int) -> np.ndarray:
-        new, self.next = fresh(n, self.next, self.used, self.role)
+        def taken() -> np.ndarray:
+            return np.union1d(self.used(), np.concatenate(self.handed)) if self.handed else self.used()
+
+        new, self.next = fresh(n, self.next, taken, self.role)
+        self.handed.append(new)
         return new

@@ -167,7 +167,7 @@ class State:
             trained_on = checks.integer("trained_on", s.get("trained_on", 0), low=0)
             next_id = checks.integer("next_id", s.get("next_id", 0), low=0)
         except InvalidValueError as exc:
-            raise CorruptFileError(f"{rec.path}: invalid settings ({exc})") from None
+            raise CorruptFileError(f"{rec.manifest_path}: invalid settings ({exc})") from None
         try:
             state = cls.replayed(metric.replayed(rec.replay()), vocab, index, keep_vectors, track_usage, trained_on)
         except ValueError as exc:

@@ -413,3 +413,18 @@ def test_a_result_indexed_by_query_is_that_querys_answer():
             res[bad]
     with pytest.raises(engine.InvalidValueError):
         res["a"]
+
+
+def test_fresh_ids_past_the_int64_limit_are_never_handed_out_twice():
+    """Once counting up would pass 2**63 - 1, fresh ids are the lowest free ones: two batches
+    taken in one write (a compaction's) are disjoint and miss every id in use."""
+    from engine.ids import INT64_MAX, Counter
+
+    counter = Counter(INT64_MAX, lambda: np.array([0, 1, 3], np.int64))
+    first, second, third = counter.take(3), counter.take(2), counter.take(1)
+    assert first.tolist() == [2, 4, 5] and second.tolist() == [6, 7] and third.tolist() == [INT64_MAX]
+    mem = Memory(4, index="Flat")
+    x = np.random.default_rng(0).standard_normal((40, 4)).astype(np.float32)
+    mem.add(x[:20], np.arange(20) % 2, ids=np.arange(INT64_MAX - 19, INT64_MAX + 1, dtype=np.uint64))
+    new = mem.add(x[20:], np.arange(20) % 2)
+    assert len(set(new.tolist()) | set(mem.ids().tolist())) == 40 and new.max() < 20

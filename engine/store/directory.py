@@ -76,6 +76,10 @@ class Recovered:
     path: Path
 
     @property
+    def manifest_path(self) -> Path:
+        return self.path / MANIFEST
+
+    @property
     def max_id(self) -> int:
         """The largest id any write recovered here carried (-1 if none)."""
         ids = [int(self.snapshot.ids.max())] if len(self.snapshot.ids) else []

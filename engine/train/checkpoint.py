@@ -45,15 +45,19 @@ def load_checkpoint(path: str | Path, *, which: str = "best", views: int | None 
     with its test-time views (``views``: another count instead).
 
     Raises:
-        FileNotFoundError: the folder lacks config.json or the weights.
-        ValueError: views is not an integer >= 1.
+        MissingFileError: the folder lacks config.json or the weights (a FileNotFoundError).
+        CorruptFileError: config.json is not a run's config, or does not make a model.
+        InvalidValueError: views is not an integer >= 1.
     """
     path = Path(path)
     for name in ("config.json", f"{which}.pt"):
         if not (path / name).is_file():
             raise MissingFileError(f"{path} is not a checkpoint: {name} is missing")
     cfg = read_config(path)
-    model = MatchingNetwork.from_config(cfg["model"])
+    try:
+        model = MatchingNetwork.from_config(cfg["model"])
+    except (TypeError, ValueError) as exc:
+        raise CorruptFileError(f"{path / 'config.json'}: its model section does not make a model ({exc})") from None
     if views is not None:
         model.views = views
     model.load_state_dict(torch.load(path / f"{which}.pt", weights_only=True))

@@ -360,7 +360,7 @@ def test_an_empty_memory_saves_and_reopens_many_times(tmp_path):
     mem = Memory(4, path=tmp_path / "m")
     mem.save()  # a snapshot of no slots, with no label kind yet
     mem.close()
-    for _ in range(12):  # past MAX_WAL_SEGMENTS: an open checkpoints the empty memory again
+    for _ in range(12):  # past the store's MAX_SEGMENTS: an open checkpoints the empty memory again
         Memory.open(tmp_path / "m").close()
     with Memory.open(tmp_path / "m") as again:
         assert len(again) == 0
