@@ -10,9 +10,8 @@ and search breadth (:mod:`engine.tuning`), files, the log and recovery (:mod:`en
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -126,29 +125,32 @@ class Memory:
         """
         if tail is not None:
             checks.fraction("tail", tail, low=0.0, high=1.0, closed_low=False)
-        full = (probs or self._w.options.probs) == "full"
-        with self._reading(queries, k, probs) as (state, q, k_):
-            return query.answer(state, self._w.vocab, q, k=min(k_, state.table.n_alive), k_requested=k_, tail=tail,
-                                temperature=self._w.tuning.value, full_metric=self.metric if full else None)
+        q, k = self._checked(queries, k, probs)
+        w = self._w
+        full_metric = self.metric if (probs or w.options.probs) == "full" else None
+        with w.cur.lock.read():  # an l2 centre is set before the first slots are applied under this lock
+            state = w.cur.state
+            checks.not_empty(state.table.n_alive, "add slots before querying")
+            return query.answer(state, w.vocab, w.metric.queries(q), k=min(k, state.table.n_alive), k_requested=k,
+                                tail=tail, temperature=w.tuning.value, full_metric=full_metric)
 
     def retrieve(self, queries, *, k: int = 64, probs: str = "top-k") -> Retrieved:
         """Each query's top-k slots and the mass left out, without attention (what
         :class:`~engine.cluster.ShardedMemory` merges); with ``probs="full"`` also every class's
         mass in the full answer (``Retrieved.full``)."""
-        with self._reading(queries, k, probs) as (state, q, k_):
-            full = self.metric if probs == "full" else None
-            return query.retrieve(state, self._w.vocab, q, min(k_, state.table.n_alive),
-                                  temperature=self._w.tuning.value, full_metric=full)
+        q, k = self._checked(queries, k, probs)
+        w = self._w
+        with w.cur.lock.read():
+            state = w.cur.state
+            checks.not_empty(state.table.n_alive, "add slots before querying")
+            return query.retrieve(state, w.vocab, w.metric.queries(q), min(k, state.table.n_alive),
+                                  temperature=w.tuning.value, full_metric=self.metric if probs == "full" else None)
 
-    @contextlib.contextmanager
-    def _reading(self, queries, k: int, probs: str | None) -> Iterator[tuple[State, np.ndarray, int]]:
+    def _checked(self, queries, k: int, probs: str | None) -> tuple[np.ndarray, int]:
         q, k = checks.vectors(queries, self.dim, self.metric, "queries"), checks.integer("k", k)
         if probs is not None and probs not in PROBS:
             raise InvalidValueError(f"probs must be one of {PROBS}, got {probs!r}")
-        cur = self._w.cur
-        with cur.lock.read():  # an l2 centre is set before the first slots are applied under this lock
-            checks.not_empty(cur.state.table.n_alive, "add slots before querying")
-            yield cur.state, self._w.metric.queries(q), k
+        return q, k
 
     def _read(self, read: Callable[[State], T]) -> T:
         with self._w.cur.lock.read():

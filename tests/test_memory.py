@@ -428,3 +428,15 @@ def test_fresh_ids_past_the_int64_limit_are_never_handed_out_twice():
     mem.add(x[:20], np.arange(20) % 2, ids=np.arange(INT64_MAX - 19, INT64_MAX + 1, dtype=np.uint64))
     new = mem.add(x[20:], np.arange(20) % 2)
     assert len(set(new.tolist()) | set(mem.ids().tolist())) == 40 and new.max() < 20
+
+
+def test_options_are_checked_when_a_memory_is_made(tmp_path):
+    """An unknown option, options of the wrong type, and a bad shard role are refused clearly,
+    before anything is written; MemoryOptions given whole and keywords on top of it combine."""
+    for bad in (lambda: {"foo": 1}, lambda: {"options": {"metric": "ip"}},
+                lambda: {"shard": engine.ShardRole(0, 2, share=2.0)}, lambda: {"shard": (0, 2)}):
+        with pytest.raises(engine.InvalidValueError):
+            Memory(8, path=tmp_path / "m", **bad())
+        assert not (tmp_path / "m").exists() or not any((tmp_path / "m").iterdir())
+    mem = Memory(8, options=engine.MemoryOptions(metric="ip", index="Flat"), temperature=0.5)
+    assert (mem.options.metric, mem.options.index, mem.temperature) == ("ip", "Flat", 0.5)
