@@ -12,9 +12,15 @@ test-time views on:
 
 - within-alphabet 20-way 1-shot validation episodes (``--eval-episodes``, the same
   episodes for every model), accuracy with its 95% CI over episodes;
+- runs in the official layout built from the validation alphabets (``--eval-episodes`` of
+  them: 20 characters of one alphabet, one drawing of each in memory, another of each to
+  classify), per-query error with its 95% CI;
 - the per-query error on the official runs layout: ``one-shot-sample`` (``run01``, 20
   items, so steps of 5 points) and, with ``--runs``, the runs given (the full task is
   the 20 runs of ``all_runs.zip``).
+
+Each error is also given transductively, in parentheses and apart: the run's items matched to
+its classes one to one (``eval-oneshot --assign``).
 
 A lever is judged on the mean over seeds and sets, never on one run: the table gives each
 (lever, set)'s mean and its spread (max - min) over seeds. With two seeds or more, every
@@ -67,10 +73,19 @@ def score(model, cfg, data, eval_episodes: int, runs: Path | None) -> dict:
     _, _, val_x, val_groups = load_sets(cfg)
     val = evaluate_episodes(model, val_x, val_groups, n_way=20, k_shot=1, episodes=eval_episodes, within_group=1.0,
                             seed=7)
+    # runs in the official layout built from the validation alphabets: 20 characters of one
+    # alphabet, one drawing of each in memory and another of each to classify
+    layout = evaluate_episodes(model, val_x, val_groups, n_way=20, k_shot=1, n_query=1, episodes=eval_episodes,
+                               within_group=1.0, seed=8, assign=True)
+    run01 = eval_oneshot(model, load_oneshot_runs(omniglot_dir(data) / "one-shot-sample"), assign=True)
     row = {"val_within_20way": val["accuracy"], "val_ci95": val["ci95"],
-           "run01_error": eval_oneshot(model, load_oneshot_runs(omniglot_dir(data) / "one-shot-sample"))["error_rate"]}
+           "val_runs_error": 1 - layout["accuracy"], "val_runs_ci95": layout["ci95"],
+           "val_runs_assigned_error": 1 - layout["assigned_accuracy"],
+           "val_runs_assigned_ci95": layout["assigned_ci95"],
+           "run01_error": run01["error_rate"], "run01_assigned_error": run01["assigned"]["error_rate"]}
     if runs is not None:
-        row["runs_error"] = eval_oneshot(model, load_oneshot_runs(runs))["error_rate"]
+        official = eval_oneshot(model, load_oneshot_runs(runs), assign=True)
+        row["runs_error"], row["runs_assigned_error"] = official["error_rate"], official["assigned"]["error_rate"]
     return row
 
 
@@ -109,11 +124,12 @@ def summarise(rows: list[dict]) -> list[dict]:
     for lever, background in keys:
         mine = [r for r in rows if r["lever"] == lever and background in (r["background"], "both")]
         acc = np.array([r["val_within_20way"] for r in mine])
-        err = np.array([r["run01_error"] for r in mine])
         row = {"lever": lever, "background": background, "models": len(mine), "val_mean": float(acc.mean()),
-               "val_spread": float(acc.max() - acc.min()), "run01_error_mean": float(err.mean())}
-        if all("runs_error" in r for r in mine):
-            row["runs_error_mean"] = float(np.mean([r["runs_error"] for r in mine]))
+               "val_spread": float(acc.max() - acc.min())}
+        for key in ("val_runs_error", "val_runs_assigned_error", "run01_error", "run01_assigned_error", "runs_error",
+                    "runs_assigned_error"):
+            if all(key in r for r in mine):
+                row[f"{key}_mean"] = float(np.mean([r[key] for r in mine]))
         out.append(row)
     return out
 
@@ -143,7 +159,9 @@ def plot(rows: list[dict], path: Path) -> None:
 def _say(r: dict) -> None:
     who = f"ensemble of seeds {r['members']}" if r["seed"] < 0 else f"seed {r['seed']}"
     print(f"{r['lever']:8s} {r['background']} {who}: {100 * r['val_within_20way']:.2f}% ± "
-          f"{100 * r['val_ci95']:.2f}, run01 error {100 * r['run01_error']:.0f}%"
+          f"{100 * r['val_ci95']:.2f}; official layout on validation alphabets: error {100 * r['val_runs_error']:.2f}%"
+          f" (assigned {100 * r['val_runs_assigned_error']:.2f}%); run01 error {100 * r['run01_error']:.0f}%"
+          f" (assigned {100 * r['run01_assigned_error']:.0f}%)"
           + (f", runs error {100 * r['runs_error']:.2f}%" if "runs_error" in r else "")
           + f", {r['train_s']:.0f} s", flush=True)
 
@@ -179,14 +197,18 @@ def main(argv=None) -> dict:
     doc = {"episodes": args.episodes, "eval_episodes": args.eval_episodes, "results": rows, "summary": summary}
     (args.out / "learner.json").write_text(json.dumps(doc, indent=2))
     lines = ["| lever | background | models | within-alphabet 20-way 1-shot, mean (spread over seeds) | "
-             "run01 error, mean |" + (" official runs error, mean |" if args.runs else ""),
-             "|---|---|---:|---:|---:|" + ("---:|" if args.runs else "")]
+             "error on runs built from the validation alphabets (assigned) | run01 error (assigned) |"
+             + (" official runs error (assigned) |" if args.runs else ""),
+             "|---|---|---:|---:|---:|---:|" + ("---:|" if args.runs else "")]
     for s in summary:
         base, _, size = s["lever"].partition("+ensemble")
         what = LEVERS[base][0] + (f", {size} seeds as one ensemble" if size else "")
         lines.append(f"| {what} | {s['background']} | {s['models']} | {100 * s['val_mean']:.2f}% "
-                     f"({100 * s['val_spread']:.2f}) | {100 * s['run01_error_mean']:.1f}% |"
-                     + (f" {100 * s['runs_error_mean']:.2f}% |" if "runs_error_mean" in s else ""))
+                     f"({100 * s['val_spread']:.2f}) | {100 * s['val_runs_error_mean']:.2f}% "
+                     f"({100 * s['val_runs_assigned_error_mean']:.2f}%) | {100 * s['run01_error_mean']:.1f}% "
+                     f"({100 * s['run01_assigned_error_mean']:.1f}%) |"
+                     + (f" {100 * s['runs_error_mean']:.2f}% ({100 * s['runs_assigned_error_mean']:.2f}%) |"
+                        if "runs_error_mean" in s else ""))
     (args.out / "learner.md").write_text("\n".join(lines) + "\n")
     plot(rows, args.out / "learner.png")
     print("\n".join(lines))

@@ -560,19 +560,27 @@ def eval_oneshot_cmd(
     checkpoint: Path = typer.Option(..., help="Checkpoint folder of engine train."),
     runs: Path = typer.Option(..., help="A folder of runNN folders, one runNN folder, or all_runs.zip."),
     views: int | None = typer.Option(None, help="Test-time views per image (default: the checkpoint's)."),
+    assign: bool = typer.Option(False, "--assign", help="Also score each run transductively: its test items "
+                                "matched to its classes one to one (Hungarian), reported on a line of its own."),
     as_json: bool = JsonOpt,
 ) -> None:
     """The official 20-way within-alphabet one-shot task, each run's memory an engine.Memory."""
     from .data.omniglot import load_oneshot_runs
     from .train import eval_oneshot, load_checkpoint
 
-    out = eval_oneshot(load_checkpoint(checkpoint, views=views), load_oneshot_runs(runs))
+    out = eval_oneshot(load_checkpoint(checkpoint, views=views), load_oneshot_runs(runs), assign=assign)
     if as_json:
         typer.echo(json.dumps(out))
         return
     for name, err in out["per_run"].items():
-        typer.echo(f"{name}: error {100 * err:.1f}%")
+        line = f"{name}: error {100 * err:.1f}%"
+        if assign:
+            line += f" (one-to-one assignment: {100 * out['assigned']['per_run'][name]:.1f}%)"
+        typer.echo(line)
     typer.echo(f"overall: error {100 * out['error_rate']:.2f}% over {out['runs']} runs")
+    if assign:
+        typer.echo(f"overall, one-to-one assignment (transductive, not per-query): error "
+                   f"{100 * out['assigned']['error_rate']:.2f}% over {out['runs']} runs")
 
 
 @_command(app, "eval-episodes")

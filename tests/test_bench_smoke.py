@@ -157,6 +157,8 @@ def test_learner_benchmark(tmp_path):
                         "--eval-episodes", "3", "--out", str(tmp_path)])
     (row,) = doc["results"]
     assert row["background"] == "small2" and 0 <= row["val_within_20way"] <= 1 and 0 <= row["run01_error"] <= 1
+    assert 0 <= row["val_runs_error"] <= 1 and 0 <= row["val_runs_assigned_error"] <= 1
+    assert 0 <= row["run01_assigned_error"] <= 1
     assert json.loads((tmp_path / "learner" / "recipe" / "small2" / "seed0" / "config.json").read_text()
                       )["background"] == "small2"
     assert (tmp_path / "learner.png").stat().st_size > 0 and "| the recipe | small2 | 1 |" in \

@@ -108,6 +108,10 @@ def test_train_and_evaluate_commands(tmp_path):
     assert "overall: error" in run("eval-oneshot", "--checkpoint", out, "--runs", runs).output
     one = json.loads(run("eval-oneshot", "--checkpoint", out, "--runs", runs, "--views", 1, "--json").output)
     assert one["runs"] == 1
+    both = json.loads(run("eval-oneshot", "--checkpoint", out, "--runs", runs, "--assign", "--json").output)
+    assert both["error_rate"] == res["error_rate"] and 0 <= both["assigned"]["error_rate"] <= 1
+    assert "one-to-one assignment (transductive" in run("eval-oneshot", "--checkpoint", out, "--runs", runs,
+                                                        "--assign").output
     r = run("eval-oneshot", "--checkpoint", out, "--runs", runs, "--views", 0, ok=False)
     assert r.exit_code == 2 and "views" in r.output
     r = run("train", "--out", tmp_path / "y", "--thickness", 2, ok=False)

@@ -10,49 +10,125 @@ import torch
 
 from ..data.episodes import EpisodeSampler
 from ..data.images import as_input
+from ..errors import InvalidValueError
 from ..nn import MatchingNetwork
 
 
 @torch.no_grad()
 def evaluate_episodes(model: MatchingNetwork, images: np.ndarray, groups=None, *, n_way: int = 20, k_shot: int = 1,
-                      n_query: int = 5, episodes: int = 500, within_group: float = 0.0, seed: int = 0) -> dict:
+                      n_query: int = 5, episodes: int = 500, within_group: float = 0.0, seed: int = 0,
+                      assign: bool = False) -> dict:
     """Mean query accuracy over random N-way K-shot episodes, with a 95% confidence interval.
 
     Every image is embedded once (:meth:`MatchingNetwork.backbone_features`, views included);
     the episodes then draw the same classes and drawings from those features as they would
     from the images, and only FCE's LSTMs run per episode.
+
+    With ``assign`` (and ``n_query=1``: one query of each class, the official runs' layout),
+    each episode is also scored transductively, its queries matched to its classes one to
+    one (:func:`assign_classes`): ``"assigned_accuracy"`` and its ``"assigned_ci95"``.
     """
+    if assign and n_query != 1:
+        raise InvalidValueError(f"assign needs one query of each class (n_query=1), got n_query={n_query}")
     model.eval()
     n_classes, per = images.shape[:2]
     g, h = model.backbone_features(as_input(images.reshape(n_classes * per, *images.shape[2:])))
     features = torch.stack([g, h], dim=1).reshape(n_classes, per, 2, -1).numpy()
     sampler = EpisodeSampler(features, n_way, k_shot, n_query, groups=groups, within_group=within_group, seed=seed)
-    accs = []
+    accs, assigned = [], []
     for _ in range(episodes):
         ep = sampler.sample()
         model.process_support_set(torch.from_numpy(ep.support_x[:, 0]), torch.from_numpy(ep.support_y), features=True)
         logp = model(torch.from_numpy(ep.query_x[:, 1]), features=True)
         target = torch.as_tensor(np.searchsorted(model.classes.numpy(), ep.query_y))
         accs.append(float((logp.argmax(1) == target).float().mean()))
-    mean, std = float(np.mean(accs)), float(np.std(accs))
-    return {"accuracy": mean, "ci95": 1.96 * std / math.sqrt(len(accs)), "episodes": episodes,
-            "n_way": n_way, "k_shot": k_shot, "within_alphabet": within_group == 1.0}
+        if assign:
+            assigned.append(float((assign_classes(logp.double().numpy()) == target.numpy()).mean()))
+    out = {"accuracy": float(np.mean(accs)), "ci95": 1.96 * float(np.std(accs)) / math.sqrt(len(accs)),
+           "episodes": episodes, "n_way": n_way, "k_shot": k_shot, "within_alphabet": within_group == 1.0}
+    if assign:
+        out.update(assigned_accuracy=float(np.mean(assigned)),
+                   assigned_ci95=1.96 * float(np.std(assigned)) / math.sqrt(len(assigned)))
+    return out
 
 
 @torch.no_grad()
-def eval_oneshot(model: MatchingNetwork, runs) -> dict:
+def eval_oneshot(model: MatchingNetwork, runs, *, assign: bool = False) -> dict:
     """The official 20-way within-alphabet one-shot task, answered through ``engine.Memory``.
 
     For each run, the 20 training images are embedded with g and written into a
     memory; each test item is embedded with h and classified by ``Memory.query``.
 
+    Args:
+        assign: also score each run transductively: a run's 20 test items are 20 drawings
+            of its 20 classes, one each, so the items may be matched to the classes as a
+            whole, one to one, by the assignment that maximises the sum of the items' log
+            attention on their class (:func:`assign_classes`). Reported apart, under
+            ``"assigned"``; the per-query figures are unchanged.
+
     Returns:
-        {"error_rate": mean over runs, "runs": count, "per_run": {name: error rate}}
+        {"error_rate": mean over runs, "runs": count, "per_run": {name: error rate}}, and
+        with ``assign`` also {"assigned": {"error_rate": ..., "per_run": {...}}}.
+
+    Raises:
+        InvalidValueError: ``assign`` on a run whose test items are not as many as its
+            classes (no one-to-one matching exists).
     """
     model.eval()
-    per_run = {}
+    per_run, assigned = {}, {}
     for run in runs:
         memory = model.to_memory(as_input(run.train), list(range(len(run.train))))
         res = model.query_memory(memory, as_input(run.test), k=len(run.train))
         per_run[run.name] = float((np.asarray(res.labels) != run.answer).mean())
-    return {"error_rate": float(np.mean(list(per_run.values()))), "runs": len(per_run), "per_run": per_run}
+        if assign:
+            if len(run.test) != len(run.train):
+                raise InvalidValueError(f"{run.name}: {len(run.test)} test items for {len(run.train)} classes; "
+                                        f"a one-to-one assignment needs as many of each")
+            log_attention = class_log_attention(res.scores, res.slot_classes, len(res.classes),
+                                                float(memory.temperature))
+            labels = np.asarray(res.classes)[assign_classes(log_attention)]
+            assigned[run.name] = float((labels != run.answer).mean())
+    out = {"error_rate": float(np.mean(list(per_run.values()))), "runs": len(per_run), "per_run": per_run}
+    if assign:
+        out["assigned"] = {"error_rate": float(np.mean(list(assigned.values()))), "per_run": assigned}
+    return out
+
+
+def class_log_attention(scores: np.ndarray, slot_classes: np.ndarray, n_classes: int, temperature: float
+                        ) -> np.ndarray:
+    """(n, C) log of the attention each query puts on each class, from its retrieved slots'
+    scores (float64, a log-sum-exp per class, so no class underflows to minus infinity);
+    minus infinity for a class none of its retrieved slots holds."""
+    logits = np.where(slot_classes >= 0, np.asarray(scores, np.float64) / temperature, -np.inf)
+    out = np.full((len(scores), n_classes), -np.inf)
+    for c in range(n_classes):
+        mine = np.where(slot_classes == c, logits, -np.inf)
+        top = mine.max(axis=1, initial=-np.inf)
+        ok = np.isfinite(top)
+        out[ok, c] = top[ok] + np.log(np.exp(mine[ok] - top[ok, None]).sum(axis=1))
+    top = out.max(axis=1, keepdims=True)
+    some = np.isfinite(top)  # a query with no slot keeps its row of minus infinity
+    top = np.where(some, top, 0.0)
+    total = np.log(np.exp(out - top).sum(axis=1, keepdims=True), where=some, out=np.zeros_like(top))
+    return out - (top + total)
+
+
+def assign_classes(log_attention: np.ndarray) -> np.ndarray:
+    """The one-to-one matching of n items to n classes that maximises the sum of each item's
+    log attention on its class (the Hungarian method, ``scipy.optimize.linear_sum_assignment``).
+
+    Returns:
+        (n,) each item's class column.
+    """
+    from scipy.optimize import linear_sum_assignment
+
+    n, c = log_attention.shape
+    if n != c:
+        raise InvalidValueError(f"a one-to-one assignment needs as many items as classes, got {n} and {c}")
+    # a class no slot of an item holds costs more than any finite choice, yet keeps the sum finite
+    finite = log_attention[np.isfinite(log_attention)]
+    floor = (finite.min() if finite.size else 0.0) - 1e6
+    rows, cols = linear_sum_assignment(np.where(np.isfinite(log_attention), log_attention, floor), maximize=True)
+    out = np.empty(n, dtype=np.int64)
+    out[rows] = cols
+    return out

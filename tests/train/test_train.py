@@ -11,6 +11,7 @@ import torch
 from engine.data import as_input, data_root
 from engine.data.episodes import EpisodeSampler
 from engine.data.omniglot import load_oneshot_runs
+from engine.errors import InvalidValueError
 from engine.nn import MatchingNetwork
 from engine.train import (
     TrainConfig,
@@ -225,3 +226,87 @@ def test_a_run_with_pretraining_and_a_wider_embedding_checkpoints(tmp_path):
     assert "val_acc" in log[1]
     model = load_checkpoint(tmp_path / "ck")
     assert model.dim == 16 and model.embed_support(torch.zeros(2, 28, 28)).shape == (2, 16)
+
+
+def test_assign_classes_finds_the_best_one_to_one_matching():
+    """Against every permutation, on small matrices with ties and classes no slot holds."""
+    import itertools
+
+    from engine.train.evaluate import assign_classes
+
+    rng = np.random.default_rng(5)
+    for trial in range(60):
+        n = int(rng.integers(1, 7))
+        m = np.round(rng.normal(size=(n, n)), 1 if trial % 2 else 6)  # rounding makes ties
+        m[rng.random((n, n)) < 0.25] = -np.inf
+        m[np.arange(n), rng.permutation(n)] = rng.normal(size=n)  # one finite matching always exists
+        best = max(sum(m[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
+        got = assign_classes(m)
+        assert sorted(got) == list(range(n))  # one to one
+        assert sum(m[i, got[i]] for i in range(n)) == pytest.approx(best, abs=1e-9)
+    with pytest.raises(InvalidValueError, match="as many items as classes"):
+        assign_classes(np.zeros((3, 4)))
+
+
+def test_class_log_attention_is_dense_attention():
+    from engine import Memory
+    from engine.testing import dense_attention
+    from engine.train.evaluate import class_log_attention
+
+    rng = np.random.default_rng(6)
+    x, labels, q = rng.normal(size=(40, 8)), rng.integers(0, 7, 40), rng.normal(size=(9, 8))
+    memory = Memory(8, index="Flat", temperature=0.02)  # a low temperature: many classes' mass underflows float32
+    memory.add(x, labels.tolist())
+    res = memory.query(q, k=40, probs="top-k")
+    got = class_log_attention(res.scores, res.slot_classes, len(res.classes), memory.temperature)
+    ref = dense_attention(x, labels, q, temperature=0.02, classes=res.classes)
+    seen = ref > 1e-300
+    np.testing.assert_allclose(got[seen], np.log(ref[seen]), atol=1e-4)
+    assert np.isfinite(got).all()  # every class keeps a finite log, however small
+    few = memory.query(q, k=3, probs="top-k")  # classes none of a query's 3 slots holds: minus infinity
+    part = class_log_attention(few.scores, few.slot_classes, len(few.classes), memory.temperature)
+    held = np.zeros_like(part, dtype=bool)
+    for i in range(len(q)):
+        held[i, few.slot_classes[i]] = True
+    assert np.isneginf(part[~held]).all() and np.isfinite(part[held]).all()
+    np.testing.assert_allclose(np.exp(part).sum(1), 1.0)
+
+
+def test_eval_oneshot_assign_matches_items_to_classes_one_to_one():
+    from dataclasses import replace
+
+    from engine.testing import dense_attention
+    from engine.train.evaluate import assign_classes
+
+    torch.manual_seed(0)
+    run = load_oneshot_runs(RUNS)[0]
+    model = MatchingNetwork()
+    out = eval_oneshot(model, [run], assign=True)
+    plain = eval_oneshot(model, [run])
+    assert out["error_rate"] == plain["error_rate"] and set(out["assigned"]["per_run"]) == {"run01"}
+    # the reference: dense float64 attention over the model's own embeddings, then the matching
+    model.eval()
+    with torch.no_grad():
+        g = model.embed_support(as_input(run.train)).double().numpy()
+        h = model.embed_queries(as_input(run.test)).double().numpy()
+    ref = dense_attention(g, np.arange(20), h, temperature=float(model.temperature.detach()))
+    expect = float((assign_classes(np.log(ref)) != run.answer).mean())
+    assert out["assigned"]["error_rate"] == pytest.approx(expect)
+    # a run whose items are its training drawings in another order: every item finds itself
+    perm = np.random.default_rng(0).permutation(20)
+    same = replace(run, name="self", test=run.train[perm], answer=perm)
+    assert eval_oneshot(model, [same], assign=True)["assigned"]["error_rate"] == 0.0
+    with pytest.raises(InvalidValueError, match="one-to-one"):
+        eval_oneshot(model, [replace(run, test=run.test[:19], answer=run.answer[:19])], assign=True)
+
+
+def test_evaluate_episodes_assign_scores_one_query_per_class():
+    rng = np.random.default_rng(0)
+    images = (rng.random((10, 4, 28, 28)) < 0.2).astype(np.uint8) * 255
+    one = np.repeat(images[:, :1], 4, axis=1)  # each query is its support image: both scorers exact
+    out = evaluate_episodes(MatchingNetwork(), one, n_way=5, k_shot=1, n_query=1, episodes=4, assign=True)
+    assert out["accuracy"] == out["assigned_accuracy"] == 1.0
+    noisy = evaluate_episodes(MatchingNetwork(), images, n_way=5, k_shot=1, n_query=1, episodes=20, assign=True)
+    assert 0 <= noisy["assigned_accuracy"] <= 1 and noisy["assigned_ci95"] >= 0
+    with pytest.raises(InvalidValueError, match="n_query=1"):
+        evaluate_episodes(MatchingNetwork(), images, n_way=5, k_shot=1, n_query=2, episodes=2, assign=True)
