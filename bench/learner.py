@@ -67,16 +67,17 @@ def score(model, cfg, data, eval_episodes: int, runs: Path | None) -> dict:
     import torch
 
     from engine.data.omniglot import load_oneshot_runs, omniglot_dir
-    from engine.train import eval_oneshot, evaluate_episodes, load_sets
+    from engine.train import episode_features, eval_oneshot, evaluate_episodes, load_sets
 
     torch.use_deterministic_algorithms(True, warn_only=True)
     _, _, val_x, val_groups = load_sets(cfg)
+    features = episode_features(model, val_x)
     val = evaluate_episodes(model, val_x, val_groups, n_way=20, k_shot=1, episodes=eval_episodes, within_group=1.0,
-                            seed=7)
+                            seed=7, features=features)
     # runs in the official layout built from the validation alphabets: 20 characters of one
     # alphabet, one drawing of each in memory and another of each to classify
     layout = evaluate_episodes(model, val_x, val_groups, n_way=20, k_shot=1, n_query=1, episodes=eval_episodes,
-                               within_group=1.0, seed=8, assign=True)
+                               within_group=1.0, seed=8, assign=True, features=features)
     run01 = eval_oneshot(model, load_oneshot_runs(omniglot_dir(data) / "one-shot-sample"), assign=True)
     row = {"val_within_20way": val["accuracy"], "val_ci95": val["ci95"],
            "val_runs_error": 1 - layout["accuracy"], "val_runs_ci95": layout["ci95"],

@@ -594,7 +594,7 @@ def eval_episodes_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Mean accuracy with a 95% CI over N-way K-shot episodes of the validation set (random and within-alphabet)."""
-    from .train import TrainConfig, evaluate_episodes, load_checkpoint, load_sets
+    from .train import TrainConfig, episode_features, evaluate_episodes, load_checkpoint, load_sets
     from .train.checkpoint import read_config
 
     model = load_checkpoint(checkpoint, views=views)
@@ -603,11 +603,12 @@ def eval_episodes_cmd(
                                                     data=str(data) if data else cfg.get("data"),
                                                     background=cfg.get("background", "small1")))
     rows = []
+    features = episode_features(model, val_x)  # embedded once for every setting
     for way in n_way:
         for shot in k_shot:
             for within in ([0.0, 1.0] if val_groups else [0.0]):
                 rows.append(evaluate_episodes(model, val_x, val_groups, n_way=min(way, len(val_x)), k_shot=shot,
-                                              episodes=episodes, within_group=within, seed=7))
+                                              episodes=episodes, within_group=within, seed=7, features=features))
     if as_json:
         typer.echo(json.dumps(rows))
         return

@@ -154,7 +154,15 @@ def run_demo(data=None, *, out: str | Path = "runs/demo", quick: bool = False, f
     import torch
 
     from engine.data.omniglot import load_oneshot_runs, omniglot_dir
-    from engine.train import eval_oneshot, evaluate_episodes, load_checkpoint, load_sets, recipe, train
+    from engine.train import (
+        episode_features,
+        eval_oneshot,
+        evaluate_episodes,
+        load_checkpoint,
+        load_sets,
+        recipe,
+        train,
+    )
 
     torch.use_deterministic_algorithms(True, warn_only=True)  # evaluation too (see engine.train.train)
     out = Path(out)
@@ -169,21 +177,23 @@ def run_demo(data=None, *, out: str | Path = "runs/demo", quick: bool = False, f
 
     om_dir = out / "omniglot"
     om_cfg = recipe("omniglot", episodes=omniglot_episodes, time_budget_s=omniglot_budget_s, fce=fce,
-                    val_every=2 if quick else 500, val_episodes=2 if quick else 100, data=_s(data), **pretrain)
+                    val_every=4 if quick else 500, val_episodes=2 if quick else 100, data=_s(data), **pretrain)
     report["omniglot_training"] = train(om_cfg, om_dir, progress=progress)
     model = load_checkpoint(om_dir)
     runs = load_oneshot_runs(omniglot_dir(data) / "one-shot-sample")
     report["oneshot"] = eval_oneshot(model, runs)
     _, _, val_x, val_groups = load_sets(om_cfg)
     n_eval = 10 if quick else 1000
+    features = episode_features(model, val_x)  # the validation set embedded once for the three settings
     report["omniglot_validation"] = [
-        evaluate_episodes(model, val_x, val_groups, n_way=w, k_shot=1, episodes=n_eval, within_group=within, seed=7)
+        evaluate_episodes(model, val_x, val_groups, n_way=w, k_shot=1, episodes=n_eval, within_group=within, seed=7,
+                          features=features)
         for w, within in ((20, 1.0), (5, 0.0), (20, 0.0))
     ]
 
     fm_dir = out / "fashion"
     fm_cfg = recipe("fashion-mnist", episodes=fashion_episodes, time_budget_s=fashion_budget_s,
-                    val_every=2 if quick else 100, val_episodes=2 if quick else 50, data=_s(data),
+                    val_every=4 if quick else 100, val_episodes=2 if quick else 50, data=_s(data),
                     **{"pretrain_epochs": fashion_epochs, **pretrain})
     report["fashion_training"] = train(fm_cfg, fm_dir, progress=progress)
     report["fashion_learned"] = learned_memory_report(load_checkpoint(fm_dir), data, limit=limit, progress=progress)

@@ -17,12 +17,14 @@ from ..nn import MatchingNetwork
 @torch.no_grad()
 def evaluate_episodes(model: MatchingNetwork, images: np.ndarray, groups=None, *, n_way: int = 20, k_shot: int = 1,
                       n_query: int = 5, episodes: int = 500, within_group: float = 0.0, seed: int = 0,
-                      assign: bool = False) -> dict:
+                      assign: bool = False, features: np.ndarray | None = None) -> dict:
     """Mean query accuracy over random N-way K-shot episodes, with a 95% confidence interval.
 
-    Every image is embedded once (:meth:`MatchingNetwork.backbone_features`, views included);
-    the episodes then draw the same classes and drawings from those features as they would
-    from the images, and only FCE's LSTMs run per episode.
+    Every image is embedded once (:func:`episode_features`, views included); the episodes
+    then draw the same classes and drawings from those features as they would from the
+    images, and only FCE's LSTMs run per episode. ``features``: what
+    :func:`episode_features` gave for this model and these images, so that several
+    settings are scored over one embedding.
 
     With ``assign`` (and ``n_query=1``: one query of each class, the official runs' layout),
     each episode is also scored transductively, its queries matched to its classes one to
@@ -30,10 +32,12 @@ def evaluate_episodes(model: MatchingNetwork, images: np.ndarray, groups=None, *
     """
     if assign and n_query != 1:
         raise InvalidValueError(f"assign needs one query of each class (n_query=1), got n_query={n_query}")
+    if features is None:
+        features = episode_features(model, images)
+    elif features.shape[:2] != images.shape[:2]:
+        raise InvalidValueError(f"features of {features.shape[:2]} (classes, drawings) for images of "
+                                f"{images.shape[:2]}")
     model.eval()
-    n_classes, per = images.shape[:2]
-    g, h = model.backbone_features(as_input(images.reshape(n_classes * per, *images.shape[2:])))
-    features = torch.stack([g, h], dim=1).reshape(n_classes, per, 2, -1).numpy()
     sampler = EpisodeSampler(features, n_way, k_shot, n_query, groups=groups, within_group=within_group, seed=seed)
     accs, assigned = [], []
     for _ in range(episodes):
@@ -50,6 +54,16 @@ def evaluate_episodes(model: MatchingNetwork, images: np.ndarray, groups=None, *
         out.update(assigned_accuracy=float(np.mean(assigned)),
                    assigned_ci95=1.96 * float(np.std(assigned)) / math.sqrt(len(assigned)))
     return out
+
+
+@torch.no_grad()
+def episode_features(model: MatchingNetwork, images: np.ndarray) -> np.ndarray:
+    """(classes, drawings, 2, d): each image's g and h backbone features (views included),
+    what :func:`evaluate_episodes` draws its episodes from."""
+    model.eval()
+    n_classes, per = images.shape[:2]
+    g, h = model.backbone_features(as_input(images.reshape(n_classes * per, *images.shape[2:])))
+    return torch.stack([g, h], dim=1).reshape(n_classes, per, 2, -1).numpy()
 
 
 @torch.no_grad()

@@ -310,3 +310,21 @@ def test_evaluate_episodes_assign_scores_one_query_per_class():
     assert 0 <= noisy["assigned_accuracy"] <= 1 and noisy["assigned_ci95"] >= 0
     with pytest.raises(InvalidValueError, match="n_query=1"):
         evaluate_episodes(MatchingNetwork(), images, n_way=5, k_shot=1, n_query=2, episodes=2, assign=True)
+
+
+def test_several_settings_scored_over_one_embedding_score_as_alone():
+    from engine.train import episode_features
+
+    torch.manual_seed(2)
+    rng = np.random.default_rng(2)
+    images = (rng.random((10, 4, 28, 28)) < 0.2).astype(np.uint8) * 255
+    model = MatchingNetwork(views=2)
+    features = episode_features(model, images)
+    for way, within in ((5, 0.0), (3, 1.0)):
+        alone = evaluate_episodes(model, images, ["a"] * 5 + ["b"] * 5, n_way=way, k_shot=1, n_query=2, episodes=8,
+                                  within_group=within)
+        shared = evaluate_episodes(model, images, ["a"] * 5 + ["b"] * 5, n_way=way, k_shot=1, n_query=2, episodes=8,
+                                   within_group=within, features=features)
+        assert shared == alone
+    with pytest.raises(InvalidValueError, match="features"):
+        evaluate_episodes(model, images[:, :3], n_way=5, k_shot=1, n_query=1, episodes=2, features=features)
