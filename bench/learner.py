@@ -40,6 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
+from engine.runtime import prepare
+
 EPISODES = 3000
 # name: (what it changes, overrides of the recipe)
 LEVERS = {
@@ -180,6 +182,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="another length of the supervised stage")
     ap.add_argument("--eval-episodes", type=int, default=1000)
     args = ap.parse_args(argv)
+    prepare()  # engine.runtime: before torch loads
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for lever in args.levers:

@@ -18,6 +18,8 @@ import json
 import time
 from pathlib import Path
 
+from engine.runtime import prepare
+
 EPISODES = 3000
 # name: (what it adds, overrides of the recipe); "pretrain+elastic" is the recipe itself (its test-time
 # views are scored for every step, since they change no training)
@@ -83,6 +85,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--eval-episodes", type=int, default=1000)
     ap.add_argument("--seed", type=int, default=0, help="training seed (evaluation episodes stay the same)")
     args = ap.parse_args(argv)
+    prepare()  # engine.runtime: before torch loads
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
     for name in args.steps:

@@ -96,8 +96,10 @@ def fashion(data, episodes: int, out: Path, learned: bool):
     model = load_checkpoint(out / "fashion-model").eval()
     import torch
 
+    from engine.nn.matching import INFERENCE_BATCH
+
     with torch.no_grad():
-        g = model.embed_support(torch.as_tensor(as_input(xtr)), batch_size=2000).numpy()
+        g = model.embed_support(torch.as_tensor(as_input(xtr)), batch_size=INFERENCE_BATCH).numpy()
         h = model.embed_queries(torch.as_tensor(as_input(xte[:1000])), batch_size=1000).numpy()
     return pca, (g, h, float(model.temperature.detach())), ytr
 

@@ -18,6 +18,7 @@ from .extras import EXTRA_OF, missing
 from .inputs import read_batch
 from .memory import Memory
 from .options import help_text
+from .runtime import prepare as prepare_torch
 
 app = typer.Typer(help="engine: a memory-retrieval engine for Matching Networks.", no_args_is_help=True)
 memory_app = typer.Typer(help="Create, fill, query and inspect durable memories.", no_args_is_help=True)
@@ -542,6 +543,7 @@ def train_cmd(
         import shutil
 
         shutil.rmtree(out)  # afresh: no log, checkpoint or best model of the old run is left to mix in
+    prepare_torch()  # before torch loads: threads that sleep when idle, no page faults per batch
     from .train import recipe, train
 
     given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "elastic": elastic,
@@ -565,6 +567,7 @@ def eval_oneshot_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """The official 20-way within-alphabet one-shot task, each run's memory an engine.Memory."""
+    prepare_torch()
     from .data.omniglot import load_oneshot_runs
     from .train import eval_oneshot, load_checkpoint
 
@@ -594,6 +597,7 @@ def eval_episodes_cmd(
     as_json: bool = JsonOpt,
 ) -> None:
     """Mean accuracy with a 95% CI over N-way K-shot episodes of the validation set (random and within-alphabet)."""
+    prepare_torch()
     from .train import TrainConfig, episode_features, evaluate_episodes, load_checkpoint, load_sets
     from .train.checkpoint import read_config
 

@@ -224,7 +224,7 @@ def learned_memory_report(model, data=None, *, k: int = 64, limit: int | None = 
     own = float(model.temperature.detach())
     t0 = time.perf_counter()
     if model.query_lstm is None:  # every slot is g'(x) alone
-        g = model.backbone_features(as_input(xtr), batch_size=2000)[0].numpy()
+        g = model.backbone_features(as_input(xtr))[0].numpy()
         memory = Memory(model.dim, metric="cosine", index="Flat")  # temperature="auto"
         memory.add(g, ytr.tolist())
     else:  # FCE: g sees the whole support set, and h reads the memory with the model's own temperature
@@ -371,6 +371,10 @@ def write_report(report: dict, out: Path, run, model) -> None:
 def main() -> None:
     """``python examples/demo.py [--data DIR] [--out DIR] [--quick] [--fce] [--fashion-epochs N] [--json]``."""
     import argparse
+
+    from engine.runtime import prepare
+
+    prepare()  # before torch loads (engine.runtime)
 
     from rich.console import Console
     from rich.table import Table

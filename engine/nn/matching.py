@@ -27,6 +27,10 @@ from ..index import VectorIndex
 from .backbone import ConvEmbedding
 from .fce import AttentionLSTM, SupportBiLSTM
 
+# images per backbone call out of training: a block's activations stay under glibc's largest
+# mmap threshold (about 26 MB at 128 images of 28x28 and 64 filters), so with
+# engine.runtime.prepare they are reused rather than faulted in again each batch
+INFERENCE_BATCH = 128
 
 class MatchingNetwork(nn.Module):
     """A Matching Network: ``process_support_set(x, y)``, then ``forward(query)`` -> log p(c | query).
@@ -83,8 +87,11 @@ class MatchingNetwork(nn.Module):
             return _chunked(net, x, batch_size)
         images = x.unsqueeze(1) if x.dim() == 3 else x
         maps = view_maps(self.views, size=tuple(images.shape[-2:]))
-        return torch.stack([_chunked(net, apply_view(images, theta) if v else images, batch_size)
-                            for v, theta in enumerate(maps)]).mean(0)
+
+        def viewed(chunk: torch.Tensor) -> torch.Tensor:  # a chunk's views, made as they are embedded
+            return torch.stack([net(apply_view(chunk, theta) if v else chunk) for v, theta in enumerate(maps)]).mean(0)
+
+        return _chunked(viewed, images, batch_size)
 
     # -- embeddings --------------------------------------------------------------------
     def embed_support(self, x: torch.Tensor, batch_size: int | None = None, *, features: bool = False) -> torch.Tensor:
@@ -108,7 +115,8 @@ class MatchingNetwork(nn.Module):
         return h
 
     @torch.no_grad()
-    def backbone_features(self, x: torch.Tensor, batch_size: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+    def backbone_features(self, x: torch.Tensor, batch_size: int = INFERENCE_BATCH
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
         """(g'(x), f'(x)): the per-image part of the embeddings (test-time views included), out of
         training. Episodes that reuse images can embed them once and pass these with
         ``features=True``; only FCE's LSTMs, which see the whole support set, run per episode."""
@@ -184,7 +192,7 @@ class MatchingNetwork(nn.Module):
 
     # -- memory-backed inference -------------------------------------------------------
     @torch.no_grad()
-    def to_memory(self, x: torch.Tensor, y, *, batch_size: int = 1024, **memory_options):
+    def to_memory(self, x: torch.Tensor, y, *, batch_size: int = INFERENCE_BATCH, **memory_options):
         """Embed a support set with g and write it into an :class:`engine.Memory`.
 
         The memory stores g(x_i, S) (full-context when FCE is on), cosine metric,
@@ -212,7 +220,8 @@ class MatchingNetwork(nn.Module):
         return memory
 
     @torch.no_grad()
-    def query_memory(self, memory, x: torch.Tensor, *, k: int = 64, batch_size: int = 1024, **query_options):
+    def query_memory(self, memory, x: torch.Tensor, *, k: int = 64, batch_size: int = INFERENCE_BATCH,
+                     **query_options):
         """Embed queries with h and answer them by ``memory.query``.
 
         With FCE, h's attention LSTM reads the memory through top-k retrieval:
@@ -249,7 +258,7 @@ class MatchingNetwork(nn.Module):
                                              "in_channels", "width", "views") if k in config})
 
 
-def _chunked(net: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
+def _chunked(net, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
     if batch_size is None or len(x) <= batch_size:
         return net(x)
     return torch.cat([net(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])

@@ -44,6 +44,7 @@ def evaluate_episodes(model: MatchingNetwork, images: np.ndarray, groups=None, *
         ep = sampler.sample()
         model.process_support_set(torch.from_numpy(ep.support_x[:, 0]), torch.from_numpy(ep.support_y), features=True)
         logp = model(torch.from_numpy(ep.query_x[:, 1]), features=True)
+        assert model.classes is not None  # set by process_support_set
         target = torch.as_tensor(np.searchsorted(model.classes.numpy(), ep.query_y))
         accs.append(float((logp.argmax(1) == target).float().mean()))
         if assign:
