@@ -165,7 +165,8 @@ def _say(r: dict) -> None:
           f"{100 * r['val_ci95']:.2f}; official layout on validation alphabets: error {100 * r['val_runs_error']:.2f}%"
           f" (assigned {100 * r['val_runs_assigned_error']:.2f}%); run01 error {100 * r['run01_error']:.0f}%"
           f" (assigned {100 * r['run01_assigned_error']:.0f}%)"
-          + (f", runs error {100 * r['runs_error']:.2f}%" if "runs_error" in r else "")
+          + (f", runs error {100 * r['runs_error']:.2f}% (assigned {100 * r['runs_assigned_error']:.2f}%)"
+             if "runs_error" in r else "")
           + f", {r['train_s']:.0f} s", flush=True)
 
 

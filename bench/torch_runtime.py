@@ -9,7 +9,9 @@ and ``OMP_WAIT_POLICY=PASSIVE`` in the environment the process starts with:
   backward, Adam), one process alone and two side by side (both started together, as two
   trainings on one machine would be);
 - ``embed``: the backbone's features of ``--images`` images through 4 test-time views, at the
-  old inference batch (1,024 images a call) and at ``INFERENCE_BATCH``.
+  old inference batch (1,024 images a call) and at ``INFERENCE_BATCH``; both through the
+  current code, which makes each chunk's views as it embeds it (the same numbers as making
+  each view of every image first), so the two differ in the batch only.
 
 For each: wall seconds, the CPU seconds spent in user space and in the kernel, and the
 minor page faults, from ``getrusage``. Writes torch_runtime.json, torch_runtime.md and

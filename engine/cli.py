@@ -563,7 +563,7 @@ def eval_oneshot_cmd(
     runs: Path = typer.Option(..., help="A folder of runNN folders, one runNN folder, or all_runs.zip."),
     views: int | None = typer.Option(None, help="Test-time views per image (default: the checkpoint's)."),
     assign: bool = typer.Option(False, "--assign", help="Also score each run transductively: its test items "
-                                "matched to its classes one to one (Hungarian), reported on a line of its own."),
+                                "matched to its classes one to one (an optimal assignment), on a line of its own."),
     as_json: bool = JsonOpt,
 ) -> None:
     """The official 20-way within-alphabet one-shot task, each run's memory an engine.Memory."""

@@ -4,7 +4,8 @@ The core install (numpy, faiss-cpu, pyarrow, typer, tqdm) holds memories, answer
 queries, persists and serves them. The rest comes in extras:
 
     fast      numba: compiled kernels of full answers (probs="full"; without it they run as Python)
-    nn        torch, pillow: the Matching Network, training, distillation, image ingest
+    nn        torch, pillow, scipy: the Matching Network, training, distillation, image ingest,
+              the one-to-one assignment of eval-oneshot --assign
     bench     matplotlib: the benchmarks' plots
     cluster   ray: the sharded memory and bulk ingest
 """
@@ -15,7 +16,7 @@ import importlib
 
 from .errors import MissingExtraError
 
-EXTRA_OF = {"numba": "fast", "torch": "nn", "PIL": "nn", "matplotlib": "bench", "ray": "cluster"}
+EXTRA_OF = {"numba": "fast", "torch": "nn", "PIL": "nn", "scipy": "nn", "matplotlib": "bench", "ray": "cluster"}
 
 
 def missing(module: str, what: str) -> MissingExtraError:

@@ -13,8 +13,7 @@ Two costs of torch on a small CPU machine, measured on 2 cores with
   process they burn the cores it needs. ``OMP_WAIT_POLICY=PASSIVE`` stops that, but OpenMP
   reads it once, when a runtime loads, and ``import engine`` loads FAISS's: set from Python
   after that, it did not help torch. So it belongs in the environment the process starts
-  with: ``make demo`` and ``make bench`` set it, and the demo script sets it before it
-  imports anything else.
+  with: ``make demo`` sets it, and ``make bench`` for the benchmarks that train.
 
 The library never calls :func:`prepare` on import: it changes the whole process. The demo,
 ``engine train`` and ``eval-*``, and the learner benchmarks call it first.
@@ -23,7 +22,6 @@ The library never calls :func:`prepare` on import: it changes the whole process.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 import sys
 
@@ -38,6 +36,9 @@ TOP_PAD = 64 << 20  # extra asked of the kernel each time the heap grows
 
 def prepare(threads: int | None = None) -> dict:
     """Set this process's allocator up for torch work (see the module); safe to call again.
+
+    The process then keeps up to ``TRIM_THRESHOLD`` (1 GiB) of freed heap rather than
+    giving it back, which suits a training or embedding job, not a long-lived server.
 
     Args:
         threads: torch's intra-op threads (default: torch's own choice, the cores).
@@ -63,9 +64,8 @@ def prepare(threads: int | None = None) -> dict:
 def _tune_malloc() -> bool:
     if not sys.platform.startswith("linux"):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        mallopt = libc.mallopt
+    try:  # the process's own symbols: the C library it runs on, no search of the disk
+        mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int

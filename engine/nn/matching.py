@@ -28,9 +28,11 @@ from .backbone import ConvEmbedding
 from .fce import AttentionLSTM, SupportBiLSTM
 
 # images per backbone call out of training: a block's activations stay under glibc's largest
-# mmap threshold (about 26 MB at 128 images of 28x28 and 64 filters), so with
-# engine.runtime.prepare they are reused rather than faulted in again each batch
+# mmap threshold (about 26 MB at 128 images of 28x28 and 64 filters; twice that at 128
+# filters or 40x40 images), so with engine.runtime.prepare they are reused rather than
+# faulted in again each batch
 INFERENCE_BATCH = 128
+
 
 class MatchingNetwork(nn.Module):
     """A Matching Network: ``process_support_set(x, y)``, then ``forward(query)`` -> log p(c | query).

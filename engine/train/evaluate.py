@@ -11,6 +11,7 @@ import torch
 from ..data.episodes import EpisodeSampler
 from ..data.images import as_input
 from ..errors import InvalidValueError
+from ..extras import require
 from ..nn import MatchingNetwork
 
 
@@ -24,7 +25,8 @@ def evaluate_episodes(model: MatchingNetwork, images: np.ndarray, groups=None, *
     then draw the same classes and drawings from those features as they would from the
     images, and only FCE's LSTMs run per episode. ``features``: what
     :func:`episode_features` gave for this model and these images, so that several
-    settings are scored over one embedding.
+    settings are scored over one embedding (made with the same model and views: only their
+    shape is checked).
 
     With ``assign`` (and ``n_query=1``: one query of each class, the official runs' layout),
     each episode is also scored transductively, its queries matched to its classes one to
@@ -34,9 +36,9 @@ def evaluate_episodes(model: MatchingNetwork, images: np.ndarray, groups=None, *
         raise InvalidValueError(f"assign needs one query of each class (n_query=1), got n_query={n_query}")
     if features is None:
         features = episode_features(model, images)
-    elif features.shape[:2] != images.shape[:2]:
-        raise InvalidValueError(f"features of {features.shape[:2]} (classes, drawings) for images of "
-                                f"{images.shape[:2]}")
+    elif features.shape != (*images.shape[:2], 2, model.dim):
+        raise InvalidValueError(f"features of shape {features.shape} for {images.shape[:2]} (classes, drawings) "
+                                f"of a model of dimension {model.dim}: expected {(*images.shape[:2], 2, model.dim)}")
     model.eval()
     sampler = EpisodeSampler(features, n_way, k_shot, n_query, groups=groups, within_group=within_group, seed=seed)
     accs, assigned = [], []
@@ -89,6 +91,12 @@ def eval_oneshot(model: MatchingNetwork, runs, *, assign: bool = False) -> dict:
         InvalidValueError: ``assign`` on a run whose test items are not as many as its
             classes (no one-to-one matching exists).
     """
+    if assign:  # refused before any run is scored
+        require("scipy.optimize", "the one-to-one assignment (assign)")
+        for run in runs:
+            if len(run.test) != len(run.train):
+                raise InvalidValueError(f"{run.name}: {len(run.test)} test items for {len(run.train)} classes; "
+                                        f"a one-to-one assignment needs as many of each")
     model.eval()
     per_run, assigned = {}, {}
     for run in runs:
@@ -96,11 +104,11 @@ def eval_oneshot(model: MatchingNetwork, runs, *, assign: bool = False) -> dict:
         res = model.query_memory(memory, as_input(run.test), k=len(run.train))
         per_run[run.name] = float((np.asarray(res.labels) != run.answer).mean())
         if assign:
-            if len(run.test) != len(run.train):
-                raise InvalidValueError(f"{run.name}: {len(run.test)} test items for {len(run.train)} classes; "
-                                        f"a one-to-one assignment needs as many of each")
+            found = res.ids >= 0
+            weights = np.ones(res.ids.shape)
+            weights[found] = memory.get(res.ids[found]).weights
             log_attention = class_log_attention(res.scores, res.slot_classes, len(res.classes),
-                                                float(memory.temperature))
+                                                float(memory.temperature), weights=weights)
             labels = np.asarray(res.classes)[assign_classes(log_attention)]
             assigned[run.name] = float((labels != run.answer).mean())
     out = {"error_rate": float(np.mean(list(per_run.values()))), "runs": len(per_run), "per_run": per_run}
@@ -109,12 +117,24 @@ def eval_oneshot(model: MatchingNetwork, runs, *, assign: bool = False) -> dict:
     return out
 
 
-def class_log_attention(scores: np.ndarray, slot_classes: np.ndarray, n_classes: int, temperature: float
-                        ) -> np.ndarray:
-    """(n, C) log of the attention each query puts on each class, from its retrieved slots'
-    scores (float64, a log-sum-exp per class, so no class underflows to minus infinity);
-    minus infinity for a class none of its retrieved slots holds."""
-    logits = np.where(slot_classes >= 0, np.asarray(scores, np.float64) / temperature, -np.inf)
+def class_log_attention(scores: np.ndarray, slot_classes: np.ndarray, n_classes: int, temperature: float,
+                        weights: np.ndarray | None = None) -> np.ndarray:
+    """(n, C) log of the attention each query puts on each class over its retrieved slots,
+    softmax_i(score_i / T + log w_i) summed by class: in float64, a log-sum-exp per class, so
+    no class underflows to minus infinity; minus infinity for a class none of its retrieved
+    slots holds.
+
+    Args:
+        scores, slot_classes: (n, k) a :class:`~engine.QueryResult`'s (padding: class -1).
+        weights: (n, k) each retrieved slot's weight (default 1), as the memory attends.
+    """
+    if slot_classes is None:
+        raise InvalidValueError("class_log_attention needs the result's slot classes")
+    logits = np.asarray(scores, np.float64) / temperature
+    if weights is not None:
+        with np.errstate(divide="ignore"):
+            logits = logits + np.log(np.asarray(weights, np.float64))
+    logits = np.where((slot_classes >= 0) & ~np.isnan(logits), logits, -np.inf)
     out = np.full((len(scores), n_classes), -np.inf)
     for c in range(n_classes):
         mine = np.where(slot_classes == c, logits, -np.inf)
@@ -130,19 +150,28 @@ def class_log_attention(scores: np.ndarray, slot_classes: np.ndarray, n_classes:
 
 def assign_classes(log_attention: np.ndarray) -> np.ndarray:
     """The one-to-one matching of n items to n classes that maximises the sum of each item's
-    log attention on its class (the Hungarian method, ``scipy.optimize.linear_sum_assignment``).
+    log attention on its class: the assignment problem the Hungarian method solves, here by
+    ``scipy.optimize.linear_sum_assignment``. A matching with fewer minus-infinity entries
+    always wins; among those with as many, the larger finite sum.
 
     Returns:
         (n,) each item's class column.
-    """
-    from scipy.optimize import linear_sum_assignment
 
-    n, c = log_attention.shape
-    if n != c:
-        raise InvalidValueError(f"a one-to-one assignment needs as many items as classes, got {n} and {c}")
-    # a class no slot of an item holds costs more than any finite choice, yet keeps the sum finite
+    Raises:
+        InvalidValueError: not square, or NaN in ``log_attention``.
+    """
+    linear_sum_assignment = require("scipy.optimize", "the one-to-one assignment").linear_sum_assignment
+    log_attention = np.asarray(log_attention, np.float64)
+    if log_attention.ndim != 2 or log_attention.shape[0] != log_attention.shape[1]:
+        raise InvalidValueError(f"a one-to-one assignment needs as many items as classes, got {log_attention.shape}")
+    if np.isnan(log_attention).any() or np.isposinf(log_attention).any():
+        raise InvalidValueError("a one-to-one assignment needs log attention without NaN or +inf")
+    n = len(log_attention)
+    # minus infinity (a class none of an item's slots holds) becomes a floor below every
+    # finite matching: any matching's finite part lies within n * (max - min) of another's
     finite = log_attention[np.isfinite(log_attention)]
-    floor = (finite.min() if finite.size else 0.0) - 1e6
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    floor = low - n * (high - low) - 1.0
     rows, cols = linear_sum_assignment(np.where(np.isfinite(log_attention), log_attention, floor), maximize=True)
     out = np.empty(n, dtype=np.int64)
     out[rows] = cols

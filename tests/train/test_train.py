@@ -238,14 +238,20 @@ def test_assign_classes_finds_the_best_one_to_one_matching():
     for trial in range(60):
         n = int(rng.integers(1, 7))
         m = np.round(rng.normal(size=(n, n)), 1 if trial % 2 else 6)  # rounding makes ties
+        if trial % 3 == 0:
+            m *= 1e7  # a spread far beyond any fixed stand-in for minus infinity
         m[rng.random((n, n)) < 0.25] = -np.inf
         m[np.arange(n), rng.permutation(n)] = rng.normal(size=n)  # one finite matching always exists
         best = max(sum(m[i, p[i]] for i in range(n)) for p in itertools.permutations(range(n)))
         got = assign_classes(m)
         assert sorted(got) == list(range(n))  # one to one
-        assert sum(m[i, got[i]] for i in range(n)) == pytest.approx(best, abs=1e-9)
+        assert sum(m[i, got[i]] for i in range(n)) == pytest.approx(best, rel=1e-12, abs=1e-9)
+    # a matching through a class no slot holds loses to any finite one, however far apart
+    assert list(assign_classes(np.array([[-1e7, -np.inf], [0.0, -1e7]]))) == [0, 1]
     with pytest.raises(InvalidValueError, match="as many items as classes"):
         assign_classes(np.zeros((3, 4)))
+    with pytest.raises(InvalidValueError, match="NaN"):
+        assign_classes(np.array([[np.nan, 0.0], [0.0, np.nan]]))
 
 
 def test_class_log_attention_is_dense_attention():
@@ -270,6 +276,15 @@ def test_class_log_attention_is_dense_attention():
         held[i, few.slot_classes[i]] = True
     assert np.isneginf(part[~held]).all() and np.isfinite(part[held]).all()
     np.testing.assert_allclose(np.exp(part).sum(1), 1.0)
+    # slot weights enter the attention as the memory's own does: log w added to each logit
+    w = rng.uniform(0.1, 50, 40)
+    weighted = Memory(8, index="Flat", temperature=0.5)
+    weighted.add(x, labels.tolist(), weights=w)
+    res = weighted.query(q, k=40, probs="top-k")
+    got = class_log_attention(res.scores, res.slot_classes, len(res.classes), 0.5,
+                              weights=weighted.get(res.ids.ravel()).weights.reshape(res.ids.shape))
+    ref = dense_attention(x, labels, q, temperature=0.5, weights=w, classes=res.classes)
+    np.testing.assert_allclose(np.exp(got), ref, atol=1e-6)
 
 
 def test_eval_oneshot_assign_matches_items_to_classes_one_to_one():
@@ -328,3 +343,6 @@ def test_several_settings_scored_over_one_embedding_score_as_alone():
         assert shared == alone
     with pytest.raises(InvalidValueError, match="features"):
         evaluate_episodes(model, images[:, :3], n_way=5, k_shot=1, n_query=1, episodes=2, features=features)
+    narrow = MatchingNetwork(width=16)  # another model's features: another dimension
+    with pytest.raises(InvalidValueError, match="dimension"):
+        evaluate_episodes(narrow, images, n_way=5, k_shot=1, n_query=1, episodes=2, features=features)
