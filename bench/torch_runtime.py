@@ -101,7 +101,7 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 3.8))
+    fig, ax = plt.subplots(figsize=(8, 4.2))
     names = [r["case"] for r in rows]
     ax.barh(range(len(rows)), [r["vs_default_alone"] for r in rows],
             color=["tab:green" if "PASSIVE" in n else "tab:olive" if "prepared" in n else "tab:gray" for n in names])
@@ -109,8 +109,8 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.invert_yaxis()
     ax.axvline(1.0, color="black", lw=0.8)
     ax.set_xlabel("wall time / the same work, default setup, alone")
-    ax.set_title("torch processes: default (gray), engine.runtime.prepare (olive), and with "
-                 "OMP_WAIT_POLICY=PASSIVE (green)", fontsize=8)
+    ax.set_title("gray: default setup; olive: engine.runtime.prepare();\n"
+                 "green: prepare() and OMP_WAIT_POLICY=PASSIVE", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
