@@ -91,6 +91,7 @@ def eval_oneshot(model: MatchingNetwork, runs, *, assign: bool = False) -> dict:
         InvalidValueError: ``assign`` on a run whose test items are not as many as its
             classes (no one-to-one matching exists).
     """
+    runs = list(runs)  # read twice with assign: a generator would be used up
     if assign:  # refused before any run is scored
         require("scipy.optimize", "the one-to-one assignment (assign)")
         for run in runs:
