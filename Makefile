@@ -25,8 +25,9 @@ test: setup
 	$(BIN)/python -m pytest -q tests
 
 # torch's OpenMP threads sleep rather than spin while they wait, so the demo shares a busy
-# machine gracefully (engine/runtime.py); OpenMP reads this only as the process starts
-TORCH_ENV := OMP_WAIT_POLICY=PASSIVE
+# machine gracefully (engine/runtime.py); OpenMP reads this only as the process starts.
+# A policy already in the environment is kept.
+TORCH_ENV := OMP_WAIT_POLICY=$(or $(OMP_WAIT_POLICY),PASSIVE)
 
 demo: setup
 	$(TORCH_ENV) $(BIN)/python examples/demo.py --data $(DATA)

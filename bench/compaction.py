@@ -50,7 +50,7 @@ def checkpoint(path: Path | None, dataset: str, budget_s: float, out: Path):
         return load_checkpoint(path)
     folder = out / f"{dataset}-model"
     if not (folder / "best.pt").exists():
-        cfg = (recipe("fashion-mnist", pretrain_epochs=4) if dataset == "fashion-mnist"  # the demo's (~3 min)
+        cfg = (recipe("fashion-mnist", pretrain_epochs=4) if dataset == "fashion-mnist"  # ~2.5 min
                else recipe("omniglot", episodes=3000, time_budget_s=budget_s, val_episodes=100))
         train(cfg, folder)
     return load_checkpoint(folder)
@@ -151,7 +151,7 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--limit", type=int, default=None, help="use only this many Fashion-MNIST images (smoke runs)")
     ap.add_argument("--train-budget", type=float, default=300.0,
                     help="seconds of episodes for a missing Omniglot checkpoint (a missing Fashion-MNIST one gets "
-                         "the demo's 4 supervised epochs)")
+                         "4 supervised epochs)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args(argv)

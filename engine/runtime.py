@@ -12,7 +12,7 @@ Two costs of torch on a small CPU machine, measured on 2 cores with
 - **Spinning threads.** OpenMP threads spin while they wait for work; beside another busy
   process they burn the cores it needs. ``OMP_WAIT_POLICY=PASSIVE`` stops that, but OpenMP
   reads it once, when a runtime loads, and ``import engine`` loads FAISS's: set from Python
-  after that, it did not help torch. So it belongs in the environment the process starts
+  after that, it does not reach torch's threads. So it belongs in the environment the process starts
   with: ``make demo`` sets it, and ``make bench`` for the benchmarks that train.
 
 The library never calls :func:`prepare` on import: it changes the whole process. The demo,
@@ -26,6 +26,7 @@ import os
 import sys
 
 from .checks import optional_integer
+from .extras import require
 
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
@@ -54,7 +55,7 @@ def prepare(threads: int | None = None) -> dict:
     threads = optional_integer("threads", threads)
     out: dict = {"malloc": _tune_malloc(), "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     if threads is not None:
-        import torch
+        torch = require("torch", "setting torch's threads")
 
         torch.set_num_threads(threads)
         out["threads"] = torch.get_num_threads()

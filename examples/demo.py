@@ -141,7 +141,7 @@ def run_demo(data=None, *, out: str | Path = "runs/demo", quick: bool = False, f
         omniglot_episodes, omniglot_budget_s: Omniglot episodes after the recipe's supervised
             stage, and an optional time cap (off: a capped run depends on how busy the machine
             is).
-        fashion_epochs: Fashion-MNIST's supervised epochs. The recipe's 20 take about 12
+        fashion_epochs: Fashion-MNIST's supervised epochs. The recipe's 20 take about 11
             minutes alone; the demo's 15-minute budget holds 10 (docs/matching-networks.md).
         fashion_episodes, fashion_budget_s: Fashion-MNIST episodes after its supervised stage
             (none: 300 of them lowered the memory's accuracy from 0.918 to 0.912), and their

@@ -27,10 +27,10 @@ from ..index import VectorIndex
 from .backbone import ConvEmbedding
 from .fce import AttentionLSTM, SupportBiLSTM
 
-# images per backbone call out of training: a block's activations stay under glibc's largest
-# mmap threshold (about 26 MB at 128 images of 28x28 and 64 filters; twice that at 128
-# filters or 40x40 images), so with engine.runtime.prepare they are reused rather than
-# faulted in again each batch
+# images per backbone call out of training: at 28x28 and 64 filters a block's activations
+# (about 26 MB) stay under glibc's largest mmap threshold (32 MB), so with
+# engine.runtime.prepare they are reused rather than faulted in again each batch (128
+# filters or 40x40 images double them, past the threshold)
 INFERENCE_BATCH = 128
 
 

@@ -132,6 +132,10 @@ def class_log_attention(scores: np.ndarray, slot_classes: np.ndarray, n_classes:
     if slot_classes is None:
         raise InvalidValueError("class_log_attention needs the result's slot classes")
     logits = np.asarray(scores, np.float64) / temperature
+    if logits.ndim != 2 or np.shape(slot_classes) != logits.shape or (
+            weights is not None and np.shape(weights) != logits.shape):
+        raise InvalidValueError(f"scores, slot classes and weights must share one (n, k) shape, got {logits.shape}, "
+                                f"{np.shape(slot_classes)} and {None if weights is None else np.shape(weights)}")
     if weights is not None:
         with np.errstate(divide="ignore"):
             logits = logits + np.log(np.asarray(weights, np.float64))

@@ -285,6 +285,8 @@ def test_class_log_attention_is_dense_attention():
                               weights=weighted.get(res.ids.ravel()).weights.reshape(res.ids.shape))
     ref = dense_attention(x, labels, q, temperature=0.5, weights=w, classes=res.classes)
     np.testing.assert_allclose(np.exp(got), ref, atol=1e-6)
+    with pytest.raises(InvalidValueError, match="shape"):
+        class_log_attention(res.scores, res.slot_classes, len(res.classes), 0.5, weights=np.ones((2, 2)))
 
 
 def test_eval_oneshot_assign_matches_items_to_classes_one_to_one():
