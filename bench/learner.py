@@ -47,12 +47,13 @@ EPISODES = 3000
 LEVERS = {
     "recipe": ("the recipe", {}),
     "wide": ("a wider embedding (128 filters a block)", {"width": 128}),
-    "way60": ("60-way training episodes", {"n_way": 60}),
+    # no alphabet holds 60 characters (with rotations), so 60-way episodes are drawn across alphabets
+    "way60": ("60-way training episodes, across alphabets", {"n_way": 60, "within_alphabet": 0.0}),
     "fce": ("Full Context Embeddings", {"fce": True}),
 }
 
 
-def _config(lever: str, background: str, seed: int, data, episodes: int, eval_episodes: int,
+def lever_config(lever: str, background: str, seed: int, data, episodes: int, eval_episodes: int,
             pretrain_epochs: int | None):
     from engine.train import recipe
 
@@ -97,7 +98,7 @@ def run_one(lever: str, background: str, seed: int, data, out: Path, episodes: i
     """Train one model and score it (see the module)."""
     from engine.train import load_checkpoint, train
 
-    cfg = _config(lever, background, seed, data, episodes, eval_episodes, pretrain_epochs)
+    cfg = lever_config(lever, background, seed, data, episodes, eval_episodes, pretrain_epochs)
     folder = out / lever / background / f"seed{seed}"
     t0 = time.perf_counter()
     train(cfg, folder, progress=True)
@@ -113,7 +114,7 @@ def run_ensemble(lever: str, background: str, seeds: list[int], data, out: Path,
     from engine.nn import ensemble
     from engine.train import load_checkpoint
 
-    cfg = _config(lever, background, seeds[0], data, episodes, eval_episodes, pretrain_epochs)
+    cfg = lever_config(lever, background, seeds[0], data, episodes, eval_episodes, pretrain_epochs)
     model = ensemble([load_checkpoint(out / lever / background / f"seed{s}") for s in seeds])
     return {"lever": f"{lever}+ensemble{len(seeds)}", "what": f"{LEVERS[lever][0]}, {len(seeds)} seeds as one ensemble",
             "background": background, "seed": -1, "members": list(seeds), "episodes": episodes, "views": cfg.views,

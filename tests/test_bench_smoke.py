@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -182,3 +183,22 @@ def test_torch_runtime_benchmark(tmp_path):
     assert [r["case"] for r in rows] == [c[0] for c in torch_runtime.CASES if c[1] == "embed"]
     assert rows[0]["vs_default_alone"] == 1.0 and all(r["seconds"] > 0 and r["minor_faults"] >= 0 for r in rows)
     assert (tmp_path / "torch_runtime.png").stat().st_size > 0 and (tmp_path / "torch_runtime.md").exists()
+
+
+def test_every_learner_lever_samples_its_training_episodes():
+    """Each lever's overrides make a training run that can start: its episodes can be drawn
+    from the real background set (no training here)."""
+    import learner
+
+    from engine.data.episodes import EpisodeSampler
+    from engine.train import load_sets
+
+    for lever in learner.LEVERS:
+        for background in ("small1", "small2"):
+            cfg = learner.lever_config(lever, background, 0, None, 10, 10, None)
+            train_x, train_groups, _, _ = load_sets(cfg)
+            sampler = EpisodeSampler(train_x, cfg.n_way, cfg.k_shot, cfg.n_query, groups=train_groups,
+                                     within_group=cfg.within_alphabet, seed=0)
+            for _ in range(6):
+                episode = sampler.sample()
+                assert len(np.unique(episode.support_y)) == cfg.n_way, lever
