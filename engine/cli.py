@@ -543,7 +543,7 @@ def train_cmd(
         import shutil
 
         shutil.rmtree(out)  # afresh: no log, checkpoint or best model of the old run is left to mix in
-    prepare_torch()  # before torch loads: threads that sleep when idle, no page faults per batch
+    prepare_torch()  # glibc keeps freed blocks: no page faults per batch (engine.runtime)
     from .train import recipe, train
 
     given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "elastic": elastic,
