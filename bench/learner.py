@@ -49,6 +49,8 @@ LEVERS = {
     "wide": ("a wider embedding (128 filters a block)", {"width": 128}),
     # no alphabet holds 60 characters (with rotations), so 60-way episodes are drawn across alphabets
     "way60": ("60-way training episodes, across alphabets", {"n_way": 60, "within_alphabet": 0.0}),
+    # the augmentation's shifts and elastic strokes (in pixels) grown with the image
+    "size40": ("40x40 images (shifts 3 px, elastic 2 px)", {"image_size": 40, "shift": 3.0, "elastic": 2.0}),
     "fce": ("Full Context Embeddings", {"fce": True}),
 }
 
@@ -81,14 +83,15 @@ def score(model, cfg, data, eval_episodes: int, runs: Path | None) -> dict:
     # alphabet, one drawing of each in memory and another of each to classify
     layout = evaluate_episodes(model, val_x, val_groups, n_way=20, k_shot=1, n_query=1, episodes=eval_episodes,
                                within_group=1.0, seed=8, assign=True, features=features)
-    run01 = eval_oneshot(model, load_oneshot_runs(omniglot_dir(data) / "one-shot-sample"), assign=True)
+    sample = load_oneshot_runs(omniglot_dir(data) / "one-shot-sample", size=cfg.image_size)
+    run01 = eval_oneshot(model, sample, assign=True)
     row = {"val_within_20way": val["accuracy"], "val_ci95": val["ci95"],
            "val_runs_error": 1 - layout["accuracy"], "val_runs_ci95": layout["ci95"],
            "val_runs_assigned_error": 1 - layout["assigned_accuracy"],
            "val_runs_assigned_ci95": layout["assigned_ci95"],
            "run01_error": run01["error_rate"], "run01_assigned_error": run01["assigned"]["error_rate"]}
     if runs is not None:
-        official = eval_oneshot(model, load_oneshot_runs(runs), assign=True)
+        official = eval_oneshot(model, load_oneshot_runs(runs, size=cfg.image_size), assign=True)
         row["runs_error"], row["runs_assigned_error"] = official["error_rate"], official["assigned"]["error_rate"]
     return row
 

@@ -70,7 +70,7 @@ def score(checkpoint: Path, cfg, views: int, data, eval_episodes: int, suffix: s
     _, _, val_x, val_groups = load_sets(cfg)
     val = evaluate_episodes(model, val_x, val_groups, n_way=20, k_shot=1, episodes=eval_episodes, within_group=1.0,
                             seed=7)
-    oneshot = eval_oneshot(model, load_oneshot_runs(omniglot_dir(data) / "one-shot-sample"))
+    oneshot = eval_oneshot(model, load_oneshot_runs(omniglot_dir(data) / "one-shot-sample", size=cfg.image_size))
     return {f"val_within_20way{suffix}": val["accuracy"], f"val_ci95{suffix}": val["ci95"],
             f"run01_error{suffix}": oneshot["error_rate"]}
 

@@ -472,7 +472,8 @@ def ingest_cmd(
     index: str = typer.Option("auto", help="Each shard's index, when creating."),
     temperature: float = typer.Option(0.1, help="Attention temperature, when creating."),
     cluster: str | None = typer.Option(None, help="Ray cluster address (default: RAY_ADDRESS or a local one)."),
-    image_size: int = typer.Option(28, help="Images are resized to this square."),
+    image_size: int | None = typer.Option(None, help="Images are resized to this square (default: the side the "
+                                          "checkpoint's model was trained on)."),
     batch_size: int = typer.Option(4096, help="Rows an embedding call and a write take."),
     replicas: int = typer.Option(2, help="Model replicas embedding in parallel."),
     verbose: bool = typer.Option(False, "--verbose", help="Show Ray's own logs and progress bars too."),
@@ -518,6 +519,8 @@ def train_cmd(
     pretrain_epochs: int | None = typer.Option(
         None, help="Supervised epochs over every training class before the episodes (see the recipe)."),
     width: int | None = typer.Option(None, help="Filters per conv block: the embedding's dimension (64)."),
+    image_size: int | None = typer.Option(None, help="Omniglot: images are resized to this square (28); the "
+                                          "model keeps it, and its evaluations read images at it."),
     elastic: float | None = typer.Option(None, help="Elastic deformation of strokes, largest pixels (0: off)."),
     thickness: float | None = typer.Option(None, help="Strokes thicker or thinner, largest share of a pixel (0: off)."),
     views: int | None = typer.Option(None, help="Test-time views averaged per image (1: the image alone)."),
@@ -546,8 +549,8 @@ def train_cmd(
     prepare_torch()  # glibc keeps freed blocks: no page faults per batch (engine.runtime)
     from .train import recipe, train
 
-    given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "elastic": elastic,
-             "thickness": thickness, "views": views, "time_budget_s": time_budget, "n_way": n_way,
+    given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "image_size": image_size,
+             "elastic": elastic, "thickness": thickness, "views": views, "time_budget_s": time_budget, "n_way": n_way,
              "k_shot": k_shot, "n_query": n_query, "fce": fce, "fce_steps": fce_steps, "lr": lr, "topk": topk,
              "val_every": val_every, "val_episodes": val_episodes, "seed": seed, "background": background}
     cfg = recipe(dataset, data=str(data) if data else None, **{k: v for k, v in given.items() if v is not None})
@@ -568,10 +571,11 @@ def eval_oneshot_cmd(
 ) -> None:
     """The official 20-way within-alphabet one-shot task, each run's memory an engine.Memory."""
     prepare_torch()
-    from .data.omniglot import load_oneshot_runs
+    from .data.omniglot import SIZE, load_oneshot_runs
     from .train import eval_oneshot, load_checkpoint
 
-    out = eval_oneshot(load_checkpoint(checkpoint, views=views), load_oneshot_runs(runs), assign=assign)
+    model = load_checkpoint(checkpoint, views=views)
+    out = eval_oneshot(model, load_oneshot_runs(runs, size=model.image_size or SIZE), assign=assign)
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -605,7 +609,8 @@ def eval_episodes_cmd(
     cfg = read_config(checkpoint)
     _, _, val_x, val_groups = load_sets(TrainConfig(dataset=cfg.get("dataset", "omniglot"),
                                                     data=str(data) if data else cfg.get("data"),
-                                                    background=cfg.get("background", "small1")))
+                                                    background=cfg.get("background", "small1"),
+                                                    image_size=cfg.get("image_size", 28)))
     rows = []
     features = episode_features(model, val_x)  # embedded once for every setting
     for way in n_way:

@@ -180,7 +180,7 @@ def run_demo(data=None, *, out: str | Path = "runs/demo", quick: bool = False, f
                     val_every=4 if quick else 500, val_episodes=2 if quick else 100, data=_s(data), **pretrain)
     report["omniglot_training"] = train(om_cfg, om_dir, progress=progress)
     model = load_checkpoint(om_dir)
-    runs = load_oneshot_runs(omniglot_dir(data) / "one-shot-sample")
+    runs = load_oneshot_runs(omniglot_dir(data) / "one-shot-sample", size=om_cfg.image_size)
     report["oneshot"] = eval_oneshot(model, runs)
     _, _, val_x, val_groups = load_sets(om_cfg)
     n_eval = 10 if quick else 1000

@@ -127,6 +127,26 @@ def test_train_and_evaluate_commands(tmp_path):
     assert r.exit_code == 2 and "class_labels.txt" in r.output
 
 
+def test_train_at_another_image_size_and_evaluate_at_it(tmp_path):
+    from engine.data import data_root
+
+    runs = data_root() / "omniglot" / "one-shot-sample"
+    out = tmp_path / "ckpt40"
+    run("train", "--out", out, "--episodes", 2, "--n-way", 5, "--n-query", 1, "--val-every", 2, "--val-episodes", 2,
+        "--width", 8, "--pretrain-epochs", 0, "--views", 1, "--image-size", 40)
+    assert json.loads((out / "config.json").read_text())["model"]["image_size"] == 40
+    res = json.loads(run("eval-oneshot", "--checkpoint", out, "--runs", runs, "--json").output)  # read at 40x40
+    assert res["runs"] == 1
+    rows = json.loads(run("eval-episodes", "--checkpoint", out, "--n-way", 5, "--k-shot", 1, "--episodes", 2,
+                          "--json").output)
+    assert len(rows) == 2
+    for bad in (200, 7):
+        r = run("train", "--out", tmp_path / "bad", "--image-size", bad, ok=False)
+        assert r.exit_code == 2 and "image size" in r.output and not (tmp_path / "bad").exists()
+    r = run("train", "--out", tmp_path / "bad", "--dataset", "fashion-mnist", "--image-size", 40, ok=False)
+    assert r.exit_code == 2 and "28x28" in r.output and not (tmp_path / "bad").exists()
+
+
 def test_the_library_cli_carries_no_demo_or_benchmarks_and_the_scripts_run_from_the_checkout():
     import subprocess
     import sys

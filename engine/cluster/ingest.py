@@ -43,14 +43,18 @@ class IngestReport:
 class Embedder:
     """A Ray Data batch function: image bytes -> g embeddings (one model replica an actor)."""
 
-    def __init__(self, checkpoint: str, image_size: int, max_pixels: int = MAX_PIXELS):
+    def __init__(self, checkpoint: str, image_size: int | None, max_pixels: int = MAX_PIXELS):
         from ..train import load_checkpoint
 
         self.model = load_checkpoint(checkpoint)
         if self.model.support_lstm is not None:
             raise InvalidValueError("an FCE model embeds a whole support set at once; ingest embeds each image "
                                     "alone: use a checkpoint trained without --fce")
-        self.size, self.max_pixels = image_size, max_pixels
+        trained = self.model.image_size
+        if image_size is not None and trained is not None and image_size != trained:
+            raise InvalidValueError(f"the checkpoint's model was trained on {trained}x{trained} images; "
+                                    f"image_size={image_size} would feed it another size")
+        self.size, self.max_pixels = image_size or trained or 28, max_pixels
 
     def __call__(self, batch: dict) -> dict:
         import torch
@@ -206,7 +210,7 @@ def _engine_error(exc: BaseException) -> BaseException:
     return EngineError(f"ingest failed: {type(exc).__name__}: {lines[-1] if lines else ''}")
 
 
-def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size: int = 28,
+def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size: int | None = None,
            batch_size: int = 4096, replicas: int = 2, progress: bool = True, verbose: bool = False) -> IngestReport:
     """Write the rows of Parquet ``sources`` into ``memory`` (any :class:`~engine.protocol.MemoryLike`).
 
@@ -214,7 +218,8 @@ def ingest(memory, sources, *, checkpoint: str | Path | None = None, image_size:
         memory: the memory to write into (a ShardedMemory, usually).
         sources: Parquet files or directories (anything ``ray.data.read_parquet`` reads).
         checkpoint: a trained model's checkpoint folder; needed when rows carry images.
-        image_size: images are resized to this square before embedding.
+        image_size: images are resized to this square before embedding (default: the side
+            the checkpoint's model was trained on, 28 for a checkpoint that does not say).
         batch_size: rows a model call embeds and an add writes.
         replicas: model replicas embedding in parallel.
         progress: one progress bar, of the rows written.

@@ -6,7 +6,7 @@ from the official zips (``images_background_small1.zip``, ``..._small2.zip``)
 and from the official one-shot layout (``runNN/class_labels.txt``,
 ``training/``, ``test/``, or ``all_runs.zip``). Every image is inverted (strokes
 bright on black, as the networks expect) and resized to 28x28, as in Vinyals et
-al. (2016).
+al. (2016), or to another square (``size``).
 """
 
 from __future__ import annotations
@@ -28,10 +28,19 @@ SPLITS = {"small1": "images_background_small1.zip", "small2": "images_background
 # The default validation alphabets: those of small2 that small1 does not have.
 VALIDATION_ALPHABETS = ("Japanese_(katakana)", "Sanskrit", "Tagalog")
 SIZE = 28
+ORIGINAL_SIZE = 105  # the official PNGs' side
+
+
+def check_size(size) -> int:
+    """An image side the loaders resize to: an integer from 8 (three 2x2 poolings) to 105
+    (the PNGs' own side)."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 8 <= size <= ORIGINAL_SIZE:
+        raise InvalidValueError(f"image size must be an integer from 8 to {ORIGINAL_SIZE}, got {size!r}")
+    return int(size)
 
 
 def to_array(png: bytes | Path, size: int = SIZE) -> np.ndarray:
-    """One Omniglot PNG as an inverted (strokes = 255) size x size uint8 array."""
+    """One Omniglot PNG as an inverted (strokes = 255) size x size uint8 array (box filter)."""
     with Image.open(io.BytesIO(png) if isinstance(png, bytes) else png) as im:
         gray = im.convert("L").resize((size, size), Image.Resampling.BOX)
     return 255 - np.asarray(gray, dtype=np.uint8)
@@ -42,7 +51,7 @@ class CharacterSet:
     """Characters with their drawings.
 
     Attributes:
-        images: (n_chars, n_drawers, 28, 28) uint8, strokes bright.
+        images: (n_chars, n_drawers, size, size) uint8, strokes bright.
         alphabets: alphabet of each character (rotated copies get "Alphabet@90" etc.).
         names: "Alphabet/characterNN" (with "@90" for rotations).
     """
@@ -77,13 +86,14 @@ def omniglot_dir(root=None) -> Path:
     return base if (base / SPLITS["small1"]).exists() else base / "omniglot"
 
 
-def load_background(split: str = "small1", root=None, *, alphabets=None) -> CharacterSet:
+def load_background(split: str = "small1", root=None, *, alphabets=None, size: int = SIZE) -> CharacterSet:
     """Read a minimal background split from its official zip.
 
     Args:
         split: "small1" or "small2".
         root: the data directory (holding ``omniglot/``) or the omniglot folder.
         alphabets: keep only these alphabets.
+        size: each image is resized to size x size (8 to 105).
 
     Raises:
         FileNotFoundError: the zip is missing (the message names it).
@@ -91,6 +101,7 @@ def load_background(split: str = "small1", root=None, *, alphabets=None) -> Char
     """
     if split not in SPLITS:
         raise InvalidValueError(f"split must be one of {sorted(SPLITS)}, got {split!r}")
+    size = check_size(size)
     folder = omniglot_dir(root)
     require_files(folder, [SPLITS[split]], f"Omniglot background split {split}")
     chars: dict[tuple[str, str], list[tuple[str, bytes]]] = {}
@@ -104,7 +115,7 @@ def load_background(split: str = "small1", root=None, *, alphabets=None) -> Char
         raise InvalidValueError(f"{folder / SPLITS[split]}: no <alphabet>/<character>/<drawing>.png entries")
     keys = sorted(chars)
     drawers = min(len(chars[k]) for k in keys)
-    images = np.stack([np.stack([to_array(b) for _, b in sorted(chars[k])[:drawers]]) for k in keys])
+    images = np.stack([np.stack([to_array(b, size) for _, b in sorted(chars[k])[:drawers]]) for k in keys])
     return CharacterSet(images, [a for a, _ in keys], [f"{a}/{c}" for a, c in keys])
 
 
@@ -133,8 +144,8 @@ class OneShotRun:
 
     Attributes:
         name: "run01" ...
-        train: (20, 28, 28) uint8, one drawing per class (the memory).
-        test: (20, 28, 28) uint8, the items to classify.
+        train: (20, size, size) uint8, one drawing per class (the memory).
+        test: (20, size, size) uint8, the items to classify.
         answer: (20,) index into ``train`` of each test item's class.
     """
 
@@ -144,20 +155,21 @@ class OneShotRun:
     answer: np.ndarray
 
 
-def load_oneshot_runs(path: str | os.PathLike) -> list[OneShotRun]:
+def load_oneshot_runs(path: str | os.PathLike, *, size: int = SIZE) -> list[OneShotRun]:
     """Read the official one-shot runs.
 
     Args:
         path: a folder of ``runNN`` folders, a single ``runNN`` folder, or ``all_runs.zip``.
+        size: each image is resized to size x size (8 to 105; a model's ``image_size``).
 
     Raises:
         FileNotFoundError: nothing in the official layout at ``path``.
     """
-    path = Path(path)
+    path, size = Path(path), check_size(size)
     if path.is_file() and path.suffix == ".zip":
         with zipfile.ZipFile(path) as z:
             files = {n: z.read(n) for n in z.namelist() if not n.endswith("/")}
-        return _runs_from_files(files, str(path))
+        return _runs_from_files(files, str(path), size)
     if (path / "class_labels.txt").is_file():
         run_dirs = [path]
     else:
@@ -170,10 +182,10 @@ def load_oneshot_runs(path: str | os.PathLike) -> list[OneShotRun]:
         for f in d.rglob("*"):
             if f.is_file():
                 files[f"{d.name}/{f.relative_to(d).as_posix()}"] = f.read_bytes()
-    return _runs_from_files(files, str(path))
+    return _runs_from_files(files, str(path), size)
 
 
-def _runs_from_files(files: dict[str, bytes], where: str) -> list[OneShotRun]:
+def _runs_from_files(files: dict[str, bytes], where: str, size: int) -> list[OneShotRun]:
     # keys may carry a leading folder (zip layouts): index by the part from "runNN/" on
     by_tail = {}
     for name, data in files.items():
@@ -188,8 +200,8 @@ def _runs_from_files(files: dict[str, bytes], where: str) -> list[OneShotRun]:
         missing = [p for pair in pairs for p in pair if p not in by_tail]
         if missing or not train_names:
             raise MissingFileError(f"{where}: run {run} lacks files named by class_labels.txt: {missing[:5]}")
-        test = np.stack([to_array(by_tail[t]) for t, _ in pairs])
-        train = np.stack([to_array(by_tail[n]) for n in train_names])
+        test = np.stack([to_array(by_tail[t], size) for t, _ in pairs])
+        train = np.stack([to_array(by_tail[n], size) for n in train_names])
         answer = np.array([train_names.index(c) for _, c in pairs])
         runs.append(OneShotRun(run, train, test, answer))
     if not runs:

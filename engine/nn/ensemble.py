@@ -41,10 +41,14 @@ def ensemble(models: list[MatchingNetwork]) -> MatchingNetwork:
 
     Raises:
         ValueError: no models, or a member with Full Context Embeddings (its LSTMs read the
-            whole support set in its own space) or with separate g and h backbones.
+            whole support set in its own space) or with separate g and h backbones, or
+            members trained on images of different sizes.
     """
     if not models:
         raise InvalidValueError("an ensemble needs at least one model")
+    sides = {m.image_size for m in models}
+    if len(sides) > 1:
+        raise InvalidValueError(f"an ensemble's members must read one image size, got {sorted(sides, key=str)}")
     for m in models:
         if m.support_lstm is not None or m.h_backbone is not m.g_backbone:
             raise InvalidValueError("an ensemble takes models without FCE and with one shared backbone")
@@ -52,6 +56,7 @@ def ensemble(models: list[MatchingNetwork]) -> MatchingNetwork:
         m.requires_grad_(False)
     inv_t = torch.stack([1.0 / m.temperature.detach() for m in models])
     net = MatchingNetwork(_Concatenated(list(models), inv_t / inv_t.sum()),
-                          temperature=float(len(models) / inv_t.sum()), learn_temperature=False)
+                          temperature=float(len(models) / inv_t.sum()), learn_temperature=False,
+                          image_size=sides.pop())
     net.eval()
     return net

@@ -50,11 +50,14 @@ class MatchingNetwork(nn.Module):
             backbone's outputs on itself and ``views - 1`` slightly moved copies (the same
             fixed maps for support and query images alike, :func:`engine.data.augment.view_maps`).
             Training always sees single images. Settable later (``model.views = 8``).
+        image_size: the square side of the images the model was trained on (kept in its
+            checkpoint): images of another size are refused, and loaders read images at it
+            (``load_oneshot_runs(path, size=model.image_size)``). None: any size.
     """
 
     def __init__(self, backbone: nn.Module | None = None, *, shared: bool = True, fce: bool = False,
                  fce_steps: int = 5, temperature: float = 0.1, learn_temperature: bool = True,
-                 in_channels: int = 1, width: int = 64, views: int = 1):
+                 in_channels: int = 1, width: int = 64, views: int = 1, image_size: int | None = None):
         super().__init__()
         self.g_backbone = backbone if backbone is not None else ConvEmbedding(in_channels, width)
         self.h_backbone = self.g_backbone if shared else copy.deepcopy(self.g_backbone)
@@ -64,7 +67,7 @@ class MatchingNetwork(nn.Module):
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
         self.options = {"shared": shared, "fce": fce, "fce_steps": fce_steps, "temperature": temperature,
                         "learn_temperature": learn_temperature, "in_channels": in_channels, "width": width,
-                        "views": 1}
+                        "views": 1, "image_size": None if image_size is None else _check_side(image_size)}
         self.views = views
         self._support: torch.Tensor | None = None
         self._support_idx: torch.Tensor | None = None
@@ -73,6 +76,10 @@ class MatchingNetwork(nn.Module):
     @property
     def temperature(self) -> torch.Tensor:
         return self.log_temperature.exp()
+
+    @property
+    def image_size(self) -> int | None:
+        return self.options["image_size"]
 
     @property
     def views(self) -> int:
@@ -85,6 +92,10 @@ class MatchingNetwork(nn.Module):
     def _backbone(self, net: nn.Module, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:
         """The backbone's embeddings of x: one pass while training or with one view, else the
         mean over the views (each view made only when it is embedded)."""
+        side = self.options["image_size"]
+        if side is not None and tuple(x.shape[-2:]) != (side, side):
+            raise InvalidValueError(f"this model embeds {side}x{side} images, got {tuple(x.shape[-2:])}: read them "
+                                    f"at the model's image_size")
         if self.training or self.views == 1:
             return _chunked(net, x, batch_size)
         images = x.unsqueeze(1) if x.dim() == 3 else x
@@ -257,7 +268,13 @@ class MatchingNetwork(nn.Module):
     @classmethod
     def from_config(cls, config: dict) -> MatchingNetwork:
         return cls(**{k: config[k] for k in ("shared", "fce", "fce_steps", "temperature", "learn_temperature",
-                                             "in_channels", "width", "views") if k in config})
+                                             "in_channels", "width", "views", "image_size") if k in config})
+
+
+def _check_side(side) -> int:
+    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 1:
+        raise InvalidValueError(f"image_size must be an integer >= 1 or None, got {side!r}")
+    return int(side)
 
 
 def _chunked(net, x: torch.Tensor, batch_size: int | None) -> torch.Tensor:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..data.augment import check_views
+from ..data.omniglot import check_size
 from ..errors import InvalidValueError
 
 FASHION_HELD_OUT = 100  # training images a class kept out of Fashion-MNIST training, for its validation
@@ -42,6 +43,7 @@ class TrainConfig:
     pretrain_epochs: int = 0  # supervised stage first: every training class at once (see pretrain)
     pretrain_batch: int = 128
     width: int = 64  # filters per conv block: the embedding's dimension
+    image_size: int = 28  # images are resized to this square (omniglot; Fashion-MNIST is 28x28)
     views: int = 1  # test-time views averaged per image (MatchingNetwork(views=)); training sees one
     time_budget_s: float | None = None
     lr: float = 1e-3
@@ -72,6 +74,9 @@ def check_stage(cfg: TrainConfig) -> None:
     if not 0 <= cfg.thickness <= 1:
         raise InvalidValueError(f"thickness must be in [0, 1], got {cfg.thickness}")
     check_views(cfg.views)
+    if cfg.dataset == "fashion-mnist" and cfg.image_size != 28:
+        raise InvalidValueError(f"Fashion-MNIST images are 28x28, got image_size={cfg.image_size!r}")
+    check_size(cfg.image_size)
 
 
 def recipe(dataset: str, **overrides) -> TrainConfig:
@@ -96,17 +101,17 @@ def recipe(dataset: str, **overrides) -> TrainConfig:
 
 def load_sets(cfg: TrainConfig):
     """(train images, train groups, validation images, validation groups) for the config's dataset."""
-    return _load_sets(cfg.dataset, cfg.data, getattr(cfg, "background", "small1"))
+    return _load_sets(cfg.dataset, cfg.data, getattr(cfg, "background", "small1"), getattr(cfg, "image_size", 28))
 
 
 @functools.lru_cache(maxsize=2)
-def _load_sets(dataset: str, data: str | None, background: str = "small1"):
+def _load_sets(dataset: str, data: str | None, background: str = "small1", size: int = 28):
     if dataset == "omniglot":  # validated on the alphabets of the other minimal split that this one lacks
         from ..data.omniglot import load_background, validation_split
 
         other, unseen = validation_split(background, data)
-        train = load_background(background, data).with_rotations()
-        val = load_background(other, data, alphabets=unseen)
+        train = load_background(background, data, size=size).with_rotations()
+        val = load_background(other, data, alphabets=unseen, size=size)
         return train.images, train.alphabets, val.images, val.alphabets
     if dataset == "fashion-mnist":  # validated on training images held out of training, never on the test set
         from ..data.fashion_mnist import load_fashion_mnist

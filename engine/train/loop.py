@@ -139,7 +139,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     sampler = EpisodeSampler(train_x, cfg.n_way, cfg.k_shot, cfg.n_query, groups=train_groups,
                              within_group=within, seed=cfg.seed)
     model = MatchingNetwork(fce=cfg.fce, fce_steps=cfg.fce_steps, temperature=cfg.temperature, width=cfg.width,
-                             views=cfg.views)
+                             views=cfg.views, image_size=cfg.image_size)
     cfg.model = model.config()
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     state = {"episode": 0, "best_val": -1.0, "elapsed_s": 0.0}

@@ -354,7 +354,7 @@ def test_ingest_parquet_vectors_and_images(tmp_path):
     import pyarrow.parquet as pq
     import torch
 
-    from engine.cluster.ingest import ingest
+    from engine.cluster.ingest import Embedder, ingest
     from engine.data.images import as_input
     from engine.nn import MatchingNetwork
 
@@ -410,6 +410,15 @@ def test_ingest_parquet_vectors_and_images(tmp_path):
         pq.write_table(pa.table({"image": [b"not an image"], "label": ["c0"]}), tmp_path / "bad.parquet")
         with pytest.raises(Exception, match="could not be decoded"):
             ingest(mem, [tmp_path / "bad.parquet"], checkpoint=ckpt, progress=False)
+        assert len(mem) == 300
+        # a model trained on 40x40 images: read at its size by default, another size refused
+        ckpt40 = tmp_path / "ckpt40"
+        ckpt40.mkdir()
+        (ckpt40 / "config.json").write_text(json.dumps({"model": MatchingNetwork(image_size=40).config()}))
+        torch.save(MatchingNetwork(image_size=40).state_dict(), ckpt40 / "best.pt")
+        assert Embedder(str(ckpt40), None).size == 40 and Embedder(str(ckpt), None).size == 28
+        with pytest.raises(engine.InvalidValueError, match="40x40"):
+            ingest(mem, [tmp_path / "img.parquet"], checkpoint=ckpt40, image_size=28, progress=False)
         assert len(mem) == 300
     finally:
         mem.close()
