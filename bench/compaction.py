@@ -75,11 +75,11 @@ def rows(args) -> dict:
         out["fashion-pca"] = (ptr, ytr, pte, yte, 0.01)
     if "omniglot-learned" in args.rows:
         model = checkpoint(args.omniglot_checkpoint, "omniglot", args.train_budget, args.out)
-        val = load_background("small2", args.data, alphabets=VALIDATION_ALPHABETS)
-        n_chars = len(val)
+        val = load_background("small2", args.data, alphabets=VALIDATION_ALPHABETS, size=model.image_size or 28)
+        n_chars, side = len(val), val.images.shape[2:]
         labels = np.repeat(np.arange(n_chars), 15)
-        slots = val.images[:, :15].reshape(-1, 28, 28)
-        queries = val.images[:, 15:].reshape(-1, 28, 28)
+        slots = val.images[:, :15].reshape(-1, *side)
+        queries = val.images[:, 15:].reshape(-1, *side)
         g, h = embed(model, slots, queries)
         out["omniglot-learned"] = (g, labels, h, np.repeat(np.arange(n_chars), 5), model.temperature.item())
     return out

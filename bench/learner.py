@@ -51,6 +51,7 @@ LEVERS = {
     "way60": ("60-way training episodes, across alphabets", {"n_way": 60, "within_alphabet": 0.0}),
     # the augmentation's shifts and elastic strokes (in pixels) grown with the image
     "size40": ("40x40 images (shifts 3 px, elastic 2 px)", {"image_size": 40, "shift": 3.0, "elastic": 2.0}),
+    "mixup": ("mixup in the supervised stage (Beta(1, 1): shares uniform)", {"mixup": 1.0}),
     "fce": ("Full Context Embeddings", {"fce": True}),
 }
 

@@ -522,6 +522,8 @@ def train_cmd(
     image_size: int | None = typer.Option(None, help="Omniglot: images are resized to this square (28); the "
                                           "model keeps it, and its evaluations read images at it."),
     elastic: float | None = typer.Option(None, help="Elastic deformation of strokes, largest pixels (0: off)."),
+    mixup: float | None = typer.Option(None, help="Supervised stage: images blended in pairs, shares drawn from "
+                                       "Beta(mixup, mixup) (0: off)."),
     thickness: float | None = typer.Option(None, help="Strokes thicker or thinner, largest share of a pixel (0: off)."),
     views: int | None = typer.Option(None, help="Test-time views averaged per image (1: the image alone)."),
     time_budget: float | None = typer.Option(None, help="Stop after this many seconds."),
@@ -550,7 +552,7 @@ def train_cmd(
     from .train import recipe, train
 
     given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "image_size": image_size,
-             "elastic": elastic, "thickness": thickness, "views": views, "time_budget_s": time_budget, "n_way": n_way,
+             "elastic": elastic, "mixup": mixup, "thickness": thickness, "views": views, "time_budget_s": time_budget, "n_way": n_way,
              "k_shot": k_shot, "n_query": n_query, "fce": fce, "fce_steps": fce_steps, "lr": lr, "topk": topk,
              "val_every": val_every, "val_episodes": val_episodes, "seed": seed, "background": background}
     cfg = recipe(dataset, data=str(data) if data else None, **{k: v for k, v in given.items() if v is not None})

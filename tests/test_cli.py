@@ -133,16 +133,21 @@ def test_train_at_another_image_size_and_evaluate_at_it(tmp_path):
     runs = data_root() / "omniglot" / "one-shot-sample"
     out = tmp_path / "ckpt40"
     run("train", "--out", out, "--episodes", 2, "--n-way", 5, "--n-query", 1, "--val-every", 2, "--val-episodes", 2,
-        "--width", 8, "--pretrain-epochs", 0, "--views", 1, "--image-size", 40)
-    assert json.loads((out / "config.json").read_text())["model"]["image_size"] == 40
+        "--width", 8, "--pretrain-epochs", 1, "--views", 1, "--image-size", 40, "--mixup", 0.5)
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["model"]["image_size"] == 40 and saved["mixup"] == 0.5
     res = json.loads(run("eval-oneshot", "--checkpoint", out, "--runs", runs, "--json").output)  # read at 40x40
     assert res["runs"] == 1
     rows = json.loads(run("eval-episodes", "--checkpoint", out, "--n-way", 5, "--k-shot", 1, "--episodes", 2,
                           "--json").output)
     assert len(rows) == 2
-    for bad in (200, 7):
+    for bad in (200, 15):
         r = run("train", "--out", tmp_path / "bad", "--image-size", bad, ok=False)
         assert r.exit_code == 2 and "image size" in r.output and not (tmp_path / "bad").exists()
+    r = run("train", "--out", tmp_path / "bad", "--mixup", -1, ok=False)
+    assert r.exit_code == 2 and "mixup" in r.output and not (tmp_path / "bad").exists()
+    r = run("train", "--out", out, "--resume", "--episodes", 3, ok=False)  # at 28 by default: refused, not resumed
+    assert r.exit_code == 2 and "image_size: 40 -> 28" in r.output
     r = run("train", "--out", tmp_path / "bad", "--dataset", "fashion-mnist", "--image-size", 40, ok=False)
     assert r.exit_code == 2 and "28x28" in r.output and not (tmp_path / "bad").exists()
 

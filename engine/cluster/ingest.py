@@ -44,6 +44,7 @@ class Embedder:
     """A Ray Data batch function: image bytes -> g embeddings (one model replica an actor)."""
 
     def __init__(self, checkpoint: str, image_size: int | None, max_pixels: int = MAX_PIXELS):
+        from ..data.omniglot import check_size
         from ..train import load_checkpoint
 
         self.model = load_checkpoint(checkpoint)
@@ -51,10 +52,13 @@ class Embedder:
             raise InvalidValueError("an FCE model embeds a whole support set at once; ingest embeds each image "
                                     "alone: use a checkpoint trained without --fce")
         trained = self.model.image_size
+        if image_size is not None:
+            image_size = check_size(image_size)
         if image_size is not None and trained is not None and image_size != trained:
             raise InvalidValueError(f"the checkpoint's model was trained on {trained}x{trained} images; "
                                     f"image_size={image_size} would feed it another size")
-        self.size, self.max_pixels = image_size or trained or 28, max_pixels
+        self.size = image_size if image_size is not None else (trained or 28)
+        self.max_pixels = max_pixels
 
     def __call__(self, batch: dict) -> dict:
         import torch

@@ -29,13 +29,14 @@ SPLITS = {"small1": "images_background_small1.zip", "small2": "images_background
 VALIDATION_ALPHABETS = ("Japanese_(katakana)", "Sanskrit", "Tagalog")
 SIZE = 28
 ORIGINAL_SIZE = 105  # the official PNGs' side
+SMALLEST_SIZE = 16  # the backbone's four 2x2 poolings leave a 1x1 map
 
 
 def check_size(size) -> int:
-    """An image side the loaders resize to: an integer from 8 (three 2x2 poolings) to 105
-    (the PNGs' own side)."""
-    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not 8 <= size <= ORIGINAL_SIZE:
-        raise InvalidValueError(f"image size must be an integer from 8 to {ORIGINAL_SIZE}, got {size!r}")
+    """An image side the loaders resize to: an integer from 16 (the backbone's four 2x2
+    poolings) to 105 (the PNGs' own side)."""
+    if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or not SMALLEST_SIZE <= size <= ORIGINAL_SIZE:
+        raise InvalidValueError(f"image size must be an integer from {SMALLEST_SIZE} to {ORIGINAL_SIZE}, got {size!r}")
     return int(size)
 
 
@@ -93,7 +94,7 @@ def load_background(split: str = "small1", root=None, *, alphabets=None, size: i
         split: "small1" or "small2".
         root: the data directory (holding ``omniglot/``) or the omniglot folder.
         alphabets: keep only these alphabets.
-        size: each image is resized to size x size (8 to 105).
+        size: each image is resized to size x size (16 to 105).
 
     Raises:
         FileNotFoundError: the zip is missing (the message names it).
@@ -160,7 +161,7 @@ def load_oneshot_runs(path: str | os.PathLike, *, size: int = SIZE) -> list[OneS
 
     Args:
         path: a folder of ``runNN`` folders, a single ``runNN`` folder, or ``all_runs.zip``.
-        size: each image is resized to size x size (8 to 105; a model's ``image_size``).
+        size: each image is resized to size x size (16 to 105; a model's ``image_size``).
 
     Raises:
         FileNotFoundError: nothing in the official layout at ``path``.

@@ -46,9 +46,9 @@ def ensemble(models: list[MatchingNetwork]) -> MatchingNetwork:
     """
     if not models:
         raise InvalidValueError("an ensemble needs at least one model")
-    sides = {m.image_size for m in models}
+    sides = {m.image_size for m in models} - {None}  # None: a model that does not say (any size)
     if len(sides) > 1:
-        raise InvalidValueError(f"an ensemble's members must read one image size, got {sorted(sides, key=str)}")
+        raise InvalidValueError(f"an ensemble's members must read one image size, got {sorted(sides)}")
     for m in models:
         if m.support_lstm is not None or m.h_backbone is not m.g_backbone:
             raise InvalidValueError("an ensemble takes models without FCE and with one shared backbone")
@@ -57,6 +57,6 @@ def ensemble(models: list[MatchingNetwork]) -> MatchingNetwork:
     inv_t = torch.stack([1.0 / m.temperature.detach() for m in models])
     net = MatchingNetwork(_Concatenated(list(models), inv_t / inv_t.sum()),
                           temperature=float(len(models) / inv_t.sum()), learn_temperature=False,
-                          image_size=sides.pop())
+                          image_size=sides.pop() if sides else None)
     net.eval()
     return net

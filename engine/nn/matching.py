@@ -32,6 +32,7 @@ from .fce import AttentionLSTM, SupportBiLSTM
 # engine.runtime.prepare they are reused rather than faulted in again each batch (128
 # filters or 40x40 images double them, past the threshold)
 INFERENCE_BATCH = 128
+SMALLEST_SIDE = 16  # the smallest image_size: four 2x2 poolings leave a 1x1 map
 
 
 class MatchingNetwork(nn.Module):
@@ -272,8 +273,9 @@ class MatchingNetwork(nn.Module):
 
 
 def _check_side(side) -> int:
-    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 1:
-        raise InvalidValueError(f"image_size must be an integer >= 1 or None, got {side!r}")
+    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < SMALLEST_SIDE:
+        raise InvalidValueError(f"image_size must be an integer >= {SMALLEST_SIDE} (the default backbone's four "
+                                f"poolings) or None, got {side!r}")
     return int(side)
 
 

@@ -42,6 +42,7 @@ class TrainConfig:
     episodes: int = 6000
     pretrain_epochs: int = 0  # supervised stage first: every training class at once (see pretrain)
     pretrain_batch: int = 128
+    mixup: float = 0.0  # supervised stage: images blended in pairs, shares from Beta(mixup, mixup); 0: off
     width: int = 64  # filters per conv block: the embedding's dimension
     image_size: int = 28  # images are resized to this square (omniglot; Fashion-MNIST is 28x28)
     views: int = 1  # test-time views averaged per image (MatchingNetwork(views=)); training sees one
@@ -71,12 +72,14 @@ def check_stage(cfg: TrainConfig) -> None:
                          f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
     if cfg.width < 1 or not cfg.elastic >= 0:
         raise InvalidValueError(f"width must be >= 1 and elastic >= 0, got {cfg.width} and {cfg.elastic}")
+    if not cfg.mixup >= 0:
+        raise InvalidValueError(f"mixup must be >= 0 (0: off), got {cfg.mixup}")
     if not 0 <= cfg.thickness <= 1:
         raise InvalidValueError(f"thickness must be in [0, 1], got {cfg.thickness}")
     check_views(cfg.views)
     if cfg.dataset == "fashion-mnist" and cfg.image_size != 28:
         raise InvalidValueError(f"Fashion-MNIST images are 28x28, got image_size={cfg.image_size!r}")
-    check_size(cfg.image_size)
+    cfg.image_size = check_size(cfg.image_size)  # a plain int: the config is written as JSON
 
 
 def recipe(dataset: str, **overrides) -> TrainConfig:

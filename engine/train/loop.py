@@ -17,8 +17,9 @@ from tqdm import tqdm
 from ..data.augment import jitter
 from ..data.episodes import Episode, EpisodeSampler
 from ..data.images import as_input, pixels
+from ..errors import InvalidValueError
 from ..nn import MatchingNetwork
-from .checkpoint import save
+from .checkpoint import read_config, save
 from .config import TrainConfig, check_stage, load_sets
 from .evaluate import evaluate_episodes
 
@@ -51,7 +52,10 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: 
     logits = cos / T at the model's temperature), the loss the episodes later refine.
 
     The head is dropped afterwards; only g (and h, when shared) keep what it learned.
-    Augmented as the episodes are; Adam with a cosine decay over the stage.
+    Augmented as the episodes are; Adam with a cosine decay over the stage. With
+    ``cfg.mixup`` (mixup, Zhang et al., 2018) each batch is blended with itself in another
+    order, ``lam * x + (1 - lam) * x[perm]`` with ``lam ~ Beta(mixup, mixup)``, and the loss is
+    the same blend of the two labels' cross-entropies; accuracy counts the first label.
 
     Args:
         images: (classes, per class, H, W) training images.
@@ -81,9 +85,15 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: 
                 pick = order[b * cfg.pretrain_batch:(b + 1) * cfg.pretrain_batch]
                 xb = jitter(pixels(x[pick]), cfg.shift, rng, rotate=cfg.rotate, scale=cfg.scale, elastic=cfg.elastic,
                             flip=cfg.flip, thickness=cfg.thickness)
+                lam, other = 1.0, None
+                if cfg.mixup > 0:  # drawn only when on: the recipe's random stream is unchanged
+                    lam, other = float(rng.beta(cfg.mixup, cfg.mixup)), rng.permutation(len(pick))
+                    xb = lam * xb + (1.0 - lam) * xb[other]
                 z = torch.nn.functional.normalize(model.g_backbone(as_input(xb)), dim=1)
                 logits = z @ torch.nn.functional.normalize(head, dim=1).T / model.temperature
                 loss = torch.nn.functional.cross_entropy(logits, y[pick])
+                if other is not None:
+                    loss = lam * loss + (1.0 - lam) * torch.nn.functional.cross_entropy(logits, y[pick][other])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -116,6 +126,23 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         torch.use_deterministic_algorithms(previous)
 
 
+# what the saved model is and reads: a resumed run must keep them (the episodes, the schedule may change)
+RESUME_KEEPS = ("dataset", "background", "image_size", "width", "fce", "fce_steps")
+
+
+def check_resumable(cfg: TrainConfig, out: Path) -> None:
+    """Refuse to resume the run in ``out`` with a config that would make another model of
+    it or feed it other images (its saved ``config.json`` is the reference; a run saved
+    before an option existed had its default)."""
+    saved = read_config(out)
+    default = TrainConfig()
+    changed = [f"{key}: {saved.get(key, getattr(default, key))!r} -> {getattr(cfg, key)!r}" for key in RESUME_KEEPS
+               if saved.get(key, getattr(default, key)) != getattr(cfg, key)]
+    if changed:
+        raise InvalidValueError(f"{out} holds a run of another model or data; resume it with the options it was "
+                                f"trained with ({'; '.join(changed)})")
+
+
 def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
     """Meta-train a Matching Network episodically.
 
@@ -130,6 +157,8 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     """
     check_stage(cfg)  # before anything is written
     out = Path(out)
+    if resume:
+        check_resumable(cfg, out)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)

@@ -417,6 +417,10 @@ def test_ingest_parquet_vectors_and_images(tmp_path):
         (ckpt40 / "config.json").write_text(json.dumps({"model": MatchingNetwork(image_size=40).config()}))
         torch.save(MatchingNetwork(image_size=40).state_dict(), ckpt40 / "best.pt")
         assert Embedder(str(ckpt40), None).size == 40 and Embedder(str(ckpt), None).size == 28
+        for bad in (0, -3, 12, True, 28.0):  # refused before any row is read, whatever the checkpoint
+            for which in (ckpt, ckpt40):
+                with pytest.raises(engine.InvalidValueError, match="image size"):
+                    Embedder(str(which), bad)
         with pytest.raises(engine.InvalidValueError, match="40x40"):
             ingest(mem, [tmp_path / "img.parquet"], checkpoint=ckpt40, image_size=28, progress=False)
         assert len(mem) == 300

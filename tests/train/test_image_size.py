@@ -34,7 +34,7 @@ def test_loaders_read_any_side_from_8_to_the_pngs_own():
         np.testing.assert_allclose(small.train.mean(axis=(1, 2)), full.train.mean(axis=(1, 2)), rtol=0.03, atol=1.0)
     chars = load_background("small2", alphabets=("Tagalog",), size=40)
     assert chars.images.shape[2:] == (40, 40)
-    for bad in (7, 106, 40.0, True, "40"):
+    for bad in (15, 106, 40.0, True, "40"):
         with pytest.raises(InvalidValueError, match="image size"):
             load_oneshot_runs(RUN01, size=bad)
         with pytest.raises(InvalidValueError, match="image size"):
@@ -52,13 +52,16 @@ def test_a_model_keeps_its_image_size_and_refuses_other_sizes():
     old = {k: v for k, v in model.config().items() if k != "image_size"}  # a checkpoint from before the option
     assert MatchingNetwork.from_config(old).image_size is None
     assert MatchingNetwork(width=8).embed_support(torch.zeros(2, 33, 33)).shape == (2, 8)  # None: any size
-    for bad in (0, 2.5, True):
+    for bad in (0, 15, 2.5, True):
         with pytest.raises(InvalidValueError, match="image_size"):
             MatchingNetwork(image_size=bad)
+    assert MatchingNetwork(width=8, image_size=16).eval().embed_support(torch.zeros(2, 16, 16)).shape == (2, 8)
     both = ensemble([MatchingNetwork(width=8, image_size=40), MatchingNetwork(width=8, image_size=40)])
     assert both.image_size == 40
+    # a checkpoint that does not say (None) joins one that says 28
+    assert ensemble([MatchingNetwork(width=8, image_size=28), MatchingNetwork(width=8)]).image_size == 28
     with pytest.raises(InvalidValueError, match="one image size"):
-        ensemble([MatchingNetwork(width=8, image_size=40), MatchingNetwork(width=8)])
+        ensemble([MatchingNetwork(width=8, image_size=40), MatchingNetwork(width=8, image_size=28)])
 
 
 def test_a_run_trained_at_40_checkpoints_its_size_and_is_scored_at_it(tmp_path):
@@ -81,10 +84,27 @@ def test_a_run_trained_at_40_checkpoints_its_size_and_is_scored_at_it(tmp_path):
     assert out["error_rate"] == pytest.approx(float((cos.argmax(1).numpy() != run.answer).mean()))
 
 
+def test_a_resumed_run_keeps_its_image_size_and_model(tmp_path):
+    base = dict(episodes=2, n_way=5, n_query=1, val_way=5, val_episodes=2, val_every=2, width=8)
+    train(TrainConfig(**base, image_size=40), tmp_path / "ck", progress=False)
+    before = (tmp_path / "ck" / "config.json").read_text()
+    for change in ({"image_size": 28}, {"width": 16}, {"background": "small2"}):
+        with pytest.raises(InvalidValueError, match=next(iter(change))):
+            train(TrainConfig(**{**base, "image_size": 40, **change, "episodes": 4}), tmp_path / "ck", resume=True,
+                  progress=False)
+        assert (tmp_path / "ck" / "config.json").read_text() == before  # nothing rewritten
+    assert train(TrainConfig(**{**base, "episodes": 4}, image_size=40), tmp_path / "ck", resume=True,
+                 progress=False)["episodes"] == 4
+    assert load_checkpoint(tmp_path / "ck").image_size == 40
+
+
 def test_the_config_refuses_sizes_it_cannot_read():
-    for bad in (7, 200, 28.5):
+    for bad in (15, 200, 28.5):
         with pytest.raises(InvalidValueError, match="image size"):
             check_stage(TrainConfig(image_size=bad))
+    cfg = TrainConfig(image_size=np.int64(40))
+    check_stage(cfg)
+    assert type(cfg.image_size) is int  # written as JSON
     with pytest.raises(InvalidValueError, match="Fashion-MNIST images are 28x28"):
         check_stage(recipe("fashion-mnist", image_size=40))
     check_stage(recipe("omniglot", image_size=40))

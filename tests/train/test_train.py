@@ -203,7 +203,8 @@ def test_pretraining_teaches_g_to_separate_the_training_classes():
     for bad, word in (({"pretrain_batch": 1}, "pretrain"), ({"pretrain_epochs": -1}, "pretrain"),
                       ({"width": 0}, "width"), ({"elastic": float("nan")}, "elastic"),
                       ({"thickness": 1.5}, "thickness"), ({"thickness": float("nan")}, "thickness"),
-                      ({"views": 0}, "views"), ({"views": 2.0}, "views")):
+                      ({"views": 0}, "views"), ({"views": 2.0}, "views"), ({"mixup": -1.0}, "mixup"),
+                      ({"mixup": float("nan")}, "mixup")):
         with pytest.raises(ValueError, match=word):
             pretrain(model, images[:, :8], TrainConfig(**{"pretrain_epochs": 1, **bad}), rng, progress=False)
     rows = pretrain(model, images[:, :8], cfg, rng, progress=False)
@@ -213,6 +214,32 @@ def test_pretraining_teaches_g_to_separate_the_training_classes():
     with torch.no_grad():
         after = np.mean([episode_loss(model, ep)[0].item() for ep in fixed])
     assert after < 0.7 * before, (before, after)
+
+
+def test_mixup_blends_each_batch_with_itself_in_another_order():
+    """Images of one grey level each: a blended batch keeps its sum and each value lies
+    between the batch's extremes, yet is not the image it replaced."""
+    torch.manual_seed(0)
+    levels = np.random.default_rng(1).permutation(np.arange(8 * 4)).reshape(8, 4) * 7 + 10  # distinct levels
+    images = np.broadcast_to(levels[:, :, None, None], (8, 4, 28, 28)).astype(np.uint8)
+    model = MatchingNetwork(width=8)
+    seen = []
+    model.g_backbone.register_forward_pre_hook(lambda _, args: seen.append(args[0].detach().clone()))
+    cfg = TrainConfig(pretrain_epochs=2, pretrain_batch=32, shift=0, rotate=0, scale=0, mixup=1.0)
+    pretrain(model, images, cfg, np.random.default_rng(0), progress=False)
+    assert len(seen) == 2
+    values = np.sort(levels.ravel() / 255.0)
+    for batch in seen:
+        flat = batch.reshape(len(batch), -1).double().numpy()
+        assert np.ptp(flat, axis=1).max() < 1e-6  # each input is still one grey level: a blend of two
+        got = flat[:, 0]
+        assert got.sum() == pytest.approx(values.sum(), rel=1e-5)
+        assert values[0] - 1e-6 <= got.min() and got.max() <= values[-1] + 1e-6
+        assert not np.allclose(np.sort(got), values, atol=1e-4)  # blended, not the images themselves
+    seen.clear()
+    pretrain(model, images, TrainConfig(pretrain_epochs=1, pretrain_batch=32, shift=0, rotate=0, scale=0),
+             np.random.default_rng(0), progress=False)
+    np.testing.assert_allclose(np.sort(seen[0].reshape(32, -1)[:, 0].double().numpy()), values, atol=1e-6)
 
 
 def test_a_run_with_pretraining_and_a_wider_embedding_checkpoints(tmp_path):
