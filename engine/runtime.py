@@ -4,11 +4,13 @@ memory it frees, and (set before Python starts) OpenMP threads that sleep while 
 Two costs of torch on a small CPU machine, measured on 2 cores with
 ``python bench/torch_runtime.py`` (docs/matching-networks.md, "The process a model runs in"):
 
-- **Page faults.** A convolution's activations for 128 images are about 26 MB. glibc hands
-  blocks that large out by ``mmap`` and gives them back on free, so every batch faults its
-  memory in again: inference spent more time in the kernel than in torch. :func:`prepare`
-  keeps blocks up to 32 MB (glibc's largest ``mmap`` threshold) on the heap and freed
-  memory in the process (``mallopt``); it can be called at any time.
+- **Page faults.** A convolution's activations for 128 images are about 26 MB at 28x28
+  and 52 MB at 40x40. glibc hands blocks that large out by ``mmap`` and gives them back on
+  free, so every batch faults its memory in again: inference spent more time in the kernel
+  than in torch. :func:`prepare` has every block come from the heap (``mmap`` is off for
+  allocations: glibc's largest threshold, 32 MB, is below a 40x40 batch) and keeps freed
+  memory in the process (``mallopt``); it can be called at any time. glibc still maps
+  memory when the heap cannot grow, and for thread arenas' blocks beyond their 64 MB heaps.
 - **Spinning threads.** OpenMP threads spin while they wait for work; beside another busy
   process they burn the cores it needs. ``OMP_WAIT_POLICY=PASSIVE`` stops that, but OpenMP
   reads it once, when a runtime loads, and ``import engine`` loads FAISS's: set from Python
@@ -29,8 +31,9 @@ from .checks import optional_integer
 from .extras import require
 
 # glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -2, -3, -4
 MMAP_THRESHOLD = 32 << 20  # the largest glibc accepts on 64-bit: blocks below it come from the heap
+MMAP_MAX = 0  # blocks glibc may map at once: none, so larger blocks come from the heap too
 TRIM_THRESHOLD = 1 << 30  # free memory kept at the heap's top before it is given back
 TOP_PAD = 64 << 20  # extra asked of the kernel each time the heap grows
 
@@ -70,6 +73,6 @@ def _tune_malloc() -> bool:
     except (OSError, AttributeError):  # not glibc (musl has no mallopt): nothing to tune
         return False
     mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    took = [mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD),
+    took = [mallopt(p, v) == 1 for p, v in ((_M_MMAP_THRESHOLD, MMAP_THRESHOLD), (_M_MMAP_MAX, MMAP_MAX),
                                              (_M_TRIM_THRESHOLD, TRIM_THRESHOLD), (_M_TOP_PAD, TOP_PAD))]
     return all(took)  # each one tried, whatever the others gave

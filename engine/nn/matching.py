@@ -28,9 +28,8 @@ from .backbone import ConvEmbedding
 from .fce import AttentionLSTM, SupportBiLSTM
 
 # images per backbone call out of training: at 28x28 and 64 filters a block's activations
-# (about 26 MB) stay under glibc's largest mmap threshold (32 MB), so with
-# engine.runtime.prepare they are reused rather than faulted in again each batch (128
-# filters or 40x40 images double them, past the threshold)
+# are about 26 MB (52 MB at 40x40 or 128 filters); engine.runtime.prepare has them reused
+# from the heap rather than faulted in again each batch
 INFERENCE_BATCH = 128
 SMALLEST_SIDE = 16  # the smallest image_size: four 2x2 poolings leave a 1x1 map
 
