@@ -1,6 +1,6 @@
 """What ``engine.runtime.prepare`` changes for a process that trains or embeds with torch.
 
-    python bench/torch_runtime.py --out runs/bench [--steps 60] [--images 12000]
+    python bench/torch_runtime.py --out runs/bench [--steps 60] [--images 12000] [--side 40]
 
 Each figure comes from fresh processes: torch's default setup, ``prepare()`` called first,
 and ``OMP_WAIT_POLICY=PASSIVE`` in the environment the process starts with:
@@ -13,9 +13,11 @@ and ``OMP_WAIT_POLICY=PASSIVE`` in the environment the process starts with:
   current code, which makes each chunk's views as it embeds it (the same numbers as making
   each view of every image first), so the two differ in the batch only.
 
-For each: wall seconds, the CPU seconds spent in user space and in the kernel, and the
-minor page faults, from ``getrusage``. Writes torch_runtime.json, torch_runtime.md and
-torch_runtime.png (wall time of each case, as a ratio to the default alone).
+Images are ``--side`` pixels square (28 by default; at 40 a block's activations for 128
+images, 52 MB, are above glibc's largest ``mmap`` threshold). For each: wall seconds, the
+CPU seconds spent in user space and in the kernel, and the minor page faults, from
+``getrusage``. Writes torch_runtime.json, torch_runtime.md and torch_runtime.png (wall
+time of each case, as a ratio to the default alone).
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from pathlib import Path
 OLD_BATCH = 1024
 
 
-def child(kind: str, prepared: bool, steps: int, images: int, batch: int) -> dict:
+def child(kind: str, prepared: bool, steps: int, images: int, batch: int, side: int = 28) -> dict:
     """Run one case in this process (started fresh by :func:`run`) and measure it."""
     import resource
     import time
@@ -48,7 +50,7 @@ def child(kind: str, prepared: bool, steps: int, images: int, batch: int) -> dic
     r0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     if kind == "step":
         opt = torch.optim.Adam(model.parameters(), 1e-3)
-        x = torch.rand(128, 1, 28, 28)
+        x = torch.rand(128, 1, side, side)
         for _ in range(steps):
             loss = model.g_backbone(x).pow(2).mean()
             opt.zero_grad()
@@ -57,17 +59,18 @@ def child(kind: str, prepared: bool, steps: int, images: int, batch: int) -> dic
     else:
         model.views = 4
         with torch.no_grad():
-            model.backbone_features(torch.rand(images, 1, 28, 28), batch_size=batch)
+            model.backbone_features(torch.rand(images, 1, side, side), batch_size=batch)
     r1 = resource.getrusage(resource.RUSAGE_SELF)
     return {"seconds": time.perf_counter() - t0, "user_s": r1.ru_utime - r0.ru_utime,
             "sys_s": r1.ru_stime - r0.ru_stime, "minor_faults": r1.ru_minflt - r0.ru_minflt}
 
 
-def run(kind: str, prepared: bool, passive: bool, steps: int, images: int, batch: int, together: int = 1) -> dict:
+def run(kind: str, prepared: bool, passive: bool, steps: int, images: int, batch: int, together: int = 1,
+        side: int = 28) -> dict:
     """``together`` fresh processes of one case, started at once; their mean figures. ``passive``:
     they start with ``OMP_WAIT_POLICY=PASSIVE`` in their environment (else with none set)."""
     cmd = [sys.executable, __file__, "--child", kind, "--steps", str(steps), "--images", str(images),
-           "--batch", str(batch)] + (["--prepared"] if prepared else [])
+           "--batch", str(batch), "--side", str(side)] + (["--prepared"] if prepared else [])
     env = {k: v for k, v in os.environ.items() if k != "OMP_WAIT_POLICY"}
     if passive:
         env["OMP_WAIT_POLICY"] = "PASSIVE"
@@ -121,6 +124,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--steps", type=int, default=60, help="training steps a process")
     ap.add_argument("--images", type=int, default=12000, help="images embedded a process")
+    ap.add_argument("--side", type=int, default=28, help="image side in pixels")
     ap.add_argument("--kinds", nargs="+", choices=["step", "embed"], default=["step", "embed"],
                     help="which cases to run")
     ap.add_argument("--child", choices=["step", "embed"], help=argparse.SUPPRESS)
@@ -131,7 +135,7 @@ def main(argv=None) -> dict:
         from engine.nn.matching import INFERENCE_BATCH
 
         batch = INFERENCE_BATCH if args.batch < 0 else args.batch
-        print(json.dumps(child(args.child, args.prepared, args.steps, args.images, batch)))
+        print(json.dumps(child(args.child, args.prepared, args.steps, args.images, batch, args.side)))
         return {}
     from tqdm import tqdm
 
@@ -140,11 +144,11 @@ def main(argv=None) -> dict:
     for name, kind, prepared, passive, batch, together in tqdm([c for c in CASES if c[1] in args.kinds],
                                                                desc="cases"):
         rows.append({"case": name, "kind": kind, "prepared": prepared, "omp_passive": passive, "processes": together,
-                     **run(kind, prepared, passive, args.steps, args.images, batch, together)})
+                     **run(kind, prepared, passive, args.steps, args.images, batch, together, args.side)})
     base = {kind: next(r["seconds"] for r in rows if r["kind"] == kind) for kind in args.kinds}
     for r in rows:
         r["vs_default_alone"] = r["seconds"] / base[r["kind"]]
-    doc = {"steps": args.steps, "images": args.images, "results": rows}
+    doc = {"steps": args.steps, "images": args.images, "side": args.side, "results": rows}
     (args.out / "torch_runtime.json").write_text(json.dumps(doc, indent=2))
     lines = ["| case | wall s (a process) | vs the default alone | user s | kernel s | minor faults |",
              "|---|---:|---:|---:|---:|---:|"]

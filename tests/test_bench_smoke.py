@@ -178,8 +178,9 @@ def test_flight_transport_benchmark(tmp_path):
 def test_torch_runtime_benchmark(tmp_path):
     import torch_runtime
 
-    doc = torch_runtime.main(["--kinds", "embed", "--images", "64", "--out", str(tmp_path)])
+    doc = torch_runtime.main(["--kinds", "embed", "--images", "64", "--side", "40", "--out", str(tmp_path)])
     rows = doc["results"]
+    assert doc["side"] == 40
     assert [r["case"] for r in rows] == [c[0] for c in torch_runtime.CASES if c[1] == "embed"]
     assert rows[0]["vs_default_alone"] == 1.0 and all(r["seconds"] > 0 and r["minor_faults"] >= 0 for r in rows)
     assert (tmp_path / "torch_runtime.png").stat().st_size > 0 and (tmp_path / "torch_runtime.md").exists()
