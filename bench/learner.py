@@ -51,7 +51,7 @@ LEVERS = {
     "way60": ("60-way training episodes, across alphabets", {"n_way": 60, "within_alphabet": 0.0}),
     # the augmentation's shifts and elastic strokes (in pixels) grown with the image
     "size40": ("40x40 images (shifts 3 px, elastic 2 px)", {"image_size": 40, "shift": 3.0, "elastic": 2.0}),
-    # a third of the episodes (1,000 by default): what make demo's budget could hold at 40x40
+    # a third of the episodes (1,000 by default), the supervised stage unchanged: a shorter training at 40x40
     "size40short": ("40x40 images, a third of the episodes", {"image_size": 40, "shift": 3.0, "elastic": 2.0,
                                                               "episodes_share": 1 / 3}),
     "mixup": ("mixup in the supervised stage (Beta(1, 1): shares uniform)", {"mixup": 1.0}),
@@ -67,8 +67,11 @@ def lever_config(lever: str, background: str, seed: int, data, episodes: int, ev
     if pretrain_epochs is not None:
         overrides = {**overrides, "pretrain_epochs": pretrain_epochs}
     overrides = dict(overrides)
-    episodes = max(1, round(episodes * overrides.pop("episodes_share", 1.0)))  # a lever may train a share
-    return recipe("omniglot", **{"val_every": max(episodes // 3, min(episodes, 1000)),
+    share = overrides.pop("episodes_share", 1.0)  # a lever may train a share of the episodes
+    if episodes > 0 and share != 1.0:
+        episodes = max(1, round(episodes * share))
+    # three validations for every length (the best of them is the model scored)
+    return recipe("omniglot", **{"val_every": max(1, episodes // 3),
                                  "val_episodes": min(100, eval_episodes), "seed": seed, "background": background,
                                  "data": None if data is None else str(data), **overrides, "episodes": episodes})
 

@@ -38,13 +38,14 @@ def test_a_prepared_process_reuses_large_blocks_rather_than_faulting_them_in_aga
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt\n"
             "for _ in range(20):\n    p = libc.malloc(64 << 20); ctypes.memset(p, 1, 64 << 20); libc.free(p)\n"
             "print(json.dumps(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before))")
-    pages = (64 << 20) // 4096
+    pages = (64 << 20) // 4096  # 4 KB pages of one block
     faults = {}
     for prepared in ("no", "yes"):
         out = subprocess.run([sys.executable, "-c", code, prepared], capture_output=True, text=True, timeout=120,
                              check=True)
         faults[prepared] = json.loads(out.stdout.strip().splitlines()[-1])
-    assert faults["no"] > 10 * pages and faults["yes"] < 3 * pages, faults
+    # a ratio, not page counts: with transparent huge pages a fault brings 2 MB in
+    assert faults["no"] > 10 * faults["yes"] and faults["yes"] < 3 * pages, faults
 
 
 def test_prepare_refuses_bad_threads():

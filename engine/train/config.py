@@ -11,6 +11,8 @@ alphabets of the other minimal split that it lacks (for ``small1``: Japanese
 from __future__ import annotations
 
 import functools
+import math
+import numbers
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,8 +74,12 @@ def check_stage(cfg: TrainConfig) -> None:
                          f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
     if cfg.width < 1 or not cfg.elastic >= 0:
         raise InvalidValueError(f"width must be >= 1 and elastic >= 0, got {cfg.width} and {cfg.elastic}")
-    if not cfg.mixup >= 0:
-        raise InvalidValueError(f"mixup must be >= 0 (0: off), got {cfg.mixup}")
+    if isinstance(cfg.mixup, bool) or not isinstance(cfg.mixup, numbers.Real) or not (
+            math.isfinite(cfg.mixup) and cfg.mixup >= 0):
+        raise InvalidValueError(f"mixup must be a finite number >= 0 (0: off), got {cfg.mixup!r}")
+    cfg.mixup = float(cfg.mixup)  # a plain float: the config is written as JSON
+    if cfg.mixup > 0 and cfg.pretrain_epochs == 0:
+        raise InvalidValueError("mixup blends the supervised stage's batches: it needs pretrain_epochs >= 1")
     if not 0 <= cfg.thickness <= 1:
         raise InvalidValueError(f"thickness must be in [0, 1], got {cfg.thickness}")
     check_views(cfg.views)

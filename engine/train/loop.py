@@ -126,18 +126,25 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         torch.use_deterministic_algorithms(previous)
 
 
-# what the saved model is and reads: a resumed run must keep them (the episodes, the schedule may change)
-RESUME_KEEPS = ("dataset", "background", "image_size", "width", "fce", "fce_steps")
+# what the saved model is, reads and is validated through: a resumed run must keep them (the
+# episodes and the schedule may change); fce_steps matters only with fce, background only on omniglot
+RESUME_KEEPS = ("dataset", "background", "image_size", "width", "fce", "fce_steps", "views")
 
 
 def check_resumable(cfg: TrainConfig, out: Path) -> None:
     """Refuse to resume the run in ``out`` with a config that would make another model of
-    it or feed it other images (its saved ``config.json`` is the reference; a run saved
-    before an option existed had its default)."""
+    it, feed it other images or validate it otherwise (its best state was chosen by the
+    saved config's validation). The saved ``config.json`` is the reference; a run saved
+    before an option existed had its default."""
     saved = read_config(out)
     default = TrainConfig()
-    changed = [f"{key}: {saved.get(key, getattr(default, key))!r} -> {getattr(cfg, key)!r}" for key in RESUME_KEEPS
-               if saved.get(key, getattr(default, key)) != getattr(cfg, key)]
+
+    def was(key):
+        return saved.get(key, getattr(default, key))
+
+    keys = [k for k in RESUME_KEEPS if not (k == "fce_steps" and not cfg.fce and not was("fce"))
+            and not (k == "background" and cfg.dataset != "omniglot")]
+    changed = [f"{key}: {was(key)!r} -> {getattr(cfg, key)!r}" for key in keys if was(key) != getattr(cfg, key)]
     if changed:
         raise InvalidValueError(f"{out} holds a run of another model or data; resume it with the options it was "
                                 f"trained with ({'; '.join(changed)})")
