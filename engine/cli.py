@@ -521,6 +521,7 @@ def train_cmd(
     width: int | None = typer.Option(None, help="Filters per conv block: the embedding's dimension (64)."),
     image_size: int | None = typer.Option(None, help="Omniglot: images are resized to this square (28); the "
                                           "model keeps it, and its evaluations read images at it."),
+    shift: float | None = typer.Option(None, help="Random translation of training images, largest pixels (2)."),
     elastic: float | None = typer.Option(None, help="Elastic deformation of strokes, largest pixels (0: off)."),
     mixup: float | None = typer.Option(None, help="Supervised stage: images blended in pairs, shares drawn from "
                                        "Beta(mixup, mixup) (0: off)."),
@@ -552,9 +553,10 @@ def train_cmd(
     from .train import recipe, train
 
     given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "image_size": image_size,
-             "elastic": elastic, "mixup": mixup, "thickness": thickness, "views": views, "time_budget_s": time_budget,
-             "n_way": n_way, "k_shot": k_shot, "n_query": n_query, "fce": fce, "fce_steps": fce_steps, "lr": lr,
-             "topk": topk, "val_every": val_every, "val_episodes": val_episodes, "seed": seed, "background": background}
+             "shift": shift, "elastic": elastic, "mixup": mixup, "thickness": thickness, "views": views,
+             "time_budget_s": time_budget, "n_way": n_way, "k_shot": k_shot, "n_query": n_query, "fce": fce,
+             "fce_steps": fce_steps, "lr": lr, "topk": topk, "val_every": val_every, "val_episodes": val_episodes,
+             "seed": seed, "background": background}
     cfg = recipe(dataset, data=str(data) if data else None, **{k: v for k, v in given.items() if v is not None})
     summary = train(cfg, out, resume=resume)
     if summary.get("best_val_acc", 0) < 0:  # never validated (no episodes): no accuracy to report

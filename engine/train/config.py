@@ -72,6 +72,10 @@ def check_stage(cfg: TrainConfig) -> None:
     if cfg.pretrain_epochs < 0 or cfg.pretrain_batch < 2:
         raise InvalidValueError(f"pretrain_epochs must be >= 0 and pretrain_batch >= 2 (batch norm), got "
                          f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
+    for name in ("shift", "rotate", "scale"):
+        value = getattr(cfg, name)
+        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+            raise InvalidValueError(f"{name} must be a finite number >= 0 (0: off), got {value!r}")
     if cfg.width < 1 or not cfg.elastic >= 0:
         raise InvalidValueError(f"width must be >= 1 and elastic >= 0, got {cfg.width} and {cfg.elastic}")
     if isinstance(cfg.mixup, bool) or not isinstance(cfg.mixup, numbers.Real) or not (

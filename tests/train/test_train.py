@@ -205,7 +205,9 @@ def test_pretraining_teaches_g_to_separate_the_training_classes():
                       ({"thickness": 1.5}, "thickness"), ({"thickness": float("nan")}, "thickness"),
                       ({"views": 0}, "views"), ({"views": 2.0}, "views"), ({"mixup": -1.0}, "mixup"),
                       ({"mixup": float("nan")}, "mixup"), ({"mixup": float("inf")}, "mixup"),
-                      ({"mixup": "1"}, "mixup"), ({"mixup": 1.0, "pretrain_epochs": 0}, "mixup")):
+                      ({"mixup": "1"}, "mixup"), ({"mixup": 1.0, "pretrain_epochs": 0}, "mixup"),
+                      ({"shift": float("nan")}, "shift"), ({"rotate": -1.0}, "rotate"),
+                      ({"scale": float("inf")}, "scale")):
         with pytest.raises(ValueError, match=word):
             pretrain(model, images[:, :8], TrainConfig(**{"pretrain_epochs": 1, **bad}), rng, progress=False)
     rows = pretrain(model, images[:, :8], cfg, rng, progress=False)
