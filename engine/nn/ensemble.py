@@ -40,7 +40,7 @@ def ensemble(models: list[MatchingNetwork]) -> MatchingNetwork:
     test-time views). For evaluation: the members are frozen and in eval mode.
 
     Raises:
-        ValueError: no models, or a member with Full Context Embeddings (its LSTMs read the
+        InvalidValueError: no models, or a member with Full Context Embeddings (its LSTMs read the
             whole support set in its own space) or with separate g and h backbones, or
             members trained on images of different sizes.
     """

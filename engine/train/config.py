@@ -74,7 +74,7 @@ def check_stage(cfg: TrainConfig) -> None:
                          f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
     for name in ("shift", "rotate", "scale"):
         value = getattr(cfg, name)
-        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+        if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise InvalidValueError(f"{name} must be a finite number >= 0 (0: off), got {value!r}")
     if cfg.width < 1 or not cfg.elastic >= 0:
         raise InvalidValueError(f"width must be >= 1 and elastic >= 0, got {cfg.width} and {cfg.elastic}")
