@@ -44,7 +44,7 @@ class Embedder:
     """A Ray Data batch function: image bytes -> g embeddings (one model replica an actor)."""
 
     def __init__(self, checkpoint: str, image_size: int | None, max_pixels: int = MAX_PIXELS):
-        from ..data.omniglot import check_size
+        from ..data.omniglot import SIZE, check_size
         from ..train import load_checkpoint
 
         self.model = load_checkpoint(checkpoint)
@@ -57,7 +57,7 @@ class Embedder:
         if image_size is not None and trained is not None and image_size != trained:
             raise InvalidValueError(f"the checkpoint's model was trained on {trained}x{trained} images; "
                                     f"image_size={image_size} would feed it another size")
-        self.size = image_size if image_size is not None else (trained or 28)
+        self.size = image_size if image_size is not None else (trained or SIZE)
         self.max_pixels = max_pixels
 
     def __call__(self, batch: dict) -> dict:

@@ -22,6 +22,7 @@ from torch import nn
 
 from ..attention import attend_torch
 from ..data.augment import apply_view, check_views, view_maps
+from ..data.omniglot import SMALLEST_SIZE
 from ..errors import InvalidValueError, UsageError
 from ..index import VectorIndex
 from .backbone import ConvEmbedding
@@ -31,7 +32,6 @@ from .fce import AttentionLSTM, SupportBiLSTM
 # are about 26 MB (52 MB at 40x40 or 128 filters); engine.runtime.prepare has them reused
 # from the heap rather than faulted in again each batch
 INFERENCE_BATCH = 128
-SMALLEST_SIDE = 16  # the smallest image_size: four 2x2 poolings leave a 1x1 map
 
 
 class MatchingNetwork(nn.Module):
@@ -272,8 +272,8 @@ class MatchingNetwork(nn.Module):
 
 
 def _check_side(side) -> int:
-    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < SMALLEST_SIDE:
-        raise InvalidValueError(f"image_size must be an integer >= {SMALLEST_SIDE} (the default backbone's four "
+    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < SMALLEST_SIZE:
+        raise InvalidValueError(f"image_size must be an integer >= {SMALLEST_SIZE} (the default backbone's four "
                                 f"poolings) or None, got {side!r}")
     return int(side)
 

@@ -72,16 +72,13 @@ def check_stage(cfg: TrainConfig) -> None:
     if cfg.pretrain_epochs < 0 or cfg.pretrain_batch < 2:
         raise InvalidValueError(f"pretrain_epochs must be >= 0 and pretrain_batch >= 2 (batch norm), got "
                          f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
-    for name in ("shift", "rotate", "scale"):
+    for name in ("shift", "rotate", "scale", "elastic", "mixup"):  # amounts: NaN or inf would train NaN weights
         value = getattr(cfg, name)
         if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise InvalidValueError(f"{name} must be a finite number >= 0 (0: off), got {value!r}")
-    if cfg.width < 1 or not cfg.elastic >= 0:
-        raise InvalidValueError(f"width must be >= 1 and elastic >= 0, got {cfg.width} and {cfg.elastic}")
-    if isinstance(cfg.mixup, bool) or not isinstance(cfg.mixup, numbers.Real) or not (
-            math.isfinite(cfg.mixup) and cfg.mixup >= 0):
-        raise InvalidValueError(f"mixup must be a finite number >= 0 (0: off), got {cfg.mixup!r}")
-    cfg.mixup = float(cfg.mixup)  # a plain float: the config is written as JSON
+        setattr(cfg, name, float(value))  # a plain float: the config is written as JSON
+    if cfg.width < 1:
+        raise InvalidValueError(f"width must be >= 1, got {cfg.width}")
     if cfg.mixup > 0 and cfg.pretrain_epochs == 0:
         raise InvalidValueError("mixup blends the supervised stage's batches: it needs pretrain_epochs >= 1")
     if not 0 <= cfg.thickness <= 1:

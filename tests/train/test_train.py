@@ -207,7 +207,8 @@ def test_pretraining_teaches_g_to_separate_the_training_classes():
                       ({"mixup": float("nan")}, "mixup"), ({"mixup": float("inf")}, "mixup"),
                       ({"mixup": "1"}, "mixup"), ({"mixup": 1.0, "pretrain_epochs": 0}, "mixup"),
                       ({"shift": float("nan")}, "shift"), ({"rotate": -1.0}, "rotate"),
-                      ({"scale": float("inf")}, "scale")):
+                      ({"scale": float("inf")}, "scale"), ({"elastic": float("inf")}, "elastic"),
+                      ({"elastic": True}, "elastic")):
         with pytest.raises(ValueError, match=word):
             pretrain(model, images[:, :8], TrainConfig(**{"pretrain_epochs": 1, **bad}), rng, progress=False)
     rows = pretrain(model, images[:, :8], cfg, rng, progress=False)
