@@ -54,6 +54,8 @@ LEVERS = {
     # a third of the episodes (1,000 by default), the supervised stage unchanged: a shorter training at 40x40
     "size40short": ("40x40 images, a third of the episodes", {"image_size": 40, "shift": 3.0, "elastic": 2.0,
                                                               "episodes_share": 1 / 3}),
+    # a square of a third of the side blanked in every training image: part of the strokes left out
+    "erase": ("a square blanked in each training image (cutout, side 0.35)", {"erase": 0.35}),
     "mixup": ("mixup in the supervised stage (Beta(1, 1): shares uniform)", {"mixup": 1.0}),
     "fce": ("Full Context Embeddings", {"fce": True}),
 }

@@ -526,6 +526,8 @@ def train_cmd(
     mixup: float | None = typer.Option(None, help="Supervised stage: images blended in pairs, shares drawn from "
                                        "Beta(mixup, mixup) (0: off)."),
     thickness: float | None = typer.Option(None, help="Strokes thicker or thinner, largest share of a pixel (0: off)."),
+    erase: float | None = typer.Option(None, help="A square of each training image blanked, its side as a share "
+                                       "of the image's (cutout; 0: off)."),
     views: int | None = typer.Option(None, help="Test-time views averaged per image (1: the image alone)."),
     time_budget: float | None = typer.Option(None, help="Stop after this many seconds."),
     n_way: int | None = typer.Option(None, help="Classes per training episode."),
@@ -553,10 +555,10 @@ def train_cmd(
     from .train import recipe, train
 
     given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "image_size": image_size,
-             "shift": shift, "elastic": elastic, "mixup": mixup, "thickness": thickness, "views": views,
-             "time_budget_s": time_budget, "n_way": n_way, "k_shot": k_shot, "n_query": n_query, "fce": fce,
-             "fce_steps": fce_steps, "lr": lr, "topk": topk, "val_every": val_every, "val_episodes": val_episodes,
-             "seed": seed, "background": background}
+             "shift": shift, "elastic": elastic, "mixup": mixup, "thickness": thickness, "erase": erase,
+             "views": views, "time_budget_s": time_budget, "n_way": n_way, "k_shot": k_shot, "n_query": n_query,
+             "fce": fce, "fce_steps": fce_steps, "lr": lr, "topk": topk, "val_every": val_every,
+             "val_episodes": val_episodes, "seed": seed, "background": background}
     cfg = recipe(dataset, data=str(data) if data else None, **{k: v for k, v in given.items() if v is not None})
     summary = train(cfg, out, resume=resume)
     if summary.get("best_val_acc", 0) < 0:  # never validated (no episodes): no accuracy to report

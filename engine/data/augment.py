@@ -18,11 +18,14 @@ from ..errors import InvalidValueError
 
 
 def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
-           scale: float = 0.0, elastic: float = 0.0, flip: bool = False, thickness: float = 0.0) -> np.ndarray:
+           scale: float = 0.0, elastic: float = 0.0, flip: bool = False, thickness: float = 0.0,
+           erase: float = 0.0) -> np.ndarray:
     """(n, H, W) images, each moved by its own random affine map, then (``elastic``) by a
     smooth random displacement field: pen strokes bend as another hand would draw them
     (Simard et al., 2003: Gaussian-smoothed noise, here of width H/9). With ``thickness``
-    the strokes first get thicker or thinner, as another pen would draw them.
+    the strokes first get thicker or thinner, as another pen would draw them; with
+    ``erase`` a square of each image is blanked at last, a part of the strokes left out
+    (cutout, DeVries and Taylor, 2017).
 
     Args:
         shift: largest translation in pixels, each way.
@@ -32,8 +35,10 @@ def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate
         flip: mirror each image left to right with probability 1/2.
         thickness: largest share (at most 1) of a one-pixel dilation, or erosion, blended into
             each image (strokes are bright): a share drawn uniformly from [-thickness, thickness].
+        erase: side of the blanked square as a share (at most 1) of the image's side, centred
+            anywhere in the image (so that near an edge less of it falls inside); 0: none.
     """
-    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0 and not flip and thickness <= 0:
+    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0 and not flip and thickness <= 0 and erase <= 0:
         return images
     n, h, w = images.shape
     theta = _affine_maps(n, shift, rotate, scale, (h, w), rng)
@@ -45,8 +50,22 @@ def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate
     x = torch.from_numpy(images).unsqueeze(1)
     if thickness > 0:
         x = _pen(x, np.clip(rng.uniform(-thickness, thickness, n), -1.0, 1.0))
-    out = F.grid_sample(x, grid, align_corners=False)
-    return out[:, 0].numpy()
+    out = F.grid_sample(x, grid, align_corners=False)[:, 0]
+    if erase > 0:
+        out = out * _holes(n, h, w, erase, rng)
+    return out.numpy()
+
+
+def _holes(n: int, h: int, w: int, share: float, rng: np.random.Generator) -> torch.Tensor:
+    """(n, h, w) masks, 0 on a square of side ``share`` of the larger side (at least a pixel)
+    centred at a random pixel of each image, 1 elsewhere."""
+    side = max(1, round(min(share, 1.0) * max(h, w)))
+    top = rng.integers(0, h, n) - side // 2  # the square's first row and column, may lie outside
+    left = rng.integers(0, w, n) - side // 2
+    rows = np.arange(h)[None, :] - top[:, None]
+    cols = np.arange(w)[None, :] - left[:, None]
+    inside = ((rows >= 0) & (rows < side))[:, :, None] & ((cols >= 0) & (cols < side))[:, None, :]
+    return torch.from_numpy(~inside).to(torch.float32)
 
 
 def _displacement(n: int, h: int, w: int, most: float, rng: np.random.Generator) -> torch.Tensor:

@@ -41,6 +41,7 @@ class TrainConfig:
     elastic: float = 0.0  # augmentation: smooth random displacement of the strokes, at most this many pixels
     flip: bool = False  # augmentation: mirror half the images left to right (garments, not characters)
     thickness: float = 0.0  # augmentation: strokes thicker or thinner, by up to this share of a pixel's dilation
+    erase: float = 0.0  # augmentation: a square this share of the side blanked in each image (cutout); 0: off
     episodes: int = 6000
     pretrain_epochs: int = 0  # supervised stage first: every training class at once (see pretrain)
     pretrain_batch: int = 128
@@ -81,8 +82,11 @@ def check_stage(cfg: TrainConfig) -> None:
         raise InvalidValueError(f"width must be >= 1, got {cfg.width}")
     if cfg.mixup > 0 and cfg.pretrain_epochs == 0:
         raise InvalidValueError("mixup blends the supervised stage's batches: it needs pretrain_epochs >= 1")
-    if not 0 <= cfg.thickness <= 1:
-        raise InvalidValueError(f"thickness must be in [0, 1], got {cfg.thickness}")
+    for name in ("thickness", "erase"):  # shares of a pixel's dilation, of the image's side
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0 <= value <= 1):
+            raise InvalidValueError(f"{name} must be a number in [0, 1] (0: off), got {value!r}")
+        setattr(cfg, name, float(value))
     check_views(cfg.views)
     if cfg.dataset == "fashion-mnist" and cfg.image_size != 28:
         raise InvalidValueError(f"Fashion-MNIST images are 28x28, got image_size={cfg.image_size!r}")

@@ -36,11 +36,13 @@ def episode_loss(model: MatchingNetwork, ep: Episode, topk: int | None = None,
 
 
 def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
-            scale: float = 0.0, elastic: float = 0.0, flip: bool = False, thickness: float = 0.0) -> Episode:
+            scale: float = 0.0, elastic: float = 0.0, flip: bool = False, thickness: float = 0.0,
+            erase: float = 0.0) -> Episode:
     """Random jitter of every image of an episode (labels unchanged; see :func:`jitter`)."""
-    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0 and not flip and thickness <= 0:
+    if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0 and not flip and thickness <= 0 and erase <= 0:
         return ep
-    how = {"rotate": rotate, "scale": scale, "elastic": elastic, "flip": flip, "thickness": thickness}
+    how = {"rotate": rotate, "scale": scale, "elastic": elastic, "flip": flip, "thickness": thickness,
+           "erase": erase}
     return Episode(jitter(ep.support_x, shift, rng, **how), ep.support_y, jitter(ep.query_x, shift, rng, **how),
                    ep.query_y)
 
@@ -84,7 +86,7 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: 
                     group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (1 + math.cos(math.pi * step / steps))
                 pick = order[b * cfg.pretrain_batch:(b + 1) * cfg.pretrain_batch]
                 xb = jitter(pixels(x[pick]), cfg.shift, rng, rotate=cfg.rotate, scale=cfg.scale, elastic=cfg.elastic,
-                            flip=cfg.flip, thickness=cfg.thickness)
+                            flip=cfg.flip, thickness=cfg.thickness, erase=cfg.erase)
                 lam, other = 1.0, None
                 if cfg.mixup > 0:  # drawn only when on: the recipe's random stream is unchanged
                     lam, other = float(rng.beta(cfg.mixup, cfg.mixup)), rng.permutation(len(pick))
@@ -206,7 +208,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
                 group["lr"] = cfg.lr_min + 0.5 * (cfg.lr - cfg.lr_min) * (
                     1 + math.cos(math.pi * state["episode"] / cfg.episodes))
             episode = augment(sampler.sample(), cfg.shift, sampler.rng, rotate=cfg.rotate, scale=cfg.scale,
-                              elastic=cfg.elastic, flip=cfg.flip, thickness=cfg.thickness)
+                              elastic=cfg.elastic, flip=cfg.flip, thickness=cfg.thickness, erase=cfg.erase)
             loss, acc = episode_loss(model, episode, cfg.topk, cfg.topk_tail)
             opt.zero_grad()
             loss.backward()

@@ -186,6 +186,27 @@ def test_thickness_makes_strokes_thicker_or_thinner_in_place():
     assert np.abs(half.sum(axis=(1, 2)) / x[0].sum() - 1).max() <= 0.25 * 50 / 60 + 1e-5
 
 
+def test_erase_blanks_one_square_of_each_image_and_nothing_else():
+    from engine.train import jitter
+
+    x = np.random.default_rng(1).uniform(0.5, 1.0, (300, 28, 28)).astype(np.float32)  # no pixel is 0
+    out = jitter(x, 0, np.random.default_rng(0), erase=0.35)  # a side of round(9.8) = 10 pixels
+    sides = []
+    for before, after in zip(x, out):
+        blank = after == 0
+        rows, cols = np.flatnonzero(blank.any(1)), np.flatnonzero(blank.any(0))
+        assert len(rows) and len(cols)  # a square's centre always lies inside
+        # one rectangle, a square's part that falls inside the image, and every other pixel as it was
+        assert blank.sum() == len(rows) * len(cols) and np.ptp(rows) + 1 == len(rows) and np.ptp(cols) + 1 == len(cols)
+        assert len(rows) <= 10 and len(cols) <= 10
+        assert np.abs(after[~blank] - before[~blank]).max() < 1e-5
+        sides.append((len(rows), len(cols)))
+    assert (np.array(sides) == 10).all(1).sum() > 30  # whole squares where the centre is far from the edges
+    assert len(set(np.array(sides)[:, 0])) > 3  # and cut by the edges elsewhere
+    assert (jitter(x[:5], 0, np.random.default_rng(0), erase=1.0) == 0).mean() > 0.25
+    assert np.array_equal(jitter(x[:5], 0, np.random.default_rng(0)), x[:5])  # off: untouched
+
+
 def test_pretraining_teaches_g_to_separate_the_training_classes():
     """The supervised stage alone: held-out drawings of its classes, classified by a memory
     of other drawings (episodes of the same classes), get better; the head is not kept."""
@@ -203,6 +224,8 @@ def test_pretraining_teaches_g_to_separate_the_training_classes():
     for bad, word in (({"pretrain_batch": 1}, "pretrain"), ({"pretrain_epochs": -1}, "pretrain"),
                       ({"width": 0}, "width"), ({"elastic": float("nan")}, "elastic"),
                       ({"thickness": 1.5}, "thickness"), ({"thickness": float("nan")}, "thickness"),
+                      ({"thickness": True}, "thickness"), ({"erase": 1.01}, "erase"), ({"erase": -0.1}, "erase"),
+                      ({"erase": float("nan")}, "erase"), ({"erase": "0.3"}, "erase"),
                       ({"views": 0}, "views"), ({"views": 2.0}, "views"), ({"mixup": -1.0}, "mixup"),
                       ({"mixup": float("nan")}, "mixup"), ({"mixup": float("inf")}, "mixup"),
                       ({"mixup": "1"}, "mixup"), ({"mixup": 1.0, "pretrain_epochs": 0}, "mixup"),
