@@ -56,6 +56,7 @@ LEVERS = {
                                                               "episodes_share": 1 / 3}),
     # a square of a third of the side blanked in every training image: part of the strokes left out
     "erase": ("a square blanked in each training image (cutout, side 0.35)", {"erase": 0.35}),
+    "decay": ("weight decay 0.05 (AdamW) on the weight matrices and filters", {"weight_decay": 0.05}),
     "mixup": ("mixup in the supervised stage (Beta(1, 1): shares uniform)", {"mixup": 1.0}),
     "fce": ("Full Context Embeddings", {"fce": True}),
 }

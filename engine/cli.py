@@ -536,6 +536,7 @@ def train_cmd(
     fce: bool | None = typer.Option(None, help="Full Context Embeddings."),
     fce_steps: int | None = typer.Option(None, help="Read steps K of the attention LSTM."),
     lr: float | None = typer.Option(None, help="Adam learning rate (cosine decay)."),
+    weight_decay: float | None = typer.Option(None, help="AdamW's decay of weight matrices and filters (0: Adam)."),
     topk: int | None = typer.Option(None, help="Train with top-k attention over the support set."),
     val_every: int | None = typer.Option(None, help="Validate every this many episodes."),
     val_episodes: int | None = typer.Option(None, help="Validation episodes (within-alphabet 20-way 1-shot)."),
@@ -557,8 +558,8 @@ def train_cmd(
     given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "image_size": image_size,
              "shift": shift, "elastic": elastic, "mixup": mixup, "thickness": thickness, "erase": erase,
              "views": views, "time_budget_s": time_budget, "n_way": n_way, "k_shot": k_shot, "n_query": n_query,
-             "fce": fce, "fce_steps": fce_steps, "lr": lr, "topk": topk, "val_every": val_every,
-             "val_episodes": val_episodes, "seed": seed, "background": background}
+             "fce": fce, "fce_steps": fce_steps, "lr": lr, "weight_decay": weight_decay, "topk": topk,
+             "val_every": val_every, "val_episodes": val_episodes, "seed": seed, "background": background}
     cfg = recipe(dataset, data=str(data) if data else None, **{k: v for k, v in given.items() if v is not None})
     summary = train(cfg, out, resume=resume)
     if summary.get("best_val_acc", 0) < 0:  # never validated (no episodes): no accuracy to report

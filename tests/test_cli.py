@@ -99,11 +99,12 @@ def test_train_and_evaluate_commands(tmp_path):
     out = tmp_path / "ckpt"
     summary = json.loads(run("train", "--out", out, "--episodes", 2, "--n-way", 5, "--n-query", 1,
                              "--val-every", 2, "--val-episodes", 2, "--width", 16, "--pretrain-epochs", 0, "--views", 2,
-                             "--thickness", 0.5, "--erase", 0.25).stdout.strip().splitlines()[-1])
+                             "--thickness", 0.5, "--erase", 0.25, "--weight-decay", 0.01)
+                         .stdout.strip().splitlines()[-1])
     assert summary["episodes"] == 2
     saved = json.loads((out / "config.json").read_text())
     assert saved["model"]["width"] == 16 and saved["model"]["views"] == 2 and saved["thickness"] == 0.5
-    assert saved["erase"] == 0.25
+    assert saved["erase"] == 0.25 and saved["weight_decay"] == 0.01
     res = json.loads(run("eval-oneshot", "--checkpoint", out, "--runs", runs, "--json").output)
     assert res["runs"] == 1 and 0 <= res["error_rate"] <= 1 and set(res["per_run"]) == {"run01"}
     assert "overall: error" in run("eval-oneshot", "--checkpoint", out, "--runs", runs).output
@@ -117,8 +118,9 @@ def test_train_and_evaluate_commands(tmp_path):
     assert r.exit_code == 2 and "views" in r.output
     r = run("train", "--out", tmp_path / "y", "--thickness", 2, ok=False)
     assert r.exit_code == 2 and "thickness" in r.output and not (tmp_path / "y").exists()
-    r = run("train", "--out", tmp_path / "y", "--erase", -0.1, ok=False)
-    assert r.exit_code == 2 and "erase" in r.output and not (tmp_path / "y").exists()
+    for flag, bad in (("--erase", -0.1), ("--weight-decay", "nan")):
+        r = run("train", "--out", tmp_path / "y", flag, bad, ok=False)
+        assert r.exit_code == 2 and flag[2:].replace("-", "_") in r.output and not (tmp_path / "y").exists()
     rows = json.loads(run("eval-episodes", "--checkpoint", out, "--n-way", 5, "--k-shot", 1, "--episodes", 3,
                           "--json").output)
     assert [r["within_alphabet"] for r in rows] == [False, True]

@@ -52,6 +52,7 @@ class TrainConfig:
     time_budget_s: float | None = None
     lr: float = 1e-3
     lr_min: float = 1e-5  # cosine decay to this
+    weight_decay: float = 0.0  # AdamW's decay of the weight matrices and filters (both stages); 0: Adam
     fce: bool = False
     fce_steps: int = 5
     temperature: float = 0.1
@@ -73,7 +74,8 @@ def check_stage(cfg: TrainConfig) -> None:
     if cfg.pretrain_epochs < 0 or cfg.pretrain_batch < 2:
         raise InvalidValueError(f"pretrain_epochs must be >= 0 and pretrain_batch >= 2 (batch norm), got "
                          f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
-    for name in ("shift", "rotate", "scale", "elastic", "mixup"):  # amounts: NaN or inf would train NaN weights
+    # amounts: NaN or inf would train NaN weights
+    for name in ("shift", "rotate", "scale", "elastic", "mixup", "weight_decay"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise InvalidValueError(f"{name} must be a finite number >= 0 (0: off), got {value!r}")

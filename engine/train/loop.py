@@ -47,6 +47,17 @@ def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: floa
                    ep.query_y)
 
 
+def optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam at ``cfg.lr``; with ``cfg.weight_decay``, AdamW (decay apart from the gradient's
+    moments, Loshchilov and Hutter, 2019) on the weight matrices and filters only: biases,
+    batch norm's scales and the temperature are not pulled to 0."""
+    if cfg.weight_decay == 0:
+        return torch.optim.Adam(params, lr=cfg.lr)
+    groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
+              {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
 def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: np.random.Generator, *,
              progress: bool = True) -> list[dict]:
     """The supervised stage before episodes: g learns to tell every training class from
@@ -71,7 +82,7 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: 
     y = torch.as_tensor(np.repeat(np.arange(n_classes), per))
     head = torch.nn.Parameter(torch.randn(n_classes, model.dim) * 0.01)
     params = list(model.g_backbone.parameters()) + [head, model.log_temperature]
-    opt = torch.optim.Adam(params, lr=cfg.lr)
+    opt = optimizer(params, cfg)
     per_epoch = max(len(x) // cfg.pretrain_batch, 1)  # whole batches (batch norm needs more than one image)
     steps = cfg.pretrain_epochs * per_epoch
     model.train()
@@ -130,7 +141,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
 
 # what the saved model is, reads and is validated through: a resumed run must keep them (the
 # episodes and the schedule may change); fce_steps matters only with fce, background only on omniglot
-RESUME_KEEPS = ("dataset", "background", "image_size", "width", "fce", "fce_steps", "views")
+RESUME_KEEPS = ("dataset", "background", "image_size", "width", "fce", "fce_steps", "views", "weight_decay")
 
 
 def check_resumable(cfg: TrainConfig, out: Path) -> None:
@@ -179,7 +190,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     model = MatchingNetwork(fce=cfg.fce, fce_steps=cfg.fce_steps, temperature=cfg.temperature, width=cfg.width,
                              views=cfg.views, image_size=cfg.image_size)
     cfg.model = model.config()
-    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    opt = optimizer(list(model.parameters()), cfg)
     state = {"episode": 0, "best_val": -1.0, "elapsed_s": 0.0}
     if resume:
         model.load_state_dict(torch.load(out / "model.pt", weights_only=True))

@@ -65,8 +65,10 @@ def test_train_checkpoint_resume_and_evaluate(tmp_path):
     assert [row["episode"] for row in log] == [3, 6, 9]
 
 
-def test_resume_reproduces_an_uninterrupted_run(tmp_path):
-    base = dict(n_way=5, n_query=2, val_every=2, val_episodes=2, val_way=5, seed=2, lr_min=1e-3)  # constant lr
+@pytest.mark.parametrize("decay", [0.0, 0.05])
+def test_resume_reproduces_an_uninterrupted_run(tmp_path, decay):
+    base = dict(n_way=5, n_query=2, val_every=2, val_episodes=2, val_way=5, seed=2, lr_min=1e-3,  # constant lr
+                weight_decay=decay)
     train(TrainConfig(episodes=4, **base), tmp_path / "straight", progress=False)
     train(TrainConfig(episodes=2, **base), tmp_path / "split", progress=False)
     train(TrainConfig(episodes=4, **base), tmp_path / "split", resume=True, progress=False)
@@ -74,6 +76,23 @@ def test_resume_reproduces_an_uninterrupted_run(tmp_path):
     b = torch.load(tmp_path / "split" / "model.pt", weights_only=True)
     for key in a:
         torch.testing.assert_close(a[key], b[key])
+
+
+def test_weight_decay_shrinks_weight_matrices_and_filters_only():
+    from engine.train.loop import optimizer
+
+    conv = torch.nn.Conv2d(1, 4, 3)
+    norm = torch.nn.BatchNorm2d(4)
+    params = list(conv.parameters()) + list(norm.parameters())
+    before = [p.detach().clone() for p in params]
+    opt = optimizer(params, TrainConfig(lr=0.1, weight_decay=0.5))
+    for p in params:
+        p.grad = torch.zeros_like(p)  # no gradient: only the decay moves anything
+    opt.step()
+    torch.testing.assert_close(conv.weight.detach(), before[0] * (1 - 0.1 * 0.5))  # decoupled: w -= lr * wd * w
+    for p, was in zip(params[1:], before[1:]):  # the bias, batch norm's scale and shift
+        torch.testing.assert_close(p.detach(), was)
+    assert type(optimizer(params, TrainConfig())) is torch.optim.Adam  # off: plain Adam, as before
 
 
 def test_eval_oneshot_through_memory():
@@ -226,6 +245,7 @@ def test_pretraining_teaches_g_to_separate_the_training_classes():
                       ({"thickness": 1.5}, "thickness"), ({"thickness": float("nan")}, "thickness"),
                       ({"thickness": True}, "thickness"), ({"erase": 1.01}, "erase"), ({"erase": -0.1}, "erase"),
                       ({"erase": float("nan")}, "erase"), ({"erase": "0.3"}, "erase"),
+                      ({"weight_decay": -1e-3}, "weight_decay"), ({"weight_decay": float("inf")}, "weight_decay"),
                       ({"views": 0}, "views"), ({"views": 2.0}, "views"), ({"mixup": -1.0}, "mixup"),
                       ({"mixup": float("nan")}, "mixup"), ({"mixup": float("inf")}, "mixup"),
                       ({"mixup": "1"}, "mixup"), ({"mixup": 1.0, "pretrain_epochs": 0}, "mixup"),
