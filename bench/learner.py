@@ -54,7 +54,7 @@ LEVERS = {
     # a third of the episodes (1,000 by default), the supervised stage unchanged: a shorter training at 40x40
     "size40short": ("40x40 images, a third of the episodes", {"image_size": 40, "shift": 3.0, "elastic": 2.0,
                                                               "episodes_share": 1 / 3}),
-    # a square of a third of the side blanked in every training image: part of the strokes left out
+    # a square of 0.35 of the side (10 px at 28x28) blanked in every training image: part of the strokes left out
     "erase": ("a square blanked in each training image (cutout, side 0.35)", {"erase": 0.35}),
     "decay": ("weight decay 0.05 (AdamW) on the weight matrices and filters", {"weight_decay": 0.05}),
     "mixup": ("mixup in the supervised stage (Beta(1, 1): shares uniform)", {"mixup": 1.0}),

@@ -527,7 +527,7 @@ def train_cmd(
                                        "Beta(mixup, mixup) (0: off)."),
     thickness: float | None = typer.Option(None, help="Strokes thicker or thinner, largest share of a pixel (0: off)."),
     erase: float | None = typer.Option(None, help="A square of each training image blanked, its side as a share "
-                                       "of the image's (cutout; 0: off)."),
+                                       "of the image's larger side (cutout; 0: off)."),
     views: int | None = typer.Option(None, help="Test-time views averaged per image (1: the image alone)."),
     time_budget: float | None = typer.Option(None, help="Stop after this many seconds."),
     n_way: int | None = typer.Option(None, help="Classes per training episode."),
@@ -535,7 +535,7 @@ def train_cmd(
     n_query: int | None = typer.Option(None, help="Queries per class."),
     fce: bool | None = typer.Option(None, help="Full Context Embeddings."),
     fce_steps: int | None = typer.Option(None, help="Read steps K of the attention LSTM."),
-    lr: float | None = typer.Option(None, help="Adam learning rate (cosine decay)."),
+    lr: float | None = typer.Option(None, help="Adam's (AdamW's) learning rate (cosine decay)."),
     weight_decay: float | None = typer.Option(None, help="AdamW's decay of weight matrices and filters (0: Adam)."),
     topk: int | None = typer.Option(None, help="Train with top-k attention over the support set."),
     val_every: int | None = typer.Option(None, help="Validate every this many episodes."),

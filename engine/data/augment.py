@@ -9,6 +9,7 @@ depend on the batch it arrives in.
 from __future__ import annotations
 
 import functools
+import numbers
 
 import numpy as np
 import torch
@@ -35,9 +36,11 @@ def jitter(images: np.ndarray, shift: float, rng: np.random.Generator, *, rotate
         flip: mirror each image left to right with probability 1/2.
         thickness: largest share (at most 1) of a one-pixel dilation, or erosion, blended into
             each image (strokes are bright): a share drawn uniformly from [-thickness, thickness].
-        erase: side of the blanked square as a share (at most 1) of the image's side, centred
-            anywhere in the image (so that near an edge less of it falls inside); 0: none.
+        erase: side of the blanked square as a share (at most 1) of the image's larger side,
+            centred anywhere in the image (so that near an edge less of it falls inside); 0: none.
     """
+    if isinstance(erase, bool) or not (isinstance(erase, numbers.Real) and 0 <= erase <= 1):
+        raise InvalidValueError(f"erase must be a number in [0, 1] (0: off), got {erase!r}")
     if shift <= 0 and rotate <= 0 and scale <= 0 and elastic <= 0 and not flip and thickness <= 0 and erase <= 0:
         return images
     n, h, w = images.shape

@@ -41,7 +41,7 @@ class TrainConfig:
     elastic: float = 0.0  # augmentation: smooth random displacement of the strokes, at most this many pixels
     flip: bool = False  # augmentation: mirror half the images left to right (garments, not characters)
     thickness: float = 0.0  # augmentation: strokes thicker or thinner, by up to this share of a pixel's dilation
-    erase: float = 0.0  # augmentation: a square this share of the side blanked in each image (cutout); 0: off
+    erase: float = 0.0  # augmentation: a square, this share of the larger side, blanked in each image (cutout)
     episodes: int = 6000
     pretrain_epochs: int = 0  # supervised stage first: every training class at once (see pretrain)
     pretrain_batch: int = 128

@@ -50,7 +50,8 @@ def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: floa
 def optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
     """Adam at ``cfg.lr``; with ``cfg.weight_decay``, AdamW (decay apart from the gradient's
     moments, Loshchilov and Hutter, 2019) on the weight matrices and filters only: biases,
-    batch norm's scales and the temperature are not pulled to 0."""
+    batch norm's scales and the temperature are not pulled to 0. ``cfg`` is checked
+    (:func:`check_stage`) by the stages that call it."""
     if cfg.weight_decay == 0:
         return torch.optim.Adam(params, lr=cfg.lr)
     groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": cfg.weight_decay},
@@ -65,7 +66,8 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: 
     logits = cos / T at the model's temperature), the loss the episodes later refine.
 
     The head is dropped afterwards; only g (and h, when shared) keep what it learned.
-    Augmented as the episodes are; Adam with a cosine decay over the stage. With
+    Augmented as the episodes are; Adam (AdamW with ``cfg.weight_decay``, see
+    :func:`optimizer`) with a cosine decay over the stage. With
     ``cfg.mixup`` (mixup, Zhang et al., 2018) each batch is blended with itself in another
     order, ``lam * x + (1 - lam) * x[perm]`` with ``lam ~ Beta(mixup, mixup)``, and the loss is
     the same blend of the two labels' cross-entropies; accuracy counts the first label.
@@ -139,15 +141,16 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         torch.use_deterministic_algorithms(previous)
 
 
-# what the saved model is, reads and is validated through: a resumed run must keep them (the
-# episodes and the schedule may change); fce_steps matters only with fce, background only on omniglot
+# what the saved model is, reads and is validated through, and the weight decay its saved optimizer
+# state holds: a resumed run must keep them (the episodes and the schedule may change); fce_steps
+# matters only with fce, background only on omniglot
 RESUME_KEEPS = ("dataset", "background", "image_size", "width", "fce", "fce_steps", "views", "weight_decay")
 
 
 def check_resumable(cfg: TrainConfig, out: Path) -> None:
     """Refuse to resume the run in ``out`` with a config that would make another model of
-    it, feed it other images or validate it otherwise (its best state was chosen by the
-    saved config's validation). The saved ``config.json`` is the reference; a run saved
+    it, feed it other images, validate it otherwise (its best state was chosen by the
+    saved config's validation) or step it with another optimizer. The saved ``config.json`` is the reference; a run saved
     before an option existed had its default."""
     saved = read_config(out)
     default = TrainConfig()
@@ -159,7 +162,7 @@ def check_resumable(cfg: TrainConfig, out: Path) -> None:
             and not (k == "background" and cfg.dataset != "omniglot")]
     changed = [f"{key}: {was(key)!r} -> {getattr(cfg, key)!r}" for key in keys if was(key) != getattr(cfg, key)]
     if changed:
-        raise InvalidValueError(f"{out} holds a run of another model or data; resume it with the options it was "
+        raise InvalidValueError(f"{out} holds a run of another model, data or optimizer; resume it with the options it was "
                                 f"trained with ({'; '.join(changed)})")
 
 

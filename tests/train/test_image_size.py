@@ -100,6 +100,20 @@ def test_a_resumed_run_keeps_its_image_size_and_model(tmp_path):
     assert load_checkpoint(tmp_path / "ck").image_size == 40
 
 
+
+def test_a_resumed_run_keeps_its_weight_decay_and_old_runs_resume_as_adam(tmp_path):
+    base = dict(episodes=2, n_way=5, n_query=1, val_way=5, val_episodes=2, val_every=2, width=8)
+    train(TrainConfig(**base, weight_decay=0.05), tmp_path / "wd", progress=False)
+    with pytest.raises(InvalidValueError, match="weight_decay"):  # back to plain Adam: another optimizer state
+        train(TrainConfig(**{**base, "episodes": 4}), tmp_path / "wd", resume=True, progress=False)
+    train(TrainConfig(**base), tmp_path / "old", progress=False)
+    saved = json.loads((tmp_path / "old" / "config.json").read_text())
+    del saved["weight_decay"]  # a run saved before the option existed: Adam, no decay
+    (tmp_path / "old" / "config.json").write_text(json.dumps(saved))
+    assert train(TrainConfig(**{**base, "episodes": 4}), tmp_path / "old", resume=True,
+                 progress=False)["episodes"] == 4
+
+
 def test_the_config_refuses_sizes_it_cannot_read():
     for bad in (15, 200, 28.5):
         with pytest.raises(InvalidValueError, match="image size"):

@@ -223,7 +223,35 @@ def test_erase_blanks_one_square_of_each_image_and_nothing_else():
     assert (np.array(sides) == 10).all(1).sum() > 30  # whole squares where the centre is far from the edges
     assert len(set(np.array(sides)[:, 0])) > 3  # and cut by the edges elsewhere
     assert (jitter(x[:5], 0, np.random.default_rng(0), erase=1.0) == 0).mean() > 0.25
-    assert np.array_equal(jitter(x[:5], 0, np.random.default_rng(0)), x[:5])  # off: untouched
+    # drawn last: the other jitter is the same with the square as without it, and off changes nothing
+    how = {"rotate": 10.0, "scale": 0.1, "elastic": 1.5}
+    plain = jitter(x[:50], 2, np.random.default_rng(3), **how)
+    holed = jitter(x[:50], 2, np.random.default_rng(3), erase=0.35, **how)
+    assert np.array_equal(jitter(x[:50], 2, np.random.default_rng(3), erase=0.0, **how), plain)
+    kept = holed != 0
+    assert np.array_equal(holed[kept], plain[kept]) and (~kept).sum(axis=(1, 2)).min() > 0
+    for bad in (-0.1, 1.5, float("nan"), float("inf"), True, "0.3"):
+        with pytest.raises(InvalidValueError, match="erase"):
+            jitter(x[:2], 0, np.random.default_rng(0), erase=bad)
+
+
+def test_erase_reaches_both_stages_of_training(tmp_path, monkeypatch):
+    from engine.train import jitter, loop
+
+    seen = []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("erase"))
+        return jitter(*args, **kwargs)
+
+    monkeypatch.setattr(loop, "jitter", spy)  # the supervised stage calls jitter, the episodes augment
+    train(TrainConfig(episodes=2, n_way=5, n_query=1, val_every=2, val_episodes=2, val_way=5, width=8,
+                      pretrain_epochs=1, pretrain_batch=64, erase=0.4), tmp_path, progress=False)
+    assert seen and set(seen) == {0.4}
+    rng = np.random.default_rng(0)
+    ep = EpisodeSampler(np.full((6, 3, 28, 28), 200, np.uint8), 5, 1, 2, seed=0).sample()
+    out = loop.augment(ep, 0, rng, erase=0.4)
+    assert (out.support_x == 0).any(axis=(1, 2)).all() and (out.query_x == 0).any(axis=(1, 2)).all()
 
 
 def test_pretraining_teaches_g_to_separate_the_training_classes():
