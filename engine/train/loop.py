@@ -150,8 +150,8 @@ RESUME_KEEPS = ("dataset", "background", "image_size", "width", "fce", "fce_step
 def check_resumable(cfg: TrainConfig, out: Path) -> None:
     """Refuse to resume the run in ``out`` with a config that would make another model of
     it, feed it other images, validate it otherwise (its best state was chosen by the
-    saved config's validation) or step it with another optimizer. The saved ``config.json`` is the reference; a run saved
-    before an option existed had its default."""
+    saved config's validation) or step it with another optimizer. The saved ``config.json``
+    is the reference; a run saved before an option existed had its default."""
     saved = read_config(out)
     default = TrainConfig()
 
@@ -162,8 +162,8 @@ def check_resumable(cfg: TrainConfig, out: Path) -> None:
             and not (k == "background" and cfg.dataset != "omniglot")]
     changed = [f"{key}: {was(key)!r} -> {getattr(cfg, key)!r}" for key in keys if was(key) != getattr(cfg, key)]
     if changed:
-        raise InvalidValueError(f"{out} holds a run of another model, data or optimizer; resume it with the options it was "
-                                f"trained with ({'; '.join(changed)})")
+        raise InvalidValueError(f"{out} holds a run of another model, data or optimizer; resume it with the options "
+                                f"it was trained with ({'; '.join(changed)})")
 
 
 def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict:
