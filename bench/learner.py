@@ -160,7 +160,7 @@ def plot(rows: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     groups = sorted({(r["lever"], r["background"]) for r in rows})
-    fig, ax = plt.subplots(figsize=(max(4.0, 1.6 * len(groups)), 3.8))
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.6 * len(groups)), 3.8))  # the title's width at least
     for i, (lever, background) in enumerate(groups):
         acc = [100 * r["val_within_20way"] for r in rows if (r["lever"], r["background"]) == (lever, background)]
         ax.scatter([i] * len(acc), acc, color="tab:blue", zorder=3)
