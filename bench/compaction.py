@@ -44,14 +44,14 @@ def embed(model, slots: np.ndarray, queries: np.ndarray) -> tuple[np.ndarray, np
 
 
 def checkpoint(path: Path | None, dataset: str, budget_s: float, out: Path):
-    from engine.train import load_checkpoint, recipe, train
+    from engine.train import OMNIGLOT_28, load_checkpoint, recipe, train
 
     if path is not None and (path / "config.json").exists():
         return load_checkpoint(path)
     folder = out / f"{dataset}-model"
     if not (folder / "best.pt").exists():
         cfg = (recipe("fashion-mnist", pretrain_epochs=4) if dataset == "fashion-mnist"  # ~2.5 min
-               else recipe("omniglot", episodes=3000, time_budget_s=budget_s, val_episodes=100))
+               else recipe("omniglot", **OMNIGLOT_28, episodes=3000, time_budget_s=budget_s, val_episodes=100))
         train(cfg, folder)
     return load_checkpoint(folder)
 

@@ -1,7 +1,7 @@
 """The Omniglot learner measured as the field does: both minimal background sets, several seeds.
 
     python bench/learner.py --out runs/bench                          # the recipe: small1 and small2, seeds 0 1 2
-    python bench/learner.py --levers recipe wide --seeds 0 1          # levers side by side, each over the seeds
+    python bench/learner.py --levers size28 wide --seeds 0 1          # levers side by side, each over the seeds
     python bench/learner.py --runs path/to/all_runs.zip               # also the official 20 runs, where a user has them
 
 For each lever, background set (``images_background_small1`` / ``_small2``) and seed, a
@@ -43,22 +43,26 @@ import numpy as np
 from engine.runtime import prepare
 
 EPISODES = 3000
-# name: (what it changes, overrides of the recipe)
+AT_28 = {"image_size": 28, "shift": 2.0, "elastic": 1.5}  # engine.train.OMNIGLOT_28 (read here without torch)
+# name: (what it changes, overrides of the recipe, engine.train.recipe("omniglot"): 40x40)
 LEVERS = {
-    "recipe": ("the recipe", {}),
-    "wide": ("a wider embedding (128 filters a block)", {"width": 128}),
+    "recipe": ("the recipe (40x40)", {}),
+    # the recipe at 28x28 (shifts 2 px, elastic 1.5 px): the demo's model
+    "size28": ("the recipe at 28x28 (shifts 2 px, elastic 1.5 px)", AT_28),
+    # wide, way60, erase, decay, mixup and fce were measured against the recipe at 28x28 and keep its side
+    "wide": ("a wider embedding (128 filters a block)", {**AT_28, "width": 128}),
     # no alphabet holds 60 characters (with rotations), so 60-way episodes are drawn across alphabets
-    "way60": ("60-way training episodes, across alphabets", {"n_way": 60, "within_alphabet": 0.0}),
+    "way60": ("60-way training episodes, across alphabets", {**AT_28, "n_way": 60, "within_alphabet": 0.0}),
     # the augmentation's shifts and elastic strokes (in pixels) grown with the image
     "size40": ("40x40 images (shifts 3 px, elastic 2 px)", {"image_size": 40, "shift": 3.0, "elastic": 2.0}),
     # a third of the episodes (1,000 by default), the supervised stage unchanged: a shorter training at 40x40
     "size40short": ("40x40 images, a third of the episodes", {"image_size": 40, "shift": 3.0, "elastic": 2.0,
                                                               "episodes_share": 1 / 3}),
     # a square of 0.35 of the side (10 px at 28x28) blanked in every training image: part of the strokes left out
-    "erase": ("a square blanked in each training image (cutout, side 0.35)", {"erase": 0.35}),
-    "decay": ("weight decay 0.05 (AdamW) on the weight matrices and filters", {"weight_decay": 0.05}),
-    "mixup": ("mixup in the supervised stage (Beta(1, 1): shares uniform)", {"mixup": 1.0}),
-    "fce": ("Full Context Embeddings", {"fce": True}),
+    "erase": ("a square blanked in each training image (cutout, side 0.35)", {**AT_28, "erase": 0.35}),
+    "decay": ("weight decay 0.05 (AdamW) on the weight matrices and filters", {**AT_28, "weight_decay": 0.05}),
+    "mixup": ("mixup in the supervised stage (Beta(1, 1): shares uniform)", {**AT_28, "mixup": 1.0}),
+    "fce": ("Full Context Embeddings", {**AT_28, "fce": True}),
 }
 
 

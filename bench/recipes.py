@@ -4,7 +4,8 @@
     python bench/recipes.py --steps episodes pretrain+elastic  # some of them
 
 Each step trains a Matching Network from seed 0 (``--seed``) on ``images_background_small1`` with
-``engine.train.recipe("omniglot")`` and the step's overrides (3,000 episodes after any
+``engine.train.recipe("omniglot")`` at 28x28 (``OMNIGLOT_28``, the side the ladder was built at)
+and the step's overrides (3,000 episodes after any
 supervised stage), then measures, on the validation alphabets, within-alphabet 20-way
 1-shot accuracy over 1,000 episodes (95% CI) and the error on ``one-shot-sample``, each
 twice: every image seen once, and as the mean of the recipe's test-time views (training
@@ -28,7 +29,7 @@ STEPS = {
     "episodes": ("episodes only", {"pretrain_epochs": 0, "elastic": 0.0}),
     "pretrain+fce": ("+ 20 supervised epochs first, FCE", {"elastic": 0.0, "fce": True}),
     "pretrain": ("+ 20 supervised epochs first", {"elastic": 0.0}),
-    "pretrain+elastic": ("+ elastic strokes (1.5 px): the recipe", {}),
+    "pretrain+elastic": ("+ elastic strokes (1.5 px): the 28x28 recipe", {}),
     "pretrain+elastic+fce": ("the recipe, FCE", {"fce": True}),
     "pretrain+elastic+thickness": ("+ thicker or thinner strokes (0.5): dropped", {"thickness": 0.5}),
     "pretrain+elastic+wide": ("+ a wider embedding (128 filters a block)", {"width": 128}),
@@ -38,13 +39,13 @@ STEPS = {
 
 def run_step(name: str, data, out: Path, episodes: int = EPISODES, pretrain_epochs: int | None = None,
              eval_episodes: int = 1000, seed: int = 0) -> dict:
-    from engine.train import recipe, train
+    from engine.train import OMNIGLOT_28, recipe, train
 
     what, overrides = STEPS[name]
     if pretrain_epochs is not None and overrides.get("pretrain_epochs", 1):  # a shorter stage (smoke runs)
         overrides = {**overrides, "pretrain_epochs": pretrain_epochs}
     episodes = overrides.get("episodes", episodes)
-    cfg = recipe("omniglot", **{"episodes": episodes, "val_every": max(episodes // 3, 1),
+    cfg = recipe("omniglot", **{**OMNIGLOT_28, "episodes": episodes, "val_every": max(episodes // 3, 1),
                                 "val_episodes": min(100, eval_episodes), "seed": seed,
                                 "data": None if data is None else str(data), **overrides})
     t0 = time.perf_counter()

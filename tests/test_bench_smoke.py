@@ -162,7 +162,9 @@ def test_learner_benchmark(tmp_path):
     assert 0 <= row["run01_assigned_error"] <= 1
     assert json.loads((tmp_path / "learner" / "recipe" / "small2" / "seed0" / "config.json").read_text()
                       )["background"] == "small2"
-    assert (tmp_path / "learner.png").stat().st_size > 0 and "| the recipe | small2 | 1 |" in \
+    assert json.loads((tmp_path / "learner" / "recipe" / "small2" / "seed0" / "config.json").read_text()
+                      )["image_size"] == 40
+    assert (tmp_path / "learner.png").stat().st_size > 0 and "| the recipe (40x40) | small2 | 1 |" in \
         (tmp_path / "learner.md").read_text()
 
 
@@ -184,6 +186,14 @@ def test_torch_runtime_benchmark(tmp_path):
     assert [r["case"] for r in rows] == [c[0] for c in torch_runtime.CASES if c[1] == "embed"]
     assert rows[0]["vs_default_alone"] == 1.0 and all(r["seconds"] > 0 and r["minor_faults"] >= 0 for r in rows)
     assert (tmp_path / "torch_runtime.png").stat().st_size > 0 and (tmp_path / "torch_runtime.md").exists()
+
+
+def test_the_learner_benchmarks_28x28_matches_the_library():
+    import learner
+
+    from engine.train import OMNIGLOT_28
+
+    assert learner.AT_28 == OMNIGLOT_28 and learner.LEVERS["size28"][1] == OMNIGLOT_28
 
 
 def test_every_learner_lever_samples_its_training_episodes():

@@ -136,14 +136,14 @@ def test_train_at_another_image_size_and_evaluate_at_it(tmp_path):
     from engine.data import data_root
 
     runs = data_root() / "omniglot" / "one-shot-sample"
-    out = tmp_path / "ckpt40"
+    out = tmp_path / "ckpt28"  # the recipe is 40x40
     run("train", "--out", out, "--episodes", 2, "--n-way", 5, "--n-query", 1, "--val-every", 2, "--val-episodes", 2,
-        "--width", 8, "--pretrain-epochs", 1, "--views", 1, "--image-size", 40, "--mixup", 0.5, "--shift", 3,
-        "--elastic", 2)
+        "--width", 8, "--pretrain-epochs", 1, "--views", 1, "--image-size", 28, "--mixup", 0.5, "--shift", 2,
+        "--elastic", 1.5)
     saved = json.loads((out / "config.json").read_text())
-    assert saved["model"]["image_size"] == 40 and saved["mixup"] == 0.5
-    assert (saved["shift"], saved["elastic"]) == (3, 2)
-    res = json.loads(run("eval-oneshot", "--checkpoint", out, "--runs", runs, "--json").output)  # read at 40x40
+    assert saved["model"]["image_size"] == 28 and saved["mixup"] == 0.5
+    assert (saved["shift"], saved["elastic"]) == (2, 1.5)
+    res = json.loads(run("eval-oneshot", "--checkpoint", out, "--runs", runs, "--json").output)  # read at 28x28
     assert res["runs"] == 1
     rows = json.loads(run("eval-episodes", "--checkpoint", out, "--n-way", 5, "--k-shot", 1, "--episodes", 2,
                           "--json").output)
@@ -155,8 +155,8 @@ def test_train_at_another_image_size_and_evaluate_at_it(tmp_path):
     assert r.exit_code == 2 and "shift" in r.output and not (tmp_path / "bad").exists()
     r = run("train", "--out", tmp_path / "bad", "--mixup", -1, ok=False)
     assert r.exit_code == 2 and "mixup" in r.output and not (tmp_path / "bad").exists()
-    r = run("train", "--out", out, "--resume", "--episodes", 3, ok=False)  # at 28 by default: refused, not resumed
-    assert r.exit_code == 2 and "image_size: 40 -> 28" in r.output
+    r = run("train", "--out", out, "--resume", "--episodes", 3, ok=False)  # at 40 by default: refused, not resumed
+    assert r.exit_code == 2 and "image_size: 28 -> 40" in r.output
     r = run("train", "--out", tmp_path / "bad", "--dataset", "fashion-mnist", "--image-size", 40, ok=False)
     assert r.exit_code == 2 and "28x28" in r.output and not (tmp_path / "bad").exists()
 
