@@ -2,7 +2,7 @@
 and memories of Fashion-MNIST. A script that uses the library, not part of it.
 
 1. Omniglot: meta-train on the minimal split small1 (a short schedule of the
-   default recipe), then evaluate on the official one-shot run(s) and on
+   default recipe at 28x28, ``OMNIGLOT_28``), then evaluate on the official one-shot run(s) and on
    within-alphabet 20-way episodes of the validation alphabets.
 2. Fashion-MNIST: the 60k training images become memory slots, the 10k test
    images are classified by exact softmax attention over their top-k plus the
