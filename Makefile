@@ -33,7 +33,7 @@ demo: setup
 	$(TORCH_ENV) $(BIN)/python examples/demo.py --data $(DATA)
 
 # The full benchmarks, the recipe ablation, the learner over both sets and seeds, and the crash soaks
-# (about three hours on 2 cores): JSON and PNG into runs/bench/.
+# (about three and a half hours on 2 cores): JSON and PNG into runs/bench/.
 bench: setup
 	$(BIN)/python bench/scale.py --out runs/bench
 	$(BIN)/python bench/compaction.py --out runs/bench --data $(DATA)

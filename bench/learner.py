@@ -53,7 +53,7 @@ LEVERS = {
     "wide": ("a wider embedding (128 filters a block)", {**AT_28, "width": 128}),
     # no alphabet holds 60 characters (with rotations), so 60-way episodes are drawn across alphabets
     "way60": ("60-way training episodes, across alphabets", {**AT_28, "n_way": 60, "within_alphabet": 0.0}),
-    # the augmentation's shifts and elastic strokes (in pixels) grown with the image
+    # the recipe's own config, named as it was measured against size28 (shifts and elastic grown with the image)
     "size40": ("40x40 images (shifts 3 px, elastic 2 px)", {"image_size": 40, "shift": 3.0, "elastic": 2.0}),
     # a third of the episodes (1,000 by default), the supervised stage unchanged: a shorter training at 40x40
     "size40short": ("40x40 images, a third of the episodes", {"image_size": 40, "shift": 3.0, "elastic": 2.0,

@@ -30,7 +30,7 @@ STEPS = {
     "pretrain+fce": ("+ 20 supervised epochs first, FCE", {"elastic": 0.0, "fce": True}),
     "pretrain": ("+ 20 supervised epochs first", {"elastic": 0.0}),
     "pretrain+elastic": ("+ elastic strokes (1.5 px): the 28x28 recipe", {}),
-    "pretrain+elastic+fce": ("the recipe, FCE", {"fce": True}),
+    "pretrain+elastic+fce": ("the 28x28 recipe, FCE", {"fce": True}),
     "pretrain+elastic+thickness": ("+ thicker or thinner strokes (0.5): dropped", {"thickness": 0.5}),
     "pretrain+elastic+wide": ("+ a wider embedding (128 filters a block)", {"width": 128}),
     "pretrain-only": ("20 supervised epochs, no episodes", {"elastic": 0.0, "episodes": 0}),

@@ -519,10 +519,12 @@ def train_cmd(
     pretrain_epochs: int | None = typer.Option(
         None, help="Supervised epochs over every training class before the episodes (see the recipe)."),
     width: int | None = typer.Option(None, help="Filters per conv block: the embedding's dimension (64)."),
-    image_size: int | None = typer.Option(None, help="Omniglot: images are resized to this square (28); the "
+    image_size: int | None = typer.Option(None, help="Omniglot: images are resized to this square (recipe: 40); the "
                                           "model keeps it, and its evaluations read images at it."),
-    shift: float | None = typer.Option(None, help="Random translation of training images, largest pixels (2)."),
-    elastic: float | None = typer.Option(None, help="Elastic deformation of strokes, largest pixels (0: off)."),
+    shift: float | None = typer.Option(None, help="Random translation of training images, largest pixels "
+                                       "(Omniglot recipe: 3)."),
+    elastic: float | None = typer.Option(None, help="Elastic deformation of strokes, largest pixels "
+                                         "(Omniglot recipe: 2; 0: off)."),
     mixup: float | None = typer.Option(None, help="Supervised stage: images blended in pairs, shares drawn from "
                                        "Beta(mixup, mixup) (0: off)."),
     thickness: float | None = typer.Option(None, help="Strokes thicker or thinner, largest share of a pixel (0: off)."),

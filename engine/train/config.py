@@ -47,7 +47,7 @@ class TrainConfig:
     pretrain_batch: int = 128
     mixup: float = 0.0  # supervised stage: images blended in pairs, shares from Beta(mixup, mixup); 0: off
     width: int = 64  # filters per conv block: the embedding's dimension
-    image_size: int = 28  # images are resized to this square (omniglot; Fashion-MNIST is 28x28)
+    image_size: int = 28  # images are resized to this square (the omniglot recipe: 40; Fashion-MNIST is 28x28)
     views: int = 1  # test-time views averaged per image (MatchingNetwork(views=)); training sees one
     time_budget_s: float | None = None
     lr: float = 1e-3
