@@ -511,7 +511,7 @@ def ingest_cmd(
 @_command(app, "train")
 def train_cmd(
     out: Path = typer.Option(Path("runs/omniglot"), help="Checkpoint folder."),
-    dataset: str = typer.Option("omniglot", help="omniglot or fashion-mnist (each has its recipe)."),
+    dataset: str | None = typer.Option(None, help="omniglot (the default) or fashion-mnist (each has its recipe)."),
     data: Path | None = typer.Option(None, help="Data directory (default: $ENGINE_DATA or ../shared/data)."),
     background: str | None = typer.Option(None, help="Omniglot: the minimal split to train on, small1 (the "
                                              "recipe) or small2; validated on the other's alphabets it lacks."),
@@ -543,11 +543,12 @@ def train_cmd(
     val_every: int | None = typer.Option(None, help="Validate every this many episodes."),
     val_episodes: int | None = typer.Option(None, help="Validation episodes (within-alphabet 20-way 1-shot)."),
     seed: int | None = typer.Option(None, help="Seed."),
-    resume: bool = typer.Option(False, help="Continue the run in --out."),
+    resume: bool = typer.Option(False, help="Continue the run in --out with the options it was trained with "
+                                "(saved in its config.json), any given here in their place."),
     force: bool = typer.Option(False, help="Start afresh over a run already in --out (it is overwritten)."),
 ) -> None:
     """Episodic meta-training of a Matching Network: the dataset's recipe (engine.train.recipe),
-    with any option given here in its place."""
+    or with --resume the run's own options, with any option given here in their place."""
     if out.is_dir() and any(out.iterdir()) and not (resume or force):
         raise OutputExistsError(f"{out} holds a run already: --resume continues it, --force starts afresh over it")
     if force and not resume and out.is_dir():
@@ -555,14 +556,19 @@ def train_cmd(
 
         shutil.rmtree(out)  # afresh: no log, checkpoint or best model of the old run is left to mix in
     prepare_torch()  # glibc keeps freed blocks: no page faults per batch (engine.runtime)
-    from .train import recipe, train
+    from .train import recipe, resume_config, train
 
     given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "image_size": image_size,
              "shift": shift, "elastic": elastic, "mixup": mixup, "thickness": thickness, "erase": erase,
              "views": views, "time_budget_s": time_budget, "n_way": n_way, "k_shot": k_shot, "n_query": n_query,
              "fce": fce, "fce_steps": fce_steps, "lr": lr, "weight_decay": weight_decay, "topk": topk,
              "val_every": val_every, "val_episodes": val_episodes, "seed": seed, "background": background}
-    cfg = recipe(dataset, data=str(data) if data else None, **{k: v for k, v in given.items() if v is not None})
+    given = {k: v for k, v in {**given, "dataset": dataset, "data": str(data) if data else None}.items()
+             if v is not None}
+    if resume:  # the run's saved options, not the recipe's: a run trained otherwise goes on as it was
+        cfg = resume_config(out, **given)
+    else:
+        cfg = recipe(given.pop("dataset", "omniglot"), **given)
     summary = train(cfg, out, resume=resume)
     if summary.get("best_val_acc", 0) < 0:  # never validated (no episodes): no accuracy to report
         summary["best_val_acc"] = None

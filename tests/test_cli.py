@@ -155,8 +155,21 @@ def test_train_at_another_image_size_and_evaluate_at_it(tmp_path):
     assert r.exit_code == 2 and "shift" in r.output and not (tmp_path / "bad").exists()
     r = run("train", "--out", tmp_path / "bad", "--mixup", -1, ok=False)
     assert r.exit_code == 2 and "mixup" in r.output and not (tmp_path / "bad").exists()
-    r = run("train", "--out", out, "--resume", "--episodes", 3, ok=False)  # at 40 by default: refused, not resumed
+    r = run("train", "--out", out, "--resume", "--image-size", 40, ok=False)  # another model: refused
     assert r.exit_code == 2 and "image_size: 28 -> 40" in r.output
+    assert json.loads((out / "config.json").read_text()) == saved  # nothing rewritten
+    # resumed with the run's own options (not the 40x40 recipe's), the ones given in their place
+    r = run("train", "--out", out, "--resume", "--episodes", 3, "--val-episodes", 3).output
+    r = json.loads(r[r.rindex('{"episodes"'):])  # the summary, after the progress bars
+    assert r["episodes"] == 3
+    resumed = json.loads((out / "config.json").read_text())
+    assert {k: v for k, v in resumed.items() if k not in ("episodes", "val_episodes")} == \
+        {k: v for k, v in saved.items() if k not in ("episodes", "val_episodes")}
+    assert (resumed["episodes"], resumed["val_episodes"], resumed["shift"], resumed["elastic"]) == (3, 3, 2, 1.5)
+    r = run("train", "--out", out, "--resume", "--dataset", "fashion-mnist", ok=False)
+    assert r.exit_code == 2 and "dataset: 'omniglot' -> 'fashion-mnist'" in r.output
+    r = run("train", "--out", tmp_path / "none", "--resume", ok=False)
+    assert r.exit_code == 2 and "config.json" in r.output and not (tmp_path / "none").exists()
     r = run("train", "--out", tmp_path / "bad", "--dataset", "fashion-mnist", "--image-size", 40, ok=False)
     assert r.exit_code == 2 and "28x28" in r.output and not (tmp_path / "bad").exists()
 

@@ -4,13 +4,15 @@ plus the run's JSON config, written as training goes so that a run can resume.""
 from __future__ import annotations
 
 import json
+from dataclasses import fields
 from pathlib import Path
 
 import torch
 
 from ..data.episodes import EpisodeSampler
-from ..errors import CorruptFileError, MissingFileError
+from ..errors import CorruptFileError, FormatVersionError, InvalidValueError, MissingFileError
 from ..nn import MatchingNetwork
+from .config import TrainConfig
 
 CHECKPOINT_FILES = ("config.json", "model.pt", "best.pt", "optimizer.pt", "state.pt", "state.json")
 
@@ -38,6 +40,47 @@ def read_config(path: str | Path) -> dict:
     if not isinstance(cfg, dict) or not isinstance(cfg.get("model"), dict):
         raise CorruptFileError(f"{file}: not a training run's config (no model)")
     return cfg
+
+
+# what a run's config says for one invocation only: a resumed run is not held to its time budget,
+# and its model section is written afresh from the config
+NOT_RESUMED = ("time_budget_s", "model")
+_KINDS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,), "None": (type(None),)}
+
+
+def resume_config(path: str | Path, **overrides) -> TrainConfig:
+    """The config that continues the run in ``path``: its saved config.json, with
+    ``overrides`` in place of what they name (more episodes, another data folder).
+
+    A key the run was saved without takes :class:`TrainConfig`'s default, the value it had
+    before the option existed. The time budget is not carried over (``time_budget_s``, if
+    given, counts the run's seconds so far). Overrides that would make another model are
+    refused later, by ``train(..., resume=True)``.
+
+    Raises:
+        MissingFileError: ``path`` holds no config.json.
+        CorruptFileError: it is not a run's config, or a value is not of its option's kind.
+        FormatVersionError: it holds options this version does not know (saved by a newer one).
+        InvalidValueError: an override names no option.
+    """
+    saved = read_config(path)
+    file = Path(path) / "config.json"
+    known = {f.name: f for f in fields(TrainConfig)}
+    unknown = sorted(set(saved) - set(known))
+    if unknown:
+        raise FormatVersionError(f"{file}: options this version of engine does not know ({', '.join(unknown)}); "
+                                 f"resume the run with the version that saved it")
+    if set(overrides) - set(known):
+        raise InvalidValueError(f"no such training option: {', '.join(sorted(set(overrides) - set(known)))}")
+    kept = {}
+    for name, value in saved.items():
+        if name in NOT_RESUMED:
+            continue
+        kinds = tuple(t for word in str(known[name].type).split("|") for t in _KINDS[word.strip()])
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise CorruptFileError(f"{file}: {name} is {value!r}, not of the kind {known[name].type}")
+        kept[name] = value
+    return TrainConfig(**{**kept, **overrides})
 
 
 def load_checkpoint(path: str | Path, *, which: str = "best", views: int | None = None) -> MatchingNetwork:

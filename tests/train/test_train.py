@@ -450,3 +450,40 @@ def test_several_settings_scored_over_one_embedding_score_as_alone():
     narrow = MatchingNetwork(width=16)  # another model's features: another dimension
     with pytest.raises(InvalidValueError, match="dimension"):
         evaluate_episodes(narrow, images, n_way=5, k_shot=1, n_query=1, episodes=2, features=features)
+
+
+def test_resume_config_is_the_saved_run_with_the_overrides_in_place(tmp_path):
+    from dataclasses import asdict
+
+    from engine.errors import CorruptFileError, FormatVersionError, MissingFileError
+    from engine.train import resume_config
+
+    cfg = TrainConfig(n_way=5, n_query=1, episodes=2, val_every=2, val_episodes=2, val_way=5, seed=3, shift=1.0,
+                      elastic=0.5, image_size=32, time_budget_s=1000.0)
+    train(cfg, tmp_path / "run", progress=False)
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    again = asdict(resume_config(tmp_path / "run"))
+    # every option as saved, but the time budget (one invocation's) and the model (written from the config)
+    assert again == {**saved, "time_budget_s": None, "model": {}}
+    assert (again["shift"], again["elastic"], again["image_size"], again["seed"]) == (1.0, 0.5, 32, 3)
+    more = resume_config(tmp_path / "run", episodes=4, time_budget_s=50.0)
+    assert (more.episodes, more.time_budget_s, more.shift) == (4, 50.0, 1.0)
+    assert train(more, tmp_path / "run", resume=True, progress=False)["episodes"] == 4
+    # a run saved before an option existed: the option's default, the value it had then
+    old = json.loads((tmp_path / "run" / "config.json").read_text())
+    del old["erase"], old["weight_decay"]
+    (tmp_path / "run" / "config.json").write_text(json.dumps(old))
+    assert (resume_config(tmp_path / "run").erase, resume_config(tmp_path / "run").weight_decay) == (0.0, 0.0)
+    with pytest.raises(InvalidValueError, match="no such training option: shfit"):
+        resume_config(tmp_path / "run", shfit=2.0)
+    for bad, error, words in (({"cutmix": 1.0}, FormatVersionError, "does not know \\(cutmix\\)"),
+                              ({"shift": "2"}, CorruptFileError, "shift is '2'"),
+                              ({"episodes": 2.5}, CorruptFileError, "episodes is 2.5"),
+                              ({"fce": 1}, CorruptFileError, "fce is 1"),
+                              ({"n_way": True}, CorruptFileError, "n_way is True"),
+                              ({"data": 3}, CorruptFileError, "data is 3")):
+        (tmp_path / "run" / "config.json").write_text(json.dumps({**old, **bad}))
+        with pytest.raises(error, match=words):
+            resume_config(tmp_path / "run")
+    with pytest.raises(MissingFileError, match="config.json"):
+        resume_config(tmp_path / "none")
