@@ -531,7 +531,9 @@ def train_cmd(
     erase: float | None = typer.Option(None, help="A square of each training image blanked, its side as a share "
                                        "of the image's larger side (cutout; 0: off)."),
     views: int | None = typer.Option(None, help="Test-time views averaged per image (1: the image alone)."),
-    time_budget: float | None = typer.Option(None, help="Stop after this many seconds."),
+    time_budget: float | None = typer.Option(None, help="Stop once the run has trained this many seconds (with "
+                                             "--resume its earlier seconds count; a run's budget is not carried "
+                                             "over to its resume)."),
     n_way: int | None = typer.Option(None, help="Classes per training episode."),
     k_shot: int | None = typer.Option(None, help="Support examples per class."),
     n_query: int | None = typer.Option(None, help="Queries per class."),
@@ -563,7 +565,8 @@ def train_cmd(
              "views": views, "time_budget_s": time_budget, "n_way": n_way, "k_shot": k_shot, "n_query": n_query,
              "fce": fce, "fce_steps": fce_steps, "lr": lr, "weight_decay": weight_decay, "topk": topk,
              "val_every": val_every, "val_episodes": val_episodes, "seed": seed, "background": background}
-    given = {k: v for k, v in {**given, "dataset": dataset, "data": str(data) if data else None}.items()
+    # the data folder saved absolute: a resume from another directory reads the same images
+    given = {k: v for k, v in {**given, "dataset": dataset, "data": str(data.resolve()) if data else None}.items()
              if v is not None}
     if resume:  # the run's saved options, not the recipe's: a run trained otherwise goes on as it was
         cfg = resume_config(out, **given)

@@ -159,13 +159,17 @@ def test_train_at_another_image_size_and_evaluate_at_it(tmp_path):
     assert r.exit_code == 2 and "image_size: 28 -> 40" in r.output
     assert json.loads((out / "config.json").read_text()) == saved  # nothing rewritten
     # resumed with the run's own options (not the 40x40 recipe's), the ones given in their place
-    r = run("train", "--out", out, "--resume", "--episodes", 3, "--val-episodes", 3).output
+    r = run("train", "--out", out, "--resume", "--episodes", 3, "--val-every", 1).output
     r = json.loads(r[r.rindex('{"episodes"'):])  # the summary, after the progress bars
-    assert r["episodes"] == 3
+    assert r["episodes"] == 3 and r["pretrain_epochs"] == 0  # from the checkpoint: no supervised stage again
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [row["episode"] for row in log if "episode" in row] == [2, 3]  # went on from episode 2
     resumed = json.loads((out / "config.json").read_text())
-    assert {k: v for k, v in resumed.items() if k not in ("episodes", "val_episodes")} == \
-        {k: v for k, v in saved.items() if k not in ("episodes", "val_episodes")}
-    assert (resumed["episodes"], resumed["val_episodes"], resumed["shift"], resumed["elastic"]) == (3, 3, 2, 1.5)
+    assert {k: v for k, v in resumed.items() if k not in ("episodes", "val_every")} == \
+        {k: v for k, v in saved.items() if k not in ("episodes", "val_every")}
+    assert (resumed["episodes"], resumed["val_every"], resumed["shift"], resumed["elastic"]) == (3, 1, 2, 1.5)
+    r = run("train", "--out", out, "--resume", "--episodes", 4, "--val-episodes", 3, ok=False)
+    assert r.exit_code == 2 and "val_episodes: 2 -> 3" in r.output  # its best state was chosen by 2 episodes
     r = run("train", "--out", out, "--resume", "--dataset", "fashion-mnist", ok=False)
     assert r.exit_code == 2 and "dataset: 'omniglot' -> 'fashion-mnist'" in r.output
     r = run("train", "--out", tmp_path / "none", "--resume", ok=False)

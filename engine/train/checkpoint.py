@@ -4,7 +4,7 @@ plus the run's JSON config, written as training goes so that a run can resume.""
 from __future__ import annotations
 
 import json
-from dataclasses import fields
+import typing
 from pathlib import Path
 
 import torch
@@ -12,7 +12,7 @@ import torch
 from ..data.episodes import EpisodeSampler
 from ..errors import CorruptFileError, FormatVersionError, InvalidValueError, MissingFileError
 from ..nn import MatchingNetwork
-from .config import TrainConfig
+from .config import TrainConfig, check_stage
 
 CHECKPOINT_FILES = ("config.json", "model.pt", "best.pt", "optimizer.pt", "state.pt", "state.json")
 
@@ -45,41 +45,60 @@ def read_config(path: str | Path) -> dict:
 # what a run's config says for one invocation only: a resumed run is not held to its time budget,
 # and its model section is written afresh from the config
 NOT_RESUMED = ("time_budget_s", "model")
-_KINDS = {"str": (str,), "int": (int,), "float": (int, float), "bool": (bool,), "dict": (dict,), "None": (type(None),)}
+
+
+def _of_kind(value, hint) -> bool:
+    """Whether a JSON value fits a TrainConfig annotation (an int is a float; a bool is not an int)."""
+    kinds = typing.get_args(hint) or (hint,)
+    if isinstance(value, bool):
+        return bool in kinds
+    return any(isinstance(value, (int, float) if kind is float else kind) for kind in kinds)
+
+
+def _kind(hint) -> str:
+    return " or ".join("None" if kind is type(None) else kind.__name__ for kind in typing.get_args(hint) or (hint,))
 
 
 def resume_config(path: str | Path, **overrides) -> TrainConfig:
     """The config that continues the run in ``path``: its saved config.json, with
-    ``overrides`` in place of what they name (more episodes, another data folder).
+    ``overrides`` in place of what they name (more episodes, another data folder; None: not
+    given).
 
     A key the run was saved without takes :class:`TrainConfig`'s default, the value it had
-    before the option existed. The time budget is not carried over (``time_budget_s``, if
-    given, counts the run's seconds so far). Overrides that would make another model are
-    refused later, by ``train(..., resume=True)``.
+    before the option existed. The time budget is not carried over: ``time_budget_s``, if
+    given, counts the run's seconds so far too. Overrides that would change what the run
+    has become are refused later, by ``train(..., resume=True)``.
 
     Raises:
         MissingFileError: ``path`` holds no config.json.
-        CorruptFileError: it is not a run's config, or a value is not of its option's kind.
-        FormatVersionError: it holds options this version does not know (saved by a newer one).
-        InvalidValueError: an override names no option.
+        CorruptFileError: it is not a run's config, or a value is not one its option takes.
+        FormatVersionError: it holds options this version does not know (another version saved it).
+        InvalidValueError: an override names no option or is not of its option's kind.
     """
     saved = read_config(path)
     file = Path(path) / "config.json"
-    known = {f.name: f for f in fields(TrainConfig)}
-    unknown = sorted(set(saved) - set(known))
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(saved) - set(hints))
     if unknown:
         raise FormatVersionError(f"{file}: options this version of engine does not know ({', '.join(unknown)}); "
                                  f"resume the run with the version that saved it")
-    if set(overrides) - set(known):
-        raise InvalidValueError(f"no such training option: {', '.join(sorted(set(overrides) - set(known)))}")
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if set(overrides) - set(hints):
+        raise InvalidValueError(f"no such training option: {', '.join(sorted(set(overrides) - set(hints)))}")
+    for name, value in overrides.items():
+        if not _of_kind(value, hints[name]):
+            raise InvalidValueError(f"{name} must be of the kind {_kind(hints[name])}, got {value!r}")
     kept = {}
     for name, value in saved.items():
         if name in NOT_RESUMED:
             continue
-        kinds = tuple(t for word in str(known[name].type).split("|") for t in _KINDS[word.strip()])
-        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
-            raise CorruptFileError(f"{file}: {name} is {value!r}, not of the kind {known[name].type}")
+        if not _of_kind(value, hints[name]):
+            raise CorruptFileError(f"{file}: {name} is {value!r}, not of the kind {_kind(hints[name])}")
         kept[name] = value
+    try:
+        check_stage(TrainConfig(**kept))  # what the file says, before the overrides
+    except InvalidValueError as exc:
+        raise CorruptFileError(f"{file}: {exc}") from None
     return TrainConfig(**{**kept, **overrides})
 
 

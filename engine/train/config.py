@@ -21,6 +21,7 @@ from ..data.augment import check_views
 from ..data.omniglot import check_size
 from ..errors import InvalidValueError
 
+MOST = 10**9  # the largest count a config may give (episodes, ways, validation settings)
 FASHION_HELD_OUT = 100  # training images a class kept out of Fashion-MNIST training, for its validation
 
 
@@ -80,8 +81,25 @@ def check_stage(cfg: TrainConfig) -> None:
         if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise InvalidValueError(f"{name} must be a finite number >= 0 (0: off), got {value!r}")
         setattr(cfg, name, float(value))  # a plain float: the config is written as JSON
-    if cfg.width < 1:
-        raise InvalidValueError(f"width must be >= 1, got {cfg.width}")
+    # counts: 0, a negative, a float or a boolean would fail deep in the loop or train nothing
+    for name, least in (("n_way", 2), ("k_shot", 1), ("n_query", 1), ("val_every", 1), ("val_episodes", 1),
+                        ("val_way", 2), ("width", 1), ("episodes", 0)):
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not least <= value <= MOST:
+            raise InvalidValueError(f"{name} must be an integer from {least} to {MOST:,}, got {value!r}")
+    for name in ("topk", "threads"):  # None: all of them (topk: the dense softmax; threads: torch's)
+        value = getattr(cfg, name)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
+            raise InvalidValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+    if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, numbers.Integral) or not 0 <= cfg.seed < 2**32:
+        raise InvalidValueError(f"seed must be an integer from 0 to 2**32 - 1, got {cfg.seed!r}")
+    for name in ("lr", "lr_min", "temperature"):  # rates and the softmax's temperature: finite and > 0
+        value = getattr(cfg, name)
+        if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
+            raise InvalidValueError(f"{name} must be a finite number > 0, got {value!r}")
+    value = cfg.within_alphabet
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0 <= value <= 1):
+        raise InvalidValueError(f"within_alphabet must be a share in [0, 1], got {value!r}")
     if cfg.mixup > 0 and cfg.pretrain_epochs == 0:
         raise InvalidValueError("mixup blends the supervised stage's batches: it needs pretrain_epochs >= 1")
     for name in ("thickness", "erase"):  # shares of a pixel's dilation, of the image's side

@@ -141,17 +141,20 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
         torch.use_deterministic_algorithms(previous)
 
 
-# what the saved model is, reads and is validated through, and the weight decay its saved optimizer
-# state holds: a resumed run must keep them (the episodes and the schedule may change); fce_steps
-# matters only with fce, background only on omniglot
-RESUME_KEEPS = ("dataset", "background", "image_size", "width", "fce", "fce_steps", "views", "weight_decay")
+# what the saved model is, reads and is validated through (its best state was chosen by that
+# measure), how its supervised stage trained it (a resumed run does not redo it) and the weight
+# decay its saved optimizer state holds: a resumed run must keep them (the episodes, the schedule
+# and how often it validates may change); fce_steps matters only with fce, background only on omniglot
+RESUME_KEEPS = ("dataset", "background", "image_size", "width", "fce", "fce_steps", "views", "val_way",
+                "val_episodes", "pretrain_epochs", "pretrain_batch", "mixup", "weight_decay")
 
 
 def check_resumable(cfg: TrainConfig, out: Path) -> None:
     """Refuse to resume the run in ``out`` with a config that would make another model of
     it, feed it other images, validate it otherwise (its best state was chosen by the
-    saved config's validation) or step it with another optimizer. The saved ``config.json``
-    is the reference; a run saved before an option existed had its default."""
+    saved config's validation), claim another supervised stage than the one it had or step
+    it with another optimizer. The saved ``config.json`` is the reference; a run saved
+    before an option existed had its default."""
     saved = read_config(out)
     default = TrainConfig()
 
@@ -162,7 +165,7 @@ def check_resumable(cfg: TrainConfig, out: Path) -> None:
             and not (k == "background" and cfg.dataset != "omniglot")]
     changed = [f"{key}: {was(key)!r} -> {getattr(cfg, key)!r}" for key in keys if was(key) != getattr(cfg, key)]
     if changed:
-        raise InvalidValueError(f"{out} holds a run of another model, data or optimizer; resume it with the options "
+        raise InvalidValueError(f"{out} holds a run trained otherwise; resume it with the options "
                                 f"it was trained with ({'; '.join(changed)})")
 
 

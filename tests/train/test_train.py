@@ -474,16 +474,44 @@ def test_resume_config_is_the_saved_run_with_the_overrides_in_place(tmp_path):
     del old["erase"], old["weight_decay"]
     (tmp_path / "run" / "config.json").write_text(json.dumps(old))
     assert (resume_config(tmp_path / "run").erase, resume_config(tmp_path / "run").weight_decay) == (0.0, 0.0)
+    old["shift"] = 1  # an amount saved as an integer, as JSON may hold it: still a number of pixels
+    (tmp_path / "run" / "config.json").write_text(json.dumps(old))
+    assert resume_config(tmp_path / "run").shift == 1
+    assert resume_config(tmp_path / "run", episodes=None).episodes == 4  # None: not given
     with pytest.raises(InvalidValueError, match="no such training option: shfit"):
         resume_config(tmp_path / "run", shfit=2.0)
+    with pytest.raises(InvalidValueError, match="n_way must be of the kind int, got '5'"):
+        resume_config(tmp_path / "run", n_way="5")
     for bad, error, words in (({"cutmix": 1.0}, FormatVersionError, "does not know \\(cutmix\\)"),
                               ({"shift": "2"}, CorruptFileError, "shift is '2'"),
                               ({"episodes": 2.5}, CorruptFileError, "episodes is 2.5"),
+                              ({"episodes": None}, CorruptFileError, "episodes is None"),
                               ({"fce": 1}, CorruptFileError, "fce is 1"),
                               ({"n_way": True}, CorruptFileError, "n_way is True"),
-                              ({"data": 3}, CorruptFileError, "data is 3")):
+                              ({"data": 3}, CorruptFileError, "data is 3"),
+                              ({"val_every": 0}, CorruptFileError, "val_every must be an integer from 1"),
+                              ({"temperature": 0.0}, CorruptFileError, "temperature must be a finite number > 0"),
+                              ({"within_alphabet": 2.0}, CorruptFileError, "within_alphabet must be a share")):
         (tmp_path / "run" / "config.json").write_text(json.dumps({**old, **bad}))
         with pytest.raises(error, match=words):
             resume_config(tmp_path / "run")
     with pytest.raises(MissingFileError, match="config.json"):
         resume_config(tmp_path / "none")
+
+
+@pytest.mark.parametrize("change", [{"n_way": 1}, {"k_shot": 0}, {"n_query": 0}, {"val_every": 0}, {"val_way": 1},
+                                    {"val_episodes": 0}, {"episodes": -1}, {"episodes": 10**400}, {"episodes": 2.5},
+                                    {"n_way": True}, {"seed": -1}, {"seed": 2**32}, {"threads": 0}, {"topk": 0},
+                                    {"lr": float("nan")}, {"lr_min": 0.0}, {"temperature": 0.0},
+                                    {"temperature": float("inf")}, {"within_alphabet": 1.5},
+                                    {"within_alphabet": float("nan")}])
+def test_the_config_refuses_counts_rates_and_shares_out_of_range_before_writing(tmp_path, change):
+    from engine.train.config import check_stage
+
+    name = next(iter(change))
+    with pytest.raises(InvalidValueError, match=name):
+        check_stage(TrainConfig(**change))
+    with pytest.raises(InvalidValueError, match=name):
+        train(TrainConfig(**{"n_way": 5, "n_query": 1, "val_way": 5, "episodes": 2, "val_every": 2,
+                             "val_episodes": 2, **change}), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()
