@@ -578,9 +578,22 @@ def train_cmd(
     typer.echo(json.dumps(summary))
 
 
+CHECKPOINTS_HELP = ("Checkpoint folder of engine train; repeated, the models score as one ensemble (their "
+                    "logits averaged, engine.nn.ensemble).")
+
+
+def _models(checkpoints: list[Path], views: int | None):
+    """The checkpoints' model, or their ensemble when there are several."""
+    from .nn import ensemble
+    from .train import load_checkpoint
+
+    models = [load_checkpoint(c, views=views) for c in checkpoints]
+    return models[0] if len(models) == 1 else ensemble(models)
+
+
 @_command(app, "eval-oneshot")
 def eval_oneshot_cmd(
-    checkpoint: Path = typer.Option(..., help="Checkpoint folder of engine train."),
+    checkpoint: list[Path] = typer.Option(..., help=CHECKPOINTS_HELP),
     runs: Path = typer.Option(..., help="A folder of runNN folders, one runNN folder, or all_runs.zip."),
     views: int | None = typer.Option(None, help="Test-time views per image (default: the checkpoint's)."),
     assign: bool = typer.Option(False, "--assign", help="Also score each run transductively: its test items "
@@ -590,9 +603,9 @@ def eval_oneshot_cmd(
     """The official 20-way within-alphabet one-shot task, each run's memory an engine.Memory."""
     prepare_torch()
     from .data.omniglot import SIZE, load_oneshot_runs
-    from .train import eval_oneshot, load_checkpoint
+    from .train import eval_oneshot
 
-    model = load_checkpoint(checkpoint, views=views)
+    model = _models(checkpoint, views)
     out = eval_oneshot(model, load_oneshot_runs(runs, size=model.image_size or SIZE), assign=assign)
     if as_json:
         typer.echo(json.dumps(out))
@@ -610,7 +623,8 @@ def eval_oneshot_cmd(
 
 @_command(app, "eval-episodes")
 def eval_episodes_cmd(
-    checkpoint: Path = typer.Option(..., help="Checkpoint folder of engine train."),
+    checkpoint: list[Path] = typer.Option(..., help=CHECKPOINTS_HELP + " Their runs must share the dataset and "
+                                          "background set: the validation set is theirs."),
     data: Path | None = typer.Option(None, help="Data directory."),
     n_way: list[int] = typer.Option([5, 20], help="Ways to evaluate."),
     k_shot: list[int] = typer.Option([1, 5], help="Shots to evaluate."),
@@ -620,11 +634,16 @@ def eval_episodes_cmd(
 ) -> None:
     """Mean accuracy with a 95% CI over N-way K-shot episodes of the validation set (random and within-alphabet)."""
     prepare_torch()
-    from .train import TrainConfig, episode_features, evaluate_episodes, load_checkpoint, load_sets
+    from .train import TrainConfig, episode_features, evaluate_episodes, load_sets
     from .train.checkpoint import read_config
 
-    model = load_checkpoint(checkpoint, views=views)
-    cfg = read_config(checkpoint)
+    configs = [read_config(c) for c in checkpoint]
+    cfg = configs[0]
+    sets = {(c.get("dataset", "omniglot"), c.get("background", "small1")) for c in configs}
+    if len(sets) > 1:  # another set's model has trained on some of these validation classes
+        raise InvalidValueError(f"the checkpoints' runs train on different sets ({sorted(sets)}): each is "
+                                f"validated on classes the others may have trained on")
+    model = _models(checkpoint, views)
     _, _, val_x, val_groups = load_sets(TrainConfig(dataset=cfg.get("dataset", "omniglot"),
                                                     data=str(data) if data else cfg.get("data"),
                                                     background=cfg.get("background", "small1"),
@@ -639,7 +658,7 @@ def eval_episodes_cmd(
     if as_json:
         typer.echo(json.dumps(rows))
         return
-    table = Table(title=f"{checkpoint}: validation episodes")
+    table = Table(title=f"{', '.join(map(str, checkpoint))}: validation episodes")
     for col in ("way", "shot", "episodes from", "accuracy", "95% CI", "episodes"):
         table.add_column(col)
     for r in rows:

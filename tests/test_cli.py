@@ -382,3 +382,50 @@ def test_unreadable_text_inputs_are_one_line_errors(tmp_path):
     out = run("memory", "add", mem, tmp_path / "v.npy", "--labels", tmp_path / "bad.txt", ok=False)
     assert out.exit_code == 2 and "UTF-8" in out.output, out.output
     assert isinstance(out.exception, SystemExit)  # a one-line message, not an exception's traceback
+
+
+def test_eval_commands_score_repeated_checkpoints_as_one_ensemble(tmp_path):
+    import torch
+
+    from engine.data import as_input, data_root
+    from engine.data.omniglot import load_oneshot_runs
+    from engine.nn import ensemble
+    from engine.train import TrainConfig, episode_features, evaluate_episodes, load_checkpoint, load_sets, train
+
+    runs = data_root() / "omniglot" / "one-shot-sample"
+    base = dict(episodes=1, n_way=5, n_query=1, val_way=5, val_episodes=2, val_every=1, width=8, image_size=28)
+    for seed in (0, 1):
+        train(TrainConfig(**base, seed=seed), tmp_path / f"s{seed}", progress=False)
+    members = [tmp_path / "s0", tmp_path / "s1"]
+    args = [a for m in members for a in ("--checkpoint", m)]
+    out = json.loads(run("eval-oneshot", *args, "--runs", runs, "--json").output)
+    # the reference: each member's cosine logits in float64, averaged, then the argmax
+    run01 = load_oneshot_runs(runs, size=28)[0]
+    logits = 0
+    for m in members:
+        model = load_checkpoint(m)
+        with torch.no_grad():
+            g = torch.nn.functional.normalize(model.embed_support(as_input(run01.train)).double(), dim=1)
+            h = torch.nn.functional.normalize(model.embed_queries(as_input(run01.test)).double(), dim=1)
+        member = (h @ g.T / model.temperature.detach().double()).numpy()
+        logits = logits + member / len(members)
+    expected = float((logits.argmax(1) != run01.answer).mean())
+    assert out["error_rate"] == pytest.approx(expected)
+    # run01's 20 items rarely tell an ensemble from a member; 200 episodes do (the ensemble's
+    # scores are checked against its members' mean logits in tests/nn)
+    rows = json.loads(run("eval-episodes", *args, "--n-way", 5, "--k-shot", 1, "--episodes", 200, "--json").output)
+    assert len(rows) == 2
+    cfg = TrainConfig(**base)
+    _, _, val_x, val_groups = load_sets(cfg)
+    models = [ensemble([load_checkpoint(m) for m in members]), *map(load_checkpoint, members)]
+    features = [episode_features(model, val_x) for model in models]
+    for row, within in zip(rows, (0.0, 1.0)):
+        scores = [evaluate_episodes(model, val_x, val_groups, n_way=5, k_shot=1, episodes=200, within_group=within,
+                                    seed=7, features=f)["accuracy"] for model, f in zip(models, features)]
+        assert row["accuracy"] == pytest.approx(scores[0]) and scores[0] not in scores[1:]
+    train(TrainConfig(**base, background="small2"), tmp_path / "other", progress=False)
+    r = run("eval-episodes", *args, "--checkpoint", tmp_path / "other", "--episodes", 3, ok=False)
+    assert r.exit_code == 2 and "different sets" in r.output
+    train(TrainConfig(**{**base, "image_size": 32}), tmp_path / "s32", progress=False)
+    r = run("eval-oneshot", *args, "--checkpoint", tmp_path / "s32", "--runs", runs, ok=False)
+    assert r.exit_code == 2 and "one image size" in r.output
