@@ -90,7 +90,7 @@ def fashion(data, episodes: int, out: Path, learned: bool):
     pca = pca_embed(xtr, xte, 64)
     if not learned:
         return pca, None, ytr
-    cfg = recipe("fashion-mnist", episodes=episodes, val_every=episodes, val_episodes=20,
+    cfg = recipe("fashion-mnist", episodes=episodes, val_every=max(1, episodes), val_episodes=20,
                  data=None if data is None else str(data))  # fce off: h needs no support to embed
     train(cfg, out / "fashion-model", progress=True)
     model = load_checkpoint(out / "fashion-model").eval()

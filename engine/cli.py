@@ -583,12 +583,20 @@ CHECKPOINTS_HELP = ("Checkpoint folder of engine train; repeated, the models sco
 
 
 def _models(checkpoints: list[Path], views: int | None):
-    """The checkpoints' model, or their ensemble when there are several."""
+    """The checkpoints' model, or their ensemble when there are several; and the image side
+    they read (a run saved before models kept their side read 28x28 images)."""
     from .nn import ensemble
     from .train import load_checkpoint
+    from .train.checkpoint import read_config
 
+    if len({c.resolve() for c in checkpoints}) < len(checkpoints):  # a model twice would count twice
+        raise InvalidValueError("a checkpoint is given twice: an ensemble takes each model once")
     models = [load_checkpoint(c, views=views) for c in checkpoints]
-    return models[0] if len(models) == 1 else ensemble(models)
+    sides = [m.image_size or read_config(c).get("image_size", 28) for m, c in zip(models, checkpoints)]
+    if len(set(sides)) > 1:
+        raise InvalidValueError("an ensemble's members must read one image size, got " + ", ".join(
+            f"{c}: {side}x{side}" for c, side in zip(checkpoints, sides)))
+    return (models[0] if len(models) == 1 else ensemble(models)), sides[0]
 
 
 @_command(app, "eval-oneshot")
@@ -602,11 +610,11 @@ def eval_oneshot_cmd(
 ) -> None:
     """The official 20-way within-alphabet one-shot task, each run's memory an engine.Memory."""
     prepare_torch()
-    from .data.omniglot import SIZE, load_oneshot_runs
+    from .data.omniglot import load_oneshot_runs
     from .train import eval_oneshot
 
-    model = _models(checkpoint, views)
-    out = eval_oneshot(model, load_oneshot_runs(runs, size=model.image_size or SIZE), assign=assign)
+    model, side = _models(checkpoint, views)
+    out = eval_oneshot(model, load_oneshot_runs(runs, size=side), assign=assign)
     if as_json:
         typer.echo(json.dumps(out))
         return
@@ -639,15 +647,19 @@ def eval_episodes_cmd(
 
     configs = [read_config(c) for c in checkpoint]
     cfg = configs[0]
-    sets = {(c.get("dataset", "omniglot"), c.get("background", "small1")) for c in configs}
-    if len(sets) > 1:  # another set's model has trained on some of these validation classes
-        raise InvalidValueError(f"the checkpoints' runs train on different sets ({sorted(sets)}): each is "
-                                f"validated on classes the others may have trained on")
-    model = _models(checkpoint, views)
+    datasets = {c.get("dataset", "omniglot") for c in configs}
+    if len(datasets) > 1:
+        raise InvalidValueError(f"the checkpoints' runs train on different datasets ({', '.join(sorted(datasets))}): "
+                                f"they have no validation set in common")
+    backgrounds = {c.get("background", "small1") for c in configs}
+    if datasets == {"omniglot"} and len(backgrounds) > 1:  # each set's validation alphabets are the other's
+        raise InvalidValueError(f"the checkpoints' runs train on different Omniglot sets "
+                                f"({', '.join(sorted(backgrounds))}): each is validated on alphabets the other "
+                                f"trained on")
+    model, side = _models(checkpoint, views)
     _, _, val_x, val_groups = load_sets(TrainConfig(dataset=cfg.get("dataset", "omniglot"),
                                                     data=str(data) if data else cfg.get("data"),
-                                                    background=cfg.get("background", "small1"),
-                                                    image_size=cfg.get("image_size", 28)))
+                                                    background=cfg.get("background", "small1"), image_size=side))
     rows = []
     features = episode_features(model, val_x)  # embedded once for every setting
     for way in n_way:

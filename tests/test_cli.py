@@ -425,7 +425,19 @@ def test_eval_commands_score_repeated_checkpoints_as_one_ensemble(tmp_path):
         assert row["accuracy"] == pytest.approx(scores[0]) and scores[0] not in scores[1:]
     train(TrainConfig(**base, background="small2"), tmp_path / "other", progress=False)
     r = run("eval-episodes", *args, "--checkpoint", tmp_path / "other", "--episodes", 3, ok=False)
-    assert r.exit_code == 2 and "different sets" in r.output
+    assert r.exit_code == 2 and "different Omniglot sets (small1, small2)" in r.output
     train(TrainConfig(**{**base, "image_size": 32}), tmp_path / "s32", progress=False)
-    r = run("eval-oneshot", *args, "--checkpoint", tmp_path / "s32", "--runs", runs, ok=False)
-    assert r.exit_code == 2 and "one image size" in r.output
+    for command, rest in (("eval-oneshot", ["--runs", runs]), ("eval-episodes", ["--episodes", 3])):
+        r = run(command, *args, "--checkpoint", tmp_path / "s32", *rest, ok=False)
+        assert r.exit_code == 2 and "one image size" in r.output and "s32: 32x32" in r.output
+    r = run("eval-oneshot", *args, "--checkpoint", tmp_path / "s0", "--runs", runs, ok=False)
+    assert r.exit_code == 2 and "given twice" in r.output  # it would weigh twice
+    # a run saved before models kept their side read 28x28 images: not mixed with another side
+    old = json.loads((tmp_path / "s1" / "config.json").read_text())
+    del old["image_size"], old["model"]["image_size"]
+    (tmp_path / "s1" / "config.json").write_text(json.dumps(old))
+    assert load_checkpoint(tmp_path / "s1").image_size is None
+    r = run("eval-oneshot", "--checkpoint", tmp_path / "s1", "--checkpoint", tmp_path / "s32", "--runs", runs,
+            ok=False)
+    assert r.exit_code == 2 and "s1: 28x28" in r.output
+    assert json.loads(run("eval-oneshot", *args, "--runs", runs, "--json").output) == out  # old at 28 with 28

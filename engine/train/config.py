@@ -72,34 +72,42 @@ def check_stage(cfg: TrainConfig) -> None:
     """Refuse the options this module reads first whose error would otherwise surface deep in torch."""
     if cfg.background not in ("small1", "small2"):
         raise InvalidValueError(f"background must be small1 or small2, got {cfg.background!r}")
-    if cfg.pretrain_epochs < 0 or cfg.pretrain_batch < 2:
-        raise InvalidValueError(f"pretrain_epochs must be >= 0 and pretrain_batch >= 2 (batch norm), got "
-                         f"{cfg.pretrain_epochs} and {cfg.pretrain_batch}")
     # amounts: NaN or inf would train NaN weights
     for name in ("shift", "rotate", "scale", "elastic", "mixup", "weight_decay"):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
             raise InvalidValueError(f"{name} must be a finite number >= 0 (0: off), got {value!r}")
         setattr(cfg, name, float(value))  # a plain float: the config is written as JSON
-    # counts: 0, a negative, a float or a boolean would fail deep in the loop or train nothing
-    for name, least in (("n_way", 2), ("k_shot", 1), ("n_query", 1), ("val_every", 1), ("val_episodes", 1),
-                        ("val_way", 2), ("width", 1), ("episodes", 0)):
+    # counts: 0, a negative, a fraction or a boolean would fail deep in the loop or train nothing
+    # (pretrain_batch: batch norm needs 2 images; val_every matters only with episodes)
+    for name, least in (("n_way", 2), ("k_shot", 1), ("n_query", 1), ("val_every", 1 if cfg.episodes else 0),
+                        ("val_episodes", 1), ("val_way", 2), ("width", 1), ("episodes", 0), ("pretrain_epochs", 0),
+                        ("pretrain_batch", 2), ("fce_steps", 1)):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not least <= value <= MOST:
             raise InvalidValueError(f"{name} must be an integer from {least} to {MOST:,}, got {value!r}")
+        setattr(cfg, name, int(value))  # a plain int (not numpy's): the config is written as JSON
     for name in ("topk", "threads"):  # None: all of them (topk: the dense softmax; threads: torch's)
         value = getattr(cfg, name)
-        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
-            raise InvalidValueError(f"{name} must be an integer >= 1 or None, got {value!r}")
+        if value is not None:
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MOST:
+                raise InvalidValueError(f"{name} must be an integer from 1 to {MOST:,} or None, got {value!r}")
+            setattr(cfg, name, int(value))
     if isinstance(cfg.seed, bool) or not isinstance(cfg.seed, numbers.Integral) or not 0 <= cfg.seed < 2**32:
         raise InvalidValueError(f"seed must be an integer from 0 to 2**32 - 1, got {cfg.seed!r}")
+    cfg.seed = int(cfg.seed)
     for name in ("lr", "lr_min", "temperature"):  # rates and the softmax's temperature: finite and > 0
         value = getattr(cfg, name)
         if isinstance(value, bool) or not (isinstance(value, numbers.Real) and math.isfinite(value) and value > 0):
             raise InvalidValueError(f"{name} must be a finite number > 0, got {value!r}")
+        setattr(cfg, name, float(value))
+    if cfg.lr_min > cfg.lr:
+        raise InvalidValueError(f"lr_min ({cfg.lr_min}) is the end of the cosine decay from lr ({cfg.lr}): it "
+                                f"must not be above it")
     value = cfg.within_alphabet
     if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0 <= value <= 1):
         raise InvalidValueError(f"within_alphabet must be a share in [0, 1], got {value!r}")
+    cfg.within_alphabet = float(value)
     if cfg.mixup > 0 and cfg.pretrain_epochs == 0:
         raise InvalidValueError("mixup blends the supervised stage's batches: it needs pretrain_epochs >= 1")
     for name in ("thickness", "erase"):  # shares of a pixel's dilation, of the image's side

@@ -502,9 +502,11 @@ def test_resume_config_is_the_saved_run_with_the_overrides_in_place(tmp_path):
 @pytest.mark.parametrize("change", [{"n_way": 1}, {"k_shot": 0}, {"n_query": 0}, {"val_every": 0}, {"val_way": 1},
                                     {"val_episodes": 0}, {"episodes": -1}, {"episodes": 10**400}, {"episodes": 2.5},
                                     {"n_way": True}, {"seed": -1}, {"seed": 2**32}, {"threads": 0}, {"topk": 0},
-                                    {"lr": float("nan")}, {"lr_min": 0.0}, {"temperature": 0.0},
+                                    {"lr": float("nan")}, {"lr_min": 0.0}, {"lr_min": 0.1}, {"temperature": 0.0},
                                     {"temperature": float("inf")}, {"within_alphabet": 1.5},
-                                    {"within_alphabet": float("nan")}])
+                                    {"within_alphabet": float("nan")}, {"pretrain_epochs": 1.5},
+                                    {"pretrain_batch": 1}, {"fce_steps": 0}, {"fce_steps": 2.5},
+                                    {"pretrain_epochs": True}])
 def test_the_config_refuses_counts_rates_and_shares_out_of_range_before_writing(tmp_path, change):
     from engine.train.config import check_stage
 
@@ -515,3 +517,23 @@ def test_the_config_refuses_counts_rates_and_shares_out_of_range_before_writing(
         train(TrainConfig(**{"n_way": 5, "n_query": 1, "val_way": 5, "episodes": 2, "val_every": 2,
                              "val_episodes": 2, **change}), tmp_path / "run", progress=False)
     assert not (tmp_path / "run").exists()
+
+
+def test_the_config_accepts_the_recipes_their_bounds_and_numpys_numbers():
+    from engine.train import OMNIGLOT_28, recipe
+    from engine.train.config import check_stage
+
+    for cfg in (recipe("omniglot"), recipe("omniglot", **OMNIGLOT_28), recipe("fashion-mnist"),
+                recipe("fashion-mnist", val_every=0),  # no episodes: val_every is never read
+                TrainConfig(n_way=2, val_way=2, episodes=0, seed=2**32 - 1, within_alphabet=0, topk=1, threads=1,
+                            pretrain_batch=2, fce_steps=1, lr_min=1e-3, lr=1e-3),
+                TrainConfig(within_alphabet=1, episodes=10**9, val_episodes=10**9)):
+        check_stage(cfg)
+    cfg = TrainConfig(n_way=np.int64(5), seed=np.uint32(7), lr=np.float32(0.002), within_alphabet=np.float64(0.25),
+                      topk=np.int32(8), pretrain_epochs=np.int64(1))
+    check_stage(cfg)
+    from dataclasses import asdict
+
+    saved = json.loads(json.dumps(asdict(cfg)))  # plain numbers: the config is written as JSON
+    assert (saved["n_way"], saved["seed"], saved["topk"], saved["pretrain_epochs"]) == (5, 7, 8, 1)
+    assert saved["lr"] == pytest.approx(0.002) and saved["within_alphabet"] == 0.25
