@@ -537,3 +537,16 @@ def test_the_config_accepts_the_recipes_their_bounds_and_numpys_numbers():
     saved = json.loads(json.dumps(asdict(cfg)))  # plain numbers: the config is written as JSON
     assert (saved["n_way"], saved["seed"], saved["topk"], saved["pretrain_epochs"]) == (5, 7, 8, 1)
     assert saved["lr"] == pytest.approx(0.002) and saved["within_alphabet"] == 0.25
+
+
+def test_a_run_stopped_before_its_first_checkpoint_is_not_resumed(tmp_path):
+    from engine.errors import MissingFileError
+
+    cfg = TrainConfig(n_way=5, n_query=1, episodes=2, val_every=2, val_episodes=2, val_way=5)
+    train(cfg, tmp_path / "run", progress=False)
+    for name in ("model.pt", "state.json"):  # as a run killed in its supervised stage leaves it: config.json only
+        (tmp_path / "run" / name).unlink()
+    before = (tmp_path / "run" / "config.json").read_text()
+    with pytest.raises(MissingFileError, match="model.pt, state.json missing"):
+        train(cfg, tmp_path / "run", resume=True, progress=False)
+    assert (tmp_path / "run" / "config.json").read_text() == before
