@@ -585,6 +585,7 @@ CHECKPOINTS_HELP = ("Checkpoint folder of engine train; repeated, the models sco
 def _models(checkpoints: list[Path], views: int | None):
     """The checkpoints' model, or their ensemble when there are several; and the image side
     they read (a run saved before models kept their side read 28x28 images)."""
+    from .data.omniglot import SIZE
     from .nn import ensemble
     from .train import load_checkpoint
     from .train.checkpoint import read_config
@@ -592,7 +593,7 @@ def _models(checkpoints: list[Path], views: int | None):
     if len({c.resolve() for c in checkpoints}) < len(checkpoints):  # a model twice would count twice
         raise InvalidValueError("a checkpoint is given twice: an ensemble takes each model once")
     models = [load_checkpoint(c, views=views) for c in checkpoints]
-    sides = [m.image_size or read_config(c).get("image_size", 28) for m, c in zip(models, checkpoints)]
+    sides = [m.image_size or read_config(c).get("image_size", SIZE) for m, c in zip(models, checkpoints)]
     if len(set(sides)) > 1:
         raise InvalidValueError("an ensemble's members must read one image size, got " + ", ".join(
             f"{c}: {side}x{side}" for c, side in zip(checkpoints, sides)))

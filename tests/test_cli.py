@@ -426,6 +426,13 @@ def test_eval_commands_score_repeated_checkpoints_as_one_ensemble(tmp_path):
     train(TrainConfig(**base, background="small2"), tmp_path / "other", progress=False)
     r = run("eval-episodes", *args, "--checkpoint", tmp_path / "other", "--episodes", 3, ok=False)
     assert r.exit_code == 2 and "different Omniglot sets (small1, small2)" in r.output
+    import shutil
+
+    shutil.copytree(tmp_path / "s1", tmp_path / "fashion")
+    cfg_fm = json.loads((tmp_path / "fashion" / "config.json").read_text())
+    (tmp_path / "fashion" / "config.json").write_text(json.dumps({**cfg_fm, "dataset": "fashion-mnist"}))
+    r = run("eval-episodes", *args, "--checkpoint", tmp_path / "fashion", "--episodes", 3, ok=False)
+    assert r.exit_code == 2 and "different datasets (fashion-mnist, omniglot)" in r.output
     train(TrainConfig(**{**base, "image_size": 32}), tmp_path / "s32", progress=False)
     for command, rest in (("eval-oneshot", ["--runs", runs]), ("eval-episodes", ["--episodes", 3])):
         r = run(command, *args, "--checkpoint", tmp_path / "s32", *rest, ok=False)

@@ -19,7 +19,7 @@ from ..data.episodes import Episode, EpisodeSampler
 from ..data.images import as_input, pixels
 from ..errors import InvalidValueError, MissingFileError
 from ..nn import MatchingNetwork
-from .checkpoint import read_config, save
+from .checkpoint import CHECKPOINT_FILES, read_config, save
 from .config import TrainConfig, check_stage, load_sets
 from .evaluate import evaluate_episodes
 
@@ -156,7 +156,7 @@ def check_resumable(cfg: TrainConfig, out: Path) -> None:
     it with another optimizer. The saved ``config.json`` is the reference; a run saved
     before an option existed had its default."""
     saved = read_config(out)
-    missing = [name for name in ("model.pt", "optimizer.pt", "state.pt", "state.json") if not (out / name).is_file()]
+    missing = [name for name in CHECKPOINT_FILES if not (out / name).is_file()]
     if missing:  # config.json is written first: a run can stop (in its supervised stage) before any checkpoint
         raise MissingFileError(f"{out} holds no checkpoint to resume ({', '.join(missing)} missing): the run stopped "
                                f"before its first one; start it afresh (--force)")

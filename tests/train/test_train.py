@@ -547,6 +547,6 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_resumed(tmp_path):
     for name in ("model.pt", "state.json"):  # as a run killed in its supervised stage leaves it: config.json only
         (tmp_path / "run" / name).unlink()
     before = (tmp_path / "run" / "config.json").read_text()
-    with pytest.raises(MissingFileError, match="model.pt, state.json missing"):
+    with pytest.raises(MissingFileError, match="model.pt, state.json missing"):  # named, in CHECKPOINT_FILES order
         train(cfg, tmp_path / "run", resume=True, progress=False)
     assert (tmp_path / "run" / "config.json").read_text() == before
