@@ -60,6 +60,8 @@ LEVERS = {
                                                               "episodes_share": 1 / 3}),
     # 56x56: shifts and elastic grown with the image as from 28x28 to 40x40 (about 0.075 and 0.05 of the side)
     "size56": ("56x56 images (shifts 4 px, elastic 2.8 px)", {"image_size": 56, "shift": 4.0, "elastic": 2.8}),
+    # the recipe with the last block's 2x2 map kept whole (256 numbers) rather than averaged (64)
+    "flat": ("40x40, the last map kept whole (pool flat)", {"pool": "flat"}),
     # a square of 0.35 of the side (10 px at 28x28) blanked in every training image: part of the strokes left out
     "erase": ("a square blanked in each training image (cutout, side 0.35)", {**AT_28, "erase": 0.35}),
     "decay": ("weight decay 0.05 (AdamW) on the weight matrices and filters", {**AT_28, "weight_decay": 0.05}),

@@ -519,6 +519,8 @@ def train_cmd(
     pretrain_epochs: int | None = typer.Option(
         None, help="Supervised epochs over every training class before the episodes (see the recipe)."),
     width: int | None = typer.Option(None, help="Filters per conv block: the embedding's dimension (64)."),
+    pool: str | None = typer.Option(None, help="The last block's map: averaged (mean, the recipe) or kept whole "
+                                    "(flat: width x the map's positions)."),
     image_size: int | None = typer.Option(None, help="Omniglot: images are resized to this square (recipe: 40); the "
                                           "model keeps it, and its evaluations read images at it."),
     shift: float | None = typer.Option(None, help="Random translation of training images, largest pixels "
@@ -560,8 +562,9 @@ def train_cmd(
     prepare_torch()  # glibc keeps freed blocks: no page faults per batch (engine.runtime)
     from .train import recipe, resume_config, train
 
-    given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "image_size": image_size,
-             "shift": shift, "elastic": elastic, "mixup": mixup, "thickness": thickness, "erase": erase,
+    given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "pool": pool,
+             "image_size": image_size, "shift": shift, "elastic": elastic, "mixup": mixup, "thickness": thickness,
+             "erase": erase,
              "views": views, "time_budget_s": time_budget, "n_way": n_way, "k_shot": k_shot, "n_query": n_query,
              "fce": fce, "fce_steps": fce_steps, "lr": lr, "weight_decay": weight_decay, "topk": topk,
              "val_every": val_every, "val_episodes": val_episodes, "seed": seed, "background": background}

@@ -53,13 +53,19 @@ class MatchingNetwork(nn.Module):
         image_size: the square side of the images the model was trained on (kept in its
             checkpoint): images of another size are refused, and loaders read images at it
             (``load_oneshot_runs(path, size=model.image_size)``). None: any size.
+        pool: how the default backbone makes one vector of its last map
+            (:class:`~engine.nn.backbone.ConvEmbedding`): ``"mean"`` or ``"flat"`` (needs
+            ``image_size``).
     """
 
     def __init__(self, backbone: nn.Module | None = None, *, shared: bool = True, fce: bool = False,
                  fce_steps: int = 5, temperature: float = 0.1, learn_temperature: bool = True,
-                 in_channels: int = 1, width: int = 64, views: int = 1, image_size: int | None = None):
+                 in_channels: int = 1, width: int = 64, views: int = 1, image_size: int | None = None,
+                 pool: str = "mean"):
         super().__init__()
-        self.g_backbone = backbone if backbone is not None else ConvEmbedding(in_channels, width)
+        side = None if image_size is None else _check_side(image_size)
+        self.g_backbone = backbone if backbone is not None else ConvEmbedding(in_channels, width, pool=pool,
+                                                                              image_size=side)
         self.h_backbone = self.g_backbone if shared else copy.deepcopy(self.g_backbone)
         self.dim = int(getattr(self.g_backbone, "out_dim", 64))
         self.support_lstm = SupportBiLSTM(self.dim) if fce else None
@@ -67,7 +73,7 @@ class MatchingNetwork(nn.Module):
         self.log_temperature = nn.Parameter(torch.tensor(math.log(temperature)), requires_grad=learn_temperature)
         self.options = {"shared": shared, "fce": fce, "fce_steps": fce_steps, "temperature": temperature,
                         "learn_temperature": learn_temperature, "in_channels": in_channels, "width": width,
-                        "views": 1, "image_size": None if image_size is None else _check_side(image_size)}
+                        "views": 1, "image_size": side, "pool": pool}
         self.views = views
         self._support: torch.Tensor | None = None
         self._support_idx: torch.Tensor | None = None
@@ -268,7 +274,7 @@ class MatchingNetwork(nn.Module):
     @classmethod
     def from_config(cls, config: dict) -> MatchingNetwork:
         return cls(**{k: config[k] for k in ("shared", "fce", "fce_steps", "temperature", "learn_temperature",
-                                             "in_channels", "width", "views", "image_size") if k in config})
+                                             "in_channels", "width", "views", "image_size", "pool") if k in config})
 
 
 def _check_side(side) -> int:

@@ -20,6 +20,7 @@ import numpy as np
 from ..data.augment import check_views
 from ..data.omniglot import check_size
 from ..errors import InvalidValueError
+from ..nn.backbone import POOLS
 
 MOST = 10**9  # the largest count a config may give (episodes, ways, validation settings)
 FASHION_HELD_OUT = 100  # training images a class kept out of Fashion-MNIST training, for its validation
@@ -47,7 +48,8 @@ class TrainConfig:
     pretrain_epochs: int = 0  # supervised stage first: every training class at once (see pretrain)
     pretrain_batch: int = 128
     mixup: float = 0.0  # supervised stage: images blended in pairs, shares from Beta(mixup, mixup); 0: off
-    width: int = 64  # filters per conv block: the embedding's dimension
+    width: int = 64  # filters per conv block: the embedding's dimension (with pool="mean")
+    pool: str = "mean"  # the last block's map: averaged ("mean") or kept whole ("flat", width * side**2 numbers)
     image_size: int = 28  # images are resized to this square (the omniglot recipe: 40; Fashion-MNIST is 28x28)
     views: int = 1  # test-time views averaged per image (MatchingNetwork(views=)); training sees one
     time_budget_s: float | None = None
@@ -116,6 +118,8 @@ def check_stage(cfg: TrainConfig) -> None:
             raise InvalidValueError(f"{name} must be a number in [0, 1] (0: off), got {value!r}")
         setattr(cfg, name, float(value))
     check_views(cfg.views)
+    if cfg.pool not in POOLS:
+        raise InvalidValueError(f"pool must be one of {POOLS}, got {cfg.pool!r}")
     if cfg.dataset == "fashion-mnist" and cfg.image_size != 28:
         raise InvalidValueError(f"Fashion-MNIST images are 28x28, got image_size={cfg.image_size!r}")
     cfg.image_size = check_size(cfg.image_size)  # a plain int: the config is written as JSON

@@ -145,7 +145,7 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
 # measure), how its supervised stage trained it (a resumed run does not redo it) and the weight
 # decay its saved optimizer state holds: a resumed run must keep them (the episodes, the schedule
 # and how often it validates may change); fce_steps matters only with fce, background only on omniglot
-RESUME_KEEPS = ("dataset", "background", "image_size", "width", "fce", "fce_steps", "views", "val_way",
+RESUME_KEEPS = ("dataset", "background", "image_size", "width", "pool", "fce", "fce_steps", "views", "val_way",
                 "val_episodes", "pretrain_epochs", "pretrain_batch", "mixup", "weight_decay")
 
 
@@ -198,7 +198,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     sampler = EpisodeSampler(train_x, cfg.n_way, cfg.k_shot, cfg.n_query, groups=train_groups,
                              within_group=within, seed=cfg.seed)
     model = MatchingNetwork(fce=cfg.fce, fce_steps=cfg.fce_steps, temperature=cfg.temperature, width=cfg.width,
-                             views=cfg.views, image_size=cfg.image_size)
+                             views=cfg.views, image_size=cfg.image_size, pool=cfg.pool)
     cfg.model = model.config()
     opt = optimizer(list(model.parameters()), cfg)
     state = {"episode": 0, "best_val": -1.0, "elapsed_s": 0.0}

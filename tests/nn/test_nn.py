@@ -30,6 +30,32 @@ def test_conv_embedding_shape():
     assert ConvEmbedding()(torch.rand(2, 28, 28)).shape == (2, 64)
 
 
+def test_a_flat_pool_keeps_the_last_map_whole():
+    from engine.errors import InvalidValueError
+
+    flat = ConvEmbedding(width=8, pool="flat", image_size=40)  # 40 -> 20 -> 10 -> 5 -> 2: a 2x2 map
+    mean = ConvEmbedding(width=8)
+    mean.load_state_dict(flat.state_dict())  # the same weights, the map averaged
+    flat.eval(), mean.eval()
+    x = torch.rand(5, 1, 40, 40)
+    with torch.no_grad():
+        z = flat(x)
+        assert flat.out_dim == 32 and z.shape == (5, 32)
+        # each filter's four positions, in the map's order; their mean is the averaged embedding
+        torch.testing.assert_close(z.reshape(5, 8, 4).mean(2), mean(x))
+        assert not torch.allclose(z.reshape(5, 8, 4)[..., 0], z.reshape(5, 8, 4)[..., 3])
+        at28 = ConvEmbedding(width=8, pool="flat", image_size=28)  # a 1x1 map: the two pools agree
+        at28.load_state_dict(flat.state_dict())
+        at28.eval()
+        x28 = torch.rand(3, 1, 28, 28)
+        torch.testing.assert_close(at28(x28), mean(x28))
+    net = MatchingNetwork(width=8, image_size=40, pool="flat")
+    assert net.dim == 32 and MatchingNetwork.from_config(net.config()).dim == 32
+    for bad in ({"pool": "max", "image_size": 40}, {"pool": "flat"}):
+        with pytest.raises(InvalidValueError, match="pool"):
+            MatchingNetwork(width=8, **bad)
+
+
 @pytest.mark.parametrize("fce", [False, True])
 def test_forward_gives_log_probabilities(fce):
     sx, sy, qx = episode()

@@ -89,7 +89,7 @@ def test_a_resumed_run_keeps_its_image_size_and_model(tmp_path):
     train(TrainConfig(**base, image_size=40), tmp_path / "ck", progress=False)
     before = (tmp_path / "ck" / "config.json").read_text()
     for change in ({"image_size": 28}, {"width": 16}, {"background": "small2"}, {"views": 8},
-                   {"weight_decay": 0.01}):
+                   {"weight_decay": 0.01}, {"pool": "flat"}):
         with pytest.raises(InvalidValueError, match=next(iter(change))):
             train(TrainConfig(**{**base, "image_size": 40, **change, "episodes": 4}), tmp_path / "ck", resume=True,
                   progress=False)
