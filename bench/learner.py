@@ -62,6 +62,7 @@ LEVERS = {
     "size56": ("56x56 images (shifts 4 px, elastic 2.8 px)", {"image_size": 56, "shift": 4.0, "elastic": 2.8}),
     # the recipe with the last block's 2x2 map kept whole (256 numbers) rather than averaged (64)
     "flat": ("40x40, the last map kept whole (pool flat)", {"pool": "flat"}),
+    "flatshort": ("40x40, the last map kept whole, a third of the episodes", {"pool": "flat", "episodes_share": 1 / 3}),
     # a square of 0.35 of the side (10 px at 28x28) blanked in every training image: part of the strokes left out
     "erase": ("a square blanked in each training image (cutout, side 0.35)", {**AT_28, "erase": 0.35}),
     "decay": ("weight decay 0.05 (AdamW) on the weight matrices and filters", {**AT_28, "weight_decay": 0.05}),
