@@ -519,8 +519,8 @@ def train_cmd(
     pretrain_epochs: int | None = typer.Option(
         None, help="Supervised epochs over every training class before the episodes (see the recipe)."),
     width: int | None = typer.Option(None, help="Filters per conv block: the embedding's dimension (64)."),
-    pool: str | None = typer.Option(None, help="The last block's map: averaged (mean, the recipe) or kept whole "
-                                    "(flat: width x the map's positions)."),
+    pool: str | None = typer.Option(None, help="The last block's map: averaged (mean) or kept whole (flat: width x "
+                                    "the map's positions; the Omniglot recipe)."),
     image_size: int | None = typer.Option(None, help="Omniglot: images are resized to this square (recipe: 40); the "
                                           "model keeps it, and its evaluations read images at it."),
     shift: float | None = typer.Option(None, help="Random translation of training images, largest pixels "

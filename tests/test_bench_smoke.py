@@ -162,10 +162,10 @@ def test_learner_benchmark(tmp_path):
     assert 0 <= row["run01_assigned_error"] <= 1
     assert json.loads((tmp_path / "learner" / "recipe" / "small2" / "seed0" / "config.json").read_text()
                       )["background"] == "small2"
-    assert json.loads((tmp_path / "learner" / "recipe" / "small2" / "seed0" / "config.json").read_text()
-                      )["image_size"] == 40
-    assert (tmp_path / "learner.png").stat().st_size > 0 and "| the recipe (40x40) | small2 | 1 |" in \
-        (tmp_path / "learner.md").read_text()
+    saved = json.loads((tmp_path / "learner" / "recipe" / "small2" / "seed0" / "config.json").read_text())
+    assert saved["image_size"] == 40 and saved["pool"] == "flat" and saved["model"]["pool"] == "flat"
+    assert (tmp_path / "learner.png").stat().st_size > 0
+    assert "| the recipe (40x40, the last map kept whole) | small2 | 1 |" in (tmp_path / "learner.md").read_text()
 
 
 def test_flight_transport_benchmark(tmp_path):
