@@ -177,7 +177,7 @@ def run_demo(data=None, *, out: str | Path = "runs/demo", quick: bool = False, f
     report["pca"] = pca_memory_report(data, limit=limit, out=out, progress=progress)
 
     om_dir = out / "omniglot"
-    # the recipe at 28x28: at 40x40 (the recipe's side) training takes over 2x as long, past the demo's 15 minutes
+    # the recipe at 28x28: at 40x40 (the recipe's side) training takes about 2x as long, past the demo's 15 minutes
     om_cfg = recipe("omniglot", **OMNIGLOT_28, episodes=omniglot_episodes, time_budget_s=omniglot_budget_s, fce=fce,
                     val_every=4 if quick else 500, val_episodes=2 if quick else 100, data=_s(data), **pretrain)
     report["omniglot_training"] = train(om_cfg, om_dir, progress=progress)

@@ -45,7 +45,8 @@ class MatchingNetwork(nn.Module):
         temperature: initial softmax temperature T.
         learn_temperature: learn T (as log T) with the rest.
         in_channels: image channels of the default backbone.
-        width: filters per block of the default backbone (the embedding's dimension).
+        width: filters per block of the default backbone (the embedding's dimension with
+            ``pool="mean"``; times the last map's positions with ``"flat"``).
         views: test-time views: out of training, each image is embedded as the mean of the
             backbone's outputs on itself and ``views - 1`` slightly moved copies (the same
             fixed maps for support and query images alike, :func:`engine.data.augment.view_maps`).

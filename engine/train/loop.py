@@ -165,8 +165,10 @@ def check_resumable(cfg: TrainConfig, out: Path) -> None:
     def was(key):
         return saved.get(key, getattr(default, key))
 
+    # (the pool matters only where the backbone's last map is more than one position: not at 28x28)
     keys = [k for k in RESUME_KEEPS if not (k == "fce_steps" and not cfg.fce and not was("fce"))
-            and not (k == "background" and cfg.dataset != "omniglot")]
+            and not (k == "background" and cfg.dataset != "omniglot")
+            and not (k == "pool" and cfg.image_size >> 4 <= 1)]
     changed = [f"{key}: {was(key)!r} -> {getattr(cfg, key)!r}" for key in keys if was(key) != getattr(cfg, key)]
     if changed:
         raise InvalidValueError(f"{out} holds a run trained otherwise; resume it with the options "

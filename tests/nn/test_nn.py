@@ -51,9 +51,14 @@ def test_a_flat_pool_keeps_the_last_map_whole():
         torch.testing.assert_close(at28(x28), mean(x28))
     net = MatchingNetwork(width=8, image_size=40, pool="flat")
     assert net.dim == 32 and MatchingNetwork.from_config(net.config()).dim == 32
-    for bad in ({"pool": "max", "image_size": 40}, {"pool": "flat"}):
+    for bad in ({"pool": "max", "image_size": 40}, {"pool": "flat"}, {"pool": ["flat"], "image_size": 40}):
         with pytest.raises(InvalidValueError, match="pool"):
             MatchingNetwork(width=8, **bad)
+    for side in ("40", 40.0, True):
+        with pytest.raises(InvalidValueError, match="image_size"):
+            ConvEmbedding(width=8, pool="flat", image_size=side)
+    with pytest.raises(InvalidValueError, match="2x2 map whole"):  # 48x48 would leave 3x3: another length
+        flat(torch.rand(2, 1, 48, 48))
 
 
 @pytest.mark.parametrize("fce", [False, True])

@@ -98,6 +98,10 @@ def test_a_resumed_run_keeps_its_image_size_and_model(tmp_path):
     assert train(TrainConfig(**{**base, "episodes": 4}, image_size=40, fce_steps=3), tmp_path / "ck", resume=True,
                  progress=False)["episodes"] == 4
     assert load_checkpoint(tmp_path / "ck").image_size == 40
+    # at 28x28 the last map is one position: a run saved with the averaged map resumes with the flat one
+    train(TrainConfig(**base, image_size=28), tmp_path / "at28", progress=False)
+    assert train(TrainConfig(**{**base, "episodes": 4}, image_size=28, pool="flat"), tmp_path / "at28", resume=True,
+                 progress=False)["episodes"] == 4
 
 
 

@@ -506,7 +506,7 @@ def test_resume_config_is_the_saved_run_with_the_overrides_in_place(tmp_path):
                                     {"temperature": float("inf")}, {"within_alphabet": 1.5},
                                     {"within_alphabet": float("nan")}, {"pretrain_epochs": 1.5},
                                     {"pretrain_batch": 1}, {"fce_steps": 0}, {"fce_steps": 2.5},
-                                    {"pretrain_epochs": True}, {"pool": "max"}])
+                                    {"pretrain_epochs": True}, {"pool": "max"}, {"pool": None}])
 def test_the_config_refuses_counts_rates_and_shares_out_of_range_before_writing(tmp_path, change):
     from engine.train.config import check_stage
 
