@@ -21,6 +21,20 @@ from torch import nn
 from ..errors import InvalidValueError
 
 POOLS = ("mean", "flat")
+BLOCKS = 4  # the paper's
+
+
+def check_pool(pool) -> str:
+    """``pool`` as a plain str, or InvalidValueError naming the choices."""
+    if not isinstance(pool, str) or pool not in POOLS:
+        raise InvalidValueError(f"pool must be one of {POOLS}, got {pool!r}")
+    return str(pool)
+
+
+def last_map_side(image_size: int, blocks: int = BLOCKS) -> int:
+    """The side of the map ``blocks`` blocks leave of an ``image_size`` square (each 2x2
+    max-pooling halves it, rounding down)."""
+    return int(image_size) >> blocks
 
 
 def conv_block(in_channels: int, out_channels: int) -> nn.Sequential:
@@ -45,23 +59,22 @@ class ConvEmbedding(nn.Module):
         image_size: the square side of the images (for ``pool="flat"``).
     """
 
-    def __init__(self, in_channels: int = 1, width: int = 64, blocks: int = 4, *, pool: str = "mean",
+    def __init__(self, in_channels: int = 1, width: int = 64, blocks: int = BLOCKS, *, pool: str = "mean",
                  image_size: int | None = None):
         super().__init__()
-        if not isinstance(pool, str) or pool not in POOLS:
-            raise InvalidValueError(f"pool must be one of {POOLS}, got {pool!r}")
+        pool = check_pool(pool)
         side = None
         if pool == "flat":
             if image_size is None:
                 raise InvalidValueError("pool='flat' keeps the last map whole: it needs the image_size")
             if isinstance(image_size, bool) or not isinstance(image_size, numbers.Integral):
                 raise InvalidValueError(f"image_size must be an integer, got {image_size!r}")
-            side = int(image_size) >> blocks  # each 2x2 max-pooling halves the side, rounding down
+            side = last_map_side(image_size, blocks)
             if side < 1:
                 raise InvalidValueError(f"{blocks} blocks leave no map of a {image_size}x{image_size} image")
         layers = [conv_block(in_channels, width)] + [conv_block(width, width) for _ in range(blocks - 1)]
         self.net = nn.Sequential(*layers)
-        self.pool, self.side = str(pool), side
+        self.pool, self.side = pool, side
         self.out_dim = width if side is None else width * side * side
         self.to(memory_format=torch.channels_last)  # weights and inputs channels-last: faster on CPU
 

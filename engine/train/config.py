@@ -20,7 +20,7 @@ import numpy as np
 from ..data.augment import check_views
 from ..data.omniglot import check_size
 from ..errors import InvalidValueError
-from ..nn.backbone import POOLS
+from ..nn.backbone import check_pool
 
 MOST = 10**9  # the largest count a config may give (episodes, ways, validation settings)
 FASHION_HELD_OUT = 100  # training images a class kept out of Fashion-MNIST training, for its validation
@@ -118,9 +118,7 @@ def check_stage(cfg: TrainConfig) -> None:
             raise InvalidValueError(f"{name} must be a number in [0, 1] (0: off), got {value!r}")
         setattr(cfg, name, float(value))
     check_views(cfg.views)
-    if not isinstance(cfg.pool, str) or cfg.pool not in POOLS:
-        raise InvalidValueError(f"pool must be one of {POOLS}, got {cfg.pool!r}")
-    cfg.pool = str(cfg.pool)  # a plain str (not numpy's): the config is written as JSON
+    cfg.pool = check_pool(cfg.pool)  # a plain str (not numpy's): the config is written as JSON
     if cfg.dataset == "fashion-mnist" and cfg.image_size != 28:
         raise InvalidValueError(f"Fashion-MNIST images are 28x28, got image_size={cfg.image_size!r}")
     cfg.image_size = check_size(cfg.image_size)  # a plain int: the config is written as JSON

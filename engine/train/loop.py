@@ -19,6 +19,7 @@ from ..data.episodes import Episode, EpisodeSampler
 from ..data.images import as_input, pixels
 from ..errors import InvalidValueError, MissingFileError
 from ..nn import MatchingNetwork
+from ..nn.backbone import last_map_side
 from .checkpoint import CHECKPOINT_FILES, read_config, save
 from .config import TrainConfig, check_stage, load_sets
 from .evaluate import evaluate_episodes
@@ -168,7 +169,7 @@ def check_resumable(cfg: TrainConfig, out: Path) -> None:
     # (the pool matters only where the backbone's last map is more than one position: not at 28x28)
     keys = [k for k in RESUME_KEEPS if not (k == "fce_steps" and not cfg.fce and not was("fce"))
             and not (k == "background" and cfg.dataset != "omniglot")
-            and not (k == "pool" and cfg.image_size >> 4 <= 1)]
+            and not (k == "pool" and last_map_side(cfg.image_size) <= 1)]
     changed = [f"{key}: {was(key)!r} -> {getattr(cfg, key)!r}" for key in keys if was(key) != getattr(cfg, key)]
     if changed:
         raise InvalidValueError(f"{out} holds a run trained otherwise; resume it with the options "
