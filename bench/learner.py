@@ -3,6 +3,7 @@
     python bench/learner.py --out runs/bench                          # the recipe: small1 and small2, seeds 0 1 2
     python bench/learner.py --levers size28 wide --seeds 0 1          # levers side by side, each over the seeds
     python bench/learner.py --runs path/to/all_runs.zip               # also the official 20 runs, where a user has them
+    python bench/learner.py --reuse --views 16 --out runs/bench       # the models trained there, through 16 views
 
 For each lever, background set (``images_background_small1`` / ``_small2``) and seed, a
 Matching Network is trained with ``engine.train.recipe("omniglot")`` and the lever's
@@ -18,6 +19,10 @@ test-time views on:
 - the per-query error on the official runs layout: ``one-shot-sample`` (``run01``, 20
   items, so steps of 5 points) and, with ``--runs``, the runs given (the full task is
   the 20 runs of ``all_runs.zip``).
+
+With ``--reuse`` a model already trained to the end in ``--out`` with the same config is
+scored again rather than trained anew (its ``train_s`` is then null); ``--views`` scores
+every model through another count of test-time views than the recipe's.
 
 Each error is also given transductively, in parentheses and apart: the run's items matched to
 its classes one to one (``eval-oneshot --assign``).
@@ -61,6 +66,7 @@ LEVERS = {
     "size40short": ("40x40 images, the last map averaged, a third of the episodes",
                     {"image_size": 40, "shift": 3.0, "elastic": 2.0, "pool": "mean", "episodes_share": 1 / 3}),
     "short": ("the recipe with a third of the episodes", {"episodes_share": 1 / 3}),
+    "long": ("the recipe with twice the episodes", {"episodes_share": 2}),
     # 56x56: shifts and elastic grown with the image as from 28x28 to 40x40 (about 0.075 and 0.05 of the side)
     "size56": ("56x56 images (shifts 4 px, elastic 2.8 px), the last map averaged",
                {"image_size": 56, "shift": 4.0, "elastic": 2.8, "pool": "mean"}),
@@ -118,32 +124,54 @@ def score(model, cfg, data, eval_episodes: int, runs: Path | None) -> dict:
     return row
 
 
+def trained(folder: Path, cfg) -> bool:
+    """Whether ``folder`` holds a run of ``cfg`` trained to its last episode (its config the
+    same but for the model section the run fills in)."""
+    from dataclasses import asdict
+
+    try:
+        saved = json.loads((folder / "config.json").read_text())
+        state = json.loads((folder / "state.json").read_text())
+    except (OSError, ValueError):
+        return False
+    wanted = asdict(cfg)
+    saved.pop("model", None), wanted.pop("model", None)
+    return saved == wanted and state.get("episode") == cfg.episodes and (folder / "best.pt").is_file()
+
+
 def run_one(lever: str, background: str, seed: int, data, out: Path, episodes: int, eval_episodes: int,
-            pretrain_epochs: int | None, runs: Path | None) -> dict:
-    """Train one model and score it (see the module)."""
+            pretrain_epochs: int | None, runs: Path | None, *, reuse: bool = False, views: int | None = None) -> dict:
+    """Train one model (or, with ``reuse``, take the one trained there) and score it (see the module)."""
     from engine.train import load_checkpoint, train
 
     cfg = lever_config(lever, background, seed, data, episodes, eval_episodes, pretrain_epochs)
     folder = out / lever / background / f"seed{seed}"
-    t0 = time.perf_counter()
-    train(cfg, folder, progress=True)
-    train_s = time.perf_counter() - t0
-    model = load_checkpoint(folder)  # the best validated state, through the recipe's test-time views
+    train_s = None
+    if reuse and trained(folder, cfg):
+        print(f"{folder}: trained to episode {cfg.episodes} with this config, scored again", flush=True)
+    else:
+        if reuse:
+            print(f"{folder}: no run of this config trained to its end, trained afresh", flush=True)
+        t0 = time.perf_counter()
+        train(cfg, folder, progress=True)
+        train_s = time.perf_counter() - t0
+    model = load_checkpoint(folder, views=views)  # the best validated state, through the test-time views
     return {"lever": lever, "what": LEVERS[lever][0], "background": background, "seed": seed, "episodes": cfg.episodes,
-            "views": cfg.views, "train_s": train_s, **score(model, cfg, data, eval_episodes, runs)}
+            "views": model.views, "train_s": train_s, **score(model, cfg, data, eval_episodes, runs)}
 
 
 def run_ensemble(lever: str, background: str, seeds: list[int], data, out: Path, episodes: int,
-                 eval_episodes: int, pretrain_epochs: int | None, runs: Path | None) -> dict:
+                 eval_episodes: int, pretrain_epochs: int | None, runs: Path | None, *,
+                 views: int | None = None) -> dict:
     """The seeds' models of a (lever, set) as one ensemble (no training)."""
     from engine.nn import ensemble
     from engine.train import load_checkpoint
 
     cfg = lever_config(lever, background, seeds[0], data, episodes, eval_episodes, pretrain_epochs)
-    model = ensemble([load_checkpoint(out / lever / background / f"seed{s}") for s in seeds])
+    members = [load_checkpoint(out / lever / background / f"seed{s}", views=views) for s in seeds]
     return {"lever": f"{lever}+ensemble{len(seeds)}", "what": f"{LEVERS[lever][0]}, {len(seeds)} seeds as one ensemble",
-            "background": background, "seed": -1, "members": list(seeds), "episodes": cfg.episodes, "views": cfg.views,
-            "train_s": 0.0, **score(model, cfg, data, eval_episodes, runs)}
+            "background": background, "seed": -1, "members": list(seeds), "episodes": cfg.episodes,
+            "views": members[0].views, "train_s": 0.0, **score(ensemble(members), cfg, data, eval_episodes, runs)}
 
 
 def summarise(rows: list[dict]) -> list[dict]:
@@ -193,7 +221,7 @@ def _say(r: dict) -> None:
           f" (assigned {100 * r['run01_assigned_error']:.0f}%)"
           + (f", runs error {100 * r['runs_error']:.2f}% (assigned {100 * r['runs_assigned_error']:.2f}%)"
              if "runs_error" in r else "")
-          + f", {r['train_s']:.0f} s", flush=True)
+          + (f", {r['train_s']:.0f} s" if r["train_s"] is not None else ", trained before"), flush=True)
 
 
 def main(argv=None) -> dict:
@@ -208,7 +236,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--episodes", type=int, default=EPISODES, help="episodes after the supervised stage")
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="another length of the supervised stage")
     ap.add_argument("--eval-episodes", type=int, default=1000)
+    ap.add_argument("--reuse", action="store_true",
+                    help="score the models already trained to their end in --out with the same config, not train anew")
+    ap.add_argument("--views", type=int, default=None,
+                    help="test-time views to score every model through (default: the recipe's)")
     args = ap.parse_args(argv)
+    if args.views is not None and args.views < 1:
+        ap.error(f"--views must be at least 1, got {args.views}")
     prepare()  # engine.runtime: before torch loads
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -216,16 +250,18 @@ def main(argv=None) -> dict:
         for background in args.backgrounds:
             for seed in args.seeds:
                 r = run_one(lever, background, seed, args.data, args.out / "learner", args.episodes,
-                            args.eval_episodes, args.pretrain_epochs, args.runs)
+                            args.eval_episodes, args.pretrain_epochs, args.runs, reuse=args.reuse, views=args.views)
                 rows.append(r)
                 _say(r)
             for size in range(2, len(args.seeds) + 1):  # every ensemble of the seeds' models
                 for members in itertools.combinations(args.seeds, size):
                     rows.append(run_ensemble(lever, background, list(members), args.data, args.out / "learner",
-                                             args.episodes, args.eval_episodes, args.pretrain_epochs, args.runs))
+                                             args.episodes, args.eval_episodes, args.pretrain_epochs, args.runs,
+                                             views=args.views))
                     _say(rows[-1])
     summary = summarise(rows)
-    doc = {"episodes": args.episodes, "eval_episodes": args.eval_episodes, "results": rows, "summary": summary}
+    doc = {"episodes": args.episodes, "eval_episodes": args.eval_episodes, "views": args.views, "results": rows,
+           "summary": summary}
     (args.out / "learner.json").write_text(json.dumps(doc, indent=2))
     lines = ["| lever | background | models | within-alphabet 20-way 1-shot, mean (spread over seeds) | "
              "error on runs built from the validation alphabets (assigned) | run01 error (assigned) |"

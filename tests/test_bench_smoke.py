@@ -166,6 +166,19 @@ def test_learner_benchmark(tmp_path):
     assert saved["image_size"] == 40 and saved["pool"] == "flat" and saved["model"]["pool"] == "flat"
     assert (tmp_path / "learner.png").stat().st_size > 0
     assert "| the recipe (40x40, the last map kept whole) | small2 | 1 |" in (tmp_path / "learner.md").read_text()
+    # --reuse scores the model trained there again (the same figures, nothing trained); --views another count
+    again = learner.main(["--backgrounds", "small2", "--seeds", "0", "--episodes", "2", "--pretrain-epochs", "0",
+                          "--eval-episodes", "3", "--out", str(tmp_path), "--reuse"])
+    (same,) = again["results"]
+    assert same["train_s"] is None and row["train_s"] > 0
+    assert {k: v for k, v in same.items() if k != "train_s"} == {k: v for k, v in row.items() if k != "train_s"}
+    fewer = learner.main(["--backgrounds", "small2", "--seeds", "0", "--episodes", "2", "--pretrain-epochs", "0",
+                          "--eval-episodes", "3", "--out", str(tmp_path), "--reuse", "--views", "1"])
+    assert fewer["results"][0]["views"] == 1 and fewer["results"][0]["train_s"] is None and row["views"] == 8
+    # another config in the folder (more episodes) is trained afresh, not scored as this one
+    longer = learner.main(["--backgrounds", "small2", "--seeds", "0", "--episodes", "3", "--pretrain-epochs", "0",
+                           "--eval-episodes", "3", "--out", str(tmp_path), "--reuse"])
+    assert longer["results"][0]["train_s"] > 0 and longer["results"][0]["episodes"] == 3
 
 
 def test_flight_transport_benchmark(tmp_path):
