@@ -22,7 +22,9 @@ test-time views on:
 
 With ``--reuse`` a model already trained to the end in ``--out`` with the same config is
 scored again rather than trained anew (its ``train_s`` is then null); ``--views`` scores
-every model through another count of test-time views than the recipe's.
+every model through another count of test-time views than the recipe's, into
+learner-viewsN.json, .md and .png. A finished run of another config in the model's folder
+is refused under ``--reuse``, not trained over.
 
 Each error is also given transductively, in parentheses and apart: the run's items matched to
 its classes one to one (``eval-oneshot --assign``).
@@ -125,18 +127,29 @@ def score(model, cfg, data, eval_episodes: int, runs: Path | None) -> dict:
 
 
 def trained(folder: Path, cfg) -> bool:
-    """Whether ``folder`` holds a run of ``cfg`` trained to its last episode (its config the
-    same but for the model section the run fills in)."""
+    """Whether ``folder`` holds a run of ``cfg`` trained to its last episode. A run trained
+    to its end with another config is refused (scored as this one, it would be mislabelled;
+    trained over, it would be lost), naming what differs; an option the saved run predates
+    counts at its default, and the model section (the run fills it in) is not compared."""
     from dataclasses import asdict
+
+    from engine.train import TrainConfig
 
     try:
         saved = json.loads((folder / "config.json").read_text())
         state = json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError):
+    except (OSError, ValueError):  # nothing there, or a run stopped before its first checkpoint
         return False
+    if state.get("episode") != saved.get("episodes") or not (folder / "best.pt").is_file():
+        return False  # stopped before its end: trained afresh
     wanted = asdict(cfg)
-    saved.pop("model", None), wanted.pop("model", None)
-    return saved == wanted and state.get("episode") == cfg.episodes and (folder / "best.pt").is_file()
+    saved = {**asdict(TrainConfig()), **saved}
+    differ = [f"{key}: {saved[key]!r} there, {wanted[key]!r} here" for key in wanted
+              if key != "model" and saved[key] != wanted[key]]
+    if differ:
+        raise SystemExit(f"{folder} holds a run trained to its end with another config ({'; '.join(differ)}): "
+                         f"give the options it was trained with, or another --out")
+    return True
 
 
 def run_one(lever: str, background: str, seed: int, data, out: Path, episodes: int, eval_episodes: int,
@@ -260,9 +273,10 @@ def main(argv=None) -> dict:
                                              views=args.views))
                     _say(rows[-1])
     summary = summarise(rows)
-    doc = {"episodes": args.episodes, "eval_episodes": args.eval_episodes, "views": args.views, "results": rows,
-           "summary": summary}
-    (args.out / "learner.json").write_text(json.dumps(doc, indent=2))
+    doc = {"episodes": args.episodes, "eval_episodes": args.eval_episodes, "views": sorted({r["views"] for r in rows}),
+           "results": rows, "summary": summary}
+    name = "learner" if args.views is None else f"learner-views{args.views}"  # a rescoring keeps the first table
+    (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2))
     lines = ["| lever | background | models | within-alphabet 20-way 1-shot, mean (spread over seeds) | "
              "error on runs built from the validation alphabets (assigned) | run01 error (assigned) |"
              + (" official runs error (assigned) |" if args.runs else ""),
@@ -276,8 +290,8 @@ def main(argv=None) -> dict:
                      f"({100 * s['run01_assigned_error_mean']:.1f}%) |"
                      + (f" {100 * s['runs_error_mean']:.2f}% ({100 * s['runs_assigned_error_mean']:.2f}%) |"
                         if "runs_error_mean" in s else ""))
-    (args.out / "learner.md").write_text("\n".join(lines) + "\n")
-    plot(rows, args.out / "learner.png")
+    (args.out / f"{name}.md").write_text("\n".join(lines) + "\n")
+    plot(rows, args.out / f"{name}.png")
     print("\n".join(lines))
     return doc
 

@@ -172,13 +172,21 @@ def test_learner_benchmark(tmp_path):
     (same,) = again["results"]
     assert same["train_s"] is None and row["train_s"] > 0
     assert {k: v for k, v in same.items() if k != "train_s"} == {k: v for k, v in row.items() if k != "train_s"}
+    first = (tmp_path / "learner.json").read_text()
     fewer = learner.main(["--backgrounds", "small2", "--seeds", "0", "--episodes", "2", "--pretrain-epochs", "0",
                           "--eval-episodes", "3", "--out", str(tmp_path), "--reuse", "--views", "1"])
     assert fewer["results"][0]["views"] == 1 and fewer["results"][0]["train_s"] is None and row["views"] == 8
-    # another config in the folder (more episodes) is trained afresh, not scored as this one
-    longer = learner.main(["--backgrounds", "small2", "--seeds", "0", "--episodes", "3", "--pretrain-epochs", "0",
-                           "--eval-episodes", "3", "--out", str(tmp_path), "--reuse"])
-    assert longer["results"][0]["train_s"] > 0 and longer["results"][0]["episodes"] == 3
+    assert fewer["views"] == [1] and doc["views"] == [8]
+    assert json.loads((tmp_path / "learner-views1.json").read_text()) == fewer  # the first table kept
+    assert (tmp_path / "learner.json").read_text() == first
+    # a finished run of another config there (other episodes; other validation episodes) is
+    # refused, not scored as this one nor trained over
+    best = (tmp_path / "learner" / "recipe" / "small2" / "seed0" / "best.pt").read_bytes()
+    for other in (["--episodes", "3", "--eval-episodes", "3"], ["--episodes", "2", "--eval-episodes", "2"]):
+        with pytest.raises(SystemExit, match="val_episodes: 3 there, 2 here|episodes: 2 there, 3 here"):
+            learner.main(["--backgrounds", "small2", "--seeds", "0", "--pretrain-epochs", "0", "--out", str(tmp_path),
+                          "--reuse", *other])
+    assert (tmp_path / "learner" / "recipe" / "small2" / "seed0" / "best.pt").read_bytes() == best
 
 
 def test_flight_transport_benchmark(tmp_path):

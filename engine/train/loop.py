@@ -182,6 +182,8 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     Args:
         cfg: the recipe.
         out: checkpoint folder (config.json, model.pt, best.pt, optimizer.pt, state.pt, log.jsonl).
+            Afresh (not ``resume``), those files of an earlier run in it are removed first,
+            once the config and the data have loaded.
         resume: continue from the checkpoint in ``out``.
         progress: show a progress bar.
 
@@ -211,6 +213,9 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
         state = json.loads((out / "state.json").read_text())
         sampler.rng.bit_generator.state = state.pop("sampler_rng")
         torch.set_rng_state(torch.load(out / "state.pt", weights_only=True)["torch_rng"])
+    else:  # afresh: no checkpoint, best state or log of an earlier run in out is left to pass for this one's
+        for name in (*CHECKPOINT_FILES, "log.jsonl"):
+            (out / name).unlink(missing_ok=True)
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     pretrain_s = 0.0
     if cfg.pretrain_epochs and not resume:

@@ -550,3 +550,23 @@ def test_a_run_stopped_before_its_first_checkpoint_is_not_resumed(tmp_path):
     with pytest.raises(MissingFileError, match="model.pt, state.json missing"):  # named, in CHECKPOINT_FILES order
         train(cfg, tmp_path / "run", resume=True, progress=False)
     assert (tmp_path / "run" / "config.json").read_text() == before
+
+
+def test_a_fresh_run_leaves_nothing_of_an_earlier_one_in_its_folder(tmp_path):
+    """Afresh over a finished run: no best state, checkpoint or log of the earlier run is left
+    to pass for the new one's (with no episodes nothing validates, so best.pt is the model)."""
+    base = dict(n_way=5, n_query=1, val_every=2, val_episodes=2, val_way=5)
+    train(TrainConfig(episodes=2, seed=1, **base), tmp_path, progress=False)
+    old_best = torch.load(tmp_path / "best.pt", weights_only=True)
+    bad = TrainConfig(episodes=0, seed=2, background="small9", **base)  # refused before anything changes
+    with pytest.raises(InvalidValueError):
+        train(bad, tmp_path, progress=False)
+    assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
+    train(TrainConfig(episodes=0, seed=2, **base), tmp_path, progress=False)
+    new_best = torch.load(tmp_path / "best.pt", weights_only=True)
+    new_last = torch.load(tmp_path / "model.pt", weights_only=True)
+    assert any(not torch.equal(old_best[k], new_best[k]) for k in old_best)
+    for key in new_best:
+        torch.testing.assert_close(new_best[key], new_last[key])
+    assert not (tmp_path / "log.jsonl").exists() or not (tmp_path / "log.jsonl").read_text()
+    assert json.loads((tmp_path / "state.json").read_text())["episode"] == 0
