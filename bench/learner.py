@@ -49,7 +49,7 @@ import numpy as np
 
 from engine.runtime import prepare
 
-EPISODES = 3000
+EPISODES = 3000  # every lever is compared at this length; engine train runs 6,000 (the long lever)
 AT_28 = {"image_size": 28, "shift": 2.0, "elastic": 1.5}  # engine.train.OMNIGLOT_28 (read here without torch)
 # name: (what it changes, overrides of the recipe, engine.train.recipe("omniglot"): 40x40, pool flat)
 LEVERS = {
