@@ -21,10 +21,11 @@ test-time views on:
   the 20 runs of ``all_runs.zip``).
 
 With ``--reuse`` a model already trained to the end in ``--out`` with the same config is
-scored again rather than trained anew (its ``train_s`` is then null); ``--views`` scores
-every model through another count of test-time views than the recipe's, into
-learner-viewsN.json, .md and .png. A finished run of another config in the model's folder
-is refused under ``--reuse``, not trained over.
+scored again rather than trained anew (its ``train_s`` is then null), into
+learner-reuse.json, .md and .png; a finished run of another config in the model's folder is
+refused, not trained over, and a run stopped before its end is trained afresh. With it,
+``--views N`` scores every model through N test-time views instead of the recipe's (into
+learner-reuse-viewsN.*).
 
 Each error is also given transductively, in parentheses and apart: the run's items matched to
 its classes one to one (``eval-oneshot --assign``).
@@ -252,10 +253,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--reuse", action="store_true",
                     help="score the models already trained to their end in --out with the same config, not train anew")
     ap.add_argument("--views", type=int, default=None,
-                    help="test-time views to score every model through (default: the recipe's)")
+                    help="with --reuse, test-time views to score every model through (default: the recipe's)")
     args = ap.parse_args(argv)
-    if args.views is not None and args.views < 1:
-        ap.error(f"--views must be at least 1, got {args.views}")
+    if args.views is not None and (args.views < 1 or not args.reuse):
+        ap.error(f"--views rescores trained models: give --reuse, and at least 1 view (got {args.views})")
     prepare()  # engine.runtime: before torch loads
     args.out.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -275,7 +276,8 @@ def main(argv=None) -> dict:
     summary = summarise(rows)
     doc = {"episodes": args.episodes, "eval_episodes": args.eval_episodes, "views": sorted({r["views"] for r in rows}),
            "results": rows, "summary": summary}
-    name = "learner" if args.views is None else f"learner-views{args.views}"  # a rescoring keeps the first table
+    # a rescoring writes files of its own: the training run's table (and its times) stays
+    name = "learner" + ("-reuse" if args.reuse else "") + (f"-views{args.views}" if args.views else "")
     (args.out / f"{name}.json").write_text(json.dumps(doc, indent=2))
     lines = ["| lever | background | models | within-alphabet 20-way 1-shot, mean (spread over seeds) | "
              "error on runs built from the validation alphabets (assigned) | run01 error (assigned) |"

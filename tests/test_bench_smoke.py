@@ -167,18 +167,21 @@ def test_learner_benchmark(tmp_path):
     assert (tmp_path / "learner.png").stat().st_size > 0
     assert "| the recipe (40x40, the last map kept whole) | small2 | 1 |" in (tmp_path / "learner.md").read_text()
     # --reuse scores the model trained there again (the same figures, nothing trained); --views another count
+    first = (tmp_path / "learner.json").read_text()
     again = learner.main(["--backgrounds", "small2", "--seeds", "0", "--episodes", "2", "--pretrain-epochs", "0",
                           "--eval-episodes", "3", "--out", str(tmp_path), "--reuse"])
     (same,) = again["results"]
     assert same["train_s"] is None and row["train_s"] > 0
     assert {k: v for k, v in same.items() if k != "train_s"} == {k: v for k, v in row.items() if k != "train_s"}
-    first = (tmp_path / "learner.json").read_text()
     fewer = learner.main(["--backgrounds", "small2", "--seeds", "0", "--episodes", "2", "--pretrain-epochs", "0",
                           "--eval-episodes", "3", "--out", str(tmp_path), "--reuse", "--views", "1"])
     assert fewer["results"][0]["views"] == 1 and fewer["results"][0]["train_s"] is None and row["views"] == 8
     assert fewer["views"] == [1] and doc["views"] == [8]
-    assert json.loads((tmp_path / "learner-views1.json").read_text()) == fewer  # the first table kept
-    assert (tmp_path / "learner.json").read_text() == first
+    assert json.loads((tmp_path / "learner-reuse-views1.json").read_text()) == fewer
+    assert json.loads((tmp_path / "learner-reuse.json").read_text()) == again
+    assert (tmp_path / "learner.json").read_text() == first  # the training run's table (and times) kept
+    with pytest.raises(SystemExit):  # views rescore trained models
+        learner.main(["--views", "2", "--out", str(tmp_path)])
     # a finished run of another config there (other episodes; other validation episodes) is
     # refused, not scored as this one nor trained over
     best = (tmp_path / "learner" / "recipe" / "small2" / "seed0" / "best.pt").read_bytes()

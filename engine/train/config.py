@@ -134,8 +134,9 @@ def recipe(dataset: str, **overrides) -> TrainConfig:
 
     omniglot: images read at 40x40, the backbone's last 2x2 map kept whole (``pool="flat"``:
     256 numbers); 20 supervised epochs over the background classes, then 20-way 1-shot
-    episodes (6,000, ``TrainConfig``'s default), half within one alphabet; strokes jittered (affine with shifts of up to 3 px,
-    then elastic by up to 2 px); each image seen through 8 test-time views.
+    episodes (6,000, ``TrainConfig``'s default), half within one alphabet; strokes jittered
+    (affine with shifts of up to 3 px, then elastic by up to 2 px); each image seen through
+    8 test-time views.
     Each step was kept because it raised within-alphabet validation accuracy over both
     minimal sets and several seeds (docs/matching-networks.md). ``OMNIGLOT_28`` as
     overrides gives the same recipe at 28x28 (shifts 2 px, elastic 1.5 px; the last map is

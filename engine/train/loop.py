@@ -181,7 +181,8 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
 
     Args:
         cfg: the recipe.
-        out: checkpoint folder (config.json, model.pt, best.pt, optimizer.pt, state.pt, log.jsonl).
+        out: checkpoint folder (config.json, model.pt, best.pt, optimizer.pt, state.pt, state.json,
+            log.jsonl).
             Afresh (not ``resume``), those files of an earlier run in it are removed first,
             once the config and the data have loaded.
         resume: continue from the checkpoint in ``out``.

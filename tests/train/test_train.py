@@ -11,7 +11,7 @@ import torch
 from engine.data import as_input, data_root
 from engine.data.episodes import EpisodeSampler
 from engine.data.omniglot import load_oneshot_runs
-from engine.errors import InvalidValueError
+from engine.errors import InvalidValueError, MissingFileError
 from engine.nn import MatchingNetwork
 from engine.train import (
     TrainConfig,
@@ -558,9 +558,13 @@ def test_a_fresh_run_leaves_nothing_of_an_earlier_one_in_its_folder(tmp_path):
     base = dict(n_way=5, n_query=1, val_every=2, val_episodes=2, val_way=5)
     train(TrainConfig(episodes=2, seed=1, **base), tmp_path, progress=False)
     old_best = torch.load(tmp_path / "best.pt", weights_only=True)
-    bad = TrainConfig(episodes=0, seed=2, background="small9", **base)  # refused before anything changes
-    with pytest.raises(InvalidValueError):
-        train(bad, tmp_path, progress=False)
+    # refused before anything changes: a bad option, and data that is not there (found once the run loads it)
+    for bad in (TrainConfig(episodes=0, seed=2, background="small9", **base),
+                TrainConfig(episodes=0, seed=2, data=str(tmp_path / "nowhere"), **base)):
+        with pytest.raises((InvalidValueError, MissingFileError)):
+            train(bad, tmp_path, progress=False)
+        kept = torch.load(tmp_path / "best.pt", weights_only=True)
+        assert all(torch.equal(kept[k], old_best[k]) for k in old_best)
     assert json.loads((tmp_path / "config.json").read_text())["seed"] == 1
     train(TrainConfig(episodes=0, seed=2, **base), tmp_path, progress=False)
     new_best = torch.load(tmp_path / "best.pt", weights_only=True)
