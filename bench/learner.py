@@ -259,6 +259,11 @@ def main(argv=None) -> dict:
         ap.error(f"--views rescores trained models: give --reuse, and at least 1 view (got {args.views})")
     prepare()  # engine.runtime: before torch loads
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.reuse:  # a finished run of another config is refused before anything trains, not hours in
+        for lever, background, seed in itertools.product(args.levers, args.backgrounds, args.seeds):
+            trained(args.out / "learner" / lever / background / f"seed{seed}",
+                    lever_config(lever, background, seed, args.data, args.episodes, args.eval_episodes,
+                                 args.pretrain_epochs))
     rows = []
     for lever in args.levers:
         for background in args.backgrounds:

@@ -190,6 +190,11 @@ def test_learner_benchmark(tmp_path):
             learner.main(["--backgrounds", "small2", "--seeds", "0", "--pretrain-epochs", "0", "--out", str(tmp_path),
                           "--reuse", *other])
     assert (tmp_path / "learner" / "recipe" / "small2" / "seed0" / "best.pt").read_bytes() == best
+    # refused before any model trains: small1's seed 0, listed first, is not trained
+    with pytest.raises(SystemExit, match="episodes: 2 there, 3 here"):
+        learner.main(["--seeds", "0", "--pretrain-epochs", "0", "--out", str(tmp_path), "--reuse", "--episodes", "3",
+                      "--eval-episodes", "3"])
+    assert not (tmp_path / "learner" / "recipe" / "small1").exists()
 
 
 def test_flight_transport_benchmark(tmp_path):
