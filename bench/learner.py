@@ -22,8 +22,9 @@ test-time views on:
 
 With ``--reuse`` a model already trained to the end in ``--out`` with the same config is
 scored again rather than trained anew (its ``train_s`` is then null), into
-learner-reuse.json, .md and .png; a finished run of another config in the model's folder is
-refused, not trained over, and a run stopped before its end is trained afresh. With it,
+learner-reuse.json, .md and .png; a finished run of another config in the model's folder, or
+a damaged one, is refused, not trained over, and a run stopped before its end is trained
+afresh. With it,
 ``--views N`` scores every model through N test-time views instead of the recipe's (into
 learner-reuse-viewsN.*).
 
@@ -130,21 +131,23 @@ def score(model, cfg, data, eval_episodes: int, runs: Path | None) -> dict:
 def trained(folder: Path, cfg) -> bool:
     """Whether ``folder`` holds a run of ``cfg`` trained to its last episode. A run trained
     to its end with another config is refused (scored as this one, it would be mislabelled;
-    trained over, it would be lost), naming what differs; an option the saved run predates
-    counts at its default, and the model section (the run fills it in) is not compared."""
+    trained over, it would be lost), naming what differs; so is a damaged one. The saved
+    config is read as a resume reads it (``engine.train.resume_config``: an option the run
+    predates at its default; the model section, which the run fills in, left out)."""
     from dataclasses import asdict
 
-    from engine.train import TrainConfig
+    from engine.train import resume_config
 
+    if not (folder / "config.json").is_file() or not (folder / "state.json").is_file():
+        return False  # nothing there, or a run stopped before its first checkpoint: trained afresh
+    saved = asdict(resume_config(folder))  # CorruptFileError for a damaged config.json
     try:
-        saved = json.loads((folder / "config.json").read_text())
         state = json.loads((folder / "state.json").read_text())
-    except (OSError, ValueError):  # nothing there, or a run stopped before its first checkpoint
-        return False
-    if state.get("episode") != saved.get("episodes") or not (folder / "best.pt").is_file():
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SystemExit(f"{folder / 'state.json'} is damaged ({exc}): not scored, not trained over") from None
+    if not isinstance(state, dict) or state.get("episode") != saved["episodes"] or not (folder / "best.pt").is_file():
         return False  # stopped before its end: trained afresh
     wanted = asdict(cfg)
-    saved = {**asdict(TrainConfig()), **saved}
     differ = [f"{key}: {saved[key]!r} there, {wanted[key]!r} here" for key in wanted
               if key != "model" and saved[key] != wanted[key]]
     if differ:

@@ -190,6 +190,19 @@ def test_learner_benchmark(tmp_path):
             learner.main(["--backgrounds", "small2", "--seeds", "0", "--pretrain-epochs", "0", "--out", str(tmp_path),
                           "--reuse", *other])
     assert (tmp_path / "learner" / "recipe" / "small2" / "seed0" / "best.pt").read_bytes() == best
+    # a damaged config or state is refused, not trained over
+    from engine.errors import CorruptFileError
+
+    folder = tmp_path / "learner" / "recipe" / "small2" / "seed0"
+    reuse = ["--backgrounds", "small2", "--seeds", "0", "--episodes", "2", "--pretrain-epochs", "0",
+             "--eval-episodes", "3", "--out", str(tmp_path), "--reuse"]
+    for name, exc in (("config.json", CorruptFileError), ("state.json", SystemExit)):
+        kept = (folder / name).read_bytes()
+        (folder / name).write_bytes(kept[: len(kept) // 2])
+        with pytest.raises(exc):
+            learner.main(reuse)
+        assert (folder / "best.pt").read_bytes() == best
+        (folder / name).write_bytes(kept)
     # refused before any model trains: small1's seed 0, listed first, is not trained
     with pytest.raises(SystemExit, match="episodes: 2 there, 3 here"):
         learner.main(["--seeds", "0", "--pretrain-epochs", "0", "--out", str(tmp_path), "--reuse", "--episodes", "3",
