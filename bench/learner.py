@@ -71,6 +71,7 @@ LEVERS = {
                     {"image_size": 40, "shift": 3.0, "elastic": 2.0, "pool": "mean", "episodes_share": 1 / 3}),
     "short": ("the recipe with a third of the episodes", {"episodes_share": 1 / 3}),
     "long": ("the recipe with twice the episodes", {"episodes_share": 2}),
+    "longer": ("the recipe with four times the episodes", {"episodes_share": 4}),
     # 56x56: shifts and elastic grown with the image as from 28x28 to 40x40 (about 0.075 and 0.05 of the side)
     "size56": ("56x56 images (shifts 4 px, elastic 2.8 px), the last map averaged",
                {"image_size": 56, "shift": 4.0, "elastic": 2.8, "pool": "mean"}),
