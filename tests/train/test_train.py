@@ -559,9 +559,9 @@ def test_a_fresh_run_leaves_nothing_of_an_earlier_one_in_its_folder(tmp_path):
     train(TrainConfig(episodes=2, seed=1, **base), tmp_path, progress=False)
     old_best = torch.load(tmp_path / "best.pt", weights_only=True)
     # refused before anything changes: a bad option, and data that is not there (found once the run loads it)
-    for bad in (TrainConfig(episodes=0, seed=2, background="small9", **base),
-                TrainConfig(episodes=0, seed=2, data=str(tmp_path / "nowhere"), **base)):
-        with pytest.raises((InvalidValueError, MissingFileError)):
+    for bad, error in ((TrainConfig(episodes=0, seed=2, background="small9", **base), InvalidValueError),
+                       (TrainConfig(episodes=0, seed=2, data=str(tmp_path / "nowhere"), **base), MissingFileError)):
+        with pytest.raises(error):
             train(bad, tmp_path, progress=False)
         kept = torch.load(tmp_path / "best.pt", weights_only=True)
         assert all(torch.equal(kept[k], old_best[k]) for k in old_best)
