@@ -80,7 +80,8 @@ LEVERS = {
     "decay": ("weight decay 0.05 (AdamW) on the weight matrices and filters", {**AT_28, "weight_decay": 0.05}),
     "mixup": ("mixup in the supervised stage (Beta(1, 1): shares uniform)", {**AT_28, "mixup": 1.0}),
     "fce": ("Full Context Embeddings", {**AT_28, "fce": True}),
-    # the validation and the official runs draw every episode within one alphabet; the recipe trains half so
+    # the validation and the official runs draw every episode within one alphabet; the recipe trains half so.
+    # Alphabets of fewer than 20 characters (small2's Tagalog) then appear in no training episode
     "within": ("every training episode within one alphabet", {"within_alphabet": 1.0}),
 }
 
