@@ -86,6 +86,9 @@ LEVERS = {
     # the recipe's affine jitter (shifts 3 px, turns 10 degrees, zoom 10%) half as large again; elastic kept at 2 px
     "jitter": ("stronger affine jitter (shifts 4 px, turns 15 degrees, zoom 15%)",
                {"shift": 4.0, "rotate": 15.0, "scale": 0.15}),
+    # filters doubled in the last two blocks, as the map halves: 64, 64, 128, 256 (the last 2x2 map kept
+    # whole: 1,024 numbers a slot instead of 256); a step costs about 1.2x
+    "widelate": ("filters doubled in the last two blocks (64, 64, 128, 256)", {"width": [64, 64, 128, 256]}),
 }
 
 

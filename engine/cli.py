@@ -508,6 +508,19 @@ def ingest_cmd(
                f"{' (embedded with ' + str(checkpoint) + ')' if report.embedded else ''}")
 
 
+def _widths(text: str | None) -> int | list[int] | None:
+    """--width as typed: one count of filters ("64") or one a block ("64,64,128,256"); the
+    counts themselves are checked with the rest of the config."""
+    if text is None:
+        return None
+    try:
+        counts = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise InvalidValueError(f"--width is a count of filters or one a block, comma-separated (64,64,128,256); "
+                                f"got {text!r}") from None
+    return counts[0] if len(counts) == 1 else counts
+
+
 @_command(app, "train")
 def train_cmd(
     out: Path = typer.Option(Path("runs/omniglot"), help="Checkpoint folder."),
@@ -518,8 +531,9 @@ def train_cmd(
     episodes: int | None = typer.Option(None, help="Training episodes (recipe: 6000)."),
     pretrain_epochs: int | None = typer.Option(
         None, help="Supervised epochs over every training class before the episodes (see the recipe)."),
-    width: int | None = typer.Option(None, help="Filters per conv block (64): the embedding's dimension with "
-                                     "--pool mean, times the last map's positions with flat."),
+    width: str | None = typer.Option(None, help="Filters per conv block (64), or four counts, one a block "
+                                     "(64,64,128,256): the last block's is the embedding's dimension with --pool "
+                                     "mean, times the last map's positions with flat."),
     pool: str | None = typer.Option(None, help="The last block's map: averaged (mean) or kept whole (flat: width x "
                                     "the map's positions; the Omniglot recipe)."),
     image_size: int | None = typer.Option(None, help="Omniglot: images are resized to this square (recipe: 40); the "
@@ -563,7 +577,7 @@ def train_cmd(
     prepare_torch()  # glibc keeps freed blocks: no page faults per batch (engine.runtime)
     from .train import recipe, resume_config, train
 
-    given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": width, "pool": pool,
+    given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": _widths(width), "pool": pool,
              "image_size": image_size, "shift": shift, "elastic": elastic, "mixup": mixup, "thickness": thickness,
              "erase": erase,
              "views": views, "time_budget_s": time_budget, "n_way": n_way, "k_shot": k_shot, "n_query": n_query,

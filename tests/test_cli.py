@@ -138,10 +138,11 @@ def test_train_at_another_image_size_and_evaluate_at_it(tmp_path):
     runs = data_root() / "omniglot" / "one-shot-sample"
     out = tmp_path / "ckpt28"  # the recipe is 40x40
     run("train", "--out", out, "--episodes", 2, "--n-way", 5, "--n-query", 1, "--val-every", 2, "--val-episodes", 2,
-        "--width", 8, "--pretrain-epochs", 1, "--views", 1, "--image-size", 28, "--mixup", 0.5, "--shift", 2,
+        "--width", "8,8,8,12", "--pretrain-epochs", 1, "--views", 1, "--image-size", 28, "--mixup", 0.5, "--shift", 2,
         "--elastic", 1.5)
     saved = json.loads((out / "config.json").read_text())
     assert saved["model"]["image_size"] == 28 and saved["mixup"] == 0.5
+    assert saved["width"] == saved["model"]["width"] == [8, 8, 8, 12]  # one a block
     assert (saved["shift"], saved["elastic"]) == (2, 1.5)
     res = json.loads(run("eval-oneshot", "--checkpoint", out, "--runs", runs, "--json").output)  # read at 28x28
     assert res["runs"] == 1
@@ -155,6 +156,9 @@ def test_train_at_another_image_size_and_evaluate_at_it(tmp_path):
     assert r.exit_code == 2 and "shift" in r.output and not (tmp_path / "bad").exists()
     r = run("train", "--out", tmp_path / "bad", "--mixup", -1, ok=False)
     assert r.exit_code == 2 and "mixup" in r.output and not (tmp_path / "bad").exists()
+    for bad in ("8,x", "8,8,8", "8,,8,8", "0"):
+        r = run("train", "--out", tmp_path / "bad", "--width", bad, ok=False)
+        assert r.exit_code == 2 and "width" in r.output and not (tmp_path / "bad").exists()
     r = run("train", "--out", out, "--resume", "--image-size", 40, ok=False)  # another model: refused
     assert r.exit_code == 2 and "image_size: 28 -> 40" in r.output
     assert json.loads((out / "config.json").read_text()) == saved  # nothing rewritten

@@ -22,6 +22,7 @@ from ..errors import InvalidValueError
 
 POOLS = ("mean", "flat")
 BLOCKS = 4  # the paper's
+MOST_FILTERS = 4096  # a block's filters: beyond this a typo, not a model
 
 
 def check_pool(pool) -> str:
@@ -29,6 +30,29 @@ def check_pool(pool) -> str:
     if not isinstance(pool, str) or pool not in POOLS:
         raise InvalidValueError(f"pool must be one of {POOLS}, got {pool!r}")
     return str(pool)
+
+
+def check_width(width, blocks: int = BLOCKS) -> int | list[int]:
+    """``width`` as plain ints: one count of filters for every block, or a list of ``blocks``
+    counts, one a block (the last gives the embedding's channels); InvalidValueError otherwise."""
+    def count(value) -> int:
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not 1 <= value <= MOST_FILTERS:
+            raise InvalidValueError(f"width must be a count of filters from 1 to {MOST_FILTERS:,} or a list of "
+                                    f"{blocks}, one a block; got {width!r}")
+        return int(value)
+
+    if isinstance(width, (list, tuple)):
+        if len(width) != blocks:
+            raise InvalidValueError(f"width lists the filters of each of the {blocks} blocks, got {len(width)}: "
+                                    f"{width!r}")
+        return [count(w) for w in width]
+    return count(width)
+
+
+def block_widths(width, blocks: int = BLOCKS) -> list[int]:
+    """The filters of each block, from a ``width`` :func:`check_width` accepts."""
+    width = check_width(width, blocks)
+    return list(width) if isinstance(width, list) else [width] * blocks
 
 
 def last_map_side(image_size: int, blocks: int = BLOCKS) -> int:
@@ -51,7 +75,8 @@ class ConvEmbedding(nn.Module):
 
     Args:
         in_channels: image channels (1 for Omniglot and Fashion-MNIST).
-        width: filters per block (64 in the paper).
+        width: filters per block (64 in the paper), or a list of ``blocks`` counts, one a
+            block (the last block's gives the embedding's channels).
         blocks: number of blocks (4 in the paper; 28 -> 14 -> 7 -> 3 -> 1).
         pool: how the last block's map becomes the embedding: ``"mean"`` over its positions
             (``width`` numbers, any image size) or ``"flat"``, the whole map
@@ -59,7 +84,7 @@ class ConvEmbedding(nn.Module):
         image_size: the square side of the images (for ``pool="flat"``).
     """
 
-    def __init__(self, in_channels: int = 1, width: int = 64, blocks: int = BLOCKS, *, pool: str = "mean",
+    def __init__(self, in_channels: int = 1, width: int | list[int] = 64, blocks: int = BLOCKS, *, pool: str = "mean",
                  image_size: int | None = None):
         super().__init__()
         pool = check_pool(pool)
@@ -72,10 +97,10 @@ class ConvEmbedding(nn.Module):
             side = last_map_side(image_size, blocks)
             if side < 1:
                 raise InvalidValueError(f"{blocks} blocks leave no map of a {image_size}x{image_size} image")
-        layers = [conv_block(in_channels, width)] + [conv_block(width, width) for _ in range(blocks - 1)]
-        self.net = nn.Sequential(*layers)
+        widths = block_widths(width, blocks)
+        self.net = nn.Sequential(*[conv_block(a, b) for a, b in zip([in_channels] + widths, widths)])
         self.pool, self.side = pool, side
-        self.out_dim = width if side is None else width * side * side
+        self.out_dim = widths[-1] if side is None else widths[-1] * side * side
         self.to(memory_format=torch.channels_last)  # weights and inputs channels-last: faster on CPU
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from ..data.augment import apply_view, check_views, view_maps
 from ..data.omniglot import SMALLEST_SIZE
 from ..errors import InvalidValueError, UsageError
 from ..index import VectorIndex
-from .backbone import ConvEmbedding
+from .backbone import ConvEmbedding, check_width
 from .fce import AttentionLSTM, SupportBiLSTM
 
 # images per backbone call out of training: at 28x28 and 64 filters a block's activations
@@ -45,8 +45,9 @@ class MatchingNetwork(nn.Module):
         temperature: initial softmax temperature T.
         learn_temperature: learn T (as log T) with the rest.
         in_channels: image channels of the default backbone.
-        width: filters per block of the default backbone (the embedding's dimension with
-            ``pool="mean"``; times the last map's positions with ``"flat"``).
+        width: filters per block of the default backbone, or a list of 4, one a block (the
+            last block's is the embedding's dimension with ``pool="mean"``; times the last
+            map's positions with ``"flat"``).
         views: test-time views: out of training, each image is embedded as the mean of the
             backbone's outputs on itself and ``views - 1`` slightly moved copies (the same
             fixed maps for support and query images alike, :func:`engine.data.augment.view_maps`).
@@ -61,10 +62,11 @@ class MatchingNetwork(nn.Module):
 
     def __init__(self, backbone: nn.Module | None = None, *, shared: bool = True, fce: bool = False,
                  fce_steps: int = 5, temperature: float = 0.1, learn_temperature: bool = True,
-                 in_channels: int = 1, width: int = 64, views: int = 1, image_size: int | None = None,
+                 in_channels: int = 1, width: int | list[int] = 64, views: int = 1, image_size: int | None = None,
                  pool: str = "mean"):
         super().__init__()
         side = None if image_size is None else _check_side(image_size)
+        width = check_width(width)
         self.g_backbone = backbone if backbone is not None else ConvEmbedding(in_channels, width, pool=pool,
                                                                               image_size=side)
         self.h_backbone = self.g_backbone if shared else copy.deepcopy(self.g_backbone)

@@ -48,8 +48,9 @@ NOT_RESUMED = ("time_budget_s", "model")
 
 
 def _of_kind(value, hint) -> bool:
-    """Whether a JSON value fits a TrainConfig annotation (an int is a float; a bool is not an int)."""
-    kinds = typing.get_args(hint) or (hint,)
+    """Whether a JSON value fits a TrainConfig annotation (an int is a float; a bool is not an int;
+    a list is a list[int], its items checked with the rest of the config)."""
+    kinds = [typing.get_origin(kind) or kind for kind in typing.get_args(hint) or (hint,)]
     if isinstance(value, bool):
         return bool in kinds
     return any(isinstance(value, (int, float) if kind is float else kind) for kind in kinds)

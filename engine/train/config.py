@@ -20,7 +20,7 @@ import numpy as np
 from ..data.augment import check_views
 from ..data.omniglot import check_size
 from ..errors import InvalidValueError
-from ..nn.backbone import check_pool
+from ..nn.backbone import check_pool, check_width
 
 MOST = 10**9  # the largest count a config may give (episodes, ways, validation settings)
 FASHION_HELD_OUT = 100  # training images a class kept out of Fashion-MNIST training, for its validation
@@ -48,7 +48,7 @@ class TrainConfig:
     pretrain_epochs: int = 0  # supervised stage first: every training class at once (see pretrain)
     pretrain_batch: int = 128
     mixup: float = 0.0  # supervised stage: images blended in pairs, shares from Beta(mixup, mixup); 0: off
-    width: int = 64  # filters per conv block: the embedding's dimension (with pool="mean")
+    width: int | list[int] = 64  # filters per conv block, or a list of 4, one a block (the last: the embedding's)
     pool: str = "mean"  # the last block's map: averaged ("mean") or kept whole ("flat", width * side**2 numbers)
     image_size: int = 28  # images are resized to this square (the omniglot recipe: 40; Fashion-MNIST is 28x28)
     views: int = 1  # test-time views averaged per image (MatchingNetwork(views=)); training sees one
@@ -83,7 +83,7 @@ def check_stage(cfg: TrainConfig) -> None:
     # counts: 0, a negative, a fraction or a boolean would fail deep in the loop or train nothing
     # (pretrain_batch: batch norm needs 2 images; val_every matters only with episodes)
     for name, least in (("n_way", 2), ("k_shot", 1), ("n_query", 1), ("val_every", 1 if cfg.episodes else 0),
-                        ("val_episodes", 1), ("val_way", 2), ("width", 1), ("episodes", 0), ("pretrain_epochs", 0),
+                        ("val_episodes", 1), ("val_way", 2), ("episodes", 0), ("pretrain_epochs", 0),
                         ("pretrain_batch", 2), ("fce_steps", 1)):
         value = getattr(cfg, name)
         if isinstance(value, bool) or not isinstance(value, numbers.Integral) or not least <= value <= MOST:
@@ -118,6 +118,7 @@ def check_stage(cfg: TrainConfig) -> None:
             raise InvalidValueError(f"{name} must be a number in [0, 1] (0: off), got {value!r}")
         setattr(cfg, name, float(value))
     check_views(cfg.views)
+    cfg.width = check_width(cfg.width)  # plain ints (a list for one a block): the config is written as JSON
     cfg.pool = check_pool(cfg.pool)  # a plain str (not numpy's): the config is written as JSON
     if cfg.dataset == "fashion-mnist" and cfg.image_size != 28:
         raise InvalidValueError(f"Fashion-MNIST images are 28x28, got image_size={cfg.image_size!r}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 
 import numpy as np
 import pytest
@@ -28,6 +29,25 @@ def episode(n_way=5, k_shot=2, n_query=3, seed=0):
 def test_conv_embedding_shape():
     assert ConvEmbedding()(torch.rand(7, 1, 28, 28)).shape == (7, 64)
     assert ConvEmbedding()(torch.rand(2, 28, 28)).shape == (2, 64)
+
+
+def test_a_width_a_block_sets_each_blocks_filters_and_the_last_sets_the_embedding():
+    from engine.errors import InvalidValueError
+
+    net = ConvEmbedding(width=[4, 6, 8, 12], pool="flat", image_size=40)
+    convs = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.in_channels, c.out_channels) for c in convs] == [(1, 4), (4, 6), (6, 8), (8, 12)]
+    assert net.out_dim == 48 and net(torch.rand(3, 1, 40, 40)).shape == (3, 48)  # 12 filters x a 2x2 map
+    assert ConvEmbedding(width=(4, 6, 8, np.int64(12)))(torch.rand(2, 1, 28, 28)).shape == (2, 12)
+    model = MatchingNetwork(width=(4, 6, 8, 12), image_size=40, pool="flat")
+    assert model.config()["width"] == [4, 6, 8, 12]  # plain ints in a list: written as JSON
+    again = MatchingNetwork.from_config(json.loads(json.dumps(model.config())))
+    again.load_state_dict(model.state_dict())  # the same shapes, block by block
+    assert again.dim == 48
+    for bad in (0, -3, 2.5, True, "64", None, [8, 8, 8], [8, 8, 8, 8, 8], [8, 8, 0, 8], [8, 8, True, 8],
+                [8, 8, 8.0, 8], 10**6):
+        with pytest.raises(InvalidValueError, match="width"):
+            MatchingNetwork(width=bad)
 
 
 def test_a_flat_pool_keeps_the_last_map_whole():

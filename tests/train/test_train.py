@@ -506,7 +506,8 @@ def test_resume_config_is_the_saved_run_with_the_overrides_in_place(tmp_path):
                                     {"temperature": float("inf")}, {"within_alphabet": 1.5},
                                     {"within_alphabet": float("nan")}, {"pretrain_epochs": 1.5},
                                     {"pretrain_batch": 1}, {"fce_steps": 0}, {"fce_steps": 2.5},
-                                    {"pretrain_epochs": True}, {"pool": "max"}, {"pool": None}])
+                                    {"pretrain_epochs": True}, {"pool": "max"}, {"pool": None}, {"width": 0},
+                                    {"width": [64, 64]}, {"width": [64, 64, 64, -1]}, {"width": "64"}])
 def test_the_config_refuses_counts_rates_and_shares_out_of_range_before_writing(tmp_path, change):
     from engine.train.config import check_stage
 
@@ -530,13 +531,14 @@ def test_the_config_accepts_the_recipes_their_bounds_and_numpys_numbers():
                 TrainConfig(within_alphabet=1, episodes=10**9, val_episodes=10**9)):
         check_stage(cfg)
     cfg = TrainConfig(n_way=np.int64(5), seed=np.uint32(7), lr=np.float32(0.002), within_alphabet=np.float64(0.25),
-                      topk=np.int32(8), pretrain_epochs=np.int64(1))
+                      topk=np.int32(8), pretrain_epochs=np.int64(1), width=(8, np.int64(8), 16, 32))
     check_stage(cfg)
     from dataclasses import asdict
 
     saved = json.loads(json.dumps(asdict(cfg)))  # plain numbers: the config is written as JSON
     assert (saved["n_way"], saved["seed"], saved["topk"], saved["pretrain_epochs"]) == (5, 7, 8, 1)
     assert saved["lr"] == pytest.approx(0.002) and saved["within_alphabet"] == 0.25
+    assert saved["width"] == [8, 8, 16, 32]
 
 
 def test_a_run_stopped_before_its_first_checkpoint_is_not_resumed(tmp_path):
