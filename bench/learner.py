@@ -2,6 +2,7 @@
 
     python bench/learner.py --out runs/bench                          # the recipe: small1 and small2, seeds 0 1 2
     python bench/learner.py --levers size28 wide --seeds 0 1          # levers side by side, each over the seeds
+    python bench/learner.py --levers long --width 64 --seeds 0 1      # a lever with 64 filters in every block
     python bench/learner.py --runs path/to/all_runs.zip               # also the official 20 runs, where a user has them
     python bench/learner.py --reuse --views 16 --out runs/bench       # the models trained there, through 16 views
 
@@ -52,10 +53,13 @@ import numpy as np
 from engine.runtime import prepare
 
 EPISODES = 3000  # every lever is compared at this length; engine train runs 6,000 (the long lever)
-AT_28 = {"image_size": 28, "shift": 2.0, "elastic": 1.5}  # engine.train.OMNIGLOT_28 (read here without torch)
-# name: (what it changes, overrides of the recipe, engine.train.recipe("omniglot"): 40x40, pool flat)
+AT_28 = {"image_size": 28, "shift": 2.0, "elastic": 1.5, "width": 64}  # engine.train.OMNIGLOT_28 (without torch)
+# name: (what it changes, overrides of the recipe, engine.train.recipe("omniglot"): 40x40, filters 64, 64, 128,
+# 256, pool flat). The 40x40 rows measured before the recipe widened its last two blocks: --width 64
 LEVERS = {
-    "recipe": ("the recipe (40x40, the last map kept whole)", {}),
+    "recipe": ("the recipe (40x40, filters 64, 64, 128, 256, the last map kept whole)", {}),
+    # the recipe before its last two blocks were widened: 64 filters in every block (256 numbers a slot)
+    "narrow": ("the recipe with 64 filters in every block", {"width": 64}),
     # the recipe at 28x28 (shifts 2 px, elastic 1.5 px; the last map is 1x1): the demo's model
     "size28": ("the recipe at 28x28 (shifts 2 px, elastic 1.5 px)", AT_28),
     # wide, way60, erase, decay, mixup and fce were measured against the recipe at 28x28 and keep its side
@@ -65,16 +69,17 @@ LEVERS = {
     # 40x40 with the last 2x2 map averaged (64 numbers), as measured against size28 before the
     # recipe kept the map whole (shifts and elastic grown with the image)
     "size40": ("40x40 images (shifts 3 px, elastic 2 px), the last map averaged",
-               {"image_size": 40, "shift": 3.0, "elastic": 2.0, "pool": "mean"}),
+               {"image_size": 40, "shift": 3.0, "elastic": 2.0, "pool": "mean", "width": 64}),
     # a third of the episodes (1,000 by default), the supervised stage unchanged: a shorter training at 40x40
     "size40short": ("40x40 images, the last map averaged, a third of the episodes",
-                    {"image_size": 40, "shift": 3.0, "elastic": 2.0, "pool": "mean", "episodes_share": 1 / 3}),
+                    {"image_size": 40, "shift": 3.0, "elastic": 2.0, "pool": "mean", "width": 64,
+                     "episodes_share": 1 / 3}),
     "short": ("the recipe with a third of the episodes", {"episodes_share": 1 / 3}),
     "long": ("the recipe with twice the episodes", {"episodes_share": 2}),
     "longer": ("the recipe with four times the episodes", {"episodes_share": 4}),
     # 56x56: shifts and elastic grown with the image as from 28x28 to 40x40 (about 0.075 and 0.05 of the side)
     "size56": ("56x56 images (shifts 4 px, elastic 2.8 px), the last map averaged",
-               {"image_size": 56, "shift": 4.0, "elastic": 2.8, "pool": "mean"}),
+               {"image_size": 56, "shift": 4.0, "elastic": 2.8, "pool": "mean", "width": 64}),
     # a square of 0.35 of the side (10 px at 28x28) blanked in every training image: part of the strokes left out
     "erase": ("a square blanked in each training image (cutout, side 0.35)", {**AT_28, "erase": 0.35}),
     "decay": ("weight decay 0.05 (AdamW) on the weight matrices and filters", {**AT_28, "weight_decay": 0.05}),
@@ -86,20 +91,17 @@ LEVERS = {
     # the recipe's affine jitter (shifts 3 px, turns 10 degrees, zoom 10%) half as large again; elastic kept at 2 px
     "jitter": ("stronger affine jitter (shifts 4 px, turns 15 degrees, zoom 15%)",
                {"shift": 4.0, "rotate": 15.0, "scale": 0.15}),
-    # filters doubled in the last two blocks, as the map halves: 64, 64, 128, 256 (the last 2x2 map kept
-    # whole: 1,024 numbers a slot instead of 256); a step costs about 1.2x
-    "widelate": ("filters doubled in the last two blocks (64, 64, 128, 256)", {"width": [64, 64, 128, 256]}),
 }
 
 
 def lever_config(lever: str, background: str, seed: int, data, episodes: int, eval_episodes: int,
-            pretrain_epochs: int | None):
+                 given: dict | None):
+    """The lever's config; ``given``: options set on the command line for every lever, over its own
+    (``--pretrain-epochs``, ``--width``; None: not given)."""
     from engine.train import recipe
 
     what, overrides = LEVERS[lever]
-    if pretrain_epochs is not None:
-        overrides = {**overrides, "pretrain_epochs": pretrain_epochs}
-    overrides = dict(overrides)
+    overrides = {**overrides, **{k: v for k, v in (given or {}).items() if v is not None}}
     share = overrides.pop("episodes_share", 1.0)  # a lever may train a share of the episodes
     if episodes > 0 and share != 1.0:
         episodes = max(1, round(episodes * share))
@@ -167,11 +169,11 @@ def trained(folder: Path, cfg) -> bool:
 
 
 def run_one(lever: str, background: str, seed: int, data, out: Path, episodes: int, eval_episodes: int,
-            pretrain_epochs: int | None, runs: Path | None, *, reuse: bool = False, views: int | None = None) -> dict:
+            given: dict, runs: Path | None, *, reuse: bool = False, views: int | None = None) -> dict:
     """Train one model (or, with ``reuse``, take the one trained there) and score it (see the module)."""
     from engine.train import load_checkpoint, train
 
-    cfg = lever_config(lever, background, seed, data, episodes, eval_episodes, pretrain_epochs)
+    cfg = lever_config(lever, background, seed, data, episodes, eval_episodes, given)
     folder = out / lever / background / f"seed{seed}"
     train_s = None
     if reuse and trained(folder, cfg):
@@ -188,13 +190,13 @@ def run_one(lever: str, background: str, seed: int, data, out: Path, episodes: i
 
 
 def run_ensemble(lever: str, background: str, seeds: list[int], data, out: Path, episodes: int,
-                 eval_episodes: int, pretrain_epochs: int | None, runs: Path | None, *,
+                 eval_episodes: int, given: dict, runs: Path | None, *,
                  views: int | None = None) -> dict:
     """The seeds' models of a (lever, set) as one ensemble (no training)."""
     from engine.nn import ensemble
     from engine.train import load_checkpoint
 
-    cfg = lever_config(lever, background, seeds[0], data, episodes, eval_episodes, pretrain_epochs)
+    cfg = lever_config(lever, background, seeds[0], data, episodes, eval_episodes, given)
     members = [load_checkpoint(out / lever / background / f"seed{s}", views=views) for s in seeds]
     return {"lever": f"{lever}+ensemble{len(seeds)}", "what": f"{LEVERS[lever][0]}, {len(seeds)} seeds as one ensemble",
             "background": background, "seed": -1, "members": list(seeds), "episodes": cfg.episodes,
@@ -262,6 +264,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     ap.add_argument("--episodes", type=int, default=EPISODES, help="episodes after the supervised stage")
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="another length of the supervised stage")
+    ap.add_argument("--width", type=int, nargs="+", default=None,
+                    help="filters of every lever's backbone: one count, or four, one a block (64 64 128 256)")
     ap.add_argument("--eval-episodes", type=int, default=1000)
     ap.add_argument("--reuse", action="store_true",
                     help="score the models already trained to their end in --out with the same config, not train anew")
@@ -270,25 +274,28 @@ def main(argv=None) -> dict:
     args = ap.parse_args(argv)
     if args.views is not None and (args.views < 1 or not args.reuse):
         ap.error(f"--views rescores trained models: give --reuse, and at least 1 view (got {args.views})")
+    if args.width is not None and len(args.width) not in (1, 4):
+        ap.error(f"--width is one count of filters or four, one a block; got {len(args.width)}")
+    given = {"pretrain_epochs": args.pretrain_epochs,
+             "width": None if args.width is None else args.width[0] if len(args.width) == 1 else args.width}
     prepare()  # engine.runtime: before torch loads
     args.out.mkdir(parents=True, exist_ok=True)
     if args.reuse:  # a finished run of another config is refused before anything trains, not hours in
         for lever, background, seed in itertools.product(args.levers, args.backgrounds, args.seeds):
             trained(args.out / "learner" / lever / background / f"seed{seed}",
-                    lever_config(lever, background, seed, args.data, args.episodes, args.eval_episodes,
-                                 args.pretrain_epochs))
+                    lever_config(lever, background, seed, args.data, args.episodes, args.eval_episodes, given))
     rows = []
     for lever in args.levers:
         for background in args.backgrounds:
             for seed in args.seeds:
                 r = run_one(lever, background, seed, args.data, args.out / "learner", args.episodes,
-                            args.eval_episodes, args.pretrain_epochs, args.runs, reuse=args.reuse, views=args.views)
+                            args.eval_episodes, given, args.runs, reuse=args.reuse, views=args.views)
                 rows.append(r)
                 _say(r)
             for size in range(2, len(args.seeds) + 1):  # every ensemble of the seeds' models
                 for members in itertools.combinations(args.seeds, size):
                     rows.append(run_ensemble(lever, background, list(members), args.data, args.out / "learner",
-                                             args.episodes, args.eval_episodes, args.pretrain_epochs, args.runs,
+                                             args.episodes, args.eval_episodes, given, args.runs,
                                              views=args.views))
                     _say(rows[-1])
     summary = summarise(rows)

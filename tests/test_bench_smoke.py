@@ -164,8 +164,10 @@ def test_learner_benchmark(tmp_path):
                       )["background"] == "small2"
     saved = json.loads((tmp_path / "learner" / "recipe" / "small2" / "seed0" / "config.json").read_text())
     assert saved["image_size"] == 40 and saved["pool"] == "flat" and saved["model"]["pool"] == "flat"
+    assert saved["width"] == saved["model"]["width"] == [64, 64, 128, 256]
     assert (tmp_path / "learner.png").stat().st_size > 0
-    assert "| the recipe (40x40, the last map kept whole) | small2 | 1 |" in (tmp_path / "learner.md").read_text()
+    assert "| the recipe (40x40, filters 64, 64, 128, 256, the last map kept whole) | small2 | 1 |" in \
+        (tmp_path / "learner.md").read_text()
     # --reuse scores the model trained there again (the same figures, nothing trained); --views another count
     first = (tmp_path / "learner.json").read_text()
     again = learner.main(["--backgrounds", "small2", "--seeds", "0", "--episodes", "2", "--pretrain-epochs", "0",
@@ -236,6 +238,20 @@ def test_the_learner_benchmarks_28x28_matches_the_library():
     from engine.train import OMNIGLOT_28
 
     assert learner.AT_28 == OMNIGLOT_28 and learner.LEVERS["size28"][1] == OMNIGLOT_28
+
+
+def test_the_learner_benchmarks_command_line_options_are_set_over_every_levers():
+    import learner
+
+    for lever in ("recipe", "wide", "long"):
+        cfg = learner.lever_config(lever, "small1", 0, None, 10, 10, {"width": 64, "pretrain_epochs": 3})
+        assert (cfg.width, cfg.pretrain_epochs) == (64, 3), lever
+    cfg = learner.lever_config("recipe", "small1", 0, None, 10, 10, {"width": [8, 8, 16, 32], "pretrain_epochs": None})
+    assert cfg.width == [8, 8, 16, 32] and cfg.pretrain_epochs == 20  # not given: the recipe's
+    assert learner.lever_config("narrow", "small1", 0, None, 10, 10, None).width == 64
+    for bad in (["--width", "8", "8"], ["--width", "8", "8", "8", "8", "8"]):
+        with pytest.raises(SystemExit):
+            learner.main([*bad, "--out", "/nonexistent/never-made"])
 
 
 def test_every_learner_lever_samples_its_training_episodes():
