@@ -531,9 +531,10 @@ def train_cmd(
     episodes: int | None = typer.Option(None, help="Training episodes (recipe: 6000)."),
     pretrain_epochs: int | None = typer.Option(
         None, help="Supervised epochs over every training class before the episodes (see the recipe)."),
-    width: str | None = typer.Option(None, help="Filters per conv block (64), or four counts, one a block "
-                                     "(64,64,128,256): the last block's is the embedding's dimension with --pool "
-                                     "mean, times the last map's positions with flat."),
+    width: str | None = typer.Option(None, help="Filters per conv block, or four counts, one a block (Omniglot "
+                                     "recipe: 64,64,128,256; Fashion-MNIST: 64): the last block's is the "
+                                     "embedding's dimension with --pool mean, times the last map's positions with "
+                                     "flat."),
     pool: str | None = typer.Option(None, help="The last block's map: averaged (mean) or kept whole (flat: width x "
                                     "the map's positions; the Omniglot recipe)."),
     image_size: int | None = typer.Option(None, help="Omniglot: images are resized to this square (recipe: 40); the "
