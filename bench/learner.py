@@ -62,6 +62,8 @@ LEVERS = {
     "narrow": ("the recipe with 64 filters in every block", {"width": 64}),
     # the recipe at 28x28 (shifts 2 px, elastic 1.5 px; the last map is 1x1): the demo's model
     "size28": ("the recipe at 28x28 (shifts 2 px, elastic 1.5 px)", AT_28),
+    # the 40x40 recipe's filters (64, 64, 128, 256) at 28x28, where the last map is one position: 256 numbers
+    "size28late": ("the recipe at 28x28 with filters 64, 64, 128, 256", {**AT_28, "width": [64, 64, 128, 256]}),
     # wide, way60, erase, decay, mixup and fce were measured against the recipe at 28x28 and keep its side
     "wide": ("a wider embedding (128 filters a block)", {**AT_28, "width": 128}),
     # no alphabet holds 60 characters (with rotations), so 60-way episodes are drawn across alphabets
