@@ -32,6 +32,9 @@ learner-reuse-viewsN.*).
 Each error is also given transductively, in parentheses and apart: the run's items matched to
 its classes one to one (``eval-oneshot --assign``).
 
+``--width`` and ``--pretrain-epochs`` set an option for every lever; the rows and folders
+of such models carry it in their name (``recipe-width64``), apart from the lever's own.
+
 A lever is judged on the mean over seeds and sets, never on one run: the table gives each
 (lever, set)'s mean and its spread (max - min) over seeds. With two seeds or more, every
 group of two or more of the seeds' models is also scored as one ensemble
@@ -113,6 +116,21 @@ def lever_config(lever: str, background: str, seed: int, data, episodes: int, ev
                                  "data": None if data is None else str(data), **overrides, "episodes": episodes})
 
 
+def named(lever: str, given: dict | None) -> tuple[str, str]:
+    """A lever's name (in rows and folders) and description, with the options given for every
+    lever: a model trained with ``--width 64`` is not the lever's own, so it is named, and kept,
+    apart from it."""
+    name, what = lever, LEVERS[lever][0]
+    given = {k: v for k, v in (given or {}).items() if v is not None}
+    if "pretrain_epochs" in given:
+        name, what = f"{name}-pre{given['pretrain_epochs']}", f"{what}; {given['pretrain_epochs']} supervised epochs"
+    if "width" in given:
+        counts = given["width"] if isinstance(given["width"], list) else [given["width"]]
+        name = f"{name}-width{'-'.join(map(str, counts))}"
+        what = f"{what}; filters {', '.join(map(str, counts))}{' a block' if len(counts) == 1 else ''}"
+    return name, what
+
+
 def score(model, cfg, data, eval_episodes: int, runs: Path | None) -> dict:
     """Within-alphabet validation accuracy and the official runs' error of a model."""
     import torch
@@ -176,7 +194,8 @@ def run_one(lever: str, background: str, seed: int, data, out: Path, episodes: i
     from engine.train import load_checkpoint, train
 
     cfg = lever_config(lever, background, seed, data, episodes, eval_episodes, given)
-    folder = out / lever / background / f"seed{seed}"
+    name, what = named(lever, given)
+    folder = out / name / background / f"seed{seed}"
     train_s = None
     if reuse and trained(folder, cfg):
         print(f"{folder}: trained to episode {cfg.episodes} with this config, scored again", flush=True)
@@ -187,7 +206,7 @@ def run_one(lever: str, background: str, seed: int, data, out: Path, episodes: i
         train(cfg, folder, progress=True)
         train_s = time.perf_counter() - t0
     model = load_checkpoint(folder, views=views)  # the best validated state, through the test-time views
-    return {"lever": lever, "what": LEVERS[lever][0], "background": background, "seed": seed, "episodes": cfg.episodes,
+    return {"lever": name, "what": what, "background": background, "seed": seed, "episodes": cfg.episodes,
             "views": model.views, "train_s": train_s, **score(model, cfg, data, eval_episodes, runs)}
 
 
@@ -199,8 +218,9 @@ def run_ensemble(lever: str, background: str, seeds: list[int], data, out: Path,
     from engine.train import load_checkpoint
 
     cfg = lever_config(lever, background, seeds[0], data, episodes, eval_episodes, given)
-    members = [load_checkpoint(out / lever / background / f"seed{s}", views=views) for s in seeds]
-    return {"lever": f"{lever}+ensemble{len(seeds)}", "what": f"{LEVERS[lever][0]}, {len(seeds)} seeds as one ensemble",
+    name, what = named(lever, given)
+    members = [load_checkpoint(out / name / background / f"seed{s}", views=views) for s in seeds]
+    return {"lever": f"{name}+ensemble{len(seeds)}", "what": f"{what}, {len(seeds)} seeds as one ensemble",
             "background": background, "seed": -1, "members": list(seeds), "episodes": cfg.episodes,
             "views": members[0].views, "train_s": 0.0, **score(ensemble(members), cfg, data, eval_episodes, runs)}
 
@@ -281,10 +301,19 @@ def main(argv=None) -> dict:
     given = {"pretrain_epochs": args.pretrain_epochs,
              "width": None if args.width is None else args.width[0] if len(args.width) == 1 else args.width}
     prepare()  # engine.runtime: before torch loads
+    from engine.errors import InvalidValueError
+    from engine.train.config import check_stage
+
+    try:  # every option's value checked before a folder is made or a model trained
+        for lever in args.levers:
+            check_stage(lever_config(lever, args.backgrounds[0], args.seeds[0], args.data, args.episodes,
+                                     args.eval_episodes, given))
+    except InvalidValueError as exc:
+        ap.error(str(exc))
     args.out.mkdir(parents=True, exist_ok=True)
     if args.reuse:  # a finished run of another config is refused before anything trains, not hours in
         for lever, background, seed in itertools.product(args.levers, args.backgrounds, args.seeds):
-            trained(args.out / "learner" / lever / background / f"seed{seed}",
+            trained(args.out / "learner" / named(lever, given)[0] / background / f"seed{seed}",
                     lever_config(lever, background, seed, args.data, args.episodes, args.eval_episodes, given))
     rows = []
     for lever in args.levers:
@@ -310,9 +339,9 @@ def main(argv=None) -> dict:
              "error on runs built from the validation alphabets (assigned) | run01 error (assigned) |"
              + (" official runs error (assigned) |" if args.runs else ""),
              "|---|---|---:|---:|---:|---:|" + ("---:|" if args.runs else "")]
+    whats = {r["lever"]: r["what"] for r in rows}
     for s in summary:
-        base, _, size = s["lever"].partition("+ensemble")
-        what = LEVERS[base][0] + (f", {size} seeds as one ensemble" if size else "")
+        what = whats[s["lever"]]
         lines.append(f"| {what} | {s['background']} | {s['models']} | {100 * s['val_mean']:.2f}% "
                      f"({100 * s['val_spread']:.2f}) | {100 * s['val_runs_error_mean']:.2f}% "
                      f"({100 * s['val_runs_assigned_error_mean']:.2f}%) | {100 * s['run01_error_mean']:.1f}% "

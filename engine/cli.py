@@ -571,12 +571,9 @@ def train_cmd(
     or with --resume the run's own options, with any option given here in their place."""
     if out.is_dir() and any(out.iterdir()) and not (resume or force):
         raise OutputExistsError(f"{out} holds a run already: --resume continues it, --force starts afresh over it")
-    if force and not resume and out.is_dir():
-        import shutil
-
-        shutil.rmtree(out)  # afresh: no log, checkpoint or best model of the old run is left to mix in
     prepare_torch()  # glibc keeps freed blocks: no page faults per batch (engine.runtime)
     from .train import recipe, resume_config, train
+    from .train.config import check_stage
 
     given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": _widths(width), "pool": pool,
              "image_size": image_size, "shift": shift, "elastic": elastic, "mixup": mixup, "thickness": thickness,
@@ -591,6 +588,11 @@ def train_cmd(
         cfg = resume_config(out, **given)
     else:
         cfg = recipe(given.pop("dataset", "omniglot"), **given)
+        check_stage(cfg)  # bad options refused before --force removes the old run
+    if force and not resume and out.is_dir():
+        import shutil
+
+        shutil.rmtree(out)  # afresh: no log, checkpoint or best model of the old run is left to mix in
     summary = train(cfg, out, resume=resume)
     if summary.get("best_val_acc", 0) < 0:  # never validated (no episodes): no accuracy to report
         summary["best_val_acc"] = None

@@ -160,14 +160,15 @@ def test_learner_benchmark(tmp_path):
     assert row["background"] == "small2" and 0 <= row["val_within_20way"] <= 1 and 0 <= row["run01_error"] <= 1
     assert 0 <= row["val_runs_error"] <= 1 and 0 <= row["val_runs_assigned_error"] <= 1
     assert 0 <= row["run01_assigned_error"] <= 1
-    assert json.loads((tmp_path / "learner" / "recipe" / "small2" / "seed0" / "config.json").read_text()
+    assert json.loads((tmp_path / "learner" / "recipe-pre0" / "small2" / "seed0" / "config.json").read_text()
                       )["background"] == "small2"
-    saved = json.loads((tmp_path / "learner" / "recipe" / "small2" / "seed0" / "config.json").read_text())
+    saved = json.loads((tmp_path / "learner" / "recipe-pre0" / "small2" / "seed0" / "config.json").read_text())
     assert saved["image_size"] == 40 and saved["pool"] == "flat" and saved["model"]["pool"] == "flat"
     assert saved["width"] == saved["model"]["width"] == [64, 64, 128, 256]
     assert (tmp_path / "learner.png").stat().st_size > 0
-    assert "| the recipe (40x40, filters 64, 64, 128, 256, the last map kept whole) | small2 | 1 |" in \
-        (tmp_path / "learner.md").read_text()
+    # --pretrain-epochs names the rows and folders it trained
+    label = "the recipe (40x40, filters 64, 64, 128, 256, the last map kept whole); 0 supervised epochs"
+    assert f"| {label} | small2 | 1 |" in (tmp_path / "learner.md").read_text()
     # --reuse scores the model trained there again (the same figures, nothing trained); --views another count
     first = (tmp_path / "learner.json").read_text()
     again = learner.main(["--backgrounds", "small2", "--seeds", "0", "--episodes", "2", "--pretrain-epochs", "0",
@@ -186,16 +187,16 @@ def test_learner_benchmark(tmp_path):
         learner.main(["--views", "2", "--out", str(tmp_path)])
     # a finished run of another config there (other episodes; other validation episodes) is
     # refused, not scored as this one nor trained over
-    best = (tmp_path / "learner" / "recipe" / "small2" / "seed0" / "best.pt").read_bytes()
+    best = (tmp_path / "learner" / "recipe-pre0" / "small2" / "seed0" / "best.pt").read_bytes()
     for other in (["--episodes", "3", "--eval-episodes", "3"], ["--episodes", "2", "--eval-episodes", "2"]):
         with pytest.raises(SystemExit, match="val_episodes: 3 there, 2 here|episodes: 2 there, 3 here"):
             learner.main(["--backgrounds", "small2", "--seeds", "0", "--pretrain-epochs", "0", "--out", str(tmp_path),
                           "--reuse", *other])
-    assert (tmp_path / "learner" / "recipe" / "small2" / "seed0" / "best.pt").read_bytes() == best
+    assert (tmp_path / "learner" / "recipe-pre0" / "small2" / "seed0" / "best.pt").read_bytes() == best
     # a damaged config or state is refused, not trained over
     from engine.errors import CorruptFileError
 
-    folder = tmp_path / "learner" / "recipe" / "small2" / "seed0"
+    folder = tmp_path / "learner" / "recipe-pre0" / "small2" / "seed0"
     reuse = ["--backgrounds", "small2", "--seeds", "0", "--episodes", "2", "--pretrain-epochs", "0",
              "--eval-episodes", "3", "--out", str(tmp_path), "--reuse"]
     for name, exc in (("config.json", CorruptFileError), ("state.json", SystemExit)):
@@ -209,7 +210,7 @@ def test_learner_benchmark(tmp_path):
     with pytest.raises(SystemExit, match="episodes: 2 there, 3 here"):
         learner.main(["--seeds", "0", "--pretrain-epochs", "0", "--out", str(tmp_path), "--reuse", "--episodes", "3",
                       "--eval-episodes", "3"])
-    assert not (tmp_path / "learner" / "recipe" / "small1").exists()
+    assert not (tmp_path / "learner" / "recipe-pre0" / "small1").exists()
 
 
 def test_flight_transport_benchmark(tmp_path):
@@ -249,9 +250,16 @@ def test_the_learner_benchmarks_command_line_options_are_set_over_every_levers()
     cfg = learner.lever_config("recipe", "small1", 0, None, 10, 10, {"width": [8, 8, 16, 32], "pretrain_epochs": None})
     assert cfg.width == [8, 8, 16, 32] and cfg.pretrain_epochs == 20  # not given: the recipe's
     assert learner.lever_config("narrow", "small1", 0, None, 10, 10, None).width == 64
-    for bad in (["--width", "8", "8"], ["--width", "8", "8", "8", "8", "8"]):
+    for bad in (["--width", "8", "8"], ["--width", "8", "8", "8", "8", "8"], ["--width", "0"],
+                ["--width", "8", "8", "8", "-1"], ["--pretrain-epochs", "-1"]):
         with pytest.raises(SystemExit):
             learner.main([*bad, "--out", "/nonexistent/never-made"])
+    assert not Path("/nonexistent").exists()
+    # a model trained with an option given for every lever is named, and kept, apart from the lever's own
+    assert learner.named("recipe", {"width": 64, "pretrain_epochs": None}) == \
+        ("recipe-width64", learner.LEVERS["recipe"][0] + "; filters 64 a block")
+    assert learner.named("long", {"width": [8, 8, 16, 32], "pretrain_epochs": 10})[0] == "long-pre10-width8-8-16-32"
+    assert learner.named("narrow", None) == ("narrow", learner.LEVERS["narrow"][0])
 
 
 def test_every_learner_lever_samples_its_training_episodes():

@@ -353,6 +353,10 @@ def test_bad_files_and_repeated_runs_get_one_clear_line(tmp_path, mem_dir):
     refused = run("train", "--out", tmp_path / "run", "--episodes", 0, ok=False)
     assert refused.exit_code == 2 and "--resume" in refused.output and "--force" in refused.output
     assert (tmp_path / "run" / "config.json").read_text() == "{}"
+    for bad in (["--width", "8,x"], ["--width", "0"], ["--mixup", "-1"]):  # refused before --force removes the run
+        refused = run("train", "--out", tmp_path / "run", "--force", *bad, ok=False)
+        assert refused.exit_code == 2 and bad[0][2:] in refused.output
+        assert (tmp_path / "run" / "config.json").read_text() == "{}"
 
 
 def test_set_checks_everything_before_changing_anything_and_labels_files_are_read_as_the_memorys(tmp_path):

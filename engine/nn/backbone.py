@@ -87,6 +87,9 @@ class ConvEmbedding(nn.Module):
     def __init__(self, in_channels: int = 1, width: int | list[int] = 64, blocks: int = BLOCKS, *, pool: str = "mean",
                  image_size: int | None = None):
         super().__init__()
+        if isinstance(blocks, bool) or not isinstance(blocks, numbers.Integral) or not 1 <= blocks <= 16:
+            raise InvalidValueError(f"blocks must be an integer from 1 to 16, got {blocks!r}")
+        blocks = int(blocks)
         pool = check_pool(pool)
         side = None
         if pool == "flat":

@@ -272,7 +272,7 @@ class MatchingNetwork(nn.Module):
     # -- checkpoints -------------------------------------------------------------------
     def config(self) -> dict:
         """The constructor options, for a JSON checkpoint config (default backbone only)."""
-        return dict(self.options)
+        return copy.deepcopy(self.options)  # a caller's edits (a width list's) never reach the model
 
     @classmethod
     def from_config(cls, config: dict) -> MatchingNetwork:

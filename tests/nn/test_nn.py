@@ -48,6 +48,12 @@ def test_a_width_a_block_sets_each_blocks_filters_and_the_last_sets_the_embeddin
                 [8, 8, 8.0, 8], 10**6):
         with pytest.raises(InvalidValueError, match="width"):
             MatchingNetwork(width=bad)
+    model.config()["width"].append(99)  # the caller's copy
+    assert model.config()["width"] == [4, 6, 8, 12]
+    for blocks in (0, -1, 2.0, True, 17):
+        with pytest.raises(InvalidValueError, match="blocks"):
+            ConvEmbedding(width=8, blocks=blocks)
+    assert ConvEmbedding(width=[4, 8], blocks=2).out_dim == 8
 
 
 def test_a_flat_pool_keeps_the_last_map_whole():
