@@ -105,7 +105,7 @@ def lever_config(lever: str, background: str, seed: int, data, episodes: int, ev
     (``--pretrain-epochs``, ``--width``; None: not given)."""
     from engine.train import recipe
 
-    what, overrides = LEVERS[lever]
+    _, overrides = LEVERS[lever]
     overrides = {**overrides, **{k: v for k, v in (given or {}).items() if v is not None}}
     share = overrides.pop("episodes_share", 1.0)  # a lever may train a share of the episodes
     if episodes > 0 and share != 1.0:

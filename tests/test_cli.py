@@ -161,6 +161,8 @@ def test_train_at_another_image_size_and_evaluate_at_it(tmp_path):
         assert r.exit_code == 2 and "width" in r.output and not (tmp_path / "bad").exists()
     r = run("train", "--out", out, "--resume", "--image-size", 40, ok=False)  # another model: refused
     assert r.exit_code == 2 and "image_size: 28 -> 40" in r.output
+    r = run("train", "--out", out, "--resume", "--width", "8,8,8,16", ok=False)  # other filters: refused
+    assert r.exit_code == 2 and "width: [8, 8, 8, 12] -> [8, 8, 8, 16]" in r.output
     assert json.loads((out / "config.json").read_text()) == saved  # nothing rewritten
     # resumed with the run's own options (not the 40x40 recipe's), the ones given in their place
     r = run("train", "--out", out, "--resume", "--episodes", 3, "--val-every", 1).output

@@ -51,8 +51,8 @@ def check_width(width, blocks: int = BLOCKS) -> int | list[int]:
 
 def block_widths(width, blocks: int = BLOCKS) -> list[int]:
     """The filters of each block, from a ``width`` :func:`check_width` accepts."""
-    width = check_width(width, blocks)
-    return list(width) if isinstance(width, list) else [width] * blocks
+    width = check_width(width, blocks)  # a list is a fresh one
+    return width if isinstance(width, list) else [width] * blocks
 
 
 def last_map_side(image_size: int, blocks: int = BLOCKS) -> int:
