@@ -63,6 +63,8 @@ LEVERS = {
     "recipe": ("the recipe (40x40, filters 64, 64, 128, 256, the last map kept whole)", {}),
     # the recipe before its last two blocks were widened: 64 filters in every block (256 numbers a slot)
     "narrow": ("the recipe with 64 filters in every block", {"width": 64}),
+    # the recipe's filters with the last 2x2 map averaged: 256 numbers a slot, as many as narrow's, not 1,024
+    "widemean": ("the recipe with the last map averaged (256 numbers a slot)", {"pool": "mean"}),
     # the recipe at 28x28 (shifts 2 px, elastic 1.5 px; the last map is 1x1): the demo's model
     "size28": ("the recipe at 28x28 (shifts 2 px, elastic 1.5 px)", AT_28),
     # the 40x40 recipe's filters (64, 64, 128, 256) at 28x28, where the last map is one position: 256 numbers

@@ -252,8 +252,11 @@ def in_process(kind: str, *args) -> dict:
 
 
 # -- the plan, the report and the plots -----------------------------------------------
-def plan(sizes: list[int], dim: int, extra: bool, methods: list[str], hnsw_max: int) -> list[tuple[int, int, str]]:
-    cases = [(n, dim) for n in sizes] + ([(100_000, 256)] if extra else [])
+def plan(sizes: list[int], dims: list[int], extra: bool, methods: list[str],
+         hnsw_max: int) -> list[tuple[int, int, str]]:
+    cases = [(n, d) for d in dims for n in sizes]
+    if extra and (100_000, 256) not in cases:
+        cases.append((100_000, 256))
     out = []
     for n, d in cases:
         out.append((n, d, "dense"))
@@ -269,13 +272,18 @@ def plan(sizes: list[int], dim: int, extra: bool, methods: list[str], hnsw_max: 
 
 
 def plot(rows: list[dict], path: Path) -> None:
+    """Six panels against support-set size; against the dimension instead when the run
+    has one size and several dimensions (``--sizes 1000000 --dim 256 1024``). With
+    several sizes and several dimensions, one line per (method, dimension)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     dims = sorted({r["dim"] for r in rows})
-    main_dim = dims[0]
+    sizes = sorted({r["size"] for r in rows})
+    across = "dim" if len(sizes) == 1 and len(dims) > 1 else "size"
+    series_dims = [None] if across == "dim" else dims
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     panels = [("batch_ms_per_query", "batched: ms per query (1,000 at a time, k=64)", True),
               ("single_p50_ms", "single query: p50 latency (ms)", True),
@@ -287,27 +295,44 @@ def plot(rows: list[dict], path: Path) -> None:
         r["batch_ms_per_query"] = 1e3 / r["batch_qps"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     colour = {m: f"C{i}" for i, m in enumerate(methods)}  # one colour per method in every panel
+    styles = ["-", "-.", ":", (0, (5, 1))]
+
+    def series(method: str, dim: int | None, key: str) -> list[dict]:
+        return sorted((r for r in rows if r["method"] == method and dim in (None, r["dim"]) and key in r),
+                      key=lambda r: r[across])
+
     for ax, (key, title, log_y) in zip(axes.ravel(), panels):
         for m in methods:
-            pts = sorted((r for r in rows if r["method"] == m and r["dim"] == main_dim and key in r),
-                         key=lambda r: r["size"])
-            if pts:
-                ax.plot([r["size"] for r in pts], [r[key] for r in pts], marker="o", label=m, color=colour[m],
-                        ls="--" if m == "dense" else "-")
+            for j, d in enumerate(series_dims):
+                pts = series(m, d, key)
+                if pts:
+                    label = m if d is None or len(dims) == 1 else f"{m}, d={d}"
+                    ax.plot([r[across] for r in pts], [r[key] for r in pts], marker="o", label=label,
+                            color=colour[m], ls="--" if m == "dense" else styles[j % len(styles)])
         if key == "batch_ms_per_query":
-            pts = sorted((r for r in rows if r["method"] == "auto" and r["dim"] == main_dim), key=lambda r: r["size"])
-            ax.plot([r["size"] for r in pts], [1e3 * r["faiss_batch_s"] / 1000 for r in pts], "k:",
-                    label="bare FAISS (auto's index)")
+            for j, d in enumerate(series_dims):
+                pts = series("auto", d, "faiss_batch_s")
+                if pts:
+                    ax.plot([r[across] for r in pts], [1e3 * r["faiss_batch_s"] / 1000 for r in pts], "k:",
+                            label="bare FAISS (auto's index)" if j == 0 else None)
         if key == "bytes_per_slot":
-            ax.axhline(4 * main_dim, color="grey", ls=":", label=f"raw float32 vector ({4 * main_dim} B)")
-        ax.set_xscale("log")
+            for d in dims:
+                if across == "dim":
+                    ax.plot(dims, [4 * e for e in dims], color="grey", ls=":", label="raw float32 vector")
+                    break
+                ax.axhline(4 * d, color="grey", ls=":", label=f"raw float32 vector, d={d} ({4 * d} B)")
+        ax.set_xscale("log", base=2 if across == "dim" else 10)
+        if across == "dim":
+            ax.set_xticks(dims, [str(d) for d in dims])
         if log_y:
             ax.set_yscale("log")
-        ax.set_xlabel(f"slots in memory (d={main_dim})")
+        ax.set_xlabel(f"embedding dimension ({sizes[0]:,} slots)" if across == "dim"
+                      else "slots in memory" + (f" (d={dims[0]})" if len(dims) == 1 else ""))
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-    fig.suptitle(f"engine across support-set size: {DATA} data ({platform.machine()}, {mp.cpu_count()} cores, "
+    what = "embedding dimension" if across == "dim" else "support-set size"
+    fig.suptitle(f"engine across {what}: {DATA} data ({platform.machine()}, {mp.cpu_count()} cores, "
                  f"T={TEMPERATURE}, k={K})")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -351,7 +376,8 @@ def main(argv=None) -> list[dict]:
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[1_000, 10_000, 100_000, 1_000_000])
-    ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--dim", type=int, nargs="+", default=[64],
+                    help="embedding dimension; several run every size at each, in one run")
     ap.add_argument("--extra", action=argparse.BooleanOptionalAction, default=True,
                     help="also run 100k slots at d=256")
     ap.add_argument("--methods", nargs="+", default=["Flat", "auto", "IVF", "IVF-PQ", "HNSW32"])

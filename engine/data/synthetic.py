@@ -23,9 +23,24 @@ from __future__ import annotations
 
 import numpy as np
 
+CHUNK = 1 << 16  # rows drawn at a time: float64 scratch stays near 0.5 GiB at d = 1,024
+
 
 def _unit(x: np.ndarray) -> np.ndarray:
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def _rows(m: int, dim: int, fill) -> np.ndarray:
+    """A float32 (m, dim) array filled ``CHUNK`` rows at a time by ``fill(start, stop)``.
+
+    Drawing a generator's normals in row chunks gives the very numbers one draw of the
+    whole array would, so the data does not depend on the chunk size; only the float64
+    scratch of one chunk is held, not of all ``m`` rows (8 GiB at 1M x 1,024)."""
+    out = np.empty((m, dim), dtype=np.float32)
+    for start in range(0, m, CHUNK):
+        stop = min(m, start + CHUNK)
+        out[start:stop] = fill(start, stop)
+    return out
 
 
 def clustered(
@@ -61,11 +76,14 @@ def clustered(
     def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
         labels = rng.integers(0, n_classes, m)
         mode = rng.integers(0, modes, m)
-        eps = rng.standard_normal((m, dim))
-        if shape is not None:
-            eps = eps @ shape
-        x = subs[labels, mode] + noise / np.sqrt(dim) * eps
-        return x.astype(np.float32), labels.astype(np.int64)
+
+        def fill(start: int, stop: int) -> np.ndarray:
+            eps = rng.standard_normal((stop - start, dim))
+            if shape is not None:
+                eps = eps @ shape
+            return subs[labels[start:stop], mode[start:stop]] + noise / np.sqrt(dim) * eps
+
+        return _rows(m, dim, fill), labels.astype(np.int64)
 
     x, y = draw(n)
     if queries:
@@ -90,8 +108,8 @@ def isotropic(n: int, dim: int, *, n_classes: int = 2000, noise: float = 1.0, se
 
     def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
         y = rng.integers(0, n_classes, m)
-        x = centres[y] + noise * rng.standard_normal((m, dim)) / np.sqrt(dim)
-        return x.astype(np.float32), y.astype(np.int64)
+        x = _rows(m, dim, lambda a, b: centres[y[a:b]] + noise * rng.standard_normal((b - a, dim)) / np.sqrt(dim))
+        return x, y.astype(np.int64)
 
     x, y = draw(n)
     return (x, y, *draw(queries)) if queries else (x, y)
@@ -107,7 +125,8 @@ def uniform(n: int, dim: int, *, n_classes: int = 10, seed: int = 0, queries: in
     rng = np.random.default_rng(seed)
 
     def draw(m: int) -> tuple[np.ndarray, np.ndarray]:
-        return rng.standard_normal((m, dim)).astype(np.float32), rng.integers(0, n_classes, m).astype(np.int64)
+        x = _rows(m, dim, lambda a, b: rng.standard_normal((b - a, dim)))
+        return x, rng.integers(0, n_classes, m).astype(np.int64)
 
     x, y = draw(n)
     return (x, y, *draw(queries)) if queries else (x, y)

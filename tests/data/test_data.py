@@ -48,3 +48,38 @@ def test_clustered_is_seeded():
     b = clustered(100, 8, seed=3)
     np.testing.assert_array_equal(a[0], b[0])
     assert a[0].dtype == np.float32 and a[0].shape == (100, 8)
+
+
+@pytest.mark.parametrize("name", ["learned-like", "isotropic", "uniform"])
+def test_synthetic_data_does_not_depend_on_the_chunk(monkeypatch, name):
+    """Large draws are made a chunk of rows at a time (bounded scratch memory): the numbers
+    must be those of one draw of the whole array, whatever the chunk."""
+    from engine.data import synthetic
+
+    whole = synthetic.DISTRIBUTIONS[name](500, 12, 4, 50)
+    monkeypatch.setattr(synthetic, "CHUNK", 7)
+    chunked = synthetic.DISTRIBUTIONS[name](500, 12, 4, 50)
+    for a, b in zip(whole, chunked):
+        np.testing.assert_array_equal(a, b)
+    x, y, qx, qy = chunked
+    assert x.dtype == qx.dtype == np.float32 and x.shape == (500, 12) and qx.shape == (50, 12)
+    assert y.dtype == np.int64 and y.shape == (500,)
+
+
+def test_learned_like_noise_is_drawn_from_one_stream():
+    """An independent reference: the same generator drawn in one go, as the formula says."""
+    from engine.data.synthetic import LEARNED_LIKE, clustered
+
+    n, dim, seed, noise = 300, 10, 5, LEARNED_LIKE["noise"]
+    x, y = clustered(n, dim, n_classes=20, seed=seed, **{**LEARNED_LIKE, "noise_decay": 0.0})
+    rng = np.random.default_rng(seed)
+    groups = rng.standard_normal((2, dim))
+    groups /= np.linalg.norm(groups, axis=1, keepdims=True)
+    centres = groups[np.arange(20) % 2] + LEARNED_LIKE["class_spread"] / np.sqrt(dim) * rng.standard_normal((20, dim))
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    subs = centres[:, None] + LEARNED_LIKE["mode_spread"] / np.sqrt(dim) * rng.standard_normal((20, 4, dim))
+    subs /= np.linalg.norm(subs, axis=2, keepdims=True)
+    labels, mode = rng.integers(0, 20, n), rng.integers(0, 4, n)
+    want = subs[labels, mode] + noise / np.sqrt(dim) * rng.standard_normal((n, dim))
+    np.testing.assert_array_equal(y, labels)
+    np.testing.assert_allclose(x, want.astype(np.float32), rtol=0, atol=1e-6)
