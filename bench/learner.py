@@ -56,7 +56,8 @@ import numpy as np
 from engine.runtime import prepare
 
 EPISODES = 3000  # every lever is compared at this length; engine train runs 6,000 (the long lever)
-AT_28 = {"image_size": 28, "shift": 2.0, "elastic": 1.5, "width": 64}  # engine.train.OMNIGLOT_28 (without torch)
+# engine.train.OMNIGLOT_28 (without torch) with 64 filters in every block, as the 28x28 levers were measured
+AT_28 = {"image_size": 28, "shift": 2.0, "elastic": 1.5, "width": 64}
 # name: (what it changes, overrides of the recipe, engine.train.recipe("omniglot"): 40x40, filters 64, 64, 128,
 # 256, pool flat). The 40x40 rows measured before the recipe widened its last two blocks: --width 64
 LEVERS = {
@@ -65,9 +66,10 @@ LEVERS = {
     "narrow": ("the recipe with 64 filters in every block", {"width": 64}),
     # the recipe's filters with the last 2x2 map averaged: 256 numbers a slot, as many as narrow's, not 1,024
     "widemean": ("the recipe with the last map averaged (256 numbers a slot)", {"pool": "mean"}),
-    # the recipe at 28x28 (shifts 2 px, elastic 1.5 px; the last map is 1x1): the demo's model
+    # the recipe at 28x28 (shifts 2 px, elastic 1.5 px; the last map is 1x1) with 64 filters a block
     "size28": ("the recipe at 28x28 (shifts 2 px, elastic 1.5 px)", AT_28),
-    # the 40x40 recipe's filters (64, 64, 128, 256) at 28x28, where the last map is one position: 256 numbers
+    # the recipe's filters (64, 64, 128, 256) at 28x28, where the last map is one position (256 numbers):
+    # engine.train.OMNIGLOT_28, the demo's model
     "size28late": ("the recipe at 28x28 with filters 64, 64, 128, 256", {**AT_28, "width": [64, 64, 128, 256]}),
     # wide, way60, erase, decay, mixup and fce were measured against the recipe at 28x28 and keep its side
     "wide": ("a wider embedding (128 filters a block)", {**AT_28, "width": 128}),

@@ -5,7 +5,7 @@
 
 Each step trains a Matching Network from seed 0 (``--seed``) on ``images_background_small1`` with
 ``engine.train.recipe("omniglot")`` at 28x28 (``OMNIGLOT_28``, the side the ladder was built at)
-and the step's overrides (3,000 episodes after any
+with 64 filters in every block (as the ladder was built) and the step's overrides (3,000 episodes after any
 supervised stage), then measures, on the validation alphabets, within-alphabet 20-way
 1-shot accuracy over 1,000 episodes (95% CI) and the error on ``one-shot-sample``, each
 twice: every image seen once, and as the mean of the recipe's test-time views (training
@@ -45,7 +45,7 @@ def run_step(name: str, data, out: Path, episodes: int = EPISODES, pretrain_epoc
     if pretrain_epochs is not None and overrides.get("pretrain_epochs", 1):  # a shorter stage (smoke runs)
         overrides = {**overrides, "pretrain_epochs": pretrain_epochs}
     episodes = overrides.get("episodes", episodes)
-    cfg = recipe("omniglot", **{**OMNIGLOT_28, "episodes": episodes, "val_every": max(episodes // 3, 1),
+    cfg = recipe("omniglot", **{**OMNIGLOT_28, "width": 64, "episodes": episodes, "val_every": max(episodes // 3, 1),
                                 "val_episodes": min(100, eval_episodes), "seed": seed,
                                 "data": None if data is None else str(data), **overrides})
     t0 = time.perf_counter()

@@ -530,7 +530,7 @@ def test_the_config_accepts_the_recipes_their_bounds_and_numpys_numbers():
                             pretrain_batch=2, fce_steps=1, lr_min=1e-3, lr=1e-3),
                 TrainConfig(within_alphabet=1, episodes=10**9, val_episodes=10**9)):
         check_stage(cfg)
-    assert recipe("omniglot").width == [64, 64, 128, 256] and recipe("omniglot", **OMNIGLOT_28).width == 64
+    assert recipe("omniglot").width == recipe("omniglot", **OMNIGLOT_28).width == [64, 64, 128, 256]
     cfg = TrainConfig(n_way=np.int64(5), seed=np.uint32(7), lr=np.float32(0.002), within_alphabet=np.float64(0.25),
                       topk=np.int32(8), pretrain_epochs=np.int64(1), width=(8, np.int64(8), 16, 32))
     check_stage(cfg)
