@@ -2,6 +2,8 @@
 
     python bench/scale.py --out runs/bench          # 1k..1M slots at d=64, plus 100k at d=256
     python bench/scale.py --sizes 1000 10000 --no-extra --out runs/smoke
+    python bench/scale.py --sizes 1000000 --dim 256 1024 --methods auto IVF-PQ --no-extra --no-sweep
+                                                    # what a wider embedding costs, in one run
 
 Data: by default ``engine.data.clustered`` with :data:`engine.data.synthetic.LEARNED_LIKE`
 settings (seeded; n/100 classes of 4 modes each, anisotropic noise calibrated
