@@ -67,7 +67,7 @@ LEVERS = {
     # the recipe's filters with the last 2x2 map averaged: 256 numbers a slot, as many as narrow's, not 1,024
     "widemean": ("the recipe with the last map averaged (256 numbers a slot)", {"pool": "mean"}),
     # the recipe at 28x28 (shifts 2 px, elastic 1.5 px; the last map is 1x1) with 64 filters a block
-    "size28": ("the recipe at 28x28 (shifts 2 px, elastic 1.5 px)", AT_28),
+    "size28": ("the recipe at 28x28 (shifts 2 px, elastic 1.5 px), 64 filters a block", AT_28),
     # the recipe's filters (64, 64, 128, 256) at 28x28, where the last map is one position (256 numbers):
     # engine.train.OMNIGLOT_28, the demo's model
     "size28late": ("the recipe at 28x28 with filters 64, 64, 128, 256", {**AT_28, "width": [64, 64, 128, 256]}),

@@ -285,7 +285,9 @@ def plot(rows: list[dict], path: Path) -> None:
     dims = sorted({r["dim"] for r in rows})
     sizes = sorted({r["size"] for r in rows})
     across = "dim" if len(sizes) == 1 and len(dims) > 1 else "size"
-    series_dims = [None] if across == "dim" else dims
+    # against the size, a line per dimension measured at two sizes or more (not the lone extra case)
+    series_dims = [None] if across == "dim" else \
+        [d for d in dims if len({r["size"] for r in rows if r["dim"] == d}) > 1] or dims[:1]
     fig, axes = plt.subplots(2, 3, figsize=(16, 8.5))
     panels = [("batch_ms_per_query", "batched: ms per query (1,000 at a time, k=64)", True),
               ("single_p50_ms", "single query: p50 latency (ms)", True),
@@ -308,20 +310,20 @@ def plot(rows: list[dict], path: Path) -> None:
             for j, d in enumerate(series_dims):
                 pts = series(m, d, key)
                 if pts:
-                    label = m if d is None or len(dims) == 1 else f"{m}, d={d}"
-                    ax.plot([r[across] for r in pts], [r[key] for r in pts], marker="o", label=label,
+                    label = m if len(series_dims) == 1 else f"{m}, d={d}"
+                    ax.plot([r[across] for r in pts], [r[key] for r in pts], marker="osv^D"[j % 5], label=label,
                             color=colour[m], ls="--" if m == "dense" else styles[j % len(styles)])
         if key == "batch_ms_per_query":
             for j, d in enumerate(series_dims):
                 pts = series("auto", d, "faiss_batch_s")
                 if pts:
                     ax.plot([r[across] for r in pts], [1e3 * r["faiss_batch_s"] / 1000 for r in pts], "k:",
-                            label="bare FAISS (auto's index)" if j == 0 else None)
+                            marker="osv^D"[j % 5], markersize=3,
+                            label="bare FAISS (auto's index)" + ("" if len(series_dims) == 1 else f", d={d}"))
         if key == "bytes_per_slot":
-            for d in dims:
-                if across == "dim":
-                    ax.plot(dims, [4 * e for e in dims], color="grey", ls=":", label="raw float32 vector")
-                    break
+            if across == "dim":
+                ax.plot(dims, [4 * e for e in dims], color="grey", ls=":", label="raw float32 vector")
+            for d in series_dims if across == "size" else []:
                 ax.axhline(4 * d, color="grey", ls=":", label=f"raw float32 vector, d={d} ({4 * d} B)")
         ax.set_xscale("log", base=2 if across == "dim" else 10)
         if across == "dim":
@@ -329,7 +331,7 @@ def plot(rows: list[dict], path: Path) -> None:
         if log_y:
             ax.set_yscale("log")
         ax.set_xlabel(f"embedding dimension ({sizes[0]:,} slots)" if across == "dim"
-                      else "slots in memory" + (f" (d={dims[0]})" if len(dims) == 1 else ""))
+                      else "slots in memory" + (f" (d={series_dims[0]})" if len(series_dims) == 1 else ""))
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -393,6 +395,7 @@ def main(argv=None) -> list[dict]:
                          "results go to scale-<data>.*")
     ap.add_argument("--out", type=Path, default=Path("runs/bench"))
     args = ap.parse_args(argv)
+    args.sizes, args.dim = list(dict.fromkeys(args.sizes)), list(dict.fromkeys(args.dim))  # each case once
     global DATA
     DATA = args.data
     stem = "scale" if args.data == "learned-like" else f"scale-{args.data}"

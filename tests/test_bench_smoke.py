@@ -36,11 +36,11 @@ def test_scale_script(tmp_path):
 
 
 def test_scale_script_across_dimensions(tmp_path):
-    """One size at several dimensions, in one run (what a wider embedding costs)."""
+    """One size at several dimensions, in one run (what a wider embedding costs); a case given twice runs once."""
     import scale
 
-    rows = scale.main(["--sizes", "3000", "--dim", "16", "48", "--no-extra", "--no-sweep", "--methods", "auto",
-                       "--queries", "30", "--singles", "2", "--out", str(tmp_path)])
+    rows = scale.main(["--sizes", "3000", "3000", "--dim", "16", "48", "16", "--no-extra", "--no-sweep",
+                       "--methods", "auto", "--queries", "30", "--singles", "2", "--out", str(tmp_path)])
     assert [(r["dim"], r["method"]) for r in rows] == [(16, "dense"), (16, "auto"), (48, "dense"), (48, "auto")]
     raw = {r["dim"]: r["bytes_per_slot"] for r in rows if r["method"] == "auto"}
     assert raw[48] > raw[16] >= 4 * 16  # a wider slot holds at least its float32 vector

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import numpy as np
 
-CHUNK = 1 << 16  # rows drawn at a time: float64 scratch stays near 0.5 GiB at d = 1,024
+CHUNK = 1 << 16  # rows drawn at a time: a few float64 temporaries of 0.5 GiB each at d = 1,024
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
@@ -33,9 +33,10 @@ def _unit(x: np.ndarray) -> np.ndarray:
 def _rows(m: int, dim: int, fill) -> np.ndarray:
     """A float32 (m, dim) array filled ``CHUNK`` rows at a time by ``fill(start, stop)``.
 
-    Drawing a generator's normals in row chunks gives the very numbers one draw of the
-    whole array would, so the data does not depend on the chunk size; only the float64
-    scratch of one chunk is held, not of all ``m`` rows (8 GiB at 1M x 1,024)."""
+    Drawing a generator's normals in row chunks gives the very normals one draw of the
+    whole array would, so the data does not depend on the chunk size (up to the last bit
+    of a product computed per chunk); only the float64 scratch of one chunk is held, not
+    of all ``m`` rows (8 GiB at 1M x 1,024)."""
     out = np.empty((m, dim), dtype=np.float32)
     for start in range(0, m, CHUNK):
         stop = min(m, start + CHUNK)

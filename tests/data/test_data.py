@@ -59,8 +59,11 @@ def test_synthetic_data_does_not_depend_on_the_chunk(monkeypatch, name):
     whole = synthetic.DISTRIBUTIONS[name](500, 12, 4, 50)
     monkeypatch.setattr(synthetic, "CHUNK", 7)
     chunked = synthetic.DISTRIBUTIONS[name](500, 12, 4, 50)
-    for a, b in zip(whole, chunked):
-        np.testing.assert_array_equal(a, b)
+    for a, b in zip(whole, chunked):  # the same normals; a product per chunk may round its last bit apart
+        if a.dtype == np.float32:
+            np.testing.assert_allclose(a, b, rtol=0, atol=1e-6)
+        else:
+            np.testing.assert_array_equal(a, b)
     x, y, qx, qy = chunked
     assert x.dtype == qx.dtype == np.float32 and x.shape == (500, 12) and qx.shape == (50, 12)
     assert y.dtype == np.int64 and y.shape == (500,)
