@@ -323,8 +323,9 @@ def plot(rows: list[dict], path: Path) -> None:
         if key == "bytes_per_slot":
             if across == "dim":
                 ax.plot(dims, [4 * e for e in dims], color="grey", ls=":", label="raw float32 vector")
-            for d in series_dims if across == "size" else []:
-                ax.axhline(4 * d, color="grey", ls=":", label=f"raw float32 vector, d={d} ({4 * d} B)")
+            else:
+                for d in series_dims:
+                    ax.axhline(4 * d, color="grey", ls=":", label=f"raw float32 vector, d={d} ({4 * d} B)")
         ax.set_xscale("log", base=2 if across == "dim" else 10)
         if across == "dim":
             ax.set_xticks(dims, [str(d) for d in dims])

@@ -69,12 +69,17 @@ def test_synthetic_data_does_not_depend_on_the_chunk(monkeypatch, name):
     assert y.dtype == np.int64 and y.shape == (500,)
 
 
-def test_learned_like_noise_is_drawn_from_one_stream():
-    """An independent reference: the same generator drawn in one go, as the formula says."""
+@pytest.mark.parametrize("decay", [0.0, 1.0])
+def test_learned_like_noise_is_drawn_from_one_stream(monkeypatch, decay):
+    """An independent reference: the generator written out from its docstring, drawn in one
+    go, against the library drawing 64 rows at a time (isotropic noise, and anisotropic
+    along a random rotation as in LEARNED_LIKE)."""
+    from engine.data import synthetic
     from engine.data.synthetic import LEARNED_LIKE, clustered
 
+    monkeypatch.setattr(synthetic, "CHUNK", 64)
     n, dim, seed, noise = 300, 10, 5, LEARNED_LIKE["noise"]
-    x, y = clustered(n, dim, n_classes=20, seed=seed, **{**LEARNED_LIKE, "noise_decay": 0.0})
+    x, y = clustered(n, dim, n_classes=20, seed=seed, **{**LEARNED_LIKE, "noise_decay": decay})
     rng = np.random.default_rng(seed)
     groups = rng.standard_normal((2, dim))
     groups /= np.linalg.norm(groups, axis=1, keepdims=True)
@@ -82,7 +87,13 @@ def test_learned_like_noise_is_drawn_from_one_stream():
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
     subs = centres[:, None] + LEARNED_LIKE["mode_spread"] / np.sqrt(dim) * rng.standard_normal((20, 4, dim))
     subs /= np.linalg.norm(subs, axis=2, keepdims=True)
+    if decay:  # per-axis std falling as i ** -decay / 2 along a random rotation, total variance kept
+        std = np.arange(1, dim + 1) ** (-decay / 2)
+        rotation = np.linalg.qr(rng.standard_normal((dim, dim)))[0]
     labels, mode = rng.integers(0, 20, n), rng.integers(0, 4, n)
-    want = subs[labels, mode] + noise / np.sqrt(dim) * rng.standard_normal((n, dim))
+    eps = rng.standard_normal((n, dim))
+    if decay:
+        eps = (eps * (std * np.sqrt(dim) / np.linalg.norm(std))) @ rotation.T
+    want = subs[labels, mode] + noise / np.sqrt(dim) * eps
     np.testing.assert_array_equal(y, labels)
     np.testing.assert_allclose(x, want.astype(np.float32), rtol=0, atol=1e-6)
