@@ -100,6 +100,10 @@ LEVERS = {
     # the recipe's affine jitter (shifts 3 px, turns 10 degrees, zoom 10%) half as large again; elastic kept at 2 px
     "jitter": ("stronger affine jitter (shifts 4 px, turns 15 degrees, zoom 15%)",
                {"shift": 4.0, "rotate": 15.0, "scale": 0.15}),
+    # one model taught by the recipe's seeds as one ensemble (--teachers, --teacher-seeds): half of each
+    # stage's loss is the KL to the ensemble's answer
+    "distill": ("the recipe distilled from an ensemble of its seeds' models (half the loss)",
+                {"distill": 0.5, "teachers_of": "recipe"}),
 }
 
 
@@ -110,7 +114,17 @@ def lever_config(lever: str, background: str, seed: int, data, episodes: int, ev
     from engine.train import recipe
 
     _, overrides = LEVERS[lever]
-    overrides = {**overrides, **{k: v for k, v in (given or {}).items() if v is not None}}
+    given = dict(given or {})
+    teachers_dir, teacher_seeds = given.pop("teachers", None), given.pop("teacher_seeds", None) or [0, 1]
+    overrides = {**overrides, **{k: v for k, v in given.items() if v is not None}}
+    teachers_of = overrides.pop("teachers_of", None)
+    if teachers_of is not None:  # the teachers: that lever's models of this set (named with the options given
+        # for every lever, as its folders are), one a teacher seed
+        if teachers_dir is None:
+            raise SystemExit(f"{lever} distils from {teachers_of}'s models: give --teachers, the learner folder "
+                             f"that holds them ({teachers_of}/<set>/seed<N>)")
+        folder = Path(teachers_dir) / named(teachers_of, given)[0] / background
+        overrides["teachers"] = [str(folder / f"seed{s}") for s in teacher_seeds]
     share = overrides.pop("episodes_share", 1.0)  # a lever may train a share of the episodes
     if episodes > 0 and share != 1.0:
         episodes = max(1, round(episodes * share))
@@ -292,6 +306,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--pretrain-epochs", type=int, default=None, help="another length of the supervised stage")
     ap.add_argument("--width", type=int, nargs="+", default=None,
                     help="filters of every lever's backbone: one count, or four, one a block (64 64 128 256)")
+    ap.add_argument("--teachers", type=Path, default=None,
+                    help="distill: the learner folder holding the teachers (recipe/<set>/seed<N>; default: "
+                         "--out's learner folder, where --levers recipe distill trains them first)")
+    ap.add_argument("--teacher-seeds", type=int, nargs="+", default=[0, 1],
+                    help="distill: the seeds of the teachers' models, one ensemble (default: 0 1)")
     ap.add_argument("--eval-episodes", type=int, default=1000)
     ap.add_argument("--reuse", action="store_true",
                     help="score the models already trained to their end in --out with the same config, not train anew")
@@ -303,7 +322,8 @@ def main(argv=None) -> dict:
     if args.width is not None and len(args.width) not in (1, 4):
         ap.error(f"--width is one count of filters or four, one a block; got {len(args.width)}")
     given = {"pretrain_epochs": args.pretrain_epochs,
-             "width": None if args.width is None else args.width[0] if len(args.width) == 1 else args.width}
+             "width": None if args.width is None else args.width[0] if len(args.width) == 1 else args.width,
+             "teachers": str(args.teachers or args.out / "learner"), "teacher_seeds": args.teacher_seeds}
     prepare()  # engine.runtime: before torch loads
     from engine.errors import InvalidValueError
     from engine.train.config import check_stage

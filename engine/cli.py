@@ -559,6 +559,10 @@ def train_cmd(
     fce_steps: int | None = typer.Option(None, help="Read steps K of the attention LSTM."),
     lr: float | None = typer.Option(None, help="Adam's (AdamW's) learning rate (cosine decay)."),
     weight_decay: float | None = typer.Option(None, help="AdamW's decay of weight matrices and filters (0: Adam)."),
+    teacher: list[Path] | None = typer.Option(None, help="Checkpoint folder of a trained model to distil from; "
+                                              "repeated, the models teach as one ensemble (give --distill)."),
+    distill: float | None = typer.Option(None, help="Share of each stage's loss that is the KL from the teachers' "
+                                         "answer to the model's (0: off)."),
     topk: int | None = typer.Option(None, help="Train with top-k attention over the support set."),
     val_every: int | None = typer.Option(None, help="Validate every this many episodes."),
     val_episodes: int | None = typer.Option(None, help="Validation episodes (within-alphabet 20-way 1-shot)."),
@@ -581,8 +585,10 @@ def train_cmd(
              "views": views, "time_budget_s": time_budget, "n_way": n_way, "k_shot": k_shot, "n_query": n_query,
              "fce": fce, "fce_steps": fce_steps, "lr": lr, "weight_decay": weight_decay, "topk": topk,
              "val_every": val_every, "val_episodes": val_episodes, "seed": seed, "background": background}
-    # the data folder saved absolute: a resume from another directory reads the same images
-    given = {k: v for k, v in {**given, "dataset": dataset, "data": str(data.resolve()) if data else None}.items()
+    # the data and teachers' folders saved absolute: a resume from another directory reads the same ones
+    given = {k: v for k, v in {**given, "dataset": dataset, "data": str(data.resolve()) if data else None,
+                                "teachers": [str(t.resolve()) for t in teacher] if teacher else None,
+                                "distill": distill}.items()
              if v is not None}
     if resume:  # the run's saved options, not the recipe's: a run trained otherwise goes on as it was
         cfg = resume_config(out, **given)

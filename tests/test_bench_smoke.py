@@ -225,6 +225,23 @@ def test_learner_benchmark(tmp_path):
     assert not (tmp_path / "learner" / "recipe-pre0" / "small1").exists()
 
 
+def test_learner_benchmark_distils_from_the_levers_trained_before(tmp_path):
+    import learner
+
+    from engine.errors import MissingFileError
+
+    doc = learner.main(["--levers", "recipe", "distill", "--backgrounds", "small2", "--seeds", "1",
+                        "--teacher-seeds", "1", "--episodes", "1", "--pretrain-epochs", "0", "--eval-episodes", "2",
+                        "--out", str(tmp_path)])
+    assert [r["lever"] for r in doc["results"]] == ["recipe-pre0", "distill-pre0"]
+    saved = json.loads((tmp_path / "learner" / "distill-pre0" / "small2" / "seed1" / "config.json").read_text())
+    assert saved["distill"] == 0.5 and saved["teachers"] == [str(tmp_path / "learner" / "recipe-pre0" / "small2" /
+                                                                  "seed1")]
+    with pytest.raises(MissingFileError, match="config.json"):  # teachers that are not there: nothing trained
+        learner.main(["--levers", "distill", "--backgrounds", "small2", "--seeds", "1", "--teacher-seeds", "7",
+                      "--episodes", "1", "--pretrain-epochs", "0", "--eval-episodes", "2", "--out", str(tmp_path)])
+
+
 def test_flight_transport_benchmark(tmp_path):
     import flight_transport
 

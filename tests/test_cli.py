@@ -130,6 +130,16 @@ def test_train_and_evaluate_commands(tmp_path):
     assert r.exit_code == 2 and "config.json" in r.output
     r = run("eval-oneshot", "--checkpoint", out, "--runs", tmp_path, ok=False)
     assert r.exit_code == 2 and "class_labels.txt" in r.output
+    # a model distilled from the one above (40x40, like it), the teacher's folder kept absolute
+    student = tmp_path / "student"
+    run("train", "--out", student, "--episodes", 1, "--n-way", 5, "--n-query", 1, "--val-every", 1,
+        "--val-episodes", 1, "--width", 8, "--pretrain-epochs", 0, "--views", 1, "--teacher", out, "--distill", 0.5)
+    saved = json.loads((student / "config.json").read_text())
+    assert saved["teachers"] == [str(out.resolve())] and saved["distill"] == 0.5
+    for bad, word in ((("--distill", 0.5), "teachers"), (("--teacher", out), "distill"),
+                      (("--teacher", tmp_path / "none", "--distill", 0.5), "config.json")):
+        r = run("train", "--out", tmp_path / "z", "--episodes", 1, *bad, ok=False)
+        assert r.exit_code == 2 and word in r.output and not (tmp_path / "z").exists()
 
 
 def test_train_at_another_image_size_and_evaluate_at_it(tmp_path):

@@ -14,6 +14,7 @@ import functools
 import math
 import numbers
 from dataclasses import dataclass, field
+from os import PathLike
 
 import numpy as np
 
@@ -22,6 +23,7 @@ from ..data.omniglot import check_size
 from ..errors import InvalidValueError
 from ..nn.backbone import check_pool, check_width
 
+MOST_TEACHERS = 16  # the most models one run distils from
 MOST = 10**9  # the largest count a config may give (episodes, ways, validation settings)
 FASHION_HELD_OUT = 100  # training images a class kept out of Fashion-MNIST training, for its validation
 
@@ -56,6 +58,8 @@ class TrainConfig:
     lr: float = 1e-3
     lr_min: float = 1e-5  # cosine decay to this
     weight_decay: float = 0.0  # AdamW's decay of the weight matrices and filters (both stages); 0: Adam
+    distill: float = 0.0  # share of the loss that is the KL to the teachers' answer (both stages); 0: off
+    teachers: list[str] = field(default_factory=list)  # checkpoint folders of trained models, one ensemble
     fce: bool = False
     fce_steps: int = 5
     temperature: float = 0.1
@@ -117,6 +121,19 @@ def check_stage(cfg: TrainConfig) -> None:
         if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0 <= value <= 1):
             raise InvalidValueError(f"{name} must be a number in [0, 1] (0: off), got {value!r}")
         setattr(cfg, name, float(value))
+    value = cfg.distill
+    if isinstance(value, bool) or not (isinstance(value, numbers.Real) and 0 <= value <= 1):
+        raise InvalidValueError(f"distill must be a share in [0, 1] (0: off), got {value!r}")
+    cfg.distill = float(value)
+    teachers = cfg.teachers
+    if isinstance(teachers, (str, bytes)) or not isinstance(teachers, (list, tuple)) \
+            or not all(isinstance(t, (str, PathLike)) and str(t) for t in teachers) or len(teachers) > MOST_TEACHERS:
+        raise InvalidValueError(f"teachers must be a list of at most {MOST_TEACHERS} checkpoint folders, got "
+                                f"{teachers!r}")
+    if bool(teachers) != (cfg.distill > 0):
+        raise InvalidValueError(f"distill ({cfg.distill}) is the share of the loss the teachers give: give both "
+                                f"teachers and distill > 0, or neither (got {len(teachers)} teachers)")
+    cfg.teachers = [str(t) for t in teachers]  # plain strs: the config is written as JSON
     check_views(cfg.views)
     cfg.width = check_width(cfg.width)  # plain ints (a list for one a block): the config is written as JSON
     cfg.pool = check_pool(cfg.pool)  # a plain str (not numpy's): the config is written as JSON

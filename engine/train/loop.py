@@ -20,20 +20,80 @@ from ..data.images import as_input, pixels
 from ..errors import InvalidValueError, MissingFileError
 from ..nn import MatchingNetwork
 from ..nn.backbone import last_map_side
-from .checkpoint import CHECKPOINT_FILES, read_config, save
+from ..nn.matching import INFERENCE_BATCH
+from .checkpoint import CHECKPOINT_FILES, load_checkpoint, read_config, save
 from .config import TrainConfig, check_stage, load_sets
 from .evaluate import evaluate_episodes
 
 
 def episode_loss(model: MatchingNetwork, ep: Episode, topk: int | None = None,
-                 topk_tail: bool = False) -> tuple[torch.Tensor, float]:
-    """NLL on log-probabilities of one episode's queries, and their accuracy."""
-    model.process_support_set(as_input(ep.support_x), torch.from_numpy(ep.support_y))
+                 topk_tail: bool = False, *, teacher: MatchingNetwork | None = None,
+                 distill: float = 0.0) -> tuple[torch.Tensor, float]:
+    """NLL on log-probabilities of one episode's queries, and their accuracy. With a
+    ``teacher``, ``distill`` of the loss is the KL from the teacher's answer on the same
+    episode to the model's (:func:`distillation`)."""
+    support, y = as_input(ep.support_x), torch.from_numpy(ep.support_y)
+    model.process_support_set(support, y)
     q = as_input(ep.query_x)
     logp = model.forward_topk(q, topk, estimate_tail=topk_tail) if topk else model(q)
     target = torch.as_tensor(np.searchsorted(model.classes.numpy(), ep.query_y))
     loss = torch.nn.functional.nll_loss(logp, target)
+    if teacher is not None and distill > 0:
+        with torch.no_grad():
+            teacher.process_support_set(support, y)  # the same sorted classes: the same columns
+            answer = teacher(q)
+        loss = (1.0 - distill) * loss + distill * distillation(logp, answer)
     return loss, float((logp.argmax(1) == target).float().mean())
+
+
+def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+    """KL(teacher || student), the mean over rows, of two (n, C) sets of logits or
+    log-probabilities over the same classes (knowledge distillation, Hinton et al., 2015,
+    at the models' own temperatures)."""
+    return torch.nn.functional.kl_div(torch.log_softmax(student, dim=1), torch.log_softmax(teacher, dim=1),
+                                      reduction="batchmean", log_target=True)
+
+
+def load_teachers(cfg: TrainConfig, out: Path | None = None) -> MatchingNetwork | None:
+    """The models ``cfg.teachers`` names as one frozen ensemble (:func:`engine.nn.ensemble`),
+    each through one view; None without distillation.
+
+    A teacher must have trained on the run's images: the same dataset, background set and
+    image size (one trained on the other minimal set has seen this run's validation
+    alphabets), and must not be the run's own folder ``out``.
+
+    Raises:
+        MissingFileError, CorruptFileError: a teacher's checkpoint is missing or damaged.
+        InvalidValueError: a teacher that trained otherwise, or ``out`` itself.
+    """
+    if cfg.distill <= 0:
+        return None
+    from ..nn import ensemble
+
+    members, default = [], TrainConfig()
+    for path in cfg.teachers:
+        if out is not None and Path(path).resolve() == out.resolve():
+            raise InvalidValueError(f"teacher {path} is this run's own folder: a run cannot distil from itself")
+        saved = read_config(path)
+        keys = ("dataset", "image_size") + (("background",) if cfg.dataset == "omniglot" else ())
+        for key in keys:
+            theirs = saved.get(key, getattr(default, key))
+            if theirs != getattr(cfg, key):
+                raise InvalidValueError(f"teacher {path} trained with {key}={theirs!r}, this run has "
+                                        f"{getattr(cfg, key)!r}: a teacher must have trained on the run's images")
+        members.append(load_checkpoint(path, views=1))
+    return ensemble(members)
+
+
+def class_directions(teacher: MatchingNetwork, images: np.ndarray) -> torch.Tensor:
+    """(classes, d): the unit mean of the teacher's unit embeddings of each class's images
+    (``images``: (classes, per class, H, W)), the teacher's classifier in the supervised stage."""
+    n_classes, per = images.shape[:2]
+    flat = images.reshape(n_classes * per, *images.shape[2:])
+    with torch.no_grad():
+        z = torch.nn.functional.normalize(teacher.embed_support(as_input(pixels(flat)), batch_size=INFERENCE_BATCH),
+                                          dim=1)
+    return torch.nn.functional.normalize(z.reshape(n_classes, per, -1).mean(1), dim=1)
 
 
 def augment(ep: Episode, shift: float, rng: np.random.Generator, *, rotate: float = 0.0,
@@ -61,7 +121,7 @@ def optimizer(params: list[torch.nn.Parameter], cfg: TrainConfig) -> torch.optim
 
 
 def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: np.random.Generator, *,
-             progress: bool = True) -> list[dict]:
+             progress: bool = True, teacher: MatchingNetwork | None = None) -> list[dict]:
     """The supervised stage before episodes: g learns to tell every training class from
     every other at once, through a cosine classifier (a learned unit direction per class,
     logits = cos / T at the model's temperature), the loss the episodes later refine.
@@ -72,6 +132,9 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: 
     ``cfg.mixup`` (mixup, Zhang et al., 2018) each batch is blended with itself in another
     order, ``lam * x + (1 - lam) * x[perm]`` with ``lam ~ Beta(mixup, mixup)``, and the loss is
     the same blend of the two labels' cross-entropies; accuracy counts the first label.
+    With a ``teacher`` (``cfg.distill`` > 0), ``cfg.distill`` of the loss is the KL from
+    the teacher's answer on the same batch, its cosine to each class's mean direction
+    (:func:`class_directions`) at its temperature, to the model's.
 
     Args:
         images: (classes, per class, H, W) training images.
@@ -88,6 +151,7 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: 
     opt = optimizer(params, cfg)
     per_epoch = max(len(x) // cfg.pretrain_batch, 1)  # whole batches (batch norm needs more than one image)
     steps = cfg.pretrain_epochs * per_epoch
+    directions = class_directions(teacher, images) if teacher is not None and cfg.distill > 0 else None
     model.train()
     rows, step = [], 0
     with tqdm(total=steps, desc="pre-training", unit="batch", disable=not progress) as bar:
@@ -110,6 +174,11 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: 
                 loss = torch.nn.functional.cross_entropy(logits, y[pick])
                 if other is not None:
                     loss = lam * loss + (1.0 - lam) * torch.nn.functional.cross_entropy(logits, y[pick][other])
+                if directions is not None:
+                    with torch.no_grad():
+                        answer = (torch.nn.functional.normalize(teacher.embed_support(as_input(xb)), dim=1)
+                                  @ directions.T / teacher.temperature)
+                    loss = (1.0 - cfg.distill) * loss + cfg.distill * distillation(logits, answer)
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
@@ -143,11 +212,13 @@ def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: 
 
 
 # what the saved model is, reads and is validated through (its best state was chosen by that
-# measure), how its supervised stage trained it (a resumed run does not redo it) and the weight
-# decay its saved optimizer state holds: a resumed run must keep them (the episodes, the schedule
-# and how often it validates may change); fce_steps matters only with fce, background only on omniglot
+# measure), how its supervised stage trained it (a resumed run does not redo it), the weight
+# decay its saved optimizer state holds and what it distils from: a resumed run must keep them (the
+# episodes, the schedule and how often it validates may change); fce_steps matters only with fce,
+# background only on omniglot
 RESUME_KEEPS = ("dataset", "background", "image_size", "width", "pool", "fce", "fce_steps", "views", "val_way",
-                "val_episodes", "pretrain_epochs", "pretrain_batch", "mixup", "weight_decay")
+                "val_episodes", "pretrain_epochs", "pretrain_batch", "mixup", "weight_decay", "distill",
+                "teachers")
 
 
 def check_resumable(cfg: TrainConfig, out: Path) -> None:
@@ -195,6 +266,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     out = Path(out)
     if resume:
         check_resumable(cfg, out)
+    teacher = load_teachers(cfg, out)  # before anything is written: a bad teacher changes nothing
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
@@ -222,7 +294,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     if cfg.pretrain_epochs and not resume:
         t0 = time.perf_counter()
         with open(out / "log.jsonl", "a") as log:
-            for row in pretrain(model, train_x, cfg, sampler.rng, progress=progress):
+            for row in pretrain(model, train_x, cfg, sampler.rng, progress=progress, teacher=teacher):
                 log.write(json.dumps({"pretrain": True, **row}) + "\n")
         pretrain_s = time.perf_counter() - t0
 
@@ -239,7 +311,7 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
                     1 + math.cos(math.pi * state["episode"] / cfg.episodes))
             episode = augment(sampler.sample(), cfg.shift, sampler.rng, rotate=cfg.rotate, scale=cfg.scale,
                               elastic=cfg.elastic, flip=cfg.flip, thickness=cfg.thickness, erase=cfg.erase)
-            loss, acc = episode_loss(model, episode, cfg.topk, cfg.topk_tail)
+            loss, acc = episode_loss(model, episode, cfg.topk, cfg.topk_tail, teacher=teacher, distill=cfg.distill)
             opt.zero_grad()
             loss.backward()
             opt.step()

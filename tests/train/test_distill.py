@@ -1,0 +1,161 @@
+"""Distillation from trained models: the loss against an independent KL, its reach into both
+stages, and the teachers a run refuses before it writes anything."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from engine.data.episodes import EpisodeSampler
+from engine.errors import InvalidValueError, MissingFileError
+from engine.nn import MatchingNetwork
+from engine.train import TrainConfig, episode_loss, load_sets, train
+from engine.train.loop import distillation
+
+BASE = dict(n_way=5, n_query=1, val_every=2, val_episodes=2, val_way=5, width=8, pretrain_epochs=1,
+            pretrain_batch=256)
+
+
+def kl_reference(student: np.ndarray, teacher: np.ndarray) -> float:
+    """KL(teacher || student) of two sets of logits, the mean over rows, in float64."""
+    def log_softmax(x):
+        x = x - x.max(axis=1, keepdims=True)
+        return x - np.log(np.exp(x).sum(axis=1, keepdims=True))
+
+    ls, lt = log_softmax(student.astype(np.float64)), log_softmax(teacher.astype(np.float64))
+    return float((np.exp(lt) * (lt - ls)).sum(axis=1).mean())
+
+
+def test_distillation_is_the_kl_from_the_teacher_to_the_student():
+    rng = np.random.default_rng(0)
+    s, t = rng.normal(size=(7, 5)) * 3, rng.normal(size=(7, 5)) * 3
+    got = distillation(torch.as_tensor(s), torch.as_tensor(t)).item()
+    assert got == pytest.approx(kl_reference(s, t), rel=1e-9)
+    assert got > 0 and distillation(torch.as_tensor(t), torch.as_tensor(t)).item() == pytest.approx(0, abs=1e-12)
+    # logits or log-probabilities of the same answer: the same loss (a constant per row does not matter)
+    shifted = torch.as_tensor(s + rng.normal(size=(7, 1)))
+    assert distillation(shifted, torch.as_tensor(t)).item() == pytest.approx(got, rel=1e-9)
+
+
+def _episode(seed=0):
+    images = (np.random.default_rng(seed).random((8, 4, 28, 28)) < 0.2).astype(np.uint8) * 255
+    return EpisodeSampler(images, 5, 1, 3, seed=seed).sample()
+
+
+def test_an_episode_distilled_from_itself_adds_nothing_and_from_another_adds_the_kl():
+    torch.manual_seed(0)
+    ep = _episode()
+    model, other = MatchingNetwork(width=8), MatchingNetwork(width=8)
+    for m in (model, other):
+        m.eval()
+    with torch.no_grad():
+        plain, _ = episode_loss(model, ep)
+        itself, _ = episode_loss(model, ep, teacher=model, distill=0.3)
+        assert itself.item() == pytest.approx(0.7 * plain.item(), rel=1e-6)
+        mixed, _ = episode_loss(model, ep, teacher=other, distill=0.3)
+        from engine.data import as_input
+
+        other.process_support_set(as_input(ep.support_x), torch.from_numpy(ep.support_y))
+        theirs = other(as_input(ep.query_x)).numpy()
+        model.process_support_set(as_input(ep.support_x), torch.from_numpy(ep.support_y))
+        mine = model(as_input(ep.query_x)).numpy()
+    assert mixed.item() == pytest.approx(0.7 * plain.item() + 0.3 * kl_reference(mine, theirs), rel=1e-5)
+
+
+def test_distilled_episodes_bring_the_student_to_the_teachers_answer():
+    """distill=1: the loss is the KL alone, so training lowers it on episodes it never saw, and
+    further than training on the labels alone does."""
+    torch.manual_seed(1)
+    rng = np.random.default_rng(3)
+    protos = rng.random((10, 28, 28)) < 0.15
+    images = ((protos[:, None] ^ (rng.random((10, 8, 28, 28)) < 0.1)) * 255).astype(np.uint8)
+    fixed = [EpisodeSampler(images, 5, 1, 2, seed=s).sample() for s in range(4)]
+
+    def gap(student):
+        student.eval()
+        with torch.no_grad():
+            return np.mean([(episode_loss(student, e, teacher=teacher, distill=1.0)[0]).item() for e in fixed])
+
+    def trained(distill, seed=2, steps=100):
+        torch.manual_seed(seed)
+        student = MatchingNetwork(width=8)
+        opt = torch.optim.Adam(student.parameters(), lr=3e-3)
+        sampler = EpisodeSampler(images, 5, 1, 2, seed=99)
+        student.train()
+        for _ in range(steps):
+            loss, _ = episode_loss(student, sampler.sample(), teacher=teacher, distill=distill)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        return student
+
+    teacher = None
+    teacher = trained(0.0, seed=5, steps=60)  # on the labels: an answer of its own, sure of itself
+    teacher.eval()
+    torch.manual_seed(2)
+    before = gap(MatchingNetwork(width=8))
+    distilled, labelled = gap(trained(1.0)), gap(trained(0.0))
+    assert distilled < 0.25 * before and distilled < 0.75 * labelled, (before, distilled, labelled)
+
+
+@pytest.fixture(scope="module")
+def teachers(tmp_path_factory):
+    root = tmp_path_factory.mktemp("teachers")
+    for seed in (1, 2):
+        train(TrainConfig(episodes=2, seed=seed, **BASE), root / f"seed{seed}", progress=False)
+    train(TrainConfig(episodes=2, seed=1, **{**BASE, "background": "small2"}), root / "small2", progress=False)
+    train(TrainConfig(episodes=2, seed=1, image_size=32, **BASE), root / "size32", progress=False)
+    return root
+
+
+def test_a_distilled_run_trains_both_stages_against_the_teachers_and_resumes_only_with_them(teachers, tmp_path,
+                                                                                          monkeypatch):
+    from engine.train import loop
+
+    calls = []
+    real = loop.distillation
+    monkeypatch.setattr(loop, "distillation", lambda s, t: calls.append(s.shape) or real(s, t))
+    cfg = TrainConfig(episodes=2, seed=3, distill=0.5, teachers=[str(teachers / "seed1"), teachers / "seed2"], **BASE)
+    train(cfg, tmp_path / "run", progress=False)
+    n_classes = len(load_sets(cfg)[0])  # the supervised stage's answer is over every training class
+    assert {shape[1] for shape in calls} == {5, n_classes}  # both stages: the batches, then the episodes
+    saved = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert saved["distill"] == 0.5 and saved["teachers"] == [str(teachers / "seed1"), str(teachers / "seed2")]
+    with pytest.raises(InvalidValueError, match="teachers"):  # another teacher: another model
+        train(TrainConfig(episodes=4, seed=3, distill=0.5, teachers=[str(teachers / "seed1")], **BASE),
+              tmp_path / "run", resume=True, progress=False)
+    train(TrainConfig(**{**json.loads(json.dumps(saved)), "episodes": 4, "model": {}}), tmp_path / "run",
+          resume=True, progress=False)
+    assert json.loads((tmp_path / "run" / "state.json").read_text())["episode"] == 4
+
+
+@pytest.mark.parametrize("bad, error, word", [
+    ({"distill": 0.5, "teachers": []}, InvalidValueError, "teachers"),
+    ({"distill": 0.0, "teachers": ["x"]}, InvalidValueError, "distill"),
+    ({"distill": 1.5, "teachers": ["x"]}, InvalidValueError, "distill"),
+    ({"distill": float("nan"), "teachers": ["x"]}, InvalidValueError, "distill"),
+    ({"distill": True, "teachers": ["x"]}, InvalidValueError, "distill"),
+    ({"distill": 0.5, "teachers": "seed1"}, InvalidValueError, "teachers"),
+    ({"distill": 0.5, "teachers": [3]}, InvalidValueError, "teachers"),
+    ({"distill": 0.5, "teachers": [""]}, InvalidValueError, "teachers"),
+    ({"distill": 0.5, "teachers": ["x"] * 17}, InvalidValueError, "teachers"),
+    ({"distill": 0.5, "teachers": ["nowhere"]}, MissingFileError, "config.json"),
+    ({"distill": 0.5, "teachers": ["small2"]}, InvalidValueError, "background"),
+    ({"distill": 0.5, "teachers": ["size32"]}, InvalidValueError, "image_size"),
+    ({"distill": 0.5, "teachers": ["run"]}, InvalidValueError, "itself"),
+])
+def test_a_bad_teacher_is_refused_before_the_run_writes_anything(teachers, tmp_path, bad, error, word):
+    if isinstance(bad["teachers"], list):
+        bad = {**bad, "teachers": [str(tmp_path / t) if t == "run" else str(teachers / t) if t in
+                                   ("nowhere", "small2", "size32") else t for t in bad["teachers"]]}
+    out = tmp_path / "run"
+    if "itself" == word:  # a finished run in the folder, trained afresh with itself as teacher
+        train(TrainConfig(episodes=2, seed=4, **BASE), out, progress=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
+    with pytest.raises(error, match=word):
+        train(TrainConfig(episodes=2, seed=3, **{**BASE, **bad}), out, progress=False)
+    after = {p.name: p.read_bytes() for p in out.iterdir()} if out.exists() else None
+    assert after == before
