@@ -136,6 +136,8 @@ def test_train_and_evaluate_commands(tmp_path):
         "--val-episodes", 1, "--width", 8, "--pretrain-epochs", 0, "--views", 1, "--teacher", out, "--distill", 0.5)
     saved = json.loads((student / "config.json").read_text())
     assert saved["teachers"] == [str(out.resolve())] and saved["distill"] == 0.5
+    r = run("train", "--out", student, "--resume", "--episodes", 2).output  # with its teacher, from its config
+    assert json.loads(r[r.rindex('{"episodes"'):])["episodes"] == 2
     for bad, word in ((("--distill", 0.5), "teachers"), (("--teacher", out), "distill"),
                       (("--teacher", tmp_path / "none", "--distill", 0.5), "config.json")):
         r = run("train", "--out", tmp_path / "z", "--episodes", 1, *bad, ok=False)

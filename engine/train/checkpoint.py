@@ -4,6 +4,7 @@ plus the run's JSON config, written as training goes so that a run can resume.""
 from __future__ import annotations
 
 import json
+import types
 import typing
 from pathlib import Path
 
@@ -47,17 +48,24 @@ def read_config(path: str | Path) -> dict:
 NOT_RESUMED = ("time_budget_s", "model")
 
 
+def _alternatives(hint) -> tuple:
+    """The kinds a TrainConfig annotation allows: each of a union's, or the one (``list[str]``
+    is one kind, a list)."""
+    return typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+
+
 def _of_kind(value, hint) -> bool:
     """Whether a JSON value fits a TrainConfig annotation (an int is a float; a bool is not an int;
-    a list is a list[int], its items checked with the rest of the config)."""
-    kinds = [typing.get_origin(kind) or kind for kind in typing.get_args(hint) or (hint,)]
+    a list is a list[int] or list[str], its items checked with the rest of the config)."""
+    kinds = [typing.get_origin(kind) or kind for kind in _alternatives(hint)]
     if isinstance(value, bool):
         return bool in kinds
     return any(isinstance(value, (int, float) if kind is float else kind) for kind in kinds)
 
 
 def _kind(hint) -> str:
-    return " or ".join("None" if kind is type(None) else kind.__name__ for kind in typing.get_args(hint) or (hint,))
+    return " or ".join("None" if kind is type(None) else getattr(typing.get_origin(kind), "__name__", None)
+                       or kind.__name__ for kind in _alternatives(hint))
 
 
 def resume_config(path: str | Path, **overrides) -> TrainConfig:

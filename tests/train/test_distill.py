@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from engine.data.episodes import EpisodeSampler
-from engine.errors import InvalidValueError, MissingFileError
+from engine.errors import CorruptFileError, InvalidValueError, MissingFileError
 from engine.nn import MatchingNetwork
-from engine.train import TrainConfig, episode_loss, load_sets, train
+from engine.train import TrainConfig, episode_loss, load_sets, resume_config, train
 from engine.train.loop import distillation
 
 BASE = dict(n_way=5, n_query=1, val_every=2, val_episodes=2, val_way=5, width=8, pretrain_epochs=1,
@@ -127,9 +127,14 @@ def test_a_distilled_run_trains_both_stages_against_the_teachers_and_resumes_onl
     with pytest.raises(InvalidValueError, match="teachers"):  # another teacher: another model
         train(TrainConfig(episodes=4, seed=3, distill=0.5, teachers=[str(teachers / "seed1")], **BASE),
               tmp_path / "run", resume=True, progress=False)
-    train(TrainConfig(**{**json.loads(json.dumps(saved)), "episodes": 4, "model": {}}), tmp_path / "run",
-          resume=True, progress=False)
+    again = resume_config(tmp_path / "run", episodes=4)  # as engine train --resume reads the run
+    assert again.teachers == saved["teachers"] and again.distill == 0.5
+    train(again, tmp_path / "run", resume=True, progress=False)
     assert json.loads((tmp_path / "run" / "state.json").read_text())["episode"] == 4
+    for damage in ("seed1", [3], [""]):  # a config.json whose teachers are not a list of folders
+        (tmp_path / "run" / "config.json").write_text(json.dumps({**saved, "teachers": damage}))
+        with pytest.raises(CorruptFileError, match="teachers"):
+            resume_config(tmp_path / "run")
 
 
 @pytest.mark.parametrize("bad, error, word", [
