@@ -102,7 +102,7 @@ LEVERS = {
                {"shift": 4.0, "rotate": 15.0, "scale": 0.15}),
     # one model taught by the recipe's seeds as one ensemble (--teachers, --teacher-seeds): half of each
     # stage's loss is the KL to the ensemble's answer
-    "distill": ("the recipe distilled from an ensemble of its seeds' models (half the loss)",
+    "distill": ("the recipe distilled from the recipe's models as one ensemble (half the loss)",
                 {"distill": 0.5, "teachers_of": "recipe"}),
 }
 
@@ -140,6 +140,11 @@ def named(lever: str, given: dict | None) -> tuple[str, str]:
     apart from it."""
     name, what = lever, LEVERS[lever][0]
     given = {k: v for k, v in (given or {}).items() if v is not None}
+    if "teachers_of" in LEVERS[lever][1]:  # which of the teachers' seeds teach (the same seed: the same start)
+        seeds = list(given.get("teacher_seeds") or [0, 1])
+        if seeds != [0, 1]:
+            name = f"{name}-t{'-'.join(map(str, seeds))}"
+        what = f"{what}; teachers seeds {', '.join(map(str, seeds))}"
     if "pretrain_epochs" in given:
         name, what = f"{name}-pre{given['pretrain_epochs']}", f"{what}; {given['pretrain_epochs']} supervised epochs"
     if "width" in given:
@@ -198,8 +203,10 @@ def trained(folder: Path, cfg) -> bool:
     if not isinstance(state, dict) or state.get("episode") != saved["episodes"] or not (folder / "best.pt").is_file():
         return False  # stopped before its end: trained afresh
     wanted = asdict(cfg)
+    for doc in (saved, wanted):  # a teacher's folder as a run saves it (absolute); their digests the run fills in
+        doc["teachers"] = [str(Path(t).absolute()) for t in doc["teachers"]]
     differ = [f"{key}: {saved[key]!r} there, {wanted[key]!r} here" for key in wanted
-              if key != "model" and saved[key] != wanted[key]]
+              if key not in ("model", "teacher_digests") and saved[key] != wanted[key]]
     if differ:
         raise SystemExit(f"{folder} holds a run trained to its end with another config ({'; '.join(differ)}): "
                          f"give the options it was trained with, or another --out")
@@ -323,7 +330,7 @@ def main(argv=None) -> dict:
         ap.error(f"--width is one count of filters or four, one a block; got {len(args.width)}")
     given = {"pretrain_epochs": args.pretrain_epochs,
              "width": None if args.width is None else args.width[0] if len(args.width) == 1 else args.width,
-             "teachers": str(args.teachers or args.out / "learner"), "teacher_seeds": args.teacher_seeds}
+             "teachers": str((args.teachers or args.out / "learner").absolute()), "teacher_seeds": args.teacher_seeds}
     prepare()  # engine.runtime: before torch loads
     from engine.errors import InvalidValueError
     from engine.train.config import check_stage
@@ -334,6 +341,16 @@ def main(argv=None) -> dict:
                                      args.eval_episodes, given))
     except InvalidValueError as exc:
         ap.error(str(exc))
+    for index, lever in enumerate(args.levers):  # a lever's teachers: trained to their end, or trained first here
+        teachers_of = LEVERS[lever][1].get("teachers_of")
+        if teachers_of is None or (teachers_of in args.levers[:index] and set(args.teacher_seeds) <= set(args.seeds)):
+            continue
+        for background, seed in itertools.product(args.backgrounds, args.teacher_seeds):
+            folder = Path(given["teachers"]) / named(teachers_of, given)[0] / background / f"seed{seed}"
+            wanted = lever_config(teachers_of, background, seed, args.data, args.episodes, args.eval_episodes, given)
+            if not trained(folder, wanted):
+                ap.error(f"{lever} distils from {folder}, which holds no {teachers_of} model trained to its end: "
+                         f"train it first (--levers {teachers_of} {lever}), or give --teachers")
     args.out.mkdir(parents=True, exist_ok=True)
     if args.reuse:  # a finished run of another config is refused before anything trains, not hours in
         for lever, background, seed in itertools.product(args.levers, args.backgrounds, args.seeds):

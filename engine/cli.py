@@ -562,7 +562,7 @@ def train_cmd(
     teacher: list[Path] | None = typer.Option(None, help="Checkpoint folder of a trained model to distil from; "
                                               "repeated, the models teach as one ensemble (give --distill)."),
     distill: float | None = typer.Option(None, help="Share of each stage's loss that is the KL from the teachers' "
-                                         "answer to the model's (0: off)."),
+                                         "answer to the model's, above 0 and at most 1 (with --teacher)."),
     topk: int | None = typer.Option(None, help="Train with top-k attention over the support set."),
     val_every: int | None = typer.Option(None, help="Validate every this many episodes."),
     val_episodes: int | None = typer.Option(None, help="Validation episodes (within-alphabet 20-way 1-shot)."),
@@ -578,6 +578,7 @@ def train_cmd(
     prepare_torch()  # glibc keeps freed blocks: no page faults per batch (engine.runtime)
     from .train import recipe, resume_config, train
     from .train.config import check_stage
+    from .train.loop import check_teachers
 
     given = {"episodes": episodes, "pretrain_epochs": pretrain_epochs, "width": _widths(width), "pool": pool,
              "image_size": image_size, "shift": shift, "elastic": elastic, "mixup": mixup, "thickness": thickness,
@@ -594,7 +595,8 @@ def train_cmd(
         cfg = resume_config(out, **given)
     else:
         cfg = recipe(given.pop("dataset", "omniglot"), **given)
-        check_stage(cfg)  # bad options refused before --force removes the old run
+        check_stage(cfg)  # bad options (and teachers) refused before --force removes the old run
+        check_teachers(cfg, out)
     if force and not resume and out.is_dir():
         import shutil
 

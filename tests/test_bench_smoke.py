@@ -228,18 +228,20 @@ def test_learner_benchmark(tmp_path):
 def test_learner_benchmark_distils_from_the_levers_trained_before(tmp_path):
     import learner
 
-    from engine.errors import MissingFileError
-
-    doc = learner.main(["--levers", "recipe", "distill", "--backgrounds", "small2", "--seeds", "1",
-                        "--teacher-seeds", "1", "--episodes", "1", "--pretrain-epochs", "0", "--eval-episodes", "2",
-                        "--out", str(tmp_path)])
-    assert [r["lever"] for r in doc["results"]] == ["recipe-pre0", "distill-pre0"]
-    saved = json.loads((tmp_path / "learner" / "distill-pre0" / "small2" / "seed1" / "config.json").read_text())
+    base = ["--backgrounds", "small2", "--seeds", "1", "--episodes", "1", "--pretrain-epochs", "0",
+            "--eval-episodes", "2", "--out", str(tmp_path)]
+    doc = learner.main(["--levers", "recipe", "distill", "--teacher-seeds", "1", *base])
+    assert [r["lever"] for r in doc["results"]] == ["recipe-pre0", "distill-t1-pre0"]
+    saved = json.loads((tmp_path / "learner" / "distill-t1-pre0" / "small2" / "seed1" / "config.json").read_text())
     assert saved["distill"] == 0.5 and saved["teachers"] == [str(tmp_path / "learner" / "recipe-pre0" / "small2" /
                                                                   "seed1")]
-    with pytest.raises(MissingFileError, match="config.json"):  # teachers that are not there: nothing trained
-        learner.main(["--levers", "distill", "--backgrounds", "small2", "--seeds", "1", "--teacher-seeds", "7",
-                      "--episodes", "1", "--pretrain-epochs", "0", "--eval-episodes", "2", "--out", str(tmp_path)])
+    again = learner.main(["--levers", "distill", "--teacher-seeds", "1", "--reuse", *base])  # nothing trained
+    assert again["results"][0]["train_s"] is None
+    # teachers not trained to their end here: refused before anything trains
+    for other in (["--teacher-seeds", "7"], ["--teacher-seeds", "1", "--episodes", "2"]):
+        with pytest.raises(SystemExit):
+            learner.main(["--levers", "distill", *base, *other])
+    assert not (tmp_path / "learner" / "distill-t7-pre0").exists()
 
 
 def test_flight_transport_benchmark(tmp_path):

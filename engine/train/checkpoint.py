@@ -4,6 +4,7 @@ plus the run's JSON config, written as training goes so that a run can resume.""
 from __future__ import annotations
 
 import json
+import pickle
 import types
 import typing
 from pathlib import Path
@@ -117,7 +118,8 @@ def load_checkpoint(path: str | Path, *, which: str = "best", views: int | None 
 
     Raises:
         MissingFileError: the folder lacks config.json or the weights (a FileNotFoundError).
-        CorruptFileError: config.json is not a run's config, or does not make a model.
+        CorruptFileError: config.json is not a run's config, or does not make a model, or the
+            weights are damaged or not that model's.
         InvalidValueError: views is not an integer >= 1.
     """
     path = Path(path)
@@ -131,6 +133,10 @@ def load_checkpoint(path: str | Path, *, which: str = "best", views: int | None 
         raise CorruptFileError(f"{path / 'config.json'}: its model section does not make a model ({exc})") from None
     if views is not None:
         model.views = views
-    model.load_state_dict(torch.load(path / f"{which}.pt", weights_only=True))
+    try:
+        model.load_state_dict(torch.load(path / f"{which}.pt", weights_only=True))
+    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        raise CorruptFileError(f"{path / f'{which}.pt'}: not the weights of the model config.json describes "
+                               f"({str(exc).splitlines()[0]})") from None
     model.eval()
     return model

@@ -15,6 +15,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 from os import PathLike
+from pathlib import Path
 
 import numpy as np
 
@@ -60,6 +61,7 @@ class TrainConfig:
     weight_decay: float = 0.0  # AdamW's decay of the weight matrices and filters (both stages); 0: Adam
     distill: float = 0.0  # share of the loss that is the KL to the teachers' answer (both stages); 0: off
     teachers: list[str] = field(default_factory=list)  # checkpoint folders of trained models, one ensemble
+    teacher_digests: list[str] = field(default_factory=list)  # SHA-256 of each teacher's best.pt (the run fills it)
     fce: bool = False
     fce_steps: int = 5
     temperature: float = 0.1
@@ -133,7 +135,19 @@ def check_stage(cfg: TrainConfig) -> None:
     if bool(teachers) != (cfg.distill > 0):
         raise InvalidValueError(f"distill ({cfg.distill}) is the share of the loss the teachers give: give both "
                                 f"teachers and distill > 0, or neither (got {len(teachers)} teachers)")
-    cfg.teachers = [str(t) for t in teachers]  # plain strs: the config is written as JSON
+    # absolute (symlinks kept) plain strs: the config is written as JSON, and a resume from another
+    # directory reads the same folders
+    cfg.teachers = [str(Path(t).absolute()) for t in teachers]
+    if len({Path(t).resolve() for t in cfg.teachers}) < len(cfg.teachers):
+        raise InvalidValueError("a teacher is given twice: an ensemble takes each model once")
+    digests = cfg.teacher_digests
+    if not isinstance(digests, (list, tuple)) or (digests and len(digests) != len(cfg.teachers)) or not all(
+            isinstance(d, str) and len(d) == 64 and set(d) <= set("0123456789abcdef") for d in digests):
+        raise InvalidValueError(f"teacher_digests must be empty or one SHA-256 (hex) a teacher, got {digests!r}")
+    cfg.teacher_digests = list(digests)
+    if cfg.distill > 0 and cfg.topk is not None and not cfg.topk_tail:  # classes outside the top-k: -inf, so KL inf
+        raise InvalidValueError("distill with topk needs topk_tail: without it a class no retrieved slot holds has "
+                                "no probability, and the KL to the teachers' answer is infinite")
     check_views(cfg.views)
     cfg.width = check_width(cfg.width)  # plain ints (a list for one a block): the config is written as JSON
     cfg.pool = check_pool(cfg.pool)  # a plain str (not numpy's): the config is written as JSON

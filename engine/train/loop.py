@@ -4,6 +4,7 @@ the NLL of the queries' log-probabilities; an optional supervised stage comes fi
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import time
@@ -54,26 +55,25 @@ def distillation(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
                                       reduction="batchmean", log_target=True)
 
 
-def load_teachers(cfg: TrainConfig, out: Path | None = None) -> MatchingNetwork | None:
-    """The models ``cfg.teachers`` names as one frozen ensemble (:func:`engine.nn.ensemble`),
-    each through one view; None without distillation.
-
-    A teacher must have trained on the run's images: the same dataset, background set and
-    image size (one trained on the other minimal set has seen this run's validation
-    alphabets), and must not be the run's own folder ``out``.
+def check_teachers(cfg: TrainConfig, out: Path | None = None) -> None:
+    """Refuse teachers a run cannot distil from, reading their configs only (before a run, or
+    ``engine train --force``, removes anything). A teacher must have trained on the run's
+    images: the same dataset, background set and image size (one trained on the other
+    minimal set has seen this run's validation alphabets); it must be a model the ensemble
+    takes (one shared backbone, no FCE), and lie neither in the run's folder ``out`` nor be it.
 
     Raises:
-        MissingFileError, CorruptFileError: a teacher's checkpoint is missing or damaged.
-        InvalidValueError: a teacher that trained otherwise, or ``out`` itself.
+        MissingFileError, CorruptFileError: a teacher's config.json is missing or damaged.
+        InvalidValueError: a teacher that trained otherwise, another kind of model, or ``out``.
     """
     if cfg.distill <= 0:
-        return None
-    from ..nn import ensemble
-
-    members, default = [], TrainConfig()
+        return
+    default = TrainConfig()
     for path in cfg.teachers:
-        if out is not None and Path(path).resolve() == out.resolve():
-            raise InvalidValueError(f"teacher {path} is this run's own folder: a run cannot distil from itself")
+        where = Path(path).resolve()
+        if out is not None and (where == out.resolve() or out.resolve() in where.parents):
+            raise InvalidValueError(f"teacher {path} is this run's folder {out} or lies in it: a run cannot distil "
+                                    f"from itself, and starting it afresh would remove its teacher")
         saved = read_config(path)
         keys = ("dataset", "image_size") + (("background",) if cfg.dataset == "omniglot" else ())
         for key in keys:
@@ -81,7 +81,41 @@ def load_teachers(cfg: TrainConfig, out: Path | None = None) -> MatchingNetwork 
             if theirs != getattr(cfg, key):
                 raise InvalidValueError(f"teacher {path} trained with {key}={theirs!r}, this run has "
                                         f"{getattr(cfg, key)!r}: a teacher must have trained on the run's images")
+        if saved["model"].get("fce") or saved["model"].get("shared") is False:
+            raise InvalidValueError(f"teacher {path} has Full Context Embeddings or separate g and h backbones: "
+                                    f"teachers are one ensemble, which takes neither")
+
+
+def load_teachers(cfg: TrainConfig, out: Path | None = None, *, digests: list[str] | None = None
+                  ) -> MatchingNetwork | None:
+    """The models ``cfg.teachers`` names as one frozen ensemble (:func:`engine.nn.ensemble`),
+    each through one view; None without distillation. Checked first by :func:`check_teachers`.
+
+    Each teacher's ``best.pt`` is identified by its SHA-256: with ``digests`` (a resumed run's
+    saved ones; else ``cfg.teacher_digests`` where given) a teacher whose weights changed is
+    refused, and ``cfg.teacher_digests`` is set to what was read, to be saved with the run.
+
+    Raises:
+        MissingFileError, CorruptFileError: a teacher's checkpoint is missing or damaged.
+        InvalidValueError: see :func:`check_teachers`; or a teacher's weights are not the ones
+            the run began with.
+    """
+    check_teachers(cfg, out)
+    if cfg.distill <= 0:
+        return None
+    from ..nn import ensemble
+
+    members, got = [], []
+    for path in cfg.teachers:
         members.append(load_checkpoint(path, views=1))
+        got.append(hashlib.sha256((Path(path) / "best.pt").read_bytes()).hexdigest())
+    want = digests or cfg.teacher_digests
+    for path, theirs, ours in zip(cfg.teachers, want, got):
+        if theirs != ours:
+            raise InvalidValueError(f"teacher {path}: its best.pt is not the one this run distilled from (SHA-256 "
+                                    f"{ours[:12]}..., the run's {theirs[:12]}...); resume with that model, or start "
+                                    f"afresh")
+    cfg.teacher_digests = got
     return ensemble(members)
 
 
@@ -266,7 +300,8 @@ def _train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress:
     out = Path(out)
     if resume:
         check_resumable(cfg, out)
-    teacher = load_teachers(cfg, out)  # before anything is written: a bad teacher changes nothing
+    # before anything is written: a bad teacher changes nothing; a resumed run's teachers are the ones it began with
+    teacher = load_teachers(cfg, out, digests=read_config(out).get("teacher_digests") if resume else None)
     out.mkdir(parents=True, exist_ok=True)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
