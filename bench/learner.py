@@ -5,6 +5,7 @@
     python bench/learner.py --levers long --width 64 --seeds 0 1      # a lever with 64 filters in every block
     python bench/learner.py --runs path/to/all_runs.zip               # also the official 20 runs, where a user has them
     python bench/learner.py --reuse --views 16 --out runs/bench       # the models trained there, through 16 views
+    python bench/learner.py --levers recipe distill --seeds 0 1       # students taught by the recipe's seeds 0 1
 
 For each lever, background set (``images_background_small1`` / ``_small2``) and seed, a
 Matching Network is trained with ``engine.train.recipe("omniglot")`` and the lever's
@@ -31,6 +32,12 @@ learner-reuse-viewsN.*).
 
 Each error is also given transductively, in parentheses and apart: the run's items matched to
 its classes one to one (``eval-oneshot --assign``).
+
+The ``distill`` and ``longdistill`` levers train students taught by another lever's models
+(``recipe``'s, ``long``'s) of the same set, the seeds of ``--teacher-seeds`` as one ensemble,
+from ``--teachers`` (a learner folder; by default this run's, where listing that lever first
+trains them); teachers not trained to their end with the run's settings are refused before
+anything trains.
 
 ``--width`` and ``--pretrain-epochs`` set an option for every lever; the rows and folders
 of such models carry it in their name (``recipe-width64``), apart from the lever's own.
@@ -104,6 +111,8 @@ LEVERS = {
     # stage's loss is the KL to the ensemble's answer
     "distill": ("the recipe distilled from the recipe's models as one ensemble (half the loss)",
                 {"distill": 0.5, "teachers_of": "recipe"}),
+    "longdistill": ("twice the episodes, distilled from the long lever's models as one ensemble (half the loss)",
+                    {"distill": 0.5, "teachers_of": "long", "episodes_share": 2}),
 }
 
 
