@@ -323,10 +323,10 @@ def main(argv=None) -> dict:
     ap.add_argument("--width", type=int, nargs="+", default=None,
                     help="filters of every lever's backbone: one count, or four, one a block (64 64 128 256)")
     ap.add_argument("--teachers", type=Path, default=None,
-                    help="distill: the learner folder holding the teachers (recipe/<set>/seed<N>; default: "
-                         "--out's learner folder, where --levers recipe distill trains them first)")
+                    help="distill, longdistill: the learner folder holding the teachers (<lever>/<set>/seed<N>; "
+                         "default: --out's learner folder, where --levers recipe distill trains them first)")
     ap.add_argument("--teacher-seeds", type=int, nargs="+", default=[0, 1],
-                    help="distill: the seeds of the teachers' models, one ensemble (default: 0 1)")
+                    help="distill, longdistill: the seeds of the teachers' models, one ensemble (default: 0 1)")
     ap.add_argument("--eval-episodes", type=int, default=1000)
     ap.add_argument("--reuse", action="store_true",
                     help="score the models already trained to their end in --out with the same config, not train anew")
@@ -352,7 +352,9 @@ def main(argv=None) -> dict:
         ap.error(str(exc))
     for index, lever in enumerate(args.levers):  # a lever's teachers: trained to their end, or trained first here
         teachers_of = LEVERS[lever][1].get("teachers_of")
-        if teachers_of is None or (teachers_of in args.levers[:index] and set(args.teacher_seeds) <= set(args.seeds)):
+        trained_here = (teachers_of in args.levers[:index] and set(args.teacher_seeds) <= set(args.seeds)
+                        and Path(given["teachers"]) == (args.out / "learner").absolute())
+        if teachers_of is None or trained_here:
             continue
         for background, seed in itertools.product(args.backgrounds, args.teacher_seeds):
             folder = Path(given["teachers"]) / named(teachers_of, given)[0] / background / f"seed{seed}"
