@@ -304,8 +304,8 @@ def test_every_learner_lever_samples_its_training_episodes():
     from engine.train import load_sets
 
     for lever in learner.LEVERS:
-        for background in ("small1", "small2"):
-            cfg = learner.lever_config(lever, background, 0, None, 10, 10, None)
+        for background in ("small1", "small2"):  # (the distilling levers name their teachers' folders; not read here)
+            cfg = learner.lever_config(lever, background, 0, None, 10, 10, {"teachers": "/elsewhere/learner"})
             train_x, train_groups, _, _ = load_sets(cfg)
             sampler = EpisodeSampler(train_x, cfg.n_way, cfg.k_shot, cfg.n_query, groups=train_groups,
                                      within_group=cfg.within_alphabet, seed=0)
