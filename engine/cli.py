@@ -586,9 +586,10 @@ def train_cmd(
              "views": views, "time_budget_s": time_budget, "n_way": n_way, "k_shot": k_shot, "n_query": n_query,
              "fce": fce, "fce_steps": fce_steps, "lr": lr, "weight_decay": weight_decay, "topk": topk,
              "val_every": val_every, "val_episodes": val_episodes, "seed": seed, "background": background}
-    # the data and teachers' folders saved absolute: a resume from another directory reads the same ones
+    # the data folder saved absolute (the teachers' are, by check_stage): a resume from another directory reads the
+    # same images
     given = {k: v for k, v in {**given, "dataset": dataset, "data": str(data.resolve()) if data else None,
-                                "teachers": [str(t.resolve()) for t in teacher] if teacher else None,
+                                "teachers": [str(t) for t in teacher] if teacher else None,
                                 "distill": distill}.items()
              if v is not None}
     if resume:  # the run's saved options, not the recipe's: a run trained otherwise goes on as it was

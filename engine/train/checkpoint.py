@@ -135,8 +135,9 @@ def load_checkpoint(path: str | Path, *, which: str = "best", views: int | None 
         model.views = views
     try:
         model.load_state_dict(torch.load(path / f"{which}.pt", weights_only=True))
-    except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as exc:
+    except (RuntimeError, ValueError, TypeError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        why = (str(exc).splitlines() or [type(exc).__name__])[0]  # an empty file's EOFError says nothing
         raise CorruptFileError(f"{path / f'{which}.pt'}: not the weights of the model config.json describes "
-                               f"({str(exc).splitlines()[0]})") from None
+                               f"({why})") from None
     model.eval()
     return model

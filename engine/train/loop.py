@@ -203,14 +203,15 @@ def pretrain(model: MatchingNetwork, images: np.ndarray, cfg: TrainConfig, rng: 
                 if cfg.mixup > 0:  # drawn only when on: the recipe's random stream is unchanged
                     lam, other = float(rng.beta(cfg.mixup, cfg.mixup)), rng.permutation(len(pick))
                     xb = lam * xb + (1.0 - lam) * xb[other]
-                z = torch.nn.functional.normalize(model.g_backbone(as_input(xb)), dim=1)
+                inputs = as_input(xb)
+                z = torch.nn.functional.normalize(model.g_backbone(inputs), dim=1)
                 logits = z @ torch.nn.functional.normalize(head, dim=1).T / model.temperature
                 loss = torch.nn.functional.cross_entropy(logits, y[pick])
                 if other is not None:
                     loss = lam * loss + (1.0 - lam) * torch.nn.functional.cross_entropy(logits, y[pick][other])
                 if directions is not None:
                     with torch.no_grad():
-                        answer = (torch.nn.functional.normalize(teacher.embed_support(as_input(xb)), dim=1)
+                        answer = (torch.nn.functional.normalize(teacher.embed_support(inputs), dim=1)
                                   @ directions.T / teacher.temperature)
                     loss = (1.0 - cfg.distill) * loss + cfg.distill * distillation(logits, answer)
                 opt.zero_grad()

@@ -577,3 +577,25 @@ def test_a_fresh_run_leaves_nothing_of_an_earlier_one_in_its_folder(tmp_path):
         torch.testing.assert_close(new_best[key], new_last[key])
     assert not (tmp_path / "log.jsonl").exists() or not (tmp_path / "log.jsonl").read_text()
     assert json.loads((tmp_path / "state.json").read_text())["episode"] == 0
+
+
+@pytest.mark.parametrize("damage", ["empty", "garbage", "truncated", "another model", "a list"])
+def test_damaged_weights_are_a_corrupt_file_named(tmp_path, damage):
+    from engine.errors import CorruptFileError
+
+    base = dict(n_way=5, n_query=1, val_every=2, val_episodes=2, val_way=5, episodes=2, width=8)
+    train(TrainConfig(**base), tmp_path / "run", progress=False)
+    weights = tmp_path / "run" / "best.pt"
+    if damage == "another model":
+        train(TrainConfig(**{**base, "width": 16}), tmp_path / "other", progress=False)
+    bad = {"empty": lambda: b"", "garbage": lambda: b"\x00not weights" * 50,
+           "truncated": lambda: weights.read_bytes()[: weights.stat().st_size // 2],
+           "another model": lambda: (tmp_path / "other" / "best.pt").read_bytes()}
+    if damage == "a list":
+        torch.save([torch.zeros(2)], weights)
+    else:
+        weights.write_bytes(bad[damage]())
+    kept = weights.read_bytes()
+    with pytest.raises(CorruptFileError, match="best.pt"):
+        load_checkpoint(tmp_path / "run")
+    assert weights.read_bytes() == kept
